@@ -1,0 +1,1 @@
+"""Activities: idempotent methods on classes that hold their dependencies (built in worker.py)."""

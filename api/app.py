@@ -1,0 +1,61 @@
+"""The HTTP API: `create_app(settings)` builds it; `uvicorn api.app:app` serves it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import errors
+from api.deps import AppState, State
+from api.routes import agents, nhis, policies
+from nhi.config import Settings, get_settings
+from nhi.db import make_engine, make_sessionmaker
+
+
+def create_app(
+    settings: Settings | None = None, sessions: sessionmaker[Session] | None = None
+) -> FastAPI:
+    """An app bound to `settings`; tests may pass their own sessionmaker."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = None
+        own_sessions = sessions
+        if own_sessions is None:
+            engine = make_engine(settings.require_database_url())
+            own_sessions = make_sessionmaker(engine)
+        app.state.nhi = AppState(settings=settings, sessions=own_sessions)
+        yield
+        if engine is not None:
+            engine.dispose()
+
+    app = FastAPI(
+        title="nhi-lifecycle",
+        version="0.1.0",
+        summary="Governed lifecycle for the non-human identities AI agents use.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(agents.router)
+    app.include_router(nhis.router)
+    app.include_router(policies.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz(state: State) -> dict[str, str]:
+        """Liveness plus a database round trip."""
+        await state.db(lambda s: s.execute(text("SELECT 1")))
+        return {"status": "ok"}
+
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn api.app:app` resolves the app lazily, so importing this module has no side effects.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,96 @@
+"""Agents and the NHIs requested for them."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from temporalio.common import WorkflowIDReusePolicy
+
+from api.deps import Actor, SessionDep, State, TemporalUnavailable
+from models.contracts import ProvisionInput
+from models.enums import AgentStatus, Environment, NhiStatus
+from models.schemas import AgentCreate, AgentDetail, AgentOut, NhiAccepted, NhiCreate
+from nhi import inventory
+from nhi.temporal import provision_workflow_id
+from workflows.provision import ProvisionNhiWorkflow
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/agents", tags=["agents"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=AgentOut)
+def create_agent(body: AgentCreate, session: SessionDep, actor: Actor) -> AgentOut:
+    """Register an AI agent with its owner, backup owner, team and purpose."""
+    agent = inventory.create_agent(session, body, actor)
+    return AgentOut.model_validate(agent)
+
+
+@router.get("", response_model=list[AgentOut])
+def list_agents(
+    session: SessionDep,
+    environment: Environment | None = None,
+    owner: str | None = None,
+    team: str | None = None,
+    agent_status: Annotated[AgentStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[AgentOut]:
+    """Agents, filtered by environment, owner email, team or status."""
+    agents = inventory.list_agents(
+        session,
+        environment=environment.value if environment else None,
+        owner=owner,
+        team=team,
+        status=agent_status.value if agent_status else None,
+        limit=limit,
+        offset=offset,
+    )
+    return [AgentOut.model_validate(a) for a in agents]
+
+
+@router.get("/{agent_id}", response_model=AgentDetail)
+def get_agent(agent_id: uuid.UUID, session: SessionDep) -> AgentDetail:
+    """One agent with every NHI it holds: its total access footprint."""
+    return AgentDetail.model_validate(inventory.get_agent(session, agent_id, with_nhis=True))
+
+
+@router.post("/{agent_id}/nhis", status_code=status.HTTP_202_ACCEPTED, response_model=NhiAccepted)
+async def request_nhi(
+    agent_id: uuid.UUID, body: NhiCreate, state: State, actor: Actor
+) -> NhiAccepted:
+    """Request an identity for the agent; provisioning runs as a Temporal workflow.
+
+    The lease (the NHI row) is committed before anything exists on the platform, so nothing
+    can be created that the inventory does not know how to remove.
+    """
+    client = await state.temporal()
+    nhi, sensitive = await state.db(
+        lambda s: inventory.request_nhi(s, state.settings, agent_id, body, actor)
+    )
+    workflow_id = provision_workflow_id(nhi.id)
+    try:
+        await client.start_workflow(
+            ProvisionNhiWorkflow.run,
+            ProvisionInput(nhi_id=nhi.id, requested_by=actor, needs_approval=bool(sensitive)),
+            id=workflow_id,
+            task_queue=state.settings.temporal_task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        )
+    except Exception as err:
+        log.exception("could not start provisioning of nhi %s", nhi.id)
+        await state.db(
+            lambda s: inventory.fail_start(
+                s, nhi.id, actor, "the provisioning workflow could not start"
+            )
+        )
+        raise TemporalUnavailable(
+            f"provisioning could not start (Temporal at {state.settings.temporal_address}); "
+            "nothing was created"
+        ) from err
+    await state.db(lambda s: inventory.attach_workflow(s, nhi.id, workflow_id))
+    return NhiAccepted(
+        id=nhi.id, workflow_id=workflow_id, status=NhiStatus(nhi.status), expires_at=nhi.expires_at
+    )

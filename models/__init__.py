@@ -1,0 +1,1 @@
+"""Data shapes: ORM tables (`orm`), Temporal payloads (`contracts`), API bodies (`schemas`)."""

@@ -1,0 +1,66 @@
+"""Vocabularies shared by the database, the workflows and the API."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class AgentCategory(StrEnum):
+    """What kind of AI system the agent is (Astrix's taxonomy of AI-NHI touchpoints)."""
+
+    CHATBOT = "chatbot"
+    RAG = "rag"
+    CLOUD_MODEL = "cloud_model"
+    LLM_API = "llm_api"
+    ENTERPRISE_PLATFORM = "enterprise_platform"
+    BROWSER_AGENT = "browser_agent"
+    COMPUTER_AGENT = "computer_agent"
+
+
+class Environment(StrEnum):
+    """Deployment stage an agent runs in; policy differs per stage."""
+
+    DEV = "dev"
+    STAGING = "staging"
+    PROD = "prod"
+
+
+class AgentStatus(StrEnum):
+    """Whether the agent's task is still running."""
+
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    DECOMMISSIONED = "decommissioned"
+
+
+class Platform(StrEnum):
+    """Where an NHI lives."""
+
+    AWS = "aws"
+
+
+class NhiKind(StrEnum):
+    """The type of identity created on the platform."""
+
+    IAM_ROLE = "iam_role"
+    IAM_USER_KEY = "iam_user_key"
+
+
+KINDS_BY_PLATFORM: dict[Platform, frozenset[NhiKind]] = {
+    Platform.AWS: frozenset({NhiKind.IAM_ROLE, NhiKind.IAM_USER_KEY}),
+}
+
+
+class NhiStatus(StrEnum):
+    """Where an NHI is in its life."""
+
+    REQUESTED = "requested"
+    PENDING_APPROVAL = "pending_approval"
+    PROVISIONING = "provisioning"
+    ACTIVE = "active"
+    ROTATING = "rotating"
+    EXPIRING = "expiring"
+    QUARANTINED = "quarantined"
+    DECOMMISSIONED = "decommissioned"
+    FAILED = "failed"
+    REVOKE_FAILED = "revoke_failed"

@@ -1,0 +1,185 @@
+"""Inventory tables. The schema itself is built only by Alembic (`migrations/`)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from models.enums import AgentCategory, AgentStatus, Environment, NhiKind, NhiStatus, Platform
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _one_of(column: str, values: type[Any]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention so migrations name constraints stably."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSONB,
+        list[Any]: JSONB,
+        list[str]: JSONB,
+        list[int]: JSONB,
+    }
+
+
+class Agent(Base):
+    """An AI agent: the thing NHIs are made for, with the people answerable for it."""
+
+    __tablename__ = "agents"
+    __table_args__ = (
+        UniqueConstraint("name", "environment", name="uq_agents_name_environment"),
+        CheckConstraint(_one_of("category", AgentCategory), name="category"),
+        CheckConstraint(_one_of("environment", Environment), name="environment"),
+        CheckConstraint(_one_of("status", AgentStatus), name="status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(63))
+    category: Mapped[str] = mapped_column(String(32))
+    environment: Mapped[str] = mapped_column(String(16))
+    owner_email: Mapped[str] = mapped_column(String(254), index=True)
+    owner_slack_id: Mapped[str | None] = mapped_column(String(32))
+    backup_owner_email: Mapped[str | None] = mapped_column(String(254))
+    team: Mapped[str] = mapped_column(String(100))
+    purpose: Mapped[str] = mapped_column(Text)
+    expected_end_at: Mapped[datetime | None]
+    invokers: Mapped[list[str]] = mapped_column(default=list)
+    status: Mapped[str] = mapped_column(String(16), default=AgentStatus.ACTIVE.value)
+    created_by: Mapped[str] = mapped_column(String(254))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+    nhis: Mapped[list[Nhi]] = relationship(back_populates="agent", order_by="Nhi.created_at")
+
+
+class Nhi(Base):
+    """One non-human identity on one platform, and its lease."""
+
+    __tablename__ = "nhis"
+    __table_args__ = (
+        CheckConstraint(_one_of("platform", Platform), name="platform"),
+        CheckConstraint(_one_of("kind", NhiKind), name="kind"),
+        CheckConstraint(_one_of("status", NhiStatus), name="status"),
+        CheckConstraint("expires_at <= max_lifetime_at", name="expiry_within_max_lifetime"),
+        # Due-work selection (reminders, expiry, sweeps) scans by status and deadline.
+        Index("ix_nhis_status_expires_at", "status", "expires_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(2048))
+    granted_scope: Mapped[list[Any]] = mapped_column(default=list)
+    allowed_cidrs: Mapped[list[str]] = mapped_column(default=list)
+    trust_principal: Mapped[str | None] = mapped_column(String(2048))
+    credential_ref: Mapped[str | None] = mapped_column(String(2048))
+    status: Mapped[str] = mapped_column(String(32), default=NhiStatus.REQUESTED.value)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    workflow_id: Mapped[str | None] = mapped_column(String(255))
+    requested_by: Mapped[str] = mapped_column(String(254))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    activated_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime]
+    max_lifetime_at: Mapped[datetime]
+    last_rotated_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    decommissioned_at: Mapped[datetime | None]
+    rotation_period_seconds: Mapped[int | None] = mapped_column(Integer)
+
+    agent: Mapped[Agent] = relationship(back_populates="nhis")
+
+
+class Policy(Base):
+    """What may be created for a (platform, kind, environment), and for how long."""
+
+    __tablename__ = "policies"
+    __table_args__ = (
+        UniqueConstraint("platform", "kind", "environment", name="uq_policies_target"),
+        CheckConstraint(_one_of("platform", Platform), name="platform"),
+        CheckConstraint(_one_of("kind", NhiKind), name="kind"),
+        CheckConstraint(_one_of("environment", Environment), name="environment"),
+        # Every TTL is bounded: nothing lives longer than a year, whatever a policy file says.
+        CheckConstraint(
+            "default_ttl_seconds > 0 AND default_ttl_seconds <= max_lifetime_seconds",
+            name="default_ttl_bounded",
+        ),
+        CheckConstraint(
+            "max_lifetime_seconds > 0 AND max_lifetime_seconds <= 31622400",
+            name="max_lifetime_bounded",
+        ),
+        CheckConstraint(
+            "rotation_period_seconds IS NULL OR rotation_period_seconds > 0",
+            name="rotation_period_positive",
+        ),
+        CheckConstraint("grace_period_seconds >= 0", name="grace_period_nonnegative"),
+        CheckConstraint(
+            "max_session_duration_seconds BETWEEN 3600 AND 43200",
+            name="max_session_duration_range",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(32))
+    environment: Mapped[str] = mapped_column(String(16))
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    default_ttl_seconds: Mapped[int] = mapped_column(Integer)
+    max_lifetime_seconds: Mapped[int] = mapped_column(Integer)
+    rotation_period_seconds: Mapped[int | None] = mapped_column(Integer)
+    reminder_offsets_seconds: Mapped[list[int]] = mapped_column(default=list)
+    grace_period_seconds: Mapped[int] = mapped_column(Integer)
+    max_session_duration_seconds: Mapped[int] = mapped_column(Integer, default=3600)
+    allow_resource_wildcard: Mapped[bool] = mapped_column(Boolean, default=False)
+    forbidden_actions: Mapped[list[str]] = mapped_column(default=list)
+    sensitive_actions: Mapped[list[str]] = mapped_column(default=list)
+    updated_by: Mapped[str] = mapped_column(String(254))
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class AuditEvent(Base):
+    """One state change: who did what to which subject, and why. Insert only (a trigger refuses
+    UPDATE and DELETE, see the first migration)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_subject", "subject_type", "subject_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    subject_type: Mapped[str] = mapped_column(String(32))
+    subject_id: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(254))
+    reason: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -1,0 +1,3 @@
+"""nhi-lifecycle: governed lifecycle for the non-human identities AI agents use."""
+
+MANAGED_BY = "nhi-lifecycle"

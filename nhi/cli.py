@@ -1,0 +1,397 @@
+"""`nhi`: the command line for platform teams. A thin client of the HTTP API, plus `nhi dev`."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+import yaml
+
+from nhi.config import get_settings
+
+
+class CliError(click.ClickException):
+    """Printed as one line on stderr; exit code 1."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+class Api:
+    """HTTP calls to the nhi-lifecycle API with errors turned into one-line messages."""
+
+    def __init__(self, base_url: str, actor: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(
+            base_url=self.base_url, timeout=30.0, headers={"X-NHI-Actor": actor}
+        )
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError:
+            _fail(f"cannot reach the API at {self.base_url} (is `make dev` running?)")
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            _fail(f"{detail} (HTTP {response.status_code})")
+        return response.json()
+
+
+class Ctx:
+    """What every command gets: the API client and the output mode."""
+
+    def __init__(self, api: Api, as_json: bool) -> None:
+        self.api = api
+        self.as_json = as_json
+
+    def emit(self, data: Any, columns: list[str] | None = None) -> None:
+        if self.as_json or columns is None:
+            click.echo(json.dumps(data, indent=2, default=str))
+            return
+        rows = data if isinstance(data, list) else [data]
+        widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+        click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+        for r in rows:
+            click.echo(
+                "  ".join(str(r.get(c, "") or "").ljust(widths[c]) for c in columns).rstrip()
+            )
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--api-url", envvar="NHI_API_URL", default=None, help="API base URL.")
+@click.option("--actor", envvar="NHI_ACTOR", default=None, help="Name recorded in the audit trail.")
+@click.pass_context
+def cli(ctx: click.Context, as_json: bool, api_url: str | None, actor: str | None) -> None:
+    """Govern the non-human identities your AI agents use."""
+    ctx.obj = Ctx(
+        Api(api_url or get_settings().api_url, actor or f"cli:{getpass.getuser()}"), as_json
+    )
+
+
+# ---- agents ---------------------------------------------------------------------------------
+AGENT_COLUMNS = ["id", "name", "category", "environment", "owner_email", "team", "status"]
+NHI_COLUMNS = ["id", "kind", "status", "name", "expires_at", "credential_ref"]
+
+
+@cli.group()
+def agents() -> None:
+    """Register and inspect AI agents."""
+
+
+@agents.command("create")
+@click.option("--name", required=True, help="Unique within its environment, e.g. 'support-bot'.")
+@click.option(
+    "--category",
+    required=True,
+    type=click.Choice(
+        [
+            "chatbot",
+            "rag",
+            "cloud_model",
+            "llm_api",
+            "enterprise_platform",
+            "browser_agent",
+            "computer_agent",
+        ]
+    ),
+)
+@click.option(
+    "--environment", "--env", required=True, type=click.Choice(["dev", "staging", "prod"])
+)
+@click.option("--owner", required=True, help="Owner's email.")
+@click.option("--backup-owner", help="Backup owner's email.")
+@click.option("--owner-slack-id", help="Owner's Slack user id (U...).")
+@click.option("--team", required=True)
+@click.option("--purpose", required=True)
+@click.option("--expected-end", help="When the agent's task ends (ISO 8601 with timezone).")
+@click.option("--invoker", "invokers", multiple=True, help="Principal that may invoke the agent.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the new agent's id.")
+@pass_ctx
+def agents_create(
+    ctx: Ctx,
+    name: str,
+    category: str,
+    environment: str,
+    owner: str,
+    backup_owner: str | None,
+    owner_slack_id: str | None,
+    team: str,
+    purpose: str,
+    expected_end: str | None,
+    invokers: tuple[str, ...],
+    quiet: bool,
+) -> None:
+    """Register an agent."""
+    body: dict[str, Any] = {
+        "name": name,
+        "category": category,
+        "environment": environment,
+        "owner_email": owner,
+        "team": team,
+        "purpose": purpose,
+        "invokers": list(invokers),
+    }
+    if backup_owner:
+        body["backup_owner_email"] = backup_owner
+    if owner_slack_id:
+        body["owner_slack_id"] = owner_slack_id
+    if expected_end:
+        body["expected_end_at"] = expected_end
+    created = ctx.api.call("POST", "/v1/agents", json=body)
+    if quiet:
+        click.echo(created["id"])
+        return
+    ctx.emit(created, AGENT_COLUMNS)
+
+
+@agents.command("list")
+@click.option("--environment", "--env", type=click.Choice(["dev", "staging", "prod"]))
+@click.option("--owner")
+@click.option("--team")
+@click.option("--status", type=click.Choice(["active", "completed", "decommissioned"]))
+@pass_ctx
+def agents_list(
+    ctx: Ctx, environment: str | None, owner: str | None, team: str | None, status: str | None
+) -> None:
+    """List agents."""
+    params = {
+        k: v
+        for k, v in {
+            "environment": environment,
+            "owner": owner,
+            "team": team,
+            "status": status,
+        }.items()
+        if v
+    }
+    ctx.emit(ctx.api.call("GET", "/v1/agents", params=params), AGENT_COLUMNS)
+
+
+@agents.command("show")
+@click.argument("agent_id")
+@pass_ctx
+def agents_show(ctx: Ctx, agent_id: str) -> None:
+    """Show an agent and every NHI it holds."""
+    agent = ctx.api.call("GET", f"/v1/agents/{agent_id}")
+    if ctx.as_json:
+        ctx.emit(agent)
+        return
+    for key in [*AGENT_COLUMNS, "backup_owner_email", "purpose", "expected_end_at"]:
+        click.echo(f"{key}: {agent.get(key) or ''}")
+    click.echo(f"nhis: {len(agent['nhis'])}")
+    if agent["nhis"]:
+        ctx.emit(agent["nhis"], NHI_COLUMNS)
+
+
+# ---- provisioning ---------------------------------------------------------------------------
+def _scope(scope: str | None, actions: tuple[str, ...], resources: tuple[str, ...]) -> list[Any]:
+    if scope:
+        text = Path(scope[1:]).read_text() if scope.startswith("@") else scope
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            _fail("--scope: not valid JSON or YAML")
+        if isinstance(parsed, dict):
+            parsed = [parsed]
+        if not isinstance(parsed, list):
+            _fail("--scope: must be a list of {actions, resources} statements")
+        return parsed
+    if not actions or not resources:
+        _fail("give --scope, or at least one --action and one --resource")
+    return [{"actions": list(actions), "resources": list(resources)}]
+
+
+@cli.command()
+@click.argument("agent_id")
+@click.option("--kind", required=True, type=click.Choice(["iam_role", "iam_user_key"]))
+@click.option("--platform", default="aws", show_default=True, type=click.Choice(["aws"]))
+@click.option("--scope", help="Statements as JSON/YAML, or @FILE.")
+@click.option("--action", "actions", multiple=True, help="IAM action for a one-statement scope.")
+@click.option("--resource", "resources", multiple=True, help="Resource ARN for that statement.")
+@click.option("--ttl", help="Seconds or a duration such as 30d or 12h (policy default if unset).")
+@click.option("--cidr", "cidrs", multiple=True, help="Allowed source CIDR (repeatable).")
+@click.option("--trust-principal", help="iam_role: the agent runtime's principal.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the new NHI's id.")
+@pass_ctx
+def provision(
+    ctx: Ctx,
+    agent_id: str,
+    kind: str,
+    platform: str,
+    scope: str | None,
+    actions: tuple[str, ...],
+    resources: tuple[str, ...],
+    ttl: str | None,
+    cidrs: tuple[str, ...],
+    trust_principal: str | None,
+    quiet: bool,
+) -> None:
+    """Request an identity for an agent; prints the NHI id and its workflow."""
+    body: dict[str, Any] = {
+        "platform": platform,
+        "kind": kind,
+        "scope": _scope(scope, actions, resources),
+        "allowed_cidrs": list(cidrs),
+    }
+    if ttl:
+        body["ttl"] = int(ttl) if ttl.isdigit() else ttl
+    if trust_principal:
+        body["trust_principal"] = trust_principal
+    accepted = ctx.api.call("POST", f"/v1/agents/{agent_id}/nhis", json=body)
+    if quiet:
+        click.echo(accepted["id"])
+        return
+    ctx.emit(accepted, ["id", "status", "workflow_id", "expires_at"])
+
+
+@cli.group()
+def nhis() -> None:
+    """Inspect the NHI inventory."""
+
+
+@nhis.command("list")
+@click.option("--agent", "agent_id")
+@click.option("--status")
+@click.option("--owner")
+@pass_ctx
+def nhis_list(ctx: Ctx, agent_id: str | None, status: str | None, owner: str | None) -> None:
+    """List NHIs."""
+    params = {
+        k: v for k, v in {"agent_id": agent_id, "status": status, "owner": owner}.items() if v
+    }
+    ctx.emit(ctx.api.call("GET", "/v1/nhis", params=params), NHI_COLUMNS)
+
+
+@nhis.command("show")
+@click.argument("nhi_id")
+@click.option("--events", is_flag=True, help="Also print the audit trail.")
+@pass_ctx
+def nhis_show(ctx: Ctx, nhi_id: str, events: bool) -> None:
+    """Show one NHI."""
+    nhi = ctx.api.call("GET", f"/v1/nhis/{nhi_id}")
+    trail = ctx.api.call("GET", f"/v1/nhis/{nhi_id}/events") if events else None
+    if ctx.as_json:
+        ctx.emit({**nhi, "events": trail} if events else nhi)
+        return
+    for key, value in nhi.items():
+        click.echo(f"{key}: {json.dumps(value) if isinstance(value, list | dict) else value}")
+    if trail:
+        ctx.emit(trail, ["created_at", "event", "actor", "reason"])
+
+
+@cli.command()
+@click.argument("nhi_id")
+@click.option("--reason", required=True)
+@pass_ctx
+def approve(ctx: Ctx, nhi_id: str, reason: str) -> None:
+    """Approve a request that asks for sensitive actions."""
+    ctx.emit(
+        ctx.api.call("POST", f"/v1/nhis/{nhi_id}/approve", json={"reason": reason}), NHI_COLUMNS
+    )
+
+
+@cli.command()
+@click.argument("nhi_id")
+@click.option("--reason", required=True)
+@pass_ctx
+def deny(ctx: Ctx, nhi_id: str, reason: str) -> None:
+    """Deny a request that asks for sensitive actions."""
+    ctx.emit(ctx.api.call("POST", f"/v1/nhis/{nhi_id}/deny", json={"reason": reason}), NHI_COLUMNS)
+
+
+# ---- policies -------------------------------------------------------------------------------
+@cli.group()
+def policies() -> None:
+    """Show and apply policies."""
+
+
+@policies.command("list")
+@pass_ctx
+def policies_list(ctx: Ctx) -> None:
+    """List policies."""
+    ctx.emit(
+        ctx.api.call("GET", "/v1/policies"),
+        [
+            "platform",
+            "kind",
+            "environment",
+            "allowed",
+            "default_ttl_seconds",
+            "max_lifetime_seconds",
+        ],
+    )
+
+
+@policies.command("apply")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_ctx
+def policies_apply(ctx: Ctx, file: Path) -> None:
+    """Create or replace the policies in FILE (YAML or JSON: a list, or {policies: [...]})."""
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        _fail(f"{file}: not valid YAML or JSON ({err.__class__.__name__})")
+    if isinstance(data, list):
+        data = {"policies": data}
+    if not isinstance(data, dict):
+        _fail(f"{file}: expected a list of policies or {{policies: [...]}}")
+    ctx.emit(
+        ctx.api.call("PUT", "/v1/policies", json=data),
+        [
+            "platform",
+            "kind",
+            "environment",
+            "allowed",
+            "default_ttl_seconds",
+            "max_lifetime_seconds",
+        ],
+    )
+
+
+# ---- operations -----------------------------------------------------------------------------
+@cli.command()
+def migrate() -> None:
+    """Apply database migrations to NHI_DATABASE_URL (a deploy step before API and workers)."""
+    from nhi.db import upgrade_head
+
+    try:
+        url = get_settings().require_database_url()
+    except RuntimeError as err:
+        _fail(str(err))
+    upgrade_head(url)
+    click.echo("database at head")
+
+
+@cli.command()
+def dev() -> None:
+    """Run the whole service locally: Temporal dev server, Postgres, moto, worker and API."""
+    from nhi.dev import run_dev
+
+    raise SystemExit(run_dev(get_settings()))
+
+
+def main() -> None:
+    """Console-script entry: one-line errors and exit code 1 on any bad input."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as err:
+        click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)

@@ -1,0 +1,116 @@
+"""The one settings class. Every entrypoint builds it and passes it down."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration read from `NHI_*` environment variables (and `.env`).
+
+    The README's configuration table lists every field; `tests/test_settings_doc.py`
+    keeps the two in step.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="NHI_", env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the inventory database (`postgresql+psycopg://...`). "
+        "Unset in `nhi dev`: an embedded Postgres under `NHI_DATA_DIR` is started.",
+    )
+    temporal_address: str = Field(
+        default="127.0.0.1:7233", description="Temporal frontend `host:port`."
+    )
+    temporal_namespace: str = Field(default="default", description="Temporal namespace.")
+    temporal_task_queue: str = Field(
+        default="nhi-lifecycle", description="Task queue the worker polls and the API starts on."
+    )
+    temporal_api_key: SecretStr | None = Field(
+        default=None, description="API key for Temporal Cloud; enables TLS when set."
+    )
+    temporal_tls: bool = Field(default=False, description="Connect to Temporal over TLS.")
+    aws_region: str = Field(
+        default="us-east-1", description="AWS region for IAM, STS and Secrets Manager."
+    )
+    aws_endpoint_url: str | None = Field(
+        default=None,
+        description="Send every AWS call here instead of AWS (a moto server in dev and tests). "
+        "Unset in production.",
+    )
+    aws_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=20,
+        description="Total botocore attempts per AWS call (standard retry mode).",
+    )
+    iam_path: str = Field(
+        default="/nhi-lifecycle/",
+        pattern=r"^/([A-Za-z0-9+=,.@_-]+/)*$",
+        description="IAM path for every user and role this service creates (sweeps list by it).",
+    )
+    name_prefix: str = Field(
+        default="nhi",
+        pattern=r"^[a-z][a-z0-9]{1,7}$",
+        description="Prefix of every identity name this service creates.",
+    )
+    secret_prefix: str = Field(
+        default="nhi-lifecycle/",
+        pattern=r"^[A-Za-z0-9/_+=.@-]*/$",
+        description="Secrets Manager name prefix for delivered credentials.",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
+    api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
+    api_url: str = Field(
+        default="http://127.0.0.1:8000", description="Base URL the `nhi` CLI talks to."
+    )
+    worker_max_concurrent_activities: int = Field(
+        default=32, ge=1, le=1000, description="Activity slots (and threads) per worker process."
+    )
+    worker_max_cached_workflows: int = Field(
+        default=1000, ge=0, description="Sticky workflow cache size per worker process."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level of the worker, the API and `nhi dev`."
+    )
+    data_dir: Path = Field(
+        default=Path(".nhi"),
+        description="Where `nhi dev` keeps the embedded Postgres, Temporal's database and logs.",
+    )
+    dev_moto_port: int = Field(
+        default=5000, ge=1, le=65535, description="Port of the moto server `nhi dev` starts."
+    )
+    dev_temporal_ui_port: int = Field(
+        default=8233, ge=1, le=65535, description="Port of the Temporal Web UI `nhi dev` starts."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, value: str | None) -> str | None:
+        # Operators paste `postgres://` or `postgresql://` URLs from their provider; the
+        # service runs on psycopg 3 only, so name the driver for them.
+        if value is None:
+            return None
+        for plain in ("postgres://", "postgresql://"):
+            if value.startswith(plain):
+                return "postgresql+psycopg://" + value[len(plain) :]
+        return value
+
+    def require_database_url(self) -> str:
+        """The database URL, or a clear error for entrypoints that cannot start without one."""
+        if not self.database_url:
+            raise RuntimeError(
+                "NHI_DATABASE_URL is not set (only `nhi dev` starts an embedded Postgres)"
+            )
+        return self.database_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, built once per process."""
+    return Settings()

@@ -1,0 +1,260 @@
+"""`nhi dev`: the whole service on one machine, on embedded defaults.
+
+Starts (or uses, where configured) Postgres, the Temporal dev server with its Web UI, a moto
+server standing in for AWS, applies migrations, then runs the worker and the API as child
+processes with the same settings production uses. Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from nhi.config import Settings
+from nhi.db import upgrade_head
+from nhi.logging import configure
+from nhi.postgres import EmbeddedPostgres
+
+READY_TIMEOUT = 60.0
+
+
+class DevError(RuntimeError):
+    """Something `nhi dev` needs is missing or busy."""
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _require_free(host: str, port: int, what: str) -> None:
+    if _port_open(host, port):
+        raise DevError(
+            f"{what}: {host}:{port} is already in use (stop what runs there, or set its NHI_ port)"
+        )
+
+
+def _wait_port(
+    host: str, port: int, what: str, proc: subprocess.Popen[bytes], deadline: float
+) -> None:
+    while not _port_open(host, port):
+        if proc.poll() is not None:
+            raise DevError(
+                f"{what} exited with code {proc.returncode} during start-up (see its log)"
+            )
+        if time.monotonic() > deadline:
+            raise DevError(f"{what} did not open {host}:{port} in time")
+        time.sleep(0.1)
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not Path(found).exists():
+        raise DevError(f"`{name}` not found: run `make dev` (it installs the dev extras)")
+    return found
+
+
+class Children:
+    """Child processes in their own sessions, stopped in reverse start order."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._log_dir = log_dir
+        self._logs: list[IO[bytes]] = []
+
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str], to_file: bool
+    ) -> subprocess.Popen[bytes]:
+        out: IO[bytes] | None = None
+        if to_file:
+            out = (self._log_dir / f"{name}.log").open("ab")
+            self._logs.append(out)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        self._procs.append((name, proc))
+        return proc
+
+    def first_exited(self) -> tuple[str, int] | None:
+        for name, proc in self._procs:
+            if proc.poll() is not None:
+                return name, proc.returncode
+        return None
+
+    def stop(self) -> None:
+        for _, proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in reversed(self._procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
+
+
+def _banner(settings: Settings, api_url: str, ui_url: str, aws: str, db: str) -> str:
+    return f"""
+nhi-lifecycle is running
+  API            {api_url}   (OpenAPI: {api_url}/docs)
+  Temporal UI    {ui_url}
+  Temporal       {settings.temporal_address}
+  AWS (moto)     {aws}
+  Postgres       {db}
+  logs           {settings.data_dir / "logs"}
+
+Try it (in another terminal, from this directory):
+  . .venv/bin/activate
+  AGENT=$(nhi agents create -q --name support-bot --category chatbot --env dev \\
+      --owner ana@example.com --backup-owner ben@example.com --team support \\
+      --purpose "Answers customer tickets")
+  nhi provision "$AGENT" --kind iam_role --ttl 30d \\
+      --action s3:GetObject --resource 'arn:aws:s3:::support-kb/*' \\
+      --trust-principal arn:aws:iam::123456789012:role/support-bot-runtime
+  nhi agents show "$AGENT"
+
+Ctrl-C stops everything.
+"""
+
+
+def run_dev(settings: Settings) -> int:
+    """Start everything, wait for Ctrl-C or a child's exit, stop everything; the exit code."""
+    configure(settings.log_level)
+    data_dir = settings.data_dir.resolve()
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children = Children(log_dir)
+    embedded: EmbeddedPostgres | None = None
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    deadline = started + READY_TIMEOUT
+    try:
+        t_host, t_port = _split(settings.temporal_address)
+        _require_free(t_host, t_port, "Temporal")
+        _require_free(t_host, settings.dev_temporal_ui_port, "Temporal Web UI")
+        _require_free(settings.api_host, settings.api_port, "API")
+        env = dict(os.environ)
+
+        if settings.database_url:
+            db_url = settings.database_url
+            db_label = "NHI_DATABASE_URL"
+        else:
+            embedded = EmbeddedPostgres(data_dir / "pgdata")
+            embedded.create_database("nhi")
+            db_url = embedded.url("nhi")
+            db_label = f"embedded, {data_dir / 'pgdata'}"
+
+        temporal = children.start(
+            "temporal",
+            [
+                _tool("temporal"), "server", "start-dev",
+                "--ip", t_host, "--port", str(t_port),
+                "--ui-port", str(settings.dev_temporal_ui_port),
+                "--namespace", settings.temporal_namespace,
+                # File-backed, so workflows survive a restart of `nhi dev`.
+                "--db-filename", str(data_dir / "temporal.db"),
+                "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=1",
+                "--log-level", "warn",
+            ],
+            env,
+            to_file=True,
+        )  # fmt: skip
+
+        aws_endpoint = settings.aws_endpoint_url
+        moto = None
+        if aws_endpoint is None:
+            _require_free("127.0.0.1", settings.dev_moto_port, "moto")
+            moto = children.start(
+                "moto",
+                [
+                    sys.executable,
+                    "-m",
+                    "moto.server",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    str(settings.dev_moto_port),
+                ],
+                env,
+                to_file=True,
+            )
+            aws_endpoint = f"http://127.0.0.1:{settings.dev_moto_port}"
+            # moto accepts any credentials; boto3 still wants some to sign with.
+            env.setdefault("AWS_ACCESS_KEY_ID", "testing")
+            env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
+        upgrade_head(db_url)
+        env.update(
+            NHI_DATABASE_URL=db_url,
+            NHI_AWS_ENDPOINT_URL=aws_endpoint,
+            NHI_AWS_REGION=settings.aws_region,
+            NHI_LOG_LEVEL=settings.log_level,
+        )
+        _wait_port(t_host, t_port, "Temporal", temporal, deadline)
+        if moto is not None:
+            _wait_port("127.0.0.1", settings.dev_moto_port, "moto", moto, deadline)
+
+        repo = Path(__file__).resolve().parent.parent
+        children.start("worker", [sys.executable, str(repo / "worker.py")], env, to_file=False)
+        api = children.start(
+            "api",
+            [
+                sys.executable, "-m", "uvicorn", "api.app:app",
+                "--host", settings.api_host, "--port", str(settings.api_port),
+                "--log-level", settings.log_level.lower(),
+            ],
+            env,
+            to_file=False,
+        )  # fmt: skip
+        _wait_port(settings.api_host, settings.api_port, "API", api, deadline)
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        httpx.get(f"{api_url}/healthz", timeout=10).raise_for_status()
+        ui_url = f"http://{t_host}:{settings.dev_temporal_ui_port}"
+        print(_banner(settings, api_url, ui_url, aws_endpoint, db_label), flush=True)
+        print(f"ready in {time.monotonic() - started:.1f}s", flush=True)
+
+        while not stopping:
+            exited = children.first_exited()
+            if exited:
+                print(f"{exited[0]} exited with code {exited[1]}; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    except DevError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping...", file=sys.stderr, flush=True)
+        children.stop()
+        if embedded is not None:
+            with contextlib.suppress(Exception):
+                embedded.stop()

@@ -1,0 +1,356 @@
+"""Inventory operations behind the API: validate, write, audit, all in the caller's transaction.
+
+Every function takes an open session; the caller owns the transaction, so a refused request
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiStatus
+from models.orm import Agent, AuditEvent, Nhi, Policy
+from models.schemas import AgentCreate, NhiCreate, PolicyIn
+from nhi import audit
+from nhi.config import Settings
+from nhi.policy import (
+    INLINE_POLICY_LIMIT,
+    PolicyRules,
+    RuleViolation,
+    identity_name,
+    identity_policy_document,
+    parse_ttl,
+    policy_size,
+    validate_cidrs,
+    validate_rule_pattern,
+    validate_scope,
+    validate_trust_principal,
+)
+
+
+class NotFound(LookupError):
+    """The addressed object does not exist."""
+
+
+class Conflict(RuntimeError):
+    """The request clashes with the current state."""
+
+
+def rules_of(policy: Policy) -> PolicyRules:
+    """The decision-relevant part of a policy row."""
+    return PolicyRules(
+        label=f"{policy.platform}/{policy.kind}/{policy.environment}",
+        allowed=policy.allowed,
+        default_ttl_seconds=policy.default_ttl_seconds,
+        max_lifetime_seconds=policy.max_lifetime_seconds,
+        max_session_duration_seconds=policy.max_session_duration_seconds,
+        allow_resource_wildcard=policy.allow_resource_wildcard,
+        forbidden_actions=tuple(policy.forbidden_actions),
+        sensitive_actions=tuple(policy.sensitive_actions),
+    )
+
+
+def find_policy(session: Session, platform: str, kind: str, environment: str) -> Policy | None:
+    """The policy for a target, if one is defined."""
+    return session.scalar(
+        select(Policy).where(
+            Policy.platform == platform, Policy.kind == kind, Policy.environment == environment
+        )
+    )
+
+
+def create_agent(session: Session, body: AgentCreate, actor: str) -> Agent:
+    """Register an agent; its name is unique within its environment."""
+    if body.expected_end_at is not None:
+        if body.expected_end_at.tzinfo is None:
+            raise RuleViolation("expected_end_at", "must carry a timezone, e.g. '...T00:00:00Z'")
+        if body.expected_end_at <= datetime.now(UTC):
+            raise RuleViolation("expected_end_at", "must be in the future")
+    if body.backup_owner_email and body.backup_owner_email == body.owner_email:
+        raise RuleViolation("backup_owner_email", "must be a different person from the owner")
+    agent = Agent(
+        name=body.name,
+        category=body.category.value,
+        environment=body.environment.value,
+        owner_email=body.owner_email,
+        owner_slack_id=body.owner_slack_id,
+        backup_owner_email=body.backup_owner_email,
+        team=body.team,
+        purpose=body.purpose,
+        expected_end_at=body.expected_end_at,
+        invokers=list(body.invokers),
+        status=AgentStatus.ACTIVE.value,
+        created_by=actor,
+    )
+    session.add(agent)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict(
+            f"name: an agent named {body.name!r} already exists in {body.environment.value}"
+        ) from None
+    audit.record(
+        session,
+        subject_type="agent",
+        subject_id=agent.id,
+        event="agent.created",
+        actor=actor,
+        reason="registered through the API",
+        details={"name": agent.name, "environment": agent.environment, "owner": agent.owner_email},
+    )
+    return agent
+
+
+def get_agent(session: Session, agent_id: uuid.UUID, *, with_nhis: bool = False) -> Agent:
+    """One agent, or NotFound."""
+    query = select(Agent).where(Agent.id == agent_id)
+    if with_nhis:
+        query = query.options(selectinload(Agent.nhis))
+    agent = session.scalar(query)
+    if agent is None:
+        raise NotFound(f"agent {agent_id} not found")
+    return agent
+
+
+def list_agents(
+    session: Session,
+    *,
+    environment: str | None = None,
+    owner: str | None = None,
+    team: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[Agent]:
+    """Agents matching every given filter, newest first."""
+    query = select(Agent).order_by(Agent.created_at.desc(), Agent.id)
+    if environment:
+        query = query.where(Agent.environment == environment)
+    if owner:
+        query = query.where(Agent.owner_email == owner.lower())
+    if team:
+        query = query.where(Agent.team == team)
+    if status:
+        query = query.where(Agent.status == status)
+    return list(session.scalars(query.limit(limit).offset(offset)))
+
+
+def request_nhi(
+    session: Session, settings: Settings, agent_id: uuid.UUID, body: NhiCreate, actor: str
+) -> tuple[Nhi, list[str]]:
+    """Check a request against policy and record the lease before anything exists on a platform.
+
+    Returns the new NHI (status `requested` or `pending_approval`) and the sensitive actions
+    that need an approver. Raises RuleViolation, NotFound or Conflict and adds nothing.
+    """
+    agent = get_agent(session, agent_id)
+    if agent.status != AgentStatus.ACTIVE.value:
+        raise Conflict(f"agent {agent.name} is {agent.status}: no new identities")
+    if body.kind not in KINDS_BY_PLATFORM[body.platform]:
+        raise RuleViolation("kind", f"{body.kind.value} is not a kind of {body.platform.value}")
+    policy = find_policy(session, body.platform.value, body.kind.value, agent.environment)
+    if policy is None:
+        raise RuleViolation(
+            "kind",
+            f"no policy defines {body.platform.value}/{body.kind.value} in {agent.environment}",
+        )
+    rules = rules_of(policy)
+    if not rules.allowed:
+        raise RuleViolation(
+            "kind", f"{body.kind.value} is not allowed in {agent.environment} by policy"
+        )
+    ttl = rules.default_ttl_seconds if body.ttl is None else parse_ttl(body.ttl)
+    if ttl > rules.max_lifetime_seconds:
+        raise RuleViolation(
+            "ttl",
+            f"{ttl}s exceeds the maximum lifetime of {rules.max_lifetime_seconds}s "
+            f"for {rules.label}",
+        )
+    sensitive = validate_scope(body.scope, rules)
+    cidrs = validate_cidrs(body.allowed_cidrs)
+    principal = validate_trust_principal(body.kind, body.trust_principal)
+
+    now = datetime.now(UTC)
+    expires_at = now + timedelta(seconds=ttl)
+    document = identity_policy_document(body.scope, cidrs, expires_at)
+    if policy_size(document) > INLINE_POLICY_LIMIT[body.kind]:
+        raise RuleViolation(
+            "scope",
+            f"the policy would be {policy_size(document)} characters; IAM allows "
+            f"{INLINE_POLICY_LIMIT[body.kind]} for {body.kind.value}",
+        )
+    nhi_id = uuid.uuid4()
+    nhi = Nhi(
+        id=nhi_id,
+        agent_id=agent.id,
+        platform=body.platform.value,
+        kind=body.kind.value,
+        name=identity_name(settings.name_prefix, agent.name, nhi_id),
+        granted_scope=[s.model_dump() for s in body.scope],
+        allowed_cidrs=cidrs,
+        trust_principal=principal,
+        status=(NhiStatus.PENDING_APPROVAL if sensitive else NhiStatus.REQUESTED).value,
+        status_reason=(
+            f"sensitive actions need an approver: {', '.join(sensitive)}" if sensitive else None
+        ),
+        requested_by=actor,
+        created_at=now,
+        expires_at=expires_at,
+        max_lifetime_at=now + timedelta(seconds=rules.max_lifetime_seconds),
+        rotation_period_seconds=policy.rotation_period_seconds,
+    )
+    session.add(nhi)
+    session.flush()
+    audit.record(
+        session,
+        subject_type="nhi",
+        subject_id=nhi.id,
+        event="nhi.requested",
+        actor=actor,
+        reason=f"{body.kind.value} requested for agent {agent.name}",
+        details={
+            "agent_id": str(agent.id),
+            "kind": body.kind.value,
+            "ttl_seconds": ttl,
+            "sensitive_actions": sensitive,
+        },
+    )
+    return nhi, sensitive
+
+
+def attach_workflow(session: Session, nhi_id: uuid.UUID, workflow_id: str) -> None:
+    """Remember which workflow drives an NHI."""
+    nhi = session.get(Nhi, nhi_id, with_for_update=True)
+    if nhi is None:
+        raise NotFound(f"nhi {nhi_id} not found")
+    nhi.workflow_id = workflow_id
+
+
+def fail_start(session: Session, nhi_id: uuid.UUID, actor: str, reason: str) -> None:
+    """The workflow could not be started: nothing was created, so the request simply failed."""
+    nhi = session.get(Nhi, nhi_id, with_for_update=True)
+    if nhi is None:
+        return
+    nhi.status = NhiStatus.FAILED.value
+    nhi.status_reason = reason
+    audit.record(
+        session,
+        subject_type="nhi",
+        subject_id=nhi_id,
+        event="nhi.failed",
+        actor=actor,
+        reason=reason,
+    )
+
+
+def get_nhi(session: Session, nhi_id: uuid.UUID) -> Nhi:
+    """One NHI, or NotFound."""
+    nhi = session.get(Nhi, nhi_id)
+    if nhi is None:
+        raise NotFound(f"nhi {nhi_id} not found")
+    return nhi
+
+
+def list_nhis(
+    session: Session,
+    *,
+    agent_id: uuid.UUID | None = None,
+    status: str | None = None,
+    owner: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[Nhi]:
+    """NHIs matching every given filter, newest first; `owner` is the agent owner's email."""
+    query = select(Nhi).order_by(Nhi.created_at.desc(), Nhi.id)
+    if agent_id:
+        query = query.where(Nhi.agent_id == agent_id)
+    if status:
+        query = query.where(Nhi.status == status)
+    if owner:
+        query = query.join(Agent).where(Agent.owner_email == owner.lower())
+    return list(session.scalars(query.limit(limit).offset(offset)))
+
+
+def events_for(session: Session, subject_id: uuid.UUID) -> list[AuditEvent]:
+    """The audit trail of one subject, oldest first."""
+    return list(
+        session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.subject_id == str(subject_id))
+            .order_by(AuditEvent.id)
+        )
+    )
+
+
+def list_policies(session: Session) -> list[Policy]:
+    """Every policy, in a stable order."""
+    return list(
+        session.scalars(select(Policy).order_by(Policy.platform, Policy.kind, Policy.environment))
+    )
+
+
+def apply_policy(session: Session, body: PolicyIn, actor: str, index: int = 0) -> Policy:
+    """Create or replace one policy; durations accept seconds or '30d'-style strings."""
+    where = f"policies[{index}]"
+
+    def seconds(name: str, value: int | str) -> int:
+        try:
+            return parse_ttl(value)
+        except RuleViolation as err:
+            raise RuleViolation(f"{where}.{name}", err.message) from None
+
+    default_ttl = seconds("default_ttl", body.default_ttl)
+    max_lifetime = seconds("max_lifetime", body.max_lifetime)
+    if max_lifetime > 366 * 86400:
+        raise RuleViolation(f"{where}.max_lifetime", "must be at most 366 days")
+    if default_ttl > max_lifetime:
+        raise RuleViolation(f"{where}.default_ttl", "must not exceed max_lifetime")
+    rotation = (
+        None if body.rotation_period is None else seconds("rotation_period", body.rotation_period)
+    )
+    grace = 0 if body.grace_period in (0, "0") else seconds("grace_period", body.grace_period)
+    session_duration = seconds("max_session_duration", body.max_session_duration)
+    if not 3600 <= session_duration <= 43200:
+        raise RuleViolation(
+            f"{where}.max_session_duration", "must be between 1h and 12h (IAM's range)"
+        )
+    offsets = sorted({seconds("reminder_offsets", o) for o in body.reminder_offsets}, reverse=True)
+    for name, patterns in (
+        ("forbidden_actions", body.forbidden_actions),
+        ("sensitive_actions", body.sensitive_actions),
+    ):
+        for j, pattern in enumerate(patterns):
+            validate_rule_pattern(f"{where}.{name}[{j}]", pattern)
+    policy = find_policy(session, body.platform.value, body.kind.value, body.environment.value)
+    if policy is None:
+        policy = Policy(
+            platform=body.platform.value, kind=body.kind.value, environment=body.environment.value
+        )
+        session.add(policy)
+    policy.allowed = body.allowed
+    policy.default_ttl_seconds = default_ttl
+    policy.max_lifetime_seconds = max_lifetime
+    policy.rotation_period_seconds = rotation
+    policy.reminder_offsets_seconds = offsets
+    policy.grace_period_seconds = grace
+    policy.max_session_duration_seconds = session_duration
+    policy.allow_resource_wildcard = body.allow_resource_wildcard
+    policy.forbidden_actions = list(body.forbidden_actions)
+    policy.sensitive_actions = list(body.sensitive_actions)
+    policy.updated_by = actor
+    session.flush()
+    audit.record(
+        session,
+        subject_type="policy",
+        subject_id=f"{policy.platform}/{policy.kind}/{policy.environment}",
+        event="policy.applied",
+        actor=actor,
+        reason="policy applied",
+        details=body.model_dump(mode="json"),
+    )
+    return policy

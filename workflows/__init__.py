@@ -1,0 +1,1 @@
+"""Workflows: deterministic orchestration only. I/O happens in activities."""

@@ -1,0 +1,34 @@
+"""Named timeouts and retry policies, one per dependency (never inline literals)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+DB_TIMEOUT = timedelta(seconds=30)
+DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=20,
+    non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
+)
+
+AWS_TIMEOUT = timedelta(minutes=2)
+# Long enough for botocore's own throttling backoff between heartbeats, short enough that a
+# crashed worker's activity moves to another worker quickly.
+AWS_HEARTBEAT = timedelta(seconds=15)
+AWS_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=10,
+)
+# Removal must not give up quickly: what it leaves behind is a live credential. Once even this
+# is exhausted the NHI becomes `revoke_failed`, which is visible and retried by sweeps.
+AWS_REMOVAL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=5),
+    maximum_attempts=25,
+)
