@@ -78,5 +78,7 @@ def _actor(
 
 
 State = Annotated[AppState, Depends(_state)]
-SessionDep = Annotated[Session, Depends(_session)]
+# "function" scope commits before the response is sent: a client that got 201 can read what it
+# created at once, and a failed commit is an error response, not a lost write after a 201.
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 Actor = Annotated[str, Depends(_actor)]

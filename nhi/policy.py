@@ -23,7 +23,7 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ACTION_RE = re.compile(r"^(\*|[a-z0-9-]+:[A-Za-z0-9*?]+)$", re.IGNORECASE)
 _RULE_PATTERN_RE = re.compile(r"^(\*|[a-z0-9*?-]+:[A-Za-z0-9*?]+)$", re.IGNORECASE)
 _ARN_RE = re.compile(r"^arn:aws[a-z-]*:[a-z0-9-]+:[a-z0-9-]*:(\d{12}|\*|aws)?:.+$")
-_WHOLE_RESOURCE_WILDCARD_RE = re.compile(r"^arn:[^:]*:[^:]*:[^:]*:[^:]*:\*$")
+_WHOLE_RESOURCE_WILDCARD_RE = re.compile(r"^arn:[^:]*:[^:]*:[^:]*:[^:]*:[*?/]+$")
 _PRINCIPAL_ARN_RE = re.compile(
     r"^arn:aws[a-z-]*:(iam::\d{12}:(root|role/[\w+=,.@/-]{1,512}|user/[\w+=,.@/-]{1,512})"
     r"|sts::\d{12}:assumed-role/[\w+=,.@/-]{1,512})$"
@@ -66,7 +66,7 @@ def parse_ttl(value: int | str) -> int:
     if isinstance(value, int):
         seconds = value
     else:
-        match = _TTL_RE.match(value)
+        match = _TTL_RE.fullmatch(value)
         if not match:
             raise RuleViolation(
                 "ttl", f"{value!r} is not seconds or a duration such as '30d' or '12h'"
@@ -79,16 +79,21 @@ def parse_ttl(value: int | str) -> int:
 
 def validate_rule_pattern(where: str, pattern: str) -> str:
     """A policy's forbidden/sensitive entry: an IAM action pattern such as `*:Delete*`."""
-    if not _RULE_PATTERN_RE.match(pattern):
+    if not _RULE_PATTERN_RE.fullmatch(pattern):
         raise RuleViolation(where, f"{pattern!r} is not an IAM action pattern such as 'iam:*'")
     return pattern
+
+
+_WILDCARD_RE = re.compile(r"[*?]")
 
 
 def _segments_overlap(a: str, b: str) -> bool:
     if fnmatchcase(a, b) or fnmatchcase(b, a):
         return True
-    if "*" in a and "*" in b:
-        pa, pb = a.split("*", 1)[0], b.split("*", 1)[0]
+    if _WILDCARD_RE.search(a) and _WILDCARD_RE.search(b):
+        # Two patterns: assume they can meet unless their literal prefixes already differ.
+        # Erring towards "overlap" means refusing or asking for approval, never the reverse.
+        pa, pb = _WILDCARD_RE.split(a, 1)[0], _WILDCARD_RE.split(b, 1)[0]
         return pa.startswith(pb) or pb.startswith(pa)
     return False
 
@@ -120,7 +125,7 @@ def validate_scope(scope: list[ScopeStatement], rules: PolicyRules) -> list[str]
     for i, statement in enumerate(scope):
         for j, action in enumerate(statement.actions):
             where = f"scope[{i}].actions[{j}]"
-            if not _ACTION_RE.match(action):
+            if not _ACTION_RE.fullmatch(action):
                 raise RuleViolation(
                     where, f"{action!r} is not an IAM action such as 's3:GetObject'"
                 )
@@ -133,14 +138,14 @@ def validate_scope(scope: list[ScopeStatement], rules: PolicyRules) -> list[str]
                 sensitive.append(action)
         for j, resource in enumerate(statement.resources):
             where = f"scope[{i}].resources[{j}]"
-            wildcard = resource == "*" or bool(_WHOLE_RESOURCE_WILDCARD_RE.match(resource))
+            wildcard = resource == "*" or bool(_WHOLE_RESOURCE_WILDCARD_RE.fullmatch(resource))
             if wildcard and not rules.allow_resource_wildcard:
                 raise RuleViolation(
                     where,
                     f"resource wildcard {resource!r} is not allowed by the {rules.label} policy; "
                     "name the resources",
                 )
-            if resource != "*" and not _ARN_RE.match(resource):
+            if resource != "*" and not _ARN_RE.fullmatch(resource):
                 raise RuleViolation(where, f"{resource!r} is not an ARN")
     return sensitive
 
@@ -165,7 +170,9 @@ def validate_trust_principal(kind: NhiKind, principal: str | None) -> str | None
                 "is required for iam_role: the ARN of the agent's runtime role or user, "
                 "or a service principal such as 'bedrock.amazonaws.com'",
             )
-        if not (_PRINCIPAL_ARN_RE.match(principal) or _SERVICE_PRINCIPAL_RE.match(principal)):
+        if not (
+            _PRINCIPAL_ARN_RE.fullmatch(principal) or _SERVICE_PRINCIPAL_RE.fullmatch(principal)
+        ):
             raise RuleViolation(
                 "trust_principal", f"{principal!r} is not an IAM principal ARN or service principal"
             )
@@ -178,6 +185,8 @@ def validate_trust_principal(kind: NhiKind, principal: str | None) -> str | None
 def identity_name(prefix: str, agent_name: str, nhi_id: uuid.UUID) -> str:
     """Deterministic, IAM-safe (<= 64 chars) name: retries find what an earlier try made."""
     budget = 64 - len(prefix) - 2 - 32
+    if budget < 1:
+        raise ValueError(f"name prefix {prefix!r} leaves no room for the agent's name")
     return f"{prefix}-{agent_name[:budget].rstrip('-')}-{nhi_id.hex}"
 
 
@@ -221,7 +230,7 @@ def policy_size(document: dict[str, Any]) -> int:
 
 def trust_policy_document(principal: str) -> dict[str, Any]:
     """Who may assume an agent's role: its runtime principal only."""
-    key = "Service" if _SERVICE_PRINCIPAL_RE.match(principal) else "AWS"
+    key = "Service" if _SERVICE_PRINCIPAL_RE.fullmatch(principal) else "AWS"
     return {
         "Version": "2012-10-17",
         "Statement": [

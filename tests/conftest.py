@@ -1,0 +1,175 @@
+"""Real services for the suite: Postgres (local server, else embedded), a moto server over HTTP,
+the Temporal time-skipping test server and the Temporal dev server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import pytest_asyncio
+from psycopg import sql
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from nhi.aws import AwsClients, make_aws_clients
+from nhi.config import Settings
+from nhi.db import make_engine, make_sessionmaker, upgrade_head
+from nhi.postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
+from tests.helpers import free_port, start_moto
+from worker import build_worker
+
+
+def _binary(name: str) -> str:
+    import sys
+
+    found = shutil.which(name) or str(Path(sys.executable).parent / name)
+    assert Path(found).exists(), f"{name} missing: `make test` installs it"
+    return found
+
+
+class Databases:
+    """Creates throwaway databases on whichever Postgres this machine offers."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.embedded: EmbeddedPostgres | None = None
+        self.created: list[str] = []
+        if not local_server_reachable():
+            self.embedded = EmbeddedPostgres(tmp / "pgdata")
+
+    def new(self, prefix: str = "nhi_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        if self.embedded is not None:
+            self.embedded.create_database(name)
+            return self.embedded.url(name)
+        with psycopg.connect(LOCAL_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.created.append(name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+            return
+        with psycopg.connect(LOCAL_ADMIN_DSN, autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+
+
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    dbs = Databases(tmp_path_factory.mktemp("postgres"))
+    yield dbs
+    dbs.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(databases: Databases) -> str:
+    url = databases.new()
+    upgrade_head(url)  # the schema only ever comes from the migrations
+    return url
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = make_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    # moto accepts any credentials, but boto3 needs some to sign requests with.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    proc = start_moto(port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, moto_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        aws_endpoint_url=moto_url,
+        aws_region="us-east-1",
+        temporal_task_queue=f"nhi-test-{uuid.uuid4().hex[:8]}",
+    )
+
+
+@pytest.fixture(scope="session")
+def aws(settings: Settings) -> AwsClients:
+    return make_aws_clients(settings)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server (workflow tests)."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        data_converter=pydantic_data_converter,
+        test_server_existing_path=_binary("temporal-test-server"),
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's dev server in real time (API, CLI, crash and leak tests)."""
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter,
+        dev_server_existing_path=_binary("temporal"),
+    )
+    yield env
+    await env.shutdown()
+
+
+def dev_address(env: WorkflowEnvironment) -> str:
+    return env.client.service_client.config.target_host
+
+
+class Service:
+    """The API over real HTTP plus a worker, on the Temporal dev server: the service as deployed."""
+
+    def __init__(self, settings: Settings, url: str, env: WorkflowEnvironment) -> None:
+        self.settings = settings
+        self.url = url
+        self.env = env
+
+
+@pytest_asyncio.fixture(scope="session")
+async def service(
+    dev_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> AsyncIterator[Service]:
+    from api.app import create_app
+    from tests.helpers import ApiServer
+
+    svc_settings = settings.model_copy(
+        update={
+            "temporal_address": dev_address(dev_env),
+            "temporal_task_queue": f"nhi-svc-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    worker = build_worker(dev_env.client, svc_settings, sessions, aws)
+    async with worker:
+        with ApiServer(create_app(svc_settings)) as server:
+            yield Service(svc_settings, server.url, dev_env)

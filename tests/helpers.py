@@ -1,0 +1,184 @@
+"""Test helpers: real services started for the suite, and small polling utilities."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(
+    port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before opening {port}")
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def start_moto(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port, proc=proc)
+    return proc
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], *, timeout: float = 30.0, interval: float = 0.1
+) -> T:
+    """Poll `check` until it returns without AssertionError; re-raise the last one on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(interval)
+
+
+class ApiServer:
+    """A real uvicorn server for an app, on a free loopback port, in a background thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            )
+        )
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> ApiServer:
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise TimeoutError("API server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def unique(prefix: str = "agent") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def agent_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": unique(),
+        "category": "rag",
+        "environment": "dev",
+        "owner_email": "ana@example.com",
+        "backup_owner_email": "ben@example.com",
+        "team": "search",
+        "purpose": "Answers questions from the product knowledge base",
+    }
+    body.update(overrides)
+    return body
+
+
+ROLE_SCOPE = [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
+TRUST = "arn:aws:iam::123456789012:role/agent-runtime"
+
+
+async def api_json(client: httpx.AsyncClient, method: str, path: str, **kw: Any) -> Any:
+    response = await client.request(method, path, **kw)
+    assert response.status_code < 400, (response.status_code, response.text)
+    return response.json()
+
+
+def request_nhi(
+    sessions: Any,
+    settings: Any,
+    kind: str,
+    *,
+    scope: list[dict[str, Any]] | None = None,
+    trust_principal: str | None = TRUST,
+    environment: str = "dev",
+    actor: str = "test:platform",
+    **nhi_fields: Any,
+) -> tuple[uuid.UUID, uuid.UUID, list[str]]:
+    """Record an agent and an NHI request exactly as the API does (policy checks included)."""
+    from models.schemas import AgentCreate, NhiCreate
+    from nhi import inventory
+    from nhi.db import transaction
+
+    with transaction(sessions) as session:
+        agent = inventory.create_agent(
+            session, AgentCreate(**agent_body(environment=environment)), actor
+        )
+        nhi, sensitive = inventory.request_nhi(
+            session,
+            settings,
+            agent.id,
+            NhiCreate(
+                platform="aws",
+                kind=kind,
+                scope=scope or ROLE_SCOPE,
+                trust_principal=trust_principal if kind == "iam_role" else None,
+                **nhi_fields,
+            ),
+            actor,
+        )
+        return agent.id, nhi.id, sensitive
+
+
+class _Raw:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_: Any) -> Any:
+        yield self._body
+
+
+def inject_aws_error(client: Any, operation: str, code: str, status: int = 403) -> None:
+    """Make every `operation` call on this boto3 client fail with an AWS error `code`.
+
+    botocore's before-send hook answers instead of the server, as AWS would (e.g. an SCP
+    denying PutRolePolicy); the rest of the client keeps talking to moto.
+    """
+    from botocore.awsrequest import AWSResponse
+
+    body = (
+        f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code>"
+        f"<Message>injected {code} on {operation}</Message></Error>"
+        "<RequestId>test</RequestId></ErrorResponse>"
+    ).encode()
+
+    def answer(request: Any, **_: Any) -> AWSResponse:
+        return AWSResponse(request.url, status, {}, _Raw(body))
+
+    service = client.meta.service_model.service_name
+    client.meta.events.register(f"before-send.{service}.{operation}", answer)

@@ -1,0 +1,213 @@
+"""The HTTP API over real HTTP: agents, provisioning end to end, inventory, errors."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.orm import AuditEvent, Nhi
+from nhi.aws import AwsClients
+from nhi.db import transaction
+from tests.conftest import Service
+from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, eventually
+
+
+@pytest.fixture
+async def http(service: Service) -> Any:
+    async with httpx.AsyncClient(
+        base_url=service.url, headers={"X-NHI-Actor": "platform-bot"}, timeout=30
+    ) as client:
+        yield client
+
+
+def _counts(sessions: sessionmaker[Session]) -> tuple[int, int]:
+    with transaction(sessions) as s:
+        return (
+            s.scalar(select(func.count()).select_from(Nhi)) or 0,
+            s.scalar(select(func.count()).select_from(AuditEvent)) or 0,
+        )
+
+
+async def _agent(http: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
+    response = await http.post("/v1/agents", json=agent_body(**overrides))
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+async def test_health_and_openapi(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/healthz")).json() == {"status": "ok"}
+    spec = (await http.get("/openapi.json")).json()
+    for path in (
+        "/v1/agents",
+        "/v1/agents/{agent_id}",
+        "/v1/agents/{agent_id}/nhis",
+        "/v1/nhis",
+        "/v1/nhis/{nhi_id}",
+    ):
+        assert path in spec["paths"], path
+
+
+async def test_agent_is_created_listed_and_shown(http: httpx.AsyncClient) -> None:
+    agent = await _agent(
+        http, category="browser_agent", invokers=["arn:aws:iam::123456789012:role/ops"]
+    )
+    assert agent["status"] == "active" and agent["created_by"] == "api:platform-bot"
+    listed = await api_json(http, "GET", "/v1/agents", params={"owner": "ana@example.com"})
+    assert agent["id"] in {a["id"] for a in listed}
+    shown = await api_json(http, "GET", f"/v1/agents/{agent['id']}")
+    assert shown["name"] == agent["name"] and shown["nhis"] == []
+    assert shown["invokers"] == ["arn:aws:iam::123456789012:role/ops"]
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "field"),
+    [
+        ({"owner_email": "not-an-email"}, 422, "owner_email"),
+        ({"category": "toaster"}, 422, "category"),
+        ({"name": "Bad Name!"}, 422, "name"),
+        ({"environment": "qa"}, 422, "environment"),
+        ({"colour": "blue"}, 422, "colour"),
+        ({"backup_owner_email": "ana@example.com"}, 422, "backup_owner_email"),
+        ({"expected_end_at": "2020-01-01T00:00:00Z"}, 422, "expected_end_at"),
+    ],
+)
+async def test_bad_agent_is_refused_naming_the_field(
+    http: httpx.AsyncClient,
+    sessions: sessionmaker[Session],
+    change: dict[str, Any],
+    status: int,
+    field: str,
+) -> None:
+    before = await api_json(http, "GET", "/v1/agents", params={"limit": 1000})
+    response = await http.post("/v1/agents", json=agent_body(**change))
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["field"] == field
+    assert body["detail"].startswith(f"{field}:")
+    after = await api_json(http, "GET", "/v1/agents", params={"limit": 1000})
+    assert len(after) == len(before)
+
+
+async def test_malformed_json_is_400_and_duplicate_name_is_409(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/agents", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    agent = await _agent(http)
+    again = await http.post("/v1/agents", json=agent_body(name=agent["name"]))
+    assert again.status_code == 409
+    assert again.json()["field"] == "name"
+    # Same name in another environment is a different agent.
+    assert (
+        await http.post("/v1/agents", json=agent_body(name=agent["name"], environment="staging"))
+    ).status_code == 201
+
+
+async def test_unknown_ids_are_404(http: httpx.AsyncClient) -> None:
+    missing = uuid.uuid4()
+    assert (await http.get(f"/v1/agents/{missing}")).status_code == 404
+    assert (await http.get(f"/v1/nhis/{missing}")).status_code == 404
+    response = await http.post(
+        f"/v1/agents/{missing}/nhis",
+        json={"platform": "aws", "kind": "iam_role", "scope": ROLE_SCOPE, "trust_principal": TRUST},
+    )
+    assert response.status_code == 404
+    assert (await http.get("/v1/agents/not-a-uuid")).status_code == 422
+
+
+async def test_provision_role_end_to_end(
+    http: httpx.AsyncClient, service: Service, aws: AwsClients
+) -> None:
+    agent = await _agent(http)
+    response = await http.post(
+        f"/v1/agents/{agent['id']}/nhis",
+        json={
+            "platform": "aws",
+            "kind": "iam_role",
+            "scope": ROLE_SCOPE,
+            "ttl": "12h",
+            "trust_principal": TRUST,
+        },
+    )
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["workflow_id"] == f"nhi-provision-{accepted['id']}"
+
+    async def active() -> dict[str, Any]:
+        nhi = await api_json(http, "GET", f"/v1/nhis/{accepted['id']}")
+        assert nhi["status"] == "active", nhi
+        return dict(nhi)
+
+    nhi = await eventually(active)
+    assert aws.iam.get_role(RoleName=nhi["name"])["Role"]["Arn"] == nhi["credential_ref"]
+    assert nhi["workflow_id"] == accepted["workflow_id"]
+    assert nhi["requested_by"] == "api:platform-bot"
+    seconds = (
+        __import__("datetime").datetime.fromisoformat(nhi["expires_at"])
+        - __import__("datetime").datetime.fromisoformat(nhi["created_at"])
+    ).total_seconds()
+    assert abs(seconds - 12 * 3600) < 5
+    # The workflow is visible in Temporal, where the Web UI shows it.
+    description = await service.env.client.get_workflow_handle(accepted["workflow_id"]).describe()
+    assert description.status is not None and description.status.name == "COMPLETED"
+
+    footprint = await api_json(http, "GET", f"/v1/agents/{agent['id']}")
+    assert [n["id"] for n in footprint["nhis"]] == [accepted["id"]]
+    for params in ({"agent_id": agent["id"]}, {"status": "active", "owner": "ana@example.com"}):
+        listed = await api_json(http, "GET", "/v1/nhis", params=params)
+        assert accepted["id"] in {n["id"] for n in listed}
+    assert (
+        await api_json(
+            http, "GET", "/v1/nhis", params={"agent_id": agent["id"], "status": "failed"}
+        )
+        == []
+    )
+    events = await api_json(http, "GET", f"/v1/nhis/{accepted['id']}/events")
+    assert [e["event"] for e in events] == ["nhi.requested", "nhi.provisioning", "nhi.activated"]
+    assert events[0]["actor"] == "api:platform-bot"
+
+
+@pytest.mark.parametrize(
+    ("request_body", "environment", "field", "words"),
+    [
+        ({"kind": "iam_role", "scope": [{"actions": ["iam:*"], "resources": ["arn:aws:iam::123456789012:role/x"]}]},
+         "dev", "scope[0].actions[0]", "forbidden"),
+        ({"kind": "iam_role", "scope": [ROLE_SCOPE[0], {"actions": ["s3:GetObject"], "resources": ["*"]}]},
+         "dev", "scope[1].resources[0]", "wildcard"),
+        ({"kind": "iam_user_key", "scope": ROLE_SCOPE}, "prod", "kind", "not allowed in prod"),
+        ({"kind": "iam_role", "scope": ROLE_SCOPE, "ttl": "400d"}, "dev", "ttl", "maximum lifetime"),
+        ({"kind": "iam_role", "scope": ROLE_SCOPE, "ttl": "soon"}, "dev", "ttl", "duration"),
+        ({"kind": "iam_role", "scope": ROLE_SCOPE, "trust_principal": None}, "dev", "trust_principal", "required"),
+        ({"kind": "iam_role", "scope": ROLE_SCOPE, "allowed_cidrs": ["10.0.0.0/33"]}, "dev", "allowed_cidrs[0]", "CIDR"),
+        ({"kind": "iam_role", "scope": []}, "dev", "scope", "at least 1"),
+        ({"kind": "oauth_app", "scope": ROLE_SCOPE}, "dev", "kind", "Input should be"),
+    ],
+)  # fmt: skip
+async def test_bad_provisioning_request_creates_nothing(
+    http: httpx.AsyncClient,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    service: Service,
+    request_body: dict[str, Any],
+    environment: str,
+    field: str,
+    words: str,
+) -> None:
+    agent = await _agent(http, environment=environment)
+    body = {"platform": "aws", "trust_principal": TRUST} | request_body
+    if body.get("trust_principal") is None or body["kind"] != "iam_role":
+        body.pop("trust_principal")
+    before = _counts(sessions)
+    users_before = len(aws.iam.list_users(PathPrefix=service.settings.iam_path)["Users"])
+    response = await http.post(f"/v1/agents/{agent['id']}/nhis", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert error["field"] == field
+    assert words in error["detail"]
+    assert _counts(sessions) == before
+    assert len(aws.iam.list_users(PathPrefix=service.settings.iam_path)["Users"]) == users_before

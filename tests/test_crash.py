@@ -1,0 +1,110 @@
+"""Kill the worker process in the middle of provisioning an access key, start a new one, and
+show that exactly one user, one key and one secret exist and the NHI is active."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.testing import WorkflowEnvironment
+
+from models.contracts import ProvisionInput
+from models.orm import Nhi
+from nhi.aws import AwsClients
+from nhi.config import Settings
+from nhi.db import transaction
+from nhi.temporal import provision_workflow_id
+from tests.conftest import dev_address
+from tests.gate_proxy import GateProxy
+from tests.helpers import request_nhi
+from workflows.provision import ProvisionNhiWorkflow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _worker(
+    settings: Settings, temporal: str, aws_endpoint: str, queue: str
+) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update(
+        NHI_DATABASE_URL=settings.require_database_url(),
+        NHI_TEMPORAL_ADDRESS=temporal,
+        NHI_TEMPORAL_TASK_QUEUE=queue,
+        NHI_AWS_ENDPOINT_URL=aws_endpoint,
+        NHI_AWS_REGION=settings.aws_region,
+    )
+    return subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+async def test_worker_killed_between_key_creation_and_delivery(
+    dev_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    queue = f"crash-{os.getpid()}-{id(settings)}"
+    _, nhi_id, _ = request_nhi(sessions, settings, "iam_user_key")
+    with transaction(sessions) as s:
+        name = s.get_one(Nhi, nhi_id).name
+
+    with GateProxy(settings.aws_endpoint_url or "", hold_on=b"Action=CreateAccessKey") as gate:
+        first = _worker(settings, dev_address(dev_env), gate.url, queue)
+        try:
+            handle = await dev_env.client.start_workflow(
+                ProvisionNhiWorkflow.run,
+                ProvisionInput(nhi_id=nhi_id),
+                id=provision_workflow_id(nhi_id),
+                task_queue=queue,
+            )
+            assert await asyncio.to_thread(gate.reached.wait, 60), "never reached CreateAccessKey"
+            # The user exists, the key request is on the wire: kill the worker right there.
+            assert aws.iam.get_user(UserName=name)["User"]["UserName"] == name
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        # The held request still reaches AWS: a key now exists whose secret nobody holds.
+        gate.release()
+        assert await asyncio.to_thread(gate.forwarded.wait, 30)
+        orphan = aws.iam.list_access_keys(UserName=name)["AccessKeyMetadata"]
+        assert len(orphan) == 1
+        with pytest.raises(aws.secrets.exceptions.ResourceNotFoundException):
+            aws.secrets.describe_secret(SecretId=f"{settings.secret_prefix}dev")
+
+        second = _worker(settings, dev_address(dev_env), settings.aws_endpoint_url or "", queue)
+        try:
+            result = await asyncio.wait_for(handle.result(), timeout=120)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=30)
+
+    assert result.status == "active"
+    users = [
+        u["UserName"]
+        for page in aws.iam.get_paginator("list_users").paginate(PathPrefix=settings.iam_path)
+        for u in page["Users"]
+    ]
+    assert users.count(name) == 1
+    keys = aws.iam.list_access_keys(UserName=name)["AccessKeyMetadata"]
+    assert len(keys) == 1, keys
+    assert keys[0]["AccessKeyId"] != orphan[0]["AccessKeyId"], "the undelivered key must go"
+    secrets = aws.secrets.list_secrets(
+        Filters=[{"Key": "name", "Values": [f"{settings.secret_prefix}dev/"]}]
+    )
+    ours = [s for s in secrets["SecretList"] if s["Name"].endswith(str(nhi_id))]
+    assert len(ours) == 1
+    delivered = json.loads(aws.secrets.get_secret_value(SecretId=ours[0]["ARN"])["SecretString"])
+    assert delivered["AccessKeyId"] == keys[0]["AccessKeyId"]
+    with transaction(sessions) as s:
+        nhi = s.get_one(Nhi, nhi_id)
+        assert nhi.status == "active"
+        assert nhi.credential_ref == ours[0]["ARN"]
