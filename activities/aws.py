@@ -89,7 +89,7 @@ class AwsActivities:
                 )
             except ClientError as err:
                 raise classify_aws(err, f"creating role {plan.identity_name}") from err
-        log.info("role ready", extra={"nhi_id": str(plan.nhi_id), "arn": arn})
+        log.info("role %s ready for nhi %s", arn, plan.nhi_id)
         # A role has no static secret: the agent assumes it, so its ARN is the reference.
         return IdentityCreated(external_id=arn, credential_ref=arn)
 
@@ -148,8 +148,9 @@ class AwsActivities:
                 for key_id in keys:
                     if key_id != delivered:
                         log.warning(
-                            "deleting undelivered access key left by an interrupted run",
-                            extra={"nhi_id": str(plan.nhi_id), "access_key_id": key_id},
+                            "deleting access key %s of %s: never delivered (interrupted run)",
+                            key_id,
+                            user,
                         )
                         self._iam.delete_access_key(UserName=user, AccessKeyId=key_id)
                 if delivered is None or delivered not in keys:
@@ -178,6 +179,7 @@ class AwsActivities:
                 user_arn = self._iam.get_user(UserName=user)["User"]["Arn"]
             except ClientError as err:
                 raise classify_aws(err, f"issuing the access key of {user}") from err
+        log.info("access key %s of %s delivered to %s", delivered, user, secret_arn)
         return IdentityCreated(
             external_id=user_arn, credential_ref=secret_arn, access_key_id=delivered
         )
@@ -253,7 +255,12 @@ class AwsActivities:
         return done
 
     def _remove_secret(self, name: str, *, force: bool) -> list[str]:
+        # Secrets Manager reports success for a forced delete of a missing secret, so look
+        # first: the removal report must say what was really there.
         try:
+            described = self._secrets.describe_secret(SecretId=name)
+            if "DeletedDate" in described and not force:
+                return []  # already scheduled for deletion
             if force:
                 self._secrets.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
             else:

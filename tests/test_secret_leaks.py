@@ -1,0 +1,117 @@
+"""After provisioning an access key, its secret appears nowhere but Secrets Manager: not in
+workflow history, the database, API responses or logs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+from google.protobuf.json_format import MessageToDict
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from nhi.aws import AwsClients
+from nhi.db import transaction
+from nhi.logging import configure
+from tests.conftest import Service
+from tests.helpers import ROLE_SCOPE, agent_body, eventually
+
+
+def _decoded_strings(node: Any) -> Iterator[str]:
+    """Every string in a JSON tree, plus the decoded form of base64 payload data."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "data" and isinstance(value, str):
+                try:
+                    decoded = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    decoded = b""
+                yield decoded.decode("utf-8", "replace")
+            yield from _decoded_strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _decoded_strings(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def _hits(secret: str, haystacks: list[str]) -> int:
+    return sum(h.count(secret) for h in haystacks)
+
+
+async def test_secret_access_key_never_leaves_secrets_manager(
+    service: Service, sessions: sessionmaker[Session], aws: AwsClients
+) -> None:
+    configure("DEBUG")  # the most verbose production setting, libraries included
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    responses: list[str] = []
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+
+            async def call(method: str, path: str, **kw: Any) -> Any:
+                response = await http.request(method, path, **kw)
+                responses.append(response.text)
+                assert response.status_code < 400, response.text
+                return response.json()
+
+            agent = await call("POST", "/v1/agents", json=agent_body())
+            accepted = await call(
+                "POST",
+                f"/v1/agents/{agent['id']}/nhis",
+                json={"platform": "aws", "kind": "iam_user_key", "scope": ROLE_SCOPE},
+            )
+
+            async def active() -> dict[str, Any]:
+                nhi = await call("GET", f"/v1/nhis/{accepted['id']}")
+                assert nhi["status"] == "active"
+                return dict(nhi)
+
+            nhi = await eventually(active)
+            await call("GET", f"/v1/agents/{agent['id']}")
+            await call("GET", "/v1/nhis", params={"limit": 1000})
+            await call("GET", f"/v1/nhis/{accepted['id']}/events")
+            await call("GET", "/openapi.json")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        configure("WARNING")
+
+    delivered = json.loads(
+        aws.secrets.get_secret_value(SecretId=nhi["credential_ref"])["SecretString"]
+    )
+    secret = delivered["SecretAccessKey"]
+    assert len(secret) >= 20
+
+    history = await service.env.client.get_workflow_handle(accepted["workflow_id"]).fetch_history()
+    history_text = [json.dumps(MessageToDict(e)) for e in history.events]
+    history_text += list(_decoded_strings([MessageToDict(e) for e in history.events]))
+    assert any(delivered["AccessKeyId"] in h for h in history_text), "scan sees payloads"
+
+    with transaction(sessions) as s:
+        tables = s.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ).scalars()
+        rows = [
+            str(r)
+            for table in tables
+            for r in s.execute(text(f'SELECT t::text FROM "{table}" t')).scalars()
+        ]
+    assert any(str(nhi["id"]) in r for r in rows), "scan sees the inventory"
+
+    logs = captured.getvalue()
+    assert f"access key {delivered['AccessKeyId']}" in logs, "scan sees the worker's logs"
+
+    # The scanner finds the secret where it is, so zero hits below means absent, not unseen.
+    assert _hits(secret, [json.dumps(delivered)]) == 1
+    assert _hits(secret, history_text) == 0
+    assert _hits(secret, rows) == 0
+    assert _hits(secret, responses) == 0
+    assert _hits(secret, [logs]) == 0
