@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from slack_sdk import WebClient
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.activity import _Definition
 from temporalio.client import Client
@@ -19,11 +20,14 @@ from temporalio.worker import Worker
 
 from activities.aws import AwsActivities
 from activities.db import DbActivities
+from activities.slack import SlackActivities
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings, get_settings
 from nhi.db import make_engine, make_sessionmaker
 from nhi.logging import configure
+from nhi.slack import make_slack_client
 from nhi.temporal import connect
+from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
 
 log = logging.getLogger("nhi.worker")
@@ -31,7 +35,7 @@ log = logging.getLogger("nhi.worker")
 # any change shows at once in the tests (every workflow test needs these registrations).
 activity_defn_of = _Definition.from_callable
 
-WORKFLOWS = [ProvisionNhiWorkflow]
+WORKFLOWS = [ProvisionNhiWorkflow, NhiLifecycleWorkflow]
 
 
 def activities_of(*instances: object) -> list[Callable[..., Any]]:
@@ -51,16 +55,18 @@ def build_worker(
     sessions: sessionmaker[Session],
     aws: AwsClients,
     *,
+    slack: WebClient | None = None,
     task_queue: str | None = None,
 ) -> Worker:
     """A worker with every workflow and activity registered; sync activities run on threads."""
     db = DbActivities(sessions, settings)
     cloud = AwsActivities(aws)
+    people = SlackActivities(slack)
     return Worker(
         client,
         task_queue=task_queue or settings.temporal_task_queue,
         workflows=WORKFLOWS,
-        activities=activities_of(db, cloud),
+        activities=activities_of(db, cloud, people),
         activity_executor=ThreadPoolExecutor(
             max_workers=settings.worker_max_concurrent_activities, thread_name_prefix="activity"
         ),
@@ -75,7 +81,13 @@ async def run(settings: Settings) -> None:
         settings.require_database_url(), pool_size=settings.worker_max_concurrent_activities
     )
     client = await connect(settings)
-    worker = build_worker(client, settings, make_sessionmaker(engine), make_aws_clients(settings))
+    worker = build_worker(
+        client,
+        settings,
+        make_sessionmaker(engine),
+        make_aws_clients(settings),
+        slack=make_slack_client(settings),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

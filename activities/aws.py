@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
@@ -16,13 +17,22 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities._support import aws_code, classify_aws, heartbeating
-from models.contracts import IdentityCreated, ProvisionPlan, RemovalResult, RemoveIdentity
+from models.contracts import (
+    IdentityCreated,
+    KeyRef,
+    ProvisionPlan,
+    RemovalResult,
+    RemoveIdentity,
+    StagedKey,
+)
 from models.enums import NhiKind
 from nhi.aws import AwsClients
 from nhi.policy import identity_policy_document, trust_policy_document
 
 if TYPE_CHECKING:
+    from types_boto3_iam import IAMClient
     from types_boto3_iam.type_defs import TagTypeDef
+    from types_boto3_secretsmanager import SecretsManagerClient
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +48,288 @@ def _policy_json(plan: ProvisionPlan) -> str:
     return json.dumps(identity_policy_document(plan.scope, plan.allowed_cidrs, plan.expires_at))
 
 
-class AwsActivities:
+QUARANTINE_POLICY_NAME = "nhi-quarantine"
+REVOKE_SESSIONS_POLICY_NAME = "nhi-revoke-older-sessions"
+_PENDING, _CURRENT, _PREVIOUS = "AWSPENDING", "AWSCURRENT", "AWSPREVIOUS"
+
+
+def _deny_all() -> str:
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Sid": "Quarantine", "Effect": "Deny", "Action": "*", "Resource": "*"}],
+        }
+    )
+
+
+def _deny_sessions_issued_before(at: datetime) -> str:
+    # What the IAM console's "revoke active sessions" does: sessions issued before `at` are
+    # refused even after the quarantine is lifted.
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "RevokeOlderSessions",
+                    "Effect": "Deny",
+                    "Action": "*",
+                    "Resource": "*",
+                    "Condition": {
+                        "DateLessThan": {"aws:TokenIssueTime": at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                    },
+                }
+            ],
+        }
+    )
+
+
+class AwsLifecycleMixin:
+    """Rotation, renewal and quarantine of AWS identities (mixed into AwsActivities)."""
+
+    _iam: IAMClient
+    _secrets: SecretsManagerClient
+    _clients: AwsClients
+
+    def _stage_key_ids(self, secret_name: str) -> dict[str, str]:
+        """Access key id held by each staging label of the delivery secret."""
+        out: dict[str, str] = {}
+        versions = self._secrets.list_secret_version_ids(SecretId=secret_name)["Versions"]
+        for version in versions:
+            for stage in version.get("VersionStages", []):
+                if stage in (_PENDING, _CURRENT, _PREVIOUS):
+                    value = self._secrets.get_secret_value(
+                        SecretId=secret_name, VersionId=version["VersionId"]
+                    )["SecretString"]
+                    out[stage] = str(json.loads(value)["AccessKeyId"])
+        return out
+
+    @activity.defn
+    def update_expiry(self, plan: ProvisionPlan) -> None:
+        """Rewrite the scope policy and tag for a new expiry (renewal)."""
+        tag = [{"Key": "nhi:expires-at", "Value": plan.tags["nhi:expires-at"]}]
+        with heartbeating():
+            try:
+                if plan.kind is NhiKind.IAM_ROLE:
+                    self._iam.put_role_policy(
+                        RoleName=plan.identity_name,
+                        PolicyName=SCOPE_POLICY_NAME,
+                        PolicyDocument=_policy_json(plan),
+                    )
+                    self._iam.tag_role(RoleName=plan.identity_name, Tags=tag)  # type: ignore[arg-type]
+                else:
+                    self._iam.put_user_policy(
+                        UserName=plan.identity_name,
+                        PolicyName=SCOPE_POLICY_NAME,
+                        PolicyDocument=_policy_json(plan),
+                    )
+                    self._iam.tag_user(UserName=plan.identity_name, Tags=tag)  # type: ignore[arg-type]
+            except ClientError as err:
+                raise classify_aws(err, f"renewing {plan.identity_name}") from err
+
+    @activity.defn
+    def stage_new_key(self, plan: ProvisionPlan) -> StagedKey:
+        """Rotation step 1: clean leftovers, create the new key, store it as AWSPENDING.
+
+        Keys held by no staging label are leftovers of an interrupted run and are deleted
+        first; a key still in its overlap (AWSPREVIOUS) is retired early. So the user never
+        holds more than the current key plus the new one. An existing AWSPENDING key is reused.
+        """
+        user = plan.identity_name
+        with heartbeating():
+            try:
+                stages = self._stage_key_ids(plan.secret_name)
+                current = stages.get(_CURRENT)
+                keys = [
+                    k["AccessKeyId"]
+                    for k in self._iam.list_access_keys(UserName=user)["AccessKeyMetadata"]
+                ]
+                pending = stages.get(_PENDING)
+                if pending and pending in keys and pending != current:
+                    return StagedKey(new_key_id=pending, old_key_id=current)
+                for key_id in keys:
+                    if key_id != current:
+                        log.warning("deleting access key %s of %s before rotating", key_id, user)
+                        self._iam.delete_access_key(UserName=user, AccessKeyId=key_id)
+                key = self._iam.create_access_key(UserName=user)["AccessKey"]
+                value = json.dumps(
+                    {"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]}
+                )
+                new_key_id = key["AccessKeyId"]
+                del key
+                self._secrets.put_secret_value(
+                    SecretId=plan.secret_name, SecretString=value, VersionStages=[_PENDING]
+                )
+                del value
+            except ClientError as err:
+                raise classify_aws(err, f"staging a new key for {user}") from err
+        return StagedKey(new_key_id=new_key_id, old_key_id=current)
+
+    @activity.defn
+    def verify_pending(self, plan: ProvisionPlan) -> None:
+        """Rotation step 2: prove the pending key authenticates as this user (STS).
+
+        IAM is eventually consistent, so a refusal is retried (by Temporal) before giving up.
+        """
+        with heartbeating():
+            value = json.loads(
+                self._secrets.get_secret_value(SecretId=plan.secret_name, VersionStage=_PENDING)[
+                    "SecretString"
+                ]
+            )
+            sts = self._clients.sts_as(value["AccessKeyId"], value["SecretAccessKey"])
+            del value
+            try:
+                arn = sts.get_caller_identity()["Arn"]
+            except ClientError as err:
+                raise ApplicationError(
+                    f"the new key does not authenticate yet: {aws_code(err)}", type="NotYetValid"
+                ) from None
+        if not arn.endswith(f"/{plan.identity_name}"):
+            raise ApplicationError(
+                f"the new key authenticates as {arn}, not {plan.identity_name}",
+                type="WrongIdentity",
+                non_retryable=True,
+            )
+
+    @activity.defn
+    def promote_pending(self, plan: ProvisionPlan) -> StagedKey:
+        """Rotation step 3: make the proven key AWSCURRENT (the old one becomes AWSPREVIOUS)."""
+        with heartbeating():
+            try:
+                versions = self._secrets.list_secret_version_ids(SecretId=plan.secret_name)[
+                    "Versions"
+                ]
+                by_stage = {
+                    stage: v["VersionId"] for v in versions for stage in v.get("VersionStages", [])
+                }
+                stages = self._stage_key_ids(plan.secret_name)
+                if _PENDING in by_stage and by_stage.get(_CURRENT) != by_stage[_PENDING]:
+                    self._secrets.update_secret_version_stage(
+                        SecretId=plan.secret_name,
+                        VersionStage=_CURRENT,
+                        MoveToVersionId=by_stage[_PENDING],
+                        RemoveFromVersionId=by_stage[_CURRENT],
+                    )
+                    self._secrets.update_secret_version_stage(
+                        SecretId=plan.secret_name,
+                        VersionStage=_PENDING,
+                        RemoveFromVersionId=by_stage[_PENDING],
+                    )
+                    return StagedKey(new_key_id=stages[_PENDING], old_key_id=stages.get(_CURRENT))
+            except ClientError as err:
+                raise classify_aws(err, f"promoting the new key of {plan.identity_name}") from err
+        # Already promoted by an earlier attempt.
+        return StagedKey(new_key_id=stages[_CURRENT], old_key_id=stages.get(_PREVIOUS))
+
+    @activity.defn
+    def deactivate_key(self, key: KeyRef) -> None:
+        """Old key after the overlap: inactive first, so a forgotten client fails visibly."""
+        try:
+            self._iam.update_access_key(
+                UserName=key.user_name, AccessKeyId=key.key_id, Status="Inactive"
+            )
+        except ClientError as err:
+            if aws_code(err) not in _NOT_FOUND:
+                raise classify_aws(err, f"deactivating key {key.key_id}") from err
+
+    @activity.defn
+    def delete_key(self, key: KeyRef) -> None:
+        """Delete an old key; "not found" counts as done."""
+        try:
+            self._iam.delete_access_key(UserName=key.user_name, AccessKeyId=key.key_id)
+        except ClientError as err:
+            if aws_code(err) not in _NOT_FOUND:
+                raise classify_aws(err, f"deleting key {key.key_id}") from err
+
+    @activity.defn
+    def quarantine(self, plan: ProvisionPlan) -> list[str]:
+        """Stop the credential working without deleting anything yet (restorable)."""
+        done: list[str] = []
+        now = datetime.now(UTC)
+        with heartbeating():
+            try:
+                if plan.kind is NhiKind.IAM_ROLE:
+                    self._iam.put_role_policy(
+                        RoleName=plan.identity_name,
+                        PolicyName=QUARANTINE_POLICY_NAME,
+                        PolicyDocument=_deny_all(),
+                    )
+                    self._iam.put_role_policy(
+                        RoleName=plan.identity_name,
+                        PolicyName=REVOKE_SESSIONS_POLICY_NAME,
+                        PolicyDocument=_deny_sessions_issued_before(now),
+                    )
+                    done += ["deny-all policy", "sessions issued before now revoked"]
+                else:
+                    user = plan.identity_name
+                    for key in self._iam.list_access_keys(UserName=user)["AccessKeyMetadata"]:
+                        self._iam.update_access_key(
+                            UserName=user, AccessKeyId=key["AccessKeyId"], Status="Inactive"
+                        )
+                        done.append(f"key {key['AccessKeyId']} inactive")
+                    self._iam.put_user_policy(
+                        UserName=user, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=_deny_all()
+                    )
+                    done.append("deny-all policy")
+            except ClientError as err:
+                if aws_code(err) in _NOT_FOUND:
+                    return ["already gone"]
+                raise classify_aws(err, f"quarantining {plan.identity_name}") from err
+        return done
+
+    @activity.defn
+    def verify_quarantine(self, plan: ProvisionPlan) -> None:
+        """Prove the quarantine from IAM's own state: deny policy in place, no active key.
+
+        (moto does not refuse inactive keys, so a login attempt would prove nothing there; the
+        state is what AWS enforces.)
+        """
+        try:
+            if plan.kind is NhiKind.IAM_ROLE:
+                names = self._iam.list_role_policies(RoleName=plan.identity_name)["PolicyNames"]
+            else:
+                names = self._iam.list_user_policies(UserName=plan.identity_name)["PolicyNames"]
+                keys = self._iam.list_access_keys(UserName=plan.identity_name)["AccessKeyMetadata"]
+                active = [k["AccessKeyId"] for k in keys if k["Status"] == "Active"]
+                if active:
+                    raise ApplicationError(f"keys still active: {active}", type="NotQuarantined")
+        except ClientError as err:
+            if aws_code(err) in _NOT_FOUND:
+                return
+            raise classify_aws(err, f"checking the quarantine of {plan.identity_name}") from err
+        if QUARANTINE_POLICY_NAME not in names:
+            raise ApplicationError("deny-all policy not in place", type="NotQuarantined")
+
+    @activity.defn
+    def lift_quarantine(self, plan: ProvisionPlan) -> None:
+        """Restore: remove the deny-all and reactivate the delivered key (older sessions stay
+        revoked)."""
+        with heartbeating():
+            try:
+                if plan.kind is NhiKind.IAM_ROLE:
+                    self._iam.delete_role_policy(
+                        RoleName=plan.identity_name, PolicyName=QUARANTINE_POLICY_NAME
+                    )
+                    return
+                current = self._stage_key_ids(plan.secret_name).get(_CURRENT)
+                if current:
+                    self._iam.update_access_key(
+                        UserName=plan.identity_name, AccessKeyId=current, Status="Active"
+                    )
+                self._iam.delete_user_policy(
+                    UserName=plan.identity_name, PolicyName=QUARANTINE_POLICY_NAME
+                )
+            except ClientError as err:
+                if aws_code(err) in _NOT_FOUND:
+                    return
+                raise classify_aws(err, f"restoring {plan.identity_name}") from err
+
+
+class AwsActivities(AwsLifecycleMixin):
     """IAM and Secrets Manager calls for the `iam_role` and `iam_user_key` kinds."""
 
     def __init__(self, clients: AwsClients) -> None:
+        self._clients = clients
         self._iam = clients.iam
         self._secrets = clients.secrets
 
@@ -120,7 +408,11 @@ class AwsActivities:
     def _delivered_key_id(self, plan: ProvisionPlan) -> tuple[str | None, bool]:
         """(access key id held by the delivery secret, whether the secret exists)."""
         try:
-            value = self._secrets.get_secret_value(SecretId=plan.secret_name)["SecretString"]
+            # The stage is named explicitly: moto (unlike AWS) keeps serving the pre-rotation
+            # version to reads that name no stage.
+            value = self._secrets.get_secret_value(
+                SecretId=plan.secret_name, VersionStage=_CURRENT
+            )["SecretString"]
         except ClientError as err:
             if aws_code(err) in _NOT_FOUND:
                 return None, False

@@ -1,28 +1,43 @@
-"""Activities that read and change the inventory in Postgres."""
+"""Activities that read and change the inventory in Postgres.
+
+Lifecycle writes carry an idempotency key chosen by the workflow, so an activity retried after
+its transaction committed records nothing twice.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from models.contracts import (
+    AuditNote,
+    Delivery,
+    DeliveryResult,
+    LifecycleConfig,
     MarkFailed,
     NhiRef,
+    OpenPrompt,
+    PromptDecision,
+    PromptKind,
+    PromptMessage,
     ProvisionPlan,
     RecordActive,
     RecordApproval,
     ScopeStatement,
+    StatusChange,
 )
-from models.enums import NhiKind, NhiStatus, Platform
-from models.orm import Agent, Nhi
+from models.enums import AgentStatus, NhiKind, NhiStatus, Platform
+from models.orm import Agent, Nhi, Prompt
 from nhi import MANAGED_BY, audit
 from nhi.config import Settings
 from nhi.db import transaction
 from nhi.inventory import find_policy, rules_of
 from nhi.policy import RuleViolation, secret_name, validate_scope
+from nhi.slack_messages import scope_summary
 
 SYSTEM_ACTOR = "system:provisioning"
 
@@ -39,6 +54,35 @@ class DbActivities:
         if nhi is None:
             raise ApplicationError(f"nhi {nhi_id} not found", type="NotFound", non_retryable=True)
         return nhi
+
+    def _plan(self, nhi: Nhi, agent: Agent, max_session_duration: int) -> ProvisionPlan:
+        return ProvisionPlan(
+            nhi_id=nhi.id,
+            agent_id=agent.id,
+            agent_name=agent.name,
+            environment=agent.environment,
+            owner_email=agent.owner_email,
+            platform=Platform(nhi.platform),
+            kind=NhiKind(nhi.kind),
+            identity_name=nhi.name,
+            iam_path=self._settings.iam_path,
+            secret_name=secret_name(
+                self._settings.secret_prefix, agent.environment, agent.name, nhi.id
+            ),
+            scope=[ScopeStatement.model_validate(s) for s in nhi.granted_scope],
+            allowed_cidrs=list(nhi.allowed_cidrs),
+            trust_principal=nhi.trust_principal,
+            expires_at=nhi.expires_at,
+            max_session_duration_seconds=max_session_duration,
+            tags={
+                "managed-by": MANAGED_BY,
+                "nhi:agent-id": str(agent.id),
+                "nhi:nhi-id": str(nhi.id),
+                "nhi:owner": agent.owner_email,
+                "nhi:environment": agent.environment,
+                "nhi:expires-at": nhi.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
+        )
 
     @activity.defn
     def begin_provisioning(self, ref: NhiRef) -> ProvisionPlan:
@@ -78,33 +122,7 @@ class DbActivities:
                     actor=SYSTEM_ACTOR,
                     reason=f"workflow {activity.info().workflow_id} started creating {nhi.name}",
                 )
-            return ProvisionPlan(
-                nhi_id=nhi.id,
-                agent_id=agent.id,
-                agent_name=agent.name,
-                environment=agent.environment,
-                owner_email=agent.owner_email,
-                platform=Platform(nhi.platform),
-                kind=NhiKind(nhi.kind),
-                identity_name=nhi.name,
-                iam_path=self._settings.iam_path,
-                secret_name=secret_name(
-                    self._settings.secret_prefix, agent.environment, agent.name, nhi.id
-                ),
-                scope=scope,
-                allowed_cidrs=list(nhi.allowed_cidrs),
-                trust_principal=nhi.trust_principal,
-                expires_at=nhi.expires_at,
-                max_session_duration_seconds=policy.max_session_duration_seconds,
-                tags={
-                    "managed-by": MANAGED_BY,
-                    "nhi:agent-id": str(agent.id),
-                    "nhi:nhi-id": str(nhi.id),
-                    "nhi:owner": agent.owner_email,
-                    "nhi:environment": agent.environment,
-                    "nhi:expires-at": nhi.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                },
-            )
+            return self._plan(nhi, agent, policy.max_session_duration_seconds)
 
     @activity.defn
     def record_approval(self, change: RecordApproval) -> None:
@@ -176,3 +194,175 @@ class DbActivities:
                 reason=change.reason,
                 details={"workflow_id": change.workflow_id},
             )
+
+    @activity.defn
+    def load_lifecycle(self, ref: NhiRef) -> LifecycleConfig:
+        """The NHI, its agent and its policy as the lifecycle needs them."""
+        with transaction(self._sessions) as session:
+            nhi = self._locked(session, ref.nhi_id)
+            agent = session.get_one(Agent, nhi.agent_id)
+            policy = find_policy(session, nhi.platform, nhi.kind, agent.environment)
+            if policy is None:
+                raise ApplicationError(
+                    f"no policy for {nhi.platform}/{nhi.kind}/{agent.environment}",
+                    type="NotFound",
+                    non_retryable=True,
+                )
+            return LifecycleConfig(
+                nhi_id=nhi.id,
+                agent_name=agent.name,
+                team=agent.team,
+                kind=NhiKind(nhi.kind),
+                status=NhiStatus(nhi.status),
+                owner_email=agent.owner_email,
+                backup_owner_email=agent.backup_owner_email,
+                owner_slack_id=agent.owner_slack_id,
+                expires_at=nhi.expires_at,
+                max_lifetime_at=nhi.max_lifetime_at,
+                activated_at=nhi.activated_at or nhi.created_at,
+                last_rotated_at=nhi.last_rotated_at,
+                default_ttl_seconds=policy.default_ttl_seconds,
+                rotation_period_seconds=nhi.rotation_period_seconds,
+                reminder_offsets_seconds=sorted(policy.reminder_offsets_seconds, reverse=True),
+                grace_period_seconds=policy.grace_period_seconds,
+                rotation_overlap_seconds=self._settings.rotation_overlap_seconds,
+                revoke_retry_seconds=self._settings.revoke_retry_seconds,
+                security_channel=self._settings.slack_security_channel,
+                agent_completed=agent.status != AgentStatus.ACTIVE,
+                plan=self._plan(nhi, agent, policy.max_session_duration_seconds),
+            )
+
+    @activity.defn
+    def change_status(self, change: StatusChange) -> None:
+        """Apply one lifecycle transition with its audit event (once per idempotency key)."""
+        key = change.details.get("key", "")
+        with transaction(self._sessions) as session:
+            nhi = self._locked(session, change.nhi_id)
+            if key and audit.already_recorded(session, nhi.id, key):
+                return
+            now = datetime.now(UTC)
+            nhi.status = change.status.value
+            nhi.status_reason = None if change.status is NhiStatus.ACTIVE else change.reason
+            if change.expires_at is not None:
+                nhi.expires_at = change.expires_at
+            if change.rotated:
+                nhi.last_rotated_at = now
+            if change.status is NhiStatus.DECOMMISSIONED:
+                nhi.decommissioned_at = now
+            audit.record(
+                session,
+                subject_type="nhi",
+                subject_id=nhi.id,
+                event=change.event,
+                actor=change.actor,
+                reason=change.reason,
+                details=dict(change.details),
+            )
+
+    @activity.defn
+    def note(self, entry: AuditNote) -> None:
+        """An audit event without a status change (once per idempotency key)."""
+        key = entry.details.get("key", "")
+        with transaction(self._sessions) as session:
+            if key and audit.already_recorded(session, entry.subject_id, key):
+                return
+            audit.record(
+                session,
+                subject_type="nhi",
+                subject_id=entry.subject_id,
+                event=entry.event,
+                actor=entry.actor,
+                reason=entry.reason,
+                details=dict(entry.details),
+            )
+
+    @activity.defn
+    def open_prompt(self, request: OpenPrompt) -> PromptMessage:
+        """Create the prompt row for this (NHI, kind, expiry, offset), or find the existing one."""
+        with transaction(self._sessions) as session:
+            session.execute(
+                insert(Prompt)
+                .values(
+                    nhi_id=request.nhi_id,
+                    kind=request.kind.value,
+                    for_expires_at=request.for_expires_at,
+                    offset_seconds=request.offset_seconds,
+                    reason=request.reason,
+                    deliveries=[],
+                    status="open",
+                )
+                .on_conflict_do_nothing(constraint="uq_prompts_once")
+            )
+            prompt = (
+                session.query(Prompt)
+                .filter_by(
+                    nhi_id=request.nhi_id,
+                    kind=request.kind.value,
+                    for_expires_at=request.for_expires_at,
+                    offset_seconds=request.offset_seconds,
+                )
+                .one()
+            )
+            nhi = session.get_one(Nhi, request.nhi_id)
+            agent = session.get_one(Agent, nhi.agent_id)
+            if not prompt.deliveries:
+                audit.record(
+                    session,
+                    subject_type="nhi",
+                    subject_id=nhi.id,
+                    event=f"nhi.{request.kind.value}",
+                    actor="system:lifecycle",
+                    reason=request.reason or f"expires {request.for_expires_at:%Y-%m-%d %H:%M} UTC",
+                    details={
+                        "prompt_id": str(prompt.id),
+                        "offset_seconds": str(request.offset_seconds),
+                    },
+                )
+            return PromptMessage(
+                prompt_id=prompt.id,
+                nhi_id=nhi.id,
+                kind=PromptKind(prompt.kind),
+                agent_name=agent.name,
+                nhi_name=nhi.name,
+                nhi_kind=nhi.kind,
+                environment=agent.environment,
+                scope_summary=scope_summary(nhi.granted_scope),
+                expires_at=request.for_expires_at,
+                owner_email=agent.owner_email,
+                backup_owner_email=agent.backup_owner_email,
+                owner_slack_id=agent.owner_slack_id,
+                team_channel=self._settings.slack_team_channels.get(
+                    agent.team, self._settings.slack_default_team_channel
+                ),
+                reason=request.reason,
+                already_delivered=bool(prompt.deliveries),
+            )
+
+    @activity.defn
+    def record_delivery(self, result: DeliveryResult) -> None:
+        """Remember where a prompt was posted, so it can be updated and answered."""
+        with transaction(self._sessions) as session:
+            prompt = session.get(Prompt, result.prompt_id, with_for_update=True)
+            if prompt is None:
+                raise ApplicationError("prompt not found", type="NotFound", non_retryable=True)
+            prompt.deliveries = [d.model_dump() for d in result.deliveries]
+
+    @activity.defn
+    def decide_prompts(self, decision: PromptDecision) -> list[Delivery]:
+        """Close open prompts with a decision; returns the messages to rewrite."""
+        out: list[Delivery] = []
+        with transaction(self._sessions) as session:
+            prompts = (
+                session.query(Prompt)
+                .filter(Prompt.id.in_(decision.prompt_ids), Prompt.status == "open")
+                .with_for_update()
+                .all()
+            )
+            now = datetime.now(UTC)
+            for prompt in prompts:
+                prompt.status = "decided"
+                prompt.decision = decision.decision
+                prompt.decided_by = decision.actor
+                prompt.decided_at = now
+                out += [Delivery.model_validate(d) for d in prompt.deliveries]
+        return out

@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import errors
 from api.deps import AppState, State
-from api.routes import agents, nhis, policies
+from api.routes import agents, lifecycle, nhis, policies, slack
 from nhi.config import Settings, get_settings
 from nhi.db import make_engine, make_sessionmaker
+from nhi.slack import make_slack_client
 
 
 def create_app(
@@ -29,7 +30,9 @@ def create_app(
         if own_sessions is None:
             engine = make_engine(settings.require_database_url())
             own_sessions = make_sessionmaker(engine)
-        app.state.nhi = AppState(settings=settings, sessions=own_sessions)
+        app.state.nhi = AppState(
+            settings=settings, sessions=own_sessions, slack=make_slack_client(settings)
+        )
         yield
         if engine is not None:
             engine.dispose()
@@ -44,6 +47,8 @@ def create_app(
     app.include_router(agents.router)
     app.include_router(nhis.router)
     app.include_router(policies.router)
+    app.include_router(lifecycle.router)
+    app.include_router(slack.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz(state: State) -> dict[str, str]:

@@ -9,11 +9,13 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
+from slack_sdk import WebClient
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
 from nhi.config import Settings
 from nhi.db import transaction
+from nhi.policy import RuleViolation
 from nhi.temporal import connect
 
 T = TypeVar("T")
@@ -29,6 +31,7 @@ class AppState:
 
     settings: Settings
     sessions: sessionmaker[Session]
+    slack: WebClient | None = None
     client: Client | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -77,7 +80,24 @@ def _actor(
     return f"api:{x_nhi_actor}" if x_nhi_actor else "api:anonymous"
 
 
+def _person(
+    x_nhi_actor: Annotated[
+        str | None,
+        Header(
+            max_length=254,
+            description="Email of the person acting; lifecycle changes are theirs to make.",
+        ),
+    ] = None,
+) -> str:
+    if not x_nhi_actor or "@" not in x_nhi_actor:
+        raise RuleViolation(
+            "X-NHI-Actor", "name the person acting by their email (the owner or backup owner)"
+        )
+    return x_nhi_actor.strip().lower()
+
+
 State = Annotated[AppState, Depends(_state)]
+Person = Annotated[str, Depends(_person)]
 # "function" scope commits before the response is sent: a client that got 201 can read what it
 # created at once, and a failed commit is an error response, not a lost write after a 201.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -132,3 +133,234 @@ class RemoveIdentity(Contract):
 
     plan: ProvisionPlan
     force_delete_secret: bool = False
+
+
+# ---- lifecycle -------------------------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    """Where the lifecycle workflow is; mirrors the inventory status it maintains."""
+
+    ACTIVE = "active"
+    QUARANTINED = "quarantined"
+    REVOKE_FAILED = "revoke_failed"
+    DECOMMISSIONED = "decommissioned"
+
+
+class PromptAnswerKind(StrEnum):
+    """The three buttons of a renewal prompt."""
+
+    RENEW = "renew"
+    LET_EXPIRE = "let_expire"
+    DECOMMISSION_NOW = "decommission_now"
+
+
+class LifecycleConfig(Contract):
+    """What the lifecycle needs from the inventory, reloaded at every (continued) run."""
+
+    nhi_id: uuid.UUID
+    agent_name: str
+    team: str
+    kind: NhiKind
+    status: NhiStatus
+    owner_email: str
+    backup_owner_email: str | None = None
+    owner_slack_id: str | None = None
+    expires_at: datetime
+    max_lifetime_at: datetime
+    activated_at: datetime
+    last_rotated_at: datetime | None = None
+    default_ttl_seconds: int
+    rotation_period_seconds: int | None = None
+    reminder_offsets_seconds: list[int] = []
+    grace_period_seconds: int = 0
+    rotation_overlap_seconds: int = 3600
+    revoke_retry_seconds: int = 21600
+    security_channel: str = "#nhi-security"
+    agent_completed: bool = False
+    plan: ProvisionPlan
+
+
+class RetireKey(Contract):
+    """An old access key on its way out after a rotation."""
+
+    key_id: str
+    deactivate_at: datetime
+    delete_at: datetime
+    deactivated: bool = False
+
+
+class LifecycleState(Contract):
+    """Everything the lifecycle carries across continue-as-new."""
+
+    phase: Phase = Phase.ACTIVE
+    expires_at: datetime
+    reminders_done: list[int] = []
+    answered: bool = False
+    let_expire: bool = False
+    escalated: bool = False
+    next_rotation_at: datetime | None = None
+    retiring: RetireKey | None = None
+    quarantined_at: datetime | None = None
+    decommission_reason: str | None = None
+    open_prompts: list[uuid.UUID] = []
+
+
+class LifecycleInput(Contract):
+    """Start (or continue) the lifecycle of an active NHI."""
+
+    nhi_id: uuid.UUID
+    state: LifecycleState | None = None
+
+
+class LifecycleAction(Contract):
+    """Who asks for a lifecycle change, through which channel, and why."""
+
+    actor: str = Field(min_length=1, max_length=254)
+    channel: str = "api"
+    reason: str = ""
+
+
+class RenewRequest(LifecycleAction):
+    """Extend the expiry; by the policy's default TTL unless `extend_by_seconds` is given."""
+
+    extend_by_seconds: int | None = Field(default=None, gt=0)
+
+
+class PromptAnswer(LifecycleAction):
+    """An owner's answer to a renewal prompt (Slack button, API or CLI)."""
+
+    prompt_id: uuid.UUID
+    answer: PromptAnswerKind
+
+
+class LifecycleView(Contract):
+    """The lifecycle as a query or an update returns it."""
+
+    nhi_id: uuid.UUID
+    phase: Phase
+    expires_at: datetime
+    max_lifetime_at: datetime
+    next_rotation_at: datetime | None = None
+    reminders_done: list[int] = []
+    escalated: bool = False
+    let_expire: bool = False
+    quarantined_at: datetime | None = None
+    grace_ends_at: datetime | None = None
+    decommission_reason: str | None = None
+    message: str = ""
+
+
+class StatusChange(Contract):
+    """A lifecycle transition recorded in the inventory with one audit event."""
+
+    nhi_id: uuid.UUID
+    status: NhiStatus
+    event: str
+    actor: str
+    reason: str
+    details: dict[str, str] = {}
+    expires_at: datetime | None = None
+    rotated: bool = False
+
+
+class AuditNote(Contract):
+    """An audit event that changes no status (a decision, a refusal, a not-applicable)."""
+
+    subject_id: uuid.UUID
+    event: str
+    actor: str
+    reason: str
+    details: dict[str, str] = {}
+
+
+class StagedKey(Contract):
+    """A rotation's new key, stored as the pending secret version."""
+
+    new_key_id: str
+    old_key_id: str | None = None
+
+
+class KeyRef(Contract):
+    """One access key of one user."""
+
+    user_name: str
+    key_id: str
+
+
+class PromptKind(StrEnum):
+    """Why a prompt was sent."""
+
+    REMINDER = "reminder"
+    ESCALATION = "escalation"
+
+
+class OpenPrompt(Contract):
+    """Create (or find) the prompt row for one reminder or escalation."""
+
+    nhi_id: uuid.UUID
+    kind: PromptKind
+    for_expires_at: datetime
+    offset_seconds: int
+    reason: str = ""
+
+
+class PromptMessage(Contract):
+    """What a prompt says and to whom; built from the inventory, holds no secret."""
+
+    prompt_id: uuid.UUID
+    nhi_id: uuid.UUID
+    kind: PromptKind
+    agent_name: str
+    nhi_name: str
+    nhi_kind: str
+    environment: str
+    scope_summary: str
+    expires_at: datetime
+    owner_email: str
+    backup_owner_email: str | None = None
+    owner_slack_id: str | None = None
+    team_channel: str
+    reason: str = ""
+    already_delivered: bool = False
+
+
+class Delivery(Contract):
+    """One posted message: where it went and who may answer it."""
+
+    channel: str
+    ts: str
+    email: str | None = None
+    slack_user_id: str | None = None
+
+
+class DeliveryResult(Contract):
+    """The outcome of sending a prompt."""
+
+    prompt_id: uuid.UUID
+    deliveries: list[Delivery] = []
+    owner_reachable: bool = True
+
+
+class PromptDecision(Contract):
+    """Close prompts with a decision, so their messages can show it."""
+
+    nhi_id: uuid.UUID
+    prompt_ids: list[uuid.UUID]
+    decision: str
+    actor: str
+
+
+class MessageUpdate(Contract):
+    """Rewrite posted prompts to show who decided what, and when."""
+
+    deliveries: list[Delivery]
+    text: str
+
+
+class Alert(Contract):
+    """A plain message to people and channels (failed revocation, orphan found...)."""
+
+    emails: list[str] = []
+    channels: list[str] = []
+    text: str

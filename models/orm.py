@@ -183,3 +183,37 @@ class AuditEvent(Base):
     reason: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Prompt(Base):
+    """A renewal reminder or escalation sent to people, and the answer it got."""
+
+    __tablename__ = "prompts"
+    __table_args__ = (
+        # One prompt per NHI, kind, expiry and offset: a retried activity finds the same row,
+        # so no reminder is ever sent twice for the same offset.
+        UniqueConstraint(
+            "nhi_id",
+            "kind",
+            "for_expires_at",
+            "offset_seconds",
+            name="uq_prompts_once",
+        ),
+        CheckConstraint("kind IN ('reminder', 'escalation')", name="kind"),
+        CheckConstraint("status IN ('open', 'decided', 'superseded')", name="status"),
+        Index("ix_prompts_status_created_at", "status", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    nhi_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("nhis.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    for_expires_at: Mapped[datetime]
+    # The reminder offset (seconds before expiry) the prompt belongs to.
+    offset_seconds: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    deliveries: Mapped[list[Any]] = mapped_column(default=list)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    decision: Mapped[str | None] = mapped_column(String(32))
+    decided_by: Mapped[str | None] = mapped_column(String(254))
+    decided_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())

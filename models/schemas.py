@@ -193,3 +193,20 @@ class AuditOut(Out):
     reason: str
     details: dict[str, Any]
     created_at: datetime
+
+
+class PromptOut(Out):
+    """A renewal prompt and its answer."""
+
+    id: uuid.UUID
+    nhi_id: uuid.UUID
+    kind: str
+    for_expires_at: datetime
+    offset_seconds: int
+    reason: str
+    deliveries: list[dict[str, Any]]
+    status: str
+    decision: str | None
+    decided_by: str | None
+    decided_at: datetime | None
+    created_at: datetime

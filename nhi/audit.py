@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.orm import AuditEvent
@@ -30,3 +31,18 @@ def record(
     )
     session.add(entry)
     return entry
+
+
+def already_recorded(session: Session, subject_id: object, key: str) -> bool:
+    """Whether an event with this idempotency key exists: a retried activity that committed
+    before its worker died must not write the same event twice."""
+    return (
+        session.scalar(
+            select(AuditEvent.id)
+            .where(
+                AuditEvent.subject_id == str(subject_id), AuditEvent.details["key"].astext == key
+            )
+            .limit(1)
+        )
+        is not None
+    )

@@ -23,6 +23,19 @@ class AwsClients:
     iam: IAMClient
     sts: STSClient
     secrets: SecretsManagerClient
+    region: str
+    endpoint_url: str | None = None
+
+    def sts_as(self, access_key_id: str, secret_access_key: str) -> STSClient:
+        """An STS client signing with the given key: proves that key authenticates."""
+        return boto3.client(
+            "sts",
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            config=Config(retries={"mode": "standard", "total_max_attempts": 2}),
+        )
 
 
 def make_aws_clients(settings: Settings, session: boto3.Session | None = None) -> AwsClients:
@@ -38,4 +51,6 @@ def make_aws_clients(settings: Settings, session: boto3.Session | None = None) -
         iam=session.client("iam", endpoint_url=endpoint, config=config),
         sts=session.client("sts", endpoint_url=endpoint, config=config),
         secrets=session.client("secretsmanager", endpoint_url=endpoint, config=config),
+        region=settings.aws_region,
+        endpoint_url=endpoint,
     )

@@ -312,6 +312,90 @@ def deny(ctx: Ctx, nhi_id: str, reason: str) -> None:
     ctx.emit(ctx.api.call("POST", f"/v1/nhis/{nhi_id}/deny", json={"reason": reason}), NHI_COLUMNS)
 
 
+# ---- lifecycle ------------------------------------------------------------------------------
+LIFECYCLE_COLUMNS = ["nhi_id", "phase", "expires_at", "next_rotation_at", "message"]
+
+
+def _lifecycle(ctx: Ctx, nhi_id: str, action: str, body: dict[str, Any]) -> None:
+    ctx.emit(ctx.api.call("POST", f"/v1/nhis/{nhi_id}/{action}", json=body), LIFECYCLE_COLUMNS)
+
+
+@cli.command()
+@click.argument("nhi_id")
+@click.option(
+    "--extend-by", help="Seconds or a duration such as 30d (policy default TTL if unset)."
+)
+@click.option("--reason", default="")
+@pass_ctx
+def renew(ctx: Ctx, nhi_id: str, extend_by: str | None, reason: str) -> None:
+    """Extend an NHI's expiry (owner or backup owner; --actor is your email)."""
+    body: dict[str, Any] = {"reason": reason}
+    if extend_by:
+        body["extend_by"] = int(extend_by) if extend_by.isdigit() else extend_by
+    _lifecycle(ctx, nhi_id, "renew", body)
+
+
+@cli.command()
+@click.argument("nhi_id")
+@click.option("--reason", default="")
+@pass_ctx
+def rotate(ctx: Ctx, nhi_id: str, reason: str) -> None:
+    """Rotate an NHI's credential now, without downtime."""
+    _lifecycle(ctx, nhi_id, "rotate", {"reason": reason})
+
+
+@cli.command()
+@click.argument("nhi_id")
+@click.option("--reason", default="")
+@pass_ctx
+def decommission(ctx: Ctx, nhi_id: str, reason: str) -> None:
+    """Quarantine an NHI now; it is deleted after the grace period."""
+    _lifecycle(ctx, nhi_id, "decommission", {"reason": reason})
+
+
+@cli.command()
+@click.argument("nhi_id")
+@click.option("--reason", default="")
+@pass_ctx
+def restore(ctx: Ctx, nhi_id: str, reason: str) -> None:
+    """Undo a quarantine during the grace period."""
+    _lifecycle(ctx, nhi_id, "restore", {"reason": reason})
+
+
+@agents.command("complete")
+@click.argument("agent_id")
+@click.option("--reason", default="")
+@pass_ctx
+def agents_complete(ctx: Ctx, agent_id: str, reason: str) -> None:
+    """The agent's task has ended: decommission all its NHIs."""
+    ctx.emit(ctx.api.call("POST", f"/v1/agents/{agent_id}/complete", json={"reason": reason}))
+
+
+PROMPT_COLUMNS = ["id", "nhi_id", "kind", "for_expires_at", "status", "decision", "decided_by"]
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--all", "show_all", is_flag=True, help="Include answered prompts.")
+@click.pass_context
+def prompts(click_ctx: click.Context, show_all: bool) -> None:
+    """Renewal prompts (what Slack would show); `nhi prompts answer` answers one."""
+    if click_ctx.invoked_subcommand is None:
+        ctx: Ctx = click_ctx.obj
+        params = {"status": "all" if show_all else "open"}
+        ctx.emit(ctx.api.call("GET", "/v1/prompts", params=params), PROMPT_COLUMNS)
+
+
+@prompts.command("answer")
+@click.argument("prompt_id")
+@click.argument("answer", type=click.Choice(["renew", "let-expire", "decommission-now"]))
+@click.option("--reason", default="")
+@pass_ctx
+def prompts_answer(ctx: Ctx, prompt_id: str, answer: str, reason: str) -> None:
+    """Answer a prompt as the owner or backup owner (--actor is your email)."""
+    body = {"answer": answer.replace("-", "_"), "reason": reason}
+    ctx.emit(ctx.api.call("POST", f"/v1/prompts/{prompt_id}/answer", json=body), LIFECYCLE_COLUMNS)
+
+
 # ---- policies -------------------------------------------------------------------------------
 @cli.group()
 def policies() -> None:

@@ -64,6 +64,40 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9/_+=.@-]*/$",
         description="Secrets Manager name prefix for delivered credentials.",
     )
+    rotation_overlap_seconds: int = Field(
+        default=3600,
+        ge=0,
+        le=7 * 86400,
+        description="How long the old access key keeps working after a rotation promotes the "
+        "new one (and again between deactivating and deleting it).",
+    )
+    revoke_retry_seconds: int = Field(
+        default=6 * 3600,
+        ge=60,
+        description="How often a `revoke_failed` NHI's removal is tried again.",
+    )
+    slack_bot_token: SecretStr | None = Field(
+        default=None,
+        description="Bot token (`xoxb-...`). Unset: prompts go to the log and `nhi prompts`.",
+    )
+    slack_signing_secret: SecretStr | None = Field(
+        default=None, description="Signing secret that authenticates `POST /slack/interactions`."
+    )
+    slack_api_url: str | None = Field(
+        default=None,
+        description="Slack Web API base URL (ending in `/api/`) for an emulator or proxy.",
+    )
+    slack_security_channel: str = Field(
+        default="#nhi-security", description="Channel for security alerts (failed revocations)."
+    )
+    slack_team_channels: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON map of agent team to Slack channel for escalations, "
+        'e.g. `{"search": "#search"}`.',
+    )
+    slack_default_team_channel: str = Field(
+        default="#nhi-owners", description="Escalation channel for teams without their own."
+    )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
     api_url: str = Field(

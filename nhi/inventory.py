@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiStatus
-from models.orm import Agent, AuditEvent, Nhi, Policy
+from models.orm import Agent, AuditEvent, Nhi, Policy, Prompt
 from models.schemas import AgentCreate, NhiCreate, PolicyIn
 from nhi import audit
 from nhi.config import Settings
@@ -177,6 +177,13 @@ def request_nhi(
 
     now = datetime.now(UTC)
     expires_at = now + timedelta(seconds=ttl)
+    if agent.expected_end_at is not None:
+        if agent.expected_end_at <= now:
+            raise Conflict(
+                f"agent {agent.name}'s task ended at {agent.expected_end_at:%Y-%m-%d %H:%M}"
+            )
+        # Reaching the agent's expected end decommissions the NHI unless someone renews it.
+        expires_at = min(expires_at, agent.expected_end_at)
     document = identity_policy_document(body.scope, cidrs, expires_at)
     if policy_size(document) > INLINE_POLICY_LIMIT[body.kind]:
         raise RuleViolation(
@@ -354,3 +361,48 @@ def apply_policy(session: Session, body: PolicyIn, actor: str, index: int = 0) -
         details=body.model_dump(mode="json"),
     )
     return policy
+
+
+def list_prompts(session: Session, status: str | None, nhi_id: uuid.UUID | None) -> list[Prompt]:
+    """Prompts, newest first."""
+    query = select(Prompt).order_by(Prompt.created_at.desc())
+    if status:
+        query = query.where(Prompt.status == status)
+    if nhi_id:
+        query = query.where(Prompt.nhi_id == nhi_id)
+    return list(session.scalars(query.limit(500)))
+
+
+def get_prompt(session: Session, prompt_id: uuid.UUID) -> Prompt:
+    """One prompt, or NotFound."""
+    prompt = session.get(Prompt, prompt_id)
+    if prompt is None:
+        raise NotFound(f"prompt {prompt_id} not found")
+    return prompt
+
+
+FINAL_STATUSES = frozenset({NhiStatus.DECOMMISSIONED.value, NhiStatus.FAILED.value})
+
+
+def complete_agent(
+    session: Session, agent_id: uuid.UUID, actor: str, reason: str
+) -> list[uuid.UUID]:
+    """Mark the agent's task ended; returns its NHIs that are still alive."""
+    agent = session.get(Agent, agent_id, with_for_update=True)
+    if agent is None:
+        raise NotFound(f"agent {agent_id} not found")
+    if agent.status == AgentStatus.ACTIVE.value:
+        agent.status = AgentStatus.COMPLETED.value
+        audit.record(
+            session,
+            subject_type="agent",
+            subject_id=agent.id,
+            event="agent.completed",
+            actor=actor,
+            reason=reason or "the agent's task ended",
+        )
+    return [
+        n.id
+        for n in session.scalars(select(Nhi).where(Nhi.agent_id == agent_id))
+        if n.status not in FINAL_STATUSES
+    ]

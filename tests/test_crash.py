@@ -102,7 +102,11 @@ async def test_worker_killed_between_key_creation_and_delivery(
     )
     ours = [s for s in secrets["SecretList"] if s["Name"].endswith(str(nhi_id))]
     assert len(ours) == 1
-    delivered = json.loads(aws.secrets.get_secret_value(SecretId=ours[0]["ARN"])["SecretString"])
+    delivered = json.loads(
+        aws.secrets.get_secret_value(SecretId=ours[0]["ARN"], VersionStage="AWSCURRENT")[
+            "SecretString"
+        ]
+    )
     assert delivered["AccessKeyId"] == keys[0]["AccessKeyId"]
     with transaction(sessions) as s:
         nhi = s.get_one(Nhi, nhi_id)

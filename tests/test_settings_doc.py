@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,7 +20,9 @@ def test_every_setting_is_documented_with_its_default() -> None:
     table = _table()
     expected = {}
     for name, field in Settings.model_fields.items():
-        default = field.default
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, dict):
+            default = json.dumps(default)
         expected[f"NHI_{name.upper()}"] = "unset" if default is None else f"`{default}`"
     assert table == expected
 

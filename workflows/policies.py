@@ -32,3 +32,23 @@ AWS_REMOVAL_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=5),
     maximum_attempts=25,
 )
+
+# Proving a new key or a quarantine: IAM is eventually consistent (AWS advises up to ~2 minutes).
+VERIFY_TIMEOUT = timedelta(seconds=30)
+VERIFY_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=1.5,
+    maximum_interval=timedelta(seconds=20),
+    maximum_attempts=12,
+    non_retryable_error_types=["WrongIdentity"],
+)
+
+SLACK_TIMEOUT = timedelta(seconds=30)
+# People-facing messages must never hold up a revocation: a few tries, then the workflow logs
+# the failure and moves on.
+SLACK_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+)

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.aws import AwsActivities
@@ -19,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalDecision,
         ApprovalOutcome,
         IdentityCreated,
+        LifecycleInput,
         MarkFailed,
         NhiRef,
         ProvisionInput,
@@ -29,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         RemoveIdentity,
     )
     from models.enums import NhiKind, NhiStatus
+    from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
     from workflows.policies import (
         AWS_HEARTBEAT,
         AWS_REMOVAL_RETRY,
@@ -120,6 +123,13 @@ class ProvisionNhiWorkflow:
                 type="ProvisioningFailed",
                 non_retryable=True,
             ) from err
+        # The lifecycle outlives this run: rotation, reminders and expiry from here on.
+        await workflow.start_child_workflow(
+            NhiLifecycleWorkflow.run,
+            LifecycleInput(nhi_id=plan.nhi_id),
+            id=lifecycle_workflow_id(plan.nhi_id),
+            parent_close_policy=ParentClosePolicy.ABANDON,
+        )
         return ProvisionResult(
             nhi_id=plan.nhi_id,
             status=NhiStatus.ACTIVE,

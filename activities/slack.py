@@ -1,0 +1,120 @@
+"""Activities that talk to people: renewal prompts, escalations, decisions and alerts in Slack.
+
+Without a bot token (dev mode) every message goes to the log instead, and prompts are answered
+with `nhi prompts answer`. Messages hold names, scopes and dates, never a credential.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from temporalio import activity
+
+from models.contracts import (
+    Alert,
+    Delivery,
+    DeliveryResult,
+    MessageUpdate,
+    PromptKind,
+    PromptMessage,
+)
+from nhi.slack_messages import decided_blocks, prompt_blocks, prompt_text
+
+log = logging.getLogger(__name__)
+
+LOG_CHANNEL = "log"
+
+
+class SlackActivities:
+    """Slack Web API calls (or the log, when Slack is not configured)."""
+
+    def __init__(self, client: WebClient | None) -> None:
+        self._slack = client
+
+    def _user_id(self, email: str) -> str | None:
+        """The active Slack user with this email, or None if absent or deactivated."""
+        assert self._slack is not None
+        try:
+            user = self._slack.users_lookupByEmail(email=email)["user"]
+        except SlackApiError as err:
+            if err.response.get("error") == "users_not_found":
+                return None
+            raise
+        return None if user.get("deleted") else str(user["id"])
+
+    def _post(
+        self, channel: str, msg: PromptMessage, email: str | None, user_id: str | None
+    ) -> Delivery:
+        assert self._slack is not None
+        response = self._slack.chat_postMessage(
+            channel=channel, text=prompt_text(msg), blocks=prompt_blocks(msg)
+        )
+        return Delivery(
+            channel=str(response["channel"]),
+            ts=str(response["ts"]),
+            email=email,
+            slack_user_id=user_id,
+        )
+
+    @activity.defn
+    def deliver_prompt(self, msg: PromptMessage) -> DeliveryResult:
+        """Reminder: DM the owner. Escalation: DM the backup owner and post to the team channel.
+
+        `owner_reachable` is False when the owner has no active Slack account: the workflow
+        then escalates at once.
+        """
+        if self._slack is None:
+            log.warning("PROMPT %s %s", msg.prompt_id, prompt_text(msg))
+            return DeliveryResult(
+                prompt_id=msg.prompt_id,
+                deliveries=[
+                    Delivery(channel=LOG_CHANNEL, ts=str(msg.prompt_id), email=msg.owner_email)
+                ],
+            )
+        deliveries: list[Delivery] = []
+        if msg.kind is PromptKind.REMINDER:
+            owner = self._user_id(msg.owner_email)
+            if owner is None:
+                return DeliveryResult(prompt_id=msg.prompt_id, owner_reachable=False)
+            deliveries.append(self._post(owner, msg, msg.owner_email, owner))
+            return DeliveryResult(prompt_id=msg.prompt_id, deliveries=deliveries)
+        owner = self._user_id(msg.owner_email)
+        if owner is not None:
+            deliveries.append(self._post(owner, msg, msg.owner_email, owner))
+        if msg.backup_owner_email:
+            backup = self._user_id(msg.backup_owner_email)
+            if backup is not None:
+                deliveries.append(self._post(backup, msg, msg.backup_owner_email, backup))
+        deliveries.append(self._post(msg.team_channel, msg, None, None))
+        return DeliveryResult(
+            prompt_id=msg.prompt_id, deliveries=deliveries, owner_reachable=owner is not None
+        )
+
+    @activity.defn
+    def update_messages(self, update: MessageUpdate) -> None:
+        """Rewrite answered prompts to show the decision (and remove their buttons)."""
+        for delivery in update.deliveries:
+            if delivery.channel == LOG_CHANNEL or self._slack is None:
+                log.warning("PROMPT %s decided: %s", delivery.ts, update.text)
+                continue
+            self._slack.chat_update(
+                channel=delivery.channel,
+                ts=delivery.ts,
+                text=update.text,
+                blocks=decided_blocks(update.text),
+            )
+
+    @activity.defn
+    def alert(self, alert: Alert) -> None:
+        """Tell people and channels something went wrong (e.g. a revocation that keeps failing)."""
+        if self._slack is None:
+            log.error("ALERT to %s: %s", ", ".join(alert.emails + alert.channels), alert.text)
+            return
+        for email in alert.emails:
+            user = self._user_id(email)
+            if user is not None:
+                self._slack.chat_postMessage(channel=user, text=alert.text)
+        for channel in alert.channels:
+            self._slack.chat_postMessage(channel=channel, text=alert.text)

@@ -1,0 +1,324 @@
+"""A whole NHI life on Temporal's time-skipping server, with real activities: Postgres, moto
+over HTTP, a Slack Web API emulator and signed interactivity requests to the API over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from pydantic import SecretStr
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from api.app import create_app
+from models.contracts import LifecycleView, Phase, ProvisionInput
+from models.orm import AuditEvent, Nhi
+from nhi.aws import AwsClients
+from nhi.config import Settings
+from nhi.db import transaction
+from nhi.slack import make_slack_client
+from nhi.temporal import provision_workflow_id
+from tests.conftest import dev_address
+from tests.helpers import ApiServer, eventually, request_nhi
+from tests.slack_emulator import SlackEmulator, block_actions_payload, signed_interaction
+from worker import build_worker
+from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
+from workflows.provision import ProvisionNhiWorkflow
+
+SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+DAY = timedelta(days=1)
+OWNER, BACKUP, STRANGER = "ana@example.com", "ben@example.com", "mallory@example.com"
+
+
+@dataclass
+class Rig:
+    env: WorkflowEnvironment
+    settings: Settings
+    sessions: sessionmaker[Session]
+    aws: AwsClients
+    slack: SlackEmulator
+    api: str
+    queue: str
+    users: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def slack() -> Iterator[SlackEmulator]:
+    with SlackEmulator(token="xoxb-test") as emulator:
+        yield emulator
+
+
+@pytest_asyncio.fixture
+async def rig(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    slack: SlackEmulator,
+) -> AsyncIterator[Rig]:
+    slack.clear()
+    users = {}
+    for email in (OWNER, BACKUP, STRANGER):
+        try:
+            users[email] = slack.add_user(email)
+        except ValueError:
+            users[email] = _lookup(slack, email)
+    rig_settings = settings.model_copy(
+        update={
+            "temporal_address": dev_address(ts_env),
+            "slack_bot_token": SecretStr("xoxb-test"),
+            "slack_signing_secret": SecretStr(SIGNING_SECRET),
+            "slack_api_url": slack.url,
+            "slack_team_channels": {"search": "#search-team"},
+        }
+    )
+    queue = f"life-{uuid.uuid4().hex[:8]}"
+    worker = build_worker(
+        ts_env.client,
+        rig_settings,
+        sessions,
+        aws,
+        slack=make_slack_client(rig_settings),
+        task_queue=queue,
+    )
+    async with worker:
+        with ApiServer(create_app(rig_settings)) as server:
+            yield Rig(ts_env, rig_settings, sessions, aws, slack, server.url, queue, users)
+
+
+def _lookup(slack: SlackEmulator, email: str) -> str:
+    from slack_sdk import WebClient
+
+    return str(
+        WebClient(token="xoxb-test", base_url=slack.url).users_lookupByEmail(email=email)["user"][
+            "id"
+        ]
+    )
+
+
+def _nhi(rig: Rig, nhi_id: uuid.UUID) -> Nhi:
+    with transaction(rig.sessions) as s:
+        return s.get_one(Nhi, nhi_id)
+
+
+def _events(rig: Rig, nhi_id: uuid.UUID) -> list[tuple[str, str]]:
+    with transaction(rig.sessions) as s:
+        rows = s.execute(
+            select(AuditEvent.event, AuditEvent.actor)
+            .where(AuditEvent.subject_id == str(nhi_id))
+            .order_by(AuditEvent.id)
+        )
+        return [(e, a) for e, a in rows]
+
+
+def _secret_key_id(rig: Rig, nhi: Nhi) -> str:
+    value = rig.aws.secrets.get_secret_value(
+        SecretId=nhi.credential_ref or "", VersionStage="AWSCURRENT"
+    )["SecretString"]
+    return str(json.loads(value)["AccessKeyId"])
+
+
+def _keys(rig: Rig, name: str) -> dict[str, str]:
+    meta = rig.aws.iam.list_access_keys(UserName=name)["AccessKeyMetadata"]
+    return {k["AccessKeyId"]: k["Status"] for k in meta}
+
+
+async def _provision(rig: Rig, nhi_id: uuid.UUID) -> WorkflowHandle[Any, LifecycleView]:
+    await rig.env.client.execute_workflow(
+        ProvisionNhiWorkflow.run,
+        ProvisionInput(nhi_id=nhi_id),
+        id=provision_workflow_id(nhi_id),
+        task_queue=rig.queue,
+    )
+    return rig.env.client.get_workflow_handle_for(
+        NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
+    )
+
+
+async def _until(
+    rig: Rig, handle: WorkflowHandle[Any, LifecycleView], at: datetime
+) -> LifecycleView:
+    """Skip virtual time to `at`, then let the workflow finish what became due."""
+    now = await rig.env.get_current_time()
+    if at > now:
+        await rig.env.sleep(at - now)
+    return await handle.query(NhiLifecycleWorkflow.view)
+
+
+def _dm(rig: Rig, email: str) -> str:
+    return "D" + rig.users[email][1:]
+
+
+def _prompt_messages(rig: Rig, email: str, kind: str = "Renewal needed") -> list[Any]:
+    """Prompts still showing their buttons, of one kind (reminders unless told otherwise)."""
+    return [
+        m
+        for m in rig.slack.messages_in(_dm(rig, email))
+        if m.blocks and len(m.blocks) >= 4 and (m.text or "").startswith(kind)
+    ]
+
+
+def _buttons(message: Any) -> dict[str, str]:
+    actions = next(b for b in message.blocks if b["type"] == "actions")
+    return {e["action_id"]: e["value"] for e in actions["elements"]}
+
+
+async def _click(
+    rig: Rig, message: Any, action_id: str, user_id: str, *, secret: str = SIGNING_SECRET,
+    timestamp: int | None = None, action_ts: str | None = None,
+) -> httpx.Response:  # fmt: skip
+    payload = block_actions_payload(
+        user_id=user_id,
+        action_id=action_id,
+        value=_buttons(message)[action_id],
+        channel_id=message.channel,
+        message_ts=message.ts,
+        action_ts=action_ts or f"{time.time():.6f}",
+    )
+    body, headers = signed_interaction(secret, payload, timestamp=timestamp)
+    async with httpx.AsyncClient(base_url=rig.api) as http:
+        started = time.monotonic()
+        response = await http.post("/slack/interactions", content=body, headers=headers)
+        assert time.monotonic() - started < 3, "Slack needs an answer within 3 seconds"
+        return response
+
+
+@pytest.mark.slow
+async def test_a_whole_life_in_seconds(rig: Rig) -> None:
+    _, nhi_id, _ = request_nhi(rig.sessions, rig.settings, "iam_user_key", ttl="45d")
+    handle = await _provision(rig, nhi_id)
+    nhi = _nhi(rig, nhi_id)
+    born = nhi.activated_at
+    assert born is not None and nhi.status == "active"
+    first_key = _secret_key_id(rig, nhi)
+    assert _keys(rig, nhi.name) == {first_key: "Active"}
+
+    # Day 30: the policy's rotation period. New key proven, promoted, old one retired.
+    view = await _until(rig, handle, born + 30 * DAY + timedelta(hours=2, minutes=5))
+    second_key = _secret_key_id(rig, nhi)
+    assert second_key != first_key
+    assert _keys(rig, nhi.name) == {second_key: "Active"}, "old key gone after the overlap"
+    assert _nhi(rig, nhi_id).last_rotated_at is not None
+    assert ("nhi.rotated", "system:rotation") in _events(rig, nhi_id)
+
+    # Days 31, 42, 44: reminders 14, 3 and 1 days before expiry; the last one escalates.
+    expiry = nhi.expires_at
+    view = await _until(rig, handle, expiry - 14 * DAY + timedelta(minutes=1))
+    reminders = _prompt_messages(rig, OWNER)
+    assert len(reminders) == 1
+    text = reminders[0].text or ""
+    assert nhi.name in text and "s3:GetObject" in text and expiry.strftime("%Y-%m-%d") in text
+    assert set(_buttons(reminders[0])) == {"nhi_renew", "nhi_let_expire", "nhi_decommission_now"}
+    assert view.reminders_done == [14 * 86400]
+
+    # Forged, stale and not-the-owner clicks change nothing.
+    before = (_nhi(rig, nhi_id).expires_at, len(_events(rig, nhi_id)))
+    forged = await _click(rig, reminders[0], "nhi_renew", rig.users[OWNER], secret="wrong")
+    stale = await _click(
+        rig, reminders[0], "nhi_renew", rig.users[OWNER], timestamp=int(time.time()) - 301
+    )
+    assert forged.status_code == 401 and stale.status_code == 401
+    stranger = await _click(rig, reminders[0], "nhi_renew", rig.users[STRANGER])
+    assert stranger.status_code == 200
+
+    async def refused() -> None:
+        ephemeral = rig.slack.calls_to("chat.postEphemeral")
+        assert ephemeral and ephemeral[-1].args["user"] == rig.users[STRANGER]
+        assert "owner or backup owner" in ephemeral[-1].args["text"]
+
+    await eventually(refused)
+    assert _nhi(rig, nhi_id).expires_at == before[0]
+    assert [e for e in _events(rig, nhi_id)[before[1] :]] == [
+        ("nhi.decision_refused", f"slack:{STRANGER}")
+    ]
+
+    await _until(rig, handle, expiry - 3 * DAY + timedelta(minutes=1))
+    view = await _until(rig, handle, expiry - 1 * DAY + timedelta(minutes=1))
+    assert len(_prompt_messages(rig, OWNER)) == 3
+    assert view.escalated
+    assert len(_prompt_messages(rig, BACKUP, "Escalation")) == 1, "escalated to the backup owner"
+    assert len(rig.slack.messages_in("#search-team")) == 1, "and to the team channel"
+
+    # The owner renews from the last reminder, with one click in Slack.
+    last = _prompt_messages(rig, OWNER)[-1]
+    click_ts = f"{time.time():.6f}"
+    assert (
+        await _click(rig, last, "nhi_renew", rig.users[OWNER], action_ts=click_ts)
+    ).status_code == 200
+
+    async def renewed() -> Nhi:
+        current = _nhi(rig, nhi_id)
+        assert current.expires_at > expiry
+        return current
+
+    nhi = await eventually(renewed)
+    now = await rig.env.get_current_time()
+    assert abs((nhi.expires_at - (now + 30 * DAY)).total_seconds()) < 600, "default TTL from now"
+    # A redelivered request (same click) is applied once.
+    assert (
+        await _click(rig, last, "nhi_renew", rig.users[OWNER], action_ts=click_ts)
+    ).status_code == 200
+    renewals = [e for e in _events(rig, nhi_id) if e[0] == "nhi.renewed"]
+    assert renewals == [("nhi.renewed", f"slack:{OWNER}")]
+
+    async def messages_show_decision() -> None:
+        for who, kind in ((OWNER, "Renewal"), (OWNER, "Escalation"), (BACKUP, "Escalation")):
+            assert _prompt_messages(rig, who, kind) == [], f"{who} still sees buttons"
+        decided = [m for m in rig.slack.messages_in(_dm(rig, OWNER)) if m.updates]
+        assert len(decided) == 4  # three reminders and the escalation
+        assert all(OWNER in (m.text or "") and "renewed" in (m.text or "") for m in decided)
+
+    await eventually(messages_show_decision)
+    policy = rig.aws.iam.get_user_policy(UserName=nhi.name, PolicyName="nhi-scope")[
+        "PolicyDocument"
+    ]
+    policy = json.loads(policy) if isinstance(policy, str) else policy
+    assert policy["Statement"][0]["Condition"]["DateLessThan"][
+        "aws:CurrentTime"
+    ] == nhi.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    # Day 60: second rotation (and the first reminder of the renewed term).
+    rig.slack.clear()
+    await _until(rig, handle, born + 60 * DAY + timedelta(hours=2, minutes=5))
+    third_key = _secret_key_id(rig, nhi)
+    assert third_key not in (first_key, second_key)
+    assert _keys(rig, nhi.name) == {third_key: "Active"}
+
+    # Reminders again for the new expiry, silence, escalation.
+    expiry = nhi.expires_at
+    view = await _until(rig, handle, expiry - 1 * DAY + timedelta(minutes=1))
+    assert len(_prompt_messages(rig, OWNER)) == 3
+    assert view.escalated and len(_prompt_messages(rig, BACKUP, "Escalation")) == 1
+
+    # Silence means expiry: quarantine, proven from IAM's own state.
+    view = await _until(rig, handle, expiry + timedelta(minutes=5))
+    assert view.phase is Phase.QUARANTINED
+    assert _nhi(rig, nhi_id).status == "quarantined"
+    assert set(_keys(rig, nhi.name).values()) == {"Inactive"}
+    assert "nhi-quarantine" in rig.aws.iam.list_user_policies(UserName=nhi.name)["PolicyNames"]
+
+    # Grace passes: everything attached is deleted, the secret is scheduled for deletion.
+    # (A handle from get_workflow_handle does not skip time by itself while awaiting a result.)
+    async with rig.env.time_skipping_unlocked():  # type: ignore[attr-defined]
+        result = await handle.result()
+    assert await rig.env.get_current_time() >= expiry + DAY
+    assert result.phase is Phase.DECOMMISSIONED
+    nhi = _nhi(rig, nhi_id)
+    assert nhi.status == "decommissioned" and nhi.decommissioned_at is not None
+    with pytest.raises(rig.aws.iam.exceptions.NoSuchEntityException):
+        rig.aws.iam.get_user(UserName=nhi.name)
+    assert "DeletedDate" in rig.aws.secrets.describe_secret(SecretId=nhi.credential_ref or "")
+    events = [e for e, _ in _events(rig, nhi_id)]
+    assert events.count("nhi.rotated") == 2
+    assert events.count("nhi.reminder") == 6 and events.count("nhi.escalation") == 2
+    assert events[-3:] == ["nhi.escalation", "nhi.quarantined", "nhi.decommissioned"]
