@@ -161,7 +161,7 @@ class DbActivities:
             nhi.status_reason = None
             nhi.external_id = change.external_id
             nhi.credential_ref = change.credential_ref
-            nhi.activated_at = datetime.now(UTC)
+            nhi.activated_at = change.activated_at or datetime.now(UTC)
             nhi.workflow_id = nhi.workflow_id or change.workflow_id
             audit.record(
                 session,

@@ -102,6 +102,7 @@ class RecordActive(Contract):
     external_id: str
     credential_ref: str
     workflow_id: str
+    activated_at: datetime | None = None
 
 
 class MarkFailed(Contract):

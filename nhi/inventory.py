@@ -141,7 +141,12 @@ def list_agents(
 
 
 def request_nhi(
-    session: Session, settings: Settings, agent_id: uuid.UUID, body: NhiCreate, actor: str
+    session: Session,
+    settings: Settings,
+    agent_id: uuid.UUID,
+    body: NhiCreate,
+    actor: str,
+    now: datetime | None = None,
 ) -> tuple[Nhi, list[str]]:
     """Check a request against policy and record the lease before anything exists on a platform.
 
@@ -175,7 +180,7 @@ def request_nhi(
     cidrs = validate_cidrs(body.allowed_cidrs)
     principal = validate_trust_principal(body.kind, body.trust_principal)
 
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     expires_at = now + timedelta(seconds=ttl)
     if agent.expected_end_at is not None:
         if agent.expected_end_at <= now:

@@ -26,7 +26,7 @@ from tests.helpers import free_port, start_moto
 from worker import build_worker
 
 
-def _binary(name: str) -> str:
+def binary(name: str) -> str:
     import sys
 
     found = shutil.which(name) or str(Path(sys.executable).parent / name)
@@ -118,12 +118,16 @@ def aws(settings: Settings) -> AwsClients:
     return make_aws_clients(settings)
 
 
-@pytest_asyncio.fixture(scope="session")
+@pytest_asyncio.fixture
 async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
-    """Temporal's time-skipping test server (workflow tests)."""
+    """A fresh Temporal time-skipping test server per test (about 0.1 s to start).
+
+    Time skipping is global to a server, and the lifecycles a test leaves running on a queue
+    whose worker has gone would hold its clock back; a fresh server also starts at real time,
+    so virtual and inventory timestamps agree."""
     env = await WorkflowEnvironment.start_time_skipping(
         data_converter=pydantic_data_converter,
-        test_server_existing_path=_binary("temporal-test-server"),
+        test_server_existing_path=binary("temporal-test-server"),
     )
     yield env
     await env.shutdown()
@@ -134,7 +138,7 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     """Temporal's dev server in real time (API, CLI, crash and leak tests)."""
     env = await WorkflowEnvironment.start_local(
         data_converter=pydantic_data_converter,
-        dev_server_existing_path=_binary("temporal"),
+        dev_server_existing_path=binary("temporal"),
     )
     yield env
     await env.shutdown()

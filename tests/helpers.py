@@ -128,6 +128,8 @@ def request_nhi(
     trust_principal: str | None = TRUST,
     environment: str = "dev",
     actor: str = "test:platform",
+    owner_email: str = "ana@example.com",
+    now: Any = None,
     **nhi_fields: Any,
 ) -> tuple[uuid.UUID, uuid.UUID, list[str]]:
     """Record an agent and an NHI request exactly as the API does (policy checks included)."""
@@ -137,7 +139,9 @@ def request_nhi(
 
     with transaction(sessions) as session:
         agent = inventory.create_agent(
-            session, AgentCreate(**agent_body(environment=environment)), actor
+            session,
+            AgentCreate(**agent_body(environment=environment, owner_email=owner_email)),
+            actor,
         )
         nhi, sensitive = inventory.request_nhi(
             session,
@@ -151,6 +155,7 @@ def request_nhi(
                 **nhi_fields,
             ),
             actor,
+            now=now,
         )
         return agent.id, nhi.id, sensitive
 

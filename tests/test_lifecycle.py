@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -58,29 +58,33 @@ def slack() -> Iterator[SlackEmulator]:
         yield emulator
 
 
-@pytest_asyncio.fixture
+@pytest_asyncio.fixture(params=["slack"])
 async def rig(
+    request: pytest.FixtureRequest,
     ts_env: WorkflowEnvironment,
     settings: Settings,
     sessions: sessionmaker[Session],
     aws: AwsClients,
     slack: SlackEmulator,
 ) -> AsyncIterator[Rig]:
-    slack.clear()
+    """Worker and API on the time-skipping server; with Slack (the emulator) or without it
+    (dev mode: prompts go to the log and `nhi prompts`)."""
     users = {}
     for email in (OWNER, BACKUP, STRANGER):
         try:
             users[email] = slack.add_user(email)
         except ValueError:
             users[email] = _lookup(slack, email)
+    slack.clear()
+    slack_settings: dict[str, Any] = {
+        "slack_bot_token": SecretStr("xoxb-test"),
+        "slack_signing_secret": SecretStr(SIGNING_SECRET),
+        "slack_api_url": slack.url,
+        "slack_team_channels": {"search": "#search-team"},
+    }
     rig_settings = settings.model_copy(
-        update={
-            "temporal_address": dev_address(ts_env),
-            "slack_bot_token": SecretStr("xoxb-test"),
-            "slack_signing_secret": SecretStr(SIGNING_SECRET),
-            "slack_api_url": slack.url,
-            "slack_team_channels": {"search": "#search-team"},
-        }
+        update={"temporal_address": dev_address(ts_env)}
+        | (slack_settings if request.param == "slack" else {})
     )
     queue = f"life-{uuid.uuid4().hex[:8]}"
     worker = build_worker(
@@ -195,7 +199,9 @@ async def _click(
 
 @pytest.mark.slow
 async def test_a_whole_life_in_seconds(rig: Rig) -> None:
-    _, nhi_id, _ = request_nhi(rig.sessions, rig.settings, "iam_user_key", ttl="45d")
+    _, nhi_id, _ = request_nhi(
+        rig.sessions, rig.settings, "iam_user_key", ttl="45d", now=await rig.env.get_current_time()
+    )
     handle = await _provision(rig, nhi_id)
     nhi = _nhi(rig, nhi_id)
     born = nhi.activated_at
@@ -238,9 +244,7 @@ async def test_a_whole_life_in_seconds(rig: Rig) -> None:
 
     await eventually(refused)
     assert _nhi(rig, nhi_id).expires_at == before[0]
-    assert [e for e in _events(rig, nhi_id)[before[1] :]] == [
-        ("nhi.decision_refused", f"slack:{STRANGER}")
-    ]
+    assert _events(rig, nhi_id)[before[1] :] == [("nhi.decision_refused", f"slack:{STRANGER}")]
 
     await _until(rig, handle, expiry - 3 * DAY + timedelta(minutes=1))
     view = await _until(rig, handle, expiry - 1 * DAY + timedelta(minutes=1))
@@ -322,3 +326,185 @@ async def test_a_whole_life_in_seconds(rig: Rig) -> None:
     assert events.count("nhi.rotated") == 2
     assert events.count("nhi.reminder") == 6 and events.count("nhi.escalation") == 2
     assert events[-3:] == ["nhi.escalation", "nhi.quarantined", "nhi.decommissioned"]
+
+
+async def _api(
+    rig: Rig, method: str, path: str, actor: str | None = OWNER, **kw: Any
+) -> httpx.Response:
+    headers = {"X-NHI-Actor": actor} if actor else {}
+    async with httpx.AsyncClient(base_url=rig.api, timeout=30) as http:
+        return await http.request(method, path, headers=headers, **kw)
+
+
+async def test_owner_missing_from_slack_escalates_at_once(rig: Rig) -> None:
+    _, nhi_id, _ = request_nhi(
+        rig.sessions,
+        rig.settings,
+        "iam_role",
+        ttl="20d",
+        owner_email="gone@example.com",
+        now=await rig.env.get_current_time(),
+    )
+    handle = await _provision(rig, nhi_id)
+    nhi = _nhi(rig, nhi_id)
+    view = await _until(rig, handle, nhi.expires_at - 14 * DAY + timedelta(minutes=1))
+    assert view.reminders_done == [14 * 86400] and view.escalated
+    assert len(_prompt_messages(rig, BACKUP, "Escalation")) == 1
+    team = rig.slack.messages_in("#search-team")
+    assert len(team) == 1 and "the owner has no active Slack account" in (team[0].text or "")
+    assert [e for e, _ in _events(rig, nhi_id)][-2:] == ["nhi.reminder", "nhi.escalation"]
+
+
+@pytest.mark.parametrize("rig", ["log"], indirect=True)
+async def test_dev_mode_prompts_are_answered_through_the_api(rig: Rig) -> None:
+    _, nhi_id, _ = request_nhi(
+        rig.sessions, rig.settings, "iam_user_key", ttl="10d", now=await rig.env.get_current_time()
+    )
+    handle = await _provision(rig, nhi_id)
+    nhi = _nhi(rig, nhi_id)
+    await _until(rig, handle, nhi.expires_at - 3 * DAY + timedelta(minutes=1))
+    assert rig.slack.calls == [], "no Slack configured: nothing goes to Slack"
+    prompts = (await _api(rig, "GET", "/v1/prompts", params={"nhi_id": str(nhi_id)})).json()
+    assert [p["kind"] for p in prompts] == ["reminder"]
+    assert prompts[0]["deliveries"][0]["channel"] == "log"
+
+    stranger = await _api(
+        rig,
+        "POST",
+        f"/v1/prompts/{prompts[0]['id']}/answer",
+        actor=STRANGER,
+        json={"answer": "renew"},
+    )
+    assert stranger.status_code == 403 and "not the owner" in stranger.json()["detail"]
+    anonymous = await _api(
+        rig, "POST", f"/v1/prompts/{prompts[0]['id']}/answer", actor=None, json={"answer": "renew"}
+    )
+    assert anonymous.status_code == 422 and anonymous.json()["field"] == "X-NHI-Actor"
+    answered = await _api(
+        rig, "POST", f"/v1/prompts/{prompts[0]['id']}/answer", json={"answer": "let_expire"}
+    )
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["let_expire"] is True
+    again = await _api(
+        rig,
+        "POST",
+        f"/v1/prompts/{prompts[0]['id']}/answer",
+        actor=BACKUP,
+        json={"answer": "renew"},
+    )
+    assert again.status_code == 409 and "already been answered" in again.json()["detail"]
+
+    # Let expire: no more reminders, no escalation, quarantine at expiry.
+    view = await _until(rig, handle, nhi.expires_at + timedelta(minutes=5))
+    assert view.phase is Phase.QUARANTINED and not view.escalated
+    prompts = (
+        await _api(rig, "GET", "/v1/prompts", params={"nhi_id": str(nhi_id), "status": "all"})
+    ).json()
+    assert [(p["status"], p["decision"], p["decided_by"]) for p in prompts] == [
+        ("decided", "let_expire", f"api:{OWNER}")
+    ]
+
+    # The backup owner restores it during the grace period; it is renewed from now.
+    restored = await _api(
+        rig, "POST", f"/v1/nhis/{nhi_id}/restore", actor=BACKUP, json={"reason": "still needed"}
+    )
+    assert restored.status_code == 200, restored.text
+    assert restored.json()["phase"] == "active"
+    assert set(_keys(rig, nhi.name).values()) == {"Active"}
+    assert "nhi-quarantine" not in rig.aws.iam.list_user_policies(UserName=nhi.name)["PolicyNames"]
+    assert _nhi(rig, nhi_id).expires_at > nhi.expires_at + 20 * DAY
+
+    # Decommission now through the API, then nothing is left.
+    done = await _api(
+        rig, "POST", f"/v1/nhis/{nhi_id}/decommission", json={"reason": "task finished"}
+    )
+    assert done.status_code == 200, done.text
+
+    async def quarantined() -> None:
+        assert _nhi(rig, nhi_id).status == "quarantined"
+
+    await eventually(quarantined)
+    async with rig.env.time_skipping_unlocked():  # type: ignore[attr-defined]
+        result = await handle.result()
+    assert result.phase is Phase.DECOMMISSIONED
+    events = _events(rig, nhi_id)
+    assert ("nhi.let_expire", f"api:{OWNER}") in events
+    assert ("nhi.restored", f"api:{BACKUP}") in events
+    assert ("nhi.quarantined", f"api:{OWNER}") in events
+    assert events[-1][0] == "nhi.decommissioned"
+
+
+async def test_renewal_past_max_lifetime_is_refused_before_history(rig: Rig) -> None:
+    _, nhi_id, _ = request_nhi(
+        rig.sessions, rig.settings, "iam_role", ttl="10d", now=await rig.env.get_current_time()
+    )
+    handle = await _provision(rig, nhi_id)
+    await eventually(lambda: _ready(handle))
+    too_long = await _api(rig, "POST", f"/v1/nhis/{nhi_id}/renew", json={"extend_by": "120d"})
+    assert too_long.status_code == 422 and too_long.json()["field"] == "extend_by"
+    assert "maximum lifetime" in too_long.json()["detail"]
+    bad = await _api(rig, "POST", f"/v1/nhis/{nhi_id}/renew", json={"extend_by": "soon"})
+    assert bad.status_code == 422 and bad.json()["field"] == "extend_by"
+    stranger = await _api(rig, "POST", f"/v1/nhis/{nhi_id}/renew", actor=STRANGER, json={})
+    assert stranger.status_code == 403
+    before = _nhi(rig, nhi_id).expires_at
+    ok = await _api(
+        rig,
+        "POST",
+        f"/v1/nhis/{nhi_id}/renew",
+        json={"extend_by": "20d", "reason": "pilot extended"},
+    )
+    assert ok.status_code == 200, ok.text
+    after = _nhi(rig, nhi_id).expires_at
+    assert after > before
+    history = await handle.fetch_history()
+    accepted = [
+        e
+        for e in history.events
+        if e.HasField("workflow_execution_update_accepted_event_attributes")
+    ]
+    assert len(accepted) == 1, "refused updates leave no trace in history"
+    role = rig.aws.iam.get_role_policy(RoleName=_nhi(rig, nhi_id).name, PolicyName="nhi-scope")[
+        "PolicyDocument"
+    ]
+    role = json.loads(role) if isinstance(role, str) else role
+    assert role["Statement"][0]["Condition"]["DateLessThan"]["aws:CurrentTime"] == after.strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    assert ("nhi.renewed", f"api:{OWNER}") in _events(rig, nhi_id)
+
+
+async def _ready(handle: WorkflowHandle[Any, LifecycleView]) -> LifecycleView:
+    try:
+        return await handle.query(NhiLifecycleWorkflow.view)
+    except Exception as err:  # still starting
+        raise AssertionError(str(err)) from err
+
+
+async def test_role_rotation_is_not_applicable_and_quarantine_revokes_sessions(rig: Rig) -> None:
+    agent_id, nhi_id, _ = request_nhi(
+        rig.sessions, rig.settings, "iam_role", ttl="10d", now=await rig.env.get_current_time()
+    )
+    handle = await _provision(rig, nhi_id)
+    await eventually(lambda: _ready(handle))
+    rotated = await _api(rig, "POST", f"/v1/nhis/{nhi_id}/rotate", json={})
+    assert rotated.status_code == 200 and "not applicable" in rotated.json()["message"]
+    assert ("nhi.rotation_not_applicable", f"api:{OWNER}") in _events(rig, nhi_id)
+
+    completed = await _api(
+        rig, "POST", f"/v1/agents/{agent_id}/complete", json={"reason": "pilot over"}
+    )
+    assert completed.status_code == 200 and completed.json()["decommissioning"] == [str(nhi_id)]
+
+    async def quarantined() -> None:
+        assert _nhi(rig, nhi_id).status == "quarantined"
+
+    await eventually(quarantined)
+    name = _nhi(rig, nhi_id).name
+    policies = rig.aws.iam.list_role_policies(RoleName=name)["PolicyNames"]
+    assert {"nhi-quarantine", "nhi-revoke-older-sessions"} <= set(policies)
+    restore = await _api(rig, "POST", f"/v1/nhis/{nhi_id}/restore", json={})
+    assert restore.status_code == 200
+    policies = rig.aws.iam.list_role_policies(RoleName=name)["PolicyNames"]
+    assert "nhi-quarantine" not in policies and "nhi-revoke-older-sessions" in policies
+    assert (await _api(rig, "POST", f"/v1/nhis/{nhi_id}/restore", json={})).status_code == 409

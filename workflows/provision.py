@@ -111,6 +111,8 @@ class ProvisionNhiWorkflow:
                     external_id=created.external_id,
                     credential_ref=created.credential_ref,
                     workflow_id=workflow_id,
+                    # The workflow clock, which the lifecycle's timers count from.
+                    activated_at=workflow.now(),
                 ),
                 start_to_close_timeout=DB_TIMEOUT,
                 retry_policy=DB_RETRY,
