@@ -13,7 +13,8 @@ class GateProxy:
     until `release()` and is then forwarded anyway (as a request already on the wire would be),
     even if the client that sent it has died meanwhile."""
 
-    def __init__(self, upstream: str, hold_on: bytes) -> None:
+    def __init__(self, upstream: str, hold_on: bytes, *, armed: bool = True) -> None:
+        self.armed = armed
         self.reached = threading.Event()
         self.forwarded = threading.Event()
         self._release = threading.Event()
@@ -30,7 +31,7 @@ class GateProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 hold = False
                 with proxy._lock:
-                    if not proxy._held and hold_on in body:
+                    if proxy.armed and not proxy._held and hold_on in body:
                         proxy._held = hold = True
                 if hold:
                     proxy.reached.set()

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _worker(
-    settings: Settings, temporal: str, aws_endpoint: str, queue: str
+    settings: Settings, temporal: str, aws_endpoint: str, queue: str, **extra: str
 ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+    env = dict(os.environ) | extra
     env.update(
         NHI_DATABASE_URL=settings.require_database_url(),
         NHI_TEMPORAL_ADDRESS=temporal,
@@ -112,3 +112,101 @@ async def test_worker_killed_between_key_creation_and_delivery(
         nhi = s.get_one(Nhi, nhi_id)
         assert nhi.status == "active"
         assert nhi.credential_ref == ours[0]["ARN"]
+
+
+def _events(sessions: sessionmaker[Session], nhi_id: object) -> list[str]:
+    from sqlalchemy import select
+
+    from models.orm import AuditEvent
+
+    with transaction(sessions) as s:
+        return list(
+            s.scalars(
+                select(AuditEvent.event)
+                .where(AuditEvent.subject_id == str(nhi_id))
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+@pytest.mark.slow
+async def test_worker_killed_during_rotation_leaves_one_working_key(
+    dev_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    from models.contracts import LifecycleAction
+    from tests.helpers import eventually
+    from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
+
+    queue = f"crash-rot-{os.getpid()}-{id(sessions)}"
+    fast = {"NHI_ROTATION_OVERLAP_SECONDS": "2"}
+    _, nhi_id, _ = request_nhi(sessions, settings, "iam_user_key")
+    temporal = dev_address(dev_env)
+    with GateProxy(
+        settings.aws_endpoint_url or "", hold_on=b"Action=CreateAccessKey", armed=False
+    ) as gate:
+        first = _worker(settings, temporal, gate.url, queue, **fast)
+        try:
+            await dev_env.client.execute_workflow(
+                ProvisionNhiWorkflow.run,
+                ProvisionInput(nhi_id=nhi_id),
+                id=provision_workflow_id(nhi_id),
+                task_queue=queue,
+            )
+            with transaction(sessions) as s:
+                nhi = s.get_one(Nhi, nhi_id)
+            original = json.loads(
+                aws.secrets.get_secret_value(
+                    SecretId=nhi.credential_ref or "", VersionStage="AWSCURRENT"
+                )["SecretString"]
+            )["AccessKeyId"]
+            lifecycle = dev_env.client.get_workflow_handle_for(
+                NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
+            )
+
+            async def ready() -> None:
+                try:
+                    await lifecycle.query(NhiLifecycleWorkflow.view)
+                except Exception as err:
+                    raise AssertionError(err) from err
+
+            await eventually(ready)
+            gate.armed = True
+            await lifecycle.execute_update(
+                NhiLifecycleWorkflow.rotate,
+                LifecycleAction(actor="system:test", channel="system", reason="crash test"),
+            )
+            assert await asyncio.to_thread(gate.reached.wait, 60), "rotation never created a key"
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        gate.release()
+        assert await asyncio.to_thread(gate.forwarded.wait, 30)
+        assert len(aws.iam.list_access_keys(UserName=nhi.name)["AccessKeyMetadata"]) == 2
+
+        second = _worker(settings, temporal, settings.aws_endpoint_url or "", queue, **fast)
+        try:
+
+            async def rotated_and_retired() -> None:
+                events = _events(sessions, nhi_id)
+                assert "nhi.rotated" in events and "nhi.old_key_deleted" in events, events
+
+            await eventually(rotated_and_retired, timeout=120, interval=0.5)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=30)
+
+    keys = aws.iam.list_access_keys(UserName=nhi.name)["AccessKeyMetadata"]
+    delivered = json.loads(
+        aws.secrets.get_secret_value(SecretId=nhi.credential_ref or "", VersionStage="AWSCURRENT")[
+            "SecretString"
+        ]
+    )
+    assert [(k["AccessKeyId"], k["Status"]) for k in keys] == [(delivered["AccessKeyId"], "Active")]
+    assert delivered["AccessKeyId"] != original
+    events = _events(sessions, nhi_id)
+    assert events.count("nhi.rotated") == 1

@@ -4,10 +4,12 @@ over HTTP, a Slack Web API emulator and signed interactivity requests to the API
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -35,6 +37,7 @@ from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 from workflows.provision import ProvisionNhiWorkflow
 
+HISTORIES = Path(__file__).resolve().parent / "histories"
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 DAY = timedelta(days=1)
 OWNER, BACKUP, STRANGER = "ana@example.com", "ben@example.com", "mallory@example.com"
@@ -322,6 +325,14 @@ async def test_a_whole_life_in_seconds(rig: Rig) -> None:
     with pytest.raises(rig.aws.iam.exceptions.NoSuchEntityException):
         rig.aws.iam.get_user(UserName=nhi.name)
     assert "DeletedDate" in rig.aws.secrets.describe_secret(SecretId=nhi.credential_ref or "")
+    if os.environ.get("NHI_RECORD_HISTORIES"):
+        # Refresh the golden histories that tests/test_replay.py replays.
+        for name, wid in (
+            ("provision", provision_workflow_id(nhi_id)),
+            ("lifecycle", lifecycle_workflow_id(nhi_id)),
+        ):
+            history = await rig.env.client.get_workflow_handle(wid).fetch_history()
+            (HISTORIES / f"{name}.json").write_text(history.to_json())
     events = [e for e, _ in _events(rig, nhi_id)]
     assert events.count("nhi.rotated") == 2
     assert events.count("nhi.reminder") == 6 and events.count("nhi.escalation") == 2
