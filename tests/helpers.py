@@ -168,8 +168,11 @@ class _Raw:
         yield self._body
 
 
-def inject_aws_error(client: Any, operation: str, code: str, status: int = 403) -> None:
-    """Make every `operation` call on this boto3 client fail with an AWS error `code`.
+def inject_aws_error(
+    client: Any, operation: str, code: str, status: int = 403
+) -> Callable[[], None]:
+    """Make every `operation` call on this boto3 client fail with an AWS error `code`; returns
+    a function that lifts the fault.
 
     botocore's before-send hook answers instead of the server, as AWS would (e.g. an SCP
     denying PutRolePolicy); the rest of the client keeps talking to moto.
@@ -186,4 +189,6 @@ def inject_aws_error(client: Any, operation: str, code: str, status: int = 403) 
         return AWSResponse(request.url, status, {}, _Raw(body))
 
     service = client.meta.service_model.service_name
-    client.meta.events.register(f"before-send.{service}.{operation}", answer)
+    event = f"before-send.{service}.{operation}"
+    client.meta.events.register(event, answer)
+    return lambda: client.meta.events.unregister(event, answer)

@@ -25,13 +25,13 @@ from temporalio.testing import WorkflowEnvironment
 from api.app import create_app
 from models.contracts import LifecycleView, Phase, ProvisionInput
 from models.orm import AuditEvent, Nhi
-from nhi.aws import AwsClients
+from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
 from nhi.db import transaction
 from nhi.slack import make_slack_client
 from nhi.temporal import provision_workflow_id
 from tests.conftest import dev_address
-from tests.helpers import ApiServer, eventually, request_nhi
+from tests.helpers import ApiServer, eventually, inject_aws_error, request_nhi
 from tests.slack_emulator import SlackEmulator, block_actions_payload, signed_interaction
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
@@ -53,6 +53,7 @@ class Rig:
     api: str
     queue: str
     users: dict[str, str]
+    worker_aws: AwsClients
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +91,20 @@ async def rig(
         | (slack_settings if request.param == "slack" else {})
     )
     queue = f"life-{uuid.uuid4().hex[:8]}"
+    worker_aws = make_aws_clients(rig_settings)  # its own clients, so a test can inject faults
     worker = build_worker(
         ts_env.client,
         rig_settings,
         sessions,
-        aws,
+        worker_aws,
         slack=make_slack_client(rig_settings),
         task_queue=queue,
     )
     async with worker:
         with ApiServer(create_app(rig_settings)) as server:
-            yield Rig(ts_env, rig_settings, sessions, aws, slack, server.url, queue, users)
+            yield Rig(
+                ts_env, rig_settings, sessions, aws, slack, server.url, queue, users, worker_aws
+            )
 
 
 def _lookup(slack: SlackEmulator, email: str) -> str:
@@ -519,3 +523,37 @@ async def test_role_rotation_is_not_applicable_and_quarantine_revokes_sessions(r
     policies = rig.aws.iam.list_role_policies(RoleName=name)["PolicyNames"]
     assert "nhi-quarantine" not in policies and "nhi-revoke-older-sessions" in policies
     assert (await _api(rig, "POST", f"/v1/nhis/{nhi_id}/restore", json={})).status_code == 409
+
+
+async def test_deletion_that_keeps_failing_is_revoke_failed_alerted_and_retried(rig: Rig) -> None:
+    _, nhi_id, _ = request_nhi(
+        rig.sessions, rig.settings, "iam_role", ttl="5d", now=await rig.env.get_current_time()
+    )
+    handle = await _provision(rig, nhi_id)
+    nhi = _nhi(rig, nhi_id)
+    lift = inject_aws_error(rig.worker_aws.iam, "DeleteRole", "AccessDenied")
+    # Past expiry and the one-day grace: deletion is refused (an SCP, say).
+    view = await _until(rig, handle, nhi.expires_at + DAY + timedelta(minutes=5))
+    assert view.phase is Phase.REVOKE_FAILED
+    current = _nhi(rig, nhi_id)
+    assert current.status == "revoke_failed" and "AccessDenied" in (current.status_reason or "")
+    alerts = [
+        c
+        for c in rig.slack.calls_to("chat.postMessage")
+        if "keeps failing" in c.args.get("text", "")
+    ]
+    assert {a.args["channel"] for a in alerts} == {rig.users[OWNER], "#nhi-security"}
+    listed = (await _api(rig, "GET", "/v1/nhis", params={"status": "revoke_failed"})).json()
+    assert str(nhi_id) in {n["id"] for n in listed}, "visible in the inventory"
+
+    # The fault clears; the scheduled retry finishes the job.
+    lift()
+    async with rig.env.time_skipping_unlocked():  # type: ignore[attr-defined]
+        result = await handle.result()
+    assert result.phase is Phase.DECOMMISSIONED
+    retried_at = await rig.env.get_current_time()
+    assert retried_at >= nhi.expires_at + DAY + timedelta(seconds=rig.settings.revoke_retry_seconds)
+    with pytest.raises(rig.aws.iam.exceptions.NoSuchEntityException):
+        rig.aws.iam.get_role(RoleName=nhi.name)
+    events = [e for e, _ in _events(rig, nhi_id)]
+    assert events[-2:] == ["nhi.revoke_failed", "nhi.decommissioned"]

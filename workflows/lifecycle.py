@@ -97,13 +97,17 @@ class NhiLifecycleWorkflow:
     @workflow.update
     async def renew(self, req: RenewRequest) -> LifecycleView:
         """Extend the expiry (default TTL from now, never past the maximum lifetime)."""
+        await self._ready(self._check_renew, req)
         async with self._lock:
             self._require(Phase.ACTIVE)
             await self._renew(self._renewed_expiry(req.extend_by_seconds), req, "renew")
+        self._wake_after_decision()
         return self._view("renewed")
 
     @renew.validator
     def _check_renew(self, req: RenewRequest) -> None:
+        if not self._loaded():
+            return
         self._check_actor(req)
         self._require(Phase.ACTIVE)
         self._renewed_expiry(req.extend_by_seconds)
@@ -111,6 +115,7 @@ class NhiLifecycleWorkflow:
     @workflow.update
     async def rotate(self, req: LifecycleAction) -> LifecycleView:
         """Rotate the credential now (access keys); recorded as not applicable for roles."""
+        await self._ready(self._check_rotate, req)
         cfg = self._config()
         if cfg.kind is NhiKind.IAM_ROLE:
             await self._note(
@@ -123,6 +128,8 @@ class NhiLifecycleWorkflow:
 
     @rotate.validator
     def _check_rotate(self, req: LifecycleAction) -> None:
+        if not self._loaded():
+            return
         self._check_actor(req)
         self._require(Phase.ACTIVE)
         if self._rotate is not None:
@@ -131,12 +138,15 @@ class NhiLifecycleWorkflow:
     @workflow.update
     async def decommission(self, req: LifecycleAction) -> LifecycleView:
         """Quarantine now, delete after the grace period."""
+        await self._ready(self._check_decommission, req)
         self._decommission = req
         self._wake = True
         return self._view("decommission started")
 
     @decommission.validator
     def _check_decommission(self, req: LifecycleAction) -> None:
+        if not self._loaded():
+            return
         self._check_actor(req)
         self._require(Phase.ACTIVE)
         if self._decommission is not None:
@@ -145,13 +155,17 @@ class NhiLifecycleWorkflow:
     @workflow.update
     async def restore(self, req: LifecycleAction) -> LifecycleView:
         """Undo a quarantine during the grace period (renewing if the NHI had expired)."""
+        await self._ready(self._check_restore, req)
         async with self._lock:
             self._require(Phase.QUARANTINED)
             await self._restore(req)
+        self._wake_after_decision()
         return self._view("restored")
 
     @restore.validator
     def _check_restore(self, req: LifecycleAction) -> None:
+        if not self._loaded():
+            return
         self._check_actor(req)
         self._require(Phase.QUARANTINED)
         if workflow.now() >= self._config().max_lifetime_at:
@@ -162,8 +176,10 @@ class NhiLifecycleWorkflow:
     @workflow.update
     async def answer(self, ans: PromptAnswer) -> LifecycleView:
         """An owner's answer to a prompt: Renew, Let expire or Decommission now."""
+        await self._ready(self._check_answer, ans)
         async with self._lock:
             self._require(Phase.ACTIVE)
+            self._wake_after_decision()
             if ans.answer is PromptAnswerKind.RENEW:
                 await self._renew(self._renewed_expiry(None), ans, ans.answer.value)
                 return self._view("renewed")
@@ -180,6 +196,8 @@ class NhiLifecycleWorkflow:
 
     @answer.validator
     def _check_answer(self, ans: PromptAnswer) -> None:
+        if not self._loaded():
+            return
         self._check_actor(ans)
         self._require(Phase.ACTIVE)
         if ans.prompt_id not in self._st().open_prompts:
@@ -599,6 +617,26 @@ class NhiLifecycleWorkflow:
                 type="MaxLifetime",
             )
         return wanted
+
+    def _wake_after_decision(self) -> None:
+        # Added after lifecycles were already running: recompute deadlines (and check for
+        # continue-as-new) right after a decision instead of at the next timer. Old histories
+        # replay without it (tests/histories/lifecycle.json).
+        if workflow.patched("wake-after-decision"):
+            self._wake = True
+
+    async def _ready(self, check: Callable[[Any], None], request: Any) -> None:
+        """Wait until the run has loaded its configuration, then validate for real.
+
+        Validators accept while a run is still starting (first activation, or just after
+        continue-as-new) rather than turn people away; the same checks then run here.
+        """
+        if self._cfg is None or self._state is None:
+            await workflow.wait_condition(lambda: self._cfg is not None and self._state is not None)
+            check(request)
+
+    def _loaded(self) -> bool:
+        return self._cfg is not None and self._state is not None
 
     def _check_actor(self, action: LifecycleAction) -> None:
         if action.actor.startswith("system:"):
