@@ -211,3 +211,15 @@ async def test_bad_provisioning_request_creates_nothing(
     assert words in error["detail"]
     assert _counts(sessions) == before
     assert len(aws.iam.list_users(PathPrefix=service.settings.iam_path)["Users"]) == users_before
+
+
+async def test_agent_expected_end_caps_every_nhi(http: httpx.AsyncClient) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    end = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
+    agent = await _agent(http, expected_end_at=end.isoformat())
+    accepted = await api_json(
+        http, "POST", f"/v1/agents/{agent['id']}/nhis",
+        json={"platform": "aws", "kind": "iam_role", "scope": ROLE_SCOPE, "ttl": "30d", "trust_principal": TRUST},
+    )  # fmt: skip
+    assert datetime.fromisoformat(accepted["expires_at"]) == end

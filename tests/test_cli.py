@@ -194,3 +194,59 @@ async def test_policies_apply_validates_then_replaces(service: Service, tmp_path
             )
         )  # fmt: skip
         await aok(service, "policies", "apply", str(restore))
+
+
+async def test_lifecycle_commands_for_owners(service: Service) -> None:
+    agent_id = await create_agent(service)
+    nhi_id = (
+        await aok(service, "provision", agent_id, "--kind", "iam_user_key", "-q",
+                  "--action", "s3:GetObject", "--resource", "arn:aws:s3:::incidents/*")
+    ).strip()  # fmt: skip
+
+    async def status(expected: str) -> dict[str, Any]:
+        nhi = json.loads(await aok(service, "--json", "nhis", "show", nhi_id, "--events"))
+        assert nhi["status"] == expected, nhi["status"]
+        return dict(nhi)
+
+    await eventually(lambda: status("active"))
+    owner, backup = "dana@example.com", "eli@example.com"
+
+    async def lifecycle_ready() -> None:
+        result = await arun(service, "--json", "renew", nhi_id, "--extend-by", "10d", actor=owner)
+        assert result.returncode == 0, result.stderr
+
+    await eventually(lifecycle_ready)
+    assert "not the owner or backup owner" in one_line_error(
+        await arun(service, "renew", nhi_id, actor="carla@example.com")
+    )
+    assert "X-NHI-Actor" in one_line_error(await arun(service, "renew", nhi_id, actor="carla"))
+    assert "past the maximum lifetime" in one_line_error(
+        await arun(service, "renew", nhi_id, "--extend-by", "400d", actor=owner)
+    )
+
+    rotated = json.loads(
+        await aok(service, "--json", "rotate", nhi_id, "--reason", "cli test", actor=owner)
+    )
+    assert rotated["message"] == "rotation started"
+
+    async def has_rotated() -> None:
+        events = [e["event"] for e in (await status("active"))["events"]]
+        assert "nhi.rotated" in events
+
+    await eventually(has_rotated)
+    await aok(service, "decommission", nhi_id, "--reason", "done", actor=owner)
+    await eventually(lambda: status("quarantined"))
+    restored = json.loads(await aok(service, "--json", "restore", nhi_id, actor=backup))
+    assert restored["phase"] == "active"
+    header = (await aok(service, "prompts")).splitlines()[0]
+    assert header.split()[:3] == ["ID", "NHI_ID", "KIND"]
+
+    completed = json.loads(
+        await aok(service, "--json", "agents", "complete", agent_id, "--reason", "project closed")
+    )
+    assert completed["decommissioning"] == [nhi_id]
+    trail = (await eventually(lambda: status("quarantined")))["events"]
+    actors = {(e["event"], e["actor"]) for e in trail}
+    assert ("nhi.renewed", f"api:{owner}") in actors
+    assert ("nhi.restored", f"api:{backup}") in actors
+    assert ("nhi.quarantined", "system:agent-completed") in actors
