@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import errors
 from api.deps import AppState, State
-from api.routes import agents, lifecycle, nhis, policies, slack
+from api.routes import agents, lifecycle, nhis, policies, slack, tokens
+from nhi.auth import OidcVerifier
 from nhi.config import Settings, get_settings
 from nhi.db import make_engine, make_sessionmaker
 from nhi.slack import make_slack_client
@@ -31,7 +32,10 @@ def create_app(
             engine = make_engine(settings.require_database_url())
             own_sessions = make_sessionmaker(engine)
         app.state.nhi = AppState(
-            settings=settings, sessions=own_sessions, slack=make_slack_client(settings)
+            settings=settings,
+            sessions=own_sessions,
+            slack=make_slack_client(settings),
+            oidc=OidcVerifier(settings) if settings.oidc_issuer else None,
         )
         yield
         if engine is not None:
@@ -49,6 +53,7 @@ def create_app(
     app.include_router(policies.router)
     app.include_router(lifecycle.router)
     app.include_router(slack.router)
+    app.include_router(tokens.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz(state: State) -> dict[str, str]:

@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from slack_sdk import WebClient
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
+from nhi.auth import TOKEN_PREFIX, OidcVerifier, Principal, Unauthenticated, principal_from_token
 from nhi.config import Settings
 from nhi.db import transaction
-from nhi.policy import RuleViolation
 from nhi.temporal import connect
 
 T = TypeVar("T")
@@ -32,6 +32,7 @@ class AppState:
     settings: Settings
     sessions: sessionmaker[Session]
     slack: WebClient | None = None
+    oidc: OidcVerifier | None = None
     client: Client | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -68,37 +69,25 @@ def _session(state: Annotated[AppState, Depends(_state)]) -> Iterator[Session]:
         yield session
 
 
-def _actor(
-    x_nhi_actor: Annotated[
-        str | None,
-        Header(
-            max_length=200,
-            description="Who is acting, for the audit trail (until API authentication lands).",
-        ),
-    ] = None,
-) -> str:
-    return f"api:{x_nhi_actor}" if x_nhi_actor else "api:anonymous"
-
-
-def _person(
-    x_nhi_actor: Annotated[
-        str | None,
-        Header(
-            max_length=254,
-            description="Email of the person acting; lifecycle changes are theirs to make.",
-        ),
-    ] = None,
-) -> str:
-    if not x_nhi_actor or "@" not in x_nhi_actor:
-        raise RuleViolation(
-            "X-NHI-Actor", "name the person acting by their email (the owner or backup owner)"
-        )
-    return x_nhi_actor.strip().lower()
+def _principal(request: Request, state: Annotated[AppState, Depends(_state)]) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("send 'Authorization: Bearer <token>' (an nhi_ token or an OIDC JWT)")
+    token = token.strip()
+    if token.startswith(TOKEN_PREFIX):
+        with transaction(state.sessions) as session:
+            return principal_from_token(session, token)
+    if state.oidc is None:
+        raise Unauthenticated("OIDC tokens are not accepted here (NHI_OIDC_ISSUER is not set)")
+    return state.oidc.principal(token)
 
 
 State = Annotated[AppState, Depends(_state)]
-Person = Annotated[str, Depends(_person)]
+CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+# On every /v1 router, so no endpoint can forget to authenticate (FastAPI caches the call, so a
+# route that also asks for CurrentPrincipal does not authenticate twice).
+authenticated = Depends(_principal)
 # "function" scope commits before the response is sent: a client that got 201 can read what it
 # created at once, and a failed commit is an error response, not a lost write after a 201.
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
-Actor = Annotated[str, Depends(_actor)]

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.deps import TemporalUnavailable
+from nhi.auth import Forbidden, Unauthenticated
 from nhi.inventory import Conflict, NotFound
 from nhi.policy import RuleViolation
 
@@ -60,6 +61,16 @@ async def _conflict(_: Request, exc: Exception) -> JSONResponse:
     return _error(409, message, field)
 
 
+async def _unauthenticated(_: Request, exc: Exception) -> JSONResponse:
+    response = _error(401, str(exc))
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+async def _forbidden(_: Request, exc: Exception) -> JSONResponse:
+    return _error(403, str(exc))
+
+
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     return _error(503, str(exc))
 
@@ -71,3 +82,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(TemporalUnavailable, _unavailable)
+    app.add_exception_handler(Unauthenticated, _unauthenticated)
+    app.add_exception_handler(Forbidden, _forbidden)

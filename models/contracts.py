@@ -220,6 +220,8 @@ class LifecycleAction(Contract):
     actor: str = Field(min_length=1, max_length=254)
     channel: str = "api"
     reason: str = ""
+    # The authenticated caller as the audit trail names it (token name or OIDC subject).
+    principal: str = ""
 
 
 class RenewRequest(LifecycleAction):

@@ -64,3 +64,13 @@ class NhiStatus(StrEnum):
     DECOMMISSIONED = "decommissioned"
     FAILED = "failed"
     REVOKE_FAILED = "revoke_failed"
+
+
+class Role(StrEnum):
+    """What a caller may do (owner rights come from being an agent's owner, not from a role)."""
+
+    PLATFORM = "platform"
+    APPROVER = "approver"
+    SECURITY = "security"
+    AUDITOR = "auditor"
+    ADMIN = "admin"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import getpass
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,14 +23,24 @@ def _fail(message: str) -> NoReturn:
     raise CliError(message)
 
 
+def token_file() -> Path:
+    """Where `nhi login` keeps the token: $XDG_CONFIG_HOME/nhi/token (~/.config by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "nhi" / "token"
+
+
+def _stored_token() -> str | None:
+    path = token_file()
+    return path.read_text().strip() if path.is_file() else None
+
+
 class Api:
     """HTTP calls to the nhi-lifecycle API with errors turned into one-line messages."""
 
-    def __init__(self, base_url: str, actor: str) -> None:
+    def __init__(self, base_url: str, token: str | None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(
-            base_url=self.base_url, timeout=30.0, headers={"X-NHI-Actor": actor}
-        )
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(base_url=self.base_url, timeout=30.0, headers=headers)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -72,13 +82,16 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.group()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--api-url", envvar="NHI_API_URL", default=None, help="API base URL.")
-@click.option("--actor", envvar="NHI_ACTOR", default=None, help="Name recorded in the audit trail.")
+@click.option(
+    "--token",
+    envvar="NHI_TOKEN",
+    default=None,
+    help="API token or OIDC JWT (default: NHI_TOKEN, then the file `nhi login` wrote).",
+)
 @click.pass_context
-def cli(ctx: click.Context, as_json: bool, api_url: str | None, actor: str | None) -> None:
+def cli(ctx: click.Context, as_json: bool, api_url: str | None, token: str | None) -> None:
     """Govern the non-human identities your AI agents use."""
-    ctx.obj = Ctx(
-        Api(api_url or get_settings().api_url, actor or f"cli:{getpass.getuser()}"), as_json
-    )
+    ctx.obj = Ctx(Api(api_url or get_settings().api_url, token or _stored_token()), as_json)
 
 
 # ---- agents ---------------------------------------------------------------------------------
@@ -328,7 +341,7 @@ def _lifecycle(ctx: Ctx, nhi_id: str, action: str, body: dict[str, Any]) -> None
 @click.option("--reason", default="")
 @pass_ctx
 def renew(ctx: Ctx, nhi_id: str, extend_by: str | None, reason: str) -> None:
-    """Extend an NHI's expiry (owner or backup owner; --actor is your email)."""
+    """Extend an NHI's expiry (owner or backup owner)."""
     body: dict[str, Any] = {"reason": reason}
     if extend_by:
         body["extend_by"] = int(extend_by) if extend_by.isdigit() else extend_by
@@ -391,7 +404,7 @@ def prompts(click_ctx: click.Context, show_all: bool) -> None:
 @click.option("--reason", default="")
 @pass_ctx
 def prompts_answer(ctx: Ctx, prompt_id: str, answer: str, reason: str) -> None:
-    """Answer a prompt as the owner or backup owner (--actor is your email)."""
+    """Answer a prompt as the owner or backup owner."""
     body = {"answer": answer.replace("-", "_"), "reason": reason}
     ctx.emit(ctx.api.call("POST", f"/v1/prompts/{prompt_id}/answer", json=body), LIFECYCLE_COLUMNS)
 
@@ -443,6 +456,107 @@ def policies_apply(ctx: Ctx, file: Path) -> None:
             "max_lifetime_seconds",
         ],
     )
+
+
+# ---- identity and tokens --------------------------------------------------------------------
+TOKEN_COLUMNS = ["name", "role", "teams", "email", "expires_at", "revoked_at", "last_used_at"]
+
+
+@cli.command()
+@click.option("--token", "new_token", required=True, help="The token to use from now on.")
+@pass_ctx
+def login(ctx: Ctx, new_token: str) -> None:
+    """Check a token against the API and keep it for later commands (file mode 0600)."""
+    who = Api(ctx.api.base_url, new_token).call("GET", "/v1/whoami")
+    path = token_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(new_token + "\n")
+    click.echo(
+        f"logged in as {who['actor']} ({', '.join(who['roles']) or 'no role'}); token in {path}"
+    )
+
+
+@cli.command()
+@pass_ctx
+def whoami(ctx: Ctx) -> None:
+    """Who the API thinks you are."""
+    ctx.emit(ctx.api.call("GET", "/v1/whoami"), ["actor", "roles", "teams", "email"])
+
+
+@cli.group()
+def tokens() -> None:
+    """API tokens (admin role): shown once, stored as a hash, always expiring."""
+
+
+@tokens.command("create")
+@click.option("--name", required=True)
+@click.option(
+    "--role",
+    required=True,
+    type=click.Choice(["platform", "approver", "security", "auditor", "admin"]),
+)
+@click.option("--ttl", required=True, help="Lifetime, e.g. 30d (at most 366d).")
+@click.option("--team", "teams", multiple=True, help="Team a platform token acts for (repeatable).")
+@click.option("--email", help="The person the token is for (owner rights).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the token.")
+@pass_ctx
+def tokens_create(
+    ctx: Ctx, name: str, role: str, ttl: str, teams: tuple[str, ...], email: str | None, quiet: bool
+) -> None:
+    """Issue a token; it is printed once and never again."""
+    body: dict[str, Any] = {"name": name, "role": role, "ttl": int(ttl) if ttl.isdigit() else ttl}
+    if teams:
+        body["teams"] = list(teams)
+    if email:
+        body["email"] = email
+    created = ctx.api.call("POST", "/v1/tokens", json=body)
+    if quiet:
+        click.echo(created["token"])
+        return
+    ctx.emit(created, ["name", "role", "expires_at", "token"])
+
+
+@tokens.command("list")
+@pass_ctx
+def tokens_list(ctx: Ctx) -> None:
+    """Every token the service issued (never the tokens themselves)."""
+    ctx.emit(ctx.api.call("GET", "/v1/tokens"), TOKEN_COLUMNS)
+
+
+@tokens.command("revoke")
+@click.argument("name")
+@pass_ctx
+def tokens_revoke(ctx: Ctx, name: str) -> None:
+    """Revoke a token at once."""
+    ctx.emit(ctx.api.call("POST", f"/v1/tokens/{name}/revoke"), TOKEN_COLUMNS)
+
+
+@tokens.command("bootstrap")
+@click.option("--name", default="bootstrap-admin", show_default=True)
+@click.option("--ttl", default="1d", show_default=True)
+def tokens_bootstrap(name: str, ttl: str) -> None:
+    """Create the first admin token straight in the database (needs NHI_DATABASE_URL)."""
+    from models.enums import Role
+    from nhi.auth import issue_token
+    from nhi.db import make_engine, make_sessionmaker, transaction
+    from nhi.policy import RuleViolation
+
+    try:
+        engine = make_engine(get_settings().require_database_url())
+    except RuntimeError as err:
+        _fail(str(err))
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            _, plaintext = issue_token(
+                session, name=name, role=Role.ADMIN, ttl=ttl, created_by="cli:bootstrap"
+            )
+    except RuleViolation as err:
+        _fail(str(err))
+    finally:
+        engine.dispose()
+    click.echo(plaintext)
 
 
 # ---- operations -----------------------------------------------------------------------------

@@ -98,6 +98,26 @@ class Settings(BaseSettings):
     slack_default_team_channel: str = Field(
         default="#nhi-owners", description="Escalation channel for teams without their own."
     )
+    oidc_issuer: str | None = Field(
+        default=None, description="OIDC issuer whose JWTs the API accepts (unset: API tokens only)."
+    )
+    oidc_audience: str | None = Field(default=None, description="Audience the JWTs must carry.")
+    oidc_jwks_url: str | None = Field(
+        default=None, description="Where the issuer publishes its signing keys (JWKS)."
+    )
+    oidc_jwks: str | None = Field(
+        default=None, description="The JWKS itself, as JSON (instead of `NHI_OIDC_JWKS_URL`)."
+    )
+    oidc_roles_claim: str = Field(
+        default="roles",
+        description="JWT claim listing the caller's roles (`platform`, `admin`...).",
+    )
+    oidc_teams_claim: str = Field(
+        default="teams", description="JWT claim listing the teams a `platform` caller acts for."
+    )
+    oidc_email_claim: str = Field(
+        default="email", description="JWT claim with the caller's email (owner rights)."
+    )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
     api_url: str = Field(

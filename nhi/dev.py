@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+from sqlalchemy import select
 
+from models.enums import Role
+from models.orm import ApiToken
+from nhi.auth import issue_token, revoke_token
 from nhi.config import Settings
-from nhi.db import upgrade_head
+from nhi.db import make_engine, make_sessionmaker, transaction, upgrade_head
 from nhi.logging import configure
 from nhi.postgres import EmbeddedPostgres
 
@@ -115,7 +119,9 @@ class Children:
             log.close()
 
 
-def _banner(settings: Settings, api_url: str, ui_url: str, aws: str, db: str) -> str:
+def _banner(
+    settings: Settings, api_url: str, ui_url: str, aws: str, db: str, admin_token: str
+) -> str:
     return f"""
 nhi-lifecycle is running
   API            {api_url}   (OpenAPI: {api_url}/docs)
@@ -125,8 +131,14 @@ nhi-lifecycle is running
   Postgres       {db}
   logs           {settings.data_dir / "logs"}
 
+Admin token for this instance (policies, tokens), also in {settings.data_dir / "admin-token"}:
+  {admin_token}
+
 Try it (in another terminal, from this directory):
   . .venv/bin/activate
+  export NHI_TOKEN=$(cat {settings.data_dir / "admin-token"})
+  export NHI_TOKEN=$(nhi tokens create -q --name "ana-$(date +%s)" --role platform \\
+      --team support --email ana@example.com --ttl 7d)
   AGENT=$(nhi agents create -q --name support-bot --category chatbot --env dev \\
       --owner ana@example.com --backup-owner ben@example.com --team support \\
       --purpose "Answers customer tickets")
@@ -137,6 +149,34 @@ Try it (in another terminal, from this directory):
 
 Ctrl-C stops everything.
 """
+
+
+def _admin_token(db_url: str, data_dir: Path) -> str:
+    """A fresh admin token for this local instance (earlier dev tokens are revoked), kept in
+    `<data dir>/admin-token` with mode 0600."""
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            for old in session.scalars(
+                select(ApiToken.name).where(
+                    ApiToken.name.like("dev-admin-%"), ApiToken.revoked_at.is_(None)
+                )
+            ).all():
+                revoke_token(session, old, "system:nhi-dev")
+            _, token = issue_token(
+                session,
+                name=f"dev-admin-{int(time.time())}",
+                role=Role.ADMIN,
+                ttl="7d",
+                created_by="system:nhi-dev",
+            )
+    finally:
+        engine.dispose()
+    path = data_dir / "admin-token"
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(token + "\n")
+    return token
 
 
 def run_dev(settings: Settings) -> int:
@@ -239,7 +279,8 @@ def run_dev(settings: Settings) -> int:
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         httpx.get(f"{api_url}/healthz", timeout=10).raise_for_status()
         ui_url = f"http://{t_host}:{settings.dev_temporal_ui_port}"
-        print(_banner(settings, api_url, ui_url, aws_endpoint, db_label), flush=True)
+        admin_token = _admin_token(db_url, data_dir)
+        print(_banner(settings, api_url, ui_url, aws_endpoint, db_label, admin_token), flush=True)
         print(f"ready in {time.monotonic() - started:.1f}s", flush=True)
 
         while not stopping:

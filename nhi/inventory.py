@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Select, false, or_, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiStatus
+from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiStatus, Role
 from models.orm import Agent, AuditEvent, Nhi, Policy, Prompt
 from models.schemas import AgentCreate, NhiCreate, PolicyIn
 from nhi import audit
+from nhi.auth import Principal
 from nhi.config import Settings
 from nhi.policy import (
     INLINE_POLICY_LIMIT,
@@ -31,6 +33,18 @@ from nhi.policy import (
     validate_scope,
     validate_trust_principal,
 )
+
+
+def _visible(query: Select[Any], principal: Principal | None) -> Select[Any]:
+    """Restrict a query over agents (joined) to what `principal` may see."""
+    if principal is None or principal.reads_everything():
+        return query
+    rules: list[ColumnElement[bool]] = []
+    if principal.has(Role.PLATFORM):
+        rules.append(true() if principal.teams is None else Agent.team.in_(sorted(principal.teams)))
+    if principal.email:
+        rules += [Agent.owner_email == principal.email, Agent.backup_owner_email == principal.email]
+    return query.where(or_(*rules)) if rules else query.where(false())
 
 
 class NotFound(LookupError):
@@ -126,9 +140,10 @@ def list_agents(
     status: str | None = None,
     limit: int = 100,
     offset: int = 0,
+    visible_to: Principal | None = None,
 ) -> list[Agent]:
-    """Agents matching every given filter, newest first."""
-    query = select(Agent).order_by(Agent.created_at.desc(), Agent.id)
+    """Agents matching every given filter, newest first (only those `visible_to` may see)."""
+    query = _visible(select(Agent).order_by(Agent.created_at.desc(), Agent.id), visible_to)
     if environment:
         query = query.where(Agent.environment == environment)
     if owner:
@@ -276,15 +291,16 @@ def list_nhis(
     owner: str | None = None,
     limit: int = 100,
     offset: int = 0,
+    visible_to: Principal | None = None,
 ) -> list[Nhi]:
     """NHIs matching every given filter, newest first; `owner` is the agent owner's email."""
-    query = select(Nhi).order_by(Nhi.created_at.desc(), Nhi.id)
+    query = _visible(select(Nhi).join(Agent).order_by(Nhi.created_at.desc(), Nhi.id), visible_to)
     if agent_id:
         query = query.where(Nhi.agent_id == agent_id)
     if status:
         query = query.where(Nhi.status == status)
     if owner:
-        query = query.join(Agent).where(Agent.owner_email == owner.lower())
+        query = query.where(Agent.owner_email == owner.lower())
     return list(session.scalars(query.limit(limit).offset(offset)))
 
 
@@ -368,9 +384,16 @@ def apply_policy(session: Session, body: PolicyIn, actor: str, index: int = 0) -
     return policy
 
 
-def list_prompts(session: Session, status: str | None, nhi_id: uuid.UUID | None) -> list[Prompt]:
+def list_prompts(
+    session: Session,
+    status: str | None,
+    nhi_id: uuid.UUID | None,
+    visible_to: Principal | None = None,
+) -> list[Prompt]:
     """Prompts, newest first."""
-    query = select(Prompt).order_by(Prompt.created_at.desc())
+    query = _visible(
+        select(Prompt).join(Nhi).join(Agent).order_by(Prompt.created_at.desc()), visible_to
+    )
     if status:
         query = query.where(Prompt.status == status)
     if nhi_id:

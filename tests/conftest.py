@@ -151,10 +151,30 @@ def dev_address(env: WorkflowEnvironment) -> str:
 class Service:
     """The API over real HTTP plus a worker, on the Temporal dev server: the service as deployed."""
 
-    def __init__(self, settings: Settings, url: str, env: WorkflowEnvironment) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        url: str,
+        env: WorkflowEnvironment,
+        sessions: sessionmaker[Session],
+    ) -> None:
         self.settings = settings
         self.url = url
         self.env = env
+        self.sessions = sessions
+
+    def token(
+        self,
+        name: str,
+        role: str = "platform",
+        *,
+        teams: list[str] | None = None,
+        email: str | None = None,
+    ) -> str:
+        """A bearer token for `name` (created on first use)."""
+        from tests.helpers import mint
+
+        return mint(self.sessions, name, role, teams=teams, email=email)
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -176,4 +196,4 @@ async def service(
     worker = build_worker(dev_env.client, svc_settings, sessions, aws)
     async with worker:
         with ApiServer(create_app(svc_settings)) as server:
-            yield Service(svc_settings, server.url, dev_env)
+            yield Service(svc_settings, server.url, dev_env, sessions)

@@ -192,3 +192,41 @@ def inject_aws_error(
     event = f"before-send.{service}.{operation}"
     client.meta.events.register(event, answer)
     return lambda: client.meta.events.unregister(event, answer)
+
+
+_MINTED: dict[tuple[int, str], str] = {}
+
+
+def mint(
+    sessions: Any,
+    name: str,
+    role: str,
+    *,
+    teams: list[str] | None = None,
+    email: str | None = None,
+    ttl: str = "1d",
+) -> str:
+    """An API token for tests, issued straight in the database (once per name and database).
+    Its audit name is `token:<name>`."""
+    from models.enums import Role
+    from nhi.auth import issue_token
+    from nhi.db import transaction
+
+    key = (id(sessions), name)
+    if key not in _MINTED:
+        with transaction(sessions) as session:
+            _, token = issue_token(
+                session,
+                name=name,
+                role=Role(role),
+                ttl=ttl,
+                created_by="test:setup",
+                teams=teams,
+                email=email,
+            )
+        _MINTED[key] = token
+    return _MINTED[key]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

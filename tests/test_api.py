@@ -14,14 +14,13 @@ from models.orm import AuditEvent, Nhi
 from nhi.aws import AwsClients
 from nhi.db import transaction
 from tests.conftest import Service
-from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, eventually
+from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually
 
 
 @pytest.fixture
 async def http(service: Service) -> Any:
-    async with httpx.AsyncClient(
-        base_url=service.url, headers={"X-NHI-Actor": "platform-bot"}, timeout=30
-    ) as client:
+    token = service.token("platform-bot", "platform", teams=["search"])
+    async with httpx.AsyncClient(base_url=service.url, headers=bearer(token), timeout=30) as client:
         yield client
 
 
@@ -56,7 +55,7 @@ async def test_agent_is_created_listed_and_shown(http: httpx.AsyncClient) -> Non
     agent = await _agent(
         http, category="browser_agent", invokers=["arn:aws:iam::123456789012:role/ops"]
     )
-    assert agent["status"] == "active" and agent["created_by"] == "api:platform-bot"
+    assert agent["status"] == "active" and agent["created_by"] == "token:platform-bot"
     listed = await api_json(http, "GET", "/v1/agents", params={"owner": "ana@example.com"})
     assert agent["id"] in {a["id"] for a in listed}
     shown = await api_json(http, "GET", f"/v1/agents/{agent['id']}")
@@ -146,15 +145,20 @@ async def test_provision_role_end_to_end(
     nhi = await eventually(active)
     assert aws.iam.get_role(RoleName=nhi["name"])["Role"]["Arn"] == nhi["credential_ref"]
     assert nhi["workflow_id"] == accepted["workflow_id"]
-    assert nhi["requested_by"] == "api:platform-bot"
+    assert nhi["requested_by"] == "token:platform-bot"
     seconds = (
         __import__("datetime").datetime.fromisoformat(nhi["expires_at"])
         - __import__("datetime").datetime.fromisoformat(nhi["created_at"])
     ).total_seconds()
     assert abs(seconds - 12 * 3600) < 5
     # The workflow is visible in Temporal, where the Web UI shows it.
-    description = await service.env.client.get_workflow_handle(accepted["workflow_id"]).describe()
-    assert description.status is not None and description.status.name == "COMPLETED"
+    handle = service.env.client.get_workflow_handle(accepted["workflow_id"])
+
+    async def completed() -> None:
+        status = (await handle.describe()).status
+        assert status is not None and status.name == "COMPLETED"
+
+    await eventually(completed)
 
     footprint = await api_json(http, "GET", f"/v1/agents/{agent['id']}")
     assert [n["id"] for n in footprint["nhis"]] == [accepted["id"]]
@@ -169,7 +173,7 @@ async def test_provision_role_end_to_end(
     )
     events = await api_json(http, "GET", f"/v1/nhis/{accepted['id']}/events")
     assert [e["event"] for e in events] == ["nhi.requested", "nhi.provisioning", "nhi.activated"]
-    assert events[0]["actor"] == "api:platform-bot"
+    assert events[0]["actor"] == "token:platform-bot"
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,29 @@ from tests.helpers import eventually, unique
 NHI = str(Path(sys.executable).parent / "nhi")
 
 
+# Who the tests act as: role, teams, email. Token names come from the key.
+PEOPLE: dict[str, tuple[str, list[str] | None, str | None]] = {
+    "carla": ("platform", ["platform"], None),
+    "alice": ("platform", ["platform"], None),
+    "bob": ("approver", None, None),
+    "carol": ("approver", None, None),
+    "admin": ("admin", None, None),
+    "dana@example.com": ("platform", ["platform"], "dana@example.com"),
+    "eli@example.com": ("platform", ["platform"], "eli@example.com"),
+    "carla@example.com": ("platform", ["platform"], "carla@example.com"),
+}
+
+
+def token_name(actor: str) -> str:
+    return actor.replace("@", "-at-").replace(".", "-")
+
+
 def run(
     service: Service, *args: str, actor: str = "carla", url: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, NHI_API_URL=url or service.url, NHI_ACTOR=actor)
+    role, teams, email = PEOPLE[actor]
+    token = service.token(token_name(actor), role, teams=teams, email=email)
+    env = dict(os.environ, NHI_API_URL=url or service.url, NHI_TOKEN=token)
     return subprocess.run([NHI, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -62,7 +81,7 @@ async def create_agent(service: Service, environment: str = "dev") -> str:
 async def test_agent_and_role_through_the_cli(service: Service) -> None:
     agent_id = await create_agent(service)
     shown = json.loads(await aok(service, "--json", "agents", "show", agent_id))
-    assert shown["owner_email"] == "dana@example.com" and shown["created_by"] == "api:carla"
+    assert shown["owner_email"] == "dana@example.com" and shown["created_by"] == "token:carla"
     nhi_id = (await aok(
         service, "provision", agent_id, "--kind", "iam_role", "--ttl", "2d", "-q",
         "--action", "s3:GetObject", "--action", "s3:ListBucket",
@@ -130,7 +149,7 @@ async def test_sensitive_request_needs_someone_else_to_approve(service: Service)
     line = one_line_error(
         await arun(service, "approve", accepted["id"], "--reason", "mine", actor="alice")
     )
-    assert "cannot approve their own" in line
+    assert "token:alice needs the approver role" in line
     approved = json.loads(
         await aok(
             service, "--json", "approve", accepted["id"], "--reason", "ok for cleanup", actor="bob"
@@ -142,7 +161,7 @@ async def test_sensitive_request_needs_someone_else_to_approve(service: Service)
         nhi = json.loads(await aok(service, "--json", "nhis", "show", accepted["id"], "--events"))
         assert nhi["status"] == "active"
         approval = [e for e in nhi["events"] if e["event"] == "nhi.approved"]
-        assert approval and approval[0]["actor"] == "api:bob"
+        assert approval and approval[0]["actor"] == "token:bob"
 
     await eventually(active)
     line = one_line_error(
@@ -162,7 +181,9 @@ async def test_policies_apply_validates_then_replaces(service: Service, tmp_path
         "policies:\n- {platform: aws, kind: iam_role, environment: staging, allowed: true,\n"
         "   default_ttl: 10d, max_lifetime: 400d}\n"
     )
-    assert "max_lifetime" in one_line_error(await arun(service, "policies", "apply", str(bad)))
+    assert "max_lifetime" in one_line_error(
+        await arun(service, "policies", "apply", str(bad), actor="admin")
+    )
     assert (await staging_role()) == original
 
     good = tmp_path / "good.yaml"
@@ -172,12 +193,12 @@ async def test_policies_apply_validates_then_replaces(service: Service, tmp_path
         "  forbidden_actions: ['*', 'iam:*']\n  sensitive_actions: ['*:Delete*']\n"
     )
     try:
-        await aok(service, "policies", "apply", str(good))
+        await aok(service, "policies", "apply", str(good), actor="admin")
         applied = await staging_role()
         assert applied["default_ttl_seconds"] == 10 * 86400
         assert applied["max_lifetime_seconds"] == 60 * 86400
         assert applied["reminder_offsets_seconds"] == [7 * 86400, 86400]
-        assert applied["updated_by"] == "api:carla"
+        assert applied["updated_by"] == "token:admin"
     finally:
         restore = tmp_path / "restore.json"
         restore.write_text(
@@ -193,7 +214,7 @@ async def test_policies_apply_validates_then_replaces(service: Service, tmp_path
                 }]
             )
         )  # fmt: skip
-        await aok(service, "policies", "apply", str(restore))
+        await aok(service, "policies", "apply", str(restore), actor="admin")
 
 
 async def test_lifecycle_commands_for_owners(service: Service) -> None:
@@ -219,7 +240,9 @@ async def test_lifecycle_commands_for_owners(service: Service) -> None:
     assert "not the owner or backup owner" in one_line_error(
         await arun(service, "renew", nhi_id, actor="carla@example.com")
     )
-    assert "X-NHI-Actor" in one_line_error(await arun(service, "renew", nhi_id, actor="carla"))
+    assert "token:carla is not the owner" in one_line_error(
+        await arun(service, "renew", nhi_id, actor="carla")
+    )
     assert "past the maximum lifetime" in one_line_error(
         await arun(service, "renew", nhi_id, "--extend-by", "400d", actor=owner)
     )
@@ -247,6 +270,6 @@ async def test_lifecycle_commands_for_owners(service: Service) -> None:
     assert completed["decommissioning"] == [nhi_id]
     trail = (await eventually(lambda: status("quarantined")))["events"]
     actors = {(e["event"], e["actor"]) for e in trail}
-    assert ("nhi.renewed", f"api:{owner}") in actors
-    assert ("nhi.restored", f"api:{backup}") in actors
+    assert ("nhi.renewed", f"token:{token_name(owner)}") in actors
+    assert ("nhi.restored", f"token:{token_name(backup)}") in actors
     assert ("nhi.quarantined", "system:agent-completed") in actors

@@ -67,14 +67,23 @@ async def test_nhi_dev_runs_the_readme_examples(tmp_path: Path) -> None:
 
         api = f"http://127.0.0.1:{ports['api']}"
         for name in ("cli", "curl"):
-            script = _example(name).replace("http://127.0.0.1:8000", api)
+            script = (
+                _example(name)
+                .replace("http://127.0.0.1:8000", api)
+                .replace(".nhi/admin-token", str(tmp_path / "data" / "admin-token"))
+            )
             result = await asyncio.to_thread(
                 subprocess.run, ["bash", "-euo", "pipefail", "-c", script],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert result.returncode == 0, (name, result.stdout, result.stderr)
 
-        async with httpx.AsyncClient(base_url=api) as http:
+        admin = (tmp_path / "data" / "admin-token").read_text().strip()
+        assert admin.startswith("nhi_") and admin in banner, "make dev prints the admin token"
+        assert (tmp_path / "data" / "admin-token").stat().st_mode & 0o077 == 0
+        async with httpx.AsyncClient(
+            base_url=api, headers={"Authorization": f"Bearer {admin}"}
+        ) as http:
             deadline = time.monotonic() + 30
             while True:
                 nhis = (await http.get("/v1/nhis")).json()

@@ -31,7 +31,7 @@ from nhi.db import transaction
 from nhi.slack import make_slack_client
 from nhi.temporal import provision_workflow_id
 from tests.conftest import dev_address
-from tests.helpers import ApiServer, eventually, inject_aws_error, request_nhi
+from tests.helpers import ApiServer, bearer, eventually, inject_aws_error, mint, request_nhi
 from tests.slack_emulator import SlackEmulator, block_actions_payload, signed_interaction
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
@@ -346,7 +346,10 @@ async def test_a_whole_life_in_seconds(rig: Rig) -> None:
 async def _api(
     rig: Rig, method: str, path: str, actor: str | None = OWNER, **kw: Any
 ) -> httpx.Response:
-    headers = {"X-NHI-Actor": actor} if actor else {}
+    headers = {}
+    if actor:
+        name = actor.split("@")[0]
+        headers = bearer(mint(rig.sessions, name, "platform", teams=["search"], email=actor))
     async with httpx.AsyncClient(base_url=rig.api, timeout=30) as http:
         return await http.request(method, path, headers=headers, **kw)
 
@@ -394,7 +397,7 @@ async def test_dev_mode_prompts_are_answered_through_the_api(rig: Rig) -> None:
     anonymous = await _api(
         rig, "POST", f"/v1/prompts/{prompts[0]['id']}/answer", actor=None, json={"answer": "renew"}
     )
-    assert anonymous.status_code == 422 and anonymous.json()["field"] == "X-NHI-Actor"
+    assert anonymous.status_code == 401
     answered = await _api(
         rig, "POST", f"/v1/prompts/{prompts[0]['id']}/answer", json={"answer": "let_expire"}
     )
@@ -416,7 +419,7 @@ async def test_dev_mode_prompts_are_answered_through_the_api(rig: Rig) -> None:
         await _api(rig, "GET", "/v1/prompts", params={"nhi_id": str(nhi_id), "status": "all"})
     ).json()
     assert [(p["status"], p["decision"], p["decided_by"]) for p in prompts] == [
-        ("decided", "let_expire", f"api:{OWNER}")
+        ("decided", "let_expire", f"token:{OWNER.split('@')[0]}")
     ]
 
     # The backup owner restores it during the grace period; it is renewed from now.
@@ -443,9 +446,9 @@ async def test_dev_mode_prompts_are_answered_through_the_api(rig: Rig) -> None:
         result = await handle.result()
     assert result.phase is Phase.DECOMMISSIONED
     events = _events(rig, nhi_id)
-    assert ("nhi.let_expire", f"api:{OWNER}") in events
-    assert ("nhi.restored", f"api:{BACKUP}") in events
-    assert ("nhi.quarantined", f"api:{OWNER}") in events
+    assert ("nhi.let_expire", f"token:{OWNER.split('@')[0]}") in events
+    assert ("nhi.restored", f"token:{BACKUP.split('@')[0]}") in events
+    assert ("nhi.quarantined", f"token:{OWNER.split('@')[0]}") in events
     assert events[-1][0] == "nhi.decommissioned"
 
 
@@ -486,7 +489,7 @@ async def test_renewal_past_max_lifetime_is_refused_before_history(rig: Rig) -> 
     assert role["Statement"][0]["Condition"]["DateLessThan"]["aws:CurrentTime"] == after.strftime(
         "%Y-%m-%dT%H:%M:%SZ"
     )
-    assert ("nhi.renewed", f"api:{OWNER}") in _events(rig, nhi_id)
+    assert ("nhi.renewed", f"token:{OWNER.split('@')[0]}") in _events(rig, nhi_id)
 
 
 async def _ready(handle: WorkflowHandle[Any, LifecycleView]) -> LifecycleView:
@@ -504,7 +507,7 @@ async def test_role_rotation_is_not_applicable_and_quarantine_revokes_sessions(r
     await eventually(lambda: _ready(handle))
     rotated = await _api(rig, "POST", f"/v1/nhis/{nhi_id}/rotate", json={})
     assert rotated.status_code == 200 and "not applicable" in rotated.json()["message"]
-    assert ("nhi.rotation_not_applicable", f"api:{OWNER}") in _events(rig, nhi_id)
+    assert ("nhi.rotation_not_applicable", f"token:{OWNER.split('@')[0]}") in _events(rig, nhi_id)
 
     completed = await _api(
         rig, "POST", f"/v1/agents/{agent_id}/complete", json={"reason": "pilot over"}

@@ -20,7 +20,7 @@ from nhi.aws import AwsClients
 from nhi.db import transaction
 from nhi.logging import configure
 from tests.conftest import Service
-from tests.helpers import ROLE_SCOPE, agent_body, eventually
+from tests.helpers import ROLE_SCOPE, agent_body, bearer, eventually
 
 
 def _decoded_strings(node: Any) -> Iterator[str]:
@@ -55,7 +55,10 @@ async def test_secret_access_key_never_leaves_secrets_manager(
     logging.getLogger().addHandler(handler)
     responses: list[str] = []
     try:
-        async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+        token = service.token("leak-check", "platform", teams=["search"])
+        async with httpx.AsyncClient(
+            base_url=service.url, timeout=30, headers=bearer(token)
+        ) as http:
 
             async def call(method: str, path: str, **kw: Any) -> Any:
                 response = await http.request(method, path, **kw)

@@ -130,7 +130,7 @@ class NhiLifecycleWorkflow:
     def _check_rotate(self, req: LifecycleAction) -> None:
         if not self._loaded():
             return
-        self._check_actor(req)
+        self._check_actor(req, containment=True)
         self._require(Phase.ACTIVE)
         if self._rotate is not None:
             raise ApplicationError("a rotation is already under way", type="InvalidState")
@@ -147,7 +147,7 @@ class NhiLifecycleWorkflow:
     def _check_decommission(self, req: LifecycleAction) -> None:
         if not self._loaded():
             return
-        self._check_actor(req)
+        self._check_actor(req, containment=True)
         self._require(Phase.ACTIVE)
         if self._decommission is not None:
             raise ApplicationError("a decommission is already under way", type="InvalidState")
@@ -638,9 +638,11 @@ class NhiLifecycleWorkflow:
     def _loaded(self) -> bool:
         return self._cfg is not None and self._state is not None
 
-    def _check_actor(self, action: LifecycleAction) -> None:
+    def _check_actor(self, action: LifecycleAction, *, containment: bool = False) -> None:
         if action.actor.startswith("system:"):
             return
+        if containment and action.actor.startswith("security:"):
+            return  # the security team may contain (rotate, decommission) any NHI
         cfg = self._config()
         allowed = {cfg.owner_email.lower()}
         if cfg.backup_owner_email:
@@ -682,11 +684,13 @@ class NhiLifecycleWorkflow:
 
     @staticmethod
     def _who(action: LifecycleAction) -> str:
-        return (
-            action.actor
-            if action.actor.startswith("system:")
-            else f"{action.channel}:{action.actor}"
-        )
+        """The audit trail's name for who acted: the authenticated principal when the API
+        knows it, else the channel and person."""
+        if action.principal:
+            return action.principal
+        if action.actor.startswith("system:"):
+            return action.actor
+        return f"{action.channel}:{action.actor}"
 
     def _view(self, message: str = "") -> LifecycleView:
         s, cfg = self._st(), self._config()

@@ -9,28 +9,31 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 from temporalio.common import WorkflowIDReusePolicy
 
-from api.deps import Actor, SessionDep, State, TemporalUnavailable
+from api.deps import CurrentPrincipal, SessionDep, State, TemporalUnavailable, authenticated
 from models.contracts import ProvisionInput
 from models.enums import AgentStatus, Environment, NhiStatus
 from models.schemas import AgentCreate, AgentDetail, AgentOut, NhiAccepted, NhiCreate
 from nhi import inventory
+from nhi.auth import require_read, require_team
 from nhi.temporal import provision_workflow_id
 from workflows.provision import ProvisionNhiWorkflow
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/agents", tags=["agents"])
+router = APIRouter(prefix="/v1/agents", tags=["agents"], dependencies=[authenticated])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=AgentOut)
-def create_agent(body: AgentCreate, session: SessionDep, actor: Actor) -> AgentOut:
-    """Register an AI agent with its owner, backup owner, team and purpose."""
-    agent = inventory.create_agent(session, body, actor)
+def create_agent(body: AgentCreate, session: SessionDep, p: CurrentPrincipal) -> AgentOut:
+    """Register an AI agent with its owner, backup owner, team and purpose (platform role)."""
+    require_team(p, body.team)
+    agent = inventory.create_agent(session, body, p.actor)
     return AgentOut.model_validate(agent)
 
 
 @router.get("", response_model=list[AgentOut])
 def list_agents(
     session: SessionDep,
+    p: CurrentPrincipal,
     environment: Environment | None = None,
     owner: str | None = None,
     team: str | None = None,
@@ -47,25 +50,31 @@ def list_agents(
         status=agent_status.value if agent_status else None,
         limit=limit,
         offset=offset,
+        visible_to=p,
     )
     return [AgentOut.model_validate(a) for a in agents]
 
 
 @router.get("/{agent_id}", response_model=AgentDetail)
-def get_agent(agent_id: uuid.UUID, session: SessionDep) -> AgentDetail:
+def get_agent(agent_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> AgentDetail:
     """One agent with every NHI it holds: its total access footprint."""
-    return AgentDetail.model_validate(inventory.get_agent(session, agent_id, with_nhis=True))
+    agent = inventory.get_agent(session, agent_id, with_nhis=True)
+    require_read(p, agent)
+    return AgentDetail.model_validate(agent)
 
 
 @router.post("/{agent_id}/nhis", status_code=status.HTTP_202_ACCEPTED, response_model=NhiAccepted)
 async def request_nhi(
-    agent_id: uuid.UUID, body: NhiCreate, state: State, actor: Actor
+    agent_id: uuid.UUID, body: NhiCreate, state: State, p: CurrentPrincipal
 ) -> NhiAccepted:
     """Request an identity for the agent; provisioning runs as a Temporal workflow.
 
     The lease (the NHI row) is committed before anything exists on the platform, so nothing
     can be created that the inventory does not know how to remove.
     """
+    actor = p.actor
+    agent = await state.db(lambda s: inventory.get_agent(s, agent_id))
+    require_team(p, agent.team)
     client = await state.temporal()
     nhi, sensitive = await state.db(
         lambda s: inventory.request_nhi(s, state.settings, agent_id, body, actor)

@@ -10,15 +10,16 @@ from pydantic import Field
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
-from api.deps import Actor, SessionDep, State
+from api.deps import CurrentPrincipal, SessionDep, State, authenticated
 from models.contracts import ApprovalDecision
-from models.enums import NhiStatus
+from models.enums import NhiStatus, Role
 from models.schemas import AuditOut, Body, NhiOut
 from nhi import inventory
+from nhi.auth import Principal, require, require_read, require_role
 from nhi.inventory import Conflict
 from workflows.provision import ProvisionNhiWorkflow
 
-router = APIRouter(prefix="/v1/nhis", tags=["nhis"])
+router = APIRouter(prefix="/v1/nhis", tags=["nhis"], dependencies=[authenticated])
 
 
 class DecisionBody(Body):
@@ -30,6 +31,7 @@ class DecisionBody(Body):
 @router.get("", response_model=list[NhiOut])
 def list_nhis(
     session: SessionDep,
+    p: CurrentPrincipal,
     agent_id: uuid.UUID | None = None,
     nhi_status: Annotated[NhiStatus | None, Query(alias="status")] = None,
     owner: Annotated[str | None, Query(description="Email of the agent's owner.")] = None,
@@ -44,27 +46,33 @@ def list_nhis(
         owner=owner,
         limit=limit,
         offset=offset,
+        visible_to=p,
     )
     return [NhiOut.model_validate(n) for n in nhis]
 
 
 @router.get("/{nhi_id}", response_model=NhiOut)
-def get_nhi(nhi_id: uuid.UUID, session: SessionDep) -> NhiOut:
+def get_nhi(nhi_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> NhiOut:
     """One NHI: status, scope, expiry and where its credential is delivered."""
-    return NhiOut.model_validate(inventory.get_nhi(session, nhi_id))
+    nhi = inventory.get_nhi(session, nhi_id)
+    require_read(p, nhi.agent)
+    return NhiOut.model_validate(nhi)
 
 
 @router.get("/{nhi_id}/events", response_model=list[AuditOut])
-def nhi_events(nhi_id: uuid.UUID, session: SessionDep) -> list[AuditOut]:
+def nhi_events(nhi_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> list[AuditOut]:
     """The NHI's audit trail, oldest first."""
-    inventory.get_nhi(session, nhi_id)
+    require_read(p, inventory.get_nhi(session, nhi_id).agent)
     return [AuditOut.model_validate(e) for e in inventory.events_for(session, nhi_id)]
 
 
 async def _decide(
-    state: State, nhi_id: uuid.UUID, approve: bool, actor: str, reason: str
+    state: State, nhi_id: uuid.UUID, approve: bool, p: Principal, reason: str
 ) -> NhiOut:
+    require_role(p, Role.APPROVER)
     nhi = await state.db(lambda s: inventory.get_nhi(s, nhi_id))
+    require(nhi.requested_by != p.actor, f"{p.actor} requested this NHI and cannot decide on it")
+    actor = p.actor
     if nhi.status != NhiStatus.PENDING_APPROVAL or not nhi.workflow_id:
         raise Conflict(f"status: nhi {nhi_id} is {nhi.status}, not pending_approval")
     client = await state.temporal()
@@ -84,12 +92,14 @@ async def _decide(
 
 
 @router.post("/{nhi_id}/approve", response_model=NhiOut)
-async def approve(nhi_id: uuid.UUID, body: DecisionBody, state: State, actor: Actor) -> NhiOut:
-    """Approve a request for sensitive actions (never your own)."""
-    return await _decide(state, nhi_id, True, actor, body.reason)
+async def approve(
+    nhi_id: uuid.UUID, body: DecisionBody, state: State, p: CurrentPrincipal
+) -> NhiOut:
+    """Approve a request for sensitive actions (approver role; never your own)."""
+    return await _decide(state, nhi_id, True, p, body.reason)
 
 
 @router.post("/{nhi_id}/deny", response_model=NhiOut)
-async def deny(nhi_id: uuid.UUID, body: DecisionBody, state: State, actor: Actor) -> NhiOut:
-    """Deny a request for sensitive actions."""
-    return await _decide(state, nhi_id, False, actor, body.reason)
+async def deny(nhi_id: uuid.UUID, body: DecisionBody, state: State, p: CurrentPrincipal) -> NhiOut:
+    """Deny a request for sensitive actions (approver role)."""
+    return await _decide(state, nhi_id, False, p, body.reason)

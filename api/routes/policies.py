@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import Actor, SessionDep
+from api.deps import CurrentPrincipal, SessionDep, authenticated
+from models.enums import Role
 from models.schemas import PolicyApply, PolicyOut
 from nhi import inventory
+from nhi.auth import require_role
 
-router = APIRouter(prefix="/v1/policies", tags=["policies"])
+router = APIRouter(prefix="/v1/policies", tags=["policies"], dependencies=[authenticated])
 
 
 @router.get("", response_model=list[PolicyOut])
@@ -18,7 +20,12 @@ def list_policies(session: SessionDep) -> list[PolicyOut]:
 
 
 @router.put("", response_model=list[PolicyOut])
-def apply_policies(body: PolicyApply, session: SessionDep, actor: Actor) -> list[PolicyOut]:
-    """Create or replace policies; all or nothing."""
-    applied = [inventory.apply_policy(session, p, actor, i) for i, p in enumerate(body.policies)]
+def apply_policies(
+    body: PolicyApply, session: SessionDep, principal: CurrentPrincipal
+) -> list[PolicyOut]:
+    """Create or replace policies; all or nothing (admin role)."""
+    require_role(principal, Role.ADMIN)
+    applied = [
+        inventory.apply_policy(session, p, principal.actor, i) for i, p in enumerate(body.policies)
+    ]
     return [PolicyOut.model_validate(p) for p in applied]

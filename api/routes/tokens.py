@@ -1,0 +1,107 @@
+"""API tokens (admin role) and `whoami` (anyone authenticated)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy import select
+
+from api.deps import CurrentPrincipal, SessionDep, authenticated
+from models.enums import Role
+from models.orm import ApiToken
+from models.schemas import Body, Email
+from nhi.auth import issue_token, require_role, revoke_token
+from nhi.inventory import NotFound
+
+router = APIRouter(prefix="/v1", tags=["tokens"], dependencies=[authenticated])
+
+
+class TokenCreate(Body):
+    """A new API token: a name, one role, an expiry, optionally teams and the person it is for."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{1,98}[a-z0-9]$")]
+    role: Role
+    ttl: int | str = Field(description="Seconds or a duration such as '30d'; at most 366 days.")
+    teams: list[str] | None = Field(default=None, description="Teams a platform token acts for.")
+    email: Email | None = Field(default=None, description="The person, for owner rights.")
+
+
+class TokenOut(BaseModel):
+    """A token's metadata (never the token)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    role: Role
+    teams: list[str] | None
+    email: str | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class TokenCreated(TokenOut):
+    """The one response that carries the token itself."""
+
+    token: str
+
+
+class WhoAmI(BaseModel):
+    """The authenticated caller."""
+
+    actor: str
+    roles: list[Role]
+    teams: list[str] | None
+    email: str | None
+
+
+@router.get("/whoami", response_model=WhoAmI)
+def whoami(p: CurrentPrincipal) -> WhoAmI:
+    """Who the API thinks you are."""
+    return WhoAmI(
+        actor=p.actor,
+        roles=sorted(p.roles),
+        teams=sorted(p.teams) if p.teams is not None else None,
+        email=p.email,
+    )
+
+
+@router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=TokenCreated)
+def create_token(body: TokenCreate, session: SessionDep, p: CurrentPrincipal) -> TokenCreated:
+    """Issue a token (admin role). The response is the only time the token is shown."""
+    require_role(p, Role.ADMIN)
+    row, plaintext = issue_token(
+        session,
+        name=body.name,
+        role=body.role,
+        ttl=body.ttl,
+        created_by=p.actor,
+        teams=body.teams,
+        email=body.email,
+    )
+    return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=plaintext)
+
+
+@router.get("/tokens", response_model=list[TokenOut])
+def list_tokens(session: SessionDep, p: CurrentPrincipal) -> list[TokenOut]:
+    """Every token this service issued: its own NHIs (admin, security, auditor)."""
+    require_role(p, Role.ADMIN, Role.SECURITY, Role.AUDITOR)
+    rows = session.scalars(select(ApiToken).order_by(ApiToken.created_at.desc()))
+    return [TokenOut.model_validate(r) for r in rows]
+
+
+@router.post("/tokens/{name}/revoke", response_model=TokenOut)
+def revoke(name: str, session: SessionDep, p: CurrentPrincipal) -> TokenOut:
+    """Revoke a token at once (admin role)."""
+    require_role(p, Role.ADMIN)
+    try:
+        return TokenOut.model_validate(revoke_token(session, name, p.actor))
+    except LookupError as err:
+        raise NotFound(str(err)) from None

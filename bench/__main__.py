@@ -1,0 +1,220 @@
+"""`python -m bench [--only NAME ...] [--quick]`: run the benchmarks, write bench/results/.
+
+Each benchmark gets its own services (see bench/services.py), so one cannot disturb the next,
+and a time budget; the whole run has a watchdog. Every process started is stopped on the way
+out, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import expiry, memory, provisioning, sweep
+from bench.report import Result, environment, write_summary
+from bench.services import REPO, Databases, Stack, StackSpec, kill_all
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each benchmark runs."""
+
+    provisioning: tuple[int, ...]
+    expiry_n: int
+    expiry_base_ttl: int
+    expiry_spread: int
+    inventory: tuple[int, ...]
+    iam_users: tuple[int, ...]
+    lifecycles: int
+    bounded_cache: int
+    budget_s: dict[str, float]
+
+
+# The issue's sizes. The expiry TTLs leave time to provision all 200 before the first expiry.
+FULL = Sizes(
+    provisioning=(200, 1_000),
+    expiry_n=200,
+    expiry_base_ttl=60,
+    expiry_spread=30,
+    inventory=(10_000, 100_000, 1_000_000),
+    iam_users=(500, 1_000, 2_000, 5_000),
+    lifecycles=10_000,
+    bounded_cache=100,
+    budget_s={"provisioning": 1200, "expiry": 480, "sweep": 600, "memory": 1500},
+)
+# Small enough to smoke-test the harness end to end in a few minutes.
+QUICK = Sizes(
+    provisioning=(50,),
+    expiry_n=20,
+    expiry_base_ttl=30,
+    expiry_spread=10,
+    inventory=(10_000, 100_000),
+    iam_users=(100, 500),
+    lifecycles=1_000,
+    bounded_cache=100,
+    budget_s={"provisioning": 300, "expiry": 240, "sweep": 240, "memory": 400},
+)
+NAMES = ("provisioning", "expiry", "sweep", "memory")
+PROVISIONING_TARGET_SIZE = 1_000
+
+
+def specs(store: str) -> dict[str, StackSpec]:
+    """Which services each benchmark needs."""
+    return {
+        "provisioning": StackSpec(temporal_store=store),
+        "expiry": StackSpec(temporal_store=store),
+        "sweep": StackSpec(temporal=False, worker=False, api=False, temporal_store=store),
+        # The memory benchmark starts (and replaces) its worker itself.
+        "memory": StackSpec(worker=False, api=False, temporal_store=store),
+    }
+
+
+def runner(name: str, sizes: Sizes, out: Path) -> Callable[[Stack], Awaitable[Result]]:
+    """The coroutine function that runs benchmark `name` on a started stack."""
+
+    async def run(stack: Stack) -> Result:
+        if name == "provisioning":
+            return await provisioning.run(
+                stack, list(sizes.provisioning), out, PROVISIONING_TARGET_SIZE
+            )
+        if name == "expiry":
+            return await expiry.run(
+                stack, sizes.expiry_n, sizes.expiry_base_ttl, sizes.expiry_spread, out
+            )
+        if name == "sweep":
+            return await asyncio.to_thread(sweep.run, stack, sizes.inventory, sizes.iam_users, out)
+        return await memory.run(stack, sizes.lifecycles, sizes.bounded_cache, out)
+
+    return run
+
+
+async def run_one(
+    name: str, sizes: Sizes, out: Path, dbs: Databases, root: Path, store: str, mode: str
+) -> Result:
+    """Start the benchmark's stack, run it within its budget, stop the stack; its result."""
+    spec = specs(store)[name]
+    started = time.monotonic()
+    print(f"[{name}] starting services", flush=True)
+    stack = Stack(name, dbs, root, spec)
+    try:
+        await asyncio.to_thread(stack.start)
+        print(f"[{name}] running (budget {sizes.budget_s[name]:.0f} s)", flush=True)
+        result = await asyncio.wait_for(runner(name, sizes, out)(stack), sizes.budget_s[name])
+    except Exception as err:
+        traceback.print_exc()
+        result = Result(name=name, title=f"{name} (failed)")
+        result.status = f"failed: {type(err).__name__}: {err}"[:500]
+        result.note(f"Service logs were under {stack.dir} (kept: see the console).")
+    finally:
+        await asyncio.to_thread(stack.stop)
+    result.duration_s = time.monotonic() - started
+    result.environment = environment(mode, dbs.kind, store)
+    result.write(out)
+    print(f"[{name}] done in {result.duration_s:.0f} s: {result.status}", flush=True)
+    return result
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    """Run the selected benchmarks one after the other; 0 when all produced results."""
+    sizes = QUICK if args.quick else FULL
+    mode = "quick" if args.quick else "full"
+    out: Path = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
+    root = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
+    dbs = await asyncio.to_thread(Databases, root)
+    failed = False
+    try:
+        for name in args.only or NAMES:
+            result = await run_one(name, sizes, out, dbs, root, args.temporal_store, mode)
+            failed |= result.status != "ok"
+            print(result.markdown(), flush=True)
+    finally:
+        await asyncio.to_thread(dbs.drop_all)
+        _tidy(root, keep_logs=failed or args.keep)
+    summary = write_summary(out)
+    print(f"results: {out} (summary: {summary})", flush=True)
+    return 1 if failed else 0
+
+
+def _tidy(root: Path, keep_logs: bool) -> None:
+    """Remove the run's temporary directory, or keep only its logs for a post-mortem."""
+    if not keep_logs:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for path in root.rglob("*"):
+        if path.is_file() and path.suffix != ".log":
+            path.unlink(missing_ok=True)
+    print(f"service logs kept in {root}", flush=True)
+
+
+def watchdog(seconds: float) -> None:
+    """If the run overstays its budget: stop it (SIGTERM), then end it hard."""
+
+    def fire() -> None:
+        print(f"watchdog: the run exceeded {seconds:.0f} s; stopping", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        kill_all()
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--only", nargs="+", choices=NAMES, metavar="NAME", help=f"one or more of {NAMES}"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, for a smoke test in a few minutes"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default bench/results, or .../quick)"
+    )
+    parser.add_argument(
+        "--temporal-store",
+        choices=("file", "memory"),
+        default="file",
+        help="Temporal dev server persistence: a SQLite file like `nhi dev` (default) or memory",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the service logs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    sizes = QUICK if args.quick else FULL
+    selected = args.only or NAMES
+    budget = sum(sizes.budget_s[n] for n in selected) + 120 * len(selected)
+    atexit.register(kill_all)
+    watchdog(budget)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(main_async(args))
+    # SIGTERM and SIGINT cancel the run, so every `finally` stops its services.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        print("interrupted; services stopped", file=sys.stderr)
+        return 130
+    finally:
+        kill_all()
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Load generation through the public API, and observation through the inventory.
+
+Requests go over real HTTP with a fixed number in flight (a closed loop, like a platform team's
+automation). Completion moments come from the audit trail: every transition writes one
+`audit_events` row whose `created_at` is Postgres's `now()` in the transition's transaction,
+on the same machine clock as the benchmark's `time.time()`. So latencies need no polling
+resolution and the observer adds no load while a run is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import httpx
+import psycopg
+
+from nhi.db import make_engine, make_sessionmaker, transaction
+
+ACTOR = "bench@example.com"
+# Every benchmark agent has the same owner, so one owner credential can decommission them all.
+OWNER = "owner@example.com"
+TEAM = "bench"
+TRUST = "arn:aws:iam::123456789012:role/bench-agent-runtime"
+SCOPE = [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::bench-kb/*"]}]
+# As many requests in flight as the worker has activity slots
+# (NHI_WORKER_MAX_CONCURRENT_ACTIVITIES).
+CONCURRENCY = 32
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Request headers per kind of caller.
+
+    With API authentication (`nhi.auth`), tokens are issued straight in the stack's database,
+    as `nhi dev` issues its admin token: an admin (policies) and a platform caller for team
+    `bench` whose email is the agents' owner (so it may also decommission). Without it, the
+    caller is named in `X-NHI-Actor`.
+    """
+
+    platform: dict[str, str]
+    admin: dict[str, str]
+    owner: dict[str, str]
+    mode: str
+
+
+def credentials(database_url: str) -> Credentials:
+    """Credentials that work with the API as it is in this tree."""
+    try:
+        auth = importlib.import_module("nhi.auth")
+        roles = importlib.import_module("models.enums").Role
+    except (ImportError, AttributeError):
+        return Credentials(
+            platform={"X-NHI-Actor": ACTOR},
+            admin={"X-NHI-Actor": ACTOR},
+            owner={"X-NHI-Actor": OWNER},
+            mode="X-NHI-Actor header (no API authentication in this tree)",
+        )
+    engine = make_engine(database_url, pool_size=1)
+    tag = run_tag()
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            _, admin = auth.issue_token(
+                session, name=f"bench-admin-{tag}", role=roles("admin"), ttl="1d",
+                created_by="system:bench",
+            )  # fmt: skip
+            _, platform = auth.issue_token(
+                session, name=f"bench-platform-{tag}", role=roles("platform"), ttl="1d",
+                created_by="system:bench", teams=[TEAM], email=OWNER,
+            )  # fmt: skip
+    finally:
+        engine.dispose()
+    bearer = {"Authorization": f"Bearer {platform}"}
+    return Credentials(
+        platform=bearer,
+        admin={"Authorization": f"Bearer {admin}"},
+        owner=bearer,
+        mode="API tokens issued in the database (admin; platform for team bench, owner email)",
+    )
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An agent registered for the benchmark."""
+
+    id: str
+    name: str
+    owner: str
+
+
+@dataclass
+class Requested:
+    """One NHI request: when it was sent and what the API answered."""
+
+    id: str
+    agent: Agent
+    kind: str
+    sent_at: float
+    answered_at: float
+    expires_at: float
+
+
+async def bounded(
+    items: Sequence[T], fn: Callable[[int, T], Awaitable[R]], concurrency: int
+) -> list[R]:
+    """`fn(i, item)` for every item with at most `concurrency` running; results in order."""
+    results: list[R | None] = [None] * len(items)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(items)):
+        queue.put_nowait(i)
+
+    async def lane() -> None:
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            results[i] = await fn(i, items[i])
+
+    await asyncio.gather(*(lane() for _ in range(min(concurrency, len(items)) or 1)))
+    return [r for r in results if r is not None]
+
+
+def http_client(
+    api_url: str, headers: dict[str, str], concurrency: int = CONCURRENCY
+) -> httpx.AsyncClient:
+    """One connection per request in flight; long timeouts (the benchmark bounds time itself)."""
+    return httpx.AsyncClient(
+        base_url=api_url,
+        headers=headers,
+        timeout=httpx.Timeout(60.0),
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    )
+
+
+def _check(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: "
+            f"HTTP {response.status_code} {response.text[:300]}"
+        )
+    return response.json()
+
+
+async def create_agents(http: httpx.AsyncClient, n: int, tag: str) -> list[Agent]:
+    """Register `n` agents with unique names (all owned by OWNER, team TEAM)."""
+
+    async def one(i: int, _: None) -> Agent:
+        name = f"bench-{tag}-{i}"
+        body = {
+            "name": name,
+            "category": "rag",
+            "environment": "dev",
+            "owner_email": OWNER,
+            "backup_owner_email": "backup@example.com",
+            "team": TEAM,
+            "purpose": "Benchmark agent",
+        }
+        data = _check(await http.post("/v1/agents", json=body))
+        return Agent(id=data["id"], name=name, owner=OWNER)
+
+    return await bounded([None] * n, one, CONCURRENCY)
+
+
+def nhi_body(kind: str, ttl: int | str) -> dict[str, Any]:
+    """A valid request for an `iam_role` or an `iam_user_key` with a small S3 read scope."""
+    body: dict[str, Any] = {"platform": "aws", "kind": kind, "ttl": ttl, "scope": SCOPE}
+    if kind == "iam_role":
+        body["trust_principal"] = TRUST
+    return body
+
+
+async def request_nhis(
+    http: httpx.AsyncClient,
+    agents: Sequence[Agent],
+    kind_of: Callable[[int], str],
+    ttl_of: Callable[[int], int | str],
+) -> list[Requested]:
+    """One NHI per agent through `POST /v1/agents/{id}/nhis`, CONCURRENCY in flight."""
+
+    async def one(i: int, agent: Agent) -> Requested:
+        kind = kind_of(i)
+        sent = time.time()
+        data = _check(
+            await http.post(f"/v1/agents/{agent.id}/nhis", json=nhi_body(kind, ttl_of(i)))
+        )
+        answered = time.time()
+        expires = datetime.fromisoformat(data["expires_at"]).timestamp()
+        return Requested(data["id"], agent, kind, sent, answered, expires)
+
+    return await bounded(agents, one, CONCURRENCY)
+
+
+async def decommission(
+    http: httpx.AsyncClient, nhis: Sequence[Requested], owner: dict[str, str]
+) -> dict[str, float]:
+    """`POST /v1/nhis/{id}/decommission` as the agents' owner; when each request was sent.
+
+    A 409/503 right after activation means the lifecycle run is still starting (the provisioning
+    workflow starts it after recording `active`): retried, and the retry's send time counts.
+    """
+
+    async def one(_: int, nhi: Requested) -> tuple[str, float]:
+        for attempt in range(60):
+            sent = time.time()
+            response = await http.post(
+                f"/v1/nhis/{nhi.id}/decommission",
+                json={"reason": "benchmark"},
+                headers=owner,
+            )
+            if response.status_code in (409, 503) and attempt < 59:
+                await asyncio.sleep(0.5)
+                continue
+            _check(response)
+            return nhi.id, sent
+        raise RuntimeError(f"decommission of {nhi.id} kept being refused")
+
+    return dict(await bounded(nhis, one, CONCURRENCY))
+
+
+async def set_grace_period(
+    http: httpx.AsyncClient, kind: str, seconds: int, admin: dict[str, str]
+) -> None:
+    """Replace the aws/<kind>/dev policy with the same one but another grace period.
+
+    With 0, a decommissioned or expired NHI is deleted right after its quarantine, so the
+    benchmark can measure deletion and leaves no identities behind.
+    """
+    policies = _check(await http.get("/v1/policies", headers=admin))
+    current = next(
+        p
+        for p in policies
+        if p["platform"] == "aws" and p["kind"] == kind and p["environment"] == "dev"
+    )
+    body = {
+        "platform": "aws",
+        "kind": kind,
+        "environment": "dev",
+        "allowed": current["allowed"],
+        "default_ttl": current["default_ttl_seconds"],
+        "max_lifetime": current["max_lifetime_seconds"],
+        "rotation_period": current["rotation_period_seconds"],
+        "reminder_offsets": current["reminder_offsets_seconds"],
+        "grace_period": seconds,
+        "max_session_duration": current["max_session_duration_seconds"],
+        "allow_resource_wildcard": current["allow_resource_wildcard"],
+        "forbidden_actions": current["forbidden_actions"],
+        "sensitive_actions": current["sensitive_actions"],
+    }
+    _check(await http.put("/v1/policies", json={"policies": [body]}, headers=admin))
+
+
+def status_counts(dsn: str, ids: Sequence[str]) -> dict[str, int]:
+    """How many of the NHIs are in each status right now."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT status, count(*) FROM nhis WHERE id = ANY(%s::uuid[]) GROUP BY status",
+            (list(ids),),
+        ).fetchall()
+    return {str(status): int(count) for status, count in rows}
+
+
+async def wait_for_status(
+    dsn: str,
+    ids: Sequence[str],
+    done: set[str],
+    timeout: float,
+    failed: frozenset[str] = frozenset({"failed", "revoke_failed"}),
+) -> tuple[dict[str, int], bool]:
+    """Poll until every NHI is in a `done` (or failed) status; (final counts, finished?)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = await asyncio.to_thread(status_counts, dsn, ids)
+        settled = sum(c for s, c in counts.items() if s in done or s in failed)
+        if settled >= len(ids):
+            return counts, True
+        if time.monotonic() > deadline:
+            return counts, False
+        await asyncio.sleep(0.5)
+
+
+def event_times(dsn: str, ids: Sequence[str], event: str) -> dict[str, float]:
+    """Epoch seconds of the first `event` in each NHI's audit trail."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT subject_id, extract(epoch FROM min(created_at)) FROM audit_events "
+            "WHERE event = %s AND subject_id = ANY(%s) GROUP BY subject_id",
+            (event, list(ids)),
+        ).fetchall()
+    return {str(subject): float(epoch) for subject, epoch in rows}
+
+
+def run_tag() -> str:
+    """A short tag that keeps this run's names unique."""
+    return uuid.uuid4().hex[:6]

