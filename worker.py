@@ -21,21 +21,24 @@ from temporalio.worker import Worker
 from activities.aws import AwsActivities
 from activities.db import DbActivities
 from activities.slack import SlackActivities
+from activities.sweep import SupervisionActivities, SweepActivities
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings, get_settings
 from nhi.db import make_engine, make_sessionmaker
 from nhi.logging import configure
+from nhi.schedules import apply_schedules
 from nhi.slack import make_slack_client
 from nhi.temporal import connect
 from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
+from workflows.sweep import OrphanRemovalWorkflow, SweepWorkflow
 
 log = logging.getLogger("nhi.worker")
 # The SDK exposes no public "is this an activity" check; this is what its own Worker uses, and
 # any change shows at once in the tests (every workflow test needs these registrations).
 activity_defn_of = _Definition.from_callable
 
-WORKFLOWS = [ProvisionNhiWorkflow, NhiLifecycleWorkflow]
+WORKFLOWS = [ProvisionNhiWorkflow, NhiLifecycleWorkflow, SweepWorkflow, OrphanRemovalWorkflow]
 
 
 def activities_of(*instances: object) -> list[Callable[..., Any]]:
@@ -61,12 +64,14 @@ def build_worker(
     """A worker with every workflow and activity registered; sync activities run on threads."""
     db = DbActivities(sessions, settings)
     cloud = AwsActivities(aws)
-    people = SlackActivities(slack)
+    people = SlackActivities(slack, settings.slack_security_channel)
+    sweeps = SweepActivities(sessions, aws, settings)
+    supervision = SupervisionActivities(sessions, settings)
     return Worker(
         client,
         task_queue=task_queue or settings.temporal_task_queue,
         workflows=WORKFLOWS,
-        activities=activities_of(db, cloud, people),
+        activities=activities_of(db, cloud, people, sweeps, supervision),
         activity_executor=ThreadPoolExecutor(
             max_workers=settings.worker_max_concurrent_activities, thread_name_prefix="activity"
         ),
@@ -88,6 +93,11 @@ async def run(settings: Settings) -> None:
         make_aws_clients(settings),
         slack=make_slack_client(settings),
     )
+    try:
+        for line in await apply_schedules(client, settings):
+            log.info("schedule %s", line)
+    except Exception:  # the worker's own job is more important than the schedule's upkeep
+        log.exception("could not apply the sweep schedules; `nhi schedules apply` will")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -547,6 +547,8 @@ class AwsActivities(AwsLifecycleMixin):
         return done
 
     def _remove_secret(self, name: str, *, force: bool) -> list[str]:
+        if not name:
+            return []  # an orphan whose secret was never found
         # Secrets Manager reports success for a forced delete of a missing secret, so look
         # first: the removal report must say what was really there.
         try:

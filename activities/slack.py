@@ -30,8 +30,9 @@ LOG_CHANNEL = "log"
 class SlackActivities:
     """Slack Web API calls (or the log, when Slack is not configured)."""
 
-    def __init__(self, client: WebClient | None) -> None:
+    def __init__(self, client: WebClient | None, security_channel: str = "#nhi-security") -> None:
         self._slack = client
+        self._security_channel = security_channel
 
     def _user_id(self, email: str) -> str | None:
         """The active Slack user with this email, or None if absent or deactivated."""
@@ -109,12 +110,15 @@ class SlackActivities:
     @activity.defn
     def alert(self, alert: Alert) -> None:
         """Tell people and channels something went wrong (e.g. a revocation that keeps failing)."""
+        channels = list(alert.channels)
+        if alert.security and self._security_channel not in channels:
+            channels.append(self._security_channel)
         if self._slack is None:
-            log.error("ALERT to %s: %s", ", ".join(alert.emails + alert.channels), alert.text)
+            log.error("ALERT to %s: %s", ", ".join(alert.emails + channels), alert.text)
             return
         for email in alert.emails:
             user = self._user_id(email)
             if user is not None:
                 self._slack.chat_postMessage(channel=user, text=alert.text)
-        for channel in alert.channels:
+        for channel in channels:
             self._slack.chat_postMessage(channel=channel, text=alert.text)

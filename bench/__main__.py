@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import expiry, memory, provisioning, sweep
@@ -70,14 +70,15 @@ NAMES = ("provisioning", "expiry", "sweep", "memory")
 PROVISIONING_TARGET_SIZE = 1_000
 
 
-def specs(store: str) -> dict[str, StackSpec]:
+def specs(store: str, bytecode: bool) -> dict[str, StackSpec]:
     """Which services each benchmark needs."""
+    full = StackSpec(temporal_store=store, bytecode_cache=bytecode)
     return {
-        "provisioning": StackSpec(temporal_store=store),
-        "expiry": StackSpec(temporal_store=store),
-        "sweep": StackSpec(temporal=False, worker=False, api=False, temporal_store=store),
+        "provisioning": full,
+        "expiry": full,
+        "sweep": replace(full, temporal=False, worker=False, api=False),
         # The memory benchmark starts (and replaces) its worker itself.
-        "memory": StackSpec(worker=False, api=False, temporal_store=store),
+        "memory": replace(full, worker=False, api=False),
     }
 
 
@@ -101,10 +102,12 @@ def runner(name: str, sizes: Sizes, out: Path) -> Callable[[Stack], Awaitable[Re
 
 
 async def run_one(
-    name: str, sizes: Sizes, out: Path, dbs: Databases, root: Path, store: str, mode: str
+    name: str, sizes: Sizes, out: Path, dbs: Databases, root: Path, args: argparse.Namespace
 ) -> Result:
     """Start the benchmark's stack, run it within its budget, stop the stack; its result."""
-    spec = specs(store)[name]
+    store = args.temporal_store
+    spec = specs(store, not args.no_bytecode_cache)[name]
+    mode = "quick" if args.quick else "full"
     started = time.monotonic()
     print(f"[{name}] starting services", flush=True)
     stack = Stack(name, dbs, root, spec)
@@ -120,7 +123,7 @@ async def run_one(
     finally:
         await asyncio.to_thread(stack.stop)
     result.duration_s = time.monotonic() - started
-    result.environment = environment(mode, dbs.kind, store)
+    result.environment = environment(mode, dbs.kind, store, spec.bytecode_cache)
     result.write(out)
     print(f"[{name}] done in {result.duration_s:.0f} s: {result.status}", flush=True)
     return result
@@ -129,14 +132,13 @@ async def run_one(
 async def main_async(args: argparse.Namespace) -> int:
     """Run the selected benchmarks one after the other; 0 when all produced results."""
     sizes = QUICK if args.quick else FULL
-    mode = "quick" if args.quick else "full"
     out: Path = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
     root = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
     dbs = await asyncio.to_thread(Databases, root)
     failed = False
     try:
         for name in args.only or NAMES:
-            result = await run_one(name, sizes, out, dbs, root, args.temporal_store, mode)
+            result = await run_one(name, sizes, out, dbs, root, args)
             failed |= result.status != "ok"
             print(result.markdown(), flush=True)
     finally:
@@ -189,6 +191,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("file", "memory"),
         default="file",
         help="Temporal dev server persistence: a SQLite file like `nhi dev` (default) or memory",
+    )
+    parser.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="run the services with PYTHONDONTWRITEBYTECODE=1 (as deploy/Dockerfile does)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the service logs")
     return parser.parse_args(argv)

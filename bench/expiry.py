@@ -122,11 +122,9 @@ async def run(stack: Stack, n: int, base_ttl: int, spread: int, out: Path) -> Re
     result = Result(name=NAME, title="Expiry precision (AWS)")
     await stack.wait_worker_polling()
     creds = await asyncio.to_thread(load.credentials, stack.database_url)
+    # The policies keep their grace period (1 day in dev): at expiry only the quarantine runs,
+    # as in production; deletion would come a day later and is not what is measured here.
     async with load.http_client(stack.api_url, creds.platform) as http:
-        # Deletion right after the quarantine: the run leaves nothing behind, and "gone"
-        # counts as unusable too.
-        for kind in ("iam_role", "iam_user_key"):
-            await load.set_grace_period(http, kind, 0, creds.admin)
         agents = await load.create_agents(http, n, load.run_tag())
         print(f"  [{NAME}] requesting {n} NHIs, TTL {base_ttl}-{base_ttl + spread}s", flush=True)
         requested = await load.request_nhis(
@@ -267,8 +265,9 @@ def _explain(result: Result, p99: float, late: list[Watch]) -> None:
         f"(ListRolePolicies / ListAccessKeys) every {POLL_GAP_S} s per identity on "
         f"{POLL_THREADS} threads. 'Unusable' is IAM's own state, as `verify_quarantine` proves "
         "it: the deny-all policy on a role, no active access key on a user (or the identity "
-        "gone). Grace periods are 0 here, so deletion follows; that does not change when the "
-        "credential became unusable."
+        "gone). Policies keep their grace period (1 day in dev), so at expiry only the "
+        "quarantine runs, as in production; deletion comes after the grace period and does not "
+        "change when the credential became unusable."
     )
     result.note(
         "On real AWS every statement of the scope policy also carries "

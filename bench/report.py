@@ -15,12 +15,15 @@ from typing import Any
 
 from bench.services import REPO
 
-try:  # Plots are optional: a machine without matplotlib still gets the tables.
+# Plots are optional: a machine without matplotlib still gets the tables.
+plt: Any
+try:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as _pyplot
 
+    plt = _pyplot
     HAVE_PLOTS = True
 except ImportError:  # pragma: no cover - depends on the environment
     plt = None
@@ -120,6 +123,8 @@ class Result:
             f"Run {self.started_at} ({self.duration_s:.0f} s), {env.get('mode', '')} sizes, "
             f"{env.get('cpus', '?')} CPUs, {env.get('postgres', '')}, "
             f"Temporal dev server ({env.get('temporal_store', '')}), "
+            f"{'' if env.get('bytecode_cache', True) else 'no '}bytecode cache, "
+            f"load average at the end {env.get('load_average_at_end', '?')}, "
             f"commit {env.get('commit', '?')}."
         )
         if self.status != "ok":
@@ -141,7 +146,9 @@ class Result:
         (out / f"{self.name}.md").write_text(self.markdown())
 
 
-def environment(mode: str, postgres: str, temporal_store: str) -> dict[str, Any]:
+def environment(
+    mode: str, postgres: str, temporal_store: str, bytecode_cache: bool
+) -> dict[str, Any]:
     """Where the figures come from: they only mean something next to this."""
     try:
         commit = subprocess.run(
@@ -161,6 +168,8 @@ def environment(mode: str, postgres: str, temporal_store: str) -> dict[str, Any]
         "postgres": postgres,
         "temporal_store": "SQLite file, WAL" if temporal_store == "file" else "in memory",
         "commit": commit or "?",
+        "bytecode_cache": bytecode_cache,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped]
 import psycopg
 from psycopg import sql
 from temporalio.api.enums.v1 import TaskQueueType
@@ -217,6 +217,11 @@ class StackSpec:
     worker_env: dict[str, str] = field(default_factory=dict)
     # "file" matches `nhi dev` (SQLite file, WAL, synchronous=1); "memory" is the CLI default.
     temporal_store: str = "file"
+    # Python's normal bytecode cache for the service processes, kept in the run's temporary
+    # directory (PYTHONPYCACHEPREFIX) so the source tree gets no __pycache__. Without it (as
+    # with PYTHONDONTWRITEBYTECODE=1, set on this machine and in deploy/Dockerfile) every new
+    # sandboxed workflow instance compiles its workflow module from source again.
+    bytecode_cache: bool = True
 
 
 class Stack:
@@ -263,7 +268,7 @@ class Stack:
             temporal_task_queue=self.task_queue,
             aws_endpoint_url=self.moto_url if self.moto_port else None,
             aws_region="us-east-1",
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
         )
 
     def env(self, **overrides: str) -> dict[str, str]:
@@ -283,6 +288,12 @@ class Stack:
         )
         if self.moto_port:
             env["NHI_AWS_ENDPOINT_URL"] = self.moto_url
+        if self.spec.bytecode_cache:
+            env["PYTHONDONTWRITEBYTECODE"] = ""  # empty means unset to Python
+            env["PYTHONPYCACHEPREFIX"] = str(self.dir.parent / "pycache")
+        else:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+            env.pop("PYTHONPYCACHEPREFIX", None)
         env.update(overrides)
         return env
 
@@ -364,8 +375,8 @@ class Stack:
         httpx.get(f"{self.api_url}/healthz", timeout=10).raise_for_status()
 
     async def wait_worker_polling(self, timeout: float = START_TIMEOUT) -> None:
-        """Block until a worker polls this stack's workflow task queue (so no timing includes
-        worker start-up)."""
+        """Block until the current worker process polls this stack's workflow task queue (so no
+        timing includes worker start-up)."""
         client = await self.client()
         request = DescribeTaskQueueRequest(
             namespace="default",
@@ -379,7 +390,9 @@ class Stack:
                 tail = worker.tail() if worker else ""
                 raise ServiceError(f"the worker is not running:\n{tail}")
             described = await client.workflow_service.describe_task_queue(request)
-            if described.pollers:
+            # Pollers stay listed for a while after they stop: only this process counts (the
+            # SDK's default identity is "<pid>@<host>").
+            if any(p.identity.startswith(f"{worker.pid}@") for p in described.pollers):
                 return
             if time.monotonic() > deadline:
                 raise ServiceError(f"no worker polled {self.task_queue} in {timeout:.0f}s")
@@ -419,6 +432,19 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def wait_idle(proc: Proc, timeout: float, quiet_cpu_s: float = 0.05) -> bool:
+    """Until the process used under `quiet_cpu_s` of CPU in a whole second; False on timeout."""
+    deadline = time.monotonic() + timeout
+    last = proc.cpu_seconds()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        now = proc.cpu_seconds()
+        if now - last < quiet_cpu_s:
+            return True
+        last = now
+    return False
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

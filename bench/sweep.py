@@ -113,7 +113,7 @@ def grow(conn: psycopg.Connection[Any], have: int, size: int) -> float:
     lo = have + 1
     while lo <= size:
         hi = min(size, lo + CHUNK - 1)
-        conn.execute(LOAD_NHIS_SQL, {"lo": lo, "hi": hi, "agents": AGENTS})  # type: ignore[arg-type]
+        conn.execute(LOAD_NHIS_SQL, {"lo": lo, "hi": hi, "agents": AGENTS})
         lo = hi + 1
     # Fresh statistics as autovacuum would eventually give them; also sets the visibility map.
     conn.execute("VACUUM ANALYZE nhis")
@@ -129,7 +129,7 @@ def time_query(conn: psycopg.Connection[Any], query: str, reps: int, seqscan: bo
                 conn.execute(f"SET LOCAL {knob} = off")
         for i in range(reps + WARMUP):
             start = time.perf_counter()
-            conn.execute(query).fetchall()  # type: ignore[arg-type]
+            conn.execute(query).fetchall()
             if i >= WARMUP:
                 times.append((time.perf_counter() - start) * 1000)
     return times
@@ -137,7 +137,7 @@ def time_query(conn: psycopg.Connection[Any], query: str, reps: int, seqscan: bo
 
 def explain(conn: psycopg.Connection[Any], query: str) -> dict[str, Any]:
     """The plan Postgres chose: top scan node, index, rows, buffers, server-side time."""
-    row = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}").fetchone()  # type: ignore[arg-type]
+    row = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}").fetchone()
     plan = row[0][0] if row else {}
     node = plan.get("Plan", {})
     while node.get("Plans") and node.get("Node Type") in ("Limit", "Sort", "Gather Merge"):
@@ -204,7 +204,7 @@ def due_work(dsn: str, sizes: Sequence[int]) -> list[dict[str, Any]]:
     """Grow the inventory through `sizes`, measuring at each."""
     results: list[dict[str, Any]] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(LOAD_AGENTS_SQL, {"n": AGENTS})  # type: ignore[arg-type]
+        conn.execute(LOAD_AGENTS_SQL, {"n": AGENTS})
         have = 0
         for size in sizes:
             print(f"  [{NAME}] loading nhis to {size:,} rows", flush=True)

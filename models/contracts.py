@@ -366,4 +366,80 @@ class Alert(Contract):
 
     emails: list[str] = []
     channels: list[str] = []
+    security: bool = False  # also the configured security channel
     text: str
+
+
+# ---- sweeps ----------------------------------------------------------------------------------
+
+
+class FindingKind(StrEnum):
+    """What a sweep can find (see nhi/sweep.py for the rules)."""
+
+    ORPHAN = "orphan"
+    UNTAGGED = "untagged"
+    EXPIRED_ALIVE = "expired_alive"
+    AGENT_GONE = "agent_gone"
+    MISSING = "missing"
+    DRIFT = "drift"
+    STALE = "stale"
+    UNSUPERVISED = "unsupervised"
+
+
+class Finding(Contract):
+    """One thing a sweep found, and what it will do (or did) about it."""
+
+    kind: FindingKind
+    identity: str
+    identity_kind: str
+    nhi_id: uuid.UUID | None = None
+    detail: str = ""
+    action: str = ""
+    secret_arn: str | None = None
+
+
+class SweepInput(Contract):
+    """Sweep one provider; a dry run only reports."""
+
+    provider: str = "aws"
+    dry_run: bool = False
+    triggered_by: str = "system:schedule"
+    sweep_id: uuid.UUID | None = None  # set when the API created the row first
+
+
+class SweepPlan(Contract):
+    """What a sweep found: findings (capped, so history stays small) and counts."""
+
+    sweep_id: uuid.UUID
+    findings: list[Finding] = []
+    counts: dict[str, int] = {}
+    truncated: int = 0
+    orphan_grace_seconds: int = 86400
+
+
+class SweepOutcome(Contract):
+    """Record a sweep's end."""
+
+    sweep_id: uuid.UUID
+    status: str
+    summary: dict[str, int] = {}
+    findings: list[Finding] = []
+    error: str | None = None
+
+
+class OrphanInput(Contract):
+    """Remove an identity this service made that the inventory no longer answers for."""
+
+    identity: str
+    identity_kind: NhiKind
+    secret_arn: str | None = None
+    grace_seconds: int = 86400
+    found_by: str = ""
+
+
+class LifecycleNudge(Contract):
+    """Ask an NHI's lifecycle to act (decommission), or start it again when none runs."""
+
+    nhi_id: uuid.UUID
+    action: str
+    reason: str

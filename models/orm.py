@@ -162,6 +162,8 @@ class Policy(Base):
     grace_period_seconds: Mapped[int] = mapped_column(Integer)
     max_session_duration_seconds: Mapped[int] = mapped_column(Integer, default=3600)
     allow_resource_wildcard: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Sweeps put back the granted scope when the platform's permissions drifted from it.
+    revert_drift: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     forbidden_actions: Mapped[list[str]] = mapped_column(default=list)
     sensitive_actions: Mapped[list[str]] = mapped_column(default=list)
     updated_by: Mapped[str] = mapped_column(String(254))
@@ -242,3 +244,25 @@ class ApiToken(Base):
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+
+
+class Sweep(Base):
+    """One sweep of one provider: what it found, what it did, or why it stopped."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (
+        CheckConstraint("status IN ('running', 'completed', 'failed')", name="status"),
+        Index("ix_sweeps_started_at", "started_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    provider: Mapped[str] = mapped_column(String(32))
+    dry_run: Mapped[bool] = mapped_column(Boolean)
+    triggered_by: Mapped[str] = mapped_column(String(254))
+    workflow_id: Mapped[str] = mapped_column(String(255), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    finished_at: Mapped[datetime | None]
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    findings: Mapped[list[Any]] = mapped_column(default=list)
+    error: Mapped[str | None] = mapped_column(Text)

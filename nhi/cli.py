@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -557,6 +558,161 @@ def tokens_bootstrap(name: str, ttl: str) -> None:
     finally:
         engine.dispose()
     click.echo(plaintext)
+
+
+# ---- sweeps and schedules -------------------------------------------------------------------
+FINDING_COLUMNS = ["kind", "identity", "detail", "action"]
+
+
+def _show_sweep(ctx: Ctx, sweep: dict[str, Any]) -> None:
+    if ctx.as_json:
+        ctx.emit(sweep)
+        return
+    mode = " (dry run)" if sweep["dry_run"] else ""
+    click.echo(f"sweep {sweep['id']} of {sweep['provider']}{mode}: {sweep['status']}")
+    if sweep.get("error"):
+        click.echo(f"error: {sweep['error']}")
+    counts = {k: v for k, v in sweep["summary"].items() if v}
+    click.echo("summary: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    if sweep["findings"]:
+        ctx.emit(sweep["findings"], FINDING_COLUMNS)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--provider", default="aws", show_default=True, type=click.Choice(["aws"]))
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--no-wait", is_flag=True, help="Return once the sweep has started.")
+@click.pass_context
+def sweep(click_ctx: click.Context, provider: str, dry_run: bool, no_wait: bool) -> None:
+    """Sweep a provider for orphaned, stale, expired and drifted NHIs (security role)."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    ctx: Ctx = click_ctx.obj
+    started = ctx.api.call("POST", "/v1/sweeps", json={"provider": provider, "dry_run": dry_run})
+    if no_wait:
+        ctx.emit(started, ["id", "provider", "dry_run", "status", "workflow_id"])
+        return
+    deadline = time.monotonic() + 600
+    current = started
+    while current["status"] == "running":
+        if time.monotonic() > deadline:
+            _fail(f"sweep {started['id']} still running; see `nhi sweep show {started['id']}`")
+        time.sleep(1)
+        current = ctx.api.call("GET", f"/v1/sweeps/{started['id']}")
+    _show_sweep(ctx, current)
+    if current["status"] == "failed":
+        raise SystemExit(1)
+
+
+@sweep.command("show")
+@click.argument("sweep_id")
+@pass_ctx
+def sweep_show(ctx: Ctx, sweep_id: str) -> None:
+    """One sweep's findings and actions."""
+    _show_sweep(ctx, ctx.api.call("GET", f"/v1/sweeps/{sweep_id}"))
+
+
+@sweep.command("list")
+@pass_ctx
+def sweep_list(ctx: Ctx) -> None:
+    """Recent sweeps."""
+    ctx.emit(
+        ctx.api.call("GET", "/v1/sweeps"),
+        ["id", "provider", "dry_run", "status", "started_at", "triggered_by"],
+    )
+
+
+def _temporal(action: Any) -> Any:
+    """Run `action(client, settings)` against Temporal (schedules are an operator's tool)."""
+    import asyncio
+
+    from nhi.temporal import connect
+
+    settings = get_settings()
+
+    async def go() -> Any:
+        try:
+            client = await connect(settings)
+        except Exception:
+            _fail(f"cannot reach Temporal at {settings.temporal_address}")
+        return await action(client, settings)
+
+    return asyncio.run(go())
+
+
+@cli.group()
+def schedules() -> None:
+    """Temporal Schedules of the sweeps (talks to Temporal with NHI_TEMPORAL_* settings)."""
+
+
+@schedules.command("apply")
+def schedules_apply() -> None:
+    """Create or update every sweep schedule (the worker also does this at start)."""
+    from nhi.schedules import apply_schedules
+
+    for line in _temporal(apply_schedules):
+        click.echo(line)
+
+
+@schedules.command("list")
+def schedules_list() -> None:
+    """Sweep schedules, paused or not, and when they fire next."""
+    from nhi.schedules import PROVIDERS, schedule_id
+
+    async def describe(client: Any, _settings: Any) -> list[str]:
+        out = []
+        for provider in PROVIDERS:
+            d = await client.get_schedule_handle(schedule_id(provider)).describe()
+            nxt = d.info.next_action_times[0] if d.info.next_action_times else None
+            paused = "paused" if d.schedule.state.paused else "active"
+            out.append(
+                f"{schedule_id(provider)}  {paused}  next: {nxt}  runs: {d.info.num_actions}"
+            )
+        return out
+
+    for line in _temporal(describe):
+        click.echo(line)
+
+
+def _schedule_op(op: str, provider: str) -> None:
+    from nhi.schedules import schedule_id
+
+    async def act(client: Any, _settings: Any) -> None:
+        handle = client.get_schedule_handle(schedule_id(provider))
+        if op == "pause":
+            await handle.pause(note="nhi schedules pause")
+        elif op == "resume":
+            await handle.unpause(note="nhi schedules resume")
+        else:
+            await handle.trigger()
+
+    _temporal(act)
+    click.echo(
+        f"{schedule_id(provider)}: {op}d"
+        if op != "trigger"
+        else f"{schedule_id(provider)}: triggered"
+    )
+
+
+@schedules.command("pause")
+@click.argument("provider", default="aws")
+def schedules_pause(provider: str) -> None:
+    """Pause a provider's sweeps."""
+    _schedule_op("pause", provider)
+
+
+@schedules.command("resume")
+@click.argument("provider", default="aws")
+def schedules_resume(provider: str) -> None:
+    """Resume a provider's sweeps."""
+    _schedule_op("resume", provider)
+
+
+@schedules.command("trigger")
+@click.argument("provider", default="aws")
+def schedules_trigger(provider: str) -> None:
+    """Run a provider's sweep now."""
+    _schedule_op("trigger", provider)
 
 
 # ---- operations -----------------------------------------------------------------------------

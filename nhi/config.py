@@ -76,6 +76,23 @@ class Settings(BaseSettings):
         ge=60,
         description="How often a `revoke_failed` NHI's removal is tried again.",
     )
+    sweep_interval_seconds: int = Field(
+        default=86400, ge=300, description="How often the scheduled sweep of each provider runs."
+    )
+    sweep_calls_per_second: float = Field(
+        default=10.0, gt=0, le=1000, description="Pace of a sweep's calls per provider account."
+    )
+    sweep_propagation_seconds: int = Field(
+        default=600,
+        ge=0,
+        description="Identities younger than this are never called orphans (IAM lags).",
+    )
+    sweep_stale_days: int = Field(
+        default=90, ge=1, description="An active NHI unused this long is reported stale."
+    )
+    orphan_grace_seconds: int = Field(
+        default=86400, ge=0, description="How long a quarantined orphan waits before deletion."
+    )
     slack_bot_token: SecretStr | None = Field(
         default=None,
         description="Bot token (`xoxb-...`). Unset: prompts go to the log and `nhi prompts`.",

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from models.enums import Role
-from models.orm import Agent, ApiToken, AuditEvent, Nhi, Policy, Prompt
+from models.orm import Agent, ApiToken, AuditEvent, Nhi, Policy, Prompt, Sweep
 from nhi.auth import issue_token
 from nhi.aws import AwsClients
 from nhi.db import transaction
@@ -70,6 +70,9 @@ CASES: list[Case] = [
     ("GET", "/v1/tokens", None, frozenset({"admin", "security", "auditor"})),
     ("POST", "/v1/tokens", lambda w: {"name": unique("tok"), "role": "auditor", "ttl": "1d"}, frozenset({"admin"})),
     ("POST", "/v1/tokens/{token}/revoke", None, frozenset({"admin"})),
+    ("POST", "/v1/sweeps", lambda w: {"dry_run": True}, frozenset({"security"})),
+    ("GET", "/v1/sweeps", None, frozenset({"security", "auditor", "admin"})),
+    ("GET", "/v1/sweeps/{sweep}", None, frozenset({"security", "auditor", "admin"})),
 ]  # fmt: skip
 
 
@@ -100,6 +103,16 @@ def _world(sessions: sessionmaker[Session]) -> dict[str, str]:
             deliveries=[],
         )
         s.add(prompt)
+        sweep = Sweep(
+            provider="aws",
+            dry_run=True,
+            triggered_by="test",
+            workflow_id=unique("sweep-wf"),
+            status="completed",
+            summary={},
+            findings=[],
+        )
+        s.add(sweep)
         row, _ = issue_token(
             s,
             name=unique("victim"),
@@ -115,6 +128,7 @@ def _world(sessions: sessionmaker[Session]) -> dict[str, str]:
             "token": row.name,
             "token_id": str(row.id),
             "agent_name": agent.name,
+            "sweep": str(sweep.id),
         }
 
 
@@ -205,7 +219,7 @@ def test_the_matrix_covers_every_v1_endpoint() -> None:
         for method in ops
     }
     covered = {(m, p.replace("{agent}", "{agent_id}").replace("{nhi}", "{nhi_id}")
-                .replace("{prompt}", "{prompt_id}").replace("{token}", "{name}")) for m, p, _, _ in CASES}  # fmt: skip
+                .replace("{prompt}", "{prompt_id}").replace("{token}", "{name}").replace("{sweep}", "{sweep_id}")) for m, p, _, _ in CASES}  # fmt: skip
     assert routes == covered
 
 
@@ -336,10 +350,16 @@ async def test_oidc_tokens_are_checked_and_mapped(
             assert response.status_code == 200, response.text
 
         await eventually(approved)
-        with transaction(sessions) as s:
-            actors = set(s.scalars(select(AuditEvent.actor).where(AuditEvent.subject_id == nhi_id)))
-        assert {"oidc:ana-sub", "oidc:bo-sub"} <= actors
-        assert not any(a == "api" or a.startswith("api:") for a in actors)
+
+        async def audited() -> None:
+            with transaction(sessions) as s:
+                actors = set(
+                    s.scalars(select(AuditEvent.actor).where(AuditEvent.subject_id == nhi_id))
+                )
+            assert {"oidc:ana-sub", "oidc:bo-sub"} <= actors
+            assert not any(a == "api" or a.startswith("api:") for a in actors)
+
+        await eventually(audited)
 
 
 async def test_platform_of_team_a_cannot_provision_for_team_b(service: Service) -> None:
