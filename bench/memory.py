@@ -407,8 +407,15 @@ def _explain(
         f"The idle worker alone is {fmt(default.idle_mb, 'MB', 0)}: the worker imports the "
         "whole service (SQLAlchemy, boto3 with its service models, the Slack SDK, pydantic, "
         "the Temporal SDK and its Rust core). Each cached lifecycle run adds "
-        f"~{fmt(per_run, 'KB', 0)}: a sandboxed workflow instance with its own copy of the "
-        "workflow module, its pydantic state and the SDK's per-run state."
+        f"~{fmt(per_run, 'KB', 0)} (steady - idle, divided by the runs cached): a sandboxed "
+        "workflow instance with its own copy of the workflow module, its pydantic state and "
+        "the SDK's per-run state"
+        + (
+            f", plus memory the allocator kept from the {n - default.cache:,} runs evicted "
+            "on the way (the quick run, where every run stays cached, measures less per run)."
+            if n > default.cache
+            else "."
+        )
     )
     if default.steady_mb > TARGET_MB:
         room = (TARGET_MB - default.idle_mb) * 1024 / per_run if per_run > 0 else float("nan")

@@ -145,12 +145,15 @@ def _keys(rig: Rig, name: str) -> dict[str, str]:
 
 
 async def _provision(rig: Rig, nhi_id: uuid.UUID) -> WorkflowHandle[Any, LifecycleView]:
-    await rig.env.client.execute_workflow(
-        ProvisionNhiWorkflow.run,
-        ProvisionInput(nhi_id=nhi_id),
-        id=provision_workflow_id(nhi_id),
-        task_queue=rig.queue,
-    )
+    # The clock stands still while provisioning, so the new lifecycle's timers start at the
+    # moment the test reads as "born".
+    with rig.env.auto_time_skipping_disabled():
+        await rig.env.client.execute_workflow(
+            ProvisionNhiWorkflow.run,
+            ProvisionInput(nhi_id=nhi_id),
+            id=provision_workflow_id(nhi_id),
+            task_queue=rig.queue,
+        )
     return rig.env.client.get_workflow_handle_for(
         NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
     )
