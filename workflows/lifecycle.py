@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         SLACK_TIMEOUT,
         VERIFY_RETRY,
         VERIFY_TIMEOUT,
+        failure_reason,
     )
 
 ISO = "%Y-%m-%dT%H:%M:%SZ"
@@ -65,12 +66,6 @@ ROTATION_RETRY_DELAY = timedelta(hours=6)
 def lifecycle_workflow_id(nhi_id: object) -> str:
     """Business-keyed id: API, Slack and CLI address the same run."""
     return f"nhi-{nhi_id}"
-
-
-def _reason(err: BaseException) -> str:
-    while isinstance(err, ActivityError) and err.cause is not None:
-        err = err.cause
-    return str(err) or type(err).__name__
 
 
 @workflow.defn
@@ -342,7 +337,9 @@ class NhiLifecycleWorkflow:
                 retry_policy=SLACK_RETRY,
             )
         except ActivityError as err:
-            workflow.logger.warning("prompt %s not delivered: %s", msg.prompt_id, _reason(err))
+            workflow.logger.warning(
+                "prompt %s not delivered: %s", msg.prompt_id, failure_reason(err)
+            )
             return True
         if result.deliveries:
             await self._db(DbActivities.record_delivery, result)
@@ -425,7 +422,7 @@ class NhiLifecycleWorkflow:
             )
             promoted = await self._aws(AwsActivities.promote_pending, plan)
         except ActivityError as err:
-            reason = f"rotation failed, the current key stays in use: {_reason(err)}"
+            reason = f"rotation failed, the current key stays in use: {failure_reason(err)}"
             await self._status(NhiStatus.ACTIVE, "nhi.rotation_failed", action, reason)
             await self._slack(
                 SlackActivities.alert,
@@ -487,7 +484,7 @@ class NhiLifecycleWorkflow:
                 retry_policy=VERIFY_RETRY,
             )
         except ActivityError as err:
-            await self._revoke_failed(f"quarantine failed: {_reason(err)}")
+            await self._revoke_failed(f"quarantine failed: {failure_reason(err)}")
             return
         await self._status(
             NhiStatus.QUARANTINED,
@@ -516,7 +513,7 @@ class NhiLifecycleWorkflow:
                 retry_policy=AWS_REMOVAL_RETRY,
             )
         except ActivityError as err:
-            await self._revoke_failed(f"deletion failed: {_reason(err)}")
+            await self._revoke_failed(f"deletion failed: {failure_reason(err)}")
             return
         system = LifecycleAction(actor="system:decommission", channel="system")
         await self._status(
@@ -766,4 +763,4 @@ class NhiLifecycleWorkflow:
                 method, arg, start_to_close_timeout=SLACK_TIMEOUT, retry_policy=SLACK_RETRY
             )
         except ActivityError as err:
-            workflow.logger.warning("slack call failed: %s", _reason(err))
+            workflow.logger.warning("slack call failed: %s", failure_reason(err))

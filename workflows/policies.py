@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 DB_TIMEOUT = timedelta(seconds=30)
 DB_RETRY = RetryPolicy(
@@ -52,3 +53,10 @@ SLACK_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=5,
 )
+
+
+def failure_reason(err: BaseException) -> str:
+    """The innermost message of an activity failure (the activity's own classified error)."""
+    while isinstance(err, ActivityError) and err.cause is not None:
+        err = err.cause
+    return str(err) or type(err).__name__

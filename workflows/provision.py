@@ -39,14 +39,8 @@ with workflow.unsafe.imports_passed_through():
         AWS_TIMEOUT,
         DB_RETRY,
         DB_TIMEOUT,
+        failure_reason,
     )
-
-
-def failure_reason(err: BaseException) -> str:
-    """The innermost message of an activity failure (the activity's own classified error)."""
-    while isinstance(err, ActivityError) and err.cause is not None:
-        err = err.cause
-    return str(err) or type(err).__name__
 
 
 @workflow.defn

@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         DB_TIMEOUT,
         SLACK_RETRY,
         SLACK_TIMEOUT,
+        failure_reason,
     )
 
 SWEEP_TIMEOUT = timedelta(minutes=30)
@@ -56,12 +57,6 @@ def sweep_workflow_id(provider: str) -> str:
 def orphan_workflow_id(kind: str, name: str) -> str:
     """One removal per orphaned identity, however many sweeps find it."""
     return f"nhi-orphan-{kind}-{name}"
-
-
-def _reason(err: BaseException) -> str:
-    while isinstance(err, ActivityError) and err.cause is not None:
-        err = err.cause
-    return str(err) or type(err).__name__
 
 
 @workflow.defn
@@ -92,7 +87,7 @@ class SweepWorkflow:
                 retry_policy=AWS_RETRY,
             )
         except ActivityError as err:
-            return await self._failed(inp, _reason(err))
+            return await self._failed(inp, failure_reason(err))
         self._grace = plan.orphan_grace_seconds
         findings = [*plan.findings, *unsupervised]
         counts = dict(plan.counts)
@@ -128,7 +123,7 @@ class SweepWorkflow:
             else:
                 done = "reported"
         except ActivityError as err:
-            done = f"failed: {_reason(err)}"
+            done = f"failed: {failure_reason(err)}"
         return finding.model_copy(update={"action": f"{finding.action}: {done}"})
 
     async def _orphan(self, finding: Finding, inp: SweepInput) -> str:
@@ -206,7 +201,7 @@ class SweepWorkflow:
                 retry_policy=SLACK_RETRY,
             )
         except ActivityError as err:
-            workflow.logger.warning("sweep digest not sent: %s", _reason(err))
+            workflow.logger.warning("sweep digest not sent: %s", failure_reason(err))
 
 
 @workflow.defn
