@@ -120,6 +120,9 @@ async def run_one(
         result = Result(name=name, title=f"{name} (failed)")
         result.status = f"failed: {type(err).__name__}: {err}"[:500]
         result.note(f"Service logs were under {stack.dir} (kept: see the console).")
+        result.note("Service processes at the failure: " + stack.describe_processes() + ".")
+        for line in stack.last_errors():
+            result.note(f"From the logs: `{line}`")
     finally:
         await asyncio.to_thread(stack.stop)
     result.duration_s = time.monotonic() - started

@@ -129,6 +129,7 @@ async def run(stack: Stack, n: int, base_ttl: int, spread: int, out: Path) -> Re
         print(f"  [{NAME}] requesting {n} NHIs, TTL {base_ttl}-{base_ttl + spread}s", flush=True)
         requested = await load.request_nhis(
             http,
+            stack.dsn,
             agents,
             kind_of=lambda i: "iam_role" if i % 2 == 0 else "iam_user_key",
             ttl_of=lambda i: base_ttl + round(i * spread / max(1, n)),

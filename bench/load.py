@@ -32,6 +32,15 @@ SCOPE = [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::bench-kb/*"]}
 # As many requests in flight as the worker has activity slots
 # (NHI_WORKER_MAX_CONCURRENT_ACTIVITIES).
 CONCURRENCY = 32
+# Attempts per request when the connection drops before an answer (see each caller for why a
+# retry is safe).
+RETRIES = 3
+STALL_S = 90.0
+
+
+class Stalled(RuntimeError):
+    """The service stopped making progress (see the worker's log)."""
+
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -155,18 +164,28 @@ async def create_agents(http: httpx.AsyncClient, n: int, tag: str) -> list[Agent
     """Register `n` agents with unique names (all owned by OWNER, team TEAM)."""
 
     async def one(i: int, _: None) -> Agent:
-        name = f"bench-{tag}-{i}"
-        body = {
-            "name": name,
-            "category": "rag",
-            "environment": "dev",
-            "owner_email": OWNER,
-            "backup_owner_email": "backup@example.com",
-            "team": TEAM,
-            "purpose": "Benchmark agent",
-        }
-        data = _check(await http.post("/v1/agents", json=body))
-        return Agent(id=data["id"], name=name, owner=OWNER)
+        for attempt in range(RETRIES):
+            # A retry takes a new name: the lost attempt may have created its agent, which then
+            # just stays unused instead of clashing.
+            name = f"bench-{tag}-{i}" + (f"-r{attempt}" if attempt else "")
+            body = {
+                "name": name,
+                "category": "rag",
+                "environment": "dev",
+                "owner_email": OWNER,
+                "backup_owner_email": "backup@example.com",
+                "team": TEAM,
+                "purpose": "Benchmark agent",
+            }
+            try:
+                data = _check(await http.post("/v1/agents", json=body))
+            except httpx.TransportError:
+                if attempt == RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.5)
+                continue
+            return Agent(id=data["id"], name=name, owner=OWNER)
+        raise AssertionError("unreachable")
 
     return await bounded([None] * n, one, CONCURRENCY)
 
@@ -179,23 +198,49 @@ def nhi_body(kind: str, ttl: int | str) -> dict[str, Any]:
     return body
 
 
+def nhi_of_agent(dsn: str, agent_id: str) -> tuple[str, str, float] | None:
+    """(id, kind, expires_at epoch) of the agent's NHI, if a request for it was recorded."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT id, kind, extract(epoch FROM expires_at) FROM nhis WHERE agent_id = %s",
+            (agent_id,),
+        ).fetchone()
+    return None if row is None else (str(row[0]), str(row[1]), float(row[2]))
+
+
 async def request_nhis(
     http: httpx.AsyncClient,
+    dsn: str,
     agents: Sequence[Agent],
     kind_of: Callable[[int], str],
     ttl_of: Callable[[int], int | str],
 ) -> list[Requested]:
-    """One NHI per agent through `POST /v1/agents/{id}/nhis`, CONCURRENCY in flight."""
+    """One NHI per agent through `POST /v1/agents/{id}/nhis`, CONCURRENCY in flight.
+
+    If the connection drops before the answer, the inventory says whether the request was
+    recorded (then it is running and counts from its first send) or must be sent again.
+    """
 
     async def one(i: int, agent: Agent) -> Requested:
         kind = kind_of(i)
         sent = time.time()
-        data = _check(
-            await http.post(f"/v1/agents/{agent.id}/nhis", json=nhi_body(kind, ttl_of(i)))
-        )
-        answered = time.time()
-        expires = datetime.fromisoformat(data["expires_at"]).timestamp()
-        return Requested(data["id"], agent, kind, sent, answered, expires)
+        for attempt in range(RETRIES):
+            try:
+                response = await http.post(
+                    f"/v1/agents/{agent.id}/nhis", json=nhi_body(kind, ttl_of(i))
+                )
+            except httpx.TransportError:
+                recorded = await asyncio.to_thread(nhi_of_agent, dsn, agent.id)
+                if recorded is not None:
+                    nhi_id, kind, expires = recorded
+                    return Requested(nhi_id, agent, kind, sent, time.time(), expires)
+                if attempt == RETRIES - 1:
+                    raise
+                continue
+            data = _check(response)
+            expires = datetime.fromisoformat(data["expires_at"]).timestamp()
+            return Requested(data["id"], agent, kind, sent, time.time(), expires)
+        raise AssertionError("unreachable")
 
     return await bounded(agents, one, CONCURRENCY)
 
@@ -207,16 +252,28 @@ async def decommission(
 
     A 409/503 right after activation means the lifecycle run is still starting (the provisioning
     workflow starts it after recording `active`): retried, and the retry's send time counts.
+    After a dropped connection, a 409 saying the decommission is under way (or the NHI is no
+    longer active) means the lost request went through.
     """
 
     async def one(_: int, nhi: Requested) -> tuple[str, float]:
+        lost_at: float | None = None
         for attempt in range(60):
             sent = time.time()
-            response = await http.post(
-                f"/v1/nhis/{nhi.id}/decommission",
-                json={"reason": "benchmark"},
-                headers=owner,
-            )
+            try:
+                response = await http.post(
+                    f"/v1/nhis/{nhi.id}/decommission", json={"reason": "benchmark"}, headers=owner
+                )
+            except httpx.TransportError:
+                lost_at = lost_at or sent
+                await asyncio.sleep(0.5)
+                continue
+            if (
+                lost_at is not None
+                and response.status_code == 409
+                and ("under way" in response.text or "not active" in response.text)
+            ):
+                return nhi.id, lost_at
             if response.status_code in (409, 503) and attempt < 59:
                 await asyncio.sleep(0.5)
                 continue
@@ -275,15 +332,27 @@ async def wait_for_status(
     done: set[str],
     timeout: float,
     failed: frozenset[str] = frozenset({"failed", "revoke_failed"}),
+    stall_s: float = STALL_S,
 ) -> tuple[dict[str, int], bool]:
-    """Poll until every NHI is in a `done` (or failed) status; (final counts, finished?)."""
+    """Poll until every NHI is in a `done` (or failed) status; (final counts, finished?).
+
+    Raises Stalled when no NHI changed status for `stall_s` (a broken worker would otherwise
+    keep the benchmark waiting for its whole budget).
+    """
     deadline = time.monotonic() + timeout
+    last: dict[str, int] = {}
+    changed = time.monotonic()
     while True:
         counts = await asyncio.to_thread(status_counts, dsn, ids)
         settled = sum(c for s, c in counts.items() if s in done or s in failed)
         if settled >= len(ids):
             return counts, True
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if counts != last:
+            last, changed = counts, now
+        elif now - changed > stall_s:
+            raise Stalled(f"no NHI changed status for {stall_s:.0f}s: {counts}")
+        if now > deadline:
             return counts, False
         await asyncio.sleep(0.5)
 

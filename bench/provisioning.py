@@ -228,7 +228,7 @@ async def ours_provision(
         cpu0 = stack.cpu_seconds()
         phase = Phase(label="ours provision", n=n, started_at=time.time())
         requested = await load.request_nhis(
-            http, agents, kind_of=lambda _: "iam_role", ttl_of=lambda _: "30d"
+            http, stack.dsn, agents, kind_of=lambda _: "iam_role", ttl_of=lambda _: "30d"
         )
     ids = [r.id for r in requested]
     counts, finished = await load.wait_for_status(stack.dsn, ids, {"active"}, _timeout(n))

@@ -406,6 +406,31 @@ class Stack:
                     f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}"
                 )
 
+    def describe_processes(self) -> str:
+        """Which services were still running (for a failure's diagnosis)."""
+        return ", ".join(
+            f"{name} {'running' if proc.alive() else f'exited {proc.popen.returncode}'}"
+            for name, proc in self.procs.items()
+        )
+
+    def last_errors(self, limit: int = 3) -> list[str]:
+        """The last distinct error lines of the worker and API logs (for a failure's note)."""
+        found: list[str] = []
+        for name in ("worker", "api"):
+            path = self.dir / f"{name}.log"
+            try:
+                lines = path.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            errors = [ln.strip() for ln in lines if "Error" in ln and not ln.startswith(" ")]
+            for line in reversed(errors):
+                entry = f"{name}: {line[:300]}"
+                if entry not in found:
+                    found.append(entry)
+                if len(found) >= limit:
+                    return found
+        return found
+
     def cpu_seconds(self) -> dict[str, float]:
         """CPU used so far by each service process and by the benchmark itself."""
         out = {name: proc.cpu_seconds() for name, proc in self.procs.items()}
