@@ -180,15 +180,31 @@ async def test_throttled_listing_stops_the_sweep_and_deletes_nothing(rig: SweepR
 
 @pytest.mark.slow
 async def test_a_listing_of_more_than_a_thousand_is_complete(rig: SweepRig) -> None:
+    # Roles: moto pages ListRoles (100 a page by default) but returns every user in one page.
+    trust = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"Service": "ec2.amazonaws.com"},
+                    "Action": "sts:AssumeRole",
+                }
+            ],
+        }
+    )
     for i in range(1050):
-        rig.aws.iam.create_user(
-            UserName=f"{rig.settings.name_prefix}-bulk-{i:05d}",
+        rig.aws.iam.create_role(
+            RoleName=f"{rig.settings.name_prefix}-bulk-{i:05d}",
             Path=rig.settings.iam_path,
+            AssumeRolePolicyDocument=trust,
             Tags=[
                 {"Key": "managed-by", "Value": "nhi-lifecycle"},
                 {"Key": "nhi:nhi-id", "Value": str(uuid.uuid4())},
             ],
         )
+    first_page = rig.aws.iam.list_roles(PathPrefix=rig.settings.iam_path)
+    assert first_page["IsTruncated"] and len(first_page["Roles"]) < 1050, "the listing really pages"
     outcome = await rig.sweep(dry_run=True)
     assert outcome.summary["platform_identities"] == 1050
     assert outcome.summary["orphan"] == 1050
