@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import expiry, memory, provisioning, sweep
-from bench.report import Result, environment, write_summary
+from bench.report import Result, environment, rerender, write_summary
 from bench.services import REPO, Databases, Stack, StackSpec, kill_all
 
 
@@ -201,11 +201,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the services with PYTHONDONTWRITEBYTECODE=1 (as deploy/Dockerfile does)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the service logs")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: rewrite the markdown files and SUMMARY.md from the JSON results",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.render_only:
+        out = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
+        for path in rerender(out):
+            print(f"wrote {path}")
+        print(f"wrote {write_summary(out)}")
+        return 0
     sizes = QUICK if args.quick else FULL
     selected = args.only or NAMES
     budget = sum(sizes.budget_s[n] for n in selected) + 120 * len(selected)

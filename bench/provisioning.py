@@ -138,7 +138,9 @@ def _pool_phase(
         errors = [f.exception() for f in [pool.submit(timed, i) for i in items]]
     phase.cpu_s = cpu_delta(cpu0, cpu())
     phase.failed = sum(1 for e in errors if e is not None)
-    phase.extra["errors"] = sorted({f"{type(e).__name__}: {e}"[:300] for e in errors if e})[:5]
+    phase.extra["errors"] = sorted(
+        {f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" for e in errors if e}
+    )[:5]
     for item, m in marks.items():
         phase.finished_at[item] = m["end"]
         phase.latencies_s.append(m["end"] - m["start"])
@@ -442,6 +444,17 @@ def _explain(
         "against the same moto server in the same run. Floor latency is each NHI's own calls; "
         "it has no queue in front of it."
     )
+    floor_failed = sum(
+        p.failed for phases in measured.values() for k, p in phases.items() if "floor" in k
+    )
+    if floor_failed:
+        result.note(
+            f"{floor_failed} floor call sequence(s) failed: under concurrent IAM calls moto "
+            "sometimes answers HTTP 500 with an HTML page (its log shows 'dictionary changed "
+            "size during iteration', a thread-safety bug). botocore retries 500s, but an "
+            "unparseable answer can end the call; the floor counts it as failed and moves on. "
+            "The service meets the same errors and its activities are retried by Temporal."
+        )
     if target_size not in measured:
         result.note(
             f"The target is defined at N={target_size}; this run's largest size is "

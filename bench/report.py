@@ -64,6 +64,11 @@ def fmt(value: float, unit: str = "", digits: int = 2) -> str:
     return f"{value:,.{digits}f}{(' ' + unit) if unit else ''}"
 
 
+def _cell(text: str) -> str:
+    """Table-safe text: one line, no column separators."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 @dataclass
 class Row:
     """One line of a result table."""
@@ -131,7 +136,8 @@ class Result:
             lines += ["", f"**Status: {self.status}**"]
         lines += ["", "| metric | value | target | verdict |", "|---|---|---|---|"]
         for r in self.rows:
-            lines.append(f"| {r.metric} | {r.value} | {r.target} | {r.verdict} |")
+            cells = (_cell(r.metric), _cell(r.value), _cell(r.target), _cell(r.verdict))
+            lines.append("| " + " | ".join(cells) + " |")
         if self.notes:
             lines += ["", "Notes:", ""]
             lines += [f"- {n}" for n in self.notes]
@@ -173,6 +179,24 @@ def environment(
     }
 
 
+def load_result(path: Path) -> Result:
+    """A result back from its JSON."""
+    data = json.loads(path.read_text())
+    result = Result(**{k: v for k, v in data.items() if k != "rows"})
+    result.rows = [Row(**r) for r in data.get("rows", [])]
+    return result
+
+
+def rerender(out: Path) -> list[Path]:
+    """Rewrite every `<name>.md` in `out` from its JSON (after a change of presentation)."""
+    written = []
+    for path in sorted(out.glob("*.json")):
+        md = path.with_suffix(".md")
+        md.write_text(load_result(path).markdown())
+        written.append(md)
+    return written
+
+
 def write_summary(out: Path) -> Path:
     """SUMMARY.md: every result table found in `out`, in a fixed order."""
     order = ["provisioning", "expiry", "sweep", "memory"]
@@ -188,10 +212,7 @@ def write_summary(out: Path) -> Path:
         "",
     ]
     for name in names:
-        data = json.loads(found[name].read_text())
-        result = Result(**{k: v for k, v in data.items() if k != "rows"})
-        result.rows = [Row(**r) for r in data.get("rows", [])]
-        parts.append(result.markdown(heading="##"))
+        parts.append(load_result(found[name]).markdown(heading="##"))
     path = out / "SUMMARY.md"
     path.write_text("\n".join(parts))
     return path

@@ -190,6 +190,17 @@ class Databases:
             return self._embedded.url(name)
         return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
+    def drop(self, url: str) -> None:
+        """Drop the database behind `url` (a stack is done with it)."""
+        name = next((n for n in self._created if f"/{n}" in url), None)
+        if name is None:
+            return
+        with psycopg.connect(self._admin_dsn(), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+        self._created.remove(name)
+
     def drop_all(self) -> None:
         """Drop every database this run created, then stop the embedded server if any."""
         try:
@@ -443,9 +454,12 @@ class Stack:
         return out
 
     def stop(self) -> None:
-        """Stop every process in reverse start order."""
+        """Stop every process in reverse start order, then drop the stack's database."""
         for name in reversed(list(self.procs)):
             self.procs.pop(name).stop()
+        if self.database_url:
+            self._dbs.drop(self.database_url)
+            self.database_url = ""
 
     def __enter__(self) -> Stack:
         try:
