@@ -85,6 +85,9 @@ class ProvisionPlan(Contract):
     expires_at: datetime
     max_session_duration_seconds: int = 3600
     tags: dict[str, str] = {}
+    # Where the identity lives when a platform has several places (a registered Postgres
+    # target's name); None for AWS, whose account comes from the worker's credentials.
+    target: str | None = None
 
 
 class IdentityCreated(Contract):
@@ -285,10 +288,13 @@ class StagedKey(Contract):
 
 
 class KeyRef(Contract):
-    """One access key of one user."""
+    """One retiring credential: an access key of an IAM user, or an alternate login role of a
+    Postgres NHI (then `key_id` is that login role's name)."""
 
     user_name: str
     key_id: str
+    platform: Platform = Platform.AWS
+    target: str | None = None
 
 
 class PromptKind(StrEnum):
@@ -396,6 +402,7 @@ class Finding(Contract):
     detail: str = ""
     action: str = ""
     secret_arn: str | None = None
+    target: str | None = None
 
 
 class SweepInput(Contract):
@@ -435,6 +442,7 @@ class OrphanInput(Contract):
     secret_arn: str | None = None
     grace_seconds: int = 86400
     found_by: str = ""
+    target: str | None = None
 
 
 class LifecycleNudge(Contract):

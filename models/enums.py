@@ -37,6 +37,7 @@ class Platform(StrEnum):
     """Where an NHI lives."""
 
     AWS = "aws"
+    POSTGRES = "postgres"
 
 
 class NhiKind(StrEnum):
@@ -44,11 +45,21 @@ class NhiKind(StrEnum):
 
     IAM_ROLE = "iam_role"
     IAM_USER_KEY = "iam_user_key"
+    POSTGRES_ROLE = "postgres_role"
 
 
 KINDS_BY_PLATFORM: dict[Platform, frozenset[NhiKind]] = {
     Platform.AWS: frozenset({NhiKind.IAM_ROLE, NhiKind.IAM_USER_KEY}),
+    Platform.POSTGRES: frozenset({NhiKind.POSTGRES_ROLE}),
 }
+
+PLATFORM_OF: dict[NhiKind, Platform] = {
+    kind: platform for platform, kinds in KINDS_BY_PLATFORM.items() for kind in kinds
+}
+
+# Kinds whose credential is a static secret: rotated on a schedule, with an overlap window.
+# (An IAM role has none: the agent assumes it and gets short-lived credentials.)
+ROTATABLE_KINDS: frozenset[NhiKind] = frozenset({NhiKind.IAM_USER_KEY, NhiKind.POSTGRES_ROLE})
 
 
 class NhiStatus(StrEnum):

@@ -18,7 +18,7 @@ GONE = frozenset({"decommissioned", "failed"})
 
 @dataclass(frozen=True)
 class PlatformIdentity:
-    """An identity found on the platform under our path."""
+    """An identity found on the platform under our marker."""
 
     name: str
     kind: str
@@ -28,6 +28,7 @@ class PlatformIdentity:
     secret_arn: str | None = None
     last_used_at: datetime | None = None
     scope_document: dict[str, object] | None = None
+    target: str | None = None  # the Postgres target it lives in; None on AWS
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def classify(
                     else f"the inventory says it is {item.status}",
                     action="quarantine now, delete after the grace period",
                     secret_arn=identity.secret_arn,
+                    target=identity.target,
                 )
             )
             continue

@@ -1,0 +1,1 @@
+"""Platform providers: one module per platform, one registration line in `registry.py`."""
