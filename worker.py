@@ -18,8 +18,9 @@ from temporalio.activity import _Definition
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.aws import AwsActivities
 from activities.db import DbActivities
+from activities.provider import ProviderActivities
+from activities.providers.registry import build_providers
 from activities.slack import SlackActivities
 from activities.sweep import SupervisionActivities, SweepActivities
 from nhi.aws import AwsClients, make_aws_clients
@@ -28,6 +29,7 @@ from nhi.db import make_engine, make_sessionmaker
 from nhi.logging import configure
 from nhi.schedules import apply_schedules
 from nhi.slack import make_slack_client
+from nhi.targets import TargetRegistry
 from nhi.temporal import connect
 from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
@@ -62,16 +64,17 @@ def build_worker(
     task_queue: str | None = None,
 ) -> Worker:
     """A worker with every workflow and activity registered; sync activities run on threads."""
+    providers = build_providers(settings, aws, TargetRegistry(sessions, settings, aws.secrets))
     db = DbActivities(sessions, settings)
-    cloud = AwsActivities(aws)
+    platforms = ProviderActivities(providers)
     people = SlackActivities(slack, settings.slack_security_channel)
-    sweeps = SweepActivities(sessions, aws, settings)
+    sweeps = SweepActivities(sessions, providers, settings)
     supervision = SupervisionActivities(sessions, settings)
     return Worker(
         client,
         task_queue=task_queue or settings.temporal_task_queue,
         workflows=WORKFLOWS,
-        activities=activities_of(db, cloud, people, sweeps, supervision),
+        activities=activities_of(db, platforms, people, sweeps, supervision),
         activity_executor=ThreadPoolExecutor(
             max_workers=settings.worker_max_concurrent_activities, thread_name_prefix="activity"
         ),

@@ -35,8 +35,8 @@ from models.orm import Agent, Nhi, Prompt
 from nhi import MANAGED_BY, audit
 from nhi.config import Settings
 from nhi.db import transaction
-from nhi.inventory import find_policy, rules_of
-from nhi.policy import RuleViolation, secret_name, validate_scope
+from nhi.inventory import check_scope, find_policy, rules_of
+from nhi.policy import RuleViolation, secret_name
 from nhi.slack_messages import scope_summary
 
 SYSTEM_ACTOR = "system:provisioning"
@@ -55,7 +55,8 @@ class DbActivities:
             raise ApplicationError(f"nhi {nhi_id} not found", type="NotFound", non_retryable=True)
         return nhi
 
-    def _plan(self, nhi: Nhi, agent: Agent, max_session_duration: int) -> ProvisionPlan:
+    def plan_of(self, nhi: Nhi, agent: Agent, max_session_duration: int) -> ProvisionPlan:
+        """What the platform needs to know of an NHI (derived, so retries see the same)."""
         return ProvisionPlan(
             nhi_id=nhi.id,
             agent_id=agent.id,
@@ -74,6 +75,7 @@ class DbActivities:
             trust_principal=nhi.trust_principal,
             expires_at=nhi.expires_at,
             max_session_duration_seconds=max_session_duration,
+            target=nhi.target,
             tags={
                 "managed-by": MANAGED_BY,
                 "nhi:agent-id": str(agent.id),
@@ -107,7 +109,7 @@ class DbActivities:
                     raise RuleViolation(
                         "kind", f"{nhi.kind} is no longer allowed in {agent.environment}"
                     )
-                validate_scope(scope, rules_of(policy))
+                check_scope(nhi.platform, scope, rules_of(policy))
             except RuleViolation as err:
                 raise ApplicationError(
                     str(err), type="PolicyViolation", non_retryable=True
@@ -122,7 +124,7 @@ class DbActivities:
                     actor=SYSTEM_ACTOR,
                     reason=f"workflow {activity.info().workflow_id} started creating {nhi.name}",
                 )
-            return self._plan(nhi, agent, policy.max_session_duration_seconds)
+            return self.plan_of(nhi, agent, policy.max_session_duration_seconds)
 
     @activity.defn
     def record_approval(self, change: RecordApproval) -> None:
@@ -229,7 +231,7 @@ class DbActivities:
                 revoke_retry_seconds=self._settings.revoke_retry_seconds,
                 security_channel=self._settings.slack_security_channel,
                 agent_completed=agent.status != AgentStatus.ACTIVE,
-                plan=self._plan(nhi, agent, policy.max_session_duration_seconds),
+                plan=self.plan_of(nhi, agent, policy.max_session_duration_seconds),
             )
 
     @activity.defn

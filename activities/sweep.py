@@ -1,23 +1,21 @@
 """Sweep activities: discover what the platform holds, compare it with the inventory, act.
 
-`SweepActivities` needs the inventory and the AWS clients together, because the comparison
-must see both and only its findings (few) may enter workflow history, not the listings (up to
-5,000 users per account). `SupervisionActivities` are async: they ask Temporal which NHIs have
-no lifecycle running, and nudge lifecycles.
+`SweepActivities` needs the inventory and the platform's provider together, because the
+comparison must see both and only its findings (few) may enter workflow history, not the
+listings (up to 5,000 users per AWS account). `SupervisionActivities` are async: they ask
+Temporal which NHIs have no lifecycle running, and nudge lifecycles.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from botocore.exceptions import ClientError
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,8 +25,9 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities._support import aws_code, heartbeating
-from activities.aws import QUARANTINE_POLICY_NAME, SCOPE_POLICY_NAME, _deny_all
+from activities._support import heartbeating
+from activities.db import DbActivities
+from activities.providers.base import Provider
 from models.contracts import (
     Finding,
     FindingKind,
@@ -40,15 +39,15 @@ from models.contracts import (
     SweepInput,
     SweepOutcome,
     SweepPlan,
+    orphan_plan,
 )
-from models.enums import NhiKind
+from models.enums import Platform
 from models.orm import Agent, Nhi, Sweep
-from nhi import MANAGED_BY, audit
-from nhi.aws import AwsClients
+from nhi import audit
 from nhi.config import Settings
 from nhi.db import transaction
 from nhi.policy import identity_policy_document
-from nhi.sweep import ALIVE, InventoryItem, PlatformIdentity, Rules, classify
+from nhi.sweep import ALIVE, InventoryItem, Rules, classify
 
 log = logging.getLogger(__name__)
 
@@ -73,140 +72,68 @@ class Pacer:
 
 
 class SweepActivities:
-    """Discovery, comparison and the inventory/AWS side of a sweep's actions."""
+    """Discovery (through the platform's provider), comparison, and a sweep's actions."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], aws: AwsClients, settings: Settings
+        self,
+        sessions: sessionmaker[Session],
+        providers: Mapping[Platform, Provider],
+        settings: Settings,
     ) -> None:
         self._sessions = sessions
-        self._iam = aws.iam
-        self._secrets = aws.secrets
+        self._providers = dict(providers)
         self._settings = settings
         self._pace = Pacer(settings.sweep_calls_per_second)
+        self._plans = DbActivities(sessions, settings)
+
+    def _provider(self, platform: str) -> Provider:
+        try:
+            return self._providers[Platform(platform)]
+        except (ValueError, KeyError):
+            raise ApplicationError(
+                f"no provider for {platform!r} on this worker",
+                type="NoProvider",
+                non_retryable=True,
+            ) from None
+
+    def _paced(self) -> None:
+        self._pace()
+        activity.heartbeat()
 
     # ---- discovery ---------------------------------------------------------------------------
-
-    def _paged(self, operation: str, key: str) -> list[dict[str, Any]]:
-        """Every page of a listing. Any error (throttling past botocore's retries included)
-        propagates: a listing that ends early must never read as "nothing there"."""
-        out: list[dict[str, Any]] = []
-        paginator = self._iam.get_paginator(operation)  # type: ignore[call-overload]
-        for page in paginator.paginate(PathPrefix=self._settings.iam_path):
-            self._pace()
-            activity.heartbeat()
-            if page.get("IsTruncated") and not page.get("Marker"):
-                raise ApplicationError(
-                    f"{operation}: truncated page without a marker", type="ListingIncomplete"
-                )
-            out += page[key]
-        return out
-
-    def _tags(self, kind: str, name: str) -> dict[str, str]:
-        self._pace()
-        if kind == NhiKind.IAM_ROLE:
-            tags = self._iam.list_role_tags(RoleName=name)["Tags"]
-        else:
-            tags = self._iam.list_user_tags(UserName=name)["Tags"]
-        return {t["Key"]: t["Value"] for t in tags}
-
-    def _secret_of(self, nhi_id: str) -> str | None:
-        self._pace()
-        found = self._secrets.list_secrets(
-            Filters=[
-                {"Key": "tag-key", "Values": ["nhi:nhi-id"]},
-                {"Key": "tag-value", "Values": [nhi_id]},
-            ]
-        )["SecretList"]
-        return str(found[0]["ARN"]) if found else None
-
-    def _document(self, kind: str, name: str) -> dict[str, Any] | None:
-        self._pace()
-        try:
-            if kind == NhiKind.IAM_ROLE:
-                doc: Any = self._iam.get_role_policy(RoleName=name, PolicyName=SCOPE_POLICY_NAME)[
-                    "PolicyDocument"
-                ]
-            else:
-                doc = self._iam.get_user_policy(UserName=name, PolicyName=SCOPE_POLICY_NAME)[
-                    "PolicyDocument"
-                ]
-        except ClientError as err:
-            if aws_code(err) == "NoSuchEntity":
-                return {}
-            raise
-        return json.loads(doc) if isinstance(doc, str) else dict(doc)
-
-    def _last_used(self, kind: str, name: str) -> datetime | None:
-        self._pace()
-        if kind == NhiKind.IAM_ROLE:
-            return (
-                self._iam.get_role(RoleName=name)["Role"]
-                .get("RoleLastUsed", {})
-                .get("LastUsedDate")
-            )
-        dates = []
-        for key in self._iam.list_access_keys(UserName=name)["AccessKeyMetadata"]:
-            self._pace()
-            used = self._iam.get_access_key_last_used(AccessKeyId=key["AccessKeyId"])[
-                "AccessKeyLastUsed"
-            ]
-            if used.get("LastUsedDate"):
-                dates.append(used["LastUsedDate"])
-        return max(dates) if dates else None
 
     @activity.defn
     def plan_sweep(self, inp: SweepInput) -> SweepPlan:
         """Discover, compare, and return the findings (listing failures raise)."""
         workflow_id = activity.info().workflow_id or f"standalone-{uuid.uuid4()}"
+        provider = self._provider(inp.provider)
         sweep_id = self._begin(inp, workflow_id)
         now = datetime.now(UTC)
         with heartbeating():
-            try:
-                users = [
-                    (NhiKind.IAM_USER_KEY.value, u) for u in self._paged("list_users", "Users")
-                ]
-                roles = [(NhiKind.IAM_ROLE.value, r) for r in self._paged("list_roles", "Roles")]
-            except ClientError as err:
-                raise ApplicationError(
-                    f"listing IAM identities failed ({aws_code(err)}): "
-                    "sweep stopped, nothing changed",
-                    type="ListingFailed",
-                    non_retryable=True,
-                ) from None
-            names = {e.get("UserName") or e.get("RoleName") for _, e in users + roles}
-            inventory = self._inventory(names)
-            by_name = {i.name: i for i in inventory}
-            platform: list[PlatformIdentity] = []
-            for kind, entry in users + roles:
-                name = str(entry.get("UserName") or entry.get("RoleName"))
-                item = by_name.get(name)
-                known_alive = item is not None and item.status in ALIVE
-                tags = {} if known_alive else self._tags(kind, name)
-                managed = known_alive or tags.get("managed-by") == MANAGED_BY
-                nhi_id = tags.get("nhi:nhi-id")
-                platform.append(
-                    PlatformIdentity(
-                        name=name,
-                        kind=kind,
-                        created_at=entry["CreateDate"],
-                        managed=managed,
-                        nhi_id=nhi_id,
-                        secret_arn=self._secret_of(nhi_id)
-                        if (managed and nhi_id and not known_alive)
-                        else None,
-                        last_used_at=self._last_used(kind, name)
-                        if known_alive and item and item.status == "active"
-                        else None,
-                        scope_document=self._document(kind, name)
-                        if known_alive and item and item.status == "active"
-                        else None,
-                    )
-                )
+            known = {i.name: i.status for i in self._inventory(provider.platform, set())}
+            found = provider.discover(known, self._paced)
+            platform = found.identities
+            inventory = [
+                i
+                for i in self._inventory(provider.platform, {p.name for p in platform})
+                # What could not be listed is not compared: its NHIs are not "missing".
+                if i.target not in found.unreachable
+            ]
         rules = Rules(
             propagation=timedelta(seconds=self._settings.sweep_propagation_seconds),
             stale_after=timedelta(days=self._settings.sweep_stale_days),
         )
-        findings = classify(platform, inventory, now, rules)
+        findings = [
+            Finding(
+                kind=FindingKind.UNREACHABLE,
+                identity=place,
+                identity_kind="target",
+                detail=why,
+                action="its identities were not compared",
+                target=place,
+            )
+            for place, why in sorted(found.unreachable.items())
+        ] + classify(platform, inventory, now, rules)
         counts: dict[str, int] = {"platform_identities": len(platform), "inventory": len(inventory)}
         for f in findings:
             counts[f.kind.value] = counts.get(f.kind.value, 0) + 1
@@ -236,15 +163,18 @@ class SweepActivities:
             )
             return session.scalars(select(Sweep.id).where(Sweep.workflow_id == workflow_id)).one()
 
-    def _inventory(self, platform_names: set[Any]) -> list[InventoryItem]:
-        """This deployment's inventory NHIs (its name prefix) that are alive, or that share a
-        name with something on the platform."""
+    def _inventory(self, platform: Platform, platform_names: set[str]) -> list[InventoryItem]:
+        """This deployment's inventory NHIs (its name prefix) on a platform that are alive, or
+        that share a name with something on the platform."""
         items: list[InventoryItem] = []
         with transaction(self._sessions) as session:
             rows = session.execute(
                 select(Nhi, Agent.status)
                 .join(Agent)
-                .where(Nhi.platform == "aws", Nhi.name.startswith(f"{self._settings.name_prefix}-"))
+                .where(
+                    Nhi.platform == platform.value,
+                    Nhi.name.startswith(f"{self._settings.name_prefix}-"),
+                )
                 .where(
                     (Nhi.status.in_(sorted(ALIVE)))
                     | (Nhi.name.in_(sorted(n for n in platform_names if n)))
@@ -252,7 +182,8 @@ class SweepActivities:
             ).all()
             for nhi, agent_status in rows:
                 expected = None
-                if nhi.status == "active":
+                # Drift is judged on AWS's policy documents; Postgres grants are not compared yet.
+                if nhi.status == "active" and platform is Platform.AWS:
                     scope = [ScopeStatement.model_validate(s) for s in nhi.granted_scope]
                     expected = identity_policy_document(
                         scope, list(nhi.allowed_cidrs), nhi.expires_at
@@ -267,6 +198,7 @@ class SweepActivities:
                         agent_status=agent_status,
                         expected_document=expected,
                         last_used_at=nhi.last_used_at,
+                        target=nhi.target,
                     )
                 )
         return items
@@ -275,27 +207,13 @@ class SweepActivities:
 
     @activity.defn
     def quarantine_orphan(self, orphan: OrphanInput) -> None:
-        """Deactivate an orphan's keys and deny it everything; "not found" counts as done."""
-        name = orphan.identity
-        try:
-            if orphan.identity_kind is NhiKind.IAM_ROLE:
-                self._iam.put_role_policy(
-                    RoleName=name, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=_deny_all()
-                )
-            else:
-                for key in self._iam.list_access_keys(UserName=name)["AccessKeyMetadata"]:
-                    self._iam.update_access_key(
-                        UserName=name, AccessKeyId=key["AccessKeyId"], Status="Inactive"
-                    )
-                self._iam.put_user_policy(
-                    UserName=name, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=_deny_all()
-                )
-        except ClientError as err:
-            if aws_code(err) != "NoSuchEntity":
-                raise
+        """Stop an orphan working (keys, logins, sessions); "not found" counts as done."""
+        plan = orphan_plan(orphan, uuid.uuid4(), datetime.now(UTC))
+        with heartbeating():
+            self._provider(plan.platform).disable(plan)
         self._note(
             "orphan",
-            name,
+            orphan.identity,
             "orphan.quarantined",
             orphan.found_by,
             "found by a sweep: not in the inventory",
@@ -329,19 +247,9 @@ class SweepActivities:
             policy = find_policy(session, nhi.platform, nhi.kind, agent.environment)
             if policy is None or not policy.revert_drift:
                 return False
-            scope = [ScopeStatement.model_validate(s) for s in nhi.granted_scope]
-            document = json.dumps(
-                identity_policy_document(scope, list(nhi.allowed_cidrs), nhi.expires_at)
-            )
-            kind, name = nhi.kind, nhi.name
-        if kind == NhiKind.IAM_ROLE:
-            self._iam.put_role_policy(
-                RoleName=name, PolicyName=SCOPE_POLICY_NAME, PolicyDocument=document
-            )
-        else:
-            self._iam.put_user_policy(
-                UserName=name, PolicyName=SCOPE_POLICY_NAME, PolicyDocument=document
-            )
+            plan = self._plans.plan_of(nhi, agent, policy.max_session_duration_seconds)
+        with heartbeating():
+            self._provider(plan.platform).renew(plan)
         self._note(
             "nhi",
             str(finding.nhi_id),
@@ -395,23 +303,27 @@ class SupervisionActivities:
         self._sessions = sessions
         self._settings = settings
 
-    def _alive_ids(self) -> list[uuid.UUID]:
-        # Only this deployment's NHIs (its name prefix), like the discovery side.
+    def _alive_ids(self, platform: str) -> list[uuid.UUID]:
+        # Only this deployment's NHIs (its name prefix) on the swept platform, like discovery.
         prefix = f"{self._settings.name_prefix}-"
         with transaction(self._sessions) as session:
             return list(
                 session.scalars(
-                    select(Nhi.id).where(Nhi.status.in_(sorted(ALIVE)), Nhi.name.startswith(prefix))
+                    select(Nhi.id).where(
+                        Nhi.status.in_(sorted(ALIVE)),
+                        Nhi.name.startswith(prefix),
+                        Nhi.platform == platform,
+                    )
                 )
             )
 
     @activity.defn
-    async def find_unsupervised(self, _inp: SweepInput) -> list[Finding]:
-        """Alive inventory NHIs whose lifecycle workflow is not running."""
+    async def find_unsupervised(self, inp: SweepInput) -> list[Finding]:
+        """Alive inventory NHIs of the swept platform whose lifecycle workflow is not running."""
         from workflows.lifecycle import lifecycle_workflow_id
 
         client = activity.client()
-        ids = await asyncio.to_thread(self._alive_ids)
+        ids = await asyncio.to_thread(self._alive_ids, inp.provider)
         limit = asyncio.Semaphore(20)
         out: list[Finding] = []
 

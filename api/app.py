@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import errors
 from api.deps import AppState, State
-from api.routes import agents, lifecycle, nhis, policies, slack, sweeps, tokens
+from api.routes import agents, lifecycle, nhis, policies, slack, sweeps, targets, tokens
 from nhi.auth import OidcVerifier
 from nhi.config import Settings, get_settings
 from nhi.db import make_engine, make_sessionmaker
@@ -55,6 +55,7 @@ def create_app(
     app.include_router(slack.router)
     app.include_router(tokens.router)
     app.include_router(sweeps.router)
+    app.include_router(targets.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz(state: State) -> dict[str, str]:

@@ -10,6 +10,7 @@ moto, like an auditor would) until the credential is unusable:
 
 The figure is (first poll that saw it unusable) - `expires_at`: an upper bound; the last poll
 that still saw it usable gives the lower bound, and the gap between them is the resolution.
+The Postgres half (`postgres_role` logins) is bench/expiry_postgres.py, on the same services.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from activities.aws import QUARANTINE_POLICY_NAME
+from activities.providers.aws import QUARANTINE_POLICY_NAME
 from bench import load
 from bench.report import (
     HAVE_PLOTS,
@@ -214,12 +215,6 @@ def _report(
         "inventory `quarantined` - expires_at, p50 / p99",
         f"{fmt(percentile(db, 50), 's', 3)} / {fmt(percentile(db, 99), 's', 3)}",
     )
-    result.row(
-        "Postgres credentials",
-        "not measured",
-        f"<= {TARGET_P99_S} s",
-        "n/a: the Postgres provider does not exist yet",
-    )
     result.data = {
         "n": n,
         "ttl_s": [base_ttl, base_ttl + spread],
@@ -257,10 +252,6 @@ def _watch_dict(
 
 
 def _explain(result: Result, p99: float, late: list[Watch]) -> None:
-    result.note(
-        "Postgres part: not measured, because the Postgres provider (database logins with "
-        "`VALID UNTIL`) does not exist yet. Only AWS identities can be provisioned today."
-    )
     result.note(
         f"Method: from {LEAD_S} s before each expiry the benchmark polls IAM "
         f"(ListRolePolicies / ListAccessKeys) every {POLL_GAP_S} s per identity on "

@@ -29,6 +29,8 @@ OWNER = "owner@example.com"
 TEAM = "bench"
 TRUST = "arn:aws:iam::123456789012:role/bench-agent-runtime"
 SCOPE = [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::bench-kb/*"]}]
+# What a `postgres_role` gets on the target (read-only: no approval needed).
+PG_SCOPE = [{"actions": ["SELECT"], "resources": ["docs.articles"]}]
 # As many requests in flight as the worker has activity slots
 # (NHI_WORKER_MAX_CONCURRENT_ACTIVITIES).
 CONCURRENCY = 32
@@ -190,8 +192,17 @@ async def create_agents(http: httpx.AsyncClient, n: int, tag: str) -> list[Agent
     return await bounded([None] * n, one, CONCURRENCY)
 
 
-def nhi_body(kind: str, ttl: int | str) -> dict[str, Any]:
-    """A valid request for an `iam_role` or an `iam_user_key` with a small S3 read scope."""
+def nhi_body(kind: str, ttl: int | str, target: str | None = None) -> dict[str, Any]:
+    """A valid request: an `iam_role` or an `iam_user_key` with a small S3 read scope, or a
+    `postgres_role` on `target` that may read one table."""
+    if kind == "postgres_role":
+        return {
+            "platform": "postgres",
+            "kind": kind,
+            "ttl": ttl,
+            "scope": PG_SCOPE,
+            "target": target,
+        }
     body: dict[str, Any] = {"platform": "aws", "kind": kind, "ttl": ttl, "scope": SCOPE}
     if kind == "iam_role":
         body["trust_principal"] = TRUST
@@ -214,8 +225,10 @@ async def request_nhis(
     agents: Sequence[Agent],
     kind_of: Callable[[int], str],
     ttl_of: Callable[[int], int | str],
+    target: str | None = None,
 ) -> list[Requested]:
-    """One NHI per agent through `POST /v1/agents/{id}/nhis`, CONCURRENCY in flight.
+    """One NHI per agent through `POST /v1/agents/{id}/nhis`, CONCURRENCY in flight
+    (`target`: the Postgres target of `postgres_role` requests).
 
     If the connection drops before the answer, the inventory says whether the request was
     recorded (then it is running and counts from its first send) or must be sent again.
@@ -227,7 +240,7 @@ async def request_nhis(
         for attempt in range(RETRIES):
             try:
                 response = await http.post(
-                    f"/v1/agents/{agent.id}/nhis", json=nhi_body(kind, ttl_of(i))
+                    f"/v1/agents/{agent.id}/nhis", json=nhi_body(kind, ttl_of(i), target)
                 )
             except httpx.TransportError:
                 recorded = await asyncio.to_thread(nhi_of_agent, dsn, agent.id)
@@ -314,6 +327,15 @@ async def set_grace_period(
         "sensitive_actions": current["sensitive_actions"],
     }
     _check(await http.put("/v1/policies", json={"policies": [body]}, headers=admin))
+
+
+async def register_target(
+    http: httpx.AsyncClient, name: str, dsn: str, password_secret: str, admin: dict[str, str]
+) -> None:
+    """`POST /v1/targets` as an admin: a Postgres target whose admin password the worker reads
+    from the Secrets Manager secret `password_secret`."""
+    body = {"name": name, "dsn": dsn, "password_secret": password_secret}
+    _check(await http.post("/v1/targets", json=body, headers=admin))
 
 
 def status_counts(dsn: str, ids: Sequence[str]) -> dict[str, int]:

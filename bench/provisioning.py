@@ -25,7 +25,7 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 from temporalio.api.enums.v1 import EventType
 
-from activities.aws import (
+from activities.providers.aws import (
     QUARANTINE_POLICY_NAME,
     REVOKE_SESSIONS_POLICY_NAME,
     SCOPE_POLICY_NAME,
@@ -75,7 +75,7 @@ def _floor_tags(expires_at: datetime) -> list[dict[str, str]]:
 
 
 def _create_role(aws: AwsClients, name: str, path: str) -> None:
-    """What `AwsActivities.ensure_role` sends for a new role: CreateRole, PutRolePolicy."""
+    """What `AwsProvider.ensure_role` sends for a new role: CreateRole, PutRolePolicy."""
     expires = datetime.now(UTC) + timedelta(days=30)
     scope = [ScopeStatement.model_validate(s) for s in load.SCOPE]
     aws.iam.create_role(

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -45,6 +46,9 @@ STOP_TIMEOUT = 15.0
 MACHINE = "machine (all processes)"
 # Every child still running, so a watchdog or an exit handler can stop them all.
 LIVE: set[Proc] = set()
+# How to stop what is not a child of ours (a Postgres cluster that pg_ctl daemonized), for the
+# same last resort; each entry removes itself once its owner stopped it.
+CLEANUPS: dict[int, Callable[[], None]] = {}
 
 
 class ServiceError(RuntimeError):
@@ -143,11 +147,29 @@ def spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Proc
 
 
 def kill_all() -> None:
-    """Last resort (exit handler, watchdog): SIGKILL every child still running."""
+    """Last resort (exit handler, watchdog): SIGKILL every child still running, then run every
+    registered cleanup."""
     for proc in list(LIVE):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         LIVE.discard(proc)
+    for key, cleanup in list(CLEANUPS.items()):
+        CLEANUPS.pop(key, None)
+        with contextlib.suppress(Exception):
+            cleanup()
+
+
+@contextlib.contextmanager
+def cleanup_on_kill(cleanup: Callable[[], None]) -> Iterator[None]:
+    """Run `cleanup` when the block ends, however it ends, and from `kill_all` (exit handler,
+    watchdog) if the block never gets to."""
+    key = id(cleanup)
+    CLEANUPS[key] = cleanup
+    try:
+        yield
+    finally:
+        if CLEANUPS.pop(key, None) is not None:
+            cleanup()
 
 
 def wait_port(proc: Proc, port: int, timeout: float = START_TIMEOUT) -> None:

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.enums import NhiKind, NhiStatus, Platform
+from models.enums import PLATFORM_OF, NhiKind, NhiStatus, Platform
 
 
 class Contract(BaseModel):
@@ -390,6 +390,7 @@ class FindingKind(StrEnum):
     DRIFT = "drift"
     STALE = "stale"
     UNSUPERVISED = "unsupervised"
+    UNREACHABLE = "unreachable"
 
 
 class Finding(Contract):
@@ -443,6 +444,30 @@ class OrphanInput(Contract):
     grace_seconds: int = 86400
     found_by: str = ""
     target: str | None = None
+    # The NHI id the platform's own marker names: providers that check markers before acting
+    # (Postgres) refuse an identity that is not the one the sweep found.
+    nhi_id: uuid.UUID | None = None
+
+
+def orphan_plan(orphan: OrphanInput, nhi_id: uuid.UUID, now: datetime) -> ProvisionPlan:
+    """What removal needs to know of an identity the inventory does not answer for."""
+    return ProvisionPlan.model_validate(
+        {
+            "nhi_id": orphan.nhi_id or nhi_id,
+            "agent_id": nhi_id,
+            "agent_name": "orphan",
+            "environment": "unknown",
+            "owner_email": "unknown",
+            "platform": PLATFORM_OF[orphan.identity_kind],
+            "kind": orphan.identity_kind,
+            "identity_name": orphan.identity,
+            "iam_path": "/",
+            "secret_name": orphan.secret_arn or "",
+            "scope": [],
+            "expires_at": now,
+            "target": orphan.target,
+        }
+    )
 
 
 class LifecycleNudge(Contract):

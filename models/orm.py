@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import (
     BigInteger,
@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from models.enums import AgentCategory, AgentStatus, Environment, NhiKind, NhiStatus, Platform
+from models.schemas import SslMode
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -117,6 +118,9 @@ class Nhi(Base):
     last_used_at: Mapped[datetime | None]
     decommissioned_at: Mapped[datetime | None]
     rotation_period_seconds: Mapped[int | None] = mapped_column(Integer)
+    # postgres_role only: the registered target's name. No foreign key, because a target may
+    # be defined in settings rather than in the `targets` table.
+    target: Mapped[str | None] = mapped_column(String(63), index=True)
 
     agent: Mapped[Agent] = relationship(back_populates="nhis")
 
@@ -167,6 +171,36 @@ class Policy(Base):
     forbidden_actions: Mapped[list[str]] = mapped_column(default=list)
     sensitive_actions: Mapped[list[str]] = mapped_column(default=list)
     updated_by: Mapped[str] = mapped_column(String(254))
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class Target(Base):
+    """A Postgres database where `postgres_role` NHIs are created, and how to reach it as an
+    admin. `password_ref` says where the admin password is (`env:VAR` or `secret:ARN`); the
+    password itself is never stored here."""
+
+    __tablename__ = "targets"
+    __table_args__ = (
+        CheckConstraint(
+            f"sslmode IN ({', '.join(repr(m) for m in get_args(SslMode))})", name="sslmode"
+        ),
+        CheckConstraint("connection_limit BETWEEN 1 AND 1000", name="connection_limit_range"),
+        CheckConstraint("port BETWEEN 1 AND 65535", name="port_range"),
+        # A reference, never a password: refuse anything else even if the API were bypassed.
+        CheckConstraint("password_ref ~ '^(env|secret):.'", name="password_ref"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    dbname: Mapped[str] = mapped_column(String(63))
+    admin_user: Mapped[str] = mapped_column(String(63))
+    password_ref: Mapped[str] = mapped_column(Text)
+    sslmode: Mapped[str] = mapped_column(String(16), default="prefer", server_default="prefer")
+    connection_limit: Mapped[int] = mapped_column(Integer, default=10, server_default="10")
+    created_by: Mapped[str] = mapped_column(String(254))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
 

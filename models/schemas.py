@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -29,6 +29,14 @@ AgentName = Annotated[
     StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"),
     Field(description="Lower-case letters, digits and dashes, 3-63 characters."),
 ]
+
+TargetName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$"),
+    Field(description="Lower-case letter, then lower-case letters, digits and dashes (1-63)."),
+]
+# libpq's sslmode values.
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 
 class Body(BaseModel):
@@ -69,6 +77,11 @@ class NhiCreate(Body):
     trust_principal: str | None = Field(
         default=None, description="iam_role only: the agent runtime's principal ARN or service."
     )
+    target: str | None = Field(
+        default=None,
+        max_length=63,
+        description="postgres_role only: the registered target database.",
+    )
 
 
 class PolicyIn(Body):
@@ -93,6 +106,31 @@ class PolicyApply(Body):
     """A set of policies to create or replace."""
 
     policies: list[PolicyIn] = Field(min_length=1, max_length=100)
+
+
+class TargetIn(Body):
+    """Register a Postgres target: where to reach it as an admin, and where its admin password
+    is (an environment variable or a Secrets Manager secret), never the password itself."""
+
+    # Pydantic's own messages would quote the input: a DSN pasted with a password in it.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    name: TargetName
+    dsn: str = Field(
+        max_length=1024,
+        description="`postgresql://admin_user@host:port/dbname`, without a password.",
+    )
+    password_env: str | None = Field(
+        default=None, description="Environment variable of the worker holding the password."
+    )
+    password_secret: str | None = Field(
+        default=None,
+        description="Secrets Manager ARN or name of the password (plain, or RDS-style JSON).",
+    )
+    sslmode: SslMode = "prefer"
+    connection_limit: int = Field(
+        default=10, ge=1, le=1000, description="At most this many admin connections at once."
+    )
 
 
 class Out(BaseModel):
@@ -126,6 +164,7 @@ class NhiOut(Out):
     last_used_at: datetime | None
     decommissioned_at: datetime | None
     rotation_period_seconds: int | None
+    target: str | None = None
 
 
 class NhiAccepted(BaseModel):
@@ -180,6 +219,22 @@ class PolicyOut(Out):
     sensitive_actions: list[str]
     updated_by: str
     updated_at: datetime
+
+
+class TargetOut(Out):
+    """A registered target: how it is reached and where its password is, never the password."""
+
+    name: str
+    host: str
+    port: int
+    dbname: str
+    admin_user: str
+    password_ref: str
+    sslmode: SslMode
+    connection_limit: int
+    source: Literal["inventory", "settings"]
+    created_by: str | None
+    created_at: datetime | None
 
 
 class AuditOut(Out):

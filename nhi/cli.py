@@ -228,34 +228,54 @@ def _scope(scope: str | None, actions: tuple[str, ...], resources: tuple[str, ..
     return [{"actions": list(actions), "resources": list(resources)}]
 
 
+# The platform each kind lives on, so `--platform` can be left out.
+PLATFORM_OF_KIND = {"iam_role": "aws", "iam_user_key": "aws", "postgres_role": "postgres"}
+
+
 @cli.command()
 @click.argument("agent_id")
-@click.option("--kind", required=True, type=click.Choice(["iam_role", "iam_user_key"]))
-@click.option("--platform", default="aws", show_default=True, type=click.Choice(["aws"]))
+@click.option("--kind", required=True, type=click.Choice(sorted(PLATFORM_OF_KIND)))
+@click.option(
+    "--platform",
+    type=click.Choice(["aws", "postgres"]),
+    help="Platform of the kind (implied by --kind).",
+)
 @click.option("--scope", help="Statements as JSON/YAML, or @FILE.")
-@click.option("--action", "actions", multiple=True, help="IAM action for a one-statement scope.")
-@click.option("--resource", "resources", multiple=True, help="Resource ARN for that statement.")
+@click.option(
+    "--action",
+    "actions",
+    multiple=True,
+    help="IAM action (or Postgres privilege) for a one-statement scope.",
+)
+@click.option(
+    "--resource",
+    "resources",
+    multiple=True,
+    help="Resource ARN (or schema.table) for that statement.",
+)
 @click.option("--ttl", help="Seconds or a duration such as 30d or 12h (policy default if unset).")
 @click.option("--cidr", "cidrs", multiple=True, help="Allowed source CIDR (repeatable).")
 @click.option("--trust-principal", help="iam_role: the agent runtime's principal.")
+@click.option("--target", help="postgres_role: the registered target database (`nhi targets`).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the new NHI's id.")
 @pass_ctx
 def provision(
     ctx: Ctx,
     agent_id: str,
     kind: str,
-    platform: str,
+    platform: str | None,
     scope: str | None,
     actions: tuple[str, ...],
     resources: tuple[str, ...],
     ttl: str | None,
     cidrs: tuple[str, ...],
     trust_principal: str | None,
+    target: str | None,
     quiet: bool,
 ) -> None:
     """Request an identity for an agent; prints the NHI id and its workflow."""
     body: dict[str, Any] = {
-        "platform": platform,
+        "platform": platform or PLATFORM_OF_KIND[kind],
         "kind": kind,
         "scope": _scope(scope, actions, resources),
         "allowed_cidrs": list(cidrs),
@@ -264,6 +284,8 @@ def provision(
         body["ttl"] = int(ttl) if ttl.isdigit() else ttl
     if trust_principal:
         body["trust_principal"] = trust_principal
+    if target:
+        body["target"] = target
     accepted = ctx.api.call("POST", f"/v1/agents/{agent_id}/nhis", json=body)
     if quiet:
         click.echo(accepted["id"])
@@ -560,6 +582,82 @@ def tokens_bootstrap(name: str, ttl: str) -> None:
     click.echo(plaintext)
 
 
+# ---- Postgres targets ------------------------------------------------------------------------
+TARGET_COLUMNS = ["name", "host", "port", "dbname", "admin_user", "password_ref", "source"]
+
+
+@cli.group()
+def targets() -> None:
+    """Postgres databases where postgres_role NHIs are created (admin registers them)."""
+
+
+@targets.command("add")
+@click.argument("name")
+@click.option("--dsn", required=True, help="postgresql://admin_user@host:5432/dbname, no password.")
+@click.option("--password-env", help="Worker environment variable holding the admin password.")
+@click.option("--password-secret", help="Secrets Manager ARN or name of the admin password.")
+@click.option(
+    "--sslmode",
+    type=click.Choice(["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]),
+    default="prefer",
+    show_default=True,
+)
+@click.option(
+    "--connection-limit",
+    type=click.IntRange(1, 1000),
+    default=10,
+    show_default=True,
+    help="At most this many admin connections at once.",
+)
+@pass_ctx
+def targets_add(
+    ctx: Ctx,
+    name: str,
+    dsn: str,
+    password_env: str | None,
+    password_secret: str | None,
+    sslmode: str,
+    connection_limit: int,
+) -> None:
+    """Register a target; its admin password stays in the environment or the secret store."""
+    from nhi.policy import RuleViolation
+    from nhi.targets import parse_dsn
+
+    # Checked here as well, so a DSN holding a password never leaves this machine.
+    if bool(password_env) == bool(password_secret):
+        _fail("give exactly one of --password-env or --password-secret")
+    try:
+        parse_dsn(dsn, "--dsn")
+    except RuleViolation as err:
+        _fail(str(err))
+    body: dict[str, Any] = {
+        "name": name,
+        "dsn": dsn,
+        "sslmode": sslmode,
+        "connection_limit": connection_limit,
+    }
+    if password_env:
+        body["password_env"] = password_env
+    if password_secret:
+        body["password_secret"] = password_secret
+    ctx.emit(ctx.api.call("POST", "/v1/targets", json=body), TARGET_COLUMNS)
+
+
+@targets.command("list")
+@pass_ctx
+def targets_list(ctx: Ctx) -> None:
+    """Every target, registered or from settings (never a password)."""
+    ctx.emit(ctx.api.call("GET", "/v1/targets"), TARGET_COLUMNS)
+
+
+@targets.command("remove")
+@click.argument("name")
+@pass_ctx
+def targets_remove(ctx: Ctx, name: str) -> None:
+    """Remove a target that no living NHI uses."""
+    ctx.emit(ctx.api.call("DELETE", f"/v1/targets/{name}"), TARGET_COLUMNS)
+
+
 # ---- sweeps and schedules -------------------------------------------------------------------
 FINDING_COLUMNS = ["kind", "identity", "detail", "action"]
 
@@ -579,7 +677,9 @@ def _show_sweep(ctx: Ctx, sweep: dict[str, Any]) -> None:
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--provider", default="aws", show_default=True, type=click.Choice(["aws"]))
+@click.option(
+    "--provider", default="aws", show_default=True, type=click.Choice(["aws", "postgres"])
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--no-wait", is_flag=True, help="Return once the sweep has started.")
 @click.pass_context

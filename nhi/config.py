@@ -6,8 +6,46 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.schemas import SslMode, TargetName
+
+
+class PostgresTargetSetting(BaseModel):
+    """One Postgres target defined at deploy time (an entry of `NHI_POSTGRES_TARGETS`)."""
+
+    # Never quote a bad value back: a DSN pasted with a password in it would reach the logs.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    dsn: str = Field(description="`postgresql://admin_user@host:port/dbname`, no password.")
+    password_env: str | None = Field(default=None, description="Variable holding the password.")
+    password_secret: str | None = Field(
+        default=None, description="Secrets Manager ARN or name of the password."
+    )
+    sslmode: SslMode = "prefer"
+    connection_limit: int = Field(default=10, ge=1, le=1000)
+
+    # nhi.targets imports this module, so its helpers are imported when a value is checked.
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        from nhi.targets import parse_dsn
+
+        parse_dsn(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_password_ref(self) -> PostgresTargetSetting:
+        from nhi.targets import password_ref
+
+        password_ref(self.password_env, self.password_secret)
+        return self
+
+    @property
+    def password_ref(self) -> str:
+        """`env:VAR` or `secret:ARN`: where the admin password is."""
+        return f"env:{self.password_env}" if self.password_env else f"secret:{self.password_secret}"
 
 
 class Settings(BaseSettings):
@@ -17,7 +55,10 @@ class Settings(BaseSettings):
     keeps the two in step.
     """
 
-    model_config = SettingsConfigDict(env_prefix="NHI_", env_file=".env", extra="ignore")
+    # Errors never quote values: a secret or a DSN with a password would end up in the logs.
+    model_config = SettingsConfigDict(
+        env_prefix="NHI_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str | None = Field(
         default=None,
@@ -92,6 +133,12 @@ class Settings(BaseSettings):
     )
     orphan_grace_seconds: int = Field(
         default=86400, ge=0, description="How long a quarantined orphan waits before deletion."
+    )
+    postgres_targets: dict[TargetName, PostgresTargetSetting] = Field(
+        default_factory=dict,
+        description="JSON map of Postgres target name to `dsn` (no password) and "
+        "`password_env` or `password_secret`, optional `sslmode`, `connection_limit`; "
+        "wins over a registered target of the same name.",
     )
     slack_bot_token: SecretStr | None = Field(
         default=None,

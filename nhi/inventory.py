@@ -10,16 +10,18 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, false, or_, select, true
+from sqlalchemy import ColumnElement, Select, false, func, or_, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiStatus, Role
-from models.orm import Agent, AuditEvent, Nhi, Policy, Prompt
-from models.schemas import AgentCreate, NhiCreate, PolicyIn
+from models.contracts import ScopeStatement
+from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiKind, NhiStatus, Platform, Role
+from models.orm import Agent, AuditEvent, Nhi, Policy, Prompt, Target
+from models.schemas import AgentCreate, NhiCreate, PolicyIn, TargetIn
 from nhi import audit
 from nhi.auth import Principal
 from nhi.config import Settings
+from nhi.pg_grants import group_name, validate_grants
 from nhi.policy import (
     INLINE_POLICY_LIMIT,
     PolicyRules,
@@ -29,9 +31,18 @@ from nhi.policy import (
     parse_ttl,
     policy_size,
     validate_cidrs,
+    validate_privilege_name,
     validate_rule_pattern,
     validate_scope,
     validate_trust_principal,
+)
+from nhi.targets import (
+    TargetSpec,
+    all_targets,
+    find_target,
+    parse_dsn,
+    password_ref,
+    target_spec,
 )
 
 
@@ -67,6 +78,14 @@ def rules_of(policy: Policy) -> PolicyRules:
         forbidden_actions=tuple(policy.forbidden_actions),
         sensitive_actions=tuple(policy.sensitive_actions),
     )
+
+
+def check_scope(platform: str, scope: list[ScopeStatement], rules: PolicyRules) -> list[str]:
+    """The platform's scope rules (Postgres grants, or IAM actions on ARNs); returns the
+    sensitive entries asked for, which need an approver."""
+    if platform == Platform.POSTGRES:
+        return validate_grants(scope, rules)
+    return validate_scope(scope, rules)
 
 
 def find_policy(session: Session, platform: str, kind: str, environment: str) -> Policy | None:
@@ -173,6 +192,18 @@ def request_nhi(
         raise Conflict(f"agent {agent.name} is {agent.status}: no new identities")
     if body.kind not in KINDS_BY_PLATFORM[body.platform]:
         raise RuleViolation("kind", f"{body.kind.value} is not a kind of {body.platform.value}")
+    postgres = body.kind is NhiKind.POSTGRES_ROLE
+    if postgres and not body.target:
+        raise RuleViolation(
+            "target",
+            "is required for postgres_role: the name of a registered target database "
+            "(`nhi targets list`)",
+        )
+    if not postgres and body.target:
+        raise RuleViolation("target", f"only applies to postgres_role, not {body.kind.value}")
+    # Held (FOR SHARE) until commit, so a concurrent removal of the target sees this NHI.
+    if body.target and find_target(session, settings, body.target, lock=True) is None:
+        raise RuleViolation("target", f"{body.target!r} is not a registered target")
     policy = find_policy(session, body.platform.value, body.kind.value, agent.environment)
     if policy is None:
         raise RuleViolation(
@@ -191,7 +222,10 @@ def request_nhi(
             f"{ttl}s exceeds the maximum lifetime of {rules.max_lifetime_seconds}s "
             f"for {rules.label}",
         )
-    sensitive = validate_scope(body.scope, rules)
+    # Grants, not IAM: no source CIDRs (pg_hba's business) and no trust principal.
+    if postgres and body.allowed_cidrs:
+        raise RuleViolation("allowed_cidrs", "only applies to AWS kinds, not postgres_role")
+    sensitive = check_scope(body.platform, body.scope, rules)
     cidrs = validate_cidrs(body.allowed_cidrs)
     principal = validate_trust_principal(body.kind, body.trust_principal)
 
@@ -204,20 +238,28 @@ def request_nhi(
             )
         # Reaching the agent's expected end decommissions the NHI unless someone renews it.
         expires_at = min(expires_at, agent.expected_end_at)
-    document = identity_policy_document(body.scope, cidrs, expires_at)
-    if policy_size(document) > INLINE_POLICY_LIMIT[body.kind]:
-        raise RuleViolation(
-            "scope",
-            f"the policy would be {policy_size(document)} characters; IAM allows "
-            f"{INLINE_POLICY_LIMIT[body.kind]} for {body.kind.value}",
-        )
+    if not postgres:
+        document = identity_policy_document(body.scope, cidrs, expires_at)
+        if policy_size(document) > INLINE_POLICY_LIMIT[body.kind]:
+            raise RuleViolation(
+                "scope",
+                f"the policy would be {policy_size(document)} characters; IAM allows "
+                f"{INLINE_POLICY_LIMIT[body.kind]} for {body.kind.value}",
+            )
     nhi_id = uuid.uuid4()
+    name = (
+        # A plain lower-case identifier of at most 61 characters: the provider's login roles
+        # add "_a"/"_b" within Postgres' 63.
+        group_name(settings.name_prefix, agent.name, nhi_id)
+        if postgres
+        else identity_name(settings.name_prefix, agent.name, nhi_id)
+    )
     nhi = Nhi(
         id=nhi_id,
         agent_id=agent.id,
         platform=body.platform.value,
         kind=body.kind.value,
-        name=identity_name(settings.name_prefix, agent.name, nhi_id),
+        name=name,
         granted_scope=[s.model_dump() for s in body.scope],
         allowed_cidrs=cidrs,
         trust_principal=principal,
@@ -230,6 +272,7 @@ def request_nhi(
         expires_at=expires_at,
         max_lifetime_at=now + timedelta(seconds=rules.max_lifetime_seconds),
         rotation_period_seconds=policy.rotation_period_seconds,
+        target=body.target,
     )
     session.add(nhi)
     session.flush()
@@ -245,6 +288,7 @@ def request_nhi(
             "kind": body.kind.value,
             "ttl_seconds": ttl,
             "sensitive_actions": sensitive,
+            **({"target": body.target} if body.target else {}),
         },
     )
     return nhi, sensitive
@@ -348,12 +392,16 @@ def apply_policy(session: Session, body: PolicyIn, actor: str, index: int = 0) -
             f"{where}.max_session_duration", "must be between 1h and 12h (IAM's range)"
         )
     offsets = sorted({seconds("reminder_offsets", o) for o in body.reminder_offsets}, reverse=True)
+    # Postgres policies name privileges (`TRUNCATE`), AWS policies IAM action patterns.
+    validate_entry = (
+        validate_privilege_name if body.platform is Platform.POSTGRES else validate_rule_pattern
+    )
     for name, patterns in (
         ("forbidden_actions", body.forbidden_actions),
         ("sensitive_actions", body.sensitive_actions),
     ):
         for j, pattern in enumerate(patterns):
-            validate_rule_pattern(f"{where}.{name}[{j}]", pattern)
+            validate_entry(f"{where}.{name}[{j}]", pattern)
     policy = find_policy(session, body.platform.value, body.kind.value, body.environment.value)
     if policy is None:
         policy = Policy(
@@ -434,3 +482,100 @@ def complete_agent(
         for n in session.scalars(select(Nhi).where(Nhi.agent_id == agent_id))
         if n.status not in FINAL_STATUSES
     ]
+
+
+# ---- Postgres targets -------------------------------------------------------------------------
+
+
+def list_targets(session: Session, settings: Settings) -> list[TargetSpec]:
+    """Every registered target, from the table and from settings, by name."""
+    return all_targets(session, settings)
+
+
+def add_target(session: Session, settings: Settings, body: TargetIn, actor: str) -> TargetSpec:
+    """Register a target in the inventory: where it is and where its admin password is.
+
+    Raises:
+        RuleViolation: the DSN holds a password or is malformed, or not exactly one password
+            reference is given.
+        Conflict: the name is taken (in the table or in settings).
+    """
+    parsed = parse_dsn(body.dsn)
+    ref = password_ref(body.password_env, body.password_secret)
+    existing = find_target(session, settings, body.name)
+    if existing is not None:
+        where = "in settings (NHI_POSTGRES_TARGETS)" if existing.source == "settings" else ""
+        raise Conflict(f"name: a target named {body.name!r} already exists {where}".rstrip())
+    row = Target(
+        name=body.name,
+        host=parsed.host,
+        port=parsed.port,
+        dbname=parsed.dbname,
+        admin_user=parsed.admin_user,
+        password_ref=ref,
+        sslmode=body.sslmode,
+        connection_limit=body.connection_limit,
+        created_by=actor,
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        # Registered concurrently, between the check above and this insert.
+        raise Conflict(f"name: a target named {body.name!r} already exists") from None
+    session.refresh(row)
+    audit.record(
+        session,
+        subject_type="target",
+        subject_id=row.name,
+        event="target.added",
+        actor=actor,
+        reason=f"target {row.name} registered",
+        details={
+            "dsn": f"postgresql://{row.admin_user}@{row.host}:{row.port}/{row.dbname}",
+            "password_ref": row.password_ref,
+            "sslmode": row.sslmode,
+            "connection_limit": row.connection_limit,
+        },
+    )
+    return target_spec(row)
+
+
+def remove_target(session: Session, settings: Settings, name: str, actor: str) -> TargetSpec:
+    """Remove a target from the inventory once no living NHI uses it.
+
+    Raises:
+        NotFound: no such target.
+        Conflict: it is defined in settings, or NHIs that are not yet decommissioned use it.
+    """
+    spec = find_target(session, settings, name)
+    if spec is None:
+        raise NotFound(f"target {name} not found")
+    if spec.source == "settings":
+        raise Conflict(
+            f"target {name} is defined in settings (NHI_POSTGRES_TARGETS): remove it there"
+        )
+    row = session.scalar(select(Target).where(Target.name == name).with_for_update())
+    if row is None:
+        raise NotFound(f"target {name} not found")
+    in_use = session.scalar(
+        select(func.count())
+        .select_from(Nhi)
+        .where(Nhi.target == name, Nhi.status.not_in(sorted(FINAL_STATUSES)))
+    )
+    if in_use:
+        raise Conflict(
+            f"target {name} is used by {in_use} NHI(s) not yet decommissioned: "
+            "decommission them first"
+        )
+    session.delete(row)
+    audit.record(
+        session,
+        subject_type="target",
+        subject_id=name,
+        event="target.removed",
+        actor=actor,
+        reason=f"target {name} removed",
+        details={"dsn": f"postgresql://{spec.admin_user}@{spec.host}:{spec.port}/{spec.dbname}"},
+    )
+    return spec

@@ -22,6 +22,7 @@ _TTL_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ACTION_RE = re.compile(r"^(\*|[a-z0-9-]+:[A-Za-z0-9*?]+)$", re.IGNORECASE)
 _RULE_PATTERN_RE = re.compile(r"^(\*|[a-z0-9*?-]+:[A-Za-z0-9*?]+)$", re.IGNORECASE)
+_PRIVILEGE_NAME_RE = re.compile(r"^[A-Z]+( [A-Z]+)*$")
 _ARN_RE = re.compile(r"^arn:aws[a-z-]*:[a-z0-9-]+:[a-z0-9-]*:(\d{12}|\*|aws)?:.+$")
 _WHOLE_RESOURCE_WILDCARD_RE = re.compile(r"^arn:[^:]*:[^:]*:[^:]*:[^:]*:[*?/]+$")
 _PRINCIPAL_ARN_RE = re.compile(
@@ -82,6 +83,16 @@ def validate_rule_pattern(where: str, pattern: str) -> str:
     if not _RULE_PATTERN_RE.fullmatch(pattern):
         raise RuleViolation(where, f"{pattern!r} is not an IAM action pattern such as 'iam:*'")
     return pattern
+
+
+def validate_privilege_name(where: str, name: str) -> str:
+    """A Postgres policy's forbidden/sensitive entry: a privilege or role attribute name in
+    upper case, such as `TRUNCATE` or `SUPERUSER`."""
+    if not _PRIVILEGE_NAME_RE.fullmatch(name):
+        raise RuleViolation(
+            where, f"{name!r} is not a Postgres privilege name in upper case such as 'INSERT'"
+        )
+    return name
 
 
 _WILDCARD_RE = re.compile(r"[*?]")
@@ -182,9 +193,10 @@ def validate_trust_principal(kind: NhiKind, principal: str | None) -> str | None
     return None
 
 
-def identity_name(prefix: str, agent_name: str, nhi_id: uuid.UUID) -> str:
-    """Deterministic, IAM-safe (<= 64 chars) name: retries find what an earlier try made."""
-    budget = 64 - len(prefix) - 2 - 32
+def identity_name(prefix: str, agent_name: str, nhi_id: uuid.UUID, limit: int = 64) -> str:
+    """Deterministic name of at most `limit` characters (IAM allows 64): retries find what an
+    earlier try made."""
+    budget = limit - len(prefix) - 2 - 32
     if budget < 1:
         raise ValueError(f"name prefix {prefix!r} leaves no room for the agent's name")
     return f"{prefix}-{agent_name[:budget].rstrip('-')}-{nhi_id.hex}"

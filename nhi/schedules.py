@@ -23,7 +23,7 @@ from models.contracts import SweepInput
 from nhi.config import Settings
 from workflows.sweep import SweepWorkflow, sweep_workflow_id
 
-PROVIDERS = ("aws",)
+PROVIDERS = ("aws", "postgres")
 
 
 def schedule_id(provider: str) -> str:

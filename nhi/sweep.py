@@ -44,6 +44,7 @@ class InventoryItem:
     expected_document: dict[str, object] | None = None
     last_used_at: datetime | None = None
     supervised: bool = True
+    target: str | None = None
 
 
 @dataclass

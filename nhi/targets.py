@@ -4,8 +4,26 @@ store, and never stored in the inventory."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from botocore.exceptions import ClientError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.orm import Target
+from nhi.config import Settings
+from nhi.policy import RuleViolation
+
+if TYPE_CHECKING:
+    from types_boto3_secretsmanager import SecretsManagerClient
 
 
 @dataclass(frozen=True)
@@ -41,3 +59,321 @@ class TargetResolver(Protocol):
 
 class UnknownTarget(LookupError):
     """No target of that name is registered (or its admin password cannot be resolved)."""
+
+
+# ---- pure helpers: DSNs and password references (shared by the API, the CLI and settings) ----
+
+DEFAULT_PORT = 5432
+_USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.$-]{0,62}$")
+_DBNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.$-]{0,62}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
+_ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+_SECRET_ARN_RE = re.compile(
+    r"^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"
+)
+_SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9/_+=.@-]{1,512}$")
+_NO_CREDENTIAL_IN_DSN = (
+    "must not contain a password: name where it is with --password-env or --password-secret "
+    "(password_env or password_secret in the API)"
+)
+
+
+@dataclass(frozen=True)
+class ParsedDsn:
+    """The parts of an admin DSN; it never has a password."""
+
+    host: str
+    port: int
+    dbname: str
+    admin_user: str
+
+
+def parse_dsn(dsn: str, field_name: str = "dsn") -> ParsedDsn:
+    """`postgresql://admin_user@host[:port]/dbname` (port 5432 by default).
+
+    Refuses a DSN with a password (in the user part or as a parameter) and never quotes the
+    DSN back, since it might hold one.
+
+    Raises:
+        RuleViolation: naming `field_name` and the part at fault.
+    """
+    try:
+        url = urlsplit(dsn.strip())
+    except ValueError:
+        raise RuleViolation(
+            field_name, "is not a URL such as postgresql://user@host:5432/db"
+        ) from None
+    userinfo, at, _ = url.netloc.rpartition("@")
+    query = parse_qs(url.query, keep_blank_values=True)
+    if (at and ":" in userinfo) or any(k.lower() in ("password", "passfile") for k in query):
+        raise RuleViolation(field_name, _NO_CREDENTIAL_IN_DSN)
+    if url.scheme not in ("postgresql", "postgres"):
+        raise RuleViolation(field_name, "must start with postgresql://")
+    if url.query or url.fragment:
+        raise RuleViolation(
+            field_name, "takes no parameters: give sslmode and connection_limit on their own"
+        )
+    try:
+        port = url.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise RuleViolation(field_name, "port must be a number between 1 and 65535")
+    user = unquote(userinfo)
+    if not at or not _USER_RE.fullmatch(user):
+        raise RuleViolation(
+            field_name, "must name the admin user: postgresql://admin_user@host:5432/db"
+        )
+    host = url.hostname or ""
+    if not host or not (_HOST_RE.fullmatch(host) or _is_ip(host)):
+        raise RuleViolation(field_name, "must name the host: postgresql://admin_user@host:5432/db")
+    dbname = unquote(url.path[1:] if url.path.startswith("/") else url.path)
+    if not _DBNAME_RE.fullmatch(dbname):
+        raise RuleViolation(
+            field_name, "must name one database: postgresql://admin_user@host:5432/db"
+        )
+    return ParsedDsn(host=host, port=port or DEFAULT_PORT, dbname=dbname, admin_user=user)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def validate_password_ref(ref: str, field_name: str = "password_ref") -> str:
+    """`env:VARNAME` or `secret:<Secrets Manager ARN or name>`: where a password is, not it."""
+    kind, sep, value = ref.partition(":")
+    if sep and kind == "env" and _ENV_VAR_RE.fullmatch(value):
+        return ref
+    if (
+        sep
+        and kind == "secret"
+        and (_SECRET_ARN_RE.fullmatch(value) or _SECRET_NAME_RE.fullmatch(value))
+    ):
+        return ref
+    raise RuleViolation(field_name, "must be env:VARNAME or secret:<Secrets Manager ARN or name>")
+
+
+def password_ref(password_env: str | None, password_secret: str | None) -> str:
+    """The reference for exactly one of an environment variable or a secret."""
+    if bool(password_env) == bool(password_secret):
+        raise RuleViolation(
+            "password_secret" if password_secret else "password_env",
+            "give exactly one of password_env (--password-env) or password_secret "
+            "(--password-secret)",
+        )
+    if password_env:
+        if not _ENV_VAR_RE.fullmatch(password_env):
+            raise RuleViolation("password_env", "is not an environment variable name")
+        return f"env:{password_env}"
+    password_secret = password_secret or ""
+    if not (
+        _SECRET_ARN_RE.fullmatch(password_secret) or _SECRET_NAME_RE.fullmatch(password_secret)
+    ):
+        raise RuleViolation("password_secret", "is not a Secrets Manager ARN or secret name")
+    return f"secret:{password_secret}"
+
+
+# ---- lookup: the `targets` table and settings, with or without the password -----------------
+
+TargetSource = Literal["inventory", "settings"]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A registered target as the inventory shows it: a password reference, no password."""
+
+    name: str
+    host: str
+    port: int
+    dbname: str
+    admin_user: str
+    password_ref: str
+    sslmode: str
+    connection_limit: int
+    source: TargetSource
+    created_by: str | None = None
+    created_at: datetime | None = None
+
+
+def target_spec(row: Target) -> TargetSpec:
+    """The spec of a `targets` row."""
+    return TargetSpec(
+        name=row.name,
+        host=row.host,
+        port=row.port,
+        dbname=row.dbname,
+        admin_user=row.admin_user,
+        password_ref=row.password_ref,
+        sslmode=row.sslmode,
+        connection_limit=row.connection_limit,
+        source="inventory",
+        created_by=row.created_by,
+        created_at=row.created_at,
+    )
+
+
+def settings_targets(settings: Settings) -> dict[str, TargetSpec]:
+    """Targets defined in `NHI_POSTGRES_TARGETS` (already validated when settings loaded)."""
+    out: dict[str, TargetSpec] = {}
+    for name, entry in settings.postgres_targets.items():
+        parsed = parse_dsn(entry.dsn, f"postgres_targets.{name}.dsn")
+        out[name] = TargetSpec(
+            name=name,
+            host=parsed.host,
+            port=parsed.port,
+            dbname=parsed.dbname,
+            admin_user=parsed.admin_user,
+            password_ref=entry.password_ref,
+            sslmode=entry.sslmode,
+            connection_limit=entry.connection_limit,
+            source="settings",
+        )
+    return out
+
+
+def find_target(
+    session: Session, settings: Settings, name: str, *, lock: bool = False
+) -> TargetSpec | None:
+    """One target without its password. A name in both settings and the table resolves to the
+    settings entry: settings are the operator's deploy-time word and cannot be changed or
+    removed through the API. `lock` holds the table row (FOR SHARE) until the transaction ends,
+    so a concurrent removal waits for, and then sees, what this transaction adds."""
+    configured = settings_targets(settings).get(name)
+    if configured is not None:
+        return configured
+    query = select(Target).where(Target.name == name)
+    if lock:
+        query = query.with_for_update(read=True)
+    row = session.scalar(query)
+    return None if row is None else target_spec(row)
+
+
+def known_target(session: Session, settings: Settings, name: str, *, lock: bool = False) -> bool:
+    """Whether `name` is registered (the password is not resolved)."""
+    return find_target(session, settings, name, lock=lock) is not None
+
+
+def all_targets(session: Session, settings: Settings) -> list[TargetSpec]:
+    """Every registered target, by name; settings win over a table row of the same name."""
+    merged = {row.name: target_spec(row) for row in session.scalars(select(Target))}
+    merged.update(settings_targets(settings))
+    return [merged[name] for name in sorted(merged)]
+
+
+def resolve_password(
+    target: str,
+    ref: str,
+    secrets: SecretsManagerClient | None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The admin password `ref` points at. Messages name the reference, never the password.
+
+    Raises:
+        UnknownTarget: the variable is unset or empty, the secret is missing, unreadable or
+            has no password.
+    """
+    kind, _, where = ref.partition(":")
+    if kind == "env":
+        value = (os.environ if environ is None else environ).get(where)
+        if not value:
+            raise UnknownTarget(
+                f"target {target}: environment variable {where} (its admin password) is not set"
+            )
+        return value
+    if kind != "secret":
+        raise UnknownTarget(f"target {target}: password reference is not env:... or secret:...")
+    if secrets is None:
+        raise UnknownTarget(
+            f"target {target}: its admin password is in Secrets Manager, and no client is set up"
+        )
+    try:
+        answer = secrets.get_secret_value(SecretId=where)
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in _SECRET_UNUSABLE:
+            raise UnknownTarget(
+                f"target {target}: secret {where} (its admin password) cannot be read ({code})"
+            ) from None
+        raise
+    text = answer.get("SecretString")
+    if not text:
+        raise UnknownTarget(f"target {target}: secret {where} holds no text password")
+    return _password_of(target, where, text)
+
+
+# Answers a retry will not change; anything else (throttling, outages) propagates to be retried.
+_SECRET_UNUSABLE = frozenset(
+    {
+        "ResourceNotFoundException",
+        "AccessDeniedException",
+        "InvalidRequestException",
+        "DecryptionFailure",
+        "ValidationException",
+    }
+)
+
+
+def _password_of(target: str, where: str, text: str) -> str:
+    """A plain-string secret, or RDS-style JSON with a "password" key."""
+    if text.lstrip().startswith("{"):
+        try:
+            document = json.loads(text)
+        except ValueError:
+            raise UnknownTarget(f"target {target}: secret {where} is not valid JSON") from None
+        password = document.get("password") if isinstance(document, dict) else None
+        if not isinstance(password, str) or not password:
+            raise UnknownTarget(f'target {target}: secret {where} has no "password" key')
+        return password
+    return text
+
+
+class TargetRegistry:
+    """`TargetResolver` over the `targets` table and `NHI_POSTGRES_TARGETS` (settings win on a
+    shared name). `get` resolves the admin password on every call, so a rotated secret or a
+    changed variable is picked up without a restart; nothing is cached."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        secrets: SecretsManagerClient | None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._settings = settings
+        self._secrets = secrets
+        self._environ = environ
+
+    def _spec(self, name: str) -> TargetSpec:
+        with self._sessions() as session:
+            spec = find_target(session, self._settings, name)
+        if spec is None:
+            raise UnknownTarget(f"no target named {name!r} is registered (see `nhi targets list`)")
+        return spec
+
+    def get(self, name: str) -> TargetConnection:
+        """The target's admin connection with its password resolved now."""
+        spec = self._spec(name)
+        return TargetConnection(
+            name=spec.name,
+            host=spec.host,
+            port=spec.port,
+            dbname=spec.dbname,
+            admin_user=spec.admin_user,
+            password=resolve_password(spec.name, spec.password_ref, self._secrets, self._environ),
+            sslmode=spec.sslmode,
+            connection_limit=spec.connection_limit,
+        )
+
+    def spec(self, name: str) -> TargetSpec:
+        """The target without its password (raises `UnknownTarget`)."""
+        return self._spec(name)
+
+    def names(self) -> list[str]:
+        """Every registered target's name, sorted."""
+        with self._sessions() as session:
+            return [t.name for t in all_targets(session, self._settings)]

@@ -23,6 +23,7 @@ from nhi.config import Settings
 from nhi.db import make_engine, make_sessionmaker, upgrade_head
 from nhi.postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
 from tests.helpers import free_port, start_moto
+from tests.pg_cluster import PgCluster
 from worker import build_worker
 
 
@@ -197,3 +198,14 @@ async def service(
     async with worker:
         with ApiServer(create_app(svc_settings)) as server:
             yield Service(svc_settings, server.url, dev_env, sessions)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[PgCluster]:
+    """A scram-sha-256 Postgres cluster playing a company database (tests/pg_cluster.py)."""
+    pg = PgCluster()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()

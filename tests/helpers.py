@@ -133,6 +133,7 @@ def request_nhi(
     **nhi_fields: Any,
 ) -> tuple[uuid.UUID, uuid.UUID, list[str]]:
     """Record an agent and an NHI request exactly as the API does (policy checks included)."""
+    from models.enums import PLATFORM_OF, NhiKind
     from models.schemas import AgentCreate, NhiCreate
     from nhi import inventory
     from nhi.db import transaction
@@ -148,7 +149,7 @@ def request_nhi(
             settings,
             agent.id,
             NhiCreate(
-                platform="aws",
+                platform=PLATFORM_OF[NhiKind(kind)],
                 kind=kind,
                 scope=scope or ROLE_SCOPE,
                 trust_principal=trust_principal if kind == "iam_role" else None,

@@ -1,4 +1,4 @@
-"""AWS activities called twice (as a retry would) create nothing twice; removal treats
+"""The AWS provider called twice (as a retry would) create nothing twice; removal treats
 "not found" as done. Driven through Temporal's ActivityEnvironment against moto over HTTP."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.aws import AwsActivities
+from activities.providers.aws import AwsProvider
 from models.contracts import ProvisionPlan, RemoveIdentity, ScopeStatement
 from models.enums import NhiKind, Platform
 from nhi.aws import AwsClients
@@ -40,7 +40,7 @@ def _plan(settings: Settings, kind: NhiKind) -> ProvisionPlan:
 
 
 def test_ensure_role_twice_is_one_role(settings: Settings, aws: AwsClients) -> None:
-    env, acts = ActivityEnvironment(), AwsActivities(aws)
+    env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
     plan = _plan(settings, NhiKind.IAM_ROLE)
     first = env.run(acts.ensure_role, plan)
     second = env.run(acts.ensure_role, plan)
@@ -62,7 +62,7 @@ def test_name_taken_by_someone_else_is_a_permanent_conflict(
     plan = _plan(settings, NhiKind.IAM_USER_KEY)
     aws.iam.create_user(UserName=plan.identity_name, Path=settings.iam_path)
     with pytest.raises(ApplicationError) as err:
-        ActivityEnvironment().run(AwsActivities(aws).ensure_user, plan)
+        ActivityEnvironment().run(AwsProvider(aws, settings.iam_path).ensure_user, plan)
     assert err.value.type == "IdentityConflict" and err.value.non_retryable
     assert aws.iam.list_user_policies(UserName=plan.identity_name)["PolicyNames"] == []
 
@@ -70,7 +70,7 @@ def test_name_taken_by_someone_else_is_a_permanent_conflict(
 def test_issue_access_key_twice_keeps_one_key_and_one_secret(
     settings: Settings, aws: AwsClients
 ) -> None:
-    env, acts = ActivityEnvironment(), AwsActivities(aws)
+    env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
     plan = _plan(settings, NhiKind.IAM_USER_KEY)
     env.run(acts.ensure_user, plan)
     first = env.run(acts.issue_access_key, plan)
@@ -85,12 +85,12 @@ def test_issue_access_key_twice_keeps_one_key_and_one_secret(
 def test_remove_identity_removes_everything_and_is_repeatable(
     settings: Settings, aws: AwsClients
 ) -> None:
-    env, acts = ActivityEnvironment(), AwsActivities(aws)
+    env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
     plan = _plan(settings, NhiKind.IAM_USER_KEY)
     env.run(acts.ensure_user, plan)
     env.run(acts.issue_access_key, plan)
     aws.iam.create_login_profile(UserName=plan.identity_name, Password="Not-used-1234!")
-    removed = env.run(acts.remove_identity, RemoveIdentity(plan=plan, force_delete_secret=True))
+    removed = env.run(acts.delete, RemoveIdentity(plan=plan, force_delete_secret=True))
     assert f"user {plan.identity_name}" in removed.removed
     assert "login profile" in removed.removed
     assert any(r.startswith("access key ") for r in removed.removed)
@@ -98,5 +98,5 @@ def test_remove_identity_removes_everything_and_is_repeatable(
         aws.iam.get_user(UserName=plan.identity_name)
     with pytest.raises(aws.secrets.exceptions.ResourceNotFoundException):
         aws.secrets.describe_secret(SecretId=plan.secret_name)
-    again = env.run(acts.remove_identity, RemoveIdentity(plan=plan, force_delete_secret=True))
+    again = env.run(acts.delete, RemoveIdentity(plan=plan, force_delete_secret=True))
     assert again.removed == []

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from models.enums import Role
-from models.orm import Agent, ApiToken, AuditEvent, Nhi, Policy, Prompt, Sweep
+from models.orm import Agent, ApiToken, AuditEvent, Nhi, Policy, Prompt, Sweep, Target
 from nhi.auth import issue_token
 from nhi.aws import AwsClients
 from nhi.db import transaction
@@ -73,6 +73,12 @@ CASES: list[Case] = [
     ("POST", "/v1/sweeps", lambda w: {"dry_run": True}, frozenset({"security"})),
     ("GET", "/v1/sweeps", None, frozenset({"security", "auditor", "admin"})),
     ("GET", "/v1/sweeps/{sweep}", None, frozenset({"security", "auditor", "admin"})),
+    ("GET", "/v1/targets", None,
+     frozenset({"platform", "platform_other_team", "owner", "security", "auditor", "admin"})),
+    ("POST", "/v1/targets",
+     lambda w: {"name": unique("tgt"), "dsn": "postgresql://nhi_admin@db:5432/app", "password_env": "PW"},
+     frozenset({"admin"})),
+    ("DELETE", "/v1/targets/{target}", None, frozenset({"admin"})),
 ]  # fmt: skip
 
 
@@ -113,6 +119,11 @@ def _world(sessions: sessionmaker[Session]) -> dict[str, str]:
             findings=[],
         )
         s.add(sweep)
+        target = Target(
+            name=unique("tgt"), host="db", port=5432, dbname="app", admin_user="nhi_admin",
+            password_ref="env:PW", created_by="test",
+        )  # fmt: skip
+        s.add(target)
         row, _ = issue_token(
             s,
             name=unique("victim"),
@@ -129,6 +140,7 @@ def _world(sessions: sessionmaker[Session]) -> dict[str, str]:
             "token_id": str(row.id),
             "agent_name": agent.name,
             "sweep": str(sweep.id),
+            "target": target.name,
         }
 
 
@@ -137,7 +149,7 @@ def _snapshot(
 ) -> tuple[Any, ...]:
     """Everything a call on this world could change (other tests' workflows may still be
     writing elsewhere)."""
-    subjects = [world["agent"], world["nhi"], world["token_id"]]
+    subjects = [world["agent"], world["nhi"], world["token_id"], world["target"]]
     with transaction(sessions) as s:
         state = (
             s.scalar(select(func.count()).select_from(Agent)),
@@ -157,6 +169,7 @@ def _snapshot(
             s.scalar(select(Prompt.status).where(Prompt.id == uuid.UUID(world["prompt"]))),
             s.scalar(select(ApiToken.revoked_at).where(ApiToken.name == world["token"])),
             tuple(s.scalars(select(Policy.updated_at).order_by(Policy.id))),
+            tuple(s.scalars(select(Target.name).order_by(Target.name))),
         )
     roles = [
         r
@@ -219,7 +232,8 @@ def test_the_matrix_covers_every_v1_endpoint() -> None:
         for method in ops
     }
     covered = {(m, p.replace("{agent}", "{agent_id}").replace("{nhi}", "{nhi_id}")
-                .replace("{prompt}", "{prompt_id}").replace("{token}", "{name}").replace("{sweep}", "{sweep_id}")) for m, p, _, _ in CASES}  # fmt: skip
+                .replace("{prompt}", "{prompt_id}").replace("{token}", "{name}").replace("{sweep}", "{sweep_id}")
+                .replace("{target}", "{name}")) for m, p, _, _ in CASES}  # fmt: skip
     assert routes == covered
 
 

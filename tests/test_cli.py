@@ -114,6 +114,13 @@ async def test_agent_and_role_through_the_cli(service: Service) -> None:
         (["nhis", "show", "00000000-0000-0000-0000-000000000000"], "not found"),
         (["provision", "00000000-0000-0000-0000-000000000000", "--kind", "iam_role"], "--scope"),
         (["frobnicate"], "No such command"),
+        (["targets", "add", "docs", "--dsn", "postgresql://nhi_admin:hunter2@db/app",
+          "--password-env", "DOCS_PW"], "--password-env"),
+        (["targets", "add", "docs", "--dsn", "postgresql://nhi_admin@db/app"], "exactly one"),
+        (["targets", "add", "docs", "--dsn", "postgresql://nhi_admin@db/app",
+          "--password-env", "A", "--password-secret", "b"], "exactly one"),
+        (["targets", "add", "docs", "--dsn", "postgresql://nhi_admin@db/app",
+          "--password-env", "A", "--connection-limit", "0"], "connection-limit"),
     ],
 )  # fmt: skip
 async def test_bad_input_is_one_line_and_exit_code_1(
@@ -273,3 +280,61 @@ async def test_lifecycle_commands_for_owners(service: Service) -> None:
     assert ("nhi.renewed", f"token:{token_name(owner)}") in actors
     assert ("nhi.restored", f"token:{token_name(backup)}") in actors
     assert ("nhi.quarantined", "system:agent-completed") in actors
+
+
+async def test_targets_through_the_cli(service: Service) -> None:
+    name = unique("cli-tgt")
+    added = json.loads(await aok(
+        service, "--json", "targets", "add", name, "--dsn", "postgresql://nhi_admin@db.internal/app",
+        "--password-secret", "prod/docs-admin", "--sslmode", "require", "--connection-limit", "4",
+        actor="admin",
+    ))  # fmt: skip
+    assert added["password_ref"] == "secret:prod/docs-admin" and added["port"] == 5432
+    assert (added["sslmode"], added["connection_limit"], added["source"]) == (
+        "require",
+        4,
+        "inventory",
+    )
+    table = await aok(service, "targets", "list")
+    assert table.splitlines()[0].split() == [
+        "NAME", "HOST", "PORT", "DBNAME", "ADMIN_USER", "PASSWORD_REF", "SOURCE",
+    ]  # fmt: skip
+    assert name in table and "secret:prod/docs-admin" in table
+    assert "needs the admin role" in one_line_error(
+        await arun(service, "targets", "add", unique("cli-tgt"), "--dsn",
+                   "postgresql://nhi_admin@db/app", "--password-env", "PW")
+    )  # fmt: skip
+    assert "already exists" in one_line_error(
+        await arun(service, "targets", "add", name, "--dsn", "postgresql://nhi_admin@db/app",
+                   "--password-env", "PW", actor="admin")
+    )  # fmt: skip
+    leaked = await arun(
+        service, "targets", "add", unique("cli-tgt"), "--dsn",
+        "postgresql://nhi_admin:hunter2@db/app", "--password-env", "PW", actor="admin",
+    )  # fmt: skip
+    assert "hunter2" not in one_line_error(leaked)
+
+    agent_id = await create_agent(service)
+    assert "target: is required for postgres_role" in one_line_error(
+        await arun(service, "provision", agent_id, "--kind", "postgres_role",
+                   "--action", "SELECT", "--resource", "docs.articles")
+    )  # fmt: skip
+    accepted = json.loads(await aok(
+        service, "--json", "provision", agent_id, "--kind", "postgres_role", "--target", name,
+        "--action", "SELECT", "--action", "UPDATE", "--resource", "docs.articles",
+    ))  # fmt: skip
+    assert accepted["status"] == "pending_approval"
+    nhi = json.loads(await aok(service, "--json", "nhis", "show", accepted["id"]))
+    assert (nhi["platform"], nhi["target"]) == ("postgres", name)
+    assert "decommission them first" in one_line_error(
+        await arun(service, "targets", "remove", name, actor="admin")
+    )
+
+    spare = unique("cli-tgt")
+    await aok(service, "targets", "add", spare, "--dsn", "postgresql://nhi_admin@db/app",
+              "--password-env", "PW", actor="admin")  # fmt: skip
+    removed = json.loads(await aok(service, "--json", "targets", "remove", spare, actor="admin"))
+    assert removed["name"] == spare
+    assert "not found" in one_line_error(
+        await arun(service, "targets", "remove", spare, actor="admin")
+    )

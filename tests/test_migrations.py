@@ -35,7 +35,7 @@ def test_upgrade_check_downgrade_round_trip(databases: Databases) -> None:
         command.check(cfg)
         with engine.connect() as conn:
             seeded = conn.execute(text("SELECT count(*) FROM policies")).scalar_one()
-        assert seeded == 6
+        assert seeded == 9  # aws: 2 kinds x 3 environments; postgres: 1 kind x 3
     finally:
         engine.dispose()
 

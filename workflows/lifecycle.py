@@ -17,8 +17,8 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.aws import AwsActivities
     from activities.db import DbActivities
+    from activities.provider import ProviderActivities
     from activities.slack import SlackActivities
     from models.contracts import (
         Alert,
@@ -43,15 +43,15 @@ with workflow.unsafe.imports_passed_through():
         RetireKey,
         StatusChange,
     )
-    from models.enums import NhiKind, NhiStatus
+    from models.enums import ROTATABLE_KINDS, NhiStatus
     from nhi.slack_messages import decided_text
     from workflows.policies import (
-        AWS_HEARTBEAT,
-        AWS_REMOVAL_RETRY,
-        AWS_RETRY,
-        AWS_TIMEOUT,
         DB_RETRY,
         DB_TIMEOUT,
+        PLATFORM_HEARTBEAT,
+        PLATFORM_REMOVAL_RETRY,
+        PLATFORM_RETRY,
+        PLATFORM_TIMEOUT,
         SLACK_RETRY,
         SLACK_TIMEOUT,
         VERIFY_RETRY,
@@ -112,11 +112,13 @@ class NhiLifecycleWorkflow:
         """Rotate the credential now (access keys); recorded as not applicable for roles."""
         await self._ready(self._check_rotate, req)
         cfg = self._config()
-        if cfg.kind is NhiKind.IAM_ROLE:
+        if cfg.kind not in ROTATABLE_KINDS:
             await self._note(
-                "nhi.rotation_not_applicable", req, "iam_role has no static secret to rotate"
+                "nhi.rotation_not_applicable",
+                req,
+                f"{cfg.kind.value} has no static secret to rotate",
             )
-            return self._view("rotation not applicable: iam_role has no static secret")
+            return self._view(f"rotation not applicable: {cfg.kind.value} has no static secret")
         self._rotate = req
         self._wake = True
         return self._view("rotation started")
@@ -347,7 +349,7 @@ class NhiLifecycleWorkflow:
 
     async def _renew(self, new_expiry: datetime, action: LifecycleAction, decision: str) -> None:
         s, cfg = self._st(), self._config()
-        await self._aws(AwsActivities.update_expiry, self._plan(new_expiry))
+        await self._platform(ProviderActivities.update_expiry, self._plan(new_expiry))
         await self._db(
             DbActivities.change_status,
             StatusChange(
@@ -401,7 +403,7 @@ class NhiLifecycleWorkflow:
             actor="system:rotation", channel="system", reason="rotation period reached"
         )
         now = workflow.now()
-        if cfg.kind is not NhiKind.IAM_USER_KEY:
+        if cfg.kind not in ROTATABLE_KINDS:
             await self._note(
                 "nhi.rotation_not_applicable", action, f"{cfg.kind.value} has no static secret"
             )
@@ -413,14 +415,14 @@ class NhiLifecycleWorkflow:
         )
         plan = self._plan(self._st().expires_at)
         try:
-            await self._aws(AwsActivities.stage_new_key, plan)
+            await self._platform(ProviderActivities.stage_new_key, plan)
             await workflow.execute_activity_method(
-                AwsActivities.verify_pending,
+                ProviderActivities.verify_pending,
                 plan,
                 start_to_close_timeout=VERIFY_TIMEOUT,
                 retry_policy=VERIFY_RETRY,
             )
-            promoted = await self._aws(AwsActivities.promote_pending, plan)
+            promoted = await self._platform(ProviderActivities.promote_pending, plan)
         except ActivityError as err:
             reason = f"rotation failed, the current key stays in use: {failure_reason(err)}"
             await self._status(NhiStatus.ACTIVE, "nhi.rotation_failed", action, reason)
@@ -458,12 +460,18 @@ class NhiLifecycleWorkflow:
         retiring = self._st().retiring
         if retiring is None:
             return
-        key = KeyRef(user_name=self._config().plan.identity_name, key_id=retiring.key_id)
+        plan = self._config().plan
+        key = KeyRef(
+            user_name=plan.identity_name,
+            key_id=retiring.key_id,
+            platform=plan.platform,
+            target=plan.target,
+        )
         if deactivate:
-            await self._aws(AwsActivities.deactivate_key, key)
+            await self._platform(ProviderActivities.deactivate_key, key)
             self._update(retiring=retiring.model_copy(update={"deactivated": True}))
         else:
-            await self._aws(AwsActivities.delete_key, key)
+            await self._platform(ProviderActivities.delete_key, key)
             await self._note(
                 "nhi.old_key_deleted",
                 LifecycleAction(actor="system:rotation", channel="system"),
@@ -476,9 +484,9 @@ class NhiLifecycleWorkflow:
         plan = self._plan(self._st().expires_at)
         reason = action.reason or "decommission requested"
         try:
-            done = await self._aws(AwsActivities.quarantine, plan)
+            done = await self._platform(ProviderActivities.quarantine, plan)
             await workflow.execute_activity_method(
-                AwsActivities.verify_quarantine,
+                ProviderActivities.verify_quarantine,
                 plan,
                 start_to_close_timeout=VERIFY_TIMEOUT,
                 retry_policy=VERIFY_RETRY,
@@ -506,11 +514,11 @@ class NhiLifecycleWorkflow:
         plan = self._plan(self._st().expires_at)
         try:
             removed = await workflow.execute_activity_method(
-                AwsActivities.remove_identity,
+                ProviderActivities.remove_identity,
                 RemoveIdentity(plan=plan),
-                start_to_close_timeout=AWS_TIMEOUT,
-                heartbeat_timeout=AWS_HEARTBEAT,
-                retry_policy=AWS_REMOVAL_RETRY,
+                start_to_close_timeout=PLATFORM_TIMEOUT,
+                heartbeat_timeout=PLATFORM_HEARTBEAT,
+                retry_policy=PLATFORM_REMOVAL_RETRY,
             )
         except ActivityError as err:
             await self._revoke_failed(f"deletion failed: {failure_reason(err)}")
@@ -548,9 +556,9 @@ class NhiLifecycleWorkflow:
         expiry = self._st().expires_at
         if expiry <= now:
             expiry = self._renewed_expiry(None)
-        await self._aws(AwsActivities.lift_quarantine, self._plan(expiry))
+        await self._platform(ProviderActivities.lift_quarantine, self._plan(expiry))
         if expiry != self._st().expires_at:
-            await self._aws(AwsActivities.update_expiry, self._plan(expiry))
+            await self._platform(ProviderActivities.update_expiry, self._plan(expiry))
         await self._status(
             NhiStatus.ACTIVE,
             "nhi.restored",
@@ -573,7 +581,7 @@ class NhiLifecycleWorkflow:
     def _initial_state(self, cfg: LifecycleConfig) -> LifecycleState:
         now = workflow.now()
         next_rotation = None
-        if cfg.kind is NhiKind.IAM_USER_KEY and cfg.rotation_period_seconds:
+        if cfg.kind in ROTATABLE_KINDS and cfg.rotation_period_seconds:
             base = cfg.last_rotated_at or cfg.activated_at
             next_rotation = base + timedelta(seconds=cfg.rotation_period_seconds)
         phase = {
@@ -748,13 +756,13 @@ class NhiLifecycleWorkflow:
             method, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY
         )
 
-    async def _aws(self, method: Callable[..., Any], arg: Any) -> Any:
+    async def _platform(self, method: Callable[..., Any], arg: Any) -> Any:
         return await workflow.execute_activity_method(
             method,
             arg,
-            start_to_close_timeout=AWS_TIMEOUT,
-            heartbeat_timeout=AWS_HEARTBEAT,
-            retry_policy=AWS_RETRY,
+            start_to_close_timeout=PLATFORM_TIMEOUT,
+            heartbeat_timeout=PLATFORM_HEARTBEAT,
+            retry_policy=PLATFORM_RETRY,
         )
 
     async def _slack(self, method: Callable[..., Any], arg: Any) -> None:

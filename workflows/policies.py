@@ -15,11 +15,11 @@ DB_RETRY = RetryPolicy(
     non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
 )
 
-AWS_TIMEOUT = timedelta(minutes=2)
+PLATFORM_TIMEOUT = timedelta(minutes=2)
 # Long enough for botocore's own throttling backoff between heartbeats, short enough that a
 # crashed worker's activity moves to another worker quickly.
-AWS_HEARTBEAT = timedelta(seconds=15)
-AWS_RETRY = RetryPolicy(
+PLATFORM_HEARTBEAT = timedelta(seconds=15)
+PLATFORM_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=1),
@@ -27,7 +27,7 @@ AWS_RETRY = RetryPolicy(
 )
 # Removal must not give up quickly: what it leaves behind is a live credential. Once even this
 # is exhausted the NHI becomes `revoke_failed`, which is visible and retried by sweeps.
-AWS_REMOVAL_RETRY = RetryPolicy(
+PLATFORM_REMOVAL_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=5),

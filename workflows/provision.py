@@ -14,8 +14,8 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.aws import AwsActivities
     from activities.db import DbActivities
+    from activities.provider import ProviderActivities
     from models.contracts import (
         ApprovalDecision,
         ApprovalOutcome,
@@ -33,12 +33,12 @@ with workflow.unsafe.imports_passed_through():
     from models.enums import NhiKind, NhiStatus
     from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
     from workflows.policies import (
-        AWS_HEARTBEAT,
-        AWS_REMOVAL_RETRY,
-        AWS_RETRY,
-        AWS_TIMEOUT,
         DB_RETRY,
         DB_TIMEOUT,
+        PLATFORM_HEARTBEAT,
+        PLATFORM_REMOVAL_RETRY,
+        PLATFORM_RETRY,
+        PLATFORM_TIMEOUT,
         failure_reason,
     )
 
@@ -161,32 +161,38 @@ class ProvisionNhiWorkflow:
             )
 
     async def _create(self, plan: ProvisionPlan) -> IdentityCreated:
+        if workflow.patched("provider-interface"):
+            await self._platform(ProviderActivities.create_identity, plan)
+            return await self._platform(ProviderActivities.deliver_credential, plan)
+        # Runs recorded before the provider interface (AWS only) replay down this path.
         if plan.kind is NhiKind.IAM_ROLE:
-            return await self._aws(AwsActivities.ensure_role, plan)
-        await self._aws(AwsActivities.ensure_user, plan)
-        return await self._aws(AwsActivities.issue_access_key, plan)
+            return await self._platform(ProviderActivities.ensure_role, plan)
+        await self._platform(ProviderActivities.ensure_user, plan)
+        return await self._platform(ProviderActivities.issue_access_key, plan)
 
-    async def _aws(
-        self, method: Callable[[AwsActivities, ProvisionPlan], IdentityCreated], plan: ProvisionPlan
+    async def _platform(
+        self,
+        method: Callable[[ProviderActivities, ProvisionPlan], IdentityCreated],
+        plan: ProvisionPlan,
     ) -> IdentityCreated:
         return await workflow.execute_activity_method(
             method,
             plan,
-            start_to_close_timeout=AWS_TIMEOUT,
-            heartbeat_timeout=AWS_HEARTBEAT,
-            retry_policy=AWS_RETRY,
+            start_to_close_timeout=PLATFORM_TIMEOUT,
+            heartbeat_timeout=PLATFORM_HEARTBEAT,
+            retry_policy=PLATFORM_RETRY,
         )
 
     async def _compensate(self, plan: ProvisionPlan, reason: str) -> NhiStatus:
         status = NhiStatus.FAILED
         try:
             await workflow.execute_activity_method(
-                AwsActivities.remove_identity,
+                ProviderActivities.remove_identity,
                 # Never delivered, so nobody can need the secret back.
                 RemoveIdentity(plan=plan, force_delete_secret=True),
-                start_to_close_timeout=AWS_TIMEOUT,
-                heartbeat_timeout=AWS_HEARTBEAT,
-                retry_policy=AWS_REMOVAL_RETRY,
+                start_to_close_timeout=PLATFORM_TIMEOUT,
+                heartbeat_timeout=PLATFORM_HEARTBEAT,
+                retry_policy=PLATFORM_REMOVAL_RETRY,
             )
         except ActivityError as err:
             status = NhiStatus.REVOKE_FAILED

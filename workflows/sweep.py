@@ -16,7 +16,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlrea
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.aws import AwsActivities
+    from activities.provider import ProviderActivities
     from activities.slack import SlackActivities
     from activities.sweep import SupervisionActivities, SweepActivities
     from models.contracts import (
@@ -25,20 +25,20 @@ with workflow.unsafe.imports_passed_through():
         FindingKind,
         LifecycleNudge,
         OrphanInput,
-        ProvisionPlan,
         RemoveIdentity,
         SweepInput,
         SweepOutcome,
         SweepPlan,
+        orphan_plan,
     )
     from models.enums import NhiKind
     from workflows.policies import (
-        AWS_HEARTBEAT,
-        AWS_REMOVAL_RETRY,
-        AWS_RETRY,
-        AWS_TIMEOUT,
         DB_RETRY,
         DB_TIMEOUT,
+        PLATFORM_HEARTBEAT,
+        PLATFORM_REMOVAL_RETRY,
+        PLATFORM_RETRY,
+        PLATFORM_TIMEOUT,
         SLACK_RETRY,
         SLACK_TIMEOUT,
         failure_reason,
@@ -54,9 +54,10 @@ def sweep_workflow_id(provider: str) -> str:
     return f"nhi-sweep-{provider}"
 
 
-def orphan_workflow_id(kind: str, name: str) -> str:
+def orphan_workflow_id(kind: str, name: str, target: str | None = None) -> str:
     """One removal per orphaned identity, however many sweeps find it."""
-    return f"nhi-orphan-{kind}-{name}"
+    where = f"{target}-" if target else ""
+    return f"nhi-orphan-{kind}-{where}{name}"
 
 
 @workflow.defn
@@ -77,14 +78,14 @@ class SweepWorkflow:
                 inp,
                 start_to_close_timeout=SWEEP_TIMEOUT,
                 heartbeat_timeout=SWEEP_HEARTBEAT,
-                retry_policy=AWS_RETRY,
+                retry_policy=PLATFORM_RETRY,
             )
             unsupervised: list[Finding] = await workflow.execute_activity_method(
                 SupervisionActivities.find_unsupervised,
                 inp,
                 start_to_close_timeout=SWEEP_TIMEOUT,
                 heartbeat_timeout=SWEEP_HEARTBEAT,
-                retry_policy=AWS_RETRY,
+                retry_policy=PLATFORM_RETRY,
             )
         except ActivityError as err:
             return await self._failed(inp, failure_reason(err))
@@ -136,8 +137,10 @@ class SweepWorkflow:
                     secret_arn=finding.secret_arn,
                     grace_seconds=self._grace,
                     found_by=f"system:sweep ({inp.triggered_by})",
+                    target=finding.target,
+                    nhi_id=finding.nhi_id,
                 ),
-                id=orphan_workflow_id(finding.identity_kind, finding.identity),
+                id=orphan_workflow_id(finding.identity_kind, finding.identity, finding.target),
                 parent_close_policy=ParentClosePolicy.ABANDON,
             )
         except WorkflowAlreadyStartedError:
@@ -159,8 +162,8 @@ class SweepWorkflow:
         return await workflow.execute_activity_method(
             method,
             arg,
-            start_to_close_timeout=AWS_TIMEOUT,
-            retry_policy=AWS_RETRY,
+            start_to_close_timeout=PLATFORM_TIMEOUT,
+            retry_policy=PLATFORM_RETRY,
         )
 
     async def _record(self, outcome: SweepOutcome) -> None:
@@ -214,31 +217,16 @@ class OrphanRemovalWorkflow:
         await workflow.execute_activity_method(
             SweepActivities.quarantine_orphan,
             orphan,
-            start_to_close_timeout=AWS_TIMEOUT,
-            retry_policy=AWS_RETRY,
+            start_to_close_timeout=PLATFORM_TIMEOUT,
+            retry_policy=PLATFORM_RETRY,
         )
         await workflow.sleep(timedelta(seconds=orphan.grace_seconds))
-        plan = ProvisionPlan.model_validate(
-            {
-                "nhi_id": workflow.uuid4(),
-                "agent_id": workflow.uuid4(),
-                "agent_name": "orphan",
-                "environment": "unknown",
-                "owner_email": "unknown",
-                "platform": "aws",
-                "kind": orphan.identity_kind,
-                "identity_name": orphan.identity,
-                "iam_path": "/",
-                "secret_name": orphan.secret_arn or "",
-                "scope": [],
-                "expires_at": workflow.now(),
-            }
-        )
+        plan = orphan_plan(orphan, workflow.uuid4(), workflow.now())
         removed = await workflow.execute_activity_method(
-            AwsActivities.remove_identity,
+            ProviderActivities.remove_identity,
             RemoveIdentity(plan=plan),
-            start_to_close_timeout=AWS_TIMEOUT,
-            heartbeat_timeout=AWS_HEARTBEAT,
-            retry_policy=AWS_REMOVAL_RETRY,
+            start_to_close_timeout=PLATFORM_TIMEOUT,
+            heartbeat_timeout=PLATFORM_HEARTBEAT,
+            retry_policy=PLATFORM_REMOVAL_RETRY,
         )
         return list(removed.removed)

@@ -10,6 +10,7 @@ platform straight into the secret store inside one call; only references come ba
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -26,6 +27,15 @@ from nhi.sweep import PlatformIdentity
 
 # Called before each platform call of a listing: rate limiting and heartbeats (see sweeps).
 Pace = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What a listing found, and the places (Postgres targets) it could not list. A sweep
+    compares only what was listed: an unreachable target's NHIs are never "missing"."""
+
+    identities: list[PlatformIdentity]
+    unreachable: dict[str, str] = field(default_factory=dict)  # place -> why
 
 
 class Provider(Protocol):
@@ -81,10 +91,11 @@ class Provider(Protocol):
         """Remove the identity, everything attached to it and its secret."""
         ...
 
-    def discover(self, known: Mapping[str, str], pace: Pace) -> list[PlatformIdentity]:
+    def discover(self, known: Mapping[str, str], pace: Pace) -> Discovery:
         """Every identity under this deployment's marker on the platform. `known` maps the
         names the inventory holds alive to their status, so details are fetched only where a
-        sweep needs them."""
+        sweep needs them. A listing that fails for the whole platform raises; one place of
+        several that cannot be reached is reported in `unreachable`."""
         ...
 
     def last_used(self, kind: NhiKind, name: str, target: str | None) -> datetime | None:

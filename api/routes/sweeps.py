@@ -26,7 +26,7 @@ READERS = (Role.SECURITY, Role.AUDITOR, Role.ADMIN)
 class SweepRequest(Body):
     """Which provider, and whether only to report."""
 
-    provider: Literal["aws"] = "aws"
+    provider: Literal["aws", "postgres"] = "aws"
     dry_run: bool = False
 
 

@@ -1,0 +1,677 @@
+"""The AWS provider: IAM roles, and IAM users with access keys delivered into Secrets Manager.
+
+Every method is idempotent: names are deterministic, "already exists" is checked against our
+own tags, and "not found" during removal counts as removed. Secrets go from IAM straight into
+Secrets Manager inside one call; only references leave.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+from temporalio.exceptions import ApplicationError
+
+from activities._support import aws_code, classify_aws
+from activities.providers.base import Discovery, Pace
+from models.contracts import (
+    IdentityCreated,
+    KeyRef,
+    ProvisionPlan,
+    RemovalResult,
+    RemoveIdentity,
+    StagedKey,
+)
+from models.enums import NhiKind, Platform
+from nhi import MANAGED_BY
+from nhi.aws import AwsClients
+from nhi.policy import identity_policy_document, trust_policy_document
+from nhi.sweep import PlatformIdentity
+
+if TYPE_CHECKING:
+    from types_boto3_iam import IAMClient
+    from types_boto3_iam.type_defs import TagTypeDef
+    from types_boto3_secretsmanager import SecretsManagerClient
+
+log = logging.getLogger(__name__)
+
+SCOPE_POLICY_NAME = "nhi-scope"
+_NOT_FOUND = frozenset({"NoSuchEntity", "ResourceNotFoundException"})
+
+
+def _tags(plan: ProvisionPlan) -> list[TagTypeDef]:
+    return [{"Key": k, "Value": v} for k, v in sorted(plan.tags.items())]
+
+
+def _policy_json(plan: ProvisionPlan) -> str:
+    return json.dumps(identity_policy_document(plan.scope, plan.allowed_cidrs, plan.expires_at))
+
+
+QUARANTINE_POLICY_NAME = "nhi-quarantine"
+REVOKE_SESSIONS_POLICY_NAME = "nhi-revoke-older-sessions"
+_PENDING, _CURRENT, _PREVIOUS = "AWSPENDING", "AWSCURRENT", "AWSPREVIOUS"
+
+
+def _deny_all() -> str:
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Sid": "Quarantine", "Effect": "Deny", "Action": "*", "Resource": "*"}],
+        }
+    )
+
+
+def _deny_sessions_issued_before(at: datetime) -> str:
+    # What the IAM console's "revoke active sessions" does: sessions issued before `at` are
+    # refused even after the quarantine is lifted.
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "RevokeOlderSessions",
+                    "Effect": "Deny",
+                    "Action": "*",
+                    "Resource": "*",
+                    "Condition": {
+                        "DateLessThan": {"aws:TokenIssueTime": at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                    },
+                }
+            ],
+        }
+    )
+
+
+class AwsDiscovery:
+    """What a sweep asks of AWS: every identity under our IAM path, with details where needed."""
+
+    _iam: IAMClient
+    _secrets: SecretsManagerClient
+    _iam_path: str
+
+    def _paged(self, operation: str, key: str, pace: Pace) -> list[dict[str, Any]]:
+        """Every page of a listing. Any error (throttling past botocore's retries included)
+        propagates: a listing that ends early must never read as "nothing there"."""
+        out: list[dict[str, Any]] = []
+        paginator = self._iam.get_paginator(operation)  # type: ignore[call-overload]
+        for page in paginator.paginate(PathPrefix=self._iam_path):
+            pace()
+            if page.get("IsTruncated") and not page.get("Marker"):
+                raise ApplicationError(
+                    f"{operation}: truncated page without a marker", type="ListingIncomplete"
+                )
+            out += page[key]
+        return out
+
+    def _tags_of(self, kind: str, name: str) -> dict[str, str]:
+        if kind == NhiKind.IAM_ROLE:
+            tags = self._iam.list_role_tags(RoleName=name)["Tags"]
+        else:
+            tags = self._iam.list_user_tags(UserName=name)["Tags"]
+        return {t["Key"]: t["Value"] for t in tags}
+
+    def _secret_of(self, nhi_id: str) -> str | None:
+        found = self._secrets.list_secrets(
+            Filters=[
+                {"Key": "tag-key", "Values": ["nhi:nhi-id"]},
+                {"Key": "tag-value", "Values": [nhi_id]},
+            ]
+        )["SecretList"]
+        return str(found[0]["ARN"]) if found else None
+
+    def _document(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            if kind == NhiKind.IAM_ROLE:
+                doc: Any = self._iam.get_role_policy(RoleName=name, PolicyName=SCOPE_POLICY_NAME)[
+                    "PolicyDocument"
+                ]
+            else:
+                doc = self._iam.get_user_policy(UserName=name, PolicyName=SCOPE_POLICY_NAME)[
+                    "PolicyDocument"
+                ]
+        except ClientError as err:
+            if aws_code(err) == "NoSuchEntity":
+                return {}
+            raise
+        return json.loads(doc) if isinstance(doc, str) else dict(doc)
+
+    def last_used(self, kind: NhiKind, name: str, target: str | None) -> datetime | None:
+        """RoleLastUsed, or the latest use of any of the user's access keys."""
+        del target  # one AWS account per worker
+        if kind == NhiKind.IAM_ROLE:
+            return (
+                self._iam.get_role(RoleName=name)["Role"]
+                .get("RoleLastUsed", {})
+                .get("LastUsedDate")
+            )
+        dates = []
+        for key in self._iam.list_access_keys(UserName=name)["AccessKeyMetadata"]:
+            used = self._iam.get_access_key_last_used(AccessKeyId=key["AccessKeyId"])[
+                "AccessKeyLastUsed"
+            ]
+            if used.get("LastUsedDate"):
+                dates.append(used["LastUsedDate"])
+        return max(dates) if dates else None
+
+    def discover(self, known: Mapping[str, str], pace: Pace) -> Discovery:
+        """Users and roles under our path. Tags (and the delivery secret) are read only for
+        names the inventory does not hold alive; usage and scope only for active ones."""
+        try:
+            found = [(NhiKind.IAM_USER_KEY, u) for u in self._paged("list_users", "Users", pace)]
+            found += [(NhiKind.IAM_ROLE, r) for r in self._paged("list_roles", "Roles", pace)]
+        except ClientError as err:
+            raise ApplicationError(
+                f"listing IAM identities failed ({aws_code(err)}): sweep stopped, nothing changed",
+                type="ListingFailed",
+                non_retryable=True,
+            ) from None
+        out: list[PlatformIdentity] = []
+        for kind, entry in found:
+            name = str(entry.get("UserName") or entry.get("RoleName"))
+            status = known.get(name)
+            tags: dict[str, str] = {}
+            if status is None:
+                pace()
+                tags = self._tags_of(kind, name)
+            managed = status is not None or tags.get("managed-by") == MANAGED_BY
+            nhi_id = tags.get("nhi:nhi-id")
+            secret_arn = None
+            if managed and nhi_id and status is None:
+                pace()
+                secret_arn = self._secret_of(nhi_id)
+            last_used = document = None
+            if status == "active":
+                pace()
+                last_used = self.last_used(kind, name, None)
+                pace()
+                document = self._document(kind, name)
+            out.append(
+                PlatformIdentity(
+                    name=name,
+                    kind=kind.value,
+                    created_at=entry["CreateDate"],
+                    managed=managed,
+                    nhi_id=nhi_id,
+                    secret_arn=secret_arn,
+                    last_used_at=last_used,
+                    scope_document=document,
+                )
+            )
+        return Discovery(identities=out)
+
+
+class _AwsLifecycle:
+    """Rotation, renewal and containment of AWS identities (the second half of AwsProvider)."""
+
+    _iam: IAMClient
+    _secrets: SecretsManagerClient
+    _clients: AwsClients
+
+    def _stage_key_ids(self, secret_name: str) -> dict[str, str]:
+        """Access key id held by each staging label of the delivery secret."""
+        out: dict[str, str] = {}
+        versions = self._secrets.list_secret_version_ids(SecretId=secret_name)["Versions"]
+        for version in versions:
+            for stage in version.get("VersionStages", []):
+                if stage in (_PENDING, _CURRENT, _PREVIOUS):
+                    value = self._secrets.get_secret_value(
+                        SecretId=secret_name, VersionId=version["VersionId"]
+                    )["SecretString"]
+                    out[stage] = str(json.loads(value)["AccessKeyId"])
+        return out
+
+    def renew(self, plan: ProvisionPlan) -> None:
+        """Rewrite the scope policy and tag for a new expiry (renewal)."""
+        tag = [{"Key": "nhi:expires-at", "Value": plan.tags["nhi:expires-at"]}]
+        try:
+            if plan.kind is NhiKind.IAM_ROLE:
+                self._iam.put_role_policy(
+                    RoleName=plan.identity_name,
+                    PolicyName=SCOPE_POLICY_NAME,
+                    PolicyDocument=_policy_json(plan),
+                )
+                self._iam.tag_role(RoleName=plan.identity_name, Tags=tag)  # type: ignore[arg-type]
+            else:
+                self._iam.put_user_policy(
+                    UserName=plan.identity_name,
+                    PolicyName=SCOPE_POLICY_NAME,
+                    PolicyDocument=_policy_json(plan),
+                )
+                self._iam.tag_user(UserName=plan.identity_name, Tags=tag)  # type: ignore[arg-type]
+        except ClientError as err:
+            raise classify_aws(err, f"renewing {plan.identity_name}") from err
+
+    def stage_rotation(self, plan: ProvisionPlan) -> StagedKey:
+        """Rotation step 1: clean leftovers, create the new key, store it as AWSPENDING.
+
+        Keys held by no staging label are leftovers of an interrupted run and are deleted
+        first; a key still in its overlap (AWSPREVIOUS) is retired early. So the user never
+        holds more than the current key plus the new one. An existing AWSPENDING key is reused.
+        """
+        user = plan.identity_name
+        try:
+            stages = self._stage_key_ids(plan.secret_name)
+            current = stages.get(_CURRENT)
+            keys = [
+                k["AccessKeyId"]
+                for k in self._iam.list_access_keys(UserName=user)["AccessKeyMetadata"]
+            ]
+            pending = stages.get(_PENDING)
+            if pending and pending in keys and pending != current:
+                return StagedKey(new_key_id=pending, old_key_id=current)
+            for key_id in keys:
+                if key_id != current:
+                    log.warning("deleting access key %s of %s before rotating", key_id, user)
+                    self._iam.delete_access_key(UserName=user, AccessKeyId=key_id)
+            key = self._iam.create_access_key(UserName=user)["AccessKey"]
+            value = json.dumps(
+                {"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]}
+            )
+            new_key_id = key["AccessKeyId"]
+            del key
+            self._secrets.put_secret_value(
+                SecretId=plan.secret_name, SecretString=value, VersionStages=[_PENDING]
+            )
+            del value
+        except ClientError as err:
+            raise classify_aws(err, f"staging a new key for {user}") from err
+        return StagedKey(new_key_id=new_key_id, old_key_id=current)
+
+    def verify_pending(self, plan: ProvisionPlan) -> None:
+        """Rotation step 2: prove the pending key authenticates as this user (STS).
+
+        IAM is eventually consistent, so a refusal is retried (by Temporal) before giving up.
+        """
+        value = json.loads(
+            self._secrets.get_secret_value(SecretId=plan.secret_name, VersionStage=_PENDING)[
+                "SecretString"
+            ]
+        )
+        sts = self._clients.sts_as(value["AccessKeyId"], value["SecretAccessKey"])
+        del value
+        try:
+            arn = sts.get_caller_identity()["Arn"]
+        except ClientError as err:
+            raise ApplicationError(
+                f"the new key does not authenticate yet: {aws_code(err)}", type="NotYetValid"
+            ) from None
+        if not arn.endswith(f"/{plan.identity_name}"):
+            raise ApplicationError(
+                f"the new key authenticates as {arn}, not {plan.identity_name}",
+                type="WrongIdentity",
+                non_retryable=True,
+            )
+
+    def promote(self, plan: ProvisionPlan) -> StagedKey:
+        """Rotation step 3: make the proven key AWSCURRENT (the old one becomes AWSPREVIOUS)."""
+        try:
+            versions = self._secrets.list_secret_version_ids(SecretId=plan.secret_name)["Versions"]
+            by_stage = {
+                stage: v["VersionId"] for v in versions for stage in v.get("VersionStages", [])
+            }
+            stages = self._stage_key_ids(plan.secret_name)
+            if _PENDING in by_stage and by_stage.get(_CURRENT) != by_stage[_PENDING]:
+                self._secrets.update_secret_version_stage(
+                    SecretId=plan.secret_name,
+                    VersionStage=_CURRENT,
+                    MoveToVersionId=by_stage[_PENDING],
+                    RemoveFromVersionId=by_stage[_CURRENT],
+                )
+                self._secrets.update_secret_version_stage(
+                    SecretId=plan.secret_name,
+                    VersionStage=_PENDING,
+                    RemoveFromVersionId=by_stage[_PENDING],
+                )
+                return StagedKey(new_key_id=stages[_PENDING], old_key_id=stages.get(_CURRENT))
+        except ClientError as err:
+            raise classify_aws(err, f"promoting the new key of {plan.identity_name}") from err
+        # Already promoted by an earlier attempt.
+        return StagedKey(new_key_id=stages[_CURRENT], old_key_id=stages.get(_PREVIOUS))
+
+    def retire(self, key: KeyRef, *, delete: bool) -> None:
+        """Old key after the overlap: inactive first, so a forgotten client fails visibly; then
+        deleted. "Not found" counts as done."""
+        try:
+            if delete:
+                self._iam.delete_access_key(UserName=key.user_name, AccessKeyId=key.key_id)
+            else:
+                self._iam.update_access_key(
+                    UserName=key.user_name, AccessKeyId=key.key_id, Status="Inactive"
+                )
+        except ClientError as err:
+            if aws_code(err) not in _NOT_FOUND:
+                doing = "deleting" if delete else "deactivating"
+                raise classify_aws(err, f"{doing} key {key.key_id}") from err
+
+    def disable(self, plan: ProvisionPlan) -> list[str]:
+        """Stop the credential working without deleting anything yet (restorable)."""
+        done: list[str] = []
+        now = datetime.now(UTC)
+        try:
+            if plan.kind is NhiKind.IAM_ROLE:
+                self._iam.put_role_policy(
+                    RoleName=plan.identity_name,
+                    PolicyName=QUARANTINE_POLICY_NAME,
+                    PolicyDocument=_deny_all(),
+                )
+                self._iam.put_role_policy(
+                    RoleName=plan.identity_name,
+                    PolicyName=REVOKE_SESSIONS_POLICY_NAME,
+                    PolicyDocument=_deny_sessions_issued_before(now),
+                )
+                done += ["deny-all policy", "sessions issued before now revoked"]
+            else:
+                user = plan.identity_name
+                for key in self._iam.list_access_keys(UserName=user)["AccessKeyMetadata"]:
+                    self._iam.update_access_key(
+                        UserName=user, AccessKeyId=key["AccessKeyId"], Status="Inactive"
+                    )
+                    done.append(f"key {key['AccessKeyId']} inactive")
+                self._iam.put_user_policy(
+                    UserName=user, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=_deny_all()
+                )
+                done.append("deny-all policy")
+        except ClientError as err:
+            if aws_code(err) in _NOT_FOUND:
+                return ["already gone"]
+            raise classify_aws(err, f"quarantining {plan.identity_name}") from err
+        return done
+
+    def verify_disabled(self, plan: ProvisionPlan) -> None:
+        """Prove the quarantine from IAM's own state: deny policy in place, no active key.
+
+        (moto does not refuse inactive keys, so a login attempt would prove nothing there; the
+        state is what AWS enforces.)
+        """
+        try:
+            if plan.kind is NhiKind.IAM_ROLE:
+                names = self._iam.list_role_policies(RoleName=plan.identity_name)["PolicyNames"]
+            else:
+                names = self._iam.list_user_policies(UserName=plan.identity_name)["PolicyNames"]
+                keys = self._iam.list_access_keys(UserName=plan.identity_name)["AccessKeyMetadata"]
+                active = [k["AccessKeyId"] for k in keys if k["Status"] == "Active"]
+                if active:
+                    raise ApplicationError(f"keys still active: {active}", type="NotQuarantined")
+        except ClientError as err:
+            if aws_code(err) in _NOT_FOUND:
+                return
+            raise classify_aws(err, f"checking the quarantine of {plan.identity_name}") from err
+        if QUARANTINE_POLICY_NAME not in names:
+            raise ApplicationError("deny-all policy not in place", type="NotQuarantined")
+
+    def enable(self, plan: ProvisionPlan) -> None:
+        """Restore: remove the deny-all and reactivate the delivered key (older sessions stay
+        revoked)."""
+        try:
+            if plan.kind is NhiKind.IAM_ROLE:
+                self._iam.delete_role_policy(
+                    RoleName=plan.identity_name, PolicyName=QUARANTINE_POLICY_NAME
+                )
+                return
+            current = self._stage_key_ids(plan.secret_name).get(_CURRENT)
+            if current:
+                self._iam.update_access_key(
+                    UserName=plan.identity_name, AccessKeyId=current, Status="Active"
+                )
+            self._iam.delete_user_policy(
+                UserName=plan.identity_name, PolicyName=QUARANTINE_POLICY_NAME
+            )
+        except ClientError as err:
+            if aws_code(err) in _NOT_FOUND:
+                return
+            raise classify_aws(err, f"restoring {plan.identity_name}") from err
+
+
+class AwsProvider(_AwsLifecycle, AwsDiscovery):
+    """IAM and Secrets Manager calls for the `iam_role` and `iam_user_key` kinds."""
+
+    platform = Platform.AWS
+
+    def __init__(self, clients: AwsClients, iam_path: str = "/nhi-lifecycle/") -> None:
+        self._clients = clients
+        self._iam = clients.iam
+        self._secrets = clients.secrets
+        self._iam_path = iam_path
+
+    def _check_ours(self, tags: list[TagTypeDef], plan: ProvisionPlan, what: str) -> None:
+        found = {t["Key"]: t["Value"] for t in tags}
+        if found.get("nhi:nhi-id") != str(plan.nhi_id):
+            raise ApplicationError(
+                f"{what} {plan.identity_name} already exists and is not NHI {plan.nhi_id}'s",
+                type="IdentityConflict",
+                non_retryable=True,
+            )
+
+    def create(self, plan: ProvisionPlan) -> IdentityCreated:
+        """The role (with its trust and scope) or the user (with its scope, no key yet)."""
+        if plan.kind is NhiKind.IAM_ROLE:
+            return self.ensure_role(plan)
+        return self.ensure_user(plan)
+
+    def deliver(self, plan: ProvisionPlan) -> IdentityCreated:
+        """A user's access key into Secrets Manager. A role has no static secret: the agent
+        assumes it, so its ARN is the reference."""
+        if plan.kind is NhiKind.IAM_ROLE:
+            try:
+                arn = self._iam.get_role(RoleName=plan.identity_name)["Role"]["Arn"]
+            except ClientError as err:
+                raise classify_aws(err, f"reading role {plan.identity_name}") from err
+            return IdentityCreated(external_id=arn, credential_ref=arn)
+        return self.issue_access_key(plan)
+
+    def ensure_role(self, plan: ProvisionPlan) -> IdentityCreated:
+        """Create the agent's role (trust = its runtime principal, inline policy = its scope)."""
+        if plan.trust_principal is None:
+            raise ApplicationError(
+                "iam_role needs a trust principal", type="InvalidPlan", non_retryable=True
+            )
+        trust = json.dumps(trust_policy_document(plan.trust_principal))
+        try:
+            try:
+                arn = self._iam.create_role(
+                    RoleName=plan.identity_name,
+                    Path=plan.iam_path,
+                    AssumeRolePolicyDocument=trust,
+                    MaxSessionDuration=plan.max_session_duration_seconds,
+                    Description=f"NHI {plan.nhi_id} of agent {plan.agent_name}"[:1000],
+                    Tags=_tags(plan),
+                )["Role"]["Arn"]
+            except ClientError as err:
+                if aws_code(err) != "EntityAlreadyExists":
+                    raise
+                arn = self._iam.get_role(RoleName=plan.identity_name)["Role"]["Arn"]
+                tags = self._iam.list_role_tags(RoleName=plan.identity_name)["Tags"]
+                self._check_ours(tags, plan, "role")
+                self._iam.update_assume_role_policy(
+                    RoleName=plan.identity_name, PolicyDocument=trust
+                )
+            self._iam.put_role_policy(
+                RoleName=plan.identity_name,
+                PolicyName=SCOPE_POLICY_NAME,
+                PolicyDocument=_policy_json(plan),
+            )
+        except ClientError as err:
+            raise classify_aws(err, f"creating role {plan.identity_name}") from err
+        log.info("role %s ready for nhi %s", arn, plan.nhi_id)
+        # A role has no static secret: the agent assumes it, so its ARN is the reference.
+        return IdentityCreated(external_id=arn, credential_ref=arn)
+
+    def ensure_user(self, plan: ProvisionPlan) -> IdentityCreated:
+        """Create the IAM user and its inline scope policy (no key yet)."""
+        try:
+            try:
+                arn = self._iam.create_user(
+                    UserName=plan.identity_name, Path=plan.iam_path, Tags=_tags(plan)
+                )["User"]["Arn"]
+            except ClientError as err:
+                if aws_code(err) != "EntityAlreadyExists":
+                    raise
+                arn = self._iam.get_user(UserName=plan.identity_name)["User"]["Arn"]
+                tags = self._iam.list_user_tags(UserName=plan.identity_name)["Tags"]
+                self._check_ours(tags, plan, "user")
+            self._iam.put_user_policy(
+                UserName=plan.identity_name,
+                PolicyName=SCOPE_POLICY_NAME,
+                PolicyDocument=_policy_json(plan),
+            )
+        except ClientError as err:
+            raise classify_aws(err, f"creating user {plan.identity_name}") from err
+        return IdentityCreated(external_id=arn, credential_ref="")
+
+    def _delivered_key_id(self, plan: ProvisionPlan) -> tuple[str | None, bool]:
+        """(access key id held by the delivery secret, whether the secret exists)."""
+        try:
+            # The stage is named explicitly: moto (unlike AWS) keeps serving the pre-rotation
+            # version to reads that name no stage.
+            value = self._secrets.get_secret_value(
+                SecretId=plan.secret_name, VersionStage=_CURRENT
+            )["SecretString"]
+        except ClientError as err:
+            if aws_code(err) in _NOT_FOUND:
+                return None, False
+            raise
+        key_id = json.loads(value).get("AccessKeyId")
+        return (str(key_id) if key_id else None), True
+
+    def issue_access_key(self, plan: ProvisionPlan) -> IdentityCreated:
+        """Create the user's access key and deliver it into Secrets Manager, in one step.
+
+        A key that exists but is not in the secret can only be the leftover of a run that
+        crashed between CreateAccessKey and the secret write: nobody can hold its secret, so it
+        is deleted before a new key is made. So a retry never leaves a second key behind, and
+        the user never reaches IAM's limit of two.
+        """
+        user = plan.identity_name
+        try:
+            delivered, secret_exists = self._delivered_key_id(plan)
+            keys = [
+                k["AccessKeyId"]
+                for k in self._iam.list_access_keys(UserName=user)["AccessKeyMetadata"]
+            ]
+            for key_id in keys:
+                if key_id != delivered:
+                    log.warning(
+                        "deleting access key %s of %s: never delivered (interrupted run)",
+                        key_id,
+                        user,
+                    )
+                    self._iam.delete_access_key(UserName=user, AccessKeyId=key_id)
+            if delivered is None or delivered not in keys:
+                key = self._iam.create_access_key(UserName=user)["AccessKey"]
+                delivered = key["AccessKeyId"]
+                value = json.dumps(
+                    {
+                        "AccessKeyId": key["AccessKeyId"],
+                        "SecretAccessKey": key["SecretAccessKey"],
+                    }
+                )
+                del key
+                if secret_exists:
+                    self._secrets.put_secret_value(SecretId=plan.secret_name, SecretString=value)
+                else:
+                    self._secrets.create_secret(
+                        Name=plan.secret_name,
+                        Description=f"Access key of NHI {plan.nhi_id}",
+                        SecretString=value,
+                        Tags=[{"Key": k, "Value": v} for k, v in sorted(plan.tags.items())],
+                    )
+                del value
+            secret_arn = self._secrets.describe_secret(SecretId=plan.secret_name)["ARN"]
+            user_arn = self._iam.get_user(UserName=user)["User"]["Arn"]
+        except ClientError as err:
+            raise classify_aws(err, f"issuing the access key of {user}") from err
+        log.info("access key %s of %s delivered to %s", delivered, user, secret_arn)
+        return IdentityCreated(
+            external_id=user_arn, credential_ref=secret_arn, access_key_id=delivered
+        )
+
+    def delete(self, request: RemoveIdentity) -> RemovalResult:
+        """Delete the identity and everything attached to it; "not found" counts as done."""
+        plan = request.plan
+        removed: list[str] = []
+        try:
+            if plan.kind is NhiKind.IAM_ROLE:
+                removed += self._remove_role(plan.identity_name)
+            else:
+                removed += self._remove_user(plan.identity_name)
+            removed += self._remove_secret(plan.secret_name, force=request.force_delete_secret)
+        except ClientError as err:
+            raise classify_aws(err, f"removing {plan.identity_name}") from err
+        return RemovalResult(removed=removed)
+
+    def _remove_role(self, name: str) -> list[str]:
+        iam = self._iam
+        done: list[str] = []
+        try:
+            for policy in iam.list_role_policies(RoleName=name)["PolicyNames"]:
+                iam.delete_role_policy(RoleName=name, PolicyName=policy)
+                done.append(f"inline policy {policy}")
+            for attached in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]:
+                iam.detach_role_policy(RoleName=name, PolicyArn=attached["PolicyArn"])
+                done.append(f"attached policy {attached['PolicyArn']}")
+            for profile in iam.list_instance_profiles_for_role(RoleName=name)["InstanceProfiles"]:
+                iam.remove_role_from_instance_profile(
+                    InstanceProfileName=profile["InstanceProfileName"], RoleName=name
+                )
+                done.append(f"instance profile {profile['InstanceProfileName']}")
+            iam.delete_role(RoleName=name)
+            done.append(f"role {name}")
+        except ClientError as err:
+            if aws_code(err) not in _NOT_FOUND:
+                raise
+        return done
+
+    def _remove_user(self, name: str) -> list[str]:
+        iam = self._iam
+        done: list[str] = []
+        try:
+            for key in iam.list_access_keys(UserName=name)["AccessKeyMetadata"]:
+                iam.delete_access_key(UserName=name, AccessKeyId=key["AccessKeyId"])
+                done.append(f"access key {key['AccessKeyId']}")
+            for policy in iam.list_user_policies(UserName=name)["PolicyNames"]:
+                iam.delete_user_policy(UserName=name, PolicyName=policy)
+                done.append(f"inline policy {policy}")
+            for attached in iam.list_attached_user_policies(UserName=name)["AttachedPolicies"]:
+                iam.detach_user_policy(UserName=name, PolicyArn=attached["PolicyArn"])
+                done.append(f"attached policy {attached['PolicyArn']}")
+            for group in iam.list_groups_for_user(UserName=name)["Groups"]:
+                iam.remove_user_from_group(GroupName=group["GroupName"], UserName=name)
+                done.append(f"group membership {group['GroupName']}")
+            for device in iam.list_mfa_devices(UserName=name)["MFADevices"]:
+                iam.deactivate_mfa_device(UserName=name, SerialNumber=device["SerialNumber"])
+                done.append(f"mfa device {device['SerialNumber']}")
+            try:
+                iam.delete_login_profile(UserName=name)
+                done.append("login profile")
+            except ClientError as err:
+                if aws_code(err) not in _NOT_FOUND:
+                    raise
+            iam.delete_user(UserName=name)
+            done.append(f"user {name}")
+        except ClientError as err:
+            if aws_code(err) not in _NOT_FOUND:
+                raise
+        return done
+
+    def _remove_secret(self, name: str, *, force: bool) -> list[str]:
+        if not name:
+            return []  # an orphan whose secret was never found
+        # Secrets Manager reports success for a forced delete of a missing secret, so look
+        # first: the removal report must say what was really there.
+        try:
+            described = self._secrets.describe_secret(SecretId=name)
+            if "DeletedDate" in described and not force:
+                return []  # already scheduled for deletion
+            if force:
+                self._secrets.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+            else:
+                self._secrets.delete_secret(SecretId=name, RecoveryWindowInDays=7)
+        except ClientError as err:
+            if aws_code(err) in _NOT_FOUND:
+                return []
+            raise
+        return [f"secret {name}"]

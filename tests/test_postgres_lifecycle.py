@@ -1,0 +1,349 @@
+"""A `postgres_role` lives the same life as an AWS identity, through the same workflows: on the
+time-skipping server with the real worker, a scram-sha-256 Postgres target and moto's Secrets
+Manager. Each step is proven from the database itself: who can log in, what they can read,
+which sessions survive."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from activities.providers.postgres import PostgresProvider
+from models.contracts import (
+    LifecycleAction,
+    LifecycleView,
+    Phase,
+    ProvisionInput,
+    ProvisionPlan,
+    RenewRequest,
+    ScopeStatement,
+    SweepInput,
+)
+from models.enums import NhiKind, Platform
+from models.orm import AuditEvent, Nhi
+from nhi.aws import AwsClients
+from nhi.config import PostgresTargetSetting, Settings
+from nhi.db import transaction
+from nhi.pg_grants import group_name, role_names
+from nhi.targets import TargetRegistry
+from nhi.temporal import provision_workflow_id
+from tests.conftest import dev_address
+from tests.helpers import eventually, request_nhi
+from tests.pg_cluster import ADMIN, DATABASE, PgCluster
+from worker import build_worker
+from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
+from workflows.provision import ProvisionNhiWorkflow
+from workflows.sweep import SweepWorkflow, orphan_workflow_id
+
+DAY = timedelta(days=1)
+OWNER = "ana@example.com"
+PASSWORD_ENV = "NHI_TEST_COMPANY_ADMIN_PASSWORD"
+READ_ARTICLES = [{"actions": ["SELECT"], "resources": ["docs.articles"]}]
+
+
+@dataclass
+class Rig:
+    env: WorkflowEnvironment
+    settings: Settings
+    sessions: sessionmaker[Session]
+    aws: AwsClients
+    cluster: PgCluster
+    queue: str
+    target: str
+
+
+@pytest_asyncio.fixture
+async def rig(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    cluster: PgCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Rig]:
+    """The worker with a target registered in settings, its admin password in the environment
+    (as a deployment would have it), never in the inventory."""
+    target = f"company{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv(PASSWORD_ENV, cluster.admin_password)
+    dsn = f"postgresql://{ADMIN}@{cluster.host}:{cluster.port}/{DATABASE}"
+    rig_settings = settings.model_copy(
+        update={
+            "temporal_address": dev_address(ts_env),
+            "postgres_targets": {
+                target: PostgresTargetSetting(dsn=dsn, password_env=PASSWORD_ENV),
+                # A target whose admin password the worker cannot find: sweeps report it and
+                # still list the others.
+                f"{target}-down": PostgresTargetSetting(
+                    dsn=dsn, password_env="NHI_TEST_NOT_SET_ANYWHERE"
+                ),
+            },
+            "sweep_propagation_seconds": 0,
+            "orphan_grace_seconds": 3600,
+        }
+    )
+    queue = f"pg-life-{uuid.uuid4().hex[:8]}"
+    async with build_worker(ts_env.client, rig_settings, sessions, aws, task_queue=queue):
+        yield Rig(ts_env, rig_settings, sessions, aws, cluster, queue, target)
+
+
+def _nhi(rig: Rig, nhi_id: uuid.UUID) -> Nhi:
+    with transaction(rig.sessions) as s:
+        return s.get_one(Nhi, nhi_id)
+
+
+def _events(rig: Rig, nhi_id: uuid.UUID) -> list[str]:
+    with transaction(rig.sessions) as s:
+        return list(
+            s.scalars(
+                select(AuditEvent.event)
+                .where(AuditEvent.subject_id == str(nhi_id))
+                .order_by(AuditEvent.id)
+            )
+        )
+
+
+def _secret(rig: Rig, nhi: Nhi, stage: str = "AWSCURRENT") -> dict[str, Any]:
+    value = rig.aws.secrets.get_secret_value(SecretId=nhi.credential_ref or "", VersionStage=stage)
+    return dict(json.loads(value["SecretString"]))
+
+
+def _login(value: dict[str, Any]) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(
+        host=value["host"],
+        port=value["port"],
+        dbname=value["dbname"],
+        user=value["username"],
+        password=value["password"],
+        connect_timeout=5,
+        autocommit=True,
+    )
+
+
+def _refused(value: dict[str, Any]) -> bool:
+    try:
+        _login(value).close()
+    except psycopg.OperationalError:
+        return True
+    return False
+
+
+def _roles(rig: Rig, group: str) -> dict[str, tuple[bool, datetime | None]]:
+    with rig.cluster.connect() as conn:
+        rows = conn.execute(
+            "SELECT rolname, rolcanlogin, rolvaliduntil FROM pg_roles WHERE rolname LIKE %s",
+            (group + "%",),
+        ).fetchall()
+    return {str(r[0]): (bool(r[1]), r[2]) for r in rows}
+
+
+async def _provision(rig: Rig, nhi_id: uuid.UUID) -> WorkflowHandle[Any, LifecycleView]:
+    with rig.env.auto_time_skipping_disabled():
+        await rig.env.client.execute_workflow(
+            ProvisionNhiWorkflow.run,
+            ProvisionInput(nhi_id=nhi_id),
+            id=provision_workflow_id(nhi_id),
+            task_queue=rig.queue,
+        )
+    return rig.env.client.get_workflow_handle_for(
+        NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
+    )
+
+
+async def _until(
+    rig: Rig, handle: WorkflowHandle[Any, LifecycleView], at: datetime
+) -> LifecycleView:
+    now = await rig.env.get_current_time()
+    if at > now:
+        await rig.env.sleep(at - now)
+    return await handle.query(NhiLifecycleWorkflow.view)
+
+
+@pytest.mark.slow
+async def test_a_postgres_role_lives_rotates_renews_and_is_removed_completely(rig: Rig) -> None:
+    _, nhi_id, sensitive = request_nhi(
+        rig.sessions,
+        rig.settings,
+        "postgres_role",
+        scope=READ_ARTICLES,
+        target=rig.target,
+        ttl="45d",
+        owner_email=OWNER,
+        now=await rig.env.get_current_time(),
+    )
+    assert sensitive == [], "read-only grants need no approver"
+    handle = await _provision(rig, nhi_id)
+    nhi = _nhi(rig, nhi_id)
+    assert nhi.status == "active" and nhi.target == rig.target
+    born, group = nhi.activated_at, nhi.name
+    assert born is not None
+    first = _secret(rig, nhi)
+    # The inventory holds references only: a DSN without password and the secret's ARN.
+    assert nhi.external_id and first["password"] not in nhi.external_id
+    assert "password" not in (nhi.external_id or "").lower()
+    assert (nhi.credential_ref or "").startswith("arn:aws:secretsmanager:")
+    with _login(first) as conn:
+        assert conn.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM hr.salaries")
+    login_a, login_b = role_names(group)
+    assert first["username"] == login_a
+    assert _roles(rig, group)[login_a][1] == nhi.expires_at, "VALID UNTIL is the expiry"
+
+    # A client that connected with the first password keeps its session through rotation.
+    old_session = _login(first)
+    overlap = timedelta(seconds=rig.settings.rotation_overlap_seconds)
+    await _until(rig, handle, born + 30 * DAY + timedelta(minutes=5))
+    second = _secret(rig, _nhi(rig, nhi_id))
+    assert second["username"] == login_b and second["password"] != first["password"]
+    assert old_session.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
+    assert not _refused(first), "the old password still works during the overlap"
+    with _login(second) as conn:
+        assert conn.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
+    assert "nhi.rotated" in _events(rig, nhi_id)
+
+    # After the overlap the old login is disabled and its session ended; later it is dropped.
+    await _until(rig, handle, born + 30 * DAY + overlap + timedelta(minutes=5))
+    assert _refused(first)
+    with pytest.raises(psycopg.OperationalError):
+        old_session.execute("SELECT 1")
+    old_session.close()
+    await _until(rig, handle, born + 30 * DAY + 2 * overlap + timedelta(minutes=5))
+    assert login_a not in _roles(rig, group), "the retired login role is dropped"
+    assert not _refused(second)
+
+    # Renewal moves VALID UNTIL in the database itself.
+    renewed = await handle.execute_update(
+        NhiLifecycleWorkflow.renew,
+        RenewRequest(actor=OWNER, reason="still indexing", extend_by_seconds=40 * 86400),
+    )
+    assert _roles(rig, group)[login_b][1] == renewed.expires_at
+
+    # Decommission: quarantined at once (no login, live sessions ended), removed after grace.
+    live = _login(second)
+    view = await handle.execute_update(
+        NhiLifecycleWorkflow.decommission,
+        LifecycleAction(actor=OWNER, reason="task finished"),
+    )
+    assert view.message == "decommission started"
+
+    async def quarantined() -> None:
+        assert _nhi(rig, nhi_id).status == "quarantined"
+
+    await eventually(quarantined)
+    assert _refused(second)
+    with pytest.raises(psycopg.OperationalError):
+        live.execute("SELECT 1")
+    live.close()
+    async with rig.env.time_skipping_unlocked():  # type: ignore[attr-defined]
+        result = await handle.result()
+    assert result.phase is Phase.DECOMMISSIONED
+    assert _roles(rig, group) == {}, "group and login roles are gone"
+    described = rig.aws.secrets.describe_secret(SecretId=nhi.credential_ref or "")
+    assert "DeletedDate" in described, "the secret is scheduled for deletion"
+    events = _events(rig, nhi_id)
+    assert events[-2:] == ["nhi.quarantined", "nhi.decommissioned"]
+
+
+async def test_a_postgres_sweep_quarantines_and_removes_an_orphaned_role(rig: Rig) -> None:
+    # An identity this service made whose inventory row is gone (restored from an old backup,
+    # say): its roles carry our marker, its secret our tags.
+    nhi_id = uuid.uuid4()
+    plan = ProvisionPlan(
+        nhi_id=nhi_id,
+        agent_id=uuid.uuid4(),
+        agent_name="lost",
+        environment="dev",
+        owner_email=OWNER,
+        platform=Platform.POSTGRES,
+        kind=NhiKind.POSTGRES_ROLE,
+        identity_name=group_name(rig.settings.name_prefix, "lost", nhi_id),
+        iam_path="/",
+        secret_name=f"{rig.settings.secret_prefix}dev/lost/{nhi_id}",
+        scope=[ScopeStatement(actions=["SELECT"], resources=["docs.articles"])],
+        expires_at=datetime.now(UTC) + DAY,
+        tags={"managed-by": "nhi-lifecycle", "nhi:nhi-id": str(nhi_id)},
+        target=rig.target,
+    )
+    provider = PostgresProvider(
+        TargetRegistry(rig.sessions, rig.settings, rig.aws.secrets), rig.aws.secrets
+    )
+    provider.create(plan)
+    created = provider.deliver(plan)
+    delivered = json.loads(
+        rig.aws.secrets.get_secret_value(
+            SecretId=created.credential_ref, VersionStage="AWSCURRENT"
+        )["SecretString"]
+    )
+    assert not _refused(delivered)
+
+    with rig.env.auto_time_skipping_disabled():
+        outcome = await rig.env.client.execute_workflow(
+            SweepWorkflow.run,
+            SweepInput(provider="postgres", triggered_by="test"),
+            id=f"pg-sweep-{uuid.uuid4().hex[:8]}",
+            task_queue=rig.queue,
+        )
+    down = [f for f in outcome.findings if f.identity == f"{rig.target}-down"]
+    assert [(f.kind.value, f.identity_kind) for f in down] == [("unreachable", "target")]
+    assert "NHI_TEST_NOT_SET_ANYWHERE" in down[0].detail
+    orphans = [
+        f for f in outcome.findings if f.kind.value == "orphan" and f.identity == plan.identity_name
+    ]
+    assert len(orphans) == 1 and orphans[0].target == rig.target
+    assert orphans[0].secret_arn == created.credential_ref
+    assert "removal started" in orphans[0].action
+
+    removal = rig.env.client.get_workflow_handle(
+        orphan_workflow_id("postgres_role", plan.identity_name, rig.target)
+    )
+
+    async def disabled() -> None:
+        assert _refused(delivered)
+        assert not any(can for can, _ in _roles(rig, plan.identity_name).values())
+
+    await eventually(disabled)
+    async with rig.env.time_skipping_unlocked():  # type: ignore[attr-defined]
+        removed = await removal.result()  # after the grace period
+    assert any(plan.identity_name in r for r in removed)
+    assert _roles(rig, plan.identity_name) == {}
+
+
+def test_the_worker_builds_the_postgres_provider_over_registered_targets(
+    settings: Settings, sessions: sessionmaker[Session], aws: AwsClients, cluster: PgCluster
+) -> None:
+    """Settings targets resolve their admin password from the environment at use, and an
+    unset variable is a clear error naming the variable, never a value."""
+    registry = TargetRegistry(
+        sessions,
+        settings.model_copy(
+            update={
+                "postgres_targets": {
+                    "elsewhere": PostgresTargetSetting(
+                        dsn=f"postgresql://{ADMIN}@{cluster.host}:{cluster.port}/{DATABASE}",
+                        password_env="NHI_TEST_UNSET_PASSWORD_VARIABLE",
+                    )
+                }
+            }
+        ),
+        aws.secrets,
+        environ=dict(os.environ),
+    )
+    provider = PostgresProvider(registry, aws.secrets)
+    assert "elsewhere" in registry.names()
+    with pytest.raises(Exception, match="NHI_TEST_UNSET_PASSWORD_VARIABLE"):
+        provider.last_used(
+            __import__("models.enums").enums.NhiKind.POSTGRES_ROLE, "nhi_x", "elsewhere"
+        )
