@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: dev test lint install-dev install-test format bench clean
+.PHONY: dev test lint install-dev install-test install-bench format bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nhi-lifecycle needs Python 3.11+ (set PYTHON=...)")'
@@ -18,8 +18,13 @@ $(VENV)/.test: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@ $(VENV)/.dev
 
+$(VENV)/.bench: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[bench]'
+	@touch $@ $(VENV)/.test $(VENV)/.dev
+
 install-dev: $(VENV)/.dev
 install-test: $(VENV)/.test
+install-bench: $(VENV)/.bench
 
 ## Run the whole service on embedded defaults (Temporal dev server + UI, Postgres, moto, worker, API).
 dev: install-dev
@@ -40,7 +45,7 @@ format: install-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: install-test
+bench: install-bench
 	$(BIN)/python -m bench
 
 clean:

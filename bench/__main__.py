@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench import expiry, memory, provisioning, sweep
+from bench import expiry, expiry_postgres, memory, provisioning, sweep
 from bench.report import Result, environment, rerender, write_summary
 from bench.services import REPO, Databases, Stack, StackSpec, kill_all
 
@@ -52,7 +52,13 @@ FULL = Sizes(
     iam_users=(500, 1_000, 2_000, 5_000),
     lifecycles=10_000,
     bounded_cache=100,
-    budget_s={"provisioning": 1200, "expiry": 480, "sweep": 600, "memory": 1500},
+    budget_s={
+        "provisioning": 1200,
+        "expiry": 480,
+        "expiry_postgres": 480,
+        "sweep": 600,
+        "memory": 1500,
+    },
 )
 # Small enough to smoke-test the harness end to end in a few minutes.
 QUICK = Sizes(
@@ -64,9 +70,18 @@ QUICK = Sizes(
     iam_users=(100, 500),
     lifecycles=1_000,
     bounded_cache=100,
-    budget_s={"provisioning": 300, "expiry": 240, "sweep": 240, "memory": 400},
+    budget_s={
+        "provisioning": 300,
+        "expiry": 240,
+        "expiry_postgres": 240,
+        "sweep": 240,
+        "memory": 400,
+    },
 )
 NAMES = ("provisioning", "expiry", "sweep", "memory")
+# The results a benchmark writes, one after the other on its services, each within its own
+# budget (a failed part is written as failed; the next part still runs).
+PARTS = {"expiry": ("expiry", "expiry_postgres")}
 PROVISIONING_TARGET_SIZE = 1_000
 
 
@@ -82,54 +97,81 @@ def specs(store: str, bytecode: bool) -> dict[str, StackSpec]:
     }
 
 
-def runner(name: str, sizes: Sizes, out: Path) -> Callable[[Stack], Awaitable[Result]]:
-    """The coroutine function that runs benchmark `name` on a started stack."""
+def parts(name: str) -> tuple[str, ...]:
+    """The results benchmark `name` writes."""
+    return PARTS.get(name, (name,))
+
+
+def runner(part: str, sizes: Sizes, out: Path) -> Callable[[Stack], Awaitable[Result]]:
+    """The coroutine function that runs one part of a benchmark on a started stack."""
 
     async def run(stack: Stack) -> Result:
-        if name == "provisioning":
+        if part == "provisioning":
             return await provisioning.run(
                 stack, list(sizes.provisioning), out, PROVISIONING_TARGET_SIZE
             )
-        if name == "expiry":
+        if part == "expiry":
             return await expiry.run(
                 stack, sizes.expiry_n, sizes.expiry_base_ttl, sizes.expiry_spread, out
             )
-        if name == "sweep":
+        if part == "expiry_postgres":
+            return await expiry_postgres.run(
+                stack, sizes.expiry_n, sizes.expiry_base_ttl, sizes.expiry_spread, out
+            )
+        if part == "sweep":
             return await asyncio.to_thread(sweep.run, stack, sizes.inventory, sizes.iam_users, out)
         return await memory.run(stack, sizes.lifecycles, sizes.bounded_cache, out)
 
     return run
 
 
+def _failed(part: str, err: Exception, stack: Stack) -> Result:
+    traceback.print_exc()
+    result = Result(name=part, title=f"{part} (failed)")
+    result.status = f"failed: {type(err).__name__}: {err}"[:500]
+    result.note(f"Service logs were under {stack.dir} (kept: see the console).")
+    result.note("Service processes at the failure: " + stack.describe_processes() + ".")
+    for line in stack.last_errors():
+        result.note(f"From the logs: `{line}`")
+    return result
+
+
 async def run_one(
     name: str, sizes: Sizes, out: Path, dbs: Databases, root: Path, args: argparse.Namespace
-) -> Result:
-    """Start the benchmark's stack, run it within its budget, stop the stack; its result."""
+) -> list[Result]:
+    """Start the benchmark's stack, run each of its parts within its budget, stop the stack;
+    their results."""
     store = args.temporal_store
     spec = specs(store, not args.no_bytecode_cache)[name]
     mode = "quick" if args.quick else "full"
     started = time.monotonic()
     print(f"[{name}] starting services", flush=True)
     stack = Stack(name, dbs, root, spec)
+    results: list[Result] = []
     try:
-        await asyncio.to_thread(stack.start)
-        print(f"[{name}] running (budget {sizes.budget_s[name]:.0f} s)", flush=True)
-        result = await asyncio.wait_for(runner(name, sizes, out)(stack), sizes.budget_s[name])
-    except Exception as err:
-        traceback.print_exc()
-        result = Result(name=name, title=f"{name} (failed)")
-        result.status = f"failed: {type(err).__name__}: {err}"[:500]
-        result.note(f"Service logs were under {stack.dir} (kept: see the console).")
-        result.note("Service processes at the failure: " + stack.describe_processes() + ".")
-        for line in stack.last_errors():
-            result.note(f"From the logs: `{line}`")
+        try:
+            await asyncio.to_thread(stack.start)
+        except Exception as err:
+            results = [_failed(part, err, stack) for part in parts(name)]
+        else:
+            for part in parts(name):
+                budget = sizes.budget_s[part]
+                print(f"[{part}] running (budget {budget:.0f} s)", flush=True)
+                try:
+                    result = await asyncio.wait_for(runner(part, sizes, out)(stack), budget)
+                except Exception as err:
+                    result = _failed(part, err, stack)
+                # The first part's time includes starting the services.
+                result.duration_s = time.monotonic() - started
+                started = time.monotonic()
+                results.append(result)
     finally:
         await asyncio.to_thread(stack.stop)
-    result.duration_s = time.monotonic() - started
-    result.environment = environment(mode, dbs.kind, store, spec.bytecode_cache)
-    result.write(out)
-    print(f"[{name}] done in {result.duration_s:.0f} s: {result.status}", flush=True)
-    return result
+    for result in results:
+        result.environment = environment(mode, dbs.kind, store, spec.bytecode_cache)
+        result.write(out)
+        print(f"[{result.name}] done in {result.duration_s:.0f} s: {result.status}", flush=True)
+    return results
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -141,9 +183,9 @@ async def main_async(args: argparse.Namespace) -> int:
     failed = False
     try:
         for name in args.only or NAMES:
-            result = await run_one(name, sizes, out, dbs, root, args)
-            failed |= result.status != "ok"
-            print(result.markdown(), flush=True)
+            for result in await run_one(name, sizes, out, dbs, root, args):
+                failed |= result.status != "ok"
+                print(result.markdown(), flush=True)
     finally:
         await asyncio.to_thread(dbs.drop_all)
         _tidy(root, keep_logs=failed or args.keep)
@@ -219,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = QUICK if args.quick else FULL
     selected = args.only or NAMES
-    budget = sum(sizes.budget_s[n] for n in selected) + 120 * len(selected)
+    budget = sum(sizes.budget_s[p] for n in selected for p in parts(n)) + 120 * len(selected)
     atexit.register(kill_all)
     watchdog(budget)
     loop = asyncio.new_event_loop()

@@ -22,7 +22,9 @@ refused it; its log adds the cause of each failed password ("has an expired pass
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -114,8 +116,20 @@ class Watch:
         return self.last_accepted_sent - self.nhi.expires_at
 
 
-def attempt(login: Login) -> tuple[str, str]:
-    """One login with the delivered password: (accepted | refused | error, how)."""
+@dataclass(frozen=True)
+class Attempt:
+    """One login attempt: its outcome and when it started and got its answer."""
+
+    state: str
+    how: str
+    sent: float
+    seen: float
+
+
+def attempt(login: Login) -> Attempt:
+    """One login with the delivered password (timed in the thread, so queueing for a thread
+    does not widen the bounds)."""
+    sent = time.time()
     try:
         conn = psycopg.connect(
             host=login.host,
@@ -128,14 +142,16 @@ def attempt(login: Login) -> tuple[str, str]:
         )
     except psycopg.OperationalError as err:
         # libpq's message names the host, port and user, never the password.
+        seen = time.time()
         text = str(err)
         for needle, how in REFUSALS:
             if needle in text:
-                return REFUSED, how
+                return Attempt(REFUSED, how, sent, seen)
         lines = text.strip().splitlines()
-        return ERROR, (lines[-1] if lines else type(err).__name__)[:200]
+        return Attempt(ERROR, (lines[-1] if lines else type(err).__name__)[:200], sent, seen)
+    seen = time.time()
     conn.close()
-    return ACCEPTED, ""
+    return Attempt(ACCEPTED, "", sent, seen)
 
 
 def read_login(aws: AwsClients, arn: str) -> Login:
@@ -201,27 +217,30 @@ async def collect_logins(
 
 
 async def follow(watch: Watch, pool: ThreadPoolExecutor, deadline: float) -> None:
-    """Try the login from just before its expiry until the server refuses it."""
+    """Try the login from just before its expiry until the server refuses it.
+
+    The first attempt's moment is jittered by up to one poll gap, so the attempts of different
+    NHIs fall at every phase of the gap relative to their expiry instead of all at the same one.
+    """
     loop = asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, watch.nhi.expires_at - LEAD_S - time.time()))
+    start = watch.nhi.expires_at - LEAD_S - random.uniform(0.0, POLL_GAP_S)
+    await asyncio.sleep(max(0.0, start - time.time()))
     await watch.ready.wait()
     login = watch.login
     if login is None:
         return
     while time.time() < deadline:
-        sent = time.time()
-        state, how = await loop.run_in_executor(pool, attempt, login)
-        seen = time.time()
+        done = await loop.run_in_executor(pool, attempt, login)
         watch.polls += 1
-        if state == ACCEPTED:
+        if done.state == ACCEPTED:
             watch.seen_accepted = True
-            watch.last_accepted_sent = sent
-        elif state == REFUSED:
-            watch.refused_sent, watch.refused_seen, watch.how = sent, seen, how
+            watch.last_accepted_sent = done.sent
+        elif done.state == REFUSED:
+            watch.refused_sent, watch.refused_seen, watch.how = done.sent, done.seen, done.how
             return
         else:
             watch.errors += 1
-            watch.last_error = how
+            watch.last_error = done.how
         await asyncio.sleep(POLL_GAP_S)
 
 
@@ -229,14 +248,12 @@ def stop_cluster(cluster: PgCluster) -> None:
     """Stop the cluster and remove its files, even if it was caught half started."""
     from tests.pg_cluster import BIN, OS_USER
 
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         cluster.stop()
-    except (OSError, subprocess.SubprocessError):
-        pass
     if (cluster.data / "postmaster.pid").exists():
+        pg_ctl = [str(BIN / "pg_ctl"), "-D", str(cluster.data), "-m", "immediate", "stop"]
         subprocess.run(
-            ["runuser", "-u", OS_USER, "--", str(BIN / "pg_ctl"), "-D", str(cluster.data)]
-            + ["-m", "immediate", "stop"],
+            ["runuser", "-u", OS_USER, "--", *pg_ctl],
             capture_output=True,
             timeout=60,
             check=False,
@@ -302,9 +319,7 @@ async def run(stack: Stack, n: int, base_ttl: int, spread: int, out: Path) -> Re
         watches = [Watch(r) for r in requested]
         deadline = max(r.expires_at for r in requested) + 60.0
         with ThreadPoolExecutor(max_workers=POLL_THREADS, thread_name_prefix="login") as pool:
-            collector = asyncio.create_task(
-                collect_logins(watches, stack.dsn, aws, pool, deadline)
-            )
+            collector = asyncio.create_task(collect_logins(watches, stack.dsn, aws, pool, deadline))
             try:
                 await asyncio.gather(*(follow(w, pool, deadline) for w in watches))
             finally:
@@ -394,9 +409,7 @@ def _report(
         "server log, NHIs with each cause",
         ", ".join(f"{k}: {v}" for k, v in sorted(logged.items())) or "n/a",
     )
-    result.row(
-        "refused before ever being accepted", f"{len(never_accepted)} of {len(seen)}"
-    )
+    result.row("refused before ever being accepted", f"{len(never_accepted)} of {len(seen)}")
     result.row(
         "attempts that failed otherwise (timeouts, errors)",
         str(sum(w.errors for w in watches)),
@@ -454,11 +467,12 @@ def _explain(result: Result, p99: float, late: list[Watch], never_accepted: list
     )
     result.note(
         f"Method: each NHI's secret is read once, as soon as the inventory shows it active; from "
-        f"{LEAD_S} s before its expiry the benchmark logs in with the delivered password "
-        f"(psycopg, connect_timeout {CONNECT_TIMEOUT_S} s) every {POLL_GAP_S} s per NHI on "
-        f"{POLL_THREADS} threads until the server refuses. The figure is the first refusal's "
-        "answer time minus `expires_at` (upper bound); the last accepted attempt's send time "
-        "gives the lower bound. Passwords stay in memory only."
+        f"{LEAD_S} s (plus a random fraction of the poll gap, so attempts fall at every phase "
+        "relative to the expiry) before its expiry the benchmark logs in with the delivered "
+        f"password (psycopg, connect_timeout {CONNECT_TIMEOUT_S} s) every {POLL_GAP_S} s per NHI "
+        f"on {POLL_THREADS} threads until the server refuses. The figure is the moment the first "
+        "refusal arrived minus `expires_at` (upper bound); the start of the last accepted "
+        "attempt gives the lower bound. Passwords stay in memory only."
     )
     result.note(
         "Who refuses: every login role carries `VALID UNTIL` = `expires_at` (to the "

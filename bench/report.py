@@ -199,7 +199,7 @@ def rerender(out: Path) -> list[Path]:
 
 def write_summary(out: Path) -> Path:
     """SUMMARY.md: every result table found in `out`, in a fixed order."""
-    order = ["provisioning", "expiry", "sweep", "memory"]
+    order = ["provisioning", "expiry", "expiry_postgres", "sweep", "memory"]
     found = {p.stem: p for p in out.glob("*.json")}
     names = [n for n in order if n in found] + sorted(set(found) - set(order))
     readme = os.path.relpath(REPO / "bench" / "README.md", out.resolve())

@@ -10,11 +10,18 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+if TYPE_CHECKING:
+    from temporalio.client import WorkflowHandle
+    from temporalio.testing import WorkflowEnvironment
+
+    from models.contracts import LifecycleView
 
 T = TypeVar("T")
 
@@ -231,3 +238,39 @@ def mint(
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+async def provision(
+    env: WorkflowEnvironment, queue: str, nhi_id: uuid.UUID
+) -> WorkflowHandle[Any, LifecycleView]:
+    """Run provisioning for a recorded request; the handle of the lifecycle it starts.
+
+    The clock stands still while provisioning, so the new lifecycle's timers start at the
+    moment the test reads as "born"."""
+    from models.contracts import ProvisionInput
+    from nhi.temporal import provision_workflow_id
+    from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
+    from workflows.provision import ProvisionNhiWorkflow
+
+    with env.auto_time_skipping_disabled():
+        await env.client.execute_workflow(
+            ProvisionNhiWorkflow.run,
+            ProvisionInput(nhi_id=nhi_id),
+            id=provision_workflow_id(nhi_id),
+            task_queue=queue,
+        )
+    return env.client.get_workflow_handle_for(
+        NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
+    )
+
+
+async def skip_until(
+    env: WorkflowEnvironment, handle: WorkflowHandle[Any, LifecycleView], at: datetime
+) -> LifecycleView:
+    """Skip virtual time to `at`, then let the lifecycle finish what became due; its view."""
+    from workflows.lifecycle import NhiLifecycleWorkflow
+
+    now = await env.get_current_time()
+    if at > now:
+        await env.sleep(at - now)
+    return await handle.query(NhiLifecycleWorkflow.view)

@@ -12,7 +12,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -132,3 +134,25 @@ class PgCluster:
             _as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
             self._started = False
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def login(value: Mapping[str, Any]) -> psycopg.Connection[tuple[Any, ...]]:
+    """Log in with a delivered credential (the RDS-style secret's JSON)."""
+    return psycopg.connect(
+        host=value["host"],
+        port=value["port"],
+        dbname=value["dbname"],
+        user=value["username"],
+        password=value["password"],
+        connect_timeout=5,
+        autocommit=True,
+    )
+
+
+def refused(value: Mapping[str, Any]) -> bool:
+    """Whether the server refuses a login with that credential."""
+    try:
+        login(value).close()
+    except psycopg.OperationalError:
+        return True
+    return False

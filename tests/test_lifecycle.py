@@ -23,7 +23,7 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
-from models.contracts import LifecycleView, Phase, ProvisionInput
+from models.contracts import LifecycleView, Phase
 from models.orm import AuditEvent, Nhi
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
@@ -31,11 +31,19 @@ from nhi.db import transaction
 from nhi.slack import make_slack_client
 from nhi.temporal import provision_workflow_id
 from tests.conftest import dev_address
-from tests.helpers import ApiServer, bearer, eventually, inject_aws_error, mint, request_nhi
+from tests.helpers import (
+    ApiServer,
+    bearer,
+    eventually,
+    inject_aws_error,
+    mint,
+    provision,
+    request_nhi,
+    skip_until,
+)
 from tests.slack_emulator import SlackEmulator, block_actions_payload, signed_interaction
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
-from workflows.provision import ProvisionNhiWorkflow
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -145,28 +153,13 @@ def _keys(rig: Rig, name: str) -> dict[str, str]:
 
 
 async def _provision(rig: Rig, nhi_id: uuid.UUID) -> WorkflowHandle[Any, LifecycleView]:
-    # The clock stands still while provisioning, so the new lifecycle's timers start at the
-    # moment the test reads as "born".
-    with rig.env.auto_time_skipping_disabled():
-        await rig.env.client.execute_workflow(
-            ProvisionNhiWorkflow.run,
-            ProvisionInput(nhi_id=nhi_id),
-            id=provision_workflow_id(nhi_id),
-            task_queue=rig.queue,
-        )
-    return rig.env.client.get_workflow_handle_for(
-        NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
-    )
+    return await provision(rig.env, rig.queue, nhi_id)
 
 
 async def _until(
     rig: Rig, handle: WorkflowHandle[Any, LifecycleView], at: datetime
 ) -> LifecycleView:
-    """Skip virtual time to `at`, then let the workflow finish what became due."""
-    now = await rig.env.get_current_time()
-    if at > now:
-        await rig.env.sleep(at - now)
-    return await handle.query(NhiLifecycleWorkflow.view)
+    return await skip_until(rig.env, handle, at)
 
 
 def _dm(rig: Rig, email: str) -> str:

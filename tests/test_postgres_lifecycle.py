@@ -18,15 +18,12 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.postgres import PostgresProvider
 from models.contracts import (
     LifecycleAction,
-    LifecycleView,
     Phase,
-    ProvisionInput,
     ProvisionPlan,
     RenewRequest,
     ScopeStatement,
@@ -39,13 +36,11 @@ from nhi.config import PostgresTargetSetting, Settings
 from nhi.db import transaction
 from nhi.pg_grants import group_name, role_names
 from nhi.targets import TargetRegistry
-from nhi.temporal import provision_workflow_id
 from tests.conftest import dev_address
-from tests.helpers import eventually, request_nhi
-from tests.pg_cluster import ADMIN, DATABASE, PgCluster
+from tests.helpers import eventually, provision, request_nhi, skip_until
+from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused
 from worker import build_worker
-from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
-from workflows.provision import ProvisionNhiWorkflow
+from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.sweep import SweepWorkflow, orphan_workflow_id
 
 DAY = timedelta(days=1)
@@ -120,26 +115,6 @@ def _secret(rig: Rig, nhi: Nhi, stage: str = "AWSCURRENT") -> dict[str, Any]:
     return dict(json.loads(value["SecretString"]))
 
 
-def _login(value: dict[str, Any]) -> psycopg.Connection[tuple[Any, ...]]:
-    return psycopg.connect(
-        host=value["host"],
-        port=value["port"],
-        dbname=value["dbname"],
-        user=value["username"],
-        password=value["password"],
-        connect_timeout=5,
-        autocommit=True,
-    )
-
-
-def _refused(value: dict[str, Any]) -> bool:
-    try:
-        _login(value).close()
-    except psycopg.OperationalError:
-        return True
-    return False
-
-
 def _roles(rig: Rig, group: str) -> dict[str, tuple[bool, datetime | None]]:
     with rig.cluster.connect() as conn:
         rows = conn.execute(
@@ -147,28 +122,6 @@ def _roles(rig: Rig, group: str) -> dict[str, tuple[bool, datetime | None]]:
             (group + "%",),
         ).fetchall()
     return {str(r[0]): (bool(r[1]), r[2]) for r in rows}
-
-
-async def _provision(rig: Rig, nhi_id: uuid.UUID) -> WorkflowHandle[Any, LifecycleView]:
-    with rig.env.auto_time_skipping_disabled():
-        await rig.env.client.execute_workflow(
-            ProvisionNhiWorkflow.run,
-            ProvisionInput(nhi_id=nhi_id),
-            id=provision_workflow_id(nhi_id),
-            task_queue=rig.queue,
-        )
-    return rig.env.client.get_workflow_handle_for(
-        NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
-    )
-
-
-async def _until(
-    rig: Rig, handle: WorkflowHandle[Any, LifecycleView], at: datetime
-) -> LifecycleView:
-    now = await rig.env.get_current_time()
-    if at > now:
-        await rig.env.sleep(at - now)
-    return await handle.query(NhiLifecycleWorkflow.view)
 
 
 @pytest.mark.slow
@@ -184,7 +137,7 @@ async def test_a_postgres_role_lives_rotates_renews_and_is_removed_completely(ri
         now=await rig.env.get_current_time(),
     )
     assert sensitive == [], "read-only grants need no approver"
-    handle = await _provision(rig, nhi_id)
+    handle = await provision(rig.env, rig.queue, nhi_id)
     nhi = _nhi(rig, nhi_id)
     assert nhi.status == "active" and nhi.target == rig.target
     born, group = nhi.activated_at, nhi.name
@@ -194,7 +147,7 @@ async def test_a_postgres_role_lives_rotates_renews_and_is_removed_completely(ri
     assert nhi.external_id and first["password"] not in nhi.external_id
     assert "password" not in (nhi.external_id or "").lower()
     assert (nhi.credential_ref or "").startswith("arn:aws:secretsmanager:")
-    with _login(first) as conn:
+    with login(first) as conn:
         assert conn.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM hr.salaries")
@@ -203,26 +156,26 @@ async def test_a_postgres_role_lives_rotates_renews_and_is_removed_completely(ri
     assert _roles(rig, group)[login_a][1] == nhi.expires_at, "VALID UNTIL is the expiry"
 
     # A client that connected with the first password keeps its session through rotation.
-    old_session = _login(first)
+    old_session = login(first)
     overlap = timedelta(seconds=rig.settings.rotation_overlap_seconds)
-    await _until(rig, handle, born + 30 * DAY + timedelta(minutes=5))
+    await skip_until(rig.env, handle, born + 30 * DAY + timedelta(minutes=5))
     second = _secret(rig, _nhi(rig, nhi_id))
     assert second["username"] == login_b and second["password"] != first["password"]
     assert old_session.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
-    assert not _refused(first), "the old password still works during the overlap"
-    with _login(second) as conn:
+    assert not refused(first), "the old password still works during the overlap"
+    with login(second) as conn:
         assert conn.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
     assert "nhi.rotated" in _events(rig, nhi_id)
 
     # After the overlap the old login is disabled and its session ended; later it is dropped.
-    await _until(rig, handle, born + 30 * DAY + overlap + timedelta(minutes=5))
-    assert _refused(first)
+    await skip_until(rig.env, handle, born + 30 * DAY + overlap + timedelta(minutes=5))
+    assert refused(first)
     with pytest.raises(psycopg.OperationalError):
         old_session.execute("SELECT 1")
     old_session.close()
-    await _until(rig, handle, born + 30 * DAY + 2 * overlap + timedelta(minutes=5))
+    await skip_until(rig.env, handle, born + 30 * DAY + 2 * overlap + timedelta(minutes=5))
     assert login_a not in _roles(rig, group), "the retired login role is dropped"
-    assert not _refused(second)
+    assert not refused(second)
 
     # Renewal moves VALID UNTIL in the database itself.
     renewed = await handle.execute_update(
@@ -232,7 +185,7 @@ async def test_a_postgres_role_lives_rotates_renews_and_is_removed_completely(ri
     assert _roles(rig, group)[login_b][1] == renewed.expires_at
 
     # Decommission: quarantined at once (no login, live sessions ended), removed after grace.
-    live = _login(second)
+    live = login(second)
     view = await handle.execute_update(
         NhiLifecycleWorkflow.decommission,
         LifecycleAction(actor=OWNER, reason="task finished"),
@@ -243,7 +196,7 @@ async def test_a_postgres_role_lives_rotates_renews_and_is_removed_completely(ri
         assert _nhi(rig, nhi_id).status == "quarantined"
 
     await eventually(quarantined)
-    assert _refused(second)
+    assert refused(second)
     with pytest.raises(psycopg.OperationalError):
         live.execute("SELECT 1")
     live.close()
@@ -287,7 +240,7 @@ async def test_a_postgres_sweep_quarantines_and_removes_an_orphaned_role(rig: Ri
             SecretId=created.credential_ref, VersionStage="AWSCURRENT"
         )["SecretString"]
     )
-    assert not _refused(delivered)
+    assert not refused(delivered)
 
     with rig.env.auto_time_skipping_disabled():
         outcome = await rig.env.client.execute_workflow(
@@ -311,7 +264,7 @@ async def test_a_postgres_sweep_quarantines_and_removes_an_orphaned_role(rig: Ri
     )
 
     async def disabled() -> None:
-        assert _refused(delivered)
+        assert refused(delivered)
         assert not any(can for can, _ in _roles(rig, plan.identity_name).values())
 
     await eventually(disabled)

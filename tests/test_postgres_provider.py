@@ -34,7 +34,7 @@ from nhi.pg_grants import (
 )
 from nhi.policy import PolicyRules, RuleViolation
 from nhi.targets import TargetConnection, UnknownTarget
-from tests.pg_cluster import ADMIN, DATABASE, PgCluster
+from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused
 
 TARGET = "company"
 RULES = PolicyRules(
@@ -115,26 +115,6 @@ READ_DOCS = scope((["SELECT"], ["docs.*"]))
 def secret(aws: AwsClients, plan: ProvisionPlan, stage: str = "AWSCURRENT") -> dict[str, Any]:
     value = aws.secrets.get_secret_value(SecretId=plan.secret_name, VersionStage=stage)
     return dict(json.loads(value["SecretString"]))
-
-
-def login(value: dict[str, Any]) -> psycopg.Connection[tuple[Any, ...]]:
-    return psycopg.connect(
-        host=value["host"],
-        port=value["port"],
-        dbname=value["dbname"],
-        user=value["username"],
-        password=value["password"],
-        connect_timeout=5,
-        autocommit=True,
-    )
-
-
-def refused(value: dict[str, Any]) -> bool:
-    try:
-        login(value).close()
-    except psycopg.OperationalError:
-        return True
-    return False
 
 
 def roles(cluster: PgCluster, like: str) -> dict[str, bool]:

@@ -1,5 +1,6 @@
-"""After provisioning an access key, its secret appears nowhere but Secrets Manager: not in
-workflow history, the database, API responses or logs."""
+"""After provisioning an access key or a Postgres login, its secret appears nowhere but Secrets
+Manager (and, for Postgres, as a SCRAM verifier in the target): not in workflow history, the
+inventory database, API responses or logs."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import binascii
 import io
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 from google.protobuf.json_format import MessageToDict
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +24,7 @@ from nhi.db import transaction
 from nhi.logging import configure
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, agent_body, bearer, eventually
+from tests.pg_cluster import ADMIN, DATABASE, PgCluster, refused
 
 
 def _decoded_strings(node: Any) -> Iterator[str]:
@@ -45,9 +49,17 @@ def _hits(secret: str, haystacks: list[str]) -> int:
     return sum(h.count(secret) for h in haystacks)
 
 
-async def test_secret_access_key_never_leaves_secrets_manager(
-    service: Service, sessions: sessionmaker[Session], aws: AwsClients
+@pytest.mark.parametrize("kind", ["iam_user_key", "postgres_role"])
+async def test_the_secret_never_leaves_secrets_manager(
+    kind: str,
+    service: Service,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    cluster: PgCluster,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The target's admin password reaches the worker through its environment, as deployed.
+    monkeypatch.setenv("NHI_TEST_LEAK_ADMIN_PASSWORD", cluster.admin_password)
     configure("DEBUG")  # the most verbose production setting, libraries included
     captured = io.StringIO()
     handler = logging.StreamHandler(captured)
@@ -67,11 +79,28 @@ async def test_secret_access_key_never_leaves_secrets_manager(
                 return response.json()
 
             agent = await call("POST", "/v1/agents", json=agent_body())
-            accepted = await call(
-                "POST",
-                f"/v1/agents/{agent['id']}/nhis",
-                json={"platform": "aws", "kind": "iam_user_key", "scope": ROLE_SCOPE},
-            )
+            request: dict[str, Any] = {"platform": "aws", "kind": kind, "scope": ROLE_SCOPE}
+            if kind == "postgres_role":
+                target = f"leak{uuid.uuid4().hex[:8]}"
+                admin = service.token("leak-admin", "admin")
+                created = await http.post(
+                    "/v1/targets",
+                    headers=bearer(admin),
+                    json={
+                        "name": target,
+                        "dsn": f"postgresql://{ADMIN}@{cluster.host}:{cluster.port}/{DATABASE}",
+                        "password_env": "NHI_TEST_LEAK_ADMIN_PASSWORD",
+                    },
+                )
+                responses.append(created.text)
+                assert created.status_code == 201, created.text
+                request = {
+                    "platform": "postgres",
+                    "kind": kind,
+                    "target": target,
+                    "scope": [{"actions": ["SELECT"], "resources": ["docs.articles"]}],
+                }
+            accepted = await call("POST", f"/v1/agents/{agent['id']}/nhis", json=request)
 
             async def active() -> dict[str, Any]:
                 nhi = await call("GET", f"/v1/nhis/{accepted['id']}")
@@ -88,15 +117,23 @@ async def test_secret_access_key_never_leaves_secrets_manager(
         configure("WARNING")
 
     delivered = json.loads(
-        aws.secrets.get_secret_value(SecretId=nhi["credential_ref"])["SecretString"]
+        aws.secrets.get_secret_value(SecretId=nhi["credential_ref"], VersionStage="AWSCURRENT")[
+            "SecretString"
+        ]
     )
-    secret = delivered["SecretAccessKey"]
+    postgres = kind == "postgres_role"
+    secret = delivered["password" if postgres else "SecretAccessKey"]
+    visible = delivered["username" if postgres else "AccessKeyId"]  # not secret, must be seen
     assert len(secret) >= 20
+    if postgres:
+        assert not refused(delivered), "the delivered login works"
 
     history = await service.env.client.get_workflow_handle(accepted["workflow_id"]).fetch_history()
     history_text = [json.dumps(MessageToDict(e)) for e in history.events]
     history_text += list(_decoded_strings([MessageToDict(e) for e in history.events]))
-    assert any(delivered["AccessKeyId"] in h for h in history_text), "scan sees payloads"
+    assert any(nhi["name"] in h for h in history_text), "scan sees payloads"
+    if not postgres:
+        assert any(visible in h for h in history_text)
 
     with transaction(sessions) as s:
         tables = s.execute(
@@ -110,7 +147,7 @@ async def test_secret_access_key_never_leaves_secrets_manager(
     assert any(str(nhi["id"]) in r for r in rows), "scan sees the inventory"
 
     logs = captured.getvalue()
-    assert f"access key {delivered['AccessKeyId']}" in logs, "scan sees the worker's logs"
+    assert visible in logs, "scan sees the worker's logs"
 
     # The scanner finds the secret where it is, so zero hits below means absent, not unseen.
     assert _hits(secret, [json.dumps(delivered)]) == 1
