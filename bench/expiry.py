@@ -51,11 +51,11 @@ USABLE, UNUSABLE, MISSING = "usable", "unusable", "missing"
 
 
 @dataclass
-class Watch:
-    """One NHI being watched around its expiry."""
+class Bounds:
+    """One credential watched around its expiry: the last poll that saw it work and the first
+    that saw it refused bracket the moment it stopped working."""
 
     nhi: load.Requested
-    name: str
     seen_usable: bool = False
     last_usable_sent: float | None = None
     unusable_sent: float | None = None
@@ -76,6 +76,13 @@ class Watch:
         if self.unusable_seen is None or self.last_usable_sent is None:
             return None
         return self.last_usable_sent - self.nhi.expires_at
+
+
+@dataclass
+class Watch(Bounds):
+    """One AWS identity: its IAM name."""
+
+    name: str = ""
 
 
 def probe(aws: AwsClients, kind: str, name: str) -> tuple[str, str]:
@@ -136,7 +143,9 @@ async def run(stack: Stack, n: int, base_ttl: int, spread: int, out: Path) -> Re
             ttl_of=lambda i: base_ttl + round(i * spread / max(1, n)),
         )
     prefix = stack.settings().name_prefix
-    watches = [Watch(r, identity_name(prefix, r.agent.name, uuid.UUID(r.id))) for r in requested]
+    watches = [
+        Watch(r, name=identity_name(prefix, r.agent.name, uuid.UUID(r.id))) for r in requested
+    ]
     deadline = max(r.expires_at for r in requested) + 60.0
     aws = stack.aws()
     with ThreadPoolExecutor(max_workers=POLL_THREADS, thread_name_prefix="probe") as pool:

@@ -39,7 +39,7 @@ import psycopg
 from botocore.exceptions import ClientError
 
 from bench import load
-from bench.expiry import LEAD_S, POLL_GAP_S, POLL_THREADS, TARGET_P99_S
+from bench.expiry import LEAD_S, POLL_GAP_S, POLL_THREADS, TARGET_P99_S, Bounds
 from bench.report import (
     HAVE_PLOTS,
     NO_PLOTS,
@@ -84,36 +84,15 @@ class Login:
 
 
 @dataclass
-class Watch:
-    """One NHI being watched around its expiry."""
+class Watch(Bounds):
+    """One NHI being watched around its expiry, by logging in with its delivered password."""
 
-    nhi: load.Requested
     login: Login | None = None
     read_at: float | None = None
     final_status: str = ""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    seen_accepted: bool = False
-    last_accepted_sent: float | None = None
-    refused_sent: float | None = None
-    refused_seen: float | None = None
-    how: str = ""
-    polls: int = 0
     errors: int = 0
     last_error: str = ""
-
-    @property
-    def upper_s(self) -> float | None:
-        """Seconds from expiry to the first refused login (an upper bound)."""
-        if self.refused_seen is None:
-            return None
-        return self.refused_seen - self.nhi.expires_at
-
-    @property
-    def lower_s(self) -> float | None:
-        """Seconds from expiry to the last accepted login (a lower bound)."""
-        if self.refused_seen is None or self.last_accepted_sent is None:
-            return None
-        return self.last_accepted_sent - self.nhi.expires_at
 
 
 @dataclass(frozen=True)
@@ -233,10 +212,10 @@ async def follow(watch: Watch, pool: ThreadPoolExecutor, deadline: float) -> Non
         done = await loop.run_in_executor(pool, attempt, login)
         watch.polls += 1
         if done.state == ACCEPTED:
-            watch.seen_accepted = True
-            watch.last_accepted_sent = done.sent
+            watch.seen_usable = True
+            watch.last_usable_sent = done.sent
         elif done.state == REFUSED:
-            watch.refused_sent, watch.refused_seen, watch.how = done.sent, done.seen, done.how
+            watch.unusable_sent, watch.unusable_seen, watch.how = done.sent, done.seen, done.how
             return
         else:
             watch.errors += 1
@@ -374,11 +353,11 @@ def _report(
     upper = [w.upper_s for w in seen if w.upper_s is not None]
     lower = [w.lower_s for w in seen if w.lower_s is not None]
     gaps = [
-        w.refused_seen - w.last_accepted_sent
+        w.unusable_seen - w.last_usable_sent
         for w in seen
-        if w.refused_seen is not None and w.last_accepted_sent is not None
+        if w.unusable_seen is not None and w.last_usable_sent is not None
     ]
-    never_accepted = [w for w in seen if not w.seen_accepted]
+    never_accepted = [w for w in seen if not w.seen_usable]
     db = [quarantined[w.nhi.id] - w.nhi.expires_at for w in on_time if w.nhi.id in quarantined]
     how = Counter(w.how for w in seen)
     logged = Counter(cause for w in seen for cause in causes.get(w.nhi.id, Counter()))
@@ -448,8 +427,8 @@ def _watch_dict(
         "expires_at": exp,
         "activated_s": rel(activated.get(w.nhi.id)),
         "secret_read_s": rel(w.read_at),
-        "last_accepted_s": rel(w.last_accepted_sent),
-        "refused_s": rel(w.refused_seen),
+        "last_accepted_s": rel(w.last_usable_sent),
+        "refused_s": rel(w.unusable_seen),
         "inventory_quarantined_s": rel(quarantined.get(w.nhi.id)),
         "how": w.how,
         "polls": w.polls,

@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 
 from models.contracts import ScopeStatement
 from nhi import MANAGED_BY
-from nhi.policy import MAX_STATEMENTS, PolicyRules, RuleViolation
+from nhi.policy import PolicyRules, RuleViolation, check_statement_count
 
 IDENTIFIER_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _WORD_RE = re.compile(r"[A-Z_]+( [A-Z_]+)*")
@@ -139,10 +139,7 @@ def validate_grants(scope: list[ScopeStatement], rules: PolicyRules) -> list[str
     Raises:
         RuleViolation: naming the statement, the entry and the rule it breaks.
     """
-    if not scope:
-        raise RuleViolation("scope", "must hold at least one statement")
-    if len(scope) > MAX_STATEMENTS:
-        raise RuleViolation("scope", f"at most {MAX_STATEMENTS} statements")
+    check_statement_count(scope)
     sensitive: list[str] = []
     for i, statement in enumerate(scope):
         privileges: list[str] = []

@@ -122,16 +122,21 @@ def actions_overlap(requested: str, rule: str) -> bool:
     return _segments_overlap(r_service, p_service) and _segments_overlap(r_action, p_action)
 
 
+def check_statement_count(scope: list[ScopeStatement]) -> None:
+    """At least one statement, and no more than every platform's limit."""
+    if not scope:
+        raise RuleViolation("scope", "must hold at least one statement")
+    if len(scope) > MAX_STATEMENTS:
+        raise RuleViolation("scope", f"at most {MAX_STATEMENTS} statements")
+
+
 def validate_scope(scope: list[ScopeStatement], rules: PolicyRules) -> list[str]:
     """Refuse forbidden actions and resource wildcards; return the sensitive actions asked for.
 
     Raises:
         RuleViolation: naming the statement, the entry and the rule it breaks.
     """
-    if not scope:
-        raise RuleViolation("scope", "must hold at least one statement")
-    if len(scope) > MAX_STATEMENTS:
-        raise RuleViolation("scope", f"at most {MAX_STATEMENTS} statements")
+    check_statement_count(scope)
     sensitive: list[str] = []
     for i, statement in enumerate(scope):
         for j, action in enumerate(statement.actions):

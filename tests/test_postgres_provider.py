@@ -11,6 +11,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +35,7 @@ from nhi.pg_grants import (
 )
 from nhi.policy import PolicyRules, RuleViolation
 from nhi.targets import TargetConnection, UnknownTarget
-from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused
+from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused, server_binaries
 
 TARGET = "company"
 RULES = PolicyRules(
@@ -58,6 +59,18 @@ class Targets:
 
     def names(self) -> list[str]:
         return sorted(self._targets)
+
+
+@pytest.fixture(scope="module", params=sorted(server_binaries()))
+def cluster(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+    """Every server build on the machine (Debian's 15 and the wheel's 16 here): role
+    membership rules changed in 16, and companies run both."""
+    pg = PgCluster(server_binaries()[request.param])
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
 
 
 @pytest.fixture

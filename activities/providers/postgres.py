@@ -260,9 +260,11 @@ class PostgresProvider:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"nhi-lifecycle:{key}",))
 
     def _ensure_member(self, conn: Conn, roles: list[str]) -> None:
-        """Make the admin a member of `roles`: REASSIGN/DROP OWNED require it."""
+        """Give the admin the privileges of `roles`: REASSIGN/DROP OWNED require them. (On
+        PostgreSQL 16+ the creator of a role is a member with ADMIN OPTION but, by default,
+        without its privileges, so membership alone is not enough.)"""
         for role in roles:
-            row = conn.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (role,)).fetchone()
+            row = conn.execute("SELECT pg_has_role(current_user, %s, 'USAGE')", (role,)).fetchone()
             if not (row and row[0]):
                 conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(_ident(role)))
 
