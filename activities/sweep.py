@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
@@ -27,7 +27,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities._support import heartbeating
 from activities.db import DbActivities
-from activities.providers.base import Provider
+from activities.providers.base import Known, Provider
 from models.contracts import (
     Finding,
     FindingKind,
@@ -52,6 +52,13 @@ from nhi.sweep import ALIVE, InventoryItem, Rules, classify
 log = logging.getLogger(__name__)
 
 MAX_FINDINGS = 500  # per sweep in history; the rest is counted and picked up by the next sweep
+
+
+def ours(platform: Platform, prefix: str) -> ColumnElement[bool]:
+    """This deployment's NHIs on a platform: names start with its prefix and the platform's
+    separator (`nhi-` for IAM names, `nhi_` for Postgres roles, whose names are identifiers)."""
+    separator = "_" if platform is Platform.POSTGRES else "-"
+    return Nhi.name.startswith(f"{prefix}{separator}", autoescape=True)
 
 
 class Pacer:
@@ -110,7 +117,10 @@ class SweepActivities:
         sweep_id = self._begin(inp, workflow_id)
         now = datetime.now(UTC)
         with heartbeating():
-            known = {i.name: i.status for i in self._inventory(provider.platform, set())}
+            known = {
+                i.name: Known(status=i.status, scope=i.granted_scope)
+                for i in self._inventory(provider.platform, set())
+            }
             found = provider.discover(known, self._paced)
             platform = found.identities
             inventory = [
@@ -173,7 +183,7 @@ class SweepActivities:
                 .join(Agent)
                 .where(
                     Nhi.platform == platform.value,
-                    Nhi.name.startswith(f"{self._settings.name_prefix}-"),
+                    ours(platform, self._settings.name_prefix),
                 )
                 .where(
                     (Nhi.status.in_(sorted(ALIVE)))
@@ -199,6 +209,9 @@ class SweepActivities:
                         expected_document=expected,
                         last_used_at=nhi.last_used_at,
                         target=nhi.target,
+                        granted_scope=tuple(
+                            ScopeStatement.model_validate(s) for s in nhi.granted_scope
+                        ),
                     )
                 )
         return items
@@ -305,13 +318,12 @@ class SupervisionActivities:
 
     def _alive_ids(self, platform: str) -> list[uuid.UUID]:
         # Only this deployment's NHIs (its name prefix) on the swept platform, like discovery.
-        prefix = f"{self._settings.name_prefix}-"
         with transaction(self._sessions) as session:
             return list(
                 session.scalars(
                     select(Nhi.id).where(
                         Nhi.status.in_(sorted(ALIVE)),
-                        Nhi.name.startswith(prefix),
+                        ours(Platform(platform), self._settings.name_prefix),
                         Nhi.platform == platform,
                     )
                 )

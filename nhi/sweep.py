@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from models.contracts import Finding, FindingKind
+from models.contracts import Finding, FindingKind, ScopeStatement
 
 ALIVE = frozenset({"active", "rotating", "quarantined", "revoke_failed", "expiring"})
 GONE = frozenset({"decommissioned", "failed"})
@@ -29,6 +29,9 @@ class PlatformIdentity:
     last_used_at: datetime | None = None
     scope_document: dict[str, object] | None = None
     target: str | None = None  # the Postgres target it lives in; None on AWS
+    # How the platform's permissions differ from the granted scope, when the provider judges
+    # it itself (Postgres); AWS compares documents instead.
+    drift: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class InventoryItem:
     last_used_at: datetime | None = None
     supervised: bool = True
     target: str | None = None
+    granted_scope: tuple[ScopeStatement, ...] = ()
 
 
 @dataclass
@@ -121,17 +125,17 @@ def classify(
             findings.append(
                 _about(item, FindingKind.UNSUPERVISED, "no lifecycle workflow runs", "restart it")
             )
-        if (
-            item.status == "active"
-            and item.expected_document is not None
+        documents_differ = (
+            item.expected_document is not None
             and identity.scope_document is not None
             and identity.scope_document != item.expected_document
-        ):
+        )
+        if item.status == "active" and (documents_differ or identity.drift):
             findings.append(
                 _about(
                     item,
                     FindingKind.DRIFT,
-                    "platform permissions differ from the granted scope",
+                    identity.drift or "platform permissions differ from the granted scope",
                     "alert",
                 )
             )

@@ -210,7 +210,21 @@ async def test_a_postgres_role_lives_rotates_renews_and_is_removed_completely(ri
     assert events[-2:] == ["nhi.quarantined", "nhi.decommissioned"]
 
 
-async def test_a_postgres_sweep_quarantines_and_removes_an_orphaned_role(rig: Rig) -> None:
+async def test_a_postgres_sweep_removes_an_orphaned_role_and_reports_drift(rig: Rig) -> None:
+    # A live NHI that someone widened by hand, through the admin account.
+    _, widened_id, _ = request_nhi(
+        rig.sessions,
+        rig.settings,
+        "postgres_role",
+        scope=READ_ARTICLES,
+        target=rig.target,
+        ttl="10d",
+        now=await rig.env.get_current_time(),
+    )
+    await provision(rig.env, rig.queue, widened_id)
+    widened = _nhi(rig, widened_id)
+    with rig.cluster.connect(ADMIN, rig.cluster.admin_password) as conn:
+        conn.execute(f"GRANT SELECT ON docs.faq TO {widened.name}")
     # An identity this service made whose inventory row is gone (restored from an old backup,
     # say): its roles carry our marker, its secret our tags.
     nhi_id = uuid.uuid4()
@@ -258,6 +272,9 @@ async def test_a_postgres_sweep_quarantines_and_removes_an_orphaned_role(rig: Ri
     assert len(orphans) == 1 and orphans[0].target == rig.target
     assert orphans[0].secret_arn == created.credential_ref
     assert "removal started" in orphans[0].action
+    drift = [f for f in outcome.findings if f.kind.value == "drift"]
+    assert [(f.identity, f.nhi_id) for f in drift] == [(widened.name, widened_id)]
+    assert "beyond the scope: SELECT on docs.faq" in drift[0].detail
 
     removal = rig.env.client.get_workflow_handle(
         orphan_workflow_id("postgres_role", plan.identity_name, rig.target)

@@ -20,6 +20,7 @@ import pytest
 from psycopg import errors
 from temporalio.exceptions import ApplicationError
 
+from activities.providers.base import Known
 from activities.providers.postgres import PostgresProvider
 from activities.providers.secret_store import SecretStore
 from models.contracts import KeyRef, ProvisionPlan, RemoveIdentity, ScopeStatement
@@ -719,7 +720,9 @@ def test_discover_reports_managed_and_unmanaged_roles_and_last_used(
     assert "nhi_manual_reports" not in found and ADMIN not in found
     assert not set(role_names(plan.identity_name)) & set(found)  # logins are part of the group
     assert len(paced) >= 3
-    known = provider.discover({plan.identity_name: "active"}, lambda: None).identities
+    known = provider.discover(
+        {plan.identity_name: Known("active", tuple(plan.scope))}, lambda: None
+    ).identities
     assert next(p for p in known if p.name == plan.identity_name).secret_arn is None
 
     assert provider.last_used(NhiKind.POSTGRES_ROLE, plan.identity_name, TARGET) is None
@@ -728,3 +731,43 @@ def test_discover_reports_managed_and_unmanaged_roles_and_last_used(
         assert used is not None and abs(datetime.now(UTC) - used) < timedelta(seconds=5)
         live = {p.name: p for p in provider.discover({}, lambda: None).identities}
         assert live[plan.identity_name].last_used_at is not None
+
+
+def test_discover_reports_drift_from_the_granted_scope_and_renew_reverts_it(
+    provider: PostgresProvider, cluster: PgCluster
+) -> None:
+    plan = make_plan(scope((["SELECT"], ["docs.articles"])))
+    provisioned(provider, plan)
+    known = {plan.identity_name: Known("active", tuple(plan.scope))}
+
+    def drift() -> str | None:
+        found = provider.discover(known, lambda: None).identities
+        return next(p for p in found if p.name == plan.identity_name).drift
+
+    assert drift() is None, "exactly the scope: no drift"
+    # Someone uses the admin account to widen the NHI by hand, and the data owner adds more.
+    with cluster.connect(ADMIN, cluster.admin_password) as conn:
+        conn.execute(f"GRANT INSERT ON docs.articles TO {plan.identity_name}")
+    with cluster.connect() as conn:
+        conn.execute(f"GRANT SELECT ON hr.salaries TO {plan.identity_name}")
+        conn.execute(f"GRANT USAGE ON SCHEMA hr TO {plan.identity_name}")
+    found = drift()
+    assert found is not None
+    assert "INSERT on docs.articles" in found and "SELECT on hr.salaries" in found
+    assert "USAGE on schema hr" in found
+    # A status other than active is not judged (a quarantined NHI holds its grants).
+    quiet = provider.discover(
+        {plan.identity_name: Known("quarantined", tuple(plan.scope))}, lambda: None
+    ).identities
+    assert next(p for p in quiet if p.name == plan.identity_name).drift is None
+
+    # Renewal (what a sweep's revert runs) puts back exactly the scope, where the admin may:
+    # its own grant goes; another grantor's stays, and is reported again by the next sweep.
+    provider.renew(plan)
+    after = drift()
+    assert after is not None and "INSERT on docs.articles" not in after
+    assert "SELECT on hr.salaries" in after
+    with cluster.connect() as conn:
+        conn.execute(f"REVOKE SELECT ON hr.salaries FROM {plan.identity_name}")
+        conn.execute(f"REVOKE USAGE ON SCHEMA hr FROM {plan.identity_name}")
+    assert drift() is None

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from temporalio.exceptions import ApplicationError
 
 from activities._support import aws_code, classify_aws
-from activities.providers.base import Discovery, Pace
+from activities.providers.base import Discovery, Known, Pace
 from models.contracts import (
     IdentityCreated,
     KeyRef,
@@ -157,7 +157,7 @@ class AwsDiscovery:
                 dates.append(used["LastUsedDate"])
         return max(dates) if dates else None
 
-    def discover(self, known: Mapping[str, str], pace: Pace) -> Discovery:
+    def discover(self, known: Mapping[str, Known], pace: Pace) -> Discovery:
         """Users and roles under our path. Tags (and the delivery secret) are read only for
         names the inventory does not hold alive; usage and scope only for active ones."""
         try:
@@ -172,7 +172,7 @@ class AwsDiscovery:
         out: list[PlatformIdentity] = []
         for kind, entry in found:
             name = str(entry.get("UserName") or entry.get("RoleName"))
-            status = known.get(name)
+            status = known[name].status if name in known else None
             tags: dict[str, str] = {}
             if status is None:
                 pace()

@@ -20,6 +20,7 @@ from models.contracts import (
     ProvisionPlan,
     RemovalResult,
     RemoveIdentity,
+    ScopeStatement,
     StagedKey,
 )
 from models.enums import NhiKind, Platform
@@ -27,6 +28,15 @@ from nhi.sweep import PlatformIdentity
 
 # Called before each platform call of a listing: rate limiting and heartbeats (see sweeps).
 Pace = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the inventory says of an identity it holds alive: a listing fetches details (and
+    judges drift against the granted scope) only where a sweep needs them."""
+
+    status: str
+    scope: tuple[ScopeStatement, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,10 +101,10 @@ class Provider(Protocol):
         """Remove the identity, everything attached to it and its secret."""
         ...
 
-    def discover(self, known: Mapping[str, str], pace: Pace) -> Discovery:
+    def discover(self, known: Mapping[str, Known], pace: Pace) -> Discovery:
         """Every identity under this deployment's marker on the platform. `known` maps the
-        names the inventory holds alive to their status, so details are fetched only where a
-        sweep needs them. A listing that fails for the whole platform raises; one place of
+        names the inventory holds alive to what it knows of them, so details are fetched only
+        where a sweep needs them. A listing that fails for the whole platform raises; one place of
         several that cannot be reached is reported in `unreachable`."""
         ...
 

@@ -53,7 +53,7 @@ from psycopg.rows import TupleRow
 from temporalio.exceptions import ApplicationError
 
 from activities._support import classify_aws
-from activities.providers.base import Discovery, Pace
+from activities.providers.base import Discovery, Known, Pace
 from activities.providers.secret_store import CURRENT, PENDING, PREVIOUS, SecretStore, SecretValue
 from models.contracts import (
     IdentityCreated,
@@ -61,6 +61,7 @@ from models.contracts import (
     ProvisionPlan,
     RemovalResult,
     RemoveIdentity,
+    ScopeStatement,
     StagedKey,
 )
 from models.enums import NhiKind, Platform
@@ -401,34 +402,21 @@ class PostgresProvider:
                 target = sql.SQL("TABLE {}").format(sql.Identifier(schema, table))
             conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(privs, target, role))
         wanted = self._wanted(conn, by_object)
-        held = {
-            (str(s), str(t), str(p))
-            for s, t, p in conn.execute(
-                "SELECT n.nspname, c.relname, a.privilege_type "
-                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "CROSS JOIN LATERAL aclexplode(c.relacl) a "
-                "WHERE a.grantee = (SELECT oid FROM pg_roles WHERE rolname = %s)",
-                (group,),
-            ).fetchall()
-        }
+        held, held_schemas = self._held(conn, group)
         for schema, table, privilege in sorted(held - wanted):
-            conn.execute(
+            self._revoke(
+                conn,
                 sql.SQL("REVOKE {} ON TABLE {} FROM {}").format(
                     sql.SQL(privilege), sql.Identifier(schema, table), role
-                )
+                ),
+                f"{privilege} on {schema}.{table} from {group}",
             )
-        held_schemas = {
-            str(s)
-            for (s,) in conn.execute(
-                "SELECT n.nspname FROM pg_namespace n "
-                "CROSS JOIN LATERAL aclexplode(n.nspacl) a "
-                "WHERE a.grantee = (SELECT oid FROM pg_roles WHERE rolname = %s) "
-                "AND a.privilege_type = 'USAGE'",
-                (group,),
-            ).fetchall()
-        }
         for schema in sorted(held_schemas - set(schemas)):
-            conn.execute(sql.SQL("REVOKE USAGE ON SCHEMA {} FROM {}").format(_ident(schema), role))
+            self._revoke(
+                conn,
+                sql.SQL("REVOKE USAGE ON SCHEMA {} FROM {}").format(_ident(schema), role),
+                f"USAGE on schema {schema} from {group}",
+            )
         missing = sorted(f"{p} on {s}.{t}" for s, t, p in wanted if (s, t, p) not in held) + sorted(
             f"USAGE on schema {s}"
             for s in schemas
@@ -440,6 +428,70 @@ class PostgresProvider:
                 "each privilege WITH GRANT OPTION (or ownership)",
                 "GrantRefused",
             )
+
+    @staticmethod
+    def _revoke(conn: Conn, statement: sql.Composed, what: str) -> None:
+        """Revoke a privilege beyond the scope, where the admin may. One granted by a role the
+        admin cannot speak for stays (sweeps keep reporting it as drift): refusing to renew
+        the NHI over it would let the NHI expire for someone else's grant."""
+        try:
+            with conn.transaction():  # a savepoint: a refused revoke leaves the rest standing
+                conn.execute(statement)
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning("cannot revoke %s: granted by a role the admin cannot act for", what)
+
+    @staticmethod
+    def _held(conn: Conn, group: str) -> tuple[set[tuple[str, str, str]], set[str]]:
+        """What the group holds now: (schema, table, privilege) and the schemas it may use."""
+        tables = {
+            (str(s), str(t), str(p))
+            for s, t, p in conn.execute(
+                "SELECT n.nspname, c.relname, a.privilege_type "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "CROSS JOIN LATERAL aclexplode(c.relacl) a "
+                "WHERE a.grantee = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+                (group,),
+            ).fetchall()
+        }
+        schemas = {
+            str(s)
+            for (s,) in conn.execute(
+                "SELECT n.nspname FROM pg_namespace n "
+                "CROSS JOIN LATERAL aclexplode(n.nspacl) a "
+                "WHERE a.grantee = (SELECT oid FROM pg_roles WHERE rolname = %s) "
+                "AND a.privilege_type = 'USAGE'",
+                (group,),
+            ).fetchall()
+        }
+        return tables, schemas
+
+    def _drift(self, conn: Conn, group: str, scope: list[ScopeStatement]) -> str | None:
+        """How the group's privileges differ from its granted scope, or None.
+
+        Privileges beyond the scope are drift (someone granted by hand); so is a named grant
+        gone missing. A table created in a `schema.*` schema since the last grant is not: the
+        next renewal grants it, and less access is no risk.
+        """
+        try:
+            grants = parse_grants(scope)
+        except RuleViolation:
+            return None  # nothing to compare an invalid scope with (and we never granted it)
+        by_object: dict[tuple[str, str | None], list[str]] = {}
+        for grant in grants:
+            if not grant.on_schema:
+                by_object.setdefault((grant.schema, grant.table), []).append(grant.privilege)
+        wanted = self._wanted(conn, by_object)
+        held, held_schemas = self._held(conn, group)
+        named = {(s, t, p) for (s, t), ps in by_object.items() if t is not None for p in ps}
+        extra = sorted(f"{p} on {s}.{t}" for s, t, p in held - wanted)
+        extra += sorted(f"USAGE on schema {s}" for s in held_schemas - {g.schema for g in grants})
+        missing = sorted(f"{p} on {s}.{t}" for s, t, p in named - held)
+        parts = []
+        if extra:
+            parts.append(f"beyond the scope: {', '.join(extra[:10])}")
+        if missing:
+            parts.append(f"missing: {', '.join(missing[:10])}")
+        return "; ".join(parts) or None
 
     @staticmethod
     def _has(conn: Conn, query: str, *args: str) -> bool:
@@ -788,7 +840,7 @@ class PostgresProvider:
 
     # ---- sweeps ----------------------------------------------------------------------------
 
-    def discover(self, known: Mapping[str, str], pace: Pace) -> Discovery:
+    def discover(self, known: Mapping[str, Known], pace: Pace) -> Discovery:
         """Group roles marked ours on every target, plus roles named like ours with no marker
         (reported, never touched). A login role whose group is gone is reported as its group,
         so removing the orphan removes it. A target that cannot be reached (or whose admin
@@ -815,10 +867,18 @@ class PostgresProvider:
                             (pattern,),
                         ).fetchall()
                     }
+                    drifts: dict[str, str] = {}
+                    for name, _comment in rows:
+                        seen = known.get(str(name))
+                        if seen is not None and seen.status == "active":
+                            pace()
+                            drift = self._drift(conn, str(name), list(seen.scope))
+                            if drift:
+                                drifts[str(name)] = drift
             except ApplicationError as err:  # what _target and _admin raise, classified
                 unreachable[target_name] = err.message
                 continue
-            out += self._identities(target_name, rows, active, known, pace)
+            out += self._identities(target_name, rows, active, known, pace, drifts)
         return Discovery(identities=out, unreachable=unreachable)
 
     def _identities(
@@ -826,8 +886,9 @@ class PostgresProvider:
         target: str,
         rows: list[tuple[Any, ...]],
         active: set[str],
-        known: Mapping[str, str],
+        known: Mapping[str, Known],
         pace: Pace,
+        drifts: Mapping[str, str],
     ) -> list[PlatformIdentity]:
         now = datetime.now(UTC)
         groups: dict[str, dict[str, str]] = {}
@@ -867,6 +928,7 @@ class PostgresProvider:
                     secret_arn=secret_arn,
                     last_used_at=now if logins & active else None,
                     target=target,
+                    drift=drifts.get(group),
                 )
             )
         for name in unmanaged:
