@@ -191,9 +191,10 @@ class Settings(BaseSettings):
         default=32, ge=1, le=1000, description="Activity slots (and threads) per worker process."
     )
     # Lifecycles sleep for days between events, so a cached run rarely saves a replay, while
-    # each costs the worker ~256 KB: 500 keeps a worker under 300 MB (bench/results/memory.md).
+    # each costs the worker ~300 KB: 400 keeps a worker well under 300 MB
+    # (bench/results/memory.md).
     worker_max_cached_workflows: int = Field(
-        default=500, ge=0, description="Sticky workflow cache size per worker process."
+        default=400, ge=0, description="Sticky workflow cache size per worker process."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of the worker, the API and `nhi dev`."

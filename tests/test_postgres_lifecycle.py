@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -36,13 +37,15 @@ from nhi.config import PostgresTargetSetting, Settings
 from nhi.db import transaction
 from nhi.pg_grants import group_name, role_names
 from nhi.targets import TargetRegistry
+from nhi.temporal import provision_workflow_id
 from tests.conftest import dev_address
 from tests.helpers import eventually, provision, request_nhi, skip_until
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused
 from worker import build_worker
-from workflows.lifecycle import NhiLifecycleWorkflow
+from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 from workflows.sweep import SweepWorkflow, orphan_workflow_id
 
+HISTORIES = Path(__file__).resolve().parent / "histories"
 DAY = timedelta(days=1)
 OWNER = "ana@example.com"
 PASSWORD_ENV = "NHI_TEST_COMPANY_ADMIN_PASSWORD"
@@ -208,6 +211,14 @@ async def test_a_postgres_role_lives_rotates_renews_and_is_removed_completely(ri
     assert "DeletedDate" in described, "the secret is scheduled for deletion"
     events = _events(rig, nhi_id)
     assert events[-2:] == ["nhi.quarantined", "nhi.decommissioned"]
+    if os.environ.get("NHI_RECORD_HISTORIES"):
+        # Golden histories of the provider-interface path (tests/test_replay.py replays them).
+        for name, wid in (
+            ("postgres_provision", provision_workflow_id(nhi_id)),
+            ("postgres_lifecycle", lifecycle_workflow_id(nhi_id)),
+        ):
+            history = await rig.env.client.get_workflow_handle(wid).fetch_history()
+            (HISTORIES / f"{name}.json").write_text(history.to_json())
 
 
 async def test_a_postgres_sweep_removes_an_orphaned_role_and_reports_drift(rig: Rig) -> None:

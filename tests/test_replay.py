@@ -2,8 +2,10 @@
 running provisioning or lifecycle workflows fails here, before it reaches a worker.
 
 The histories come from `tests/test_lifecycle.py::test_a_whole_life_in_seconds` (a provisioning
-run and a 75-day lifecycle with rotations, reminders, a Slack renewal and decommission). After
-a deliberate, patched change, refresh them with `NHI_RECORD_HISTORIES=1 pytest -k whole_life`.
+run and a 75-day lifecycle with rotations, reminders, a Slack renewal and decommission, recorded
+before the provider interface) and `tests/test_postgres_lifecycle.py` (a `postgres_role`'s
+provisioning, rotation, renewal and decommission through the provider interface). After
+a deliberate, patched change, refresh them with `NHI_RECORD_HISTORIES=1 pytest -k "whole_life or postgres_role_lives"`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"
 
 
 def test_golden_histories_are_committed() -> None:
-    assert {p.stem for p in HISTORIES} >= {"provision", "lifecycle"}
+    # AWS histories from before the provider interface (legacy activity names), Postgres ones
+    # from after it: both paths must keep replaying.
+    assert {p.stem for p in HISTORIES} >= {
+        "provision",
+        "lifecycle",
+        "postgres_provision",
+        "postgres_lifecycle",
+    }
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
         RecordApproval,
         RemoveIdentity,
     )
-    from models.enums import NhiKind, NhiStatus
+    from models.enums import ROTATABLE_KINDS, NhiKind, NhiStatus
     from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
     from workflows.policies import (
         DB_RETRY,
@@ -162,7 +162,9 @@ class ProvisionNhiWorkflow:
 
     async def _create(self, plan: ProvisionPlan) -> IdentityCreated:
         if workflow.patched("provider-interface"):
-            await self._platform(ProviderActivities.create_identity, plan)
+            created = await self._platform(ProviderActivities.create_identity, plan)
+            if plan.kind not in ROTATABLE_KINDS:
+                return created  # no static secret: the identity itself is the reference
             return await self._platform(ProviderActivities.deliver_credential, plan)
         # Runs recorded before the provider interface (AWS only) replay down this path.
         if plan.kind is NhiKind.IAM_ROLE:

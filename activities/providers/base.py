@@ -60,7 +60,9 @@ class Provider(Protocol):
         ...
 
     def deliver(self, plan: ProvisionPlan) -> IdentityCreated:
-        """Issue the credential and store it in the secret store; return its reference."""
+        """Issue the credential and store it in the secret store; return its reference.
+        Provisioning calls it only for kinds with a static secret (`ROTATABLE_KINDS`): for the
+        others, `create`'s result is the reference."""
         ...
 
     def renew(self, plan: ProvisionPlan) -> None:
