@@ -8,7 +8,9 @@ processes with the same settings production uses. Ctrl-C stops everything it sta
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 import httpx
+import psycopg
 from sqlalchemy import select
 
 from models.enums import Role
@@ -30,6 +34,27 @@ from nhi.logging import configure
 from nhi.postgres import EmbeddedPostgres
 
 READY_TIMEOUT = 60.0
+
+# A demo database for `postgres_role`, set up like a company database on the embedded server:
+# an admin role with CREATEROLE (not superuser) that may pass on read and write on `docs`.
+DEMO_TARGET = "demo"
+DEMO_DATABASE = "nhi_demo"
+DEMO_ADMIN_VAR = "NHI_DEV_DEMO_ADMIN_PASSWORD"  # the variable holding its admin password
+DEMO_SQL = """
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nhi_admin') THEN
+    CREATE ROLE nhi_admin LOGIN CREATEROLE;
+  END IF;
+END $$;
+GRANT pg_signal_backend TO nhi_admin;
+CREATE SCHEMA IF NOT EXISTS docs;
+CREATE TABLE IF NOT EXISTS docs.articles (id int PRIMARY KEY, title text NOT NULL);
+CREATE TABLE IF NOT EXISTS docs.faq (id int PRIMARY KEY, question text NOT NULL);
+INSERT INTO docs.articles VALUES (1, 'Onboarding'), (2, 'Security policy') ON CONFLICT DO NOTHING;
+INSERT INTO docs.faq VALUES (1, 'How do I reset my password?') ON CONFLICT DO NOTHING;
+GRANT USAGE ON SCHEMA docs TO nhi_admin WITH GRANT OPTION;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA docs TO nhi_admin WITH GRANT OPTION;
+"""
 
 
 class DevError(RuntimeError):
@@ -145,10 +170,35 @@ Try it (in another terminal, from this directory):
   nhi provision "$AGENT" --kind iam_role --ttl 30d \\
       --action s3:GetObject --resource 'arn:aws:s3:::support-kb/*' \\
       --trust-principal arn:aws:iam::123456789012:role/support-bot-runtime
+  nhi provision "$AGENT" --kind postgres_role --target demo --ttl 7d \\
+      --action SELECT --resource 'docs.*'
   nhi agents show "$AGENT"
 
 Ctrl-C stops everything.
 """
+
+
+def _demo_target(embedded: EmbeddedPostgres, env: dict[str, str]) -> None:
+    """Create the demo database (idempotent) and register it as target `demo` for the worker
+    and the API, unless NHI_POSTGRES_TARGETS already names one. The embedded server trusts
+    local connections, so passwords (and VALID UNTIL) are not checked there: a demo of the
+    shapes, not of the enforcement, which the tests prove on a scram-sha-256 cluster."""
+    embedded.create_database(DEMO_DATABASE)
+    with psycopg.connect(
+        embedded.url(DEMO_DATABASE).replace("+psycopg", ""), autocommit=True
+    ) as conn:
+        conn.execute(DEMO_SQL)
+        host, port = conn.info.host, conn.info.port
+    targets = json.loads(env.get("NHI_POSTGRES_TARGETS") or "{}")
+    targets.setdefault(
+        DEMO_TARGET,
+        {
+            "dsn": f"postgresql://nhi_admin@{quote(host, safe='')}:{port}/{DEMO_DATABASE}",
+            "password_env": DEMO_ADMIN_VAR,
+        },
+    )
+    env["NHI_POSTGRES_TARGETS"] = json.dumps(targets)
+    env.setdefault(DEMO_ADMIN_VAR, secrets.token_urlsafe(16))
 
 
 def _admin_token(db_url: str, data_dir: Path) -> str:
@@ -253,6 +303,8 @@ def run_dev(settings: Settings) -> int:
             env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
         upgrade_head(db_url)
+        if embedded is not None:
+            _demo_target(embedded, env)
         env.update(
             NHI_DATABASE_URL=db_url,
             NHI_AWS_ENDPOINT_URL=aws_endpoint,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from botocore.exceptions import ClientError
 from sqlalchemy import select
@@ -42,7 +42,8 @@ class TargetConnection:
     def public_dsn(self, user: str | None = None) -> str:
         """A DSN without any password: what the inventory and secret references may show."""
         who = f"{user}@" if user else ""
-        return f"postgresql://{who}{self.host}:{self.port}/{self.dbname}"
+        host = quote(self.host, safe="") if self.host.startswith("/") else self.host
+        return f"postgresql://{who}{host}:{self.port}/{self.dbname}"
 
 
 class TargetResolver(Protocol):
@@ -67,6 +68,7 @@ DEFAULT_PORT = 5432
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.$-]{0,62}$")
 _DBNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.$-]{0,62}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
+_SOCKET_DIR_RE = re.compile(r"^/[A-Za-z0-9._/-]*$")
 _ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _SECRET_ARN_RE = re.compile(
     r"^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}$"
@@ -124,9 +126,19 @@ def parse_dsn(dsn: str, field_name: str = "dsn") -> ParsedDsn:
         raise RuleViolation(
             field_name, "must name the admin user: postgresql://admin_user@host:5432/db"
         )
-    host = url.hostname or ""
-    if not host or not (_HOST_RE.fullmatch(host) or _is_ip(host)):
-        raise RuleViolation(field_name, "must name the host: postgresql://admin_user@host:5432/db")
+    raw_host = url.netloc.rpartition("@")[2].rpartition(":")[0] or url.netloc.rpartition("@")[2]
+    if raw_host.upper().startswith("%2F"):
+        # A Unix socket directory, percent-encoded as libpq takes it: a worker next to its
+        # database (and `nhi dev`'s embedded Postgres, which listens on a socket only).
+        host = unquote(raw_host)
+        if not _SOCKET_DIR_RE.fullmatch(host) or len(host) > 255:
+            raise RuleViolation(field_name, "the socket directory must be an absolute path")
+    else:
+        host = url.hostname or ""
+        if not host or not (_HOST_RE.fullmatch(host) or _is_ip(host)):
+            raise RuleViolation(
+                field_name, "must name the host: postgresql://admin_user@host:5432/db"
+            )
     dbname = unquote(url.path[1:] if url.path.startswith("/") else url.path)
     if not _DBNAME_RE.fullmatch(dbname):
         raise RuleViolation(

@@ -87,11 +87,14 @@ async def test_nhi_dev_runs_the_readme_examples(tmp_path: Path) -> None:
             deadline = time.monotonic() + 30
             while True:
                 nhis = (await http.get("/v1/nhis")).json()
-                if len(nhis) == 2 and all(n["status"] == "active" for n in nhis):
+                if len(nhis) == 3 and all(n["status"] == "active" for n in nhis):
                     break
                 assert time.monotonic() < deadline, nhis
                 await asyncio.sleep(0.2)
-        assert {n["kind"] for n in nhis} == {"iam_role", "iam_user_key"}
+        assert {n["kind"] for n in nhis} == {"iam_role", "iam_user_key", "postgres_role"}
+        login = next(n for n in nhis if n["kind"] == "postgres_role")
+        assert login["target"] == "demo" and login["credential_ref"].startswith("arn:aws:")
+        assert "nhi_demo" in login["external_id"]
         key = next(n for n in nhis if n["kind"] == "iam_user_key")
         assert key["credential_ref"].startswith("arn:aws:secretsmanager:")
         assert json.dumps(nhis).count("SecretAccessKey") == 0

@@ -341,6 +341,16 @@ def test_dsn_and_password_ref_helpers() -> None:
         assert PASSWORD not in str(err.value)
     with pytest.raises(RuleViolation, match="port"):
         parse_dsn("postgresql://a@db:99999/app")
+    # A Unix socket directory, percent-encoded as libpq takes it, and back in the public DSN.
+    socket = parse_dsn("postgresql://nhi_admin@%2Fvar%2Frun%2Fpostgresql:5433/app")
+    assert (socket.host, socket.port) == ("/var/run/postgresql", 5433)
+    public = TargetConnection(
+        name="local", host=socket.host, port=5433, dbname="app", admin_user="a", password="x"
+    ).public_dsn()
+    assert public == "postgresql://%2Fvar%2Frun%2Fpostgresql:5433/app"
+    for bad in ("postgresql://a@%2Ftmp%3Bdrop/app", "postgresql://a@%2Ftmp%20x/app"):
+        with pytest.raises(RuleViolation, match="absolute path"):
+            parse_dsn(bad)
     assert password_ref("DOCS_PW", None) == "env:DOCS_PW"
     assert password_ref(None, "prod/docs-admin") == "secret:prod/docs-admin"
     assert validate_password_ref("env:DOCS_PW") == "env:DOCS_PW"
