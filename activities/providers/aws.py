@@ -18,6 +18,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities._support import aws_code, classify_aws
 from activities.providers.base import Discovery, Known, Pace
+from activities.providers.secret_store import CURRENT, PENDING, PREVIOUS, SecretStore
 from models.contracts import (
     IdentityCreated,
     KeyRef,
@@ -35,7 +36,6 @@ from nhi.sweep import PlatformIdentity
 if TYPE_CHECKING:
     from types_boto3_iam import IAMClient
     from types_boto3_iam.type_defs import TagTypeDef
-    from types_boto3_secretsmanager import SecretsManagerClient
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,12 @@ def _policy_json(plan: ProvisionPlan) -> str:
 
 QUARANTINE_POLICY_NAME = "nhi-quarantine"
 REVOKE_SESSIONS_POLICY_NAME = "nhi-revoke-older-sessions"
-_PENDING, _CURRENT, _PREVIOUS = "AWSPENDING", "AWSCURRENT", "AWSPREVIOUS"
+
+
+def _key_value(key: Mapping[str, Any]) -> dict[str, str]:
+    """What the delivery secret holds: the key pair, exactly as the SDKs' credential
+    providers name its parts."""
+    return {"AccessKeyId": str(key["AccessKeyId"]), "SecretAccessKey": str(key["SecretAccessKey"])}
 
 
 def _deny_all() -> str:
@@ -90,7 +95,7 @@ class AwsDiscovery:
     """What a sweep asks of AWS: every identity under our IAM path, with details where needed."""
 
     _iam: IAMClient
-    _secrets: SecretsManagerClient
+    _store: SecretStore
     _iam_path: str
 
     def _paged(self, operation: str, key: str, pace: Pace) -> list[dict[str, Any]]:
@@ -113,15 +118,6 @@ class AwsDiscovery:
         else:
             tags = self._iam.list_user_tags(UserName=name)["Tags"]
         return {t["Key"]: t["Value"] for t in tags}
-
-    def _secret_of(self, nhi_id: str) -> str | None:
-        found = self._secrets.list_secrets(
-            Filters=[
-                {"Key": "tag-key", "Values": ["nhi:nhi-id"]},
-                {"Key": "tag-value", "Values": [nhi_id]},
-            ]
-        )["SecretList"]
-        return str(found[0]["ARN"]) if found else None
 
     def _document(self, kind: str, name: str) -> dict[str, Any] | None:
         try:
@@ -182,7 +178,7 @@ class AwsDiscovery:
             secret_arn = None
             if managed and nhi_id and status is None:
                 pace()
-                secret_arn = self._secret_of(nhi_id)
+                secret_arn = self._store.find_by_tag("nhi:nhi-id", nhi_id)
             last_used = document = None
             if status == "active":
                 pace()
@@ -208,21 +204,16 @@ class _AwsLifecycle:
     """Rotation, renewal and containment of AWS identities (the second half of AwsProvider)."""
 
     _iam: IAMClient
-    _secrets: SecretsManagerClient
     _clients: AwsClients
+
+    _store: SecretStore
 
     def _stage_key_ids(self, secret_name: str) -> dict[str, str]:
         """Access key id held by each staging label of the delivery secret."""
-        out: dict[str, str] = {}
-        versions = self._secrets.list_secret_version_ids(SecretId=secret_name)["Versions"]
-        for version in versions:
-            for stage in version.get("VersionStages", []):
-                if stage in (_PENDING, _CURRENT, _PREVIOUS):
-                    value = self._secrets.get_secret_value(
-                        SecretId=secret_name, VersionId=version["VersionId"]
-                    )["SecretString"]
-                    out[stage] = str(json.loads(value)["AccessKeyId"])
-        return out
+        return {
+            stage: str(value["AccessKeyId"])
+            for stage, value in self._store.stage_values(secret_name).items()
+        }
 
     def renew(self, plan: ProvisionPlan) -> None:
         """Rewrite the scope policy and tag for a new expiry (renewal)."""
@@ -255,12 +246,12 @@ class _AwsLifecycle:
         user = plan.identity_name
         try:
             stages = self._stage_key_ids(plan.secret_name)
-            current = stages.get(_CURRENT)
+            current = stages.get(CURRENT)
             keys = [
                 k["AccessKeyId"]
                 for k in self._iam.list_access_keys(UserName=user)["AccessKeyMetadata"]
             ]
-            pending = stages.get(_PENDING)
+            pending = stages.get(PENDING)
             if pending and pending in keys and pending != current:
                 return StagedKey(new_key_id=pending, old_key_id=current)
             for key_id in keys:
@@ -268,15 +259,9 @@ class _AwsLifecycle:
                     log.warning("deleting access key %s of %s before rotating", key_id, user)
                     self._iam.delete_access_key(UserName=user, AccessKeyId=key_id)
             key = self._iam.create_access_key(UserName=user)["AccessKey"]
-            value = json.dumps(
-                {"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]}
-            )
             new_key_id = key["AccessKeyId"]
+            self._store.put_pending(plan.secret_name, _key_value(key))
             del key
-            self._secrets.put_secret_value(
-                SecretId=plan.secret_name, SecretString=value, VersionStages=[_PENDING]
-            )
-            del value
         except ClientError as err:
             raise classify_aws(err, f"staging a new key for {user}") from err
         return StagedKey(new_key_id=new_key_id, old_key_id=current)
@@ -286,11 +271,11 @@ class _AwsLifecycle:
 
         IAM is eventually consistent, so a refusal is retried (by Temporal) before giving up.
         """
-        value = json.loads(
-            self._secrets.get_secret_value(SecretId=plan.secret_name, VersionStage=_PENDING)[
-                "SecretString"
-            ]
-        )
+        value = self._store.read(plan.secret_name, PENDING)
+        if value is None:
+            raise ApplicationError(
+                "no pending key to verify", type="NothingPending", non_retryable=True
+            )
         sts = self._clients.sts_as(value["AccessKeyId"], value["SecretAccessKey"])
         del value
         try:
@@ -309,28 +294,15 @@ class _AwsLifecycle:
     def promote(self, plan: ProvisionPlan) -> StagedKey:
         """Rotation step 3: make the proven key AWSCURRENT (the old one becomes AWSPREVIOUS)."""
         try:
-            versions = self._secrets.list_secret_version_ids(SecretId=plan.secret_name)["Versions"]
-            by_stage = {
-                stage: v["VersionId"] for v in versions for stage in v.get("VersionStages", [])
-            }
             stages = self._stage_key_ids(plan.secret_name)
-            if _PENDING in by_stage and by_stage.get(_CURRENT) != by_stage[_PENDING]:
-                self._secrets.update_secret_version_stage(
-                    SecretId=plan.secret_name,
-                    VersionStage=_CURRENT,
-                    MoveToVersionId=by_stage[_PENDING],
-                    RemoveFromVersionId=by_stage[_CURRENT],
-                )
-                self._secrets.update_secret_version_stage(
-                    SecretId=plan.secret_name,
-                    VersionStage=_PENDING,
-                    RemoveFromVersionId=by_stage[_PENDING],
-                )
-                return StagedKey(new_key_id=stages[_PENDING], old_key_id=stages.get(_CURRENT))
+            if PENDING in stages and stages[PENDING] != stages.get(CURRENT):
+                self._store.promote_pending(plan.secret_name)
+                return StagedKey(new_key_id=stages[PENDING], old_key_id=stages.get(CURRENT))
+            self._store.promote_pending(plan.secret_name)  # finish an interrupted promotion
         except ClientError as err:
             raise classify_aws(err, f"promoting the new key of {plan.identity_name}") from err
         # Already promoted by an earlier attempt.
-        return StagedKey(new_key_id=stages[_CURRENT], old_key_id=stages.get(_PREVIOUS))
+        return StagedKey(new_key_id=stages[CURRENT], old_key_id=stages.get(PREVIOUS))
 
     def retire(self, key: KeyRef, *, delete: bool) -> None:
         """Old key after the overlap: inactive first, so a forgotten client fails visibly; then
@@ -412,7 +384,7 @@ class _AwsLifecycle:
                     RoleName=plan.identity_name, PolicyName=QUARANTINE_POLICY_NAME
                 )
                 return
-            current = self._stage_key_ids(plan.secret_name).get(_CURRENT)
+            current = self._stage_key_ids(plan.secret_name).get(CURRENT)
             if current:
                 self._iam.update_access_key(
                     UserName=plan.identity_name, AccessKeyId=current, Status="Active"
@@ -434,7 +406,7 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
     def __init__(self, clients: AwsClients, iam_path: str = "/nhi-lifecycle/") -> None:
         self._clients = clients
         self._iam = clients.iam
-        self._secrets = clients.secrets
+        self._store = SecretStore(clients.secrets)
         self._iam_path = iam_path
 
     def _check_ours(self, tags: list[TagTypeDef], plan: ProvisionPlan, what: str) -> None:
@@ -522,20 +494,11 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
             raise classify_aws(err, f"creating user {plan.identity_name}") from err
         return IdentityCreated(external_id=arn, credential_ref="")
 
-    def _delivered_key_id(self, plan: ProvisionPlan) -> tuple[str | None, bool]:
-        """(access key id held by the delivery secret, whether the secret exists)."""
-        try:
-            # The stage is named explicitly: moto (unlike AWS) keeps serving the pre-rotation
-            # version to reads that name no stage.
-            value = self._secrets.get_secret_value(
-                SecretId=plan.secret_name, VersionStage=_CURRENT
-            )["SecretString"]
-        except ClientError as err:
-            if aws_code(err) in _NOT_FOUND:
-                return None, False
-            raise
-        key_id = json.loads(value).get("AccessKeyId")
-        return (str(key_id) if key_id else None), True
+    def _delivered_key_id(self, plan: ProvisionPlan) -> str | None:
+        """The access key id the delivery secret holds, if any."""
+        value = self._store.read(plan.secret_name)
+        key_id = value.get("AccessKeyId") if value else None
+        return str(key_id) if key_id else None
 
     def issue_access_key(self, plan: ProvisionPlan) -> IdentityCreated:
         """Create the user's access key and deliver it into Secrets Manager, in one step.
@@ -547,7 +510,7 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
         """
         user = plan.identity_name
         try:
-            delivered, secret_exists = self._delivered_key_id(plan)
+            delivered = self._delivered_key_id(plan)
             keys = [
                 k["AccessKeyId"]
                 for k in self._iam.list_access_keys(UserName=user)["AccessKeyMetadata"]
@@ -563,24 +526,14 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
             if delivered is None or delivered not in keys:
                 key = self._iam.create_access_key(UserName=user)["AccessKey"]
                 delivered = key["AccessKeyId"]
-                value = json.dumps(
-                    {
-                        "AccessKeyId": key["AccessKeyId"],
-                        "SecretAccessKey": key["SecretAccessKey"],
-                    }
+                self._store.put_current(
+                    plan.secret_name,
+                    _key_value(key),
+                    tags=plan.tags,
+                    description=f"Access key of NHI {plan.nhi_id}",
                 )
                 del key
-                if secret_exists:
-                    self._secrets.put_secret_value(SecretId=plan.secret_name, SecretString=value)
-                else:
-                    self._secrets.create_secret(
-                        Name=plan.secret_name,
-                        Description=f"Access key of NHI {plan.nhi_id}",
-                        SecretString=value,
-                        Tags=[{"Key": k, "Value": v} for k, v in sorted(plan.tags.items())],
-                    )
-                del value
-            secret_arn = self._secrets.describe_secret(SecretId=plan.secret_name)["ARN"]
+            secret_arn = self._store.arn(plan.secret_name)
             user_arn = self._iam.get_user(UserName=user)["User"]["Arn"]
         except ClientError as err:
             raise classify_aws(err, f"issuing the access key of {user}") from err
@@ -658,20 +611,6 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
         return done
 
     def _remove_secret(self, name: str, *, force: bool) -> list[str]:
-        if not name:
-            return []  # an orphan whose secret was never found
-        # Secrets Manager reports success for a forced delete of a missing secret, so look
-        # first: the removal report must say what was really there.
-        try:
-            described = self._secrets.describe_secret(SecretId=name)
-            if "DeletedDate" in described and not force:
-                return []  # already scheduled for deletion
-            if force:
-                self._secrets.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
-            else:
-                self._secrets.delete_secret(SecretId=name, RecoveryWindowInDays=7)
-        except ClientError as err:
-            if aws_code(err) in _NOT_FOUND:
-                return []
-            raise
-        return [f"secret {name}"]
+        # An orphan whose secret was never found has no name; one already scheduled for
+        # deletion counts as removed by the run that scheduled it.
+        return [f"secret {name}"] if self._store.delete(name, force=force) else []
