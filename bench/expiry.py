@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from botocore.exceptions import ClientError
 
@@ -76,6 +77,45 @@ class Bounds:
         if self.unusable_seen is None or self.last_usable_sent is None:
             return None
         return self.last_usable_sent - self.nhi.expires_at
+
+
+W = TypeVar("W", bound=Bounds)
+
+
+@dataclass
+class Outcome(Generic[W]):
+    """Watches split by whether they could be measured, with the figures of those that were."""
+
+    on_time: list[W]
+    late: list[W]
+    seen: list[W]  # on time and seen unusable
+    upper: list[float]
+    lower: list[float]
+    gaps: list[float]  # resolution: first unusable poll - last usable one
+    quarantine_lag: list[float]  # inventory `quarantined` - expires_at
+
+
+def outcome(
+    watches: Sequence[W], is_late: Callable[[W], bool], quarantined: dict[str, float]
+) -> Outcome[W]:
+    """The figures every expiry table reports, whatever the platform."""
+    on_time = [w for w in watches if not is_late(w)]
+    seen = [w for w in on_time if w.upper_s is not None]
+    return Outcome(
+        on_time=on_time,
+        late=[w for w in watches if is_late(w)],
+        seen=seen,
+        upper=[w.upper_s for w in seen if w.upper_s is not None],
+        lower=[w.lower_s for w in seen if w.lower_s is not None],
+        gaps=[
+            w.unusable_seen - w.last_usable_sent
+            for w in seen
+            if w.unusable_seen is not None and w.last_usable_sent is not None
+        ],
+        quarantine_lag=[
+            quarantined[w.nhi.id] - w.nhi.expires_at for w in on_time if w.nhi.id in quarantined
+        ],
+    )
 
 
 @dataclass
@@ -178,17 +218,9 @@ def _report(
     base_ttl: int,
     spread: int,
 ) -> None:
-    on_time = [w for w in watches if not _late(w, activated)]
-    late = [w for w in watches if _late(w, activated)]
-    seen = [w for w in on_time if w.upper_s is not None]
-    upper = [w.upper_s for w in seen if w.upper_s is not None]
-    lower = [w.lower_s for w in seen if w.lower_s is not None]
-    gaps = [
-        w.unusable_seen - w.last_usable_sent
-        for w in seen
-        if w.unusable_seen is not None and w.last_usable_sent is not None
-    ]
-    db = [quarantined[w.nhi.id] - w.nhi.expires_at for w in on_time if w.nhi.id in quarantined]
+    o = outcome(watches, lambda w: _late(w, activated), quarantined)
+    on_time, late, seen = o.on_time, o.late, o.seen
+    upper, lower, gaps, db = o.upper, o.lower, o.gaps, o.quarantine_lag
     n = len(watches)
     result.row(
         "NHIs (half `iam_role`, half `iam_user_key`)", f"{n}, TTL {base_ttl}-{base_ttl + spread} s"

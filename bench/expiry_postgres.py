@@ -39,7 +39,7 @@ import psycopg
 from botocore.exceptions import ClientError
 
 from bench import load
-from bench.expiry import LEAD_S, POLL_GAP_S, POLL_THREADS, TARGET_P99_S, Bounds
+from bench.expiry import LEAD_S, POLL_GAP_S, POLL_THREADS, TARGET_P99_S, Bounds, outcome
 from bench.report import (
     HAVE_PLOTS,
     NO_PLOTS,
@@ -347,18 +347,10 @@ def _report(
     base_ttl: int,
     spread: int,
 ) -> None:
-    on_time = [w for w in watches if not _late(w, activated)]
-    late = [w for w in watches if _late(w, activated)]
-    seen = [w for w in on_time if w.upper_s is not None]
-    upper = [w.upper_s for w in seen if w.upper_s is not None]
-    lower = [w.lower_s for w in seen if w.lower_s is not None]
-    gaps = [
-        w.unusable_seen - w.last_usable_sent
-        for w in seen
-        if w.unusable_seen is not None and w.last_usable_sent is not None
-    ]
+    o = outcome(watches, lambda w: _late(w, activated), quarantined)
+    on_time, late, seen = o.on_time, o.late, o.seen
+    upper, lower, gaps, db = o.upper, o.lower, o.gaps, o.quarantine_lag
     never_accepted = [w for w in seen if not w.seen_usable]
-    db = [quarantined[w.nhi.id] - w.nhi.expires_at for w in on_time if w.nhi.id in quarantined]
     how = Counter(w.how for w in seen)
     logged = Counter(cause for w in seen for cause in causes.get(w.nhi.id, Counter()))
     n = len(watches)
