@@ -29,6 +29,19 @@ from models.enums import Platform
 T = TypeVar("T")
 
 
+def provider_for(providers: Mapping[Platform, Provider], platform: str) -> Provider:
+    """The provider registered for a platform; a non-retryable `NoProvider` error when the
+    name is no platform or this worker has none for it."""
+    try:
+        return providers[Platform(platform)]
+    except (ValueError, KeyError):
+        raise ApplicationError(
+            f"no provider is registered for {platform!r} on this worker",
+            type="NoProvider",
+            non_retryable=True,
+        ) from None
+
+
 class ProviderActivities:
     """Create, deliver, renew, rotate, contain and delete identities through providers."""
 
@@ -37,14 +50,7 @@ class ProviderActivities:
 
     def provider(self, platform: Platform) -> Provider:
         """The provider registered for a platform (a non-retryable error if none is)."""
-        found = self._providers.get(platform)
-        if found is None:
-            raise ApplicationError(
-                f"no provider is registered for {platform.value} on this worker",
-                type="NoProvider",
-                non_retryable=True,
-            )
-        return found
+        return provider_for(self._providers, platform)
 
     def _run(self, platform: Platform, call: Callable[[Provider], T]) -> T:
         provider = self.provider(platform)

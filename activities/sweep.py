@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities._support import heartbeating
 from activities.db import DbActivities
+from activities.provider import provider_for
 from activities.providers.base import Known, Provider
 from models.contracts import (
     Finding,
@@ -94,14 +94,7 @@ class SweepActivities:
         self._plans = DbActivities(sessions, settings)
 
     def _provider(self, platform: str) -> Provider:
-        try:
-            return self._providers[Platform(platform)]
-        except (ValueError, KeyError):
-            raise ApplicationError(
-                f"no provider for {platform!r} on this worker",
-                type="NoProvider",
-                non_retryable=True,
-            ) from None
+        return provider_for(self._providers, platform)
 
     def _paced(self) -> None:
         self._pace()
@@ -117,15 +110,15 @@ class SweepActivities:
         sweep_id = self._begin(inp, workflow_id)
         now = datetime.now(UTC)
         with heartbeating():
-            known = {
-                i.name: Known(status=i.status, scope=i.granted_scope)
-                for i in self._inventory(provider.platform, set())
-            }
+            alive = self._inventory(provider.platform)
+            known = {i.name: Known(status=i.status, scope=i.granted_scope) for i in alive}
             found = provider.discover(known, self._paced)
             platform = found.identities
+            # Rows that are no longer alive matter only where the platform still holds the name.
+            others = self._inventory(provider.platform, {p.name for p in platform} - set(known))
             inventory = [
                 i
-                for i in self._inventory(provider.platform, {p.name for p in platform})
+                for i in alive + others
                 # What could not be listed is not compared: its NHIs are not "missing".
                 if i.target not in found.unreachable
             ]
@@ -173,30 +166,29 @@ class SweepActivities:
             )
             return session.scalars(select(Sweep.id).where(Sweep.workflow_id == workflow_id)).one()
 
-    def _inventory(self, platform: Platform, platform_names: set[str]) -> list[InventoryItem]:
-        """This deployment's inventory NHIs (its name prefix) on a platform that are alive, or
-        that share a name with something on the platform."""
+    def _inventory(self, platform: Platform, names: set[str] | None = None) -> list[InventoryItem]:
+        """This deployment's inventory NHIs (its name prefix) on a platform: the alive ones,
+        or, given `names`, those rows whatever their status."""
+        query = (
+            select(Nhi, Agent.status)
+            .join(Agent)
+            .where(Nhi.platform == platform.value, ours(platform, self._settings.name_prefix))
+        )
+        if names is None:
+            query = query.where(Nhi.status.in_(sorted(ALIVE)))
+        elif not names:
+            return []
+        else:
+            query = query.where(Nhi.name.in_(sorted(names)))
         items: list[InventoryItem] = []
         with transaction(self._sessions) as session:
-            rows = session.execute(
-                select(Nhi, Agent.status)
-                .join(Agent)
-                .where(
-                    Nhi.platform == platform.value,
-                    ours(platform, self._settings.name_prefix),
-                )
-                .where(
-                    (Nhi.status.in_(sorted(ALIVE)))
-                    | (Nhi.name.in_(sorted(n for n in platform_names if n)))
-                )
-            ).all()
-            for nhi, agent_status in rows:
+            for nhi, agent_status in session.execute(query).all():
+                scope = tuple(ScopeStatement.model_validate(s) for s in nhi.granted_scope)
                 expected = None
-                # Drift is judged on AWS's policy documents; Postgres grants are not compared yet.
+                # AWS drift compares policy documents; Postgres providers judge grants themselves.
                 if nhi.status == "active" and platform is Platform.AWS:
-                    scope = [ScopeStatement.model_validate(s) for s in nhi.granted_scope]
                     expected = identity_policy_document(
-                        scope, list(nhi.allowed_cidrs), nhi.expires_at
+                        list(scope), list(nhi.allowed_cidrs), nhi.expires_at
                     )
                 items.append(
                     InventoryItem(
@@ -209,9 +201,7 @@ class SweepActivities:
                         expected_document=expected,
                         last_used_at=nhi.last_used_at,
                         target=nhi.target,
-                        granted_scope=tuple(
-                            ScopeStatement.model_validate(s) for s in nhi.granted_scope
-                        ),
+                        granted_scope=scope,
                     )
                 )
         return items

@@ -524,6 +524,7 @@ def add_target(session: Session, settings: Settings, body: TargetIn, actor: str)
         # Registered concurrently, between the check above and this insert.
         raise Conflict(f"name: a target named {body.name!r} already exists") from None
     session.refresh(row)
+    spec = target_spec(row)
     audit.record(
         session,
         subject_type="target",
@@ -532,13 +533,13 @@ def add_target(session: Session, settings: Settings, body: TargetIn, actor: str)
         actor=actor,
         reason=f"target {row.name} registered",
         details={
-            "dsn": f"postgresql://{row.admin_user}@{row.host}:{row.port}/{row.dbname}",
+            "dsn": spec.dsn,
             "password_ref": row.password_ref,
             "sslmode": row.sslmode,
             "connection_limit": row.connection_limit,
         },
     )
-    return target_spec(row)
+    return spec
 
 
 def remove_target(session: Session, settings: Settings, name: str, actor: str) -> TargetSpec:
@@ -576,6 +577,6 @@ def remove_target(session: Session, settings: Settings, name: str, actor: str) -
         event="target.removed",
         actor=actor,
         reason=f"target {name} removed",
-        details={"dsn": f"postgresql://{spec.admin_user}@{spec.host}:{spec.port}/{spec.dbname}"},
+        details={"dsn": spec.dsn},
     )
     return spec

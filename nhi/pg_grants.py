@@ -75,11 +75,6 @@ class Grant:
         """Whether this is a schema privilege (USAGE) rather than a table privilege."""
         return self.privilege in SCHEMA_PRIVILEGES
 
-    @property
-    def all_tables(self) -> bool:
-        """Whether this is a table privilege on every table of the schema."""
-        return not self.on_schema and self.table is None
-
 
 def _privilege(where: str, action: str) -> str:
     upper = action.upper()

@@ -198,10 +198,10 @@ def validate_trust_principal(kind: NhiKind, principal: str | None) -> str | None
     return None
 
 
-def identity_name(prefix: str, agent_name: str, nhi_id: uuid.UUID, limit: int = 64) -> str:
-    """Deterministic name of at most `limit` characters (IAM allows 64): retries find what an
-    earlier try made."""
-    budget = limit - len(prefix) - 2 - 32
+def identity_name(prefix: str, agent_name: str, nhi_id: uuid.UUID) -> str:
+    """Deterministic, IAM-safe (<= 64 chars) name: retries find what an earlier try made.
+    (Postgres roles are named by `nhi.pg_grants.group_name`.)"""
+    budget = 64 - len(prefix) - 2 - 32
     if budget < 1:
         raise ValueError(f"name prefix {prefix!r} leaves no room for the agent's name")
     return f"{prefix}-{agent_name[:budget].rstrip('-')}-{nhi_id.hex}"

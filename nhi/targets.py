@@ -41,9 +41,15 @@ class TargetConnection:
 
     def public_dsn(self, user: str | None = None) -> str:
         """A DSN without any password: what the inventory and secret references may show."""
-        who = f"{user}@" if user else ""
-        host = quote(self.host, safe="") if self.host.startswith("/") else self.host
-        return f"postgresql://{who}{host}:{self.port}/{self.dbname}"
+        return format_dsn(self.host, self.port, self.dbname, user)
+
+
+def format_dsn(host: str, port: int, dbname: str, user: str | None = None) -> str:
+    """`postgresql://[user@]host:port/dbname`, a socket directory percent-encoded as libpq
+    takes it (the inverse of `parse_dsn`); never a password."""
+    who = f"{user}@" if user else ""
+    where = quote(host, safe="") if host.startswith("/") else host
+    return f"postgresql://{who}{where}:{port}/{dbname}"
 
 
 class TargetResolver(Protocol):
@@ -210,6 +216,11 @@ class TargetSpec:
     created_by: str | None = None
     created_at: datetime | None = None
 
+    @property
+    def dsn(self) -> str:
+        """The admin DSN it was registered with (no password)."""
+        return format_dsn(self.host, self.port, self.dbname, self.admin_user)
+
 
 def target_spec(row: Target) -> TargetSpec:
     """The spec of a `targets` row."""
@@ -262,11 +273,6 @@ def find_target(
         query = query.with_for_update(read=True)
     row = session.scalar(query)
     return None if row is None else target_spec(row)
-
-
-def known_target(session: Session, settings: Settings, name: str, *, lock: bool = False) -> bool:
-    """Whether `name` is registered (the password is not resolved)."""
-    return find_target(session, settings, name, lock=lock) is not None
 
 
 def all_targets(session: Session, settings: Settings) -> list[TargetSpec]:
@@ -360,7 +366,8 @@ class TargetRegistry:
         self._secrets = secrets
         self._environ = environ
 
-    def _spec(self, name: str) -> TargetSpec:
+    def spec(self, name: str) -> TargetSpec:
+        """The target without its password (raises `UnknownTarget`)."""
         with self._sessions() as session:
             spec = find_target(session, self._settings, name)
         if spec is None:
@@ -369,7 +376,7 @@ class TargetRegistry:
 
     def get(self, name: str) -> TargetConnection:
         """The target's admin connection with its password resolved now."""
-        spec = self._spec(name)
+        spec = self.spec(name)
         return TargetConnection(
             name=spec.name,
             host=spec.host,
@@ -380,10 +387,6 @@ class TargetRegistry:
             sslmode=spec.sslmode,
             connection_limit=spec.connection_limit,
         )
-
-    def spec(self, name: str) -> TargetSpec:
-        """The target without its password (raises `UnknownTarget`)."""
-        return self._spec(name)
 
     def names(self) -> list[str]:
         """Every registered target's name, sorted."""

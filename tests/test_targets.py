@@ -27,7 +27,7 @@ from nhi.targets import (
     TargetConnection,
     TargetRegistry,
     UnknownTarget,
-    known_target,
+    find_target,
     parse_dsn,
     password_ref,
     validate_password_ref,
@@ -309,8 +309,8 @@ def test_settings_targets_win_over_the_table(
     assert (conn.host, conn.admin_user, conn.password) == ("settings-db", "ops", PASSWORD)
     assert TargetRegistry(sessions, with_settings, None).names().count(name) == 1
     with transaction(sessions) as s:
-        assert known_target(s, with_settings, name)
-        assert not known_target(s, with_settings, "never-registered")
+        assert find_target(s, with_settings, name) is not None
+        assert find_target(s, with_settings, "never-registered") is None
 
 
 def test_settings_refuse_a_dsn_with_a_password_without_quoting_it() -> None:

@@ -44,7 +44,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from botocore.exceptions import ClientError
@@ -279,6 +279,19 @@ class PostgresProvider:
         ).fetchall()
         return sum(1 for (ok,) in rows if ok)
 
+    def _lock_out(
+        self, conn: Conn, plan: ProvisionPlan, roles: Mapping[str, _Role]
+    ) -> tuple[list[str], int]:
+        """NOLOGIN on each of `roles` (ours, checked) that can still log in, then end their
+        sessions: VALID UNTIL and NOLOGIN stop new logins only. Returns (disabled, ended)."""
+        disabled: list[str] = []
+        for role in roles.values():
+            self._check_ours(role, plan)
+            if role.can_login:
+                conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(_ident(role.name)))
+                disabled.append(role.name)
+        return disabled, self._terminate(conn, list(roles))
+
     @staticmethod
     def _sessions(conn: Conn, roles: list[str]) -> int:
         row = conn.execute(
@@ -312,14 +325,24 @@ class PostgresProvider:
         if found is not None:
             self._check_ours(found, plan)
             return
-        comment = managed_comment(
-            nhi_id=plan.nhi_id, agent_id=plan.agent_id, part="group", created_at=datetime.now(UTC)
-        )
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(_ident(names.group)))
-        conn.execute(
-            sql.SQL("COMMENT ON ROLE {} IS {}").format(_ident(names.group), sql.Literal(comment))
-        )
+        self._create_role(conn, plan, names.group, "group", sql.SQL("NOLOGIN"))
         log.info("group role %s created for nhi %s", names.group, plan.nhi_id)
+
+    @staticmethod
+    def _create_role(
+        conn: Conn,
+        plan: ProvisionPlan,
+        name: str,
+        part: Literal["group", "login"],
+        attributes: sql.Composable,
+    ) -> None:
+        """CREATE ROLE with the comment that marks it ours (the "already exists" check and
+        the sweeps read it; it also holds the creation time Postgres does not keep)."""
+        conn.execute(sql.SQL("CREATE ROLE {} {}").format(_ident(name), attributes))
+        comment = managed_comment(
+            nhi_id=plan.nhi_id, agent_id=plan.agent_id, part=part, created_at=datetime.now(UTC)
+        )
+        conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(_ident(name), sql.Literal(comment)))
 
     def _require_group(self, conn: Conn, plan: ProvisionPlan, names: _Names) -> None:
         found = self._roles(conn, [names.group]).get(names.group)
@@ -335,18 +358,8 @@ class PostgresProvider:
         found = self._roles(conn, [login]).get(login)
         role = _ident(login)
         if found is None:
-            conn.execute(
-                sql.SQL("CREATE ROLE {} NOLOGIN INHERIT IN ROLE {}").format(
-                    role, _ident(names.group)
-                )
-            )
-            comment = managed_comment(
-                nhi_id=plan.nhi_id,
-                agent_id=plan.agent_id,
-                part="login",
-                created_at=datetime.now(UTC),
-            )
-            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(role, sql.Literal(comment)))
+            attributes = sql.SQL("NOLOGIN INHERIT IN ROLE {}").format(_ident(names.group))
+            self._create_role(conn, plan, login, "login", attributes)
         else:
             self._check_ours(found, plan)
             row = conn.execute(
@@ -551,7 +564,8 @@ class PostgresProvider:
             arn = self._arn(plan)
             log.info("nhi %s: delivered login %s reused", plan.nhi_id, current["username"])
             return IdentityCreated(external_id=external_id, credential_ref=arn)
-        login = str(current["username"]) if current else names.logins[0]
+        # A crash between the password and the secret: the login the secret names, re-keyed.
+        login = str(current.get("username")) if current else ""
         if login not in names.logins:
             login = names.logins[0]
         password = secrets.token_urlsafe(32)
@@ -738,15 +752,9 @@ class PostgresProvider:
             existing = self._roles(conn, [names.group, *names.logins])
             if not existing:
                 return ["already gone"]
-            for login in names.logins:
-                role = existing.get(login)
-                if role is None:
-                    continue
-                self._check_ours(role, plan)
-                if role.can_login:
-                    conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(_ident(login)))
-                    done.append(f"login role {login} NOLOGIN")
-            ended = self._terminate(conn, list(names.logins))
+            logins = {n: r for n, r in existing.items() if n in names.logins}
+            disabled, ended = self._lock_out(conn, plan, logins)
+            done += [f"login role {login} NOLOGIN" for login in disabled]
             if ended:
                 done.append(f"{ended} sessions ended")
         return done
@@ -772,15 +780,15 @@ class PostgresProvider:
         names = self._names(plan.identity_name)
         target = self._target(plan.target)
         current = self._stages(plan).get(CURRENT)
-        login = str(current.get("username")) if current else None
+        login = str(current.get("username")) if current else ""
         if login not in names.logins:
             raise _fail(f"no delivered credential of {names.group} to restore", "NothingToEnable")
         with self._admin(target, f"enabling {login}") as conn:
-            role = self._roles(conn, [str(login)]).get(str(login))
+            role = self._roles(conn, [login]).get(login)
             if role is None:
                 raise _fail(f"login role {login} does not exist", "IdentityMissing")
             self._check_ours(role, plan)
-            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(_ident(str(login))))
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(_ident(login)))
 
     # ---- removal ---------------------------------------------------------------------------
 
@@ -798,11 +806,7 @@ class PostgresProvider:
         everyone = [*names.logins, names.group]
         with self._admin(target, f"removing {names.group}") as conn:
             existing = self._roles(conn, everyone)
-            for role in existing.values():
-                self._check_ours(role, plan)
-                if role.can_login:
-                    conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(_ident(role.name)))
-            ended = self._terminate(conn, [n for n in names.logins if n in existing])
+            _, ended = self._lock_out(conn, plan, existing)
             if ended:
                 removed.append(f"{ended} sessions")
             present = [n for n in everyone if n in existing]
