@@ -27,10 +27,13 @@ from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings, get_settings
 from nhi.db import make_engine, make_sessionmaker
 from nhi.logging import configure
+from nhi.metrics import ActivityMetrics, MetricsInterceptor, install_sdk_runtime, new_registry
 from nhi.schedules import apply_schedules
 from nhi.slack import make_slack_client
 from nhi.targets import TargetRegistry
+from nhi.task_alerts import install_task_failure_alerts
 from nhi.temporal import connect
+from nhi.worker_http import WorkerHttp
 from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
 from workflows.sweep import OrphanRemovalWorkflow, SweepWorkflow
@@ -62,8 +65,10 @@ def build_worker(
     *,
     slack: WebClient | None = None,
     task_queue: str | None = None,
+    metrics: ActivityMetrics | None = None,
 ) -> Worker:
-    """A worker with every workflow and activity registered; sync activities run on threads."""
+    """A worker with every workflow and activity registered; sync activities run on threads.
+    Activity outcomes are counted into `metrics` (a private registry when not given)."""
     providers = build_providers(settings, aws, TargetRegistry(sessions, settings, aws.secrets))
     db = DbActivities(sessions, settings)
     platforms = ProviderActivities(providers)
@@ -80,6 +85,7 @@ def build_worker(
         ),
         max_concurrent_activities=settings.worker_max_concurrent_activities,
         max_cached_workflows=settings.worker_max_cached_workflows,
+        interceptors=[MetricsInterceptor(metrics or ActivityMetrics(new_registry()))],
     )
 
 
@@ -88,14 +94,23 @@ async def run(settings: Settings) -> None:
     engine = make_engine(
         settings.require_database_url(), pool_size=settings.worker_max_concurrent_activities
     )
+    # The SDK's metrics need the runtime set before the client exists; they are served on
+    # /metrics of the worker's HTTP server, so only when that server is on.
+    sdk_url = install_sdk_runtime() if settings.worker_http_port else None
     client = await connect(settings)
+    sessions = make_sessionmaker(engine)
+    registry = new_registry()
     worker = build_worker(
         client,
         settings,
-        make_sessionmaker(engine),
+        sessions,
         make_aws_clients(settings),
         slack=make_slack_client(settings),
+        metrics=ActivityMetrics(registry),
     )
+    http = WorkerHttp(settings, worker, client, sessions, registry, sdk_url)
+    # A workflow task that fails leaves its run stuck retrying: tell the security channel.
+    install_task_failure_alerts(make_slack_client(settings), settings.slack_security_channel)
     try:
         for line in await apply_schedules(client, settings):
             log.info("schedule %s", line)
@@ -112,7 +127,9 @@ async def run(settings: Settings) -> None:
         settings.temporal_namespace,
     )
     async with worker:
+        await http.start()
         await stop.wait()
+        await http.close()
     engine.dispose()
     log.info("worker stopped")
 

@@ -29,6 +29,34 @@ PERMANENT_AWS_ERRORS = frozenset(
         "EntityAlreadyExists",
     }
 )
+# AWS answers a later try can get past: throttling and service trouble, and conflicts that
+# clear once someone (or an eventually consistent IAM) catches up. Any code in neither table
+# is retried too: a removal must not give up on an answer nobody has classified yet.
+RETRYABLE_AWS_ERRORS = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ServiceFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "InternalFailure",
+        "InternalError",
+        "InternalServiceError",
+        "InternalServiceErrorException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "DeleteConflict",
+        "ConcurrentModification",
+        "ConcurrentModificationException",
+        "EntityTemporarilyUnmodifiable",
+        "NoSuchEntity",
+        "ResourceNotFoundException",
+    }
+)
+# The type of an AWS error that carried no code at all (a proxy's bare 5xx, say).
+UNKNOWN_AWS_ERROR = "AwsError"
 
 
 @contextmanager
@@ -61,10 +89,30 @@ def aws_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", ""))
 
 
-def classify_aws(err: ClientError, doing: str) -> Exception:
-    """A permanent AWS error becomes a non-retryable ApplicationError; others stay retryable."""
-    code = aws_code(err)
-    message = str(err.response.get("Error", {}).get("Message", ""))
-    if code in PERMANENT_AWS_ERRORS:
-        return ApplicationError(f"{doing}: {code}: {message}", type=code, non_retryable=True)
-    return err
+def aws_message(err: ClientError) -> str:
+    """The AWS error message of a botocore ClientError (never holds request parameters)."""
+    return str(err.response.get("Error", {}).get("Message", ""))
+
+
+def classify_aws(err: ClientError, doing: str, *, hint: str | None = None) -> ApplicationError:
+    """A new ApplicationError for an AWS error, whatever the code: never `err` itself.
+
+    Raised `from err`, the botocore error stays the cause. (Returning `err` for retryable codes
+    and raising it `from err` made it its own cause, and Temporal's failure converter recursed
+    until RecursionError, losing the code.) The type is the AWS code and the SDK writes an
+    ApplicationError as "Type: message", so `str()` of it (what `failure_reason` gives the
+    inventory reason, the audit trail and alerts) reads "Code: message (doing)"; the details
+    carry code and message for tools. `hint` tells the operator what to do about a known
+    blocker.
+    """
+    code = aws_code(err) or UNKNOWN_AWS_ERROR
+    message = aws_message(err) or str(err)
+    text = f"{message} ({doing})"
+    if hint:
+        text += f". {hint}"
+    return ApplicationError(
+        text,
+        {"code": code, "message": message, "operation": err.operation_name, "doing": doing},
+        type=code,
+        non_retryable=code in PERMANENT_AWS_ERRORS,
+    )

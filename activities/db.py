@@ -6,7 +6,10 @@ its transaction committed records nothing twice.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +43,53 @@ from nhi.policy import RuleViolation, secret_name
 from nhi.slack_messages import scope_summary
 
 SYSTEM_ACTOR = "system:provisioning"
+# How many times provisioning looks for its lease before calling it gone (DB_RETRY's backoff:
+# about 15 s): the API commits it right after the workflow start (api/routes/nhis.py).
+LEASE_COMMIT_ATTEMPTS = 5
+# No lifecycle period exceeds a year (policies' maximum lifetime is at most 366 days); a policy
+# value past it (say `reminder_offsets: [1e30]`) would overflow the workflow's date arithmetic.
+MAX_PERIOD_SECONDS = 366 * 86400
+
+log = logging.getLogger(__name__)
+
+
+def clean(text: str) -> str:
+    """Text as Postgres can store it: no NUL byte, no lone surrogate.
+
+    The API refuses such input, but a value that reaches a workflow some other way must not
+    make an audit write fail on every retry (and so stall or poison the lifecycle).
+    """
+    text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def clean_details(details: Mapping[str, Any]) -> dict[str, Any]:
+    """Audit details with every string key and value cleaned (see `clean`)."""
+    return {clean(str(k)): clean(v) if isinstance(v, str) else v for k, v in details.items()}
+
+
+def bounded_offsets(offsets: list[Any]) -> list[int]:
+    """Reminder offsets a lifecycle can run with (whole seconds within a year), latest first;
+    anything else is dropped with a warning rather than breaking every lifecycle."""
+    kept: set[int] = set()
+    for offset in offsets:
+        number = isinstance(offset, int | float) and not isinstance(offset, bool)
+        if number and 0 < offset <= MAX_PERIOD_SECONDS:
+            kept.add(int(offset))
+            continue
+        log.warning("ignoring reminder offset %r: not a number of seconds within a year", offset)
+    return sorted(kept, reverse=True)
+
+
+def bounded(seconds: int | None, low: int, default: int) -> int:
+    """A policy period clamped into what a lifecycle can run with."""
+    if seconds is None or isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return default
+    return int(min(max(seconds, low), MAX_PERIOD_SECONDS))
 
 
 class DbActivities:
@@ -94,6 +144,15 @@ class DbActivities:
         is checked again against the current policy, which may have tightened since the request.
         """
         with transaction(self._sessions) as session:
+            if (
+                session.get(Nhi, ref.nhi_id) is None
+                and activity.info().attempt < LEASE_COMMIT_ATTEMPTS
+            ):
+                # The API commits the lease only once this workflow has started (so a refused
+                # start leaves nothing); this first step can run before that commit lands.
+                raise ApplicationError(
+                    f"nhi {ref.nhi_id}: lease not committed yet", type="LeaseNotCommitted"
+                )
             nhi = self._locked(session, ref.nhi_id)
             agent = session.get_one(Agent, nhi.agent_id)
             if nhi.status not in (NhiStatus.REQUESTED, NhiStatus.PROVISIONING, NhiStatus.ACTIVE):
@@ -136,14 +195,16 @@ class DbActivities:
                 return  # already applied by an earlier attempt
             verdict = "approved" if decision.approve else "denied"
             nhi.status = (NhiStatus.REQUESTED if decision.approve else NhiStatus.FAILED).value
-            nhi.status_reason = None if decision.approve else f"denied by {decision.approver}"
+            nhi.status_reason = (
+                None if decision.approve else clean(f"denied by {decision.approver}")
+            )
             audit.record(
                 session,
                 subject_type="nhi",
                 subject_id=nhi.id,
                 event=f"nhi.{verdict}",
-                actor=decision.approver,
-                reason=decision.reason,
+                actor=clean(decision.approver),
+                reason=clean(decision.reason),
             )
 
     @activity.defn
@@ -183,17 +244,18 @@ class DbActivities:
         """Record a permanent failure (idempotent)."""
         with transaction(self._sessions) as session:
             nhi = self._locked(session, change.nhi_id)
-            if nhi.status == change.status and nhi.status_reason == change.reason:
+            reason = clean(change.reason)
+            if nhi.status == change.status and nhi.status_reason == reason:
                 return
             nhi.status = change.status.value
-            nhi.status_reason = change.reason
+            nhi.status_reason = reason
             audit.record(
                 session,
                 subject_type="nhi",
                 subject_id=nhi.id,
                 event=f"nhi.{change.status.value}",
                 actor=SYSTEM_ACTOR,
-                reason=change.reason,
+                reason=reason,
                 details={"workflow_id": change.workflow_id},
             )
 
@@ -207,7 +269,8 @@ class DbActivities:
             if policy is None:
                 raise ApplicationError(
                     f"no policy for {nhi.platform}/{nhi.kind}/{agent.environment}",
-                    type="NotFound",
+                    # Not "NotFound": the lifecycle takes that to mean the NHI itself is gone.
+                    type="NoPolicy",
                     non_retryable=True,
                 )
             return LifecycleConfig(
@@ -223,14 +286,22 @@ class DbActivities:
                 max_lifetime_at=nhi.max_lifetime_at,
                 activated_at=nhi.activated_at or nhi.created_at,
                 last_rotated_at=nhi.last_rotated_at,
-                default_ttl_seconds=policy.default_ttl_seconds,
-                rotation_period_seconds=nhi.rotation_period_seconds,
-                reminder_offsets_seconds=sorted(policy.reminder_offsets_seconds, reverse=True),
-                grace_period_seconds=policy.grace_period_seconds,
+                # Policy values are bounded here, outside the workflow: a value no lifecycle can
+                # run with must not fail the workflow task of every NHI under that policy.
+                default_ttl_seconds=bounded(policy.default_ttl_seconds, 60, 30 * 86400),
+                rotation_period_seconds=(
+                    None
+                    if nhi.rotation_period_seconds is None
+                    else bounded(nhi.rotation_period_seconds, 3600, 30 * 86400)
+                ),
+                reminder_offsets_seconds=bounded_offsets(list(policy.reminder_offsets_seconds)),
+                grace_period_seconds=bounded(policy.grace_period_seconds, 0, 86400),
                 rotation_overlap_seconds=self._settings.rotation_overlap_seconds,
                 revoke_retry_seconds=self._settings.revoke_retry_seconds,
+                revoke_alert_seconds=self._settings.revoke_alert_seconds,
                 security_channel=self._settings.slack_security_channel,
                 agent_completed=agent.status != AgentStatus.ACTIVE,
+                expected_end_at=agent.expected_end_at,
                 plan=self.plan_of(nhi, agent, policy.max_session_duration_seconds),
             )
 
@@ -243,8 +314,9 @@ class DbActivities:
             if key and audit.already_recorded(session, nhi.id, key):
                 return
             now = datetime.now(UTC)
+            reason = clean(change.reason)
             nhi.status = change.status.value
-            nhi.status_reason = None if change.status is NhiStatus.ACTIVE else change.reason
+            nhi.status_reason = None if change.status is NhiStatus.ACTIVE else reason
             if change.expires_at is not None:
                 nhi.expires_at = change.expires_at
             if change.rotated:
@@ -256,9 +328,9 @@ class DbActivities:
                 subject_type="nhi",
                 subject_id=nhi.id,
                 event=change.event,
-                actor=change.actor,
-                reason=change.reason,
-                details=dict(change.details),
+                actor=clean(change.actor),
+                reason=reason,
+                details=clean_details(change.details),
             )
 
     @activity.defn
@@ -273,9 +345,9 @@ class DbActivities:
                 subject_type="nhi",
                 subject_id=entry.subject_id,
                 event=entry.event,
-                actor=entry.actor,
-                reason=entry.reason,
-                details=dict(entry.details),
+                actor=clean(entry.actor),
+                reason=clean(entry.reason),
+                details=clean_details(entry.details),
             )
 
     @activity.defn
@@ -289,7 +361,7 @@ class DbActivities:
                     kind=request.kind.value,
                     for_expires_at=request.for_expires_at,
                     offset_seconds=request.offset_seconds,
-                    reason=request.reason,
+                    reason=clean(request.reason),
                     deliveries=[],
                     status="open",
                 )
@@ -314,7 +386,8 @@ class DbActivities:
                     subject_id=nhi.id,
                     event=f"nhi.{request.kind.value}",
                     actor="system:lifecycle",
-                    reason=request.reason or f"expires {request.for_expires_at:%Y-%m-%d %H:%M} UTC",
+                    reason=clean(request.reason)
+                    or f"expires {request.for_expires_at:%Y-%m-%d %H:%M} UTC",
                     details={
                         "prompt_id": str(prompt.id),
                         "offset_seconds": str(request.offset_seconds),
@@ -364,7 +437,7 @@ class DbActivities:
             for prompt in prompts:
                 prompt.status = "decided"
                 prompt.decision = decision.decision
-                prompt.decided_by = decision.actor
+                prompt.decided_by = clean(decision.actor)
                 prompt.decided_at = now
                 out += [Delivery.model_validate(d) for d in prompt.deliveries]
         return out

@@ -11,14 +11,18 @@ import logging
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from models.contracts import (
     Alert,
+    AlertPost,
     Delivery,
     DeliveryResult,
     MessageUpdate,
     PromptKind,
     PromptMessage,
+    PromptPost,
+    PromptPosted,
 )
 from nhi.slack_messages import decided_blocks, prompt_blocks, prompt_text
 
@@ -59,6 +63,52 @@ class SlackActivities:
             slack_user_id=user_id,
         )
 
+    @activity.defn
+    def post_prompt(self, post: PromptPost) -> PromptPosted:
+        """Post one prompt to one recipient: a person (by email; nothing when they have no
+        active Slack account) or a channel.
+
+        One recipient per activity, so a retry after a failure reposts to that recipient only,
+        never to the ones already reached.
+        """
+        msg = post.msg
+        if self._slack is None:
+            log.warning(
+                "PROMPT %s to %s: %s", msg.prompt_id, post.email or post.channel, prompt_text(msg)
+            )
+            return PromptPosted(
+                delivery=Delivery(channel=LOG_CHANNEL, ts=str(msg.prompt_id), email=post.email)
+            )
+        if post.email:
+            user = self._user_id(post.email)
+            if user is None:
+                return PromptPosted()
+            return PromptPosted(delivery=self._post(user, msg, post.email, user))
+        if not post.channel:
+            raise ApplicationError("a prompt needs an email or a channel", non_retryable=True)
+        return PromptPosted(delivery=self._post(post.channel, msg, None, None))
+
+    @activity.defn
+    def send_alert(self, post: AlertPost) -> None:
+        """One alert to one recipient (a person by email, or a channel); a retry reposts to that
+        recipient only. A person without an active Slack account gets it in the log."""
+        channel = self._security_channel if post.security else post.channel
+        if self._slack is None:
+            log.error("ALERT to %s: %s", post.email or channel, post.text)
+            return
+        if post.email:
+            user = self._user_id(post.email)
+            if user is None:
+                log.error("ALERT to %s (no active Slack account): %s", post.email, post.text)
+                return
+            self._slack.chat_postMessage(channel=user, text=post.text)
+            return
+        if not channel:
+            raise ApplicationError("an alert needs an email or a channel", non_retryable=True)
+        self._slack.chat_postMessage(channel=channel, text=post.text)
+
+    # Lifecycles recorded before per-recipient sends scheduled these multi-recipient names;
+    # they stay registered so such runs replay and complete.
     @activity.defn
     def deliver_prompt(self, msg: PromptMessage) -> DeliveryResult:
         """Reminder: DM the owner. Escalation: DM the backup owner and post to the team channel.

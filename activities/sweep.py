@@ -15,13 +15,20 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities._support import heartbeating
@@ -34,24 +41,43 @@ from models.contracts import (
     LifecycleAction,
     LifecycleInput,
     LifecycleNudge,
+    MissingMarked,
+    OrphanEvent,
     OrphanInput,
+    OrphanNoted,
+    OrphanQuarantined,
+    PreactiveAction,
+    PreactiveNhi,
+    ProvisionInput,
+    RemoveIdentity,
     ScopeStatement,
     SweepInput,
     SweepOutcome,
     SweepPlan,
     orphan_plan,
 )
-from models.enums import Platform
-from models.orm import Agent, Nhi, Sweep
+from models.enums import NhiStatus, Platform
+from models.orm import Agent, AuditEvent, Nhi, Sweep
 from nhi import audit
 from nhi.config import Settings
 from nhi.db import transaction
+from nhi.inventory import find_policy
 from nhi.policy import identity_policy_document
 from nhi.sweep import ALIVE, InventoryItem, Rules, classify
+from nhi.temporal import provision_workflow_id
 
 log = logging.getLogger(__name__)
 
 MAX_FINDINGS = 500  # per sweep in history; the rest is counted and picked up by the next sweep
+# Statuses before `active`: nothing supervises them but their provisioning run.
+PREACTIVE = (NhiStatus.REQUESTED, NhiStatus.PENDING_APPROVAL, NhiStatus.PROVISIONING)
+# Visibility: every running lifecycle of the namespace, one page at a time.
+RUNNING_LIFECYCLES = "WorkflowType='NhiLifecycleWorkflow' AND ExecutionStatus='Running'"
+LIST_PAGE = 1000
+DESCRIBE_BATCH = 100  # concurrent describes between heartbeats
+SWEEP_ACTOR = "system:sweep"
+START_FAILED = "the sweep could not start"  # how the API records a start it gave up on
+ORPHAN = "orphan"  # the audit subject type of identities no inventory row answers for
 
 
 def ours(platform: Platform, prefix: str) -> ColumnElement[bool]:
@@ -137,6 +163,7 @@ class SweepActivities:
             )
             for place, why in sorted(found.unreachable.items())
         ] + classify(platform, inventory, now, rules)
+        findings = self._with_removal_failures(findings)
         counts: dict[str, int] = {"platform_identities": len(platform), "inventory": len(inventory)}
         for f in findings:
             counts[f.kind.value] = counts.get(f.kind.value, 0) + 1
@@ -146,7 +173,34 @@ class SweepActivities:
             counts=counts,
             truncated=max(0, len(findings) - MAX_FINDINGS),
             orphan_grace_seconds=self._settings.orphan_grace_seconds,
+            revoke_alert_seconds=self._settings.revoke_alert_seconds,
+            security_channel=self._settings.slack_security_channel,
         )
+
+    def _with_removal_failures(self, findings: list[Finding]) -> list[Finding]:
+        """Orphans whose last removal failed say why (the platform's code and message)."""
+        names = [f.identity for f in findings[:MAX_FINDINGS] if f.kind is FindingKind.ORPHAN]
+        if not names:
+            return findings
+        with transaction(self._sessions) as session:
+            rows = session.execute(
+                select(AuditEvent.subject_id, AuditEvent.event, AuditEvent.reason)
+                .where(
+                    AuditEvent.subject_type == ORPHAN,
+                    AuditEvent.subject_id.in_(names),
+                    AuditEvent.event.in_(["orphan.removal_failed", "orphan.deleted"]),
+                )
+                .order_by(AuditEvent.id)
+            ).all()
+        # Ordered by id, so each name keeps its latest event: a deletion clears a failure.
+        latest = {subject: (event, reason) for subject, event, reason in rows}
+        out = []
+        for f in findings:
+            event, reason = latest.get(f.identity, ("", ""))
+            if f.kind is FindingKind.ORPHAN and event == "orphan.removal_failed":
+                f = f.model_copy(update={"detail": f"{f.detail}; last removal failed: {reason}"})
+            out.append(f)
+        return out
 
     def _begin(self, inp: SweepInput, workflow_id: str) -> uuid.UUID:
         with transaction(self._sessions) as session:
@@ -164,7 +218,22 @@ class SweepActivities:
                 )
                 .on_conflict_do_nothing(index_elements=["workflow_id"])
             )
-            return session.scalars(select(Sweep.id).where(Sweep.workflow_id == workflow_id)).one()
+            sweep = session.scalars(
+                select(Sweep).where(Sweep.workflow_id == workflow_id).with_for_update()
+            ).one()
+            if sweep.status == "failed" and (sweep.error or "").startswith(START_FAILED):
+                # The API gave up waiting for the start (and answered 503), yet the start went
+                # through: the report must tell what this sweep does after all.
+                sweep.status, sweep.error, sweep.finished_at = "running", None, None
+                audit.record(
+                    session,
+                    subject_type="sweep",
+                    subject_id=sweep.id,
+                    event="sweep.started",
+                    actor=SWEEP_ACTOR,
+                    reason="started after its request had been answered 503",
+                )
+            return sweep.id
 
     def _inventory(self, platform: Platform, names: set[str] | None = None) -> list[InventoryItem]:
         """This deployment's inventory NHIs (its name prefix) on a platform: the alive ones,
@@ -202,6 +271,7 @@ class SweepActivities:
                         last_used_at=nhi.last_used_at,
                         target=nhi.target,
                         granted_scope=scope,
+                        activated_at=nhi.activated_at,
                     )
                 )
         return items
@@ -209,41 +279,166 @@ class SweepActivities:
     # ---- actions -----------------------------------------------------------------------------
 
     @activity.defn
-    def quarantine_orphan(self, orphan: OrphanInput) -> None:
-        """Stop an orphan working (keys, logins, sessions); "not found" counts as done."""
+    def quarantine_orphan(self, orphan: OrphanInput) -> OrphanQuarantined:
+        """Stop an orphan working (keys, logins, sessions); "not found" counts as done.
+
+        Returns when it was first quarantined (since it was last deleted): a removal retried by a
+        later sweep counts its grace period from then, not again from now."""
         plan = orphan_plan(orphan, uuid.uuid4(), datetime.now(UTC))
         with heartbeating():
             self._provider(plan.platform).disable(plan)
-        self._note(
-            "orphan",
-            orphan.identity,
-            "orphan.quarantined",
-            orphan.found_by,
-            "found by a sweep: not in the inventory",
+        with transaction(self._sessions) as session:
+            first = session.scalar(
+                select(func.min(AuditEvent.created_at)).where(
+                    AuditEvent.subject_type == ORPHAN,
+                    AuditEvent.subject_id == orphan.identity,
+                    AuditEvent.event == "orphan.quarantined",
+                    AuditEvent.id > self._last_deleted(session, orphan.identity),
+                )
+            )
+            if first is None:
+                entry = audit.record(
+                    session,
+                    subject_type=ORPHAN,
+                    subject_id=orphan.identity,
+                    event="orphan.quarantined",
+                    actor=orphan.found_by or SWEEP_ACTOR,
+                    reason="found by a sweep: not in the inventory",
+                )
+                session.flush()
+                first = entry.created_at or datetime.now(UTC)
+        return OrphanQuarantined(first_quarantined_at=first)
+
+    @staticmethod
+    def _last_deleted(session: Session, identity: str) -> int:
+        return (
+            session.scalar(
+                select(func.max(AuditEvent.id)).where(
+                    AuditEvent.subject_type == ORPHAN,
+                    AuditEvent.subject_id == identity,
+                    AuditEvent.event == "orphan.deleted",
+                )
+            )
+            or 0
         )
 
     @activity.defn
-    def mark_missing(self, finding: Finding) -> None:
-        """An active NHI whose identity is gone from the platform: say so in the inventory."""
+    def note_orphan(self, entry: OrphanEvent) -> OrphanNoted:
+        """Record an orphan's deletion or removal failure (once per idempotency key), and say
+        whether it is the first of its kind since the orphan was last deleted."""
+        with transaction(self._sessions) as session:
+            if entry.key:
+                earlier = session.scalar(
+                    select(AuditEvent.details["first"].astext).where(
+                        AuditEvent.subject_type == ORPHAN,
+                        AuditEvent.subject_id == entry.identity,
+                        AuditEvent.details["key"].astext == entry.key,
+                    )
+                )
+                if earlier is not None:  # a retry after the first try committed
+                    return OrphanNoted(first=earlier == "true")
+            seen = session.scalar(
+                select(func.count(AuditEvent.id)).where(
+                    AuditEvent.subject_type == ORPHAN,
+                    AuditEvent.subject_id == entry.identity,
+                    AuditEvent.event == entry.event,
+                    AuditEvent.id > self._last_deleted(session, entry.identity),
+                )
+            )
+            first = not seen
+            audit.record(
+                session,
+                subject_type=ORPHAN,
+                subject_id=entry.identity,
+                event=entry.event,
+                actor=entry.actor or SWEEP_ACTOR,
+                reason=entry.reason[:2000],
+                details=dict(entry.details)
+                | ({"key": entry.key} if entry.key else {})
+                | {"first": "true" if first else "false"},
+            )
+        return OrphanNoted(first=first)
+
+    @activity.defn
+    def mark_missing(self, finding: Finding) -> MissingMarked | None:
+        """An active NHI whose identity is gone from the platform becomes `missing`, with one
+        audit event; one no longer active (decommissioned meanwhile, say) is left alone."""
+        if finding.nhi_id is None:
+            return None
         with transaction(self._sessions) as session:
             nhi = session.get(Nhi, finding.nhi_id, with_for_update=True)
-            if nhi is None or nhi.status_reason == "missing from the platform":
-                return
-            nhi.status_reason = "missing from the platform"
+            if nhi is None:
+                return None
+            agent = session.get_one(Agent, nhi.agent_id)
+            marked = MissingMarked(
+                nhi_id=nhi.id,
+                changed=False,
+                name=nhi.name,
+                agent_name=agent.name,
+                owner_email=agent.owner_email,
+                status=nhi.status,
+            )
+            if nhi.status == NhiStatus.MISSING:
+                # A retry after the first try committed: tell people (alerts are idempotent
+                # per recipient) and stop the lifecycle, but record nothing twice.
+                return marked.model_copy(update={"changed": True})
+            if nhi.status != NhiStatus.ACTIVE:
+                return marked
+            nhi.status = NhiStatus.MISSING.value
+            nhi.status_reason = f"gone from the platform: {finding.detail}"
             audit.record(
                 session,
                 subject_type="nhi",
                 subject_id=nhi.id,
                 event="nhi.missing",
-                actor="system:sweep",
-                reason=finding.detail,
+                actor=SWEEP_ACTOR,
+                reason=finding.detail or "gone from the platform",
+                details={"identity": nhi.name},
             )
+            return marked.model_copy(update={"changed": True, "status": nhi.status})
+
+    @activity.defn
+    def clean_preactive(self, stuck: PreactiveNhi) -> str:
+        """Remove whatever an NHI stuck before `active` may hold on its platform (its identity,
+        keys, policies, secret or database roles, by their deterministic names), then mark it
+        `failed` with the reason and one audit event. Idempotent: "not found" is removed."""
+        with transaction(self._sessions) as session:
+            nhi = session.get(Nhi, stuck.nhi_id, with_for_update=True)
+            if nhi is None or nhi.status not in PREACTIVE:
+                return f"nothing to do: it is {nhi.status if nhi else 'gone'} now"
+            agent = session.get_one(Agent, nhi.agent_id)
+            policy = find_policy(session, nhi.platform, nhi.kind, agent.environment)
+            plan = self._plans.plan_of(
+                nhi, agent, policy.max_session_duration_seconds if policy else 3600
+            )
+        with heartbeating():
+            # Never delivered to anyone who acknowledged it: the secret goes without recovery.
+            removed = (
+                self._provider(plan.platform)
+                .delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+                .removed
+            )
+        what = "; ".join(removed) or "nothing was on the platform"
+        with transaction(self._sessions) as session:
+            nhi = session.get_one(Nhi, stuck.nhi_id, with_for_update=True)
+            if nhi.status not in PREACTIVE:
+                return f"removed {what}; it is {nhi.status} now"
+            nhi.status = NhiStatus.FAILED.value
+            nhi.status_reason = f"{stuck.reason}; cleaned up by a sweep"[:2000]
+            audit.record(
+                session,
+                subject_type="nhi",
+                subject_id=nhi.id,
+                event="nhi.failed",
+                actor=SWEEP_ACTOR,
+                reason=nhi.status_reason,
+                details={"removed": what, "sweep_id": str(stuck.sweep_id or "")},
+            )
+        return f"removed {what}; marked failed"
 
     @activity.defn
     def revert_drift(self, finding: Finding) -> bool:
         """Put the granted scope back, when the NHI's policy says drift is reverted."""
-        from nhi.inventory import find_policy
-
         with transaction(self._sessions) as session:
             nhi = session.get_one(Nhi, finding.nhi_id)
             agent = session.get_one(Agent, nhi.agent_id)
@@ -253,13 +448,15 @@ class SweepActivities:
             plan = self._plans.plan_of(nhi, agent, policy.max_session_duration_seconds)
         with heartbeating():
             self._provider(plan.platform).renew(plan)
-        self._note(
-            "nhi",
-            str(finding.nhi_id),
-            "nhi.drift_reverted",
-            "system:sweep",
-            "granted scope restored",
-        )
+        with transaction(self._sessions) as session:
+            audit.record(
+                session,
+                subject_type="nhi",
+                subject_id=str(finding.nhi_id),
+                event="nhi.drift_reverted",
+                actor=SWEEP_ACTOR,
+                reason="granted scope restored",
+            )
         return True
 
     @activity.defn
@@ -279,28 +476,26 @@ class SweepActivities:
                 subject_type="sweep",
                 subject_id=sweep.id,
                 event=f"sweep.{outcome.status}",
-                actor="system:sweep",
+                actor=SWEEP_ACTOR,
                 reason=outcome.error
                 or f"{sweep.provider} sweep{' (dry run)' if sweep.dry_run else ''}",
                 details=dict(outcome.summary),
             )
 
-    def _note(
-        self, subject_type: str, subject_id: str, event: str, actor: str, reason: str
-    ) -> None:
-        with transaction(self._sessions) as session:
-            audit.record(
-                session,
-                subject_type=subject_type,
-                subject_id=subject_id,
-                event=event,
-                actor=actor or "system:sweep",
-                reason=reason,
-            )
+
+async def _running(handle: WorkflowHandle[Any, Any]) -> WorkflowExecutionStatus | None:
+    """A workflow's status, or None when Temporal has no such workflow."""
+    try:
+        return (await handle.describe()).status
+    except RPCError as err:
+        if err.status is not RPCStatusCode.NOT_FOUND:
+            raise
+        return None
 
 
 class SupervisionActivities:
-    """Ask Temporal which lifecycles run, and nudge them (async: the Temporal client is async)."""
+    """Ask Temporal which NHIs lack the workflow that should supervise them, and act on it
+    (async: the Temporal client is async; the few database reads go to a thread)."""
 
     def __init__(self, sessions: sessionmaker[Session], settings: Settings) -> None:
         self._sessions = sessions
@@ -311,68 +506,192 @@ class SupervisionActivities:
         with transaction(self._sessions) as session:
             return list(
                 session.scalars(
-                    select(Nhi.id).where(
+                    select(Nhi.id)
+                    .where(
                         Nhi.status.in_(sorted(ALIVE)),
                         ours(Platform(platform), self._settings.name_prefix),
                         Nhi.platform == platform,
                     )
+                    .order_by(Nhi.id)
                 )
             )
 
+    @staticmethod
+    async def _running_lifecycles(client: Client) -> set[str] | None:
+        """Ids of every running lifecycle, from visibility, a page at a time with a heartbeat
+        per page; None where the server has no visibility API (the time-skipping test
+        server)."""
+        found: set[str] = set()
+        pages = client.list_workflows(RUNNING_LIFECYCLES, page_size=LIST_PAGE)
+        try:
+            while True:
+                await pages.fetch_next_page()
+                found.update(w.id for w in pages.current_page or ())
+                activity.heartbeat(len(found))
+                if not pages.next_page_token:
+                    return found
+        except RPCError as err:
+            if err.status is not RPCStatusCode.UNIMPLEMENTED:
+                raise
+            return None
+
     @activity.defn
     async def find_unsupervised(self, inp: SweepInput) -> list[Finding]:
-        """Alive inventory NHIs of the swept platform whose lifecycle workflow is not running."""
+        """Alive inventory NHIs of the swept platform whose lifecycle workflow is not running.
+
+        One visibility listing instead of a describe per NHI, so a large inventory neither
+        floods the server nor outlives the heartbeat timeout. Visibility lags a little, so the
+        few it does not show as running are confirmed with a describe before being reported."""
         from workflows.lifecycle import lifecycle_workflow_id
 
         client = activity.client()
         ids = await asyncio.to_thread(self._alive_ids, inp.provider)
-        limit = asyncio.Semaphore(20)
+        running = await self._running_lifecycles(client)
+        candidates = [i for i in ids if running is None or lifecycle_workflow_id(i) not in running]
         out: list[Finding] = []
+        for start in range(0, len(candidates), DESCRIBE_BATCH):
+            batch = candidates[start : start + DESCRIBE_BATCH]
+            statuses = await asyncio.gather(
+                *(_running(client.get_workflow_handle(lifecycle_workflow_id(i))) for i in batch)
+            )
+            activity.heartbeat(start + len(batch))
+            out += [
+                Finding(
+                    kind=FindingKind.UNSUPERVISED,
+                    identity=str(nhi_id),
+                    identity_kind="nhi",
+                    nhi_id=nhi_id,
+                    detail="no lifecycle workflow runs",
+                    action="restart it",
+                )
+                for nhi_id, status in zip(batch, statuses, strict=True)
+                if status is not WorkflowExecutionStatus.RUNNING
+            ]
+            if len(out) >= MAX_FINDINGS:
+                break  # the next sweep picks up the rest
+        return out[:MAX_FINDINGS]
 
-        async def check(nhi_id: uuid.UUID) -> None:
-            async with limit:
-                try:
-                    described = await client.get_workflow_handle(
-                        lifecycle_workflow_id(nhi_id)
-                    ).describe()
-                    running = described.status is WorkflowExecutionStatus.RUNNING
-                except RPCError as err:
-                    if err.status is not RPCStatusCode.NOT_FOUND:
-                        raise
-                    running = False
-            if not running:
+    def _preactive_rows(self, platform: str) -> list[tuple[uuid.UUID, str, str, str, datetime]]:
+        cutoff = datetime.now(UTC) - timedelta(seconds=self._settings.sweep_preactive_seconds)
+        with transaction(self._sessions) as session:
+            rows = session.execute(
+                select(Nhi.id, Nhi.name, Nhi.kind, Nhi.status, Nhi.created_at)
+                .where(
+                    Nhi.status.in_([s.value for s in PREACTIVE]),
+                    Nhi.platform == platform,
+                    ours(Platform(platform), self._settings.name_prefix),
+                    Nhi.created_at < cutoff,
+                )
+                .order_by(Nhi.created_at)
+                .limit(MAX_FINDINGS)
+            ).all()
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    @activity.defn
+    async def find_preactive(self, inp: SweepInput) -> list[Finding]:
+        """NHIs of the swept platform stuck before `active` for longer than
+        NHI_SWEEP_PREACTIVE_SECONDS whose provisioning workflow is not running.
+
+        A run that never started (no such workflow) of a row still `requested` is re-driven:
+        nothing can exist on the platform before provisioning moves the row to `provisioning`.
+        Every other case (a terminated, cancelled, failed or vanished run, or a request whose
+        approval wait was lost: the four-eyes check needs the requester as the API saw them)
+        is cleaned up: whatever it may have created is removed and the NHI fails.
+        """
+        client = activity.client()
+        rows = await asyncio.to_thread(self._preactive_rows, inp.provider)
+        out: list[Finding] = []
+        for start in range(0, len(rows), DESCRIBE_BATCH):
+            batch = rows[start : start + DESCRIBE_BATCH]
+            statuses = await asyncio.gather(
+                *(_running(client.get_workflow_handle(provision_workflow_id(r[0]))) for r in batch)
+            )
+            activity.heartbeat(start + len(batch))
+            for (nhi_id, name, kind, status, created_at), run in zip(batch, statuses, strict=True):
+                if run is WorkflowExecutionStatus.RUNNING:
+                    continue  # e.g. waiting for an approver: its own timeout decides
+                since = f"{status} since {created_at:%Y-%m-%d %H:%M} UTC"
+                if run is None and status == NhiStatus.REQUESTED:
+                    remedy, detail = PreactiveAction.REDRIVE, f"{since}; provisioning never started"
+                    action = "restart provisioning"
+                else:
+                    how = "never started" if run is None else f"is {run.name.lower()}"
+                    remedy, detail = (
+                        PreactiveAction.CLEAN_UP,
+                        f"{since}; its provisioning run {how}",
+                    )
+                    action = "remove what it may have created, mark it failed"
                 out.append(
                     Finding(
-                        kind=FindingKind.UNSUPERVISED,
-                        identity=str(nhi_id),
-                        identity_kind="nhi",
+                        kind=FindingKind.PREACTIVE,
+                        identity=name,
+                        identity_kind=kind,
                         nhi_id=nhi_id,
-                        detail="no lifecycle workflow runs",
-                        action="restart it",
+                        detail=detail,
+                        action=action,
+                        preactive=remedy,
                     )
                 )
+        return out
 
-        await asyncio.gather(*(check(i) for i in ids))
-        activity.heartbeat()
-        return out[:MAX_FINDINGS]
+    @activity.defn
+    async def redrive_provisioning(self, stuck: PreactiveNhi) -> str:
+        """Start the provisioning run of an NHI whose run never started. A run that exists
+        (or existed: the id is never reused) is left alone."""
+        from workflows.provision import ProvisionNhiWorkflow
+
+        def load() -> Nhi | None:
+            with transaction(self._sessions) as session:
+                return session.get(Nhi, stuck.nhi_id)
+
+        nhi = await asyncio.to_thread(load)
+        if nhi is None or nhi.status != NhiStatus.REQUESTED:
+            return f"nothing to do: it is {nhi.status if nhi else 'gone'} now"
+        try:
+            await activity.client().start_workflow(
+                ProvisionNhiWorkflow.run,
+                # `requested`: approved already, or never needed an approver.
+                ProvisionInput(nhi_id=nhi.id, requested_by=nhi.requested_by),
+                id=provision_workflow_id(nhi.id),
+                task_queue=self._settings.temporal_task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+        except WorkflowAlreadyStartedError:
+            return "a provisioning run exists: left alone"
+
+        def note() -> None:
+            with transaction(self._sessions) as session:
+                audit.record(
+                    session,
+                    subject_type="nhi",
+                    subject_id=stuck.nhi_id,
+                    event="nhi.provisioning_restarted",
+                    actor=SWEEP_ACTOR,
+                    reason=stuck.reason,
+                    details={"sweep_id": str(stuck.sweep_id or "")},
+                )
+
+        await asyncio.to_thread(note)
+        return "provisioning restarted"
 
     @activity.defn
     async def nudge_lifecycle(self, nudge: LifecycleNudge) -> str:
-        """Ask a running lifecycle to decommission, or start one where none runs: a fresh run
-        acts on a passed expiry or an ended agent by itself, at once."""
+        """Ask a running lifecycle to decommission (or, for a missing NHI, to stop), or start
+        one where none runs: a fresh run acts on a passed expiry or an ended agent by itself.
+
+        The update id names the sweep: a retry of this activity is deduplicated, and a later
+        sweep's nudge (after a restore, say) is a new request, never the earlier one's echo."""
         from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 
         client = activity.client()
         handle = client.get_workflow_handle_for(
             NhiLifecycleWorkflow.run, lifecycle_workflow_id(nudge.nhi_id)
         )
-        try:
-            running = (await handle.describe()).status is WorkflowExecutionStatus.RUNNING
-        except RPCError as err:
-            if err.status is not RPCStatusCode.NOT_FOUND:
-                raise
-            running = False
-        if not running:
+        running = await _running(handle) is WorkflowExecutionStatus.RUNNING
+        if nudge.action == "mark_missing":
+            if not running:
+                return "no lifecycle runs"
+        elif not running:
             await client.start_workflow(
                 NhiLifecycleWorkflow.run,
                 LifecycleInput(nhi_id=nudge.nhi_id),
@@ -381,14 +700,17 @@ class SupervisionActivities:
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             )
             return "lifecycle started"
-        if nudge.action != "decommission":
+        if nudge.action not in ("decommission", "mark_missing"):
             return "lifecycle running"
+        term = nudge.sweep_id or uuid.uuid4()
         try:
+            # By name: `mark_missing` is the lifecycle's update for an identity that is gone.
             await handle.execute_update(
-                NhiLifecycleWorkflow.decommission,
-                LifecycleAction(actor="system:sweep", channel="system", reason=nudge.reason),
-                id=f"sweep-decommission-{nudge.nhi_id}",
+                nudge.action,
+                LifecycleAction(actor=SWEEP_ACTOR, channel="system", reason=nudge.reason),
+                id=f"sweep-{nudge.action}-{nudge.nhi_id}-{term}",
+                result_type=None,
             )
         except WorkflowUpdateFailedError as err:  # e.g. already decommissioning: goal met
             return f"not needed: {err.cause}"
-        return "decommission started"
+        return "lifecycle stopped" if nudge.action == "mark_missing" else "decommission started"

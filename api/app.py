@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import errors
-from api.deps import AppState, State
+from api import errors, health
+from api.deps import AppState
+from api.idempotency import IdempotencyMiddleware
 from api.routes import agents, lifecycle, nhis, policies, slack, sweeps, targets, tokens
 from nhi.auth import OidcVerifier
 from nhi.config import Settings, get_settings
@@ -19,9 +19,14 @@ from nhi.slack import make_slack_client
 
 
 def create_app(
-    settings: Settings | None = None, sessions: sessionmaker[Session] | None = None
+    settings: Settings | None = None,
+    sessions: sessionmaker[Session] | None = None,
+    *,
+    sdk_metrics: bool = False,
 ) -> FastAPI:
-    """An app bound to `settings`; tests may pass their own sessionmaker."""
+    """An app bound to `settings`; tests may pass their own sessionmaker. `sdk_metrics`
+    exports the Temporal SDK's metrics on `/metrics` (it sets the process's default Temporal
+    runtime, so only the served app asks for it)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -37,7 +42,9 @@ def create_app(
             slack=make_slack_client(settings),
             oidc=OidcVerifier(settings) if settings.oidc_issuer else None,
         )
+        await app.state.ops.start(app.state.nhi, sdk_metrics=sdk_metrics)
         yield
+        await app.state.ops.stop()
         if engine is not None:
             engine.dispose()
 
@@ -47,6 +54,9 @@ def create_app(
         summary="Governed lifecycle for the non-human identities AI agents use.",
         lifespan=lifespan,
     )
+    # A retried state-changing request is answered, not applied twice (api/idempotency.py).
+    app.add_middleware(IdempotencyMiddleware)
+    # After it, so the body limit and the JSON 500 wrap it too (the last added is outermost).
     errors.install(app)
     app.include_router(agents.router)
     app.include_router(nhis.router)
@@ -57,17 +67,13 @@ def create_app(
     app.include_router(sweeps.router)
     app.include_router(targets.router)
 
-    @app.get("/healthz", tags=["health"])
-    async def healthz(state: State) -> dict[str, str]:
-        """Liveness plus a database round trip."""
-        await state.db(lambda s: s.execute(text("SELECT 1")))
-        return {"status": "ok"}
-
+    # /healthz, /readyz, /metrics and the request metrics (outermost middleware: added last).
+    health.install(app, settings)
     return app
 
 
 def __getattr__(name: str) -> FastAPI:
     # `uvicorn api.app:app` resolves the app lazily, so importing this module has no side effects.
     if name == "app":
-        return create_app()
+        return create_app(sdk_metrics=True)
     raise AttributeError(name)

@@ -83,6 +83,11 @@ def _principal(request: Request, state: Annotated[AppState, Depends(_state)]) ->
     return state.oidc.principal(token)
 
 
+def principal_of(request: Request, state: AppState) -> Principal:
+    """The caller of a request, authenticated as every route does it (for middleware)."""
+    return _principal(request, state)
+
+
 State = Annotated[AppState, Depends(_state)]
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 # On every /v1 router, so no endpoint can forget to authenticate (FastAPI caches the call, so a

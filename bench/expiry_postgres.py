@@ -272,7 +272,7 @@ async def run(stack: Stack, n: int, base_ttl: int, spread: int, out: Path) -> Re
         target = f"bench-{tag}"
         secret = await asyncio.to_thread(
             aws.secrets.create_secret,
-            Name=f"bench/pg-admin-{tag}",
+            Name=f"nhi-targets/bench-pg-admin-{tag}",
             SecretString=cluster.admin_password,
         )
         async with load.http_client(stack.api_url, creds.platform) as http:

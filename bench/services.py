@@ -318,6 +318,9 @@ class Stack:
             NHI_AWS_REGION="us-east-1",
             # Warnings only: the benchmark measures the service, not its log formatting.
             NHI_LOG_LEVEL="WARNING",
+            # The benchmark's throwaway Postgres clusters listen on loopback without TLS.
+            NHI_DEV_MODE="true",
+            NHI_TARGET_ALLOWED_HOSTS='["127.0.0.1", "localhost"]',
         )
         if self.moto_port:
             env["NHI_AWS_ENDPOINT_URL"] = self.moto_url

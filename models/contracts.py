@@ -33,6 +33,9 @@ class ProvisionInput(Contract):
 
     nhi_id: uuid.UUID
     requested_by: str = ""
+    # The person behind `requested_by` (`email:<address>`, or the actor when no email is
+    # known): four-eyes compares people, not credentials. Empty in runs started before it.
+    requested_by_person: str = ""
     needs_approval: bool = False
     approval_timeout_seconds: int = 3 * 86400
 
@@ -43,6 +46,10 @@ class ApprovalDecision(Contract):
     approve: bool
     approver: str = Field(min_length=1, max_length=254)
     reason: str = Field(min_length=1, max_length=2000)
+    # The person behind `approver` (see ProvisionInput.requested_by_person).
+    approver_person: str = ""
+    # As LifecycleAction.not_after: a decision the API gave up on is never applied later.
+    not_after: datetime | None = None
 
 
 class ApprovalOutcome(Contract):
@@ -149,6 +156,8 @@ class Phase(StrEnum):
     QUARANTINED = "quarantined"
     REVOKE_FAILED = "revoke_failed"
     DECOMMISSIONED = "decommissioned"
+    # Gone from its platform (a sweep's `mark_missing`): the run ends and never acts again.
+    MISSING = "missing"
 
 
 class PromptAnswerKind(StrEnum):
@@ -183,6 +192,10 @@ class LifecycleConfig(Contract):
     security_channel: str = "#nhi-security"
     agent_completed: bool = False
     plan: ProvisionPlan
+    # The agent's planned end: caps every renewal and restore, like the maximum lifetime.
+    expected_end_at: datetime | None = None
+    # How long a removal may keep failing before the NHI is `revoke_failed` and alerted.
+    revoke_alert_seconds: int = 300
 
 
 class RetireKey(Contract):
@@ -208,6 +221,10 @@ class LifecycleState(Contract):
     quarantined_at: datetime | None = None
     decommission_reason: str | None = None
     open_prompts: list[uuid.UUID] = []
+    # Actions an update accepted that the run had not carried out yet when it continued as
+    # new: the next run carries them out (an accepted action is never dropped).
+    pending_decommission: LifecycleAction | None = None
+    pending_rotate: LifecycleAction | None = None
 
 
 class LifecycleInput(Contract):
@@ -215,6 +232,9 @@ class LifecycleInput(Contract):
 
     nhi_id: uuid.UUID
     state: LifecycleState | None = None
+    # A fresh run started to contain an NHI whose previous run failed or is gone: the
+    # decommission is carried out as if the update had been accepted.
+    pending_decommission: LifecycleAction | None = None
 
 
 class LifecycleAction(Contract):
@@ -225,6 +245,9 @@ class LifecycleAction(Contract):
     reason: str = ""
     # The authenticated caller as the audit trail names it (token name or OIDC subject).
     principal: str = ""
+    # The API's deadline: an update still undelivered by then is refused by the validator, so
+    # a request answered 503 (not accepted in time) is never applied later.
+    not_after: datetime | None = None
 
 
 class RenewRequest(LifecycleAction):
@@ -376,6 +399,30 @@ class Alert(Contract):
     text: str
 
 
+class AlertPost(Contract):
+    """One alert to one recipient (a person by email, or a channel): a retry reposts to that
+    recipient only."""
+
+    text: str
+    email: str | None = None
+    channel: str | None = None
+    security: bool = False  # the configured security channel (when the caller cannot know it)
+
+
+class PromptPost(Contract):
+    """One prompt to one recipient (a person by email, or a channel)."""
+
+    msg: PromptMessage
+    email: str | None = None
+    channel: str | None = None
+
+
+class PromptPosted(Contract):
+    """Where one prompt was posted; no delivery when the person has no active Slack account."""
+
+    delivery: Delivery | None = None
+
+
 # ---- sweeps ----------------------------------------------------------------------------------
 
 
@@ -391,6 +438,15 @@ class FindingKind(StrEnum):
     STALE = "stale"
     UNSUPERVISED = "unsupervised"
     UNREACHABLE = "unreachable"
+    # Stuck before `active` past NHI_SWEEP_PREACTIVE_SECONDS with no provisioning run.
+    PREACTIVE = "preactive"
+
+
+class PreactiveAction(StrEnum):
+    """What a sweep does with an NHI stuck before `active`."""
+
+    REDRIVE = "redrive"  # its run never started: nothing can exist on the platform
+    CLEAN_UP = "clean_up"  # its run ended: remove whatever it may have made, mark it failed
 
 
 class Finding(Contract):
@@ -404,6 +460,7 @@ class Finding(Contract):
     action: str = ""
     secret_arn: str | None = None
     target: str | None = None
+    preactive: PreactiveAction | None = None  # set on `preactive` findings
 
 
 class SweepInput(Contract):
@@ -423,6 +480,9 @@ class SweepPlan(Contract):
     counts: dict[str, int] = {}
     truncated: int = 0
     orphan_grace_seconds: int = 86400
+    # Settings the sweep's actions need (workflows read no settings themselves).
+    revoke_alert_seconds: int = 300
+    security_channel: str = "#nhi-security"
 
 
 class SweepOutcome(Contract):
@@ -447,6 +507,34 @@ class OrphanInput(Contract):
     # The NHI id the platform's own marker names: providers that check markers before acting
     # (Postgres) refuse an identity that is not the one the sweep found.
     nhi_id: uuid.UUID | None = None
+    # A removal still failing after this long is recorded and alerted (NHI_REVOKE_ALERT_SECONDS).
+    alert_seconds: int = 300
+    security_channel: str = "#nhi-security"
+
+
+class OrphanQuarantined(Contract):
+    """When the orphan was first quarantined (since it was last deleted): the grace period
+    counts from then, so a removal retried by a later sweep does not wait it out again."""
+
+    first_quarantined_at: datetime
+
+
+class OrphanEvent(Contract):
+    """An audit event about an orphan (subject type `orphan`, subject id its name)."""
+
+    identity: str
+    event: str
+    actor: str
+    reason: str
+    details: dict[str, str] = {}
+    key: str = ""  # idempotency key: a retried activity records the event once
+
+
+class OrphanNoted(Contract):
+    """Whether the event was the first of its kind since the orphan was last deleted (so a
+    failure is alerted once, however many sweeps retry)."""
+
+    first: bool
 
 
 def orphan_plan(orphan: OrphanInput, nhi_id: uuid.UUID, now: datetime) -> ProvisionPlan:
@@ -471,8 +559,32 @@ def orphan_plan(orphan: OrphanInput, nhi_id: uuid.UUID, now: datetime) -> Provis
 
 
 class LifecycleNudge(Contract):
-    """Ask an NHI's lifecycle to act (decommission), or start it again when none runs."""
+    """Ask an NHI's lifecycle to act (decommission, mark_missing), or start it again when none
+    runs (restart)."""
 
     nhi_id: uuid.UUID
     action: str
     reason: str
+    # The update id derives from it: one nudge per sweep, so a later sweep's nudge (after a
+    # restore, say) is never taken for the earlier one.
+    sweep_id: uuid.UUID | None = None
+
+
+class MissingMarked(Contract):
+    """An NHI a sweep marked `missing`, and whom to tell."""
+
+    nhi_id: uuid.UUID
+    changed: bool  # False: it was no longer active (nothing marked, nobody told)
+    name: str = ""
+    agent_name: str = ""
+    owner_email: str = ""
+    status: str = ""
+
+
+class PreactiveNhi(Contract):
+    """Re-drive or clean up one NHI stuck before `active` (from a `preactive` finding)."""
+
+    nhi_id: uuid.UUID
+    action: PreactiveAction
+    reason: str
+    sweep_id: uuid.UUID | None = None

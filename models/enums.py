@@ -75,6 +75,9 @@ class NhiStatus(StrEnum):
     DECOMMISSIONED = "decommissioned"
     FAILED = "failed"
     REVOKE_FAILED = "revoke_failed"
+    # Gone from its platform without this service removing it: nothing left to act on, but
+    # someone must find out who deleted it and whether anything replaced it.
+    MISSING = "missing"
 
 
 class Role(StrEnum):

@@ -20,6 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -170,6 +171,14 @@ class Policy(Base):
     revert_drift: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     forbidden_actions: Mapped[list[str]] = mapped_column(default=list)
     sensitive_actions: Mapped[list[str]] = mapped_column(default=list)
+    # AWS account ids whose principals an iam_role may trust (empty: this service's own only).
+    allowed_trust_accounts: Mapped[list[str]] = mapped_column(
+        default=list, server_default=text("'[]'::jsonb")
+    )
+    # Whether an iam_role may trust an AWS service principal (`bedrock.amazonaws.com`).
+    allow_service_principals: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default="false"
+    )
     updated_by: Mapped[str] = mapped_column(String(254))
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
@@ -300,3 +309,24 @@ class Sweep(Base):
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
     findings: Mapped[list[Any]] = mapped_column(default=list)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class IdempotencyKey(Base):
+    """The first answer to a state-changing POST sent with an `Idempotency-Key`: a retry with
+    the same key and body gets it again instead of applying the action twice."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("principal", "key", name="uq_idempotency_keys_principal_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    principal: Mapped[str] = mapped_column(String(254))
+    key: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(2048))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    # None while the first request is still being answered.
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)

@@ -1,40 +1,307 @@
-"""HTTP API request and response bodies (also what `nhi --json` prints)."""
+"""HTTP API request and response bodies (also what `nhi --json` prints).
+
+The one validation boundary: every request body, query parameter and path segment is typed
+here, so what reaches the inventory, Postgres and the workflows is bounded and printable.
+Strings carry no NUL, control, format (bidi) or surrogate characters (free text may keep
+newlines and tabs); numbers are JSON integers within their column, never booleans or floats;
+durations are whole seconds or strings such as `30d`, at most 366 days.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import unicodedata
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetPydanticSchema,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from models.contracts import ScopeStatement
 from models.enums import AgentCategory, AgentStatus, Environment, NhiKind, NhiStatus, Platform
 
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# --- limits ------------------------------------------------------------------------------------
+
+MAX_DURATION_SECONDS = 366 * 86400
+INT32_MAX = 2**31 - 1  # Integer columns are Postgres `integer`
+MAX_LIST_LIMIT = 1000
+MAX_OFFSET = INT32_MAX
+MAX_REMINDER_OFFSETS = 10
+MAX_BODY_BYTES = 1024 * 1024  # larger bodies are answered 413 (api/errors.py)
+
+# --- characters --------------------------------------------------------------------------------
+
+# Cc control (NUL, ESC of ANSI sequences), Cf format (bidi overrides such as U+202E, zero-width
+# characters), Cs lone surrogates (Postgres cannot store them), Zl/Zp line and paragraph
+# separators: none of them belongs in a name, an address or an audit reason, and each has been
+# used to hide what a log line or a Slack message really says. U+FFFD, the replacement
+# character, is what undecodable bytes (a URL's invalid UTF-8) become: the value was garbled.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_TEXT_ALLOWED = frozenset("\n\t\r")
+
+
+def _refuse_characters(value: str, allowed: frozenset[str] = frozenset()) -> str:
+    for position, char in enumerate(value):
+        if char not in allowed and (
+            unicodedata.category(char) in _UNSAFE_CATEGORIES or char == "\ufffd"
+        ):
+            raise PydanticCustomError(
+                "unsafe_character",
+                "must not contain control, format (bidi), separator, surrogate or replacement "
+                "characters (U+{code} at position {position})",
+                {"code": f"{ord(char):04X}", "position": position},
+            )
+    return value
+
+
+def _line(value: str) -> str:
+    """One line of printable text."""
+    return _refuse_characters(value)
+
+
+def _text(value: str) -> str:
+    """Free text: newlines and tabs allowed, nothing else invisible."""
+    return _refuse_characters(value, _TEXT_ALLOWED)
+
+
+def _token(value: str) -> str:
+    """A printable value without whitespace (ARNs, actions, principals)."""
+    _refuse_characters(value)
+    if any(char.isspace() for char in value):
+        raise PydanticCustomError("whitespace", "must not contain whitespace")
+    return value
+
+
+def _ascii_token(value: str) -> str:
+    _token(value)
+    if not value.isascii():
+        raise PydanticCustomError("not_ascii", "must be ASCII")
+    return value
+
+
+_LINE = AfterValidator(_line)
+_TEXT = AfterValidator(_text)
+
+_REASON = "Why (recorded in the audit trail); newlines allowed, no control characters."
+Reason = Annotated[str, StringConstraints(max_length=2000), _TEXT, Field(description=_REASON)]
+RequiredReason = Annotated[
+    str, StringConstraints(min_length=1, max_length=2000), _TEXT, Field(description=_REASON)
+]
+
+
+# --- identifiers -------------------------------------------------------------------------------
+
+# An address as people type it, ASCII only: no quoted local parts, no IP literals, no IDN
+# (use its xn-- form). Deliberately narrower than RFC 5322.
+_EMAIL_RE = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
 
 
 def _email(value: str) -> str:
-    if not _EMAIL_RE.match(value):
-        raise ValueError("must be an email address such as 'ana@example.com'")
+    if len(value.partition("@")[0]) > 64 or not _EMAIL_RE.fullmatch(value):
+        raise PydanticCustomError(
+            "email", "must be an email address such as 'ana@example.com' (ASCII, no spaces)"
+        )
     return value.lower()
 
 
 Email = Annotated[
-    str, StringConstraints(strip_whitespace=True, max_length=254), AfterValidator(_email)
+    str,
+    StringConstraints(min_length=3, max_length=254),
+    AfterValidator(_email),
+    Field(description="An email address (ASCII), stored lower-case.", examples=["ana@example.com"]),
 ]
 AgentName = Annotated[
     str,
     StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"),
     Field(description="Lower-case letters, digits and dashes, 3-63 characters."),
 ]
-
 TargetName = Annotated[
     str,
     StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$"),
     Field(description="Lower-case letter, then lower-case letters, digits and dashes (1-63)."),
 ]
+TokenName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{1,98}[a-z0-9]$"),
+    Field(description="Lower-case letters, digits, '.', '_' and '-', 3-100 characters."),
+]
+Team = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+    _LINE,
+    Field(description="A team name: one line of printable text, 1-100 characters."),
+]
+SlackUserId = Annotated[str, StringConstraints(pattern=r"^[UW][A-Z0-9]{2,30}$")]
+Principal = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=254),
+    AfterValidator(_token),
+    Field(description="A principal (ARN, service or email): printable, no whitespace."),
+]
+# IAM actions and Postgres privileges (`s3:GetObject`, `iam:*`, `SELECT`); nhi.policy checks
+# the grammar per platform, this keeps them ASCII so IGNORECASE patterns cannot be fooled by
+# look-alikes such as the Kelvin sign.
+ScopeAction = Annotated[
+    str, StringConstraints(min_length=1, max_length=128), AfterValidator(_ascii_token)
+]
+# `arn:partition:service:region:account:resource`, or `*` (nhi.policy checks the grammar and
+# the wildcard rule); resources may hold any printable character, as S3 keys do, up to IAM's
+# 2048.
+ResourceArn = Annotated[
+    str, StringConstraints(min_length=1, max_length=2048), AfterValidator(_token)
+]
+# `arn:aws:iam::123456789012:role/x` or `bedrock.amazonaws.com`: AWS's principal names are
+# ASCII; nhi.policy checks the grammar.
+TrustPrincipal = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2048),
+    AfterValidator(_ascii_token),
+    Field(
+        description="iam_role only: the agent runtime's principal ARN or service principal "
+        "(`x.amazonaws.com`).",
+        examples=["arn:aws:iam::123456789012:role/agent-runtime"],
+    ),
+]
+AccountId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9]{12}$"),
+    Field(description="An AWS account id: 12 digits, as a string.", examples=["123456789012"]),
+]
+PolicyEntry = Annotated[str, StringConstraints(min_length=1, max_length=128), _LINE]
+
+
+_CIDR_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}(/[0-9]{1,3})?")
+
+
+def _cidr(value: str) -> str:
+    # `fe80::1%eth0/64`: a zone id names an interface on one host, never a network.
+    if "%" in value:
+        raise PydanticCustomError("cidr_zone", "must be a CIDR without a zone id ('%...')")
+    try:
+        if not _CIDR_RE.fullmatch(value):
+            raise ValueError(value)
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise PydanticCustomError(
+            "cidr", "must be an IPv4 or IPv6 CIDR such as '10.0.0.0/8'"
+        ) from None
+    return value
+
+
+Cidr = Annotated[
+    str,
+    StringConstraints(max_length=49),
+    AfterValidator(_cidr),
+    Field(
+        description="An IPv4 or IPv6 network such as '10.0.0.0/8' (no zone id).",
+        examples=["10.0.0.0/8"],
+        json_schema_extra={"pattern": r"^[0-9A-Fa-f.:]{2,45}(/[0-9]{1,3})?$"},
+    ),
+]
+
+
+def _in_range(value: datetime) -> datetime:
+    # Checked on the local date: converting year 9999 with a negative offset to UTC overflows.
+    if not 1970 <= value.year < 2200:
+        raise PydanticCustomError("datetime_range", "must be between the years 1970 and 2199")
+    return value
+
+
+def _not_a_number(value: object) -> object:
+    # JSON numbers would otherwise be read as Unix timestamps.
+    if not isinstance(value, str | datetime):
+        raise PydanticCustomError("datetime_type", "must be an ISO 8601 string with a timezone")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_not_a_number), AfterValidator(_in_range)]
+
+# --- durations ---------------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"([0-9]{1,10}) ?([smhdw]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_SCHEMA_STRING = {
+    "type": "string",
+    "pattern": r"^[0-9]{1,10} ?[smhdw]?$",
+    "maxLength": 12,
+    "examples": ["30d", "12h", "3600"],
+}
+
+
+def duration_seconds(value: int | str) -> int:
+    """Seconds of an already validated duration."""
+    if isinstance(value, int):
+        return value
+    match = _DURATION_RE.fullmatch(value)
+    assert match is not None
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _duration_check(minimum: int) -> PlainValidator:
+    def check(value: object) -> int | str:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise PydanticCustomError(
+                "duration_type",
+                "must be whole seconds (a JSON integer) or a string such as '30d' or '12h'",
+            )
+        if isinstance(value, str) and not _DURATION_RE.fullmatch(value):
+            raise PydanticCustomError(
+                "duration_format",
+                "must be whole seconds or a duration such as '45m', '12h', '30d' or '2w'",
+            )
+        seconds = duration_seconds(value)
+        if not minimum <= seconds <= MAX_DURATION_SECONDS:
+            raise PydanticCustomError(
+                "duration_range",
+                "must be between {minimum} and {maximum} seconds: nothing lives longer than "
+                "366 days, the longest maximum lifetime a policy may set",
+                {"minimum": minimum, "maximum": MAX_DURATION_SECONDS},
+            )
+        return value
+
+    return PlainValidator(check)
+
+
+def _duration_schema(minimum: int) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": minimum, "maximum": MAX_DURATION_SECONDS},
+                _DURATION_SCHEMA_STRING,
+            ],
+            "description": "Seconds, or a duration such as '30d' or '12h'; at most 366 days.",
+        }
+    )
+
+
+Duration = Annotated[int | str, _duration_check(1), _duration_schema(1)]
+DurationOrZero = Annotated[int | str, _duration_check(0), _duration_schema(0)]
+
+# --- query parameters and path segments --------------------------------------------------------
+
+Limit = Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT, description="At most this many rows.")]
+Offset = Annotated[int, Field(ge=0, le=MAX_OFFSET, description="Skip this many rows.")]
+
 # libpq's sslmode values.
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
@@ -45,6 +312,21 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ScopeIn(ScopeStatement):
+    """One Allow statement as a request states it: printable, bounded actions and ARNs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    actions: list[ScopeAction] = Field(min_length=1, max_length=50)
+    resources: list[ResourceArn] = Field(min_length=1, max_length=50)
+
+
+# A request's scope validates as ScopeIn and is still a `ScopeStatement` to the code after it.
+Scope = Annotated[
+    ScopeStatement, GetPydanticSchema(lambda _type, handler: handler.generate_schema(ScopeIn))
+]
+
+
 class AgentCreate(Body):
     """Register an AI agent and the people answerable for it."""
 
@@ -52,14 +334,16 @@ class AgentCreate(Body):
     category: AgentCategory
     environment: Environment
     owner_email: Email
-    owner_slack_id: Annotated[str, StringConstraints(pattern=r"^[UW][A-Z0-9]{2,30}$")] | None = None
+    owner_slack_id: SlackUserId | None = None
     backup_owner_email: Email | None = None
-    team: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-    purpose: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
-    expected_end_at: datetime | None = Field(
+    team: Team
+    purpose: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), _TEXT
+    ]
+    expected_end_at: Timestamp | None = Field(
         default=None, description="When the agent's task is expected to end (timezone required)."
     )
-    invokers: list[Annotated[str, StringConstraints(min_length=1, max_length=254)]] = Field(
+    invokers: list[Principal] = Field(
         default_factory=list, max_length=100, description="Principals who may invoke the agent."
     )
 
@@ -69,43 +353,73 @@ class NhiCreate(Body):
 
     platform: Platform
     kind: NhiKind
-    scope: list[ScopeStatement] = Field(min_length=1, max_length=20)
-    ttl: int | str | None = Field(
-        default=None, description="Seconds or a duration ('30d', '12h'); policy default if unset."
-    )
-    allowed_cidrs: list[str] = Field(default_factory=list, max_length=50)
-    trust_principal: str | None = Field(
-        default=None, description="iam_role only: the agent runtime's principal ARN or service."
-    )
-    target: str | None = Field(
-        default=None,
-        max_length=63,
-        description="postgres_role only: the registered target database.",
+    scope: list[Scope] = Field(min_length=1, max_length=20)
+    ttl: Duration | None = Field(default=None, description="Policy default if unset.")
+    allowed_cidrs: list[Cidr] = Field(default_factory=list, max_length=50)
+    trust_principal: TrustPrincipal | None = None
+    target: TargetName | None = Field(
+        default=None, description="postgres_role only: the registered target database."
     )
 
 
 class PolicyIn(Body):
-    """One policy, as `nhi policies apply FILE` sends it."""
+    """One policy, as `nhi policies apply FILE` sends it. Refuses what a lifecycle could not
+    run with: every reminder before the maximum lifetime, rotation within it."""
 
     platform: Platform
     kind: NhiKind
     environment: Environment
-    allowed: bool
-    default_ttl: int | str
-    max_lifetime: int | str
-    rotation_period: int | str | None = None
-    reminder_offsets: list[int | str] = Field(default_factory=list, max_length=10)
-    grace_period: int | str = 0
-    max_session_duration: int | str = 3600
-    allow_resource_wildcard: bool = False
-    forbidden_actions: list[str] = Field(default_factory=list, max_length=200)
-    sensitive_actions: list[str] = Field(default_factory=list, max_length=200)
+    allowed: StrictBool
+    default_ttl: Duration
+    max_lifetime: Duration
+    rotation_period: Duration | None = None
+    reminder_offsets: list[Duration] = Field(
+        default_factory=list,
+        max_length=MAX_REMINDER_OFFSETS,
+        description="How long before expiry to remind the owner; each below max_lifetime.",
+    )
+    grace_period: DurationOrZero = 0
+    max_session_duration: Duration = 3600
+    allow_resource_wildcard: StrictBool = False
+    forbidden_actions: list[PolicyEntry] = Field(default_factory=list, max_length=200)
+    sensitive_actions: list[PolicyEntry] = Field(default_factory=list, max_length=200)
+    allowed_trust_accounts: list[AccountId] = Field(
+        default_factory=list,
+        max_length=100,
+        description="iam_role: other AWS accounts whose principals a role may trust.",
+    )
+    allow_service_principals: StrictBool = Field(
+        default=False, description="iam_role: whether an AWS service principal may be trusted."
+    )
+
+    @field_validator("rotation_period", "reminder_offsets")
+    @classmethod
+    def _within_max_lifetime(cls, value: Any, info: ValidationInfo) -> Any:
+        # `max_lifetime` is declared first, so it is here when valid.
+        max_lifetime = info.data.get("max_lifetime")
+        if value is None or max_lifetime is None:
+            return value
+        limit = duration_seconds(max_lifetime)
+        if info.field_name == "rotation_period" and duration_seconds(value) > limit:
+            raise PydanticCustomError("rotation_period", "must not exceed max_lifetime")
+        if info.field_name == "reminder_offsets":
+            for i, offset in enumerate(value):
+                if duration_seconds(offset) >= limit:
+                    raise PydanticCustomError(
+                        "reminder_offset",
+                        "entry {index} must be shorter than max_lifetime",
+                        {"index": i},
+                    )
+        return value
 
 
 class PolicyApply(Body):
     """A set of policies to create or replace."""
 
     policies: list[PolicyIn] = Field(min_length=1, max_length=100)
+
+
+_DSN_RE = r"^postgres(ql)?://[\x21-\x7e]{1,1000}$"
 
 
 class TargetIn(Body):
@@ -116,19 +430,21 @@ class TargetIn(Body):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     name: TargetName
-    dsn: str = Field(
-        max_length=1024,
-        description="`postgresql://admin_user@host:port/dbname`, without a password.",
+    dsn: Annotated[str, StringConstraints(max_length=1024, pattern=_DSN_RE)] = Field(
+        description="`postgresql://admin_user@host:port/dbname`, without a password "
+        "(printable ASCII, no spaces).",
     )
-    password_env: str | None = Field(
-        default=None, description="Environment variable of the worker holding the password."
-    )
-    password_secret: str | None = Field(
+    password_env: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] | (
+        None
+    ) = Field(default=None, description="Environment variable of the worker holding the password.")
+    password_secret: (
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9/_+=.@:-]{1,2048}$")] | None
+    ) = Field(
         default=None,
         description="Secrets Manager ARN or name of the password (plain, or RDS-style JSON).",
     )
     sslmode: SslMode = "prefer"
-    connection_limit: int = Field(
+    connection_limit: StrictInt = Field(
         default=10, ge=1, le=1000, description="At most this many admin connections at once."
     )
 
@@ -217,6 +533,8 @@ class PolicyOut(Out):
     allow_resource_wildcard: bool
     forbidden_actions: list[str]
     sensitive_actions: list[str]
+    allowed_trust_accounts: list[str] = Field(default_factory=list)
+    allow_service_principals: bool = False
     updated_by: str
     updated_at: datetime
 
@@ -265,3 +583,24 @@ class PromptOut(Out):
     decided_by: str | None
     decided_at: datetime | None
     created_at: datetime
+
+
+class FieldError(BaseModel):
+    """One field at fault and the rule it breaks (the value itself is never echoed)."""
+
+    field: str = Field(examples=["owner_email"])
+    message: str = Field(examples=["must be an email address such as 'ana@example.com'"])
+    type: str = Field(examples=["email"])
+
+
+class Error(BaseModel):
+    """Every error answer: what went wrong, and where the request is at fault, the field.
+
+    `detail` is always a sentence; `field` names the field at fault in dotted form
+    (`policies[0].reminder_offsets`) when one is; `errors` lists every field at fault on a
+    422 from validation.
+    """
+
+    detail: str = Field(examples=["owner_email: must be an email address such as 'ana@...'"])
+    field: str | None = Field(default=None, examples=["owner_email"])
+    errors: list[FieldError] | None = None

@@ -3,7 +3,10 @@
 Callers present a bearer token: an API token issued by this service (`nhi_...`, stored only as
 a SHA-256 hash) or a JWT from the company's OIDC provider. Both become a `Principal`; the rules
 below decide per action. Owner rights come from being an agent's owner or backup owner, by
-email, whatever the role.
+email, whatever the role, except `auditor`: an auditor's credential is read-only.
+
+What a caller may not see answers 404 exactly like what does not exist, so ids cannot be
+probed; 403 is kept for what a caller can see but not do.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models.enums import Role
-from models.orm import Agent, ApiToken
+from models.orm import Agent, ApiToken, Nhi
 from nhi import audit
 from nhi.config import Settings
 from nhi.policy import RuleViolation, parse_ttl
 
 TOKEN_PREFIX = "nhi_"  # noqa: S105 - a marker, not a secret
 MAX_TOKEN_LIFETIME = timedelta(days=366)
-_READ_ALL = frozenset({Role.AUDITOR, Role.SECURITY, Role.ADMIN})
+# An approver judges a request by the agent's whole footprint, so it reads what it decides on.
+_READ_ALL = frozenset({Role.AUDITOR, Role.SECURITY, Role.ADMIN, Role.APPROVER})
 
 
 class Unauthenticated(Exception):
@@ -39,6 +43,14 @@ class Forbidden(Exception):
     """Authenticated, but not allowed: 403 with the reason."""
 
 
+def _not_visible(what: str) -> Exception:
+    """The inventory's NotFound (404), worded exactly like a missing object. Imported here, not
+    at module level, because nhi.inventory imports this module."""
+    from nhi.inventory import NotFound
+
+    return NotFound(f"{what} not found")
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller."""
@@ -46,7 +58,8 @@ class Principal:
     name: str
     kind: str  # "token" or "oidc"
     roles: frozenset[Role]
-    teams: frozenset[str] | None = None  # None: every team
+    # The teams a platform caller acts for; empty acts for no team, never for all.
+    teams: frozenset[str] = frozenset()
     email: str | None = None
 
     @property
@@ -54,16 +67,23 @@ class Principal:
         """How the audit trail names this caller."""
         return f"{self.kind}:{self.name}"
 
+    @property
+    def person(self) -> str:
+        """The human behind the credential, for four-eyes: two credentials of one email are
+        one person. Without an email, the OIDC subject (or the token) is the person."""
+        return person_key(self.email, self.actor)
+
     def has(self, *roles: Role) -> bool:
         return bool(self.roles & set(roles))
 
     def acts_for(self, team: str) -> bool:
         """A platform caller's team restriction."""
-        return self.has(Role.PLATFORM) and (self.teams is None or team in self.teams)
+        return self.has(Role.PLATFORM) and team in self.teams
 
     def owns(self, agent: Agent) -> bool:
-        """Owner rights: the agent's owner or backup owner."""
-        if not self.email:
+        """Owner rights: the agent's owner or backup owner, by email. Never through an
+        auditor's credential, which reads and changes nothing."""
+        if not self.email or self.has(Role.AUDITOR):
             return False
         owners = {agent.owner_email.lower()}
         if agent.backup_owner_email:
@@ -75,6 +95,11 @@ class Principal:
 
     def can_read(self, agent: Agent) -> bool:
         return self.reads_everything() or self.acts_for(agent.team) or self.owns(agent)
+
+
+def person_key(email: str | None, actor: str) -> str:
+    """`email:<address>` when an email is known, else the actor (`oidc:<subject>`, `token:...`)."""
+    return f"email:{email.lower()}" if email else actor
 
 
 # ---- the rules, one per kind of action -------------------------------------------------------
@@ -92,19 +117,29 @@ def require_role(p: Principal, *roles: Role) -> None:
 
 
 def require_read(p: Principal, agent: Agent) -> None:
-    require(
-        p.can_read(agent),
-        f"{p.actor} may not see agent {agent.name}: not its owner, not platform for team "
-        f"{agent.team}, not auditor/security/admin",
-    )
+    """404, worded like a missing agent, unless `p` may see `agent`: not its owner, not
+    platform for its team, not a reader of everything."""
+    if not p.can_read(agent):
+        raise _not_visible(f"agent {agent.id}")
 
 
-def require_team(p: Principal, team: str) -> None:
+def require_visible_nhi(p: Principal, nhi_id: object, agent: Agent) -> None:
+    """404, worded like a missing NHI, unless `p` may see the NHI's agent."""
+    if not p.can_read(agent):
+        raise _not_visible(f"nhi {nhi_id}")
+
+
+def require_team(p: Principal, team: str, agent: Agent | None = None) -> None:
+    """Platform for `team`; when acting on an existing `agent`, 404 first if it is not even
+    visible to `p`."""
+    if agent is not None:
+        require_read(p, agent)
     require(p.acts_for(team), f"{p.actor} is not platform for team {team}")
 
 
 def require_owner(p: Principal, agent: Agent, *, security_may: bool = False) -> None:
-    """Owner rights, or (for containment) the security role."""
+    """Owner rights, or (for containment) the security role; 404 if `p` cannot see `agent`."""
+    require_read(p, agent)
     if security_may and p.has(Role.SECURITY):
         return
     require(
@@ -112,6 +147,18 @@ def require_owner(p: Principal, agent: Agent, *, security_may: bool = False) -> 
         f"{p.actor} is not the owner or backup owner of agent {agent.name}"
         + (" (nor security)" if security_may else ""),
     )
+
+
+def authorize_decision(session: Session, p: Principal, nhi: Nhi) -> Nhi:
+    """Who may approve or deny `nhi`: 404 if `p` cannot see it, 403 unless `p` is an approver
+    and a different person from the requester (by email or OIDC subject, not by credential)."""
+    require_visible_nhi(p, nhi.id, nhi.agent)
+    require_role(p, Role.APPROVER)
+    require(
+        nhi.requested_by != p.actor and person_of_actor(session, nhi.requested_by) != p.person,
+        f"{p.actor} requested this NHI (or is the person who did) and cannot decide on it",
+    )
+    return nhi
 
 
 # ---- API tokens ------------------------------------------------------------------------------
@@ -137,6 +184,9 @@ def issue_token(
     seconds = parse_ttl(ttl)
     if timedelta(seconds=seconds) > MAX_TOKEN_LIFETIME:
         raise RuleViolation("ttl", "a token lives at most 366 days")
+    if role is Role.PLATFORM and not teams:
+        # A platform token without teams used to act for every team: name them instead.
+        raise RuleViolation("teams", "a platform token must name at least one team it acts for")
     if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
         raise RuleViolation("name", f"a token named {name!r} already exists")
     plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -197,9 +247,20 @@ def principal_from_token(session: Session, token: str) -> Principal:
         name=row.name,
         kind="token",
         roles=frozenset({Role(row.role)}),
-        teams=frozenset(row.teams) if row.teams is not None else None,
+        # A token issued before teams were required (teams NULL) acts for no team.
+        teams=frozenset(row.teams or ()),
         email=row.email,
     )
+
+
+def person_of_actor(session: Session, actor: str) -> str:
+    """The person behind an audit actor: an API token's email when it has one, else the actor
+    itself (an OIDC subject carries no email once recorded)."""
+    kind, _, name = actor.partition(":")
+    if kind == "token":
+        email = session.scalar(select(ApiToken.email).where(ApiToken.name == name))
+        return person_key(email, actor)
+    return actor
 
 
 # ---- OIDC ------------------------------------------------------------------------------------

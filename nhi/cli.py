@@ -38,12 +38,21 @@ def _stored_token() -> str | None:
 class Api:
     """HTTP calls to the nhi-lifecycle API with errors turned into one-line messages."""
 
-    def __init__(self, base_url: str, token: str | None) -> None:
+    def __init__(
+        self, base_url: str, token: str | None, idempotency_key: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(base_url=self.base_url, timeout=30.0, headers=headers)
+        self._idempotency_key = idempotency_key
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self._idempotency_key and method.upper() != "GET":
+            # Re-running the same command with the same key is answered, not applied twice.
+            kwargs["headers"] = {
+                **kwargs.get("headers", {}),
+                "Idempotency-Key": self._idempotency_key,
+            }
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.HTTPError:
@@ -89,10 +98,24 @@ pass_ctx = click.make_pass_decorator(Ctx)
     default=None,
     help="API token or OIDC JWT (default: NHI_TOKEN, then the file `nhi login` wrote).",
 )
+@click.option(
+    "--idempotency-key",
+    envvar="NHI_IDEMPOTENCY_KEY",
+    default=None,
+    help="Sent as Idempotency-Key on the command's state-changing call: repeating the command "
+    "with the same key is applied once.",
+)
 @click.pass_context
-def cli(ctx: click.Context, as_json: bool, api_url: str | None, token: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    as_json: bool,
+    api_url: str | None,
+    token: str | None,
+    idempotency_key: str | None,
+) -> None:
     """Govern the non-human identities your AI agents use."""
-    ctx.obj = Ctx(Api(api_url or get_settings().api_url, token or _stored_token()), as_json)
+    api = Api(api_url or get_settings().api_url, token or _stored_token(), idempotency_key)
+    ctx.obj = Ctx(api, as_json)
 
 
 # ---- agents ---------------------------------------------------------------------------------
@@ -599,8 +622,8 @@ def targets() -> None:
 @click.option(
     "--sslmode",
     type=click.Choice(["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]),
-    default="prefer",
-    show_default=True,
+    default=None,
+    help="Default: verify-full (prefer when the service runs with NHI_DEV_MODE).",
 )
 @click.option(
     "--connection-limit",
@@ -616,7 +639,7 @@ def targets_add(
     dsn: str,
     password_env: str | None,
     password_secret: str | None,
-    sslmode: str,
+    sslmode: str | None,
     connection_limit: int,
 ) -> None:
     """Register a target; its admin password stays in the environment or the secret store."""
@@ -633,9 +656,10 @@ def targets_add(
     body: dict[str, Any] = {
         "name": name,
         "dsn": dsn,
-        "sslmode": sslmode,
         "connection_limit": connection_limit,
     }
+    if sslmode:
+        body["sslmode"] = sslmode
     if password_env:
         body["password_env"] = password_env
     if password_secret:

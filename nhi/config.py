@@ -117,6 +117,75 @@ class Settings(BaseSettings):
         ge=60,
         description="How often a `revoke_failed` NHI's removal is tried again.",
     )
+    revoke_alert_seconds: int = Field(
+        default=300,
+        ge=30,
+        le=86400,
+        description="A removal still failing after this long makes the NHI `revoke_failed` and "
+        "alerts the owner and the security channel once (retries go on every "
+        "`NHI_REVOKE_RETRY_SECONDS`).",
+    )
+    # --- settings: lifecycle (issue 11/12 helpers insert below this line) ---
+    # --- settings: ops ---
+    worker_http_host: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's health and metrics server binds to (`0.0.0.0` in a "
+        "container, so probes and Prometheus reach it).",
+    )
+    worker_http_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="Port of the worker's `/healthz`, `/readyz` and `/metrics`; 0 turns the "
+        "server (and the Temporal SDK metrics it serves) off.",
+    )
+    metrics_refresh_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How often the API recomputes the inventory gauges of `/metrics` (one "
+        "background query; never per scrape).",
+    )
+    # --- settings: api ---
+    api_update_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="How long an API call waits for a lifecycle to accept an action; past it "
+        "the call answers 503 and the action is never applied later.",
+    )
+    # --- settings: sweeps ---
+    sweep_preactive_seconds: int = Field(
+        default=3600,
+        ge=300,
+        le=7 * 86400,
+        description="An NHI still `requested` or `provisioning` this long after its request, "
+        "with no running provisioning workflow, is re-driven or cleaned up by the sweep.",
+    )
+    # --- settings: targets and auth ---
+    target_secret_prefix: str = Field(
+        default="nhi-targets/",
+        pattern=r"^[A-Za-z0-9/_+=.@-]+/$",
+        description="Secrets Manager name prefix a target's admin password must be under "
+        "(never the delivery prefix `NHI_SECRET_PREFIX`).",
+    )
+    target_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='JSON list of host patterns (`fnmatch`, e.g. `["*.db.internal"]`) a '
+        "registered Postgres target may point at. Empty: no target can be registered "
+        "through the API.",
+    )
+    dev_mode: bool = Field(
+        default=False,
+        description="Set by `nhi dev`: relaxes production-only checks (targets may use an "
+        "sslmode other than `verify-full`). Never set in production.",
+    )
+    aws_account_id: str | None = Field(
+        default=None,
+        pattern=r"^\d{12}$",
+        description="This service's own AWS account, whose principals an `iam_role` may always "
+        "trust. Unset: learned once from `sts:GetCallerIdentity`.",
+    )
     sweep_interval_seconds: int = Field(
         default=86400, ge=300, description="How often the scheduled sweep of each provider runs."
     )
@@ -221,6 +290,26 @@ class Settings(BaseSettings):
             if value.startswith(plain):
                 return "postgresql+psycopg://" + value[len(plain) :]
         return value
+
+    @model_validator(mode="after")
+    def _target_passwords_never_delivered_secrets(self) -> Settings:
+        # A target's admin password is sent to the target's host: were it read from under the
+        # delivery prefix, a target could carry an agent's credential away.
+        from nhi.targets import prefixes_overlap, secret_name, under_prefix
+
+        if prefixes_overlap(self.target_secret_prefix, self.secret_prefix):
+            raise ValueError(
+                "target_secret_prefix: must not be, contain or lie under NHI_SECRET_PREFIX "
+                "(the delivery prefix)"
+            )
+        for name, target in self.postgres_targets.items():
+            where = secret_name(target.password_secret or "")
+            if target.password_secret and (not where or under_prefix(where, self.secret_prefix)):
+                raise ValueError(
+                    f"postgres_targets.{name}.password_secret: must not name a secret under "
+                    "NHI_SECRET_PREFIX (the delivery prefix)"
+                )
+        return self
 
     def require_database_url(self) -> str:
         """The database URL, or a clear error for entrypoints that cannot start without one."""

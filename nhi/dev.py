@@ -39,7 +39,8 @@ READY_TIMEOUT = 60.0
 # an admin role with CREATEROLE (not superuser) that may pass on read and write on `docs`.
 DEMO_TARGET = "demo"
 DEMO_DATABASE = "nhi_demo"
-DEMO_ADMIN_VAR = "NHI_DEV_DEMO_ADMIN_PASSWORD"  # the variable holding its admin password
+# The variable holding its admin password: target passwords come only from NHI_TARGET_PASSWORD_*.
+DEMO_ADMIN_VAR = "NHI_TARGET_PASSWORD_DEMO"
 DEMO_SQL = """
 DO $$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nhi_admin') THEN
@@ -199,6 +200,11 @@ def _demo_target(embedded: EmbeddedPostgres, env: dict[str, str]) -> None:
     )
     env["NHI_POSTGRES_TARGETS"] = json.dumps(targets)
     env.setdefault(DEMO_ADMIN_VAR, secrets.token_urlsafe(16))
+    # Targets an admin registers locally may point at this machine: its loopback names and the
+    # embedded server's socket directory (dev mode also lets them skip verify-full).
+    env.setdefault(
+        "NHI_TARGET_ALLOWED_HOSTS", json.dumps(["localhost", "127.0.0.1", "::1", str(host)])
+    )
 
 
 def _admin_token(db_url: str, data_dir: Path) -> str:
@@ -306,6 +312,7 @@ def run_dev(settings: Settings) -> int:
         if embedded is not None:
             _demo_target(embedded, env)
         env.update(
+            NHI_DEV_MODE="true",
             NHI_DATABASE_URL=db_url,
             NHI_AWS_ENDPOINT_URL=aws_endpoint,
             NHI_AWS_REGION=settings.aws_region,

@@ -63,7 +63,12 @@ class NotFound(LookupError):
 
 
 class Conflict(RuntimeError):
-    """The request clashes with the current state."""
+    """The request clashes with the current state; `field` names the request field it concerns
+    (a duplicate `name`), when one does."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def rules_of(policy: Policy) -> PolicyRules:
@@ -125,7 +130,8 @@ def create_agent(session: Session, body: AgentCreate, actor: str) -> Agent:
         session.flush()
     except IntegrityError:
         raise Conflict(
-            f"name: an agent named {body.name!r} already exists in {body.environment.value}"
+            f"name: an agent named {body.name!r} already exists in {body.environment.value}",
+            field="name",
         ) from None
     audit.record(
         session,
@@ -319,6 +325,22 @@ def fail_start(session: Session, nhi_id: uuid.UUID, actor: str, reason: str) -> 
     )
 
 
+def record_containment(
+    session: Session, nhi_id: uuid.UUID, actor: str, reason: str, path: str
+) -> None:
+    """Audit how a decommission reached the NHI: through its running lifecycle (`update`), or a
+    new run started from the inventory (`fresh_lifecycle`, `restarted_lifecycle`)."""
+    audit.record(
+        session,
+        subject_type="nhi",
+        subject_id=nhi_id,
+        event="nhi.decommission_requested",
+        actor=actor,
+        reason=reason,
+        details={"path": path},
+    )
+
+
 def get_nhi(session: Session, nhi_id: uuid.UUID) -> Nhi:
     """One NHI, or NotFound."""
     nhi = session.get(Nhi, nhi_id)
@@ -505,7 +527,9 @@ def add_target(session: Session, settings: Settings, body: TargetIn, actor: str)
     existing = find_target(session, settings, body.name)
     if existing is not None:
         where = "in settings (NHI_POSTGRES_TARGETS)" if existing.source == "settings" else ""
-        raise Conflict(f"name: a target named {body.name!r} already exists {where}".rstrip())
+        raise Conflict(
+            f"name: a target named {body.name!r} already exists {where}".rstrip(), field="name"
+        )
     row = Target(
         name=body.name,
         host=parsed.host,
@@ -522,7 +546,7 @@ def add_target(session: Session, settings: Settings, body: TargetIn, actor: str)
         session.flush()
     except IntegrityError:
         # Registered concurrently, between the check above and this insert.
-        raise Conflict(f"name: a target named {body.name!r} already exists") from None
+        raise Conflict(f"name: a target named {body.name!r} already exists", field="name") from None
     session.refresh(row)
     spec = target_spec(row)
     audit.record(

@@ -198,6 +198,47 @@ def validate_trust_principal(kind: NhiKind, principal: str | None) -> str | None
     return None
 
 
+def principal_account(principal: str) -> str | None:
+    """The account of an IAM/STS principal ARN (`arn:aws:iam::<account>:...`); None for a
+    service principal, "" for anything else."""
+    if _SERVICE_PRINCIPAL_RE.fullmatch(principal):
+        return None
+    parts = principal.split(":")
+    return parts[4] if len(parts) > 5 else ""
+
+
+def check_trust_account(
+    principal: str,
+    *,
+    own_account: str,
+    allowed_accounts: list[str],
+    allow_service_principals: bool,
+    label: str,
+) -> None:
+    """Whom an `iam_role` may trust: principals of this service's own account or of an account
+    the policy names; an AWS service principal only if the policy allows them. Anything else
+    (another account's root above all) would hand the role to someone outside.
+
+    Raises:
+        RuleViolation: naming `trust_principal`.
+    """
+    account = principal_account(principal)
+    if account is None:
+        if not allow_service_principals:
+            raise RuleViolation(
+                "trust_principal",
+                f"service principal {principal!r} is not allowed by the {label} policy "
+                "(allow_service_principals)",
+            )
+        return
+    if account != own_account and account not in allowed_accounts:
+        raise RuleViolation(
+            "trust_principal",
+            f"account {account} is neither this service's account nor one the {label} policy "
+            "allows (allowed_trust_accounts)",
+        )
+
+
 def identity_name(prefix: str, agent_name: str, nhi_id: uuid.UUID) -> str:
     """Deterministic, IAM-safe (<= 64 chars) name: retries find what an earlier try made.
     (Postgres roles are named by `nhi.pg_grants.group_name`.)"""

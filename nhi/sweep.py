@@ -49,6 +49,7 @@ class InventoryItem:
     supervised: bool = True
     target: str | None = None
     granted_scope: tuple[ScopeStatement, ...] = ()
+    activated_at: datetime | None = None
 
 
 @dataclass
@@ -154,13 +155,17 @@ def classify(
                 )
             )
     for item in inventory:
-        if item.status == "active" and item.name not in on_platform:
+        # Callers pass only what a complete listing covered (an unreachable target's NHIs are
+        # left out), so absence here is absence on the platform. An identity activated within
+        # the propagation window may simply not be listed yet (IAM lags).
+        just_made = item.activated_at is not None and now - item.activated_at < rules.propagation
+        if item.status == "active" and item.name not in on_platform and not just_made:
             findings.append(
                 _about(
                     item,
                     FindingKind.MISSING,
                     "active in the inventory, gone from the platform",
-                    "mark and alert",
+                    "mark missing, alert the owner and security, stop its lifecycle",
                 )
             )
     order = list(FindingKind)

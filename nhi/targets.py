@@ -1,6 +1,16 @@
 """Registered Postgres targets: where `postgres_role` NHIs are created, and how to reach them
 as an admin. The admin password is resolved when needed, from the environment or the secret
-store, and never stored in the inventory."""
+store, and never stored in the inventory.
+
+A target is a place the worker sends an admin password to, so registering one must not be a
+way to read a secret: the password comes only from a secret under `NHI_TARGET_SECRET_PREFIX`
+or a variable named `NHI_TARGET_PASSWORD_*`, the host must match `NHI_TARGET_ALLOWED_HOSTS`,
+and the connection must verify the server (`sslmode=verify-full`) outside dev mode. The API
+checks this when a target is registered and the worker again right before it connects
+(`check_target`), so a row written before these rules, or edited in the database, cannot be
+abused either. Targets in `NHI_POSTGRES_TARGETS` are the operator's deploy-time word and are
+trusted for host, sslmode and variable, but still can never name a delivered credential.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -66,6 +77,10 @@ class TargetResolver(Protocol):
 
 class UnknownTarget(LookupError):
     """No target of that name is registered (or its admin password cannot be resolved)."""
+
+
+class TargetRefused(UnknownTarget):
+    """A target breaks the rules on hosts, password sources or TLS: the worker never connects."""
 
 
 # ---- pure helpers: DSNs and password references (shared by the API, the CLI and settings) ----
@@ -193,6 +208,106 @@ def password_ref(password_env: str | None, password_secret: str | None) -> str:
     ):
         raise RuleViolation("password_secret", "is not a Secrets Manager ARN or secret name")
     return f"secret:{password_secret}"
+
+
+# ---- what a target may be: hosts, password sources, TLS ---------------------------------------
+
+TARGET_PASSWORD_ENV_PREFIX = "NHI_TARGET_PASSWORD_"  # noqa: S105 - a name prefix, not a secret
+_TARGET_ENV_RE = re.compile(r"^NHI_TARGET_PASSWORD_[A-Za-z0-9_]{1,200}$")
+REQUIRED_SSLMODE = "verify-full"
+
+
+def secret_name(where: str) -> str:
+    """The secret's NAME in a `password_secret` (an ARN's part after `:secret:`, or the name)."""
+    if where.startswith("arn:"):
+        return where.split(":secret:", 1)[1] if ":secret:" in where else ""
+    return where
+
+
+def under_prefix(name: str, prefix: str) -> bool:
+    """Whether a secret name lies under a prefix. Case-insensitively, to refuse on the safe
+    side: whether a store matches names by case is its business, not ours."""
+    return name.lower().startswith(prefix.lower())
+
+
+def prefixes_overlap(a: str, b: str) -> bool:
+    """Two secret prefixes of which one contains the other."""
+    return under_prefix(a, b) or under_prefix(b, a)
+
+
+def host_allowed(host: str, patterns: list[str]) -> bool:
+    """`host` (a name, an address, or a Unix socket directory's absolute path) matches one of
+    `patterns` (`fnmatch`, case-insensitive). A socket directory matches only patterns that
+    are themselves absolute paths: `localhost` does not allow any socket on the worker's
+    machine, `/var/run/postgresql` allows exactly that directory."""
+    wanted = host.lower()
+    for pattern in patterns:
+        pattern = pattern.strip().lower()
+        if not pattern or wanted.startswith("/") != pattern.startswith("/"):
+            continue
+        if fnmatchcase(wanted, pattern):
+            return True
+    return False
+
+
+def check_password_source(settings: Settings, ref: str, *, trusted: bool = False) -> None:
+    """Where a target's admin password may come from.
+
+    Never a secret under the delivery prefix (`NHI_SECRET_PREFIX`: other NHIs' credentials),
+    whoever defined the target. Unless `trusted` (a target from settings): a secret only under
+    `NHI_TARGET_SECRET_PREFIX`, a variable only named `NHI_TARGET_PASSWORD_*`.
+
+    Raises:
+        RuleViolation: naming `password_secret` or `password_env` and the rule.
+    """
+    kind, _, where = ref.partition(":")
+    if kind == "secret":
+        name = secret_name(where)
+        if not name or under_prefix(name, settings.secret_prefix):
+            raise RuleViolation(
+                "password_secret",
+                f"must not name a secret under the delivery prefix {settings.secret_prefix!r} "
+                "(NHI_SECRET_PREFIX: credentials delivered to agents)",
+            )
+        if not trusted and not name.startswith(settings.target_secret_prefix):
+            raise RuleViolation(
+                "password_secret",
+                f"must name a secret under {settings.target_secret_prefix!r} "
+                "(NHI_TARGET_SECRET_PREFIX); when given as an ARN, its secret name",
+            )
+        return
+    if kind == "env":
+        if not trusted and not _TARGET_ENV_RE.fullmatch(where):
+            raise RuleViolation(
+                "password_env",
+                f"must be a variable named {TARGET_PASSWORD_ENV_PREFIX}<NAME> "
+                "(only those hold target admin passwords)",
+            )
+        return
+    raise RuleViolation("password_env", "the password reference is not env:... or secret:...")
+
+
+def check_target(
+    settings: Settings, host: str, ref: str, sslmode: str, *, trusted: bool = False
+) -> None:
+    """Every rule a target must meet before a password is sent to it (see the module doc).
+
+    Raises:
+        RuleViolation: naming the field (`dsn`, `password_secret`, `password_env`, `sslmode`).
+    """
+    check_password_source(settings, ref, trusted=trusted)
+    if trusted:
+        return
+    if not host_allowed(host, settings.target_allowed_hosts):
+        allowed = ", ".join(settings.target_allowed_hosts) or "none: the list is empty"
+        raise RuleViolation(
+            "dsn",
+            f"host {host!r} is not allowed for targets (NHI_TARGET_ALLOWED_HOSTS: {allowed})",
+        )
+    if sslmode != REQUIRED_SSLMODE and not settings.dev_mode:
+        raise RuleViolation(
+            "sslmode", f"must be {REQUIRED_SSLMODE} (the server's certificate and name verified)"
+        )
 
 
 # ---- lookup: the `targets` table and settings, with or without the password -----------------
@@ -375,8 +490,24 @@ class TargetRegistry:
         return spec
 
     def get(self, name: str) -> TargetConnection:
-        """The target's admin connection with its password resolved now."""
+        """The target's admin connection with its password resolved now, only if the target
+        still meets the rules (`check_target`): this is the last check before a connection.
+
+        Raises:
+            TargetRefused: the target breaks a rule; nothing was resolved.
+            UnknownTarget: no such target, or its password cannot be found.
+        """
         spec = self.spec(name)
+        try:
+            check_target(
+                self._settings,
+                spec.host,
+                spec.password_ref,
+                spec.sslmode,
+                trusted=spec.source == "settings",
+            )
+        except RuleViolation as err:
+            raise TargetRefused(f"target {name} is refused: {err}") from None
         return TargetConnection(
             name=spec.name,
             host=spec.host,

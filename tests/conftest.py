@@ -111,6 +111,9 @@ def settings(database_url: str, moto_url: str) -> Settings:
         aws_endpoint_url=moto_url,
         aws_region="us-east-1",
         temporal_task_queue=f"nhi-test-{uuid.uuid4().hex[:8]}",
+        # The suite's Postgres clusters listen on loopback without TLS, as `nhi dev` does.
+        target_allowed_hosts=["127.0.0.1", "localhost", "db", "db.internal"],
+        dev_mode=True,
     )
 
 

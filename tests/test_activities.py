@@ -100,3 +100,64 @@ def test_remove_identity_removes_everything_and_is_repeatable(
         aws.secrets.describe_secret(SecretId=plan.secret_name)
     again = env.run(acts.delete, RemoveIdentity(plan=plan, force_delete_secret=True))
     assert again.removed == []
+
+
+def _ssh_key_and_certificate(user: str) -> tuple[str, str]:
+    """An SSH public key and a self-signed signing certificate, as a person might upload."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ssh = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return ssh.decode(), cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_user_removal_takes_every_credential_first_and_its_deny_last(
+    settings: Settings, aws: AwsClients
+) -> None:
+    """What AWS's DeleteUser refuses to delete around (console password, keys, certificates,
+    SSH keys, groups, policies) goes, the quarantine's deny-all last of the policies."""
+    env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
+    plan = _plan(settings, NhiKind.IAM_USER_KEY)
+    user = plan.identity_name
+    env.run(acts.ensure_user, plan)
+    env.run(acts.issue_access_key, plan)
+    env.run(acts.disable, plan)
+    ssh, cert = _ssh_key_and_certificate(user)
+    ssh_id = aws.iam.upload_ssh_public_key(UserName=user, SSHPublicKeyBody=ssh)["SSHPublicKey"][
+        "SSHPublicKeyId"
+    ]
+    cert_id = aws.iam.upload_signing_certificate(UserName=user, CertificateBody=cert)[
+        "Certificate"
+    ]["CertificateId"]
+    group = f"outside-{uuid.uuid4().hex[:8]}"
+    aws.iam.create_group(GroupName=group)
+    aws.iam.add_user_to_group(GroupName=group, UserName=user)
+
+    removed = env.run(acts.delete, RemoveIdentity(plan=plan, force_delete_secret=True)).removed
+    assert f"ssh public key {ssh_id}" in removed
+    assert f"signing certificate {cert_id}" in removed
+    assert f"group membership {group}" in removed
+    assert removed[-3:] == [
+        "inline policy nhi-quarantine",
+        f"user {user}",
+        f"secret {plan.secret_name}",
+    ]
+    with pytest.raises(aws.iam.exceptions.NoSuchEntityException):
+        aws.iam.get_user(UserName=user)

@@ -1,240 +1,41 @@
-"""Authentication and authorization: every /v1 endpoint for every role, bad credentials, OIDC."""
+"""Authentication and authorization: bad credentials, OIDC, teams, four-eyes by person, trust
+accounts, and 404 for what a caller may not see. (Every operation for every role:
+tests/test_authz_matrix.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
 import pytest_asyncio
+import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 
 from api.app import create_app
+from models.contracts import ApprovalDecision
 from models.enums import Role
-from models.orm import Agent, ApiToken, AuditEvent, Nhi, Policy, Prompt, Sweep, Target
-from nhi.auth import issue_token
-from nhi.aws import AwsClients
+from models.orm import ApiToken, AuditEvent, Nhi
+from nhi.auth import hash_token, issue_token
 from nhi.db import transaction
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, ApiServer, agent_body, bearer, eventually, unique
-
-OWNER = "owner@example.com"
-PRINCIPALS: dict[str, tuple[str, list[str] | None, str | None]] = {
-    "platform": ("platform", ["search"], "plat@example.com"),
-    "platform_other_team": ("platform", ["billing"], "other@example.com"),
-    "owner": ("platform", ["nowhere"], OWNER),  # owner rights come from the email alone
-    "approver": ("approver", None, "appr@example.com"),
-    "security": ("security", None, "sec@example.com"),
-    "auditor": ("auditor", None, "aud@example.com"),
-    "admin": ("admin", None, "adm@example.com"),
-}
-ALL = frozenset(PRINCIPALS)
-READERS = frozenset({"platform", "owner", "security", "auditor", "admin"})
-
-# (method, path template, body maker, who may) for every /v1 endpoint.
-Case = tuple[str, str, Any, frozenset[str]]
-CASES: list[Case] = [
-    ("GET", "/v1/whoami", None, ALL),
-    ("GET", "/v1/agents", None, ALL),
-    ("POST", "/v1/agents", lambda w: agent_body(owner_email=OWNER), frozenset({"platform"})),
-    ("GET", "/v1/agents/{agent}", None, READERS),
-    ("POST", "/v1/agents/{agent}/nhis",
-     lambda w: {"platform": "aws", "kind": "iam_role", "scope": ROLE_SCOPE, "trust_principal": TRUST},
-     frozenset({"platform"})),
-    ("POST", "/v1/agents/{agent}/complete", lambda w: {"reason": "matrix"}, frozenset({"platform", "owner", "security"})),
-    ("GET", "/v1/nhis", None, ALL),
-    ("GET", "/v1/nhis/{nhi}", None, READERS),
-    ("GET", "/v1/nhis/{nhi}/events", None, READERS),
-    ("GET", "/v1/nhis/{nhi}/lifecycle", None, READERS),
-    ("POST", "/v1/nhis/{nhi}/approve", lambda w: {"reason": "ok"}, frozenset({"approver"})),
-    ("POST", "/v1/nhis/{nhi}/deny", lambda w: {"reason": "no"}, frozenset({"approver"})),
-    ("POST", "/v1/nhis/{nhi}/renew", lambda w: {}, frozenset({"owner"})),
-    ("POST", "/v1/nhis/{nhi}/rotate", lambda w: {}, frozenset({"owner", "security"})),
-    ("POST", "/v1/nhis/{nhi}/decommission", lambda w: {}, frozenset({"owner", "security"})),
-    ("POST", "/v1/nhis/{nhi}/restore", lambda w: {}, frozenset({"owner"})),
-    ("GET", "/v1/policies", None, ALL),
-    ("PUT", "/v1/policies",
-     lambda w: {"policies": [{"platform": "aws", "kind": "iam_role", "environment": "staging", "allowed": True,
-                              "default_ttl": "30d", "max_lifetime": "90d"}]},
-     frozenset({"admin"})),
-    ("GET", "/v1/prompts", None, ALL),
-    ("POST", "/v1/prompts/{prompt}/answer", lambda w: {"answer": "renew"}, frozenset({"owner"})),
-    ("GET", "/v1/tokens", None, frozenset({"admin", "security", "auditor"})),
-    ("POST", "/v1/tokens", lambda w: {"name": unique("tok"), "role": "auditor", "ttl": "1d"}, frozenset({"admin"})),
-    ("POST", "/v1/tokens/{token}/revoke", None, frozenset({"admin"})),
-    ("POST", "/v1/sweeps", lambda w: {"dry_run": True}, frozenset({"security"})),
-    ("GET", "/v1/sweeps", None, frozenset({"security", "auditor", "admin"})),
-    ("GET", "/v1/sweeps/{sweep}", None, frozenset({"security", "auditor", "admin"})),
-    ("GET", "/v1/targets", None,
-     frozenset({"platform", "platform_other_team", "owner", "security", "auditor", "admin"})),
-    ("POST", "/v1/targets",
-     lambda w: {"name": unique("tgt"), "dsn": "postgresql://nhi_admin@db:5432/app", "password_env": "PW"},
-     frozenset({"admin"})),
-    ("DELETE", "/v1/targets/{target}", None, frozenset({"admin"})),
-]  # fmt: skip
-
-
-def _world(sessions: sessionmaker[Session]) -> dict[str, str]:
-    """An agent of team `search` owned by OWNER, an active NHI (no workflow), an open prompt,
-    and a token to revoke: straight in the database."""
-    now = datetime.now(UTC)
-    with transaction(sessions) as s:
-        agent = Agent(
-            name=unique("authz"), category="rag", environment="dev", owner_email=OWNER,
-            team="search", purpose="matrix", invokers=[], status="active", created_by="test",
-        )  # fmt: skip
-        s.add(agent)
-        s.flush()
-        nhi_id = uuid.uuid4()
-        nhi = Nhi(
-            id=nhi_id, agent_id=agent.id, platform="aws", kind="iam_role", name=f"nhi-authz-{nhi_id.hex}",
-            granted_scope=ROLE_SCOPE, allowed_cidrs=[], status="active", requested_by="test",
-            expires_at=now + timedelta(days=5), max_lifetime_at=now + timedelta(days=90),
-        )  # fmt: skip
-        s.add(nhi)
-        s.flush()
-        prompt = Prompt(
-            nhi_id=nhi_id,
-            kind="reminder",
-            for_expires_at=nhi.expires_at,
-            offset_seconds=86400,
-            deliveries=[],
-        )
-        s.add(prompt)
-        sweep = Sweep(
-            provider="aws",
-            dry_run=True,
-            triggered_by="test",
-            workflow_id=unique("sweep-wf"),
-            status="completed",
-            summary={},
-            findings=[],
-        )
-        s.add(sweep)
-        target = Target(
-            name=unique("tgt"), host="db", port=5432, dbname="app", admin_user="nhi_admin",
-            password_ref="env:PW", created_by="test",
-        )  # fmt: skip
-        s.add(target)
-        row, _ = issue_token(
-            s,
-            name=unique("victim"),
-            role=__import__("models.enums", fromlist=["Role"]).Role.AUDITOR,
-            ttl="1d",
-            created_by="test",
-        )
-        s.flush()
-        return {
-            "agent": str(agent.id),
-            "nhi": str(nhi_id),
-            "prompt": str(prompt.id),
-            "token": row.name,
-            "token_id": str(row.id),
-            "agent_name": agent.name,
-            "sweep": str(sweep.id),
-            "target": target.name,
-        }
-
-
-def _snapshot(
-    sessions: sessionmaker[Session], aws: AwsClients, iam_path: str, world: dict[str, str]
-) -> tuple[Any, ...]:
-    """Everything a call on this world could change (other tests' workflows may still be
-    writing elsewhere)."""
-    subjects = [world["agent"], world["nhi"], world["token_id"], world["target"]]
-    with transaction(sessions) as s:
-        state = (
-            s.scalar(select(func.count()).select_from(Agent)),
-            s.scalar(select(func.count()).select_from(ApiToken)),
-            s.scalar(
-                select(func.count())
-                .select_from(AuditEvent)
-                .where(AuditEvent.subject_id.in_(subjects))
-            ),
-            s.scalar(
-                select(func.count())
-                .select_from(Nhi)
-                .where(Nhi.agent_id == uuid.UUID(world["agent"]))
-            ),
-            s.scalar(select(Agent.status).where(Agent.id == uuid.UUID(world["agent"]))),
-            s.scalar(select(Nhi.status).where(Nhi.id == uuid.UUID(world["nhi"]))),
-            s.scalar(select(Prompt.status).where(Prompt.id == uuid.UUID(world["prompt"]))),
-            s.scalar(select(ApiToken.revoked_at).where(ApiToken.name == world["token"])),
-            tuple(s.scalars(select(Policy.updated_at).order_by(Policy.id))),
-            tuple(s.scalars(select(Target.name).order_by(Target.name))),
-        )
-    roles = [
-        r
-        for r in aws.iam.list_roles(PathPrefix=iam_path)["Roles"]
-        if world["agent_name"] in r["RoleName"]
-    ]
-    return state, len(roles)
-
-
-def _tokens(service: Service) -> dict[str, str]:
-    return {
-        who: service.token(f"matrix-{who.replace('_', '-')}", role, teams=teams, email=email)
-        for who, (role, teams, email) in PRINCIPALS.items()
-    }
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "body", "allowed"), CASES, ids=[f"{m} {p}" for m, p, _, _ in CASES]
-)
-async def test_every_endpoint_for_every_role(
-    service: Service, sessions: sessionmaker[Session], aws: AwsClients,
-    method: str, path: str, body: Any, allowed: frozenset[str],
-) -> None:  # fmt: skip
-    tokens = _tokens(service)
-    async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
-        # Refusals first: an allowed call may start work that changes the database later.
-        order = (
-            [None]
-            + [w for w in PRINCIPALS if w not in allowed]
-            + [w for w in PRINCIPALS if w in allowed]
-        )
-        for who in order:
-            world = _world(sessions)
-            url = path.format(**world)
-            payload = body(world) if body else None
-            before = _snapshot(sessions, aws, service.settings.iam_path, world)
-            headers = bearer(tokens[who]) if who else {}
-            response = await http.request(method, url, json=payload, headers=headers)
-            if who is None:
-                assert response.status_code == 401, (url, response.text)
-                assert response.headers["www-authenticate"] == "Bearer"
-            elif who in allowed:
-                assert response.status_code not in (401, 403), (who, url, response.text)
-                assert response.status_code < 500, (who, url, response.text)
-                continue
-            else:
-                assert response.status_code == 403, (who, url, response.status_code, response.text)
-                assert response.json()["detail"]
-            assert _snapshot(sessions, aws, service.settings.iam_path, world) == before, (
-                f"{who} {method} {url} changed something"
-            )
-
-
-def test_the_matrix_covers_every_v1_endpoint() -> None:
-    paths = create_app().openapi()["paths"]
-    routes = {
-        (method.upper(), path)
-        for path, ops in paths.items()
-        if path.startswith("/v1")
-        for method in ops
-    }
-    covered = {(m, p.replace("{agent}", "{agent_id}").replace("{nhi}", "{nhi_id}")
-                .replace("{prompt}", "{prompt_id}").replace("{token}", "{name}").replace("{sweep}", "{sweep_id}")
-                .replace("{target}", "{name}")) for m, p, _, _ in CASES}  # fmt: skip
-    assert routes == covered
+from workflows.provision import ProvisionNhiWorkflow
 
 
 async def test_bad_api_tokens_are_refused(
@@ -389,16 +190,15 @@ async def test_platform_of_team_a_cannot_provision_for_team_b(service: Service) 
             "scope": ROLE_SCOPE,
             "trust_principal": TRUST,
         }
+        # Team B's agent is invisible to team A: 404, worded exactly like a missing agent.
         refused = await http.post(
             f"/v1/agents/{agent['id']}/nhis", json=body, headers=bearer(team_a)
         )
-        assert (
-            refused.status_code == 403
-            and "not platform for team team-b" in refused.json()["detail"]
-        )
+        assert refused.status_code == 404, refused.text
+        assert refused.json()["detail"] == f"agent {agent['id']} not found"
         assert (
             await http.get(f"/v1/agents/{agent['id']}", headers=bearer(team_a))
-        ).status_code == 403
+        ).status_code == 404
         listed = (
             await http.get("/v1/agents", headers=bearer(team_a), params={"limit": 1000})
         ).json()
@@ -406,3 +206,188 @@ async def test_platform_of_team_a_cannot_provision_for_team_b(service: Service) 
         assert (await http.get(f"/v1/agents/{agent['id']}", headers=bearer(team_b))).json()[
             "nhis"
         ] == []
+
+
+# ---- teams, persons, trust accounts ---------------------------------------------------------
+
+
+async def test_platform_tokens_name_their_teams(
+    service: Service, sessions: sessionmaker[Session]
+) -> None:
+    admin = service.token("auth-admin", "admin")
+    async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+        for teams in (None, []):
+            body: dict[str, Any] = {"name": unique("tok"), "role": "platform", "ttl": "1d"}
+            if teams is not None:
+                body["teams"] = teams
+            response = await http.post("/v1/tokens", json=body, headers=bearer(admin))
+            assert response.status_code == 422, response.text
+            assert response.json()["field"] == "teams"
+        # A token issued before teams were required (teams NULL) acts for no team at all.
+        legacy = "nhi_" + uuid.uuid4().hex
+        with transaction(sessions) as s:
+            s.add(
+                ApiToken(
+                    name=unique("legacy"), role="platform", teams=None, email=None,
+                    token_hash=hash_token(legacy), created_by="test:legacy",
+                    expires_at=datetime.now(UTC) + timedelta(days=1),
+                )
+            )  # fmt: skip
+        search = service.token("auth-search", "platform", teams=["search"])
+        agent = (await http.post("/v1/agents", json=agent_body(), headers=bearer(search))).json()
+        created = await http.post("/v1/agents", json=agent_body(), headers=bearer(legacy))
+        assert created.status_code == 403 and "not platform for team search" in created.text
+        listed = await http.get("/v1/agents", params={"limit": 1000}, headers=bearer(legacy))
+        assert listed.status_code == 200 and listed.json() == []
+        shown = await http.get(f"/v1/agents/{agent['id']}", headers=bearer(legacy))
+        assert shown.status_code == 404
+        who = (await http.get("/v1/whoami", headers=bearer(legacy))).json()
+        assert who["teams"] == []
+
+
+SENSITIVE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::tmp/*"]}]
+
+
+async def test_four_eyes_compares_people_not_credentials(
+    service: Service, sessions: sessionmaker[Session]
+) -> None:
+    ana = service.token("ana-platform", "platform", teams=["search"], email="ana@example.com")
+    # Ana again, with the approver token she also holds: the same person.
+    ana_approver = service.token("ana-approver", "approver", email="Ana@Example.com")
+    bo = service.token("bo-approver", "approver", email="bo@example.com")
+    async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+        agent = (await http.post("/v1/agents", json=agent_body(), headers=bearer(ana))).json()
+        body = {"platform": "aws", "kind": "iam_role", "trust_principal": TRUST, "scope": SENSITIVE}
+        accepted = await http.post(f"/v1/agents/{agent['id']}/nhis", json=body, headers=bearer(ana))
+        assert accepted.status_code == 202 and accepted.json()["status"] == "pending_approval"
+        nhi_id = accepted.json()["id"]
+        for decision in ("approve", "deny"):
+            own = await http.post(
+                f"/v1/nhis/{nhi_id}/{decision}", json={"reason": "mine"},
+                headers=bearer(ana_approver),
+            )  # fmt: skip
+            assert own.status_code == 403, own.text
+            assert "cannot decide" in own.json()["detail"]
+
+        # The workflow's validator compares people as well, whatever reaches it.
+        handle = service.env.client.get_workflow_handle_for(
+            ProvisionNhiWorkflow.run, accepted.json()["workflow_id"]
+        )
+        with pytest.raises(WorkflowUpdateFailedError) as err:
+            await handle.execute_update(
+                ProvisionNhiWorkflow.decide,
+                ApprovalDecision(
+                    approve=True, approver="token:someone-else", reason="sneaky",
+                    approver_person="email:ana@example.com",
+                ),
+            )  # fmt: skip
+        cause = err.value.cause
+        assert isinstance(cause, ApplicationError) and cause.type == "SelfApproval"
+        with transaction(sessions) as s:
+            assert s.get_one(Nhi, uuid.UUID(nhi_id)).status == "pending_approval"
+
+        async def approved() -> None:
+            response = await http.post(
+                f"/v1/nhis/{nhi_id}/approve", json={"reason": "fine"}, headers=bearer(bo)
+            )
+            assert response.status_code == 200, response.text
+
+        await eventually(approved)
+
+
+OTHER_ACCOUNT, PARTNER_ACCOUNT = "999999999999", "210987654321"
+
+
+def _policy_in(out: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A policy as PUT takes it, from a policy as GET shows it."""
+    keep = ("platform", "kind", "environment", "allowed", "allow_resource_wildcard",
+            "forbidden_actions", "sensitive_actions", "allowed_trust_accounts",
+            "allow_service_principals")  # fmt: skip
+    body = {k: out[k] for k in keep} | {
+        "default_ttl": out["default_ttl_seconds"],
+        "max_lifetime": out["max_lifetime_seconds"],
+        "rotation_period": out["rotation_period_seconds"],
+        "reminder_offsets": out["reminder_offsets_seconds"],
+        "grace_period": out["grace_period_seconds"],
+        "max_session_duration": out["max_session_duration_seconds"],
+    }
+    return body | changes
+
+
+async def test_trust_principals_stay_within_the_policys_accounts(
+    service: Service, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    platform = service.token("trust-platform", "platform", teams=["search"])
+    admin = service.token("auth-admin", "admin")
+    async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+
+        async def request(env: str, principal: str) -> httpx.Response:
+            agent = await http.post(
+                "/v1/agents", json=agent_body(environment=env), headers=bearer(platform)
+            )
+            assert agent.status_code == 201, agent.text
+            return await http.post(
+                f"/v1/agents/{agent.json()['id']}/nhis",
+                json={"platform": "aws", "kind": "iam_role", "scope": ROLE_SCOPE,
+                      "trust_principal": principal},
+                headers=bearer(platform),
+            )  # fmt: skip
+
+        def nhi_count() -> int:
+            with transaction(sessions) as s:
+                return int(s.scalar(select(func.count()).select_from(Nhi)) or 0)
+
+        # The README's example: a role of this service's own account (moto's 123456789012).
+        own = await request("dev", "arn:aws:iam::123456789012:role/support-bot-runtime")
+        assert own.status_code == 202, own.text
+        before = nhi_count()
+        for principal, words in (
+            (f"arn:aws:iam::{OTHER_ACCOUNT}:root", f"account {OTHER_ACCOUNT}"),
+            (f"arn:aws:iam::{PARTNER_ACCOUNT}:role/agent", "allowed_trust_accounts"),
+            ("bedrock.amazonaws.com", "allow_service_principals"),
+        ):
+            refused = await request("dev", principal)
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["field"] == "trust_principal" and words in refused.text
+        assert nhi_count() == before
+
+        # A policy names a partner account and allows service principals (staging only).
+        shown = (await http.get("/v1/policies", headers=bearer(admin))).json()
+        staging = next(
+            p for p in shown
+            if (p["platform"], p["kind"], p["environment"]) == ("aws", "iam_role", "staging")
+        )  # fmt: skip
+        assert staging["allowed_trust_accounts"] == [] and not staging["allow_service_principals"]
+        bad = await http.put(
+            "/v1/policies", headers=bearer(admin),
+            json={"policies": [_policy_in(staging, allowed_trust_accounts=[210987654321])]},
+        )  # fmt: skip
+        assert bad.status_code == 422 and bad.json()["field"] == (
+            "policies[0].allowed_trust_accounts[0]"
+        )
+        # Through `nhi policies apply FILE`, as an operator would (account ids quoted in YAML).
+        opened = _policy_in(
+            staging, allowed_trust_accounts=[PARTNER_ACCOUNT], allow_service_principals=True
+        )
+        (tmp_path / "policy.yaml").write_text(yaml.safe_dump([opened]))
+        assert f"- '{PARTNER_ACCOUNT}'" in (tmp_path / "policy.yaml").read_text()
+        env = dict(os.environ, NHI_API_URL=service.url, NHI_TOKEN=admin)
+        applied = await asyncio.to_thread(
+            subprocess.run,
+            [str(Path(sys.executable).parent / "nhi"), "--json", "policies", "apply",
+             str(tmp_path / "policy.yaml")],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        try:
+            assert applied.returncode == 0, applied.stderr
+            assert json.loads(applied.stdout)[0]["allowed_trust_accounts"] == [PARTNER_ACCOUNT]
+            partner = await request("staging", f"arn:aws:iam::{PARTNER_ACCOUNT}:role/agent")
+            assert partner.status_code == 202, partner.text
+            assert (await request("staging", "bedrock.amazonaws.com")).status_code == 202
+            stranger = await request("staging", f"arn:aws:iam::{OTHER_ACCOUNT}:root")
+            assert stranger.status_code == 422 and stranger.json()["field"] == "trust_principal"
+        finally:
+            restored = await http.put(
+                "/v1/policies", json={"policies": [_policy_in(staging)]}, headers=bearer(admin)
+            )
+            assert restored.status_code == 200, restored.text

@@ -86,7 +86,7 @@ async def test_agent_and_role_through_the_cli(service: Service) -> None:
         service, "provision", agent_id, "--kind", "iam_role", "--ttl", "2d", "-q",
         "--action", "s3:GetObject", "--action", "s3:ListBucket",
         "--resource", "arn:aws:s3:::incidents", "--resource", "arn:aws:s3:::incidents/*",
-        "--trust-principal", "bedrock.amazonaws.com", "--cidr", "10.1.0.0/16",
+        "--trust-principal", "arn:aws:iam::123456789012:role/agent-runtime", "--cidr", "10.1.0.0/16",
     )).strip()  # fmt: skip
 
     async def active() -> dict[str, Any]:
@@ -134,7 +134,7 @@ async def test_refused_scope_names_the_statement_and_creates_nothing(service: Se
     line = one_line_error(
         await arun(service, "provision", agent_id, "--kind", "iam_role", "--action", "s3:GetObject",
             "--action", "iam:*", "--resource", "arn:aws:iam::123456789012:role/x",
-            "--trust-principal", "bedrock.amazonaws.com")
+            "--trust-principal", "arn:aws:iam::123456789012:role/agent-runtime")
     )  # fmt: skip
     assert "scope[0].actions[1]" in line and "(HTTP 422)" in line
     assert json.loads(await aok(service, "--json", "agents", "show", agent_id))["nhis"] == []
@@ -150,7 +150,7 @@ async def test_sensitive_request_needs_someone_else_to_approve(service: Service)
     accepted = json.loads(
         await aok(service, "--json", "provision", agent_id, "--kind", "iam_role",
            "--action", "s3:DeleteObject", "--resource", "arn:aws:s3:::scratch/*",
-           "--trust-principal", "bedrock.amazonaws.com", actor="alice")
+           "--trust-principal", "arn:aws:iam::123456789012:role/agent-runtime", actor="alice")
     )  # fmt: skip
     assert accepted["status"] == "pending_approval"
     line = one_line_error(
@@ -240,7 +240,7 @@ async def test_lifecycle_commands_for_owners(service: Service) -> None:
     owner, backup = "dana@example.com", "eli@example.com"
 
     async def lifecycle_ready() -> None:
-        result = await arun(service, "--json", "renew", nhi_id, "--extend-by", "10d", actor=owner)
+        result = await arun(service, "--json", "renew", nhi_id, "--extend-by", "45d", actor=owner)
         assert result.returncode == 0, result.stderr
 
     await eventually(lifecycle_ready)
@@ -251,7 +251,7 @@ async def test_lifecycle_commands_for_owners(service: Service) -> None:
         await arun(service, "renew", nhi_id, actor="carla")
     )
     assert "past the maximum lifetime" in one_line_error(
-        await arun(service, "renew", nhi_id, "--extend-by", "400d", actor=owner)
+        await arun(service, "renew", nhi_id, "--extend-by", "300d", actor=owner)
     )
 
     rotated = json.loads(
@@ -286,10 +286,10 @@ async def test_targets_through_the_cli(service: Service) -> None:
     name = unique("cli-tgt")
     added = json.loads(await aok(
         service, "--json", "targets", "add", name, "--dsn", "postgresql://nhi_admin@db.internal/app",
-        "--password-secret", "prod/docs-admin", "--sslmode", "require", "--connection-limit", "4",
+        "--password-secret", "nhi-targets/docs-admin", "--sslmode", "require", "--connection-limit", "4",
         actor="admin",
     ))  # fmt: skip
-    assert added["password_ref"] == "secret:prod/docs-admin" and added["port"] == 5432
+    assert added["password_ref"] == "secret:nhi-targets/docs-admin" and added["port"] == 5432
     assert (added["sslmode"], added["connection_limit"], added["source"]) == (
         "require",
         4,
@@ -299,18 +299,18 @@ async def test_targets_through_the_cli(service: Service) -> None:
     assert table.splitlines()[0].split() == [
         "NAME", "HOST", "PORT", "DBNAME", "ADMIN_USER", "PASSWORD_REF", "SOURCE",
     ]  # fmt: skip
-    assert name in table and "secret:prod/docs-admin" in table
+    assert name in table and "secret:nhi-targets/docs-admin" in table
     assert "needs the admin role" in one_line_error(
         await arun(service, "targets", "add", unique("cli-tgt"), "--dsn",
-                   "postgresql://nhi_admin@db/app", "--password-env", "PW")
+                   "postgresql://nhi_admin@db/app", "--password-env", "NHI_TARGET_PASSWORD_PW")
     )  # fmt: skip
     assert "already exists" in one_line_error(
         await arun(service, "targets", "add", name, "--dsn", "postgresql://nhi_admin@db/app",
-                   "--password-env", "PW", actor="admin")
+                   "--password-env", "NHI_TARGET_PASSWORD_PW", actor="admin")
     )  # fmt: skip
     leaked = await arun(
         service, "targets", "add", unique("cli-tgt"), "--dsn",
-        "postgresql://nhi_admin:hunter2@db/app", "--password-env", "PW", actor="admin",
+        "postgresql://nhi_admin:hunter2@db/app", "--password-env", "NHI_TARGET_PASSWORD_PW", actor="admin",
     )  # fmt: skip
     assert "hunter2" not in one_line_error(leaked)
 
@@ -332,7 +332,7 @@ async def test_targets_through_the_cli(service: Service) -> None:
 
     spare = unique("cli-tgt")
     await aok(service, "targets", "add", spare, "--dsn", "postgresql://nhi_admin@db/app",
-              "--password-env", "PW", actor="admin")  # fmt: skip
+              "--password-env", "NHI_TARGET_PASSWORD_PW", actor="admin")  # fmt: skip
     removed = json.loads(await aok(service, "--json", "targets", "remove", spare, actor="admin"))
     assert removed["name"] == spare
     assert "not found" in one_line_error(

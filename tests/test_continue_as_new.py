@@ -5,17 +5,24 @@ renewals is enough (the default is 4,096 events)."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest_asyncio
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from models.contracts import LifecycleView, Phase, ProvisionInput, RenewRequest
-from nhi.aws import AwsClients
+from models.contracts import LifecycleAction, LifecycleView, Phase, ProvisionInput, RenewRequest
+from models.orm import AuditEvent, Nhi
+from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
+from nhi.db import transaction
 from nhi.temporal import provision_workflow_id
 from tests.conftest import binary
 from tests.helpers import eventually, request_nhi
@@ -98,3 +105,91 @@ async def _swallow(check):  # type: ignore[no-untyped-def]
         raise
     except Exception as err:  # the run is between activations or not started yet
         raise AssertionError(str(err)) from err
+
+
+async def test_a_decommission_accepted_right_before_continue_as_new_is_carried_out(
+    small_history_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+) -> None:
+    """A rotation under way pushes history past the threshold; a decommission accepted during
+    it is pending when the loop continues as new, and the next run carries it out."""
+    env = small_history_env
+    queue = f"can-{uuid.uuid4().hex[:8]}"
+    _, nhi_id, _ = request_nhi(sessions, settings, "iam_user_key", ttl="10d")
+    worker_aws = make_aws_clients(settings)
+    staging = threading.Event()
+
+    def slow_create_key(**_: Any) -> None:
+        # A slow network on the rotation's CreateAccessKey: the step is under way long enough
+        # for the decommission to arrive in the middle of it.
+        staging.set()
+        time.sleep(2)
+
+    async with build_worker(env.client, settings, sessions, worker_aws, task_queue=queue):
+        await env.client.execute_workflow(
+            ProvisionNhiWorkflow.run,
+            ProvisionInput(nhi_id=nhi_id),
+            id=provision_workflow_id(nhi_id),
+            task_queue=queue,
+        )
+        handle = env.client.get_workflow_handle_for(
+            NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
+        )
+
+        async def started() -> str:
+            description = await handle.describe()
+            await handle.query(NhiLifecycleWorkflow.view)
+            return description.run_id
+
+        first_run = await eventually(lambda: _swallow(started))
+        worker_aws.iam.meta.events.register("before-send.iam.CreateAccessKey", slow_create_key)
+        rotating = await handle.execute_update(
+            NhiLifecycleWorkflow.rotate, LifecycleAction(actor="ana@example.com")
+        )
+        assert rotating.message == "rotation started"
+        await eventually(_flag(staging), timeout=30)
+        accepted = await handle.execute_update(
+            NhiLifecycleWorkflow.decommission,
+            LifecycleAction(actor="security:oncall", reason="contain before the next run"),
+        )
+        assert accepted.message == "decommission started"
+
+        async def quarantined_by_a_later_run() -> LifecycleView:
+            description = await handle.describe()
+            assert description.run_id != first_run, "still the first run"
+            view = await handle.query(NhiLifecycleWorkflow.view)
+            assert view.phase is Phase.QUARANTINED, view.phase
+            return view
+
+        view = await eventually(lambda: _swallow(quarantined_by_a_later_run), timeout=60)
+        assert view.decommission_reason == "contain before the next run"
+        with transaction(sessions) as session:
+            nhi = session.get_one(Nhi, nhi_id)
+            assert nhi.status == "quarantined"
+            events = [
+                (e, a)
+                for e, a in session.execute(
+                    select(AuditEvent.event, AuditEvent.actor)
+                    .where(AuditEvent.subject_id == str(nhi_id))
+                    .order_by(AuditEvent.id)
+                )
+            ]
+        assert ("nhi.rotated", "api:ana@example.com") in events, "the rotation finished"
+        assert ("nhi.quarantined", "api:security:oncall") in events
+        # The first run continued as new before acting on the decommission (the case it covers).
+        first = env.client.get_workflow_handle(lifecycle_workflow_id(nhi_id), run_id=first_run)
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in (await first.fetch_history()).events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        assert "promote_pending" in scheduled and "quarantine" not in scheduled, scheduled
+        assert (await first.describe()).status is WorkflowExecutionStatus.CONTINUED_AS_NEW
+
+
+def _flag(event: threading.Event):  # type: ignore[no-untyped-def]
+    async def check() -> None:
+        assert event.is_set()
+
+    return check

@@ -288,3 +288,18 @@ def test_api_port_matches_settings_and_command(
     exposed = [p for kw, args in instructions if kw == "EXPOSE" for p in args.split()]
     if exposed:
         assert f"{api_port}" in {p.split("/")[0] for p in exposed}
+
+
+def test_health_checks_probe_readyz_on_each_process_port(
+    services: dict[str, dict[str, Any]], instructions: list[tuple[str, str]]
+) -> None:
+    worker_env = _env(services["worker"])
+    worker_port = int(_interpolate(worker_env.get("NHI_WORKER_HTTP_PORT") or "0"))
+    assert worker_port, "the worker's health and metrics server is off in compose"
+    assert worker_env.get("NHI_WORKER_HTTP_HOST") == "0.0.0.0"
+    api_port = Settings.model_fields["api_port"].default
+    for name, port in (("api", api_port), ("worker", worker_port)):
+        probe = " ".join(services[name]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port}/readyz" in probe, (name, probe)
+    exposed = {p.split("/")[0] for kw, args in instructions if kw == "EXPOSE" for p in args.split()}
+    assert {str(api_port), str(worker_port)} <= exposed

@@ -17,10 +17,12 @@ from nhi.policy import (
     PolicyRules,
     RuleViolation,
     actions_overlap,
+    check_trust_account,
     identity_name,
     identity_policy_document,
     parse_ttl,
     policy_size,
+    principal_account,
     trust_policy_document,
     validate_cidrs,
     validate_rule_pattern,
@@ -590,3 +592,62 @@ def test_policy_size_counts_compact_json() -> None:
 
 def test_inline_policy_limits() -> None:
     assert INLINE_POLICY_LIMIT == {NhiKind.IAM_ROLE: 10240, NhiKind.IAM_USER_KEY: 2048}
+
+
+# --- check_trust_account: whom a role may trust, by account ------------------------------
+
+OWN, PARTNER, STRANGER = "123456789012", "210987654321", "999999999999"
+
+
+@pytest.mark.parametrize(
+    ("principal", "allowed", "services"),
+    [
+        (f"arn:aws:iam::{OWN}:role/support-bot-runtime", [], False),  # the README's example
+        (f"arn:aws:iam::{OWN}:root", [], False),
+        (f"arn:aws:sts::{OWN}:assumed-role/runtime/session-1", [], False),
+        (f"arn:aws:iam::{PARTNER}:role/agent", [PARTNER], False),
+        (f"arn:aws-us-gov:iam::{PARTNER}:user/ci", [STRANGER, PARTNER], False),
+        ("bedrock.amazonaws.com", [], True),
+    ],
+)
+def test_trust_within_the_accounts_the_policy_names(
+    principal: str, allowed: list[str], services: bool
+) -> None:
+    check_trust_account(
+        principal,
+        own_account=OWN,
+        allowed_accounts=allowed,
+        allow_service_principals=services,
+        label="aws/iam_role/dev",
+    )
+
+
+@pytest.mark.parametrize(
+    ("principal", "allowed", "services", "words"),
+    [
+        (f"arn:aws:iam::{STRANGER}:root", [], True, f"account {STRANGER}"),
+        (f"arn:aws:iam::{STRANGER}:role/x", [PARTNER], True, "allowed_trust_accounts"),
+        (f"arn:aws:sts::{STRANGER}:assumed-role/r/s", [], False, f"account {STRANGER}"),
+        ("bedrock.amazonaws.com", [OWN, PARTNER], False, "allow_service_principals"),
+        ("not-an-arn", [], False, "account"),
+    ],
+)
+def test_trust_outside_the_policy_is_refused(
+    principal: str, allowed: list[str], services: bool, words: str
+) -> None:
+    with pytest.raises(RuleViolation) as info:
+        check_trust_account(
+            principal,
+            own_account=OWN,
+            allowed_accounts=allowed,
+            allow_service_principals=services,
+            label="aws/iam_role/dev",
+        )
+    assert info.value.field == "trust_principal"
+    assert words in info.value.message and "aws/iam_role/dev" in info.value.message
+
+
+def test_principal_accounts() -> None:
+    assert principal_account(f"arn:aws:iam::{PARTNER}:root") == PARTNER
+    assert principal_account("lambda.amazonaws.com") is None
+    assert principal_account("garbage") == ""

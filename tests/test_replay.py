@@ -4,8 +4,10 @@ running provisioning or lifecycle workflows fails here, before it reaches a work
 The histories come from `tests/test_lifecycle.py::test_a_whole_life_in_seconds` (a provisioning
 run and a 75-day lifecycle with rotations, reminders, a Slack renewal and decommission, recorded
 before the provider interface) and `tests/test_postgres_lifecycle.py` (a `postgres_role`'s
-provisioning, rotation, renewal and decommission through the provider interface). After
-a deliberate, patched change, refresh them with `NHI_RECORD_HISTORIES=1 pytest -k "whole_life or postgres_role_lives"`.
+provisioning, rotation, renewal and decommission through the provider interface), and
+`tests/test_lifecycle_faults.py` (`lifecycle_revoke_failed`: a removal that keeps failing past
+the alert window, alerted once per recipient, retried and finished, on the patched code). After
+a deliberate, patched change, refresh them with `NHI_RECORD_HISTORIES=1 pytest -k "whole_life or postgres_role_lives or removal_that_keeps_failing"`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def test_golden_histories_are_committed() -> None:
         "lifecycle",
         "postgres_provision",
         "postgres_lifecycle",
+        "lifecycle_revoke_failed",
     }
 
 

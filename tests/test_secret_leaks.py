@@ -59,7 +59,7 @@ async def test_the_secret_never_leaves_secrets_manager(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The target's admin password reaches the worker through its environment, as deployed.
-    monkeypatch.setenv("NHI_TEST_LEAK_ADMIN_PASSWORD", cluster.admin_password)
+    monkeypatch.setenv("NHI_TARGET_PASSWORD_LEAK", cluster.admin_password)
     configure("DEBUG")  # the most verbose production setting, libraries included
     captured = io.StringIO()
     handler = logging.StreamHandler(captured)
@@ -89,7 +89,7 @@ async def test_the_secret_never_leaves_secrets_manager(
                     json={
                         "name": target,
                         "dsn": f"postgresql://{ADMIN}@{cluster.host}:{cluster.port}/{DATABASE}",
-                        "password_env": "NHI_TEST_LEAK_ADMIN_PASSWORD",
+                        "password_env": "NHI_TARGET_PASSWORD_LEAK",
                     },
                 )
                 responses.append(created.text)

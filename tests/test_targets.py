@@ -3,14 +3,19 @@ passwords, and how postgres_role requests are checked against them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import socket
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,15 +30,27 @@ from nhi.db import transaction
 from nhi.policy import RuleViolation
 from nhi.targets import (
     TargetConnection,
+    TargetRefused,
     TargetRegistry,
     UnknownTarget,
     find_target,
+    host_allowed,
     parse_dsn,
     password_ref,
+    secret_name,
     validate_password_ref,
 )
 from tests.conftest import Service
-from tests.helpers import ROLE_SCOPE, TRUST, ApiServer, agent_body, bearer, unique
+from tests.helpers import (
+    ROLE_SCOPE,
+    TRUST,
+    ApiServer,
+    agent_body,
+    bearer,
+    eventually,
+    unique,
+)
+from tests.slack_emulator import SlackEmulator
 
 # Never stored or shown anywhere: every test below checks for it.
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -44,18 +61,32 @@ def _name() -> str:
     return unique("tgt")
 
 
+# Where targets may point in these tests (NHI_TARGET_ALLOWED_HOSTS).
+ALLOWED_HOSTS = ["db.internal", "*.db.example.com", "10.0.0.*", "/var/run/postgresql"]
+SECURITY_CHANNEL = "#nhi-security"
+
+
+def _ruled(settings: Settings, **more: Any) -> Settings:
+    """The suite's settings with these tests' target hosts allowed, outside dev mode."""
+    return settings.model_copy(
+        update={"target_allowed_hosts": ALLOWED_HOSTS, "dev_mode": False} | more
+    )
+
+
 def _body(name: str, **overrides: Any) -> dict[str, Any]:
     """A valid target body; an override of None leaves that field out."""
     body: dict[str, Any] = {
         "name": name,
         "dsn": "postgresql://nhi_admin@db.internal:6432/app",
-        "password_env": "DOCS_DB_PASSWORD",
+        "password_env": "NHI_TARGET_PASSWORD_DOCS",
+        "sslmode": "verify-full",
     }
     body.update(overrides)
     return {k: v for k, v in body.items() if v is not None}
 
 
 def _register(sessions: sessionmaker[Session], settings: Settings, **overrides: Any) -> str:
+    """A target row written straight through the inventory (no API rules), as before them."""
     name = _name()
     with transaction(sessions) as s:
         inventory.add_target(s, settings, TargetIn(**_body(name, **overrides)), "test:setup")
@@ -79,10 +110,29 @@ def _dump(sessions: sessionmaker[Session], table: str) -> str:
         return " ".join(str(r) for r in s.execute(text(f"SELECT t::text FROM {table} t")).scalars())
 
 
+@pytest.fixture(scope="module")
+def slack() -> Iterator[SlackEmulator]:
+    with SlackEmulator(token="xoxb-test") as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="module")
+def ruled_api(service: Service, slack: SlackEmulator) -> Iterator[str]:
+    """The API with target hosts allowed and Slack configured (alerts land in the emulator)."""
+    settings = _ruled(
+        service.settings,
+        slack_bot_token=SecretStr("xoxb-test"),
+        slack_api_url=slack.url,
+        slack_security_channel=SECURITY_CHANNEL,
+    )
+    with ApiServer(create_app(settings)) as server:
+        yield server.url
+
+
 @pytest.fixture
-async def admin(service: Service) -> AsyncIterator[httpx.AsyncClient]:
+async def admin(service: Service, ruled_api: str) -> AsyncIterator[httpx.AsyncClient]:
     token = service.token("targets-admin", "admin")
-    async with httpx.AsyncClient(base_url=service.url, headers=bearer(token), timeout=30) as c:
+    async with httpx.AsyncClient(base_url=ruled_api, headers=bearer(token), timeout=30) as c:
         yield c
 
 
@@ -97,10 +147,14 @@ async def platform(service: Service) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_target_is_added_listed_and_removed(
-    admin: httpx.AsyncClient, platform: httpx.AsyncClient, sessions: sessionmaker[Session]
+    admin: httpx.AsyncClient,
+    platform: httpx.AsyncClient,
+    sessions: sessionmaker[Session],
+    slack: SlackEmulator,
 ) -> None:
     name = _name()
-    created = await admin.post("/v1/targets", json=_body(name, sslmode="require"))
+    # Without an sslmode, the server is verified (verify-full) outside dev mode.
+    created = await admin.post("/v1/targets", json=_body(name, sslmode=None))
     assert created.status_code == 201, created.text
     assert created.json() == {
         "name": name,
@@ -108,8 +162,8 @@ async def test_target_is_added_listed_and_removed(
         "port": 6432,
         "dbname": "app",
         "admin_user": "nhi_admin",
-        "password_ref": "env:DOCS_DB_PASSWORD",
-        "sslmode": "require",
+        "password_ref": "env:NHI_TARGET_PASSWORD_DOCS",
+        "sslmode": "verify-full",
         "connection_limit": 10,
         "source": "inventory",
         "created_by": "token:targets-admin",
@@ -119,7 +173,9 @@ async def test_target_is_added_listed_and_removed(
     assert listed.status_code == 200
     assert name in [t["name"] for t in listed.json()]
 
-    again = await admin.post("/v1/targets", json=_body(name, password_env="OTHER"))
+    again = await admin.post(
+        "/v1/targets", json=_body(name, password_env="NHI_TARGET_PASSWORD_OTHER")
+    )
     assert again.status_code == 409 and again.json()["field"] == "name"
 
     removed = await admin.delete(f"/v1/targets/{name}")
@@ -140,6 +196,16 @@ async def test_target_is_added_listed_and_removed(
         ("target.added", "token:targets-admin"),
         ("target.removed", "token:targets-admin"),
     ]
+    # Both were alerted to the security channel, naming the target, who and the password's
+    # source (never a password).
+    alerts = [
+        c.args["text"]
+        for c in slack.calls_to("chat.postMessage")
+        if c.args.get("channel") == SECURITY_CHANNEL and name in c.args.get("text", "")
+    ]
+    assert len(alerts) == 2, alerts
+    assert "registered by token:targets-admin" in alerts[0] and "removed" in alerts[1]
+    assert "env:NHI_TARGET_PASSWORD_DOCS" in alerts[0] and "db.internal:6432/app" in alerts[0]
 
 
 @pytest.mark.parametrize(
@@ -150,7 +216,7 @@ async def test_target_is_added_listed_and_removed(
         ({"dsn": f"postgres://nhi_admin:{PASSWORD}@db/app"}, "dsn", "password"),
         ({"dsn": "postgresql://db:5432/app"}, "dsn", "admin user"),
         ({"dsn": "postgresql://nhi_admin@db:5432/"}, "dsn", "one database"),
-        ({"dsn": "mysql://nhi_admin@db:3306/app"}, "dsn", "postgresql://"),
+        ({"dsn": "mysql://nhi_admin@db:3306/app"}, "dsn", ""),
         ({"dsn": "postgresql://nhi_admin@db:5432/app?sslmode=require"}, "dsn", "sslmode"),
         ({"name": "Docs"}, "name", "pattern"),
         ({"name": "1docs"}, "name", "pattern"),
@@ -158,13 +224,39 @@ async def test_target_is_added_listed_and_removed(
         ({"password_secret": "arn:aws:secretsmanager:us-east-1:123456789012:secret:x"},
          "password_secret", "exactly one"),
         ({"password_env": None}, "password_env", "exactly one"),
-        ({"password_env": "NOT A VAR"}, "password_env", "environment variable"),
-        ({"password_env": None, "password_secret": "bad secret name!"}, "password_secret",
-         "Secrets Manager"),
+        ({"password_env": "NOT A VAR"}, "password_env", ""),
+        ({"password_env": None, "password_secret": "bad secret name!"}, "password_secret", ""),
         ({"sslmode": "sometimes"}, "sslmode", ""),
         ({"connection_limit": 0}, "connection_limit", ""),
         ({"connection_limit": 1001}, "connection_limit", ""),
         ({"password": PASSWORD}, "password", ""),
+        # Targets cannot exfiltrate: hosts only from NHI_TARGET_ALLOWED_HOSTS...
+        ({"dsn": "postgresql://nhi_admin@evil.example.net:5432/app"}, "dsn", "not allowed"),
+        ({"dsn": "postgresql://nhi_admin@db.internal.evil.example.net/app"}, "dsn", "not allowed"),
+        ({"dsn": "postgresql://nhi_admin@10.0.1.5/app"}, "dsn", "NHI_TARGET_ALLOWED_HOSTS"),
+        ({"dsn": "postgresql://nhi_admin@%2Ftmp:5432/app"}, "dsn", "not allowed"),
+        ({"dsn": "postgresql://nhi_admin@localhost:5432/app"}, "dsn", "not allowed"),
+        # ... passwords only from the target prefix or NHI_TARGET_PASSWORD_* ...
+        ({"password_env": None, "password_secret": "prod/docs-admin"}, "password_secret",
+         "NHI_TARGET_SECRET_PREFIX"),
+        ({"password_env": None,
+          "password_secret": "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/x-AbCdEf"},
+         "password_secret", "NHI_TARGET_SECRET_PREFIX"),
+        ({"password_env": None,
+          "password_secret": "arn:aws:secretsmanager:us-east-1:123456789012:secret:nhi-targets"},
+         "password_secret", "NHI_TARGET_SECRET_PREFIX"),
+        ({"password_env": None, "password_secret": "nhi-lifecycle/dev/kb-rag/x"},
+         "password_secret", "delivery prefix"),
+        ({"password_env": None, "password_secret": "NHI-Lifecycle/dev/kb-rag/x"},
+         "password_secret", "delivery prefix"),
+        ({"password_env": "AWS_SECRET_ACCESS_KEY"}, "password_env", "NHI_TARGET_PASSWORD_"),
+        ({"password_env": "NHI_SLACK_BOT_TOKEN"}, "password_env", "NHI_TARGET_PASSWORD_"),
+        ({"password_env": "NHI_TARGET_PASSWORD_"}, "password_env", "NHI_TARGET_PASSWORD_"),
+        ({"password_env": "nhi_target_password_docs"}, "password_env", "NHI_TARGET_PASSWORD_"),
+        # ... and a verified server outside dev mode.
+        ({"sslmode": "require"}, "sslmode", "verify-full"),
+        ({"sslmode": "prefer"}, "sslmode", "verify-full"),
+        ({"sslmode": "disable"}, "sslmode", "verify-full"),
     ],
 )  # fmt: skip
 async def test_bad_target_is_refused_naming_the_field_and_changes_nothing(
@@ -218,7 +310,7 @@ async def test_target_in_use_or_from_settings_is_not_removed(
             }
         }
     )
-    with ApiServer(create_app(settings)) as server:
+    with ApiServer(create_app(_ruled(settings))) as server:
         token = service.token("targets-admin", "admin")
         async with httpx.AsyncClient(base_url=server.url, headers=bearer(token)) as http:
             listed = {t["name"]: t for t in (await http.get("/v1/targets")).json()}
@@ -243,8 +335,10 @@ async def test_target_in_use_or_from_settings_is_not_removed(
 def test_registry_resolves_the_password_from_the_environment(
     sessions: sessionmaker[Session], settings: Settings
 ) -> None:
-    name = _register(sessions, settings, password_env="NHI_TEST_DOCS_PW", sslmode="verify-full")
-    registry = TargetRegistry(sessions, settings, None, environ={"NHI_TEST_DOCS_PW": PASSWORD})
+    settings = _ruled(settings)
+    var = "NHI_TARGET_PASSWORD_TEST_DOCS"
+    name = _register(sessions, settings, password_env=var)
+    registry = TargetRegistry(sessions, settings, None, environ={var: PASSWORD})
     conn = registry.get(name)
     assert conn == TargetConnection(
         name=name, host="db.internal", port=6432, dbname="app", admin_user="nhi_admin",
@@ -254,7 +348,7 @@ def test_registry_resolves_the_password_from_the_environment(
     assert name in registry.names()
 
     unset = TargetRegistry(sessions, settings, None, environ={})
-    with pytest.raises(UnknownTarget, match=r"NHI_TEST_DOCS_PW.* is not set"):
+    with pytest.raises(UnknownTarget, match=rf"{var}.* is not set"):
         unset.get(name)
     with pytest.raises(UnknownTarget, match="no target named 'never-registered'"):
         registry.get("never-registered")
@@ -264,13 +358,15 @@ def test_registry_resolves_the_password_from_the_environment(
 def test_registry_resolves_the_password_from_secrets_manager(
     sessions: sessionmaker[Session], settings: Settings, aws: AwsClients
 ) -> None:
-    plain = aws.secrets.create_secret(Name=unique("tgt-plain"), SecretString=PASSWORD)
+    settings = _ruled(settings)
+    under = settings.target_secret_prefix
+    plain = aws.secrets.create_secret(Name=under + unique("tgt-plain"), SecretString=PASSWORD)
     rds = aws.secrets.create_secret(
-        Name=unique("tgt-rds"),
+        Name=under + unique("tgt-rds"),
         SecretString=json.dumps({"username": "nhi_admin", "password": PASSWORD, "port": 5432}),
     )
     nopass = aws.secrets.create_secret(
-        Name=unique("tgt-nopass"), SecretString=json.dumps({"username": "nhi_admin"})
+        Name=under + unique("tgt-nopass"), SecretString=json.dumps({"username": "nhi_admin"})
     )
     registry = TargetRegistry(sessions, settings, aws.secrets)
     by_arn = _register(sessions, settings, password_env=None, password_secret=plain["ARN"])
@@ -280,7 +376,7 @@ def test_registry_resolves_the_password_from_secrets_manager(
 
     broken = {
         _register(sessions, settings, password_env=None, password_secret=nopass["ARN"]): "no \"password\" key",
-        _register(sessions, settings, password_env=None, password_secret=unique("missing")): "ResourceNotFound",
+        _register(sessions, settings, password_env=None, password_secret=under + unique("missing")): "ResourceNotFound",
     }  # fmt: skip
     for name, words in broken.items():
         with pytest.raises(UnknownTarget, match=words) as err:
@@ -521,3 +617,219 @@ async def test_postgres_policies_name_privileges(admin: httpx.AsyncClient) -> No
     applied = await admin.put("/v1/policies", json={"policies": [policy]})
     assert applied.status_code == 200, applied.text
     assert applied.json()[0]["forbidden_actions"] == staging["forbidden_actions"]
+
+
+# ---- targets cannot exfiltrate --------------------------------------------------------------
+
+
+def test_host_patterns_and_secret_names() -> None:
+    assert host_allowed("db.internal", ALLOWED_HOSTS)
+    assert host_allowed("EU-1.DB.example.com", ALLOWED_HOSTS)
+    assert host_allowed("10.0.0.7", ALLOWED_HOSTS) and not host_allowed("10.0.1.7", ALLOWED_HOSTS)
+    assert not host_allowed("db.internal.evil.net", ALLOWED_HOSTS)
+    # A socket directory matches only a pattern that is a path, never a host name.
+    assert host_allowed("/var/run/postgresql", ALLOWED_HOSTS)
+    assert not host_allowed("/tmp", [*ALLOWED_HOSTS, "localhost", "*"])
+    assert not host_allowed("anything", [])
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:nhi-targets/docs-AbCdEf"
+    assert secret_name(arn) == "nhi-targets/docs-AbCdEf" and secret_name("a/b") == "a/b"
+    assert secret_name("arn:aws:secretsmanager:us-east-1:123456789012:nope") == ""
+
+
+def test_the_target_prefix_is_never_the_delivery_prefix() -> None:
+    for target_prefix in ("nhi-lifecycle/", "nhi-lifecycle/targets/", "NHI-LIFECYCLE/"):
+        with pytest.raises(ValidationError, match="target_secret_prefix"):
+            Settings(target_secret_prefix=target_prefix)
+    with pytest.raises(ValidationError, match="target_secret_prefix"):
+        Settings(secret_prefix="nhi-targets/docs/")
+    assert Settings(target_secret_prefix="ops/db-admins/").target_secret_prefix == "ops/db-admins/"
+
+
+async def test_dev_mode_relaxes_tls_and_logs_alerts_without_slack(
+    service: Service, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _ruled(service.settings, dev_mode=True)
+    token = service.token("targets-admin", "admin")
+    with ApiServer(create_app(settings)) as server:
+        async with httpx.AsyncClient(base_url=server.url, headers=bearer(token)) as http:
+            name = _name()
+            with caplog.at_level(logging.WARNING, logger="api.routes.targets"):
+                created = await http.post(
+                    "/v1/targets",
+                    json=_body(
+                        name, dsn="postgresql://nhi_admin@%2Fvar%2Frun%2Fpostgresql/app",
+                        sslmode=None,
+                    ),
+                )  # fmt: skip
+            assert created.status_code == 201, created.text
+            assert created.json()["sslmode"] == "prefer"  # libpq's default, in dev mode only
+            assert f"ALERT to {SECURITY_CHANNEL}: Postgres target {name} registered" in caplog.text
+            # Hosts and password sources are checked in dev mode too.
+            refused = await http.post(
+                "/v1/targets", json=_body(_name(), password_env="HOME", sslmode="disable")
+            )
+            assert refused.status_code == 422 and refused.json()["field"] == "password_env"
+            assert (await http.delete(f"/v1/targets/{name}")).status_code == 200
+
+
+def _row(sessions: sessionmaker[Session], **fields: Any) -> str:
+    """A target row written straight into the table: one from before the rules, or edited."""
+    values: dict[str, Any] = {
+        "name": _name(), "host": "db.internal", "port": 5432, "dbname": "app",
+        "admin_user": "nhi_admin", "password_ref": "env:NHI_TARGET_PASSWORD_DOCS",
+        "sslmode": "verify-full", "created_by": "test:legacy",
+    } | fields  # fmt: skip
+    with transaction(sessions) as s:
+        s.add(Target(**values))
+    return str(values["name"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"host": "evil.example.net"}, "dsn: host 'evil.example.net' is not allowed"),
+        ({"host": "/tmp"}, "dsn: host '/tmp' is not allowed"),
+        ({"password_ref": "env:AWS_SECRET_ACCESS_KEY"}, "password_env"),
+        ({"password_ref": "secret:nhi-lifecycle/dev/kb-rag/1"}, "delivery prefix"),
+        ({"password_ref": "secret:prod/docs-admin"}, "NHI_TARGET_SECRET_PREFIX"),
+        ({"sslmode": "prefer"}, "sslmode: must be verify-full"),
+    ],
+)  # fmt: skip
+def test_the_worker_refuses_a_stored_target_that_breaks_the_rules(
+    sessions: sessionmaker[Session], settings: Settings, fields: dict[str, Any], words: str
+) -> None:
+    name = _row(sessions, **fields)
+    environ = {"NHI_TARGET_PASSWORD_DOCS": PASSWORD, "AWS_SECRET_ACCESS_KEY": PASSWORD}
+    registry = TargetRegistry(sessions, _ruled(settings), None, environ=environ)
+    with pytest.raises(TargetRefused, match=words) as err:
+        registry.get(name)
+    assert PASSWORD not in str(err.value)
+    # The same row meeting the rules resolves.
+    good = _row(sessions)
+    assert registry.get(good).password == PASSWORD
+
+
+FOREIGN_HOST = "127.0.0.2"
+
+
+class _Listener:
+    """A TCP server standing in for a host an attacker controls: it counts who connects."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        # 127.0.0.2: loopback on Linux, and a host no allowed-hosts list of the suite names.
+        self.sock.bind((FOREIGN_HOST, 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+async def test_a_stored_target_on_a_foreign_host_never_gets_the_password(
+    service: Service,
+    platform: httpx.AsyncClient,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A row from before the rules (or edited in the database): a host nobody allowed, a valid
+    # password variable set on the worker. The worker refuses before connecting.
+    monkeypatch.setenv("NHI_TARGET_PASSWORD_FOREIGN", PASSWORD)
+    listener = _Listener()
+    try:
+        target = _row(
+            sessions, host=FOREIGN_HOST, port=listener.port,
+            password_ref="env:NHI_TARGET_PASSWORD_FOREIGN", sslmode="prefer",
+        )  # fmt: skip
+        agent_id = await _agent(platform)
+        accepted = await platform.post(f"/v1/agents/{agent_id}/nhis", json=_pg(target))
+        assert accepted.status_code == 202, accepted.text
+
+        async def failed() -> dict[str, Any]:
+            nhi = (await platform.get(f"/v1/nhis/{accepted.json()['id']}")).json()
+            # Nothing was created; removing "it" cannot reach the target either, so the
+            # compensation may leave the NHI revoke_failed (visible, never silently dropped).
+            assert nhi["status"] in ("failed", "revoke_failed"), nhi
+            return dict(nhi)
+
+        nhi = await eventually(failed, timeout=60)
+        assert "refused" in nhi["status_reason"] and "not allowed" in nhi["status_reason"]
+        await asyncio.sleep(0.3)
+        assert listener.connections == 0
+    finally:
+        listener.close()
+
+
+async def test_a_delivered_secret_is_never_a_target_password(
+    service: Service,
+    platform: httpx.AsyncClient,
+    admin: httpx.AsyncClient,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    # A real NHI's delivered credential (an access key, under NHI_SECRET_PREFIX).
+    agent_id = await _agent(platform)
+    accepted = await platform.post(
+        f"/v1/agents/{agent_id}/nhis",
+        json={"platform": "aws", "kind": "iam_user_key", "scope": ROLE_SCOPE, "ttl": "1d"},
+    )
+    assert accepted.status_code == 202, accepted.text
+
+    async def delivered() -> str:
+        nhi = (await platform.get(f"/v1/nhis/{accepted.json()['id']}")).json()
+        assert nhi["status"] == "active" and nhi["credential_ref"], nhi
+        return str(nhi["credential_ref"])
+
+    arn = await eventually(delivered, timeout=60)
+    name = aws.secrets.describe_secret(SecretId=arn)["Name"]
+    assert name.startswith(service.settings.secret_prefix)
+
+    # Refused at registration, by ARN and by name, with 422 naming the field.
+    before = _target_state(sessions)
+    for ref in (arn, name):
+        response = await admin.post(
+            "/v1/targets", json=_body(_name(), password_env=None, password_secret=ref)
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["field"] == "password_secret"
+        assert "delivery prefix" in response.json()["detail"]
+    assert _target_state(sessions) == before
+
+    # Refused in settings at start...
+    entry = {"dsn": "postgresql://ops@db.internal/app", "password_secret": arn}
+    with pytest.raises(ValidationError, match=r"postgres_targets\.leak\.password_secret"):
+        Settings(postgres_targets={"leak": entry})
+    # ... and by the worker-side check should settings get past that (they are trusted for
+    # hosts and TLS, never for this): the secret is not even read.
+    leaky = service.settings.model_copy(
+        update={"postgres_targets": {"leak": PostgresTargetSetting(**entry)}}
+    )
+    reads: list[str] = []
+
+    def count(**kwargs: Any) -> None:
+        reads.append(str(kwargs.get("params", {}).get("SecretId", "")))
+
+    event = "before-call.secrets-manager.GetSecretValue"
+    aws.secrets.meta.events.register(event, count)
+    try:
+        with pytest.raises(TargetRefused, match="delivery prefix"):
+            TargetRegistry(sessions, leaky, aws.secrets).get("leak")
+    finally:
+        aws.secrets.meta.events.unregister(event, count)
+    assert reads == []

@@ -3,14 +3,18 @@
 One run per NHI, id `nhi-<nhi id>`, started by provisioning. Deadlines are durable timers that
 updates can move; every change is an update whose validator refuses wrong state, the wrong
 person or an extension past the maximum lifetime before anything reaches history.
+
+Nothing a caller sends can end a run: an update whose activity fails fails that update only, a
+loop step that fails is recorded and tried again later, so a lifecycle never ends FAILED while
+its NHI exists (it ends only decommissioned or missing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -22,7 +26,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.slack import SlackActivities
     from models.contracts import (
         Alert,
+        AlertPost,
         AuditNote,
+        DeliveryResult,
         KeyRef,
         LifecycleAction,
         LifecycleConfig,
@@ -37,6 +43,9 @@ with workflow.unsafe.imports_passed_through():
         PromptAnswerKind,
         PromptDecision,
         PromptKind,
+        PromptMessage,
+        PromptPost,
+        PromptPosted,
         ProvisionPlan,
         RemoveIdentity,
         RenewRequest,
@@ -46,21 +55,73 @@ with workflow.unsafe.imports_passed_through():
     from models.enums import ROTATABLE_KINDS, NhiStatus
     from nhi.slack_messages import decided_text
     from workflows.policies import (
+        DB_BEST_EFFORT_RETRY,
         DB_RETRY,
         DB_TIMEOUT,
         PLATFORM_HEARTBEAT,
         PLATFORM_REMOVAL_RETRY,
         PLATFORM_RETRY,
         PLATFORM_TIMEOUT,
+        REMOVAL_RETRY,
         SLACK_RETRY,
         SLACK_TIMEOUT,
+        STEP_RETRY_DELAY,
         VERIFY_RETRY,
         VERIFY_TIMEOUT,
         failure_reason,
+        removal_window,
     )
 
 ISO = "%Y-%m-%dT%H:%M:%SZ"
 ROTATION_RETRY_DELAY = timedelta(hours=6)
+ENDED = (Phase.DECOMMISSIONED, Phase.MISSING)
+# No extension is ever longer than a policy's maximum lifetime can be.
+MAX_EXTENSION_SECONDS = 366 * 86400
+
+# Patches: each changes the commands a run issues, so runs recorded before it replay the old way
+# (tests/histories/) and only runs that reach it on new code take the new path.
+# Removal retried for NHI_REVOKE_ALERT_SECONDS, then revoke_failed, alerted once per episode.
+REMOVAL_ALERT_WINDOW = "removal-alert-window"
+# Actions accepted but not yet carried out travel across continue-as-new in the state.
+CARRY_PENDING = "carry-pending-actions"
+# One Slack activity per recipient: a retry reposts to that recipient only.
+SLACK_PER_RECIPIENT = "slack-per-recipient"
+# A step or update whose activity fails is recorded and retried (or fails the update only).
+CONTAINED = "contained-failures"
+# A default renewal never shortens the expiry, and renewals and restores respect the agent's
+# expected end as well as the maximum lifetime.
+RENEWAL_CAPS = "renewal-caps"
+
+
+def _wall_clock() -> datetime:
+    """Now by this worker's clock (validators only: they never run on replay)."""
+    with workflow.unsafe.sandbox_unrestricted():
+        return datetime.now(UTC)
+
+
+def clean(text: str) -> str:
+    """Caller text as it can be stored and shown: no NUL byte, no lone surrogate."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def cleaned(action: Any) -> Any:
+    """The same request (any LifecycleAction subclass) with its free text cleaned."""
+    return action.model_copy(
+        update={
+            "actor": clean(action.actor),
+            "reason": clean(action.reason),
+            "principal": clean(action.principal),
+        }
+    )
+
+
+def plain(action: LifecycleAction | None) -> LifecycleAction | None:
+    """A pending action as the state carries it (a PromptAnswer loses its prompt fields)."""
+    if action is None:
+        return None
+    return LifecycleAction(
+        actor=action.actor, channel=action.channel, reason=action.reason, principal=action.principal
+    )
 
 
 def lifecycle_workflow_id(nhi_id: object) -> str:
@@ -79,8 +140,18 @@ class NhiLifecycleWorkflow:
         self._state: LifecycleState | None = inp.state
         self._lock = asyncio.Lock()
         self._wake = False
+        self._step_failures = 0
+        # A fresh run started to contain the NHI, or actions the previous run had accepted.
         self._decommission: LifecycleAction | None = None
+        if inp.pending_decommission is not None:
+            self._decommission = cleaned(inp.pending_decommission)
         self._rotate: LifecycleAction | None = None
+        if inp.state is not None:
+            self._decommission = inp.state.pending_decommission or self._decommission
+            self._rotate = inp.state.pending_rotate
+            self._state = inp.state.model_copy(
+                update={"pending_decommission": None, "pending_rotate": None}
+            )
 
     # ---- queries and updates -----------------------------------------------------------------
 
@@ -93,31 +164,41 @@ class NhiLifecycleWorkflow:
     async def renew(self, req: RenewRequest) -> LifecycleView:
         """Extend the expiry (default TTL from now, never past the maximum lifetime)."""
         await self._ready(self._check_renew, req)
+        req = cleaned(req)
         async with self._lock:
             self._require(Phase.ACTIVE)
-            await self._renew(self._renewed_expiry(req.extend_by_seconds), req, "renew")
+            expiry = self._renewed_expiry(req.extend_by_seconds, strict=self._strict_caps())
+            try:
+                await self._renew(expiry, req, "renew")
+            except ActivityError as err:
+                raise await self._update_failed("renewal", err) from None
         self._wake_after_decision()
         return self._view("renewed")
 
     @renew.validator
     def _check_renew(self, req: RenewRequest) -> None:
+        self._check_deadline(req)
         if not self._loaded():
             return
         self._check_actor(req)
         self._require(Phase.ACTIVE)
-        self._renewed_expiry(req.extend_by_seconds)
+        self._renewed_expiry(req.extend_by_seconds, strict=True)
 
     @workflow.update
     async def rotate(self, req: LifecycleAction) -> LifecycleView:
         """Rotate the credential now (access keys); recorded as not applicable for roles."""
         await self._ready(self._check_rotate, req)
+        req = cleaned(req)
         cfg = self._config()
         if cfg.kind not in ROTATABLE_KINDS:
-            await self._note(
-                "nhi.rotation_not_applicable",
-                req,
-                f"{cfg.kind.value} has no static secret to rotate",
-            )
+            try:
+                await self._note(
+                    "nhi.rotation_not_applicable",
+                    req,
+                    f"{cfg.kind.value} has no static secret to rotate",
+                )
+            except ActivityError as err:
+                raise await self._update_failed("recording the rotation request", err) from None
             return self._view(f"rotation not applicable: {cfg.kind.value} has no static secret")
         self._rotate = req
         self._wake = True
@@ -125,6 +206,7 @@ class NhiLifecycleWorkflow:
 
     @rotate.validator
     def _check_rotate(self, req: LifecycleAction) -> None:
+        self._check_deadline(req)
         if not self._loaded():
             return
         self._check_actor(req, containment=True)
@@ -136,12 +218,13 @@ class NhiLifecycleWorkflow:
     async def decommission(self, req: LifecycleAction) -> LifecycleView:
         """Quarantine now, delete after the grace period."""
         await self._ready(self._check_decommission, req)
-        self._decommission = req
+        self._decommission = cleaned(req)
         self._wake = True
         return self._view("decommission started")
 
     @decommission.validator
     def _check_decommission(self, req: LifecycleAction) -> None:
+        self._check_deadline(req)
         if not self._loaded():
             return
         self._check_actor(req, containment=True)
@@ -153,46 +236,59 @@ class NhiLifecycleWorkflow:
     async def restore(self, req: LifecycleAction) -> LifecycleView:
         """Undo a quarantine during the grace period (renewing if the NHI had expired)."""
         await self._ready(self._check_restore, req)
+        req = cleaned(req)
         async with self._lock:
             self._require(Phase.QUARANTINED)
-            await self._restore(req)
+            try:
+                await self._restore(req)
+            except ActivityError as err:
+                raise await self._update_failed("restore", err, requarantine=True) from None
         self._wake_after_decision()
         return self._view("restored")
 
     @restore.validator
     def _check_restore(self, req: LifecycleAction) -> None:
+        self._check_deadline(req)
         if not self._loaded():
             return
         self._check_actor(req)
         self._require(Phase.QUARANTINED)
-        if workflow.now() >= self._config().max_lifetime_at:
+        cap, what = self._cap()
+        if workflow.now() >= cap:
             raise ApplicationError(
-                "past its maximum lifetime: request a new identity instead", type="MaxLifetime"
+                f"past {what}: request a new identity instead", type="MaxLifetime"
             )
 
     @workflow.update
     async def answer(self, ans: PromptAnswer) -> LifecycleView:
         """An owner's answer to a prompt: Renew, Let expire or Decommission now."""
         await self._ready(self._check_answer, ans)
+        ans = cleaned(ans)
         async with self._lock:
             self._require(Phase.ACTIVE)
             self._wake_after_decision()
-            if ans.answer is PromptAnswerKind.RENEW:
-                await self._renew(self._renewed_expiry(None), ans, ans.answer.value)
-                return self._view("renewed")
-            await self._close_prompts(ans, ans.answer.value)
-            if ans.answer is PromptAnswerKind.LET_EXPIRE:
-                self._update(let_expire=True)
-                await self._note(
-                    "nhi.let_expire", ans, ans.reason or "owner chose to let it expire"
-                )
-                return self._view("will expire")
-            self._decommission = ans
-            self._wake = True
+            try:
+                return await self._apply_answer(ans)
+            except ActivityError as err:
+                raise await self._update_failed(f"answer {ans.answer.value}", err) from None
+
+    async def _apply_answer(self, ans: PromptAnswer) -> LifecycleView:
+        if ans.answer is PromptAnswerKind.RENEW:
+            expiry = self._renewed_expiry(None, strict=self._strict_caps())
+            await self._renew(expiry, ans, ans.answer.value)
+            return self._view("renewed")
+        await self._close_prompts(ans, ans.answer.value)
+        if ans.answer is PromptAnswerKind.LET_EXPIRE:
+            self._update(let_expire=True)
+            await self._note("nhi.let_expire", ans, ans.reason or "owner chose to let it expire")
+            return self._view("will expire")
+        self._decommission = ans
+        self._wake = True
         return self._view("decommission started")
 
     @answer.validator
     def _check_answer(self, ans: PromptAnswer) -> None:
+        self._check_deadline(ans)
         if not self._loaded():
             return
         self._check_actor(ans)
@@ -200,23 +296,57 @@ class NhiLifecycleWorkflow:
         if ans.prompt_id not in self._st().open_prompts:
             raise ApplicationError("this prompt has already been answered", type="AlreadyDecided")
         if ans.answer is PromptAnswerKind.RENEW:
-            self._renewed_expiry(None)
+            self._renewed_expiry(None, strict=True)
+
+    @workflow.update
+    async def mark_missing(self, req: LifecycleAction) -> LifecycleView:
+        """The identity is gone from its platform (a sweep found it so): stop for good.
+
+        The sweep records the `missing` status, its audit event and the alert; this only ends
+        the run, which never acts on the identity again.
+        """
+        await self._ready(self._check_mark_missing, req)
+        req = cleaned(req)
+        async with self._lock:  # let a step under way finish first
+            if self._st().phase is Phase.DECOMMISSIONED:
+                return self._view("already decommissioned")
+            self._update(
+                phase=Phase.MISSING, decommission_reason=req.reason or "gone from its platform"
+            )
+            self._decommission = None
+            self._rotate = None
+            self._wake = True
+        return self._view("missing")
+
+    @mark_missing.validator
+    def _check_mark_missing(self, req: LifecycleAction) -> None:
+        self._check_deadline(req)
+        if not req.actor.startswith(("system:", "security:")):
+            raise ApplicationError(
+                "only a sweep or the security team marks an NHI missing", type="NotOwner"
+            )
+        if not self._loaded():
+            return
+        phase = self._st().phase
+        if phase in ENDED:
+            raise ApplicationError(f"the NHI is already {phase.value}", type="InvalidState")
 
     # ---- main loop ---------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, inp: LifecycleInput) -> LifecycleView:
-        """Loop until the NHI is decommissioned, continuing as new when history grows long."""
-        cfg = await self._db(DbActivities.load_lifecycle, NhiRef(nhi_id=inp.nhi_id))
+        """Loop until the NHI is decommissioned (or missing), continuing as new when history
+        grows long."""
+        cfg = await self._load(inp.nhi_id)
         self._cfg = cfg
         if self._state is None:
             self._state = self._initial_state(cfg)
-        while self._st().phase is not Phase.DECOMMISSIONED:
+        while self._st().phase not in ENDED:
             if workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(LifecycleInput(nhi_id=inp.nhi_id, state=self._st()))
+                workflow.continue_as_new(LifecycleInput(nhi_id=inp.nhi_id, state=self._carried()))
             async with self._lock:
-                deadline = await self._step(workflow.now())
+                deadline = await self._contained_step(workflow.now())
             if deadline is None:
                 continue
             self._wake = False
@@ -226,7 +356,114 @@ class NhiLifecycleWorkflow:
                     lambda: self._wake, timeout=timeout, timeout_summary="next lifecycle deadline"
                 )
         await workflow.wait_condition(workflow.all_handlers_finished)
-        return self._view("decommissioned")
+        return self._view(self._st().phase.value)
+
+    async def _load(self, nhi_id: Any) -> LifecycleConfig:
+        """The configuration; a failing load (inventory down, a policy missing) is retried
+        rather than ending the run, unless the NHI itself is gone from the inventory."""
+        alerted = False
+        while True:
+            try:
+                cfg: LifecycleConfig = await self._db(
+                    DbActivities.load_lifecycle, NhiRef(nhi_id=nhi_id)
+                )
+                return cfg
+            except ActivityError as err:
+                cause = err.cause
+                gone = isinstance(cause, ApplicationError) and cause.type == "NotFound"
+                if gone or not workflow.patched(CONTAINED):
+                    raise
+                reason = failure_reason(err)
+                workflow.logger.error("lifecycle of nhi %s cannot load: %s", nhi_id, reason)
+                if not alerted:
+                    alerted = True
+                    await self._send_alert(
+                        AlertPost(
+                            security=True,
+                            text=f"The lifecycle of NHI {nhi_id} cannot load its configuration "
+                            f"({reason}); it retries every {STEP_RETRY_DELAY}.",
+                        )
+                    )
+                await workflow.sleep(STEP_RETRY_DELAY, summary="retry loading the lifecycle")
+
+    def _carried(self) -> LifecycleState:
+        """The state the next run starts from, with the actions accepted but not yet done."""
+        state = self._st()
+        if not workflow.patched(CARRY_PENDING):
+            return state
+        return state.model_copy(
+            update={
+                "pending_decommission": plain(self._decommission),
+                "pending_rotate": plain(self._rotate),
+            }
+        )
+
+    async def _contained_step(self, now: datetime) -> datetime | None:
+        """One step; an activity failure is recorded and retried later, never the run's end."""
+        try:
+            deadline = await self._step(now)
+        except ActivityError as err:
+            if not workflow.patched(CONTAINED):
+                raise
+            return await self._step_failed(err)
+        self._step_failures = 0
+        return deadline
+
+    async def _step_failed(self, err: ActivityError) -> datetime:
+        reason = clean(failure_reason(err))[:1000]
+        self._step_failures += 1
+        workflow.logger.error(
+            "lifecycle step of nhi %s failed (%d in a row), retrying in %s: %s",
+            self._nhi_id,
+            self._step_failures,
+            STEP_RETRY_DELAY,
+            reason,
+        )
+        # The only caller-supplied text in a step is an action's reason: retry without it, so
+        # a value that poisons a write cannot block a decommission or rotation forever.
+        if self._decommission is not None and self._decommission.reason:
+            self._decommission = self._decommission.model_copy(update={"reason": ""})
+        if self._rotate is not None and self._rotate.reason:
+            self._rotate = self._rotate.model_copy(update={"reason": ""})
+        if self._step_failures == 1:  # one record and one alert per streak, not per retry
+            cfg = self._config()
+            with contextlib.suppress(ActivityError):
+                await workflow.execute_activity_method(
+                    DbActivities.note,
+                    AuditNote(
+                        subject_id=self._nhi_id,
+                        event="nhi.step_failed",
+                        actor="system:lifecycle",
+                        reason=f"a lifecycle step failed and is retried: {reason}",
+                        details={"key": str(workflow.uuid4())},
+                    ),
+                    start_to_close_timeout=DB_TIMEOUT,
+                    retry_policy=DB_BEST_EFFORT_RETRY,
+                )
+            await self._alert(
+                f"The lifecycle of {cfg.plan.identity_name} (agent {cfg.agent_name}) could not "
+                f"complete a step: {reason}. It retries every {STEP_RETRY_DELAY}.",
+                emails=[cfg.owner_email],
+                channels=[cfg.security_channel],
+            )
+        return workflow.now() + STEP_RETRY_DELAY
+
+    async def _update_failed(
+        self, what: str, err: ActivityError, *, requarantine: bool = False
+    ) -> ApplicationError:
+        """An update whose activity failed fails that update with the reason; the run goes on.
+
+        A restore that failed after lifting the quarantine puts it back (best effort), so the
+        identity is never usable while the lifecycle holds it quarantined.
+        """
+        reason = clean(failure_reason(err))[:1000]
+        workflow.logger.error("%s of nhi %s failed: %s", what, self._nhi_id, reason)
+        if requarantine and workflow.patched(CONTAINED):
+            with contextlib.suppress(ActivityError):
+                await self._platform(
+                    ProviderActivities.quarantine, self._plan(self._st().expires_at)
+                )
+        return ApplicationError(f"{what} failed, nothing was changed: {reason}", type="StepFailed")
 
     async def _step(self, now: datetime) -> datetime | None:
         """Do the one piece of work that is due, or return when the next one will be."""
@@ -327,10 +564,12 @@ class NhiLifecycleWorkflow:
         await self._deliver(msg)
         self._update(escalated=True, open_prompts=[*self._st().open_prompts, msg.prompt_id])
 
-    async def _deliver(self, msg: Any) -> bool:
+    async def _deliver(self, msg: PromptMessage) -> bool:
         """Send a prompt; a Slack outage is logged and never blocks the lifecycle."""
         if msg.already_delivered:
             return True
+        if workflow.patched(SLACK_PER_RECIPIENT):
+            return await self._deliver_each(msg)
         try:
             result = await workflow.execute_activity_method(
                 SlackActivities.deliver_prompt,
@@ -347,26 +586,88 @@ class NhiLifecycleWorkflow:
             await self._db(DbActivities.record_delivery, result)
         return result.owner_reachable
 
+    async def _deliver_each(self, msg: PromptMessage) -> bool:
+        """Reminder: DM the owner. Escalation: the owner, the backup owner and the team channel.
+
+        One activity per recipient, so a retry after one failure never reposts to the others;
+        `False` when the owner has no active Slack account (the workflow then escalates).
+        """
+        posts = [PromptPost(msg=msg, email=msg.owner_email)]
+        if msg.kind is PromptKind.ESCALATION:
+            if msg.backup_owner_email:
+                posts.append(PromptPost(msg=msg, email=msg.backup_owner_email))
+            posts.append(PromptPost(msg=msg, channel=msg.team_channel))
+        deliveries = []
+        owner_reachable = True
+        for post in posts:
+            try:
+                posted: PromptPosted = await workflow.execute_activity_method(
+                    SlackActivities.post_prompt,
+                    post,
+                    start_to_close_timeout=SLACK_TIMEOUT,
+                    retry_policy=SLACK_RETRY,
+                )
+            except ActivityError as err:
+                workflow.logger.warning(
+                    "prompt %s not delivered to %s: %s",
+                    msg.prompt_id,
+                    post.email or post.channel,
+                    failure_reason(err),
+                )
+                continue
+            if posted.delivery is not None:
+                deliveries.append(posted.delivery)
+            elif post.email == msg.owner_email:
+                owner_reachable = False
+                if msg.kind is PromptKind.REMINDER:
+                    break
+        if deliveries:
+            await self._db(
+                DbActivities.record_delivery,
+                DeliveryResult(
+                    prompt_id=msg.prompt_id,
+                    deliveries=deliveries,
+                    owner_reachable=owner_reachable,
+                ),
+            )
+        return owner_reachable
+
     async def _renew(self, new_expiry: datetime, action: LifecycleAction, decision: str) -> None:
         s, cfg = self._st(), self._config()
         await self._platform(ProviderActivities.update_expiry, self._plan(new_expiry))
-        await self._db(
-            DbActivities.change_status,
-            StatusChange(
-                nhi_id=self._nhi_id,
-                status=NhiStatus.ACTIVE,
-                event="nhi.renewed",
-                actor=self._who(action),
-                reason=action.reason or f"renewed until {new_expiry.strftime(ISO)}",
-                expires_at=new_expiry,
-                details={
-                    "key": str(workflow.uuid4()),
-                    "from": s.expires_at.strftime(ISO),
-                    "to": new_expiry.strftime(ISO),
-                },
-            ),
-        )
-        await self._close_prompts(action, decision)
+        try:
+            await self._db(
+                DbActivities.change_status,
+                StatusChange(
+                    nhi_id=self._nhi_id,
+                    status=NhiStatus.ACTIVE,
+                    event="nhi.renewed",
+                    actor=self._who(action),
+                    reason=action.reason or f"renewed until {new_expiry.strftime(ISO)}",
+                    expires_at=new_expiry,
+                    details={
+                        "key": str(workflow.uuid4()),
+                        "from": s.expires_at.strftime(ISO),
+                        "to": new_expiry.strftime(ISO),
+                    },
+                ),
+            )
+        except ActivityError:
+            # Not recorded, so not renewed: the platform's expiry goes back to the recorded one
+            # (best effort; the lifecycle quarantines at the recorded expiry either way).
+            if workflow.patched(CONTAINED):
+                with contextlib.suppress(ActivityError):
+                    await self._platform(ProviderActivities.update_expiry, self._plan(s.expires_at))
+            raise
+        try:
+            await self._close_prompts(action, decision)
+        except ActivityError as err:
+            # The renewal is recorded; prompts left open must not undo it.
+            if not workflow.patched(CONTAINED):
+                raise
+            workflow.logger.warning(
+                "prompts of nhi %s not closed: %s", self._nhi_id, failure_reason(err)
+            )
         now = workflow.now()
         self._update(
             expires_at=new_expiry,
@@ -426,10 +727,7 @@ class NhiLifecycleWorkflow:
         except ActivityError as err:
             reason = f"rotation failed, the current key stays in use: {failure_reason(err)}"
             await self._status(NhiStatus.ACTIVE, "nhi.rotation_failed", action, reason)
-            await self._slack(
-                SlackActivities.alert,
-                Alert(emails=[cfg.owner_email], text=f"{cfg.plan.identity_name}: {reason}"),
-            )
+            await self._alert(f"{cfg.plan.identity_name}: {reason}", emails=[cfg.owner_email])
             self._update(next_rotation_at=now + ROTATION_RETRY_DELAY)
             self._rotate = None
             return
@@ -513,13 +811,25 @@ class NhiLifecycleWorkflow:
     async def _remove(self) -> None:
         plan = self._plan(self._st().expires_at)
         try:
-            removed = await workflow.execute_activity_method(
-                ProviderActivities.remove_identity,
-                RemoveIdentity(plan=plan),
-                start_to_close_timeout=PLATFORM_TIMEOUT,
-                heartbeat_timeout=PLATFORM_HEARTBEAT,
-                retry_policy=PLATFORM_REMOVAL_RETRY,
-            )
+            if workflow.patched(REMOVAL_ALERT_WINDOW):
+                # Retried for the alert window, then revoke_failed and alerted: a removal that
+                # keeps failing surfaces within minutes (later retries every revoke period).
+                removed = await workflow.execute_activity_method(
+                    ProviderActivities.remove_identity,
+                    RemoveIdentity(plan=plan),
+                    start_to_close_timeout=PLATFORM_TIMEOUT,
+                    schedule_to_close_timeout=removal_window(self._config().revoke_alert_seconds),
+                    heartbeat_timeout=PLATFORM_HEARTBEAT,
+                    retry_policy=REMOVAL_RETRY,
+                )
+            else:
+                removed = await workflow.execute_activity_method(
+                    ProviderActivities.remove_identity,
+                    RemoveIdentity(plan=plan),
+                    start_to_close_timeout=PLATFORM_TIMEOUT,
+                    heartbeat_timeout=PLATFORM_HEARTBEAT,
+                    retry_policy=PLATFORM_REMOVAL_RETRY,
+                )
         except ActivityError as err:
             await self._revoke_failed(f"deletion failed: {failure_reason(err)}")
             return
@@ -536,16 +846,19 @@ class NhiLifecycleWorkflow:
     async def _revoke_failed(self, reason: str) -> None:
         cfg = self._config()
         system = LifecycleAction(actor="system:decommission", channel="system")
+        if self._st().phase is Phase.REVOKE_FAILED and workflow.patched(REMOVAL_ALERT_WINDOW):
+            # The same failure episode: its owner and security were alerted when it began. The
+            # inventory keeps the latest reason; the next retry is one retry period away.
+            await self._status(NhiStatus.REVOKE_FAILED, "nhi.revoke_retry_failed", system, reason)
+            self._update(quarantined_at=workflow.now())
+            return
         await self._status(NhiStatus.REVOKE_FAILED, "nhi.revoke_failed", system, reason)
         retry = timedelta(seconds=cfg.revoke_retry_seconds)
-        await self._slack(
-            SlackActivities.alert,
-            Alert(
-                emails=[cfg.owner_email],
-                channels=[cfg.security_channel],
-                text=f"Revocation of {cfg.plan.identity_name} (agent {cfg.agent_name}) keeps "
-                f"failing: {reason}. Retrying every {retry}.",
-            ),
+        await self._alert(
+            f"Revocation of {cfg.plan.identity_name} (agent {cfg.agent_name}) keeps "
+            f"failing: {reason}. Retrying every {retry}.",
+            emails=[cfg.owner_email],
+            channels=[cfg.security_channel],
         )
         self._update(phase=Phase.REVOKE_FAILED, quarantined_at=workflow.now())
         self._decommission = None
@@ -554,8 +867,11 @@ class NhiLifecycleWorkflow:
         cfg = self._config()
         now = workflow.now()
         expiry = self._st().expires_at
+        strict = self._strict_caps()
         if expiry <= now:
-            expiry = self._renewed_expiry(None)
+            expiry = self._renewed_expiry(None, strict=strict)
+        if strict:
+            expiry = min(expiry, self._cap()[0])
         await self._platform(ProviderActivities.lift_quarantine, self._plan(expiry))
         if expiry != self._st().expires_at:
             await self._platform(ProviderActivities.update_expiry, self._plan(expiry))
@@ -588,6 +904,7 @@ class NhiLifecycleWorkflow:
             NhiStatus.QUARANTINED: Phase.QUARANTINED,
             NhiStatus.REVOKE_FAILED: Phase.REVOKE_FAILED,
             NhiStatus.DECOMMISSIONED: Phase.DECOMMISSIONED,
+            NhiStatus.MISSING: Phase.MISSING,
         }.get(cfg.status, Phase.ACTIVE)
         if cfg.agent_completed and phase is Phase.ACTIVE:
             self._decommission = LifecycleAction(
@@ -607,7 +924,28 @@ class NhiLifecycleWorkflow:
         # sent in a burst: a 7-day credential gets no "14 days left" message.
         return [o for o in cfg.reminder_offsets_seconds if expires_at - timedelta(seconds=o) <= now]
 
-    def _renewed_expiry(self, extend_by_seconds: int | None) -> datetime:
+    def _cap(self) -> tuple[datetime, str]:
+        """The latest an expiry may move to, and what sets it: the maximum lifetime, or the
+        agent's expected end when that comes first."""
+        cfg = self._config()
+        end = cfg.expected_end_at
+        if end is not None and end < cfg.max_lifetime_at:
+            return end, f"the agent's expected end ({end.strftime(ISO)})"
+        return cfg.max_lifetime_at, f"the maximum lifetime ({cfg.max_lifetime_at.strftime(ISO)})"
+
+    def _strict_caps(self) -> bool:
+        return workflow.patched(RENEWAL_CAPS)
+
+    def _renewed_expiry(self, extend_by_seconds: int | None, *, strict: bool = False) -> datetime:
+        """The expiry a renewal moves to.
+
+        `strict` (validators, and handlers of runs on today's code): never past the maximum
+        lifetime nor the agent's expected end; a default renewal never shortens the expiry;
+        `extend_by` counts from now and is refused when it would end before the current expiry
+        (an extension never shortens). Without it, the rules runs recorded earlier replay with.
+        """
+        if strict:
+            return self._capped_expiry(extend_by_seconds)
         cfg = self._config()
         now = workflow.now()
         if now >= cfg.max_lifetime_at:
@@ -622,6 +960,33 @@ class NhiLifecycleWorkflow:
                 type="MaxLifetime",
             )
         return wanted
+
+    def _capped_expiry(self, extend_by_seconds: int | None) -> datetime:
+        cfg = self._config()
+        now = workflow.now()
+        cap, what = self._cap()
+        if now >= cap:
+            raise ApplicationError(f"already at {what}", type="MaxLifetime")
+        current = self._st().expires_at
+        if extend_by_seconds is None:
+            return min(max(now + timedelta(seconds=cfg.default_ttl_seconds), current), cap)
+        # Compared in seconds first: a huge value must be refused, not overflow a datetime.
+        if extend_by_seconds > (cap - now).total_seconds():
+            wanted = "after " + cap.strftime(ISO)
+            if extend_by_seconds <= MAX_EXTENSION_SECONDS:
+                wanted = (now + timedelta(seconds=extend_by_seconds)).strftime(ISO)
+            raise ApplicationError(
+                f"extend_by: would end {wanted}, past {what}", type="MaxLifetime"
+            )
+        wanted_at = now + timedelta(seconds=extend_by_seconds)
+        if wanted_at < current:
+            raise ApplicationError(
+                f"extend_by: would end {wanted_at.strftime(ISO)}, before the current expiry "
+                f"({current.strftime(ISO)}); extend_by counts from now and never shortens an "
+                "expiry",
+                type="ShortensExpiry",
+            )
+        return wanted_at
 
     def _wake_after_decision(self) -> None:
         # Added after lifecycles were already running: recompute deadlines (and check for
@@ -642,6 +1007,20 @@ class NhiLifecycleWorkflow:
 
     def _loaded(self) -> bool:
         return self._cfg is not None and self._state is not None
+
+    @staticmethod
+    def _check_deadline(action: LifecycleAction) -> None:
+        # The API answered 503 once its deadline passed: an update delivered later (the worker
+        # was down) must not be applied behind the caller's back. The deadline is the API's
+        # wall clock, so it is compared with the wall clock, not the workflow's (which runs
+        # days ahead on a time-skipping server). Validators do not run on replay, so reading
+        # the clock here cannot affect determinism.
+        if action.not_after is not None and _wall_clock() > action.not_after:
+            raise ApplicationError(
+                f"not delivered before the caller's deadline {action.not_after.strftime(ISO)}; "
+                "nothing was applied",
+                type="DeadlinePassed",
+            )
 
     def _check_actor(self, action: LifecycleAction, *, containment: bool = False) -> None:
         if action.actor.startswith("system:"):
@@ -764,6 +1143,21 @@ class NhiLifecycleWorkflow:
             heartbeat_timeout=PLATFORM_HEARTBEAT,
             retry_policy=PLATFORM_RETRY,
         )
+
+    async def _alert(self, text: str, *, emails: list[str], channels: Sequence[str] = ()) -> None:
+        """Tell people and channels; one activity per recipient on today's code."""
+        if not workflow.patched(SLACK_PER_RECIPIENT):
+            await self._slack(
+                SlackActivities.alert, Alert(emails=emails, channels=list(channels), text=text)
+            )
+            return
+        for email in emails:
+            await self._send_alert(AlertPost(text=text, email=email))
+        for channel in channels:
+            await self._send_alert(AlertPost(text=text, channel=channel))
+
+    async def _send_alert(self, post: AlertPost) -> None:
+        await self._slack(SlackActivities.send_alert, post)
 
     async def _slack(self, method: Callable[..., Any], arg: Any) -> None:
         try:

@@ -6,12 +6,21 @@ from datetime import timedelta
 
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
+from temporalio.exceptions import TimeoutError as TemporalTimeout
 
 DB_TIMEOUT = timedelta(seconds=30)
 DB_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=20,
+    non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
+)
+# Writes that only record something went wrong (the failure itself may be the database's):
+# a few tries, never holding up the lifecycle.
+DB_BEST_EFFORT_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=3,
     non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
 )
 
@@ -27,12 +36,27 @@ PLATFORM_RETRY = RetryPolicy(
 )
 # Removal must not give up quickly: what it leaves behind is a live credential. Once even this
 # is exhausted the NHI becomes `revoke_failed`, which is visible and retried by sweeps.
+# (Provisioning's compensation and the sweeps' orphan removal still use it; the lifecycle bounds
+# its removals by time instead, see REMOVAL_RETRY.)
 PLATFORM_REMOVAL_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=5),
     maximum_attempts=25,
 )
+# The lifecycle's removals: retried until `NHI_REVOKE_ALERT_SECONDS` have passed (the activity's
+# schedule-to-close timeout, see removal_window), not for a number of attempts. A removal that
+# keeps failing must reach `revoke_failed` and an alert within minutes, not after the ~90
+# minutes 25 backed-off attempts take; the lifecycle then retries every revoke retry period.
+REMOVAL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+)
+
+# A lifecycle step whose activity failed (a poisoned value, a dependency down for longer than
+# its retries) is recorded and tried again this much later; the run itself never fails.
+STEP_RETRY_DELAY = timedelta(minutes=15)
 
 # Proving a new key or a quarantine: IAM is eventually consistent (AWS advises up to ~2 minutes).
 VERIFY_TIMEOUT = timedelta(seconds=30)
@@ -55,8 +79,17 @@ SLACK_RETRY = RetryPolicy(
 )
 
 
+def removal_window(alert_seconds: int) -> timedelta:
+    """How long one removal attempt series may run before the NHI is `revoke_failed`."""
+    return timedelta(seconds=max(alert_seconds, 1))
+
+
 def failure_reason(err: BaseException) -> str:
-    """The innermost message of an activity failure (the activity's own classified error)."""
-    while isinstance(err, ActivityError) and err.cause is not None:
+    """The innermost message of an activity failure (the activity's own classified error).
+
+    A retry budget that ran out by time ends in a timeout whose cause is the last attempt's
+    failure: that failure (the platform's code and message) is the reason, not the timeout.
+    """
+    while isinstance(err, ActivityError | TemporalTimeout) and err.cause is not None:
         err = err.cause
     return str(err) or type(err).__name__

@@ -1,17 +1,20 @@
 """Provisioning: validate, create the identity, deliver the credential, record it active.
 
 A permanent failure removes whatever was created and marks the NHI `failed`; if even the
-removal fails, the NHI is `revoke_failed` so nothing is silently left behind.
+removal fails, the NHI is `revoke_failed` so nothing is silently left behind. So does a
+cancellation: the run removes what it created, marks the NHI `failed`, then ends cancelled. A
+terminated run cannot clean up after itself; the sweep's pre-active check does.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.workflow import ParentClosePolicy
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
@@ -42,6 +45,10 @@ with workflow.unsafe.imports_passed_through():
         failure_reason,
     )
 
+# Cancellation compensates and ends the run cancelled (it used to fail it, or leave the NHI
+# stuck when the cancellation came during the approval wait).
+CANCEL_PATCH = "compensate-on-cancel"
+
 
 @workflow.defn
 class ProvisionNhiWorkflow:
@@ -55,6 +62,10 @@ class ProvisionNhiWorkflow:
         # Set here, not in run(): an update can arrive in the very first activation.
         self._inp = inp
         self._decision: ApprovalDecision | None = None
+        # What a cancellation has to undo: the plan once the platform may hold something, and
+        # whether the lifecycle (which then answers for the NHI) was started.
+        self._plan: ProvisionPlan | None = None
+        self._handed_over = False
 
     @workflow.update
     async def decide(self, decision: ApprovalDecision) -> ApprovalOutcome:
@@ -66,20 +77,55 @@ class ProvisionNhiWorkflow:
 
     @decide.validator
     def _check_decision(self, decision: ApprovalDecision) -> None:
+        # A decision the API gave up on (503, not accepted in time) is never applied later.
+        if decision.not_after is not None and workflow.now() > decision.not_after:
+            raise ApplicationError(
+                "not delivered before the caller's deadline; nothing was applied",
+                type="DeadlinePassed",
+            )
         if not self._inp.needs_approval:
             raise ApplicationError("this request needs no approval", type="InvalidState")
         if self._decision is not None:
             raise ApplicationError(
                 f"already decided by {self._decision.approver}", type="AlreadyDecided"
             )
-        if decision.approver == self._inp.requested_by:
+        if decision.approver == self._inp.requested_by or (
+            # One person under two credentials (a platform and an approver token of one email)
+            # is still the requester. A validator adds no history, so this needs no patch.
+            self._inp.requested_by_person
+            and decision.approver_person == self._inp.requested_by_person
+        ):
             raise ApplicationError(
                 "the requester cannot approve their own request", type="SelfApproval"
             )
 
     @workflow.run
     async def run(self, inp: ProvisionInput) -> ProvisionResult:
-        """Provision the NHI the API recorded; raises ApplicationError on permanent failure."""
+        """Provision the NHI the API recorded; raises ApplicationError on permanent failure.
+
+        A cancelled run compensates before it ends cancelled (style rule 11): whatever it may
+        have created is removed and the NHI is `failed`; before anything could exist, the NHI
+        is only marked `failed`. Runs recorded before this replay unchanged: the patch marker
+        is looked for only once a cancellation arrives.
+        """
+        try:
+            return await self._provision(inp)
+        except BaseException as err:
+            if (
+                not is_cancelled_exception(err)
+                or self._handed_over
+                or not workflow.patched(CANCEL_PATCH)
+            ):
+                raise
+            # The cancellation was delivered once; the activities below are not cancelled.
+            reason = "provisioning was cancelled"
+            if self._plan is not None:
+                await self._compensate(self._plan, reason)
+            else:
+                await self._mark(inp, NhiStatus.FAILED, f"{reason} before anything was created")
+            raise
+
+    async def _provision(self, inp: ProvisionInput) -> ProvisionResult:
         workflow_id = workflow.info().workflow_id
         if inp.needs_approval:
             await self._await_approval(inp)
@@ -91,11 +137,14 @@ class ProvisionNhiWorkflow:
                 retry_policy=DB_RETRY,
             )
         except ActivityError as err:
+            if is_cancelled_exception(err) and workflow.patched(CANCEL_PATCH):
+                raise  # run() marks it failed and ends the run cancelled
             # Nothing exists on the platform yet: only the inventory needs to know.
             reason = failure_reason(err)
             await self._mark(inp, NhiStatus.FAILED, reason)
             raise ApplicationError(reason, type="ProvisioningRefused", non_retryable=True) from err
 
+        self._plan = plan
         try:
             created = await self._create(plan)
             await workflow.execute_activity_method(
@@ -112,6 +161,8 @@ class ProvisionNhiWorkflow:
                 retry_policy=DB_RETRY,
             )
         except ActivityError as err:
+            if is_cancelled_exception(err) and workflow.patched(CANCEL_PATCH):
+                raise  # run() compensates and ends the run cancelled, not failed
             reason = failure_reason(err)
             status = await self._compensate(plan, reason)
             raise ApplicationError(
@@ -120,6 +171,7 @@ class ProvisionNhiWorkflow:
                 non_retryable=True,
             ) from err
         # The lifecycle outlives this run: rotation, reminders and expiry from here on.
+        self._handed_over = True
         await workflow.start_child_workflow(
             NhiLifecycleWorkflow.run,
             LifecycleInput(nhi_id=plan.nhi_id),
@@ -177,13 +229,21 @@ class ProvisionNhiWorkflow:
         method: Callable[[ProviderActivities, ProvisionPlan], IdentityCreated],
         plan: ProvisionPlan,
     ) -> IdentityCreated:
-        return await workflow.execute_activity_method(
+        created = await workflow.execute_activity_method(
             method,
             plan,
             start_to_close_timeout=PLATFORM_TIMEOUT,
             heartbeat_timeout=PLATFORM_HEARTBEAT,
             retry_policy=PLATFORM_RETRY,
+            # On cancellation, wait until the creating call has stopped: compensation must not
+            # run while it can still create something. (SDK-side only: no command changes.)
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
+        # A call that finished despite the cancellation returns its result and the SDK clears
+        # the cancellation: look for it, so the run still compensates instead of carrying on.
+        if workflow.cancellation_reason() is not None and workflow.patched(CANCEL_PATCH):
+            raise asyncio.CancelledError("provisioning was cancelled")
+        return created
 
     async def _compensate(self, plan: ProvisionPlan, reason: str) -> NhiStatus:
         status = NhiStatus.FAILED

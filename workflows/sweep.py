@@ -2,7 +2,8 @@
 
 `SweepWorkflow` runs per provider on a Temporal Schedule (and on demand). `OrphanRemovalWorkflow`
 quarantines an orphan at once and deletes it after a grace period; its id is derived from the
-identity, so a second sweep never starts a second removal.
+identity, so a second sweep never starts a second removal. A removal that keeps failing for
+NHI_REVOKE_ALERT_SECONDS is recorded and alerted once, and the next sweep tries again.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    WorkflowAlreadyStartedError,
+)
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -21,10 +27,17 @@ with workflow.unsafe.imports_passed_through():
     from activities.sweep import SupervisionActivities, SweepActivities
     from models.contracts import (
         Alert,
+        AlertPost,
         Finding,
         FindingKind,
         LifecycleNudge,
+        MissingMarked,
+        OrphanEvent,
         OrphanInput,
+        OrphanNoted,
+        OrphanQuarantined,
+        PreactiveAction,
+        PreactiveNhi,
         RemoveIdentity,
         SweepInput,
         SweepOutcome,
@@ -39,14 +52,20 @@ with workflow.unsafe.imports_passed_through():
         PLATFORM_REMOVAL_RETRY,
         PLATFORM_RETRY,
         PLATFORM_TIMEOUT,
+        REMOVAL_RETRY,
         SLACK_RETRY,
         SLACK_TIMEOUT,
         failure_reason,
+        removal_window,
     )
 
 SWEEP_TIMEOUT = timedelta(minutes=30)
 SWEEP_HEARTBEAT = timedelta(minutes=2)
 ORPHAN_GRACE_DEFAULT = 86400
+# Sweeps and orphan removals recorded before the lifecycle guarantee (issue 11) replay the old
+# paths: no pre-active check, `missing` only noted, orphan removal with no alert rule.
+SWEEP_PATCH = "sweep-preactive-missing"
+ORPHAN_PATCH = "orphan-alert-rule"
 
 
 def sweep_workflow_id(provider: str) -> str:
@@ -60,18 +79,32 @@ def orphan_workflow_id(kind: str, name: str, target: str | None = None) -> str:
     return f"nhi-orphan-{kind}-{where}{name}"
 
 
+def failure_code(err: BaseException) -> str:
+    """The platform's error code (the classified ApplicationError's type) inside a failure."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.type:
+            return cause.type
+        cause = cause.cause if isinstance(cause, FailureError) else None
+    return ""
+
+
 @workflow.defn
 class SweepWorkflow:
     """Discover, compare, act (unless a dry run), report."""
 
     def __init__(self) -> None:
         self._grace = ORPHAN_GRACE_DEFAULT
+        self._plan: SweepPlan | None = None
+        self._current = False
 
     @workflow.run
     async def run(self, inp: SweepInput) -> SweepOutcome:
         """Returns the report it stored; a failed listing stops the sweep without acting."""
+        self._current = workflow.patched(SWEEP_PATCH)
         # The report's id is fixed before any activity runs, so even a failure is recorded.
         inp = inp.model_copy(update={"sweep_id": inp.sweep_id or workflow.uuid4()})
+        preactive: list[Finding] = []
         try:
             plan: SweepPlan = await workflow.execute_activity_method(
                 SweepActivities.plan_sweep,
@@ -87,13 +120,24 @@ class SweepWorkflow:
                 heartbeat_timeout=SWEEP_HEARTBEAT,
                 retry_policy=PLATFORM_RETRY,
             )
+            if self._current:
+                preactive = await workflow.execute_activity_method(
+                    SupervisionActivities.find_preactive,
+                    inp,
+                    start_to_close_timeout=SWEEP_TIMEOUT,
+                    heartbeat_timeout=SWEEP_HEARTBEAT,
+                    retry_policy=PLATFORM_RETRY,
+                )
         except ActivityError as err:
             return await self._failed(inp, failure_reason(err))
         self._grace = plan.orphan_grace_seconds
-        findings = [*plan.findings, *unsupervised]
+        self._plan = plan
+        findings = [*plan.findings, *unsupervised, *preactive]
         counts = dict(plan.counts)
         if unsupervised:
             counts[FindingKind.UNSUPERVISED.value] = len(unsupervised)
+        if preactive:
+            counts[FindingKind.PREACTIVE.value] = len(preactive)
         if not inp.dry_run:
             findings = [await self._act(f, inp) for f in findings]
         outcome = SweepOutcome(
@@ -115,9 +159,13 @@ class SweepWorkflow:
                 done = await self._nudge(finding, "decommission")
             elif finding.kind is FindingKind.UNSUPERVISED:
                 done = await self._nudge(finding, "restart")
+            elif finding.kind is FindingKind.MISSING and self._current:
+                done = await self._missing(finding)
             elif finding.kind is FindingKind.MISSING:
                 await self._db(SweepActivities.mark_missing, finding)
                 done = "marked in the inventory"
+            elif finding.kind is FindingKind.PREACTIVE:
+                done = await self._preactive(finding)
             elif finding.kind is FindingKind.DRIFT:
                 reverted = await self._db(SweepActivities.revert_drift, finding)
                 done = "granted scope restored" if reverted else "reported (policy does not revert)"
@@ -139,6 +187,8 @@ class SweepWorkflow:
                     found_by=f"system:sweep ({inp.triggered_by})",
                     target=finding.target,
                     nhi_id=finding.nhi_id,
+                    alert_seconds=self._settings().revoke_alert_seconds,
+                    security_channel=self._settings().security_channel,
                 ),
                 id=orphan_workflow_id(finding.identity_kind, finding.identity, finding.target),
                 parent_close_policy=ParentClosePolicy.ABANDON,
@@ -147,16 +197,82 @@ class SweepWorkflow:
             return "removal already under way"
         return "removal started"
 
+    def _settings(self) -> SweepPlan:
+        if self._plan is None:  # unreachable: actions run only after the plan
+            raise ApplicationError("the sweep acted before it planned", non_retryable=True)
+        return self._plan
+
     async def _nudge(self, finding: Finding, action: str) -> str:
         if finding.nhi_id is None:
             return "no inventory id"
         result: str = await workflow.execute_activity_method(
             SupervisionActivities.nudge_lifecycle,
-            LifecycleNudge(nhi_id=finding.nhi_id, action=action, reason=f"sweep: {finding.detail}"),
+            LifecycleNudge(
+                nhi_id=finding.nhi_id,
+                action=action,
+                reason=f"sweep: {finding.detail}",
+                sweep_id=self._settings().sweep_id,
+            ),
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
         return result
+
+    async def _missing(self, finding: Finding) -> str:
+        """Gone from a completely listed platform: `missing` in the inventory (with its audit
+        event), its lifecycle stopped (nothing is left to rotate, remind or remove), and the
+        owner and the security channel told."""
+        marked: MissingMarked | None = await self._db(SweepActivities.mark_missing, finding)
+        if marked is None or not marked.changed:
+            return f"not marked: it is {marked.status if marked else 'gone'} now"
+        stopped = await self._nudge(finding, "mark_missing")
+        text = (
+            f"NHI {marked.name} of agent {marked.agent_name} is gone from its platform, "
+            "although this service never removed it. The inventory now says `missing` and its "
+            "lifecycle has stopped. Find out who deleted it, and whether anything replaced it."
+        )
+        await self._tell(AlertPost(text=text, email=marked.owner_email))
+        await self._tell(AlertPost(text=text, channel=self._settings().security_channel))
+        return f"marked missing, owner and security alerted; lifecycle: {stopped}"
+
+    async def _preactive(self, finding: Finding) -> str:
+        if finding.nhi_id is None or finding.preactive is None:
+            return "no inventory id"
+        stuck = PreactiveNhi(
+            nhi_id=finding.nhi_id,
+            action=finding.preactive,
+            reason=f"stuck before active: {finding.detail}",
+            sweep_id=self._settings().sweep_id,
+        )
+        result: str
+        if finding.preactive is PreactiveAction.REDRIVE:
+            result = await workflow.execute_activity_method(
+                SupervisionActivities.redrive_provisioning,
+                stuck,
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=DB_RETRY,
+            )
+        else:
+            result = await workflow.execute_activity_method(
+                SweepActivities.clean_preactive,
+                stuck,
+                start_to_close_timeout=PLATFORM_TIMEOUT,
+                heartbeat_timeout=PLATFORM_HEARTBEAT,
+                retry_policy=PLATFORM_RETRY,
+            )
+        return result
+
+    async def _tell(self, post: AlertPost) -> None:
+        # One recipient per activity: a retry never reposts to someone already told.
+        try:
+            await workflow.execute_activity_method(
+                SlackActivities.send_alert,
+                post,
+                start_to_close_timeout=SLACK_TIMEOUT,
+                retry_policy=SLACK_RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.warning("alert not sent: %s", failure_reason(err))
 
     async def _db(self, method: Callable[..., Any], arg: Any) -> Any:
         return await workflow.execute_activity_method(
@@ -209,18 +325,72 @@ class SweepWorkflow:
 
 @workflow.defn
 class OrphanRemovalWorkflow:
-    """Quarantine an orphan now, delete it (and its secret) after the grace period."""
+    """Quarantine an orphan now, delete it (and its secret) after the grace period.
+
+    A removal still failing after the alert window is recorded (audit event with the platform's
+    code and message, shown in the next sweep's finding), alerted to the security channel once
+    however many sweeps retry it, and the run fails: the next sweep starts a new one, which
+    waits only what is left of the grace period.
+    """
 
     @workflow.run
     async def run(self, orphan: OrphanInput) -> list[str]:
         """Returns what was removed."""
-        await workflow.execute_activity_method(
+        current = workflow.patched(ORPHAN_PATCH)
+        quarantined: OrphanQuarantined | None = await workflow.execute_activity_method(
             SweepActivities.quarantine_orphan,
             orphan,
             start_to_close_timeout=PLATFORM_TIMEOUT,
             retry_policy=PLATFORM_RETRY,
         )
-        await workflow.sleep(timedelta(seconds=orphan.grace_seconds))
+        grace = timedelta(seconds=orphan.grace_seconds)
+        if not current or quarantined is None:
+            await workflow.sleep(grace)
+            return await self._remove_legacy(orphan)
+        left = quarantined.first_quarantined_at + grace - workflow.now()
+        if left > timedelta(0):
+            await workflow.sleep(left)
+        plan = orphan_plan(orphan, workflow.uuid4(), workflow.now())
+        try:
+            removed = await workflow.execute_activity_method(
+                ProviderActivities.remove_identity,
+                RemoveIdentity(plan=plan),
+                # Retried until the alert window has passed, not for a number of attempts.
+                schedule_to_close_timeout=removal_window(orphan.alert_seconds),
+                start_to_close_timeout=PLATFORM_TIMEOUT,
+                heartbeat_timeout=PLATFORM_HEARTBEAT,
+                retry_policy=REMOVAL_RETRY,
+            )
+        except ActivityError as err:
+            reason = failure_reason(err)
+            noted = await self._note(
+                orphan,
+                "orphan.removal_failed",
+                reason,
+                {"code": failure_code(err), "kind": orphan.identity_kind.value},
+            )
+            if noted.first:
+                await self._alert(
+                    orphan,
+                    f"Removing orphan {orphan.identity} ({orphan.identity_kind.value}"
+                    f"{f' in {orphan.target}' if orphan.target else ''}) keeps failing after "
+                    f"{orphan.alert_seconds}s: {reason}. It stays quarantined; the next sweep "
+                    "retries it.",
+                )
+            raise ApplicationError(
+                f"removing orphan {orphan.identity} failed: {reason}",
+                type="OrphanRemovalFailed",
+                non_retryable=True,
+            ) from err
+        await self._note(
+            orphan,
+            "orphan.deleted",
+            "not in the inventory: removed after the grace period",
+            {"removed": "; ".join(removed.removed), "kind": orphan.identity_kind.value},
+        )
+        return list(removed.removed)
+
+    async def _remove_legacy(self, orphan: OrphanInput) -> list[str]:
         plan = orphan_plan(orphan, workflow.uuid4(), workflow.now())
         removed = await workflow.execute_activity_method(
             ProviderActivities.remove_identity,
@@ -230,3 +400,33 @@ class OrphanRemovalWorkflow:
             retry_policy=PLATFORM_REMOVAL_RETRY,
         )
         return list(removed.removed)
+
+    async def _note(
+        self, orphan: OrphanInput, event: str, reason: str, details: dict[str, str]
+    ) -> OrphanNoted:
+        info = workflow.info()
+        noted: OrphanNoted = await workflow.execute_activity_method(
+            SweepActivities.note_orphan,
+            OrphanEvent(
+                identity=orphan.identity,
+                event=event,
+                actor=orphan.found_by or "system:sweep",
+                reason=reason,
+                details={k: v for k, v in details.items() if v},
+                key=f"{info.workflow_id}/{info.run_id}/{event}",
+            ),
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        return noted
+
+    async def _alert(self, orphan: OrphanInput, text: str) -> None:
+        try:
+            await workflow.execute_activity_method(
+                SlackActivities.send_alert,
+                AlertPost(text=text, channel=orphan.security_channel),
+                start_to_close_timeout=SLACK_TIMEOUT,
+                retry_policy=SLACK_RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.warning("orphan alert not sent: %s", failure_reason(err))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,53 @@ SCOPE_POLICY_NAME = "nhi-scope"
 _NOT_FOUND = frozenset({"NoSuchEntity", "ResourceNotFoundException"})
 
 
+def _gone_ok(call: Callable[..., object], **params: Any) -> bool:
+    """One removal step. Its own "not found" (this key, policy or profile, or the identity
+    itself) means already done: False; True when the step acted."""
+    try:
+        call(**params)
+    except ClientError as err:
+        if aws_code(err) in _NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+def _listed(call: Callable[..., Any], key: str, **params: Any) -> list[Any]:
+    """A listing of what is attached; an identity already gone has nothing attached."""
+    try:
+        return list(call(**params)[key])
+    except ClientError as err:
+        if aws_code(err) in _NOT_FOUND:
+            return []
+        raise
+
+
+def _conflict_hint(what: str, name: str, left: str) -> str:
+    """The operator's sentence for a DeleteConflict on the identity itself."""
+    if left in ("nothing", "nothing attached"):
+        return (
+            f"Operator: IAM refused to delete {what} {name} with nothing left attached (IAM "
+            f"catching up, or a change made at the same time): the removal retries; if it keeps "
+            f"failing, look at {what} {name} in IAM"
+        )
+    return (
+        f"Operator: {what} {name} still has {left}, added outside nhi-lifecycle during its "
+        f"removal: remove it; the removal retries"
+    )
+
+
+def _access_hint(err: ClientError, what: str) -> str | None:
+    """The operator's sentence for a refused call."""
+    if aws_code(err) not in {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"}:
+        return None
+    return (
+        f"Operator: the worker is refused iam:{err.operation_name} on {what}: grant it (or lift "
+        f"the SCP or permissions boundary that refuses it); the {what.split()[0]} stays "
+        f"quarantined"
+    )
+
+
 def _tags(plan: ProvisionPlan) -> list[TagTypeDef]:
     return [{"Key": k, "Value": v} for k, v in sorted(plan.tags.items())]
 
@@ -53,6 +100,15 @@ def _policy_json(plan: ProvisionPlan) -> str:
 
 QUARANTINE_POLICY_NAME = "nhi-quarantine"
 REVOKE_SESSIONS_POLICY_NAME = "nhi-revoke-older-sessions"
+# What quarantine puts in place, in the order removal deletes it: last of all.
+QUARANTINE_POLICIES = (REVOKE_SESSIONS_POLICY_NAME, QUARANTINE_POLICY_NAME)
+
+
+def _deny_last(policy: str) -> tuple[int, str]:
+    """Sort key of inline policies for removal: the quarantine's denies after all others."""
+    if policy in QUARANTINE_POLICIES:
+        return (1 + QUARANTINE_POLICIES.index(policy), policy)
+    return (0, policy)
 
 
 def _key_value(key: Mapping[str, Any]) -> dict[str, str]:
@@ -319,39 +375,40 @@ class _AwsLifecycle:
                 doing = "deleting" if delete else "deactivating"
                 raise classify_aws(err, f"{doing} key {key.key_id}") from err
 
+    def _quarantine(self, kind: NhiKind, name: str, now: datetime) -> list[str]:
+        """Quarantine `name`: deny-all policies (roles: and older sessions revoked); users'
+        keys inactive. Raises ClientError (NoSuchEntity when the identity is gone)."""
+        done: list[str] = []
+        if kind is NhiKind.IAM_ROLE:
+            self._iam.put_role_policy(
+                RoleName=name, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=_deny_all()
+            )
+            self._iam.put_role_policy(
+                RoleName=name,
+                PolicyName=REVOKE_SESSIONS_POLICY_NAME,
+                PolicyDocument=_deny_sessions_issued_before(now),
+            )
+            return ["deny-all policy", "sessions issued before now revoked"]
+        for key in self._iam.list_access_keys(UserName=name)["AccessKeyMetadata"]:
+            if key["Status"] != "Inactive":
+                self._iam.update_access_key(
+                    UserName=name, AccessKeyId=key["AccessKeyId"], Status="Inactive"
+                )
+            done.append(f"key {key['AccessKeyId']} inactive")
+        self._iam.put_user_policy(
+            UserName=name, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=_deny_all()
+        )
+        done.append("deny-all policy")
+        return done
+
     def disable(self, plan: ProvisionPlan) -> list[str]:
         """Stop the credential working without deleting anything yet (restorable)."""
-        done: list[str] = []
-        now = datetime.now(UTC)
         try:
-            if plan.kind is NhiKind.IAM_ROLE:
-                self._iam.put_role_policy(
-                    RoleName=plan.identity_name,
-                    PolicyName=QUARANTINE_POLICY_NAME,
-                    PolicyDocument=_deny_all(),
-                )
-                self._iam.put_role_policy(
-                    RoleName=plan.identity_name,
-                    PolicyName=REVOKE_SESSIONS_POLICY_NAME,
-                    PolicyDocument=_deny_sessions_issued_before(now),
-                )
-                done += ["deny-all policy", "sessions issued before now revoked"]
-            else:
-                user = plan.identity_name
-                for key in self._iam.list_access_keys(UserName=user)["AccessKeyMetadata"]:
-                    self._iam.update_access_key(
-                        UserName=user, AccessKeyId=key["AccessKeyId"], Status="Inactive"
-                    )
-                    done.append(f"key {key['AccessKeyId']} inactive")
-                self._iam.put_user_policy(
-                    UserName=user, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=_deny_all()
-                )
-                done.append("deny-all policy")
+            return self._quarantine(plan.kind, plan.identity_name, datetime.now(UTC))
         except ClientError as err:
             if aws_code(err) in _NOT_FOUND:
                 return ["already gone"]
             raise classify_aws(err, f"quarantining {plan.identity_name}") from err
-        return done
 
     def verify_disabled(self, plan: ProvisionPlan) -> None:
         """Prove the quarantine from IAM's own state: deny policy in place, no active key.
@@ -543,71 +600,241 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
         )
 
     def delete(self, request: RemoveIdentity) -> RemovalResult:
-        """Delete the identity and everything attached to it; "not found" counts as done."""
+        """Strip the identity, delete it, prove it is gone, then delete its secret.
+
+        Containment is monotonic: everything that grants access goes first; what quarantine
+        put in place (the deny policies) goes last, right before the delete call. A step that
+        fails re-applies the quarantine before raising, so a removal stopped half way leaves
+        the identity at least as locked as quarantine. Each step's own "not found" counts as
+        done, and only a fresh read that no longer finds the identity ends the removal.
+        """
         plan = request.plan
-        removed: list[str] = []
+        if plan.kind is NhiKind.IAM_ROLE:
+            removed = self._remove_role(plan.identity_name)
+        else:
+            removed = self._remove_user(plan.identity_name)
         try:
-            if plan.kind is NhiKind.IAM_ROLE:
-                removed += self._remove_role(plan.identity_name)
-            else:
-                removed += self._remove_user(plan.identity_name)
             removed += self._remove_secret(plan.secret_name, force=request.force_delete_secret)
         except ClientError as err:
-            raise classify_aws(err, f"removing {plan.identity_name}") from err
+            raise classify_aws(err, f"deleting secret {plan.secret_name}") from err
         return RemovalResult(removed=removed)
 
-    def _remove_role(self, name: str) -> list[str]:
-        iam = self._iam
-        done: list[str] = []
+    def _relock(self, kind: NhiKind, name: str) -> str:
+        """After a failed removal step: the quarantine again, best effort, so whatever the
+        step left behind is at least as locked as quarantine. Says how that went."""
         try:
-            for policy in iam.list_role_policies(RoleName=name)["PolicyNames"]:
-                iam.delete_role_policy(RoleName=name, PolicyName=policy)
-                done.append(f"inline policy {policy}")
-            for attached in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]:
-                iam.detach_role_policy(RoleName=name, PolicyArn=attached["PolicyArn"])
-                done.append(f"attached policy {attached['PolicyArn']}")
-            for profile in iam.list_instance_profiles_for_role(RoleName=name)["InstanceProfiles"]:
-                iam.remove_role_from_instance_profile(
-                    InstanceProfileName=profile["InstanceProfileName"], RoleName=name
-                )
-                done.append(f"instance profile {profile['InstanceProfileName']}")
-            iam.delete_role(RoleName=name)
-            done.append(f"role {name}")
+            self._quarantine(kind, name, datetime.now(UTC))
         except ClientError as err:
-            if aws_code(err) not in _NOT_FOUND:
-                raise
+            if aws_code(err) in _NOT_FOUND:
+                return "it is gone"
+            log.warning("re-applying the quarantine of %s failed: %s", name, aws_code(err))
+            return f"re-applying its quarantine failed too ({aws_code(err)})"
+        return "its quarantine was re-applied"
+
+    def _fail_removal(
+        self, err: ClientError, kind: NhiKind, name: str, doing: str, hint: str | None
+    ) -> ApplicationError:
+        """A failed removal step: re-lock, then the classified error naming the step."""
+        relocked = self._relock(kind, name)
+        return classify_aws(err, f"{doing}; {relocked}", hint=hint)
+
+    def _role_remains(self, name: str) -> str | None:
+        """What a fresh read finds of the role: None when it is gone, else what is left."""
+        iam = self._iam
+        try:
+            iam.get_role(RoleName=name)
+            parts = [
+                f"inline policy {p}"
+                for p in _listed(iam.list_role_policies, "PolicyNames", RoleName=name)
+            ]
+            parts += [
+                f"managed policy {a['PolicyArn']}"
+                for a in _listed(iam.list_attached_role_policies, "AttachedPolicies", RoleName=name)
+            ]
+            parts += [
+                f"instance profile {p['InstanceProfileName']}"
+                for p in _listed(
+                    iam.list_instance_profiles_for_role, "InstanceProfiles", RoleName=name
+                )
+            ]
+        except ClientError as err:
+            if aws_code(err) in _NOT_FOUND:
+                return None
+            raise classify_aws(err, f"proving role {name} is gone") from err
+        return ", ".join(parts) or "nothing attached"
+
+    def _user_remains(self, name: str) -> str | None:
+        """What a fresh read finds of the user: None when it is gone, else what is left."""
+        iam = self._iam
+        try:
+            iam.get_user(UserName=name)
+            parts = [
+                f"access key {k['AccessKeyId']} ({k['Status']})"
+                for k in _listed(iam.list_access_keys, "AccessKeyMetadata", UserName=name)
+            ]
+            parts += [
+                f"inline policy {p}"
+                for p in _listed(iam.list_user_policies, "PolicyNames", UserName=name)
+            ]
+            parts += [
+                f"managed policy {a['PolicyArn']}"
+                for a in _listed(iam.list_attached_user_policies, "AttachedPolicies", UserName=name)
+            ]
+            parts += [
+                f"group {g['GroupName']}"
+                for g in _listed(iam.list_groups_for_user, "Groups", UserName=name)
+            ]
+        except ClientError as err:
+            if aws_code(err) in _NOT_FOUND:
+                return None
+            raise classify_aws(err, f"proving user {name} is gone") from err
+        return ", ".join(parts) or "nothing attached"
+
+    @staticmethod
+    def _remains_or_unknown(read: Callable[[str], str | None], name: str) -> str:
+        """What is left, for an operator's sentence; never fails the error it explains."""
+        try:
+            return read(name) or "nothing"
+        except ApplicationError:
+            return "something (unreadable)"
+
+    def _not_removed(self, kind: NhiKind, what: str, name: str, remains: str) -> ApplicationError:
+        relocked = self._relock(kind, name)
+        message = f"{what} {name} still exists after its deletion ({remains}); {relocked}; retrying"
+        return ApplicationError(
+            message,
+            {"code": "NotRemoved", "message": message, "remains": remains},
+            type="NotRemoved",
+        )
+
+    def _remove_role(self, name: str) -> list[str]:
+        """Managed policies, instance profiles and the other inline policies first; the
+        quarantine's deny policies last, right before DeleteRole; then prove it is gone."""
+        iam = self._iam
+        kind = NhiKind.IAM_ROLE
+        done: list[str] = []
+        doing, hint = f"removing role {name}", None
+        try:
+            for attached in _listed(
+                iam.list_attached_role_policies, "AttachedPolicies", RoleName=name
+            ):
+                arn = attached["PolicyArn"]
+                doing = f"detaching {arn} from role {name}"
+                hint = (
+                    f"Operator: a managed policy attached outside nhi-lifecycle blocks the "
+                    f"removal: detach {arn} from role {name} (or allow the worker "
+                    f"iam:DetachRolePolicy on it); the role stays quarantined and the removal "
+                    f"retries"
+                )
+                if _gone_ok(iam.detach_role_policy, RoleName=name, PolicyArn=arn):
+                    done.append(f"attached policy {arn}")
+            for profile in _listed(
+                iam.list_instance_profiles_for_role, "InstanceProfiles", RoleName=name
+            ):
+                profile_name = profile["InstanceProfileName"]
+                doing = f"removing role {name} from instance profile {profile_name}"
+                hint = (
+                    f"Operator: instance profile {profile_name} (made outside nhi-lifecycle) "
+                    f"holds role {name}: remove the role from it; the removal retries"
+                )
+                if _gone_ok(
+                    iam.remove_role_from_instance_profile,
+                    InstanceProfileName=profile_name,
+                    RoleName=name,
+                ):
+                    done.append(f"instance profile {profile_name}")
+            hint = None
+            inline = _listed(iam.list_role_policies, "PolicyNames", RoleName=name)
+            # The scope (and anything else granting access) before the denies that hold it.
+            for policy in sorted(inline, key=_deny_last):
+                doing = f"deleting inline policy {policy} of role {name}"
+                if _gone_ok(iam.delete_role_policy, RoleName=name, PolicyName=policy):
+                    done.append(f"inline policy {policy}")
+            doing = f"deleting role {name}"
+            if _gone_ok(iam.delete_role, RoleName=name):
+                done.append(f"role {name}")
+        except ClientError as err:
+            if aws_code(err) == "DeleteConflict" and doing == f"deleting role {name}":
+                left = self._remains_or_unknown(self._role_remains, name)
+                hint = _conflict_hint("role", name, left)
+            hint = hint or _access_hint(err, f"role {name}")
+            raise self._fail_removal(err, kind, name, doing, hint) from err
+        remains = self._role_remains(name)
+        if remains is not None:
+            raise self._not_removed(kind, "role", name, remains)
         return done
 
     def _remove_user(self, name: str) -> list[str]:
+        """Credentials (console password, keys, certificates, SSH keys, MFA), groups, managed
+        and other inline policies first; the quarantine's deny policy last, right before
+        DeleteUser; then prove it is gone."""
         iam = self._iam
+        kind = NhiKind.IAM_USER_KEY
         done: list[str] = []
+        doing, hint = f"deleting the login profile of user {name}", None
         try:
-            for key in iam.list_access_keys(UserName=name)["AccessKeyMetadata"]:
-                iam.delete_access_key(UserName=name, AccessKeyId=key["AccessKeyId"])
-                done.append(f"access key {key['AccessKeyId']}")
-            for policy in iam.list_user_policies(UserName=name)["PolicyNames"]:
-                iam.delete_user_policy(UserName=name, PolicyName=policy)
-                done.append(f"inline policy {policy}")
-            for attached in iam.list_attached_user_policies(UserName=name)["AttachedPolicies"]:
-                iam.detach_user_policy(UserName=name, PolicyArn=attached["PolicyArn"])
-                done.append(f"attached policy {attached['PolicyArn']}")
-            for group in iam.list_groups_for_user(UserName=name)["Groups"]:
-                iam.remove_user_from_group(GroupName=group["GroupName"], UserName=name)
-                done.append(f"group membership {group['GroupName']}")
-            for device in iam.list_mfa_devices(UserName=name)["MFADevices"]:
-                iam.deactivate_mfa_device(UserName=name, SerialNumber=device["SerialNumber"])
-                done.append(f"mfa device {device['SerialNumber']}")
-            try:
-                iam.delete_login_profile(UserName=name)
+            if _gone_ok(iam.delete_login_profile, UserName=name):
                 done.append("login profile")
-            except ClientError as err:
-                if aws_code(err) not in _NOT_FOUND:
-                    raise
-            iam.delete_user(UserName=name)
-            done.append(f"user {name}")
+            for key in _listed(iam.list_access_keys, "AccessKeyMetadata", UserName=name):
+                key_id = key["AccessKeyId"]
+                doing = f"deleting access key {key_id} of user {name}"
+                if _gone_ok(iam.delete_access_key, UserName=name, AccessKeyId=key_id):
+                    done.append(f"access key {key_id}")
+            for cert in _listed(iam.list_signing_certificates, "Certificates", UserName=name):
+                cert_id = cert["CertificateId"]
+                doing = f"deleting signing certificate {cert_id} of user {name}"
+                if _gone_ok(iam.delete_signing_certificate, UserName=name, CertificateId=cert_id):
+                    done.append(f"signing certificate {cert_id}")
+            for ssh in _listed(iam.list_ssh_public_keys, "SSHPublicKeys", UserName=name):
+                ssh_id = ssh["SSHPublicKeyId"]
+                doing = f"deleting SSH public key {ssh_id} of user {name}"
+                if _gone_ok(iam.delete_ssh_public_key, UserName=name, SSHPublicKeyId=ssh_id):
+                    done.append(f"ssh public key {ssh_id}")
+            for device in _listed(iam.list_mfa_devices, "MFADevices", UserName=name):
+                serial = device["SerialNumber"]
+                doing = f"deactivating MFA device {serial} of user {name}"
+                if _gone_ok(iam.deactivate_mfa_device, UserName=name, SerialNumber=serial):
+                    done.append(f"mfa device {serial}")
+            for group in _listed(iam.list_groups_for_user, "Groups", UserName=name):
+                group_name = group["GroupName"]
+                doing = f"removing user {name} from group {group_name}"
+                hint = (
+                    f"Operator: user {name} was added to group {group_name} outside "
+                    f"nhi-lifecycle: remove it from the group; the removal retries"
+                )
+                if _gone_ok(iam.remove_user_from_group, GroupName=group_name, UserName=name):
+                    done.append(f"group membership {group_name}")
+            for attached in _listed(
+                iam.list_attached_user_policies, "AttachedPolicies", UserName=name
+            ):
+                arn = attached["PolicyArn"]
+                doing = f"detaching {arn} from user {name}"
+                hint = (
+                    f"Operator: a managed policy attached outside nhi-lifecycle blocks the "
+                    f"removal: detach {arn} from user {name} (or allow the worker "
+                    f"iam:DetachUserPolicy on it); the user stays quarantined and the removal "
+                    f"retries"
+                )
+                if _gone_ok(iam.detach_user_policy, UserName=name, PolicyArn=arn):
+                    done.append(f"attached policy {arn}")
+            hint = None
+            inline = _listed(iam.list_user_policies, "PolicyNames", UserName=name)
+            for policy in sorted(inline, key=_deny_last):
+                doing = f"deleting inline policy {policy} of user {name}"
+                if _gone_ok(iam.delete_user_policy, UserName=name, PolicyName=policy):
+                    done.append(f"inline policy {policy}")
+            doing = f"deleting user {name}"
+            if _gone_ok(iam.delete_user, UserName=name):
+                done.append(f"user {name}")
         except ClientError as err:
-            if aws_code(err) not in _NOT_FOUND:
-                raise
+            if aws_code(err) == "DeleteConflict" and doing == f"deleting user {name}":
+                left = self._remains_or_unknown(self._user_remains, name)
+                hint = _conflict_hint("user", name, left)
+            hint = hint or _access_hint(err, f"user {name}")
+            raise self._fail_removal(err, kind, name, doing, hint) from err
+        remains = self._user_remains(name)
+        if remains is not None:
+            raise self._not_removed(kind, "user", name, remains)
         return done
 
     def _remove_secret(self, name: str, *, force: bool) -> list[str]:

@@ -29,8 +29,10 @@ Admin role requirements on each target (PostgreSQL 15; the admin is NOT a superu
 * `CONNECT` on the target database (PUBLIC has it unless revoked); the NHI's logins also need
   `CONNECT`, which they get from PUBLIC or from the database owner.
 
-Removal acts in the target's database only: `DROP ROLE` fails (non-retryably, naming the
-error) if the role still owns objects or holds privileges in another database of the cluster.
+Removal acts in the target's database only: `DROP ROLE` fails with 2BP01 (retryably, naming
+the blocker) if the role still owns objects or holds privileges in another database of the
+cluster, or holds a privilege some role other than the admin granted it (`DROP OWNED`, run by
+the admin, revokes only what the admin may). The logins stay NOLOGIN until the drop succeeds.
 `schema.*` grants cover the tables that exist when they are applied (renewal re-applies them).
 
 Methods are blocking and do not heartbeat: the activity wrapper does that around each call.
@@ -102,33 +104,124 @@ def _fail(message: str, kind: str, *, retryable: bool = False) -> ApplicationErr
     return ApplicationError(message, type=kind, non_retryable=not retryable)
 
 
-def _classify(err: psycopg.Error, doing: str) -> ApplicationError:
-    """A Postgres error as an ApplicationError that names what was being done.
+# SQLSTATEs a later try can get past: lost connections, restarts, lock and statement timeouts,
+# serialization failures, catalog races ("tuple concurrently updated" is XX000), and 2BP01,
+# a privilege some other role granted to the NHI's role: DROP OWNED cannot revoke it, and the
+# removal succeeds as soon as that grantor revokes it (the message says who and what).
+RETRYABLE_SQLSTATES = frozenset(
+    {
+        "2BP01",
+        "40001",
+        "40P01",
+        "55P03",
+        "55006",
+        "57014",
+        "57P01",
+        "57P02",
+        "57P03",
+        "53300",
+        "08000",
+        "08001",
+        "08003",
+        "08004",
+        "08006",
+        "XX000",
+    }
+)
+# SQLSTATEs no retry changes: the admin lacks a privilege, an object or name is wrong.
+PERMANENT_SQLSTATES = frozenset(
+    {"42501", "42704", "42P01", "3F000", "42710", "3D000", "0A000", "22023", "42601"}
+)
 
+
+def _sqlstate_name(state: str, err: BaseException) -> str:
+    """psycopg's class name for a SQLSTATE (e.g. 2BP01 -> DependentObjectsStillExist)."""
+    try:
+        return psycopg.errors.lookup(state).__name__ if state else type(err).__name__
+    except KeyError:
+        return type(err).__name__
+
+
+def _retryable(err: psycopg.Error, state: str) -> bool:
+    if state in RETRYABLE_SQLSTATES:
+        return True
+    if state in PERMANENT_SQLSTATES:
+        return False
+    # Unlisted: lost connections and server trouble are transient, wrong statements are not.
+    if isinstance(err, psycopg.OperationalError):
+        return True
+    return not isinstance(
+        err,
+        psycopg.ProgrammingError
+        | psycopg.DataError
+        | psycopg.IntegrityError
+        | psycopg.NotSupportedError,
+    )
+
+
+def classify_postgres(
+    err: psycopg.Error, doing: str, *, found: str | None = None, hint: str | None = None
+) -> ApplicationError:
+    """A Postgres error as a new ApplicationError, written (`str()`, what the workflow's
+    failure reason holds) "Name: message (SQLSTATE code, doing)".
+
+    The type is psycopg's name for the SQLSTATE (a stable name), the details carry the code.
     Only the server's primary message is kept: `str(err)` can quote the statement, and a
-    statement may hold a password verifier.
+    statement may hold a password verifier. `found` adds what the catalog says blocks the
+    statement, `hint` what the operator does about it.
     """
     state = err.sqlstate or ""
     primary = err.diag.message_primary if err.diag else None
     if not primary and not state and isinstance(err, psycopg.OperationalError):
         # A failed connection: libpq's text names host and port, never the password.
         primary = str(err).strip().splitlines()[0] if str(err).strip() else None
-    primary = primary or type(err).__name__
-    message = f"{doing}: {primary}" + (f" (SQLSTATE {state})" if state else "")
-    if isinstance(err, psycopg.OperationalError):
-        # Connection refused or lost, admin shutdown, lock or statement timeout: transient.
-        return _fail(message, type(err).__name__, retryable=True)
-    if "tuple concurrently updated" in primary:
-        return _fail(message, "ConcurrentUpdate", retryable=True)
-    if isinstance(
-        err,
-        psycopg.ProgrammingError
-        | psycopg.DataError
-        | psycopg.IntegrityError
-        | psycopg.NotSupportedError,
-    ):
-        return _fail(message, type(err).__name__)
-    return _fail(message, type(err).__name__, retryable=True)
+    name = _sqlstate_name(state, err)
+    primary = primary or name
+    kind = "ConcurrentUpdate" if "tuple concurrently updated" in primary else name
+    message = f"{primary} (SQLSTATE {state}, {doing})" if state else f"{primary} ({doing})"
+    if found:
+        message += f": {found}"
+    if hint:
+        message += f". {hint}"
+    return ApplicationError(
+        message,
+        {"code": state or name, "name": name, "message": primary},
+        type=kind,
+        non_retryable=not _retryable(err, state),
+    )
+
+
+# Privileges held by the roles being dropped that the admin did not grant (and so DROP OWNED,
+# run as the admin, cannot revoke): on tables, views and sequences, their columns, schemas,
+# the database and functions. Names come back quoted, ready for the operator's REVOKE.
+_BLOCKERS_SQL = """
+WITH ours AS (SELECT oid, rolname FROM pg_roles WHERE rolname = ANY(%(roles)s)),
+acl AS (
+    SELECT CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' ELSE 'table' END AS kind,
+           format('%%I.%%I', n.nspname, c.relname) AS obj, NULL::text AS col, a.*
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+         LATERAL aclexplode(c.relacl) a
+    UNION ALL
+    SELECT 'table', format('%%I.%%I', n.nspname, c.relname), quote_ident(t.attname), a.*
+    FROM pg_attribute t JOIN pg_class c ON c.oid = t.attrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace,
+         LATERAL aclexplode(t.attacl) a
+    UNION ALL
+    SELECT 'schema', quote_ident(n.nspname), NULL, a.*
+    FROM pg_namespace n, LATERAL aclexplode(n.nspacl) a
+    UNION ALL
+    SELECT 'database', quote_ident(d.datname), NULL, a.*
+    FROM pg_database d, LATERAL aclexplode(d.datacl) a
+    UNION ALL
+    SELECT 'function', p.oid::regprocedure::text, NULL, a.*
+    FROM pg_proc p, LATERAL aclexplode(p.proacl) a
+)
+SELECT acl.kind, acl.obj, acl.col, acl.privilege_type,
+       quote_ident(g.rolname), quote_ident(o.rolname)
+FROM acl JOIN ours o ON o.oid = acl.grantee JOIN pg_roles g ON g.oid = acl.grantor
+WHERE g.rolname <> current_user AND acl.grantor NOT IN (SELECT oid FROM ours)
+ORDER BY 1, 2, 3, 4, 5, 6
+"""
 
 
 def _until(at: datetime) -> sql.Composable:
@@ -199,7 +292,7 @@ class PostgresProvider:
             ) as conn:
                 yield conn
         except psycopg.Error as err:
-            raise _classify(err, f"{doing} on target {target.name!r}") from None
+            raise classify_postgres(err, f"{doing} on target {target.name!r}") from None
 
     @staticmethod
     def _login_as(target: TargetConnection, value: Mapping[str, Any]) -> str | None:
@@ -730,16 +823,85 @@ class PostgresProvider:
             log.info("login %s retired (%d sessions ended)", login, ended)
             if not delete:
                 return
-            with conn.transaction():
-                self._lock(conn, [f"role:{names.group}"])
-                has_group = names.group in self._roles(conn, [names.group])
-                heir = names.group if has_group else None
-                self._ensure_member(conn, [login] + ([heir] if heir else []))
-                heir_sql = _ident(heir) if heir else sql.SQL("CURRENT_USER")
-                conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(_ident(login), heir_sql))
-                conn.execute(sql.SQL("DROP OWNED BY {}").format(_ident(login)))
-                conn.execute(sql.SQL("DROP ROLE {}").format(_ident(login)))
+            try:
+                with conn.transaction():
+                    self._lock(conn, [f"role:{names.group}"])
+                    has_group = names.group in self._roles(conn, [names.group])
+                    heir = names.group if has_group else None
+                    self._ensure_member(conn, [login] + ([heir] if heir else []))
+                    heir_sql = _ident(heir) if heir else sql.SQL("CURRENT_USER")
+                    conn.execute(
+                        sql.SQL("REASSIGN OWNED BY {} TO {}").format(_ident(login), heir_sql)
+                    )
+                    conn.execute(sql.SQL("DROP OWNED BY {}").format(_ident(login)))
+                    conn.execute(sql.SQL("DROP ROLE {}").format(_ident(login)))
+            except psycopg.Error as err:
+                raise self._drop_failed(conn, err, [login], [login], f"dropping {login}") from None
             log.info("login %s dropped", login)
+
+    def _drop_failed(
+        self,
+        conn: Conn,
+        err: psycopg.Error,
+        roles: list[str],
+        logins: list[str],
+        doing: str,
+    ) -> ApplicationError:
+        """A drop that failed (its transaction rolled back): the logins NOLOGIN again, then the
+        classified error; for 2BP01, with the grants that block it and what the operator does."""
+        found = hint = None
+        try:
+            for login in self._roles(conn, logins).values():
+                if login.can_login:
+                    conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(_ident(login.name)))
+            if isinstance(err, psycopg.errors.DependentObjectsStillExist):
+                found, hint = self._blockers(conn, roles, err)
+        except psycopg.Error as inner:
+            log.warning(
+                "after a failed drop of %s: %s", roles, classify_postgres(inner, "re-locking")
+            )
+        return classify_postgres(err, doing, found=found, hint=hint)
+
+    @staticmethod
+    def _blockers(
+        conn: Conn, roles: list[str], err: psycopg.errors.DependentObjectsStillExist
+    ) -> tuple[str | None, str | None]:
+        """What keeps `roles` from being dropped, from the catalog: privileges granted to
+        them by a role other than the admin (DROP OWNED, run by the admin, revokes only its
+        own grants). Returns (what blocks, what the operator does)."""
+        rows = conn.execute(_BLOCKERS_SQL, {"roles": roles}).fetchall()
+        found: list[str] = []
+        fixes: list[str] = []
+        for kind, obj, column, privilege, grantor, grantee in rows[:10]:
+            on = f"{kind} {obj}" + (f" column {column}" if column else "")
+            found.append(f"privilege {privilege} on {on} granted by {grantor} to {grantee}")
+            cols = f" ({column})" if column else ""
+            target = "TABLE" if kind in ("table", "view") else str(kind).upper()
+            fixes.append(
+                f"run `REVOKE {privilege}{cols} ON {target} {obj} FROM {grantee}` as role "
+                f"{grantor} (or have {grantor} run it)"
+            )
+        more = [f"and {len(rows) - 10} more"] if len(rows) > 10 else []
+        # The server's own list, less the privileges named above: objects in other databases
+        # of the cluster, memberships, default privileges.
+        detail = err.diag.message_detail if err.diag else None
+        lines = [line.strip() for line in (detail or "").splitlines() if line.strip()]
+        others = [
+            line
+            for line in lines
+            if not (line.startswith("privileges for ") and "membership" not in line and rows)
+        ]
+        if others:
+            fixes.append(
+                f"for {'; '.join(others)}: REASSIGN OWNED / DROP OWNED, or REVOKE, in the "
+                "database it names, as the role that granted it"
+            )
+        if not found and not others:
+            return None, None
+        return "; ".join(found + more + others), (
+            "Operator: " + "; ".join(fixes) + ". The removal retries by itself and the logins "
+            "stay NOLOGIN meanwhile"
+        )
 
     # ---- containment -----------------------------------------------------------------------
 
@@ -793,8 +955,14 @@ class PostgresProvider:
     # ---- removal ---------------------------------------------------------------------------
 
     def delete(self, request: RemoveIdentity) -> RemovalResult:
-        """End sessions, hand owned objects to the admin, drop the roles, prove the delivered
-        credential no longer logs in, then delete the secret. Gone counts as removed."""
+        """End sessions, hand owned objects to the admin, drop the roles, prove from pg_roles
+        that none is left and that the delivered credential no longer logs in, then delete
+        the secret. Gone counts as removed.
+
+        NOLOGIN holds until the drop: it is committed (and sessions ended) before the drop's
+        transaction, asserted again inside it, and again after a drop that failed, so a removal
+        that stops half way leaves every login at least as locked as quarantine.
+        """
         plan = request.plan
         names = self._names(plan.identity_name)
         target = self._target(plan.target)
@@ -804,22 +972,38 @@ class PostgresProvider:
             schemas = []  # nothing of an invalid scope was ever granted by us
         removed: list[str] = []
         everyone = [*names.logins, names.group]
-        with self._admin(target, f"removing {names.group}") as conn:
+        doing = f"removing {names.group}"
+        with self._admin(target, doing) as conn:
             existing = self._roles(conn, everyone)
             _, ended = self._lock_out(conn, plan, existing)
             if ended:
                 removed.append(f"{ended} sessions")
             present = [n for n in everyone if n in existing]
             if present:
-                with conn.transaction():
-                    self._lock(conn, [f"role:{names.group}"] + [f"schema:{s}" for s in schemas])
-                    self._ensure_member(conn, present)
-                    roles = sql.SQL(", ").join(_ident(n) for n in present)
-                    conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(roles))
-                    conn.execute(sql.SQL("DROP OWNED BY {}").format(roles))
-                    for name in present:  # logins first: they are members of the group
-                        conn.execute(sql.SQL("DROP ROLE {}").format(_ident(name)))
+                logins = [n for n in present if n in names.logins]
+                try:
+                    with conn.transaction():
+                        self._lock(conn, [f"role:{names.group}"] + [f"schema:{s}" for s in schemas])
+                        for login in logins:  # a LOGIN set since the lock-out is undone here
+                            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(_ident(login)))
+                        self._ensure_member(conn, present)
+                        roles = sql.SQL(", ").join(_ident(n) for n in present)
+                        conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(roles))
+                        conn.execute(sql.SQL("DROP OWNED BY {}").format(roles))
+                        for name in present:  # logins first: they are members of the group
+                            conn.execute(sql.SQL("DROP ROLE {}").format(_ident(name)))
+                except psycopg.Error as err:
+                    raise self._drop_failed(
+                        conn, err, present, logins, f"dropping the roles of {names.group}"
+                    ) from None
                 removed += [f"{'group' if n == names.group else 'login'} role {n}" for n in present]
+            left = sorted(self._roles(conn, everyone))
+        if left:
+            raise _fail(
+                f"roles {', '.join(left)} of {names.group} still exist after DROP ROLE; retrying",
+                "NotRemoved",
+                retryable=True,
+            )
         try:
             # A secret already scheduled for deletion was proven dead by the run that did it
             # (and cannot be read any more).

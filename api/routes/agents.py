@@ -7,19 +7,76 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from temporalio.common import WorkflowIDReusePolicy
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentPrincipal, SessionDep, State, TemporalUnavailable, authenticated
+from api.routes.nhis import start_provisioning
 from models.contracts import ProvisionInput
-from models.enums import AgentStatus, Environment, NhiStatus
-from models.schemas import AgentCreate, AgentDetail, AgentOut, NhiAccepted, NhiCreate
+from models.enums import AgentStatus, Environment, NhiKind
+from models.orm import Nhi
+from models.schemas import (
+    AgentCreate,
+    AgentDetail,
+    AgentOut,
+    Email,
+    Limit,
+    NhiAccepted,
+    NhiCreate,
+    Offset,
+    Team,
+)
 from nhi import inventory
 from nhi.auth import require_read, require_team
-from nhi.temporal import provision_workflow_id
-from workflows.provision import ProvisionNhiWorkflow
+from nhi.aws import make_aws_clients
+from nhi.config import Settings
+from nhi.policy import check_trust_account, principal_account
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/agents", tags=["agents"], dependencies=[authenticated])
+
+
+class AwsUnavailable(TemporalUnavailable):
+    """AWS could not say which account this service runs in (503); nothing was created."""
+
+
+# This service's own AWS account per (endpoint, region): it never changes while a process runs.
+_OWN_ACCOUNTS: dict[tuple[str | None, str], str] = {}
+
+
+def own_account(settings: Settings) -> str:
+    """`NHI_AWS_ACCOUNT_ID`, else the account of the credentials this process runs with
+    (`sts:GetCallerIdentity`, which needs no permission), asked once."""
+    if settings.aws_account_id:
+        return settings.aws_account_id
+    key = (settings.aws_endpoint_url, settings.aws_region)
+    if key not in _OWN_ACCOUNTS:
+        try:
+            identity = make_aws_clients(settings).sts.get_caller_identity()
+        except Exception as err:
+            raise AwsUnavailable(
+                "this service's AWS account is unknown (set NHI_AWS_ACCOUNT_ID, or give the API "
+                "AWS credentials); nothing was created"
+            ) from err
+        _OWN_ACCOUNTS[key] = str(identity["Account"])
+    return _OWN_ACCOUNTS[key]
+
+
+def _check_trust(session: Session, nhi: Nhi, own: str | None) -> None:
+    """The requested role's trust principal against the policy's accounts (the format was
+    checked by `inventory.request_nhi`); raising rolls the whole request back."""
+    if nhi.kind != NhiKind.IAM_ROLE.value or not nhi.trust_principal:
+        return
+    policy = inventory.find_policy(session, nhi.platform, nhi.kind, nhi.agent.environment)
+    if policy is None:  # request_nhi refused that already
+        return
+    check_trust_account(
+        nhi.trust_principal,
+        own_account=own or "",
+        allowed_accounts=list(policy.allowed_trust_accounts or []),
+        allow_service_principals=policy.allow_service_principals,
+        label=f"{policy.platform}/{policy.kind}/{policy.environment}",
+    )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=AgentOut)
@@ -35,11 +92,11 @@ def list_agents(
     session: SessionDep,
     p: CurrentPrincipal,
     environment: Environment | None = None,
-    owner: str | None = None,
-    team: str | None = None,
+    owner: Email | None = None,
+    team: Team | None = None,
     agent_status: Annotated[AgentStatus | None, Query(alias="status")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[AgentOut]:
     """Agents, filtered by environment, owner email, team or status."""
     agents = inventory.list_agents(
@@ -74,32 +131,30 @@ async def request_nhi(
     """
     actor = p.actor
     agent = await state.db(lambda s: inventory.get_agent(s, agent_id))
-    require_team(p, agent.team)
-    client = await state.temporal()
-    nhi, sensitive = await state.db(
-        lambda s: inventory.request_nhi(s, state.settings, agent_id, body, actor)
-    )
-    workflow_id = provision_workflow_id(nhi.id)
-    try:
-        await client.start_workflow(
-            ProvisionNhiWorkflow.run,
-            ProvisionInput(nhi_id=nhi.id, requested_by=actor, needs_approval=bool(sensitive)),
-            id=workflow_id,
-            task_queue=state.settings.temporal_task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-        )
-    except Exception as err:
-        log.exception("could not start provisioning of nhi %s", nhi.id)
-        await state.db(
-            lambda s: inventory.fail_start(
-                s, nhi.id, actor, "the provisioning workflow could not start"
-            )
-        )
-        raise TemporalUnavailable(
-            f"provisioning could not start (Temporal at {state.settings.temporal_address}); "
-            "nothing was created"
-        ) from err
-    await state.db(lambda s: inventory.attach_workflow(s, nhi.id, workflow_id))
-    return NhiAccepted(
-        id=nhi.id, workflow_id=workflow_id, status=NhiStatus(nhi.status), expires_at=nhi.expires_at
+    require_team(p, agent.team, agent)
+    own = None
+    if (
+        body.kind is NhiKind.IAM_ROLE
+        and body.trust_principal
+        and principal_account(body.trust_principal) is not None
+    ):
+        own = await run_in_threadpool(own_account, state.settings)
+
+    def record(s: Session) -> tuple[Nhi, list[str]]:
+        nhi, sensitive = inventory.request_nhi(s, state.settings, agent_id, body, actor)
+        _check_trust(s, nhi, own)
+        return nhi, sensitive
+
+    # Row, audit event and workflow start: all or nothing, answered within ~2 s (nhis.py).
+    return await start_provisioning(
+        state,
+        record,
+        lambda nhi_id, needs_approval: ProvisionInput(
+            nhi_id=nhi_id,
+            requested_by=actor,
+            # Four-eyes compares people: the approver must not be this person under
+            # another credential.
+            requested_by_person=p.person,
+            needs_approval=needs_approval,
+        ),
     )

@@ -1,17 +1,37 @@
-"""Lifecycle actions on NHIs and agents, and the prompts people answer."""
+"""Lifecycle actions on NHIs and agents, and the prompts people answer.
+
+Every action is a Temporal update with a deadline: it must be accepted by the NHI's lifecycle
+within `NHI_API_UPDATE_TIMEOUT_SECONDS`, or the call answers 503 and the action is never
+applied later (the update carries `not_after`, which the workflow's validator enforces). With
+an `Idempotency-Key` the update id derives from the caller and key, so Temporal applies a
+retried action once. Decommission never depends on the lifecycle's health: when no run is
+running, or the run is stuck, it starts a fresh one from the inventory carrying the decommission.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
-from pydantic import Field
 from sqlalchemy.orm import Session
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+    WorkflowUpdateStage,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError, FailureError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import (
@@ -22,38 +42,76 @@ from api.deps import (
     TemporalUnavailable,
     authenticated,
 )
+from api.idempotency import IdempotencyKeyHeader, update_id
 from models.contracts import (
     LifecycleAction,
+    LifecycleInput,
     LifecycleView,
+    Phase,
     PromptAnswer,
     PromptAnswerKind,
     RenewRequest,
 )
-from models.enums import Role
+from models.enums import NhiStatus, Role
 from models.orm import Agent, Nhi
-from models.schemas import Body, PromptOut
+from models.schemas import Body, Duration, PromptOut, Reason, duration_seconds
 from nhi import inventory
-from nhi.auth import Principal, require, require_owner, require_read
-from nhi.inventory import Conflict
-from nhi.policy import RuleViolation, parse_ttl
+from nhi.auth import Principal, require, require_owner, require_read, require_visible_nhi
+from nhi.inventory import Conflict, NotFound
+from nhi.policy import RuleViolation
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["lifecycle"], dependencies=[authenticated])
+T = TypeVar("T")
 
-# Workflow refusals as HTTP: who may not (403), what may not now (409), what may never (422).
-_STATUS_OF = {"NotOwner": 403, "InvalidState": 409, "AlreadyDecided": 409, "MaxLifetime": 422}
+# Workflow refusals as HTTP: who may not (403), what may not now (409), what may never (422),
+# and a deadline that passed before the lifecycle saw the action (503: nothing was applied).
+_STATUS_OF = {
+    "NotOwner": 403,
+    "InvalidState": 409,
+    "AlreadyDecided": 409,
+    "SelfApproval": 403,
+    "MaxLifetime": 422,
+    "ShortensExpiry": 422,
+    "DeadlinePassed": 503,
+    "NotReady": 503,
+}
+_FIELD_OF = {"MaxLifetime": "extend_by", "ShortensExpiry": "extend_by"}
+# A Temporal start or describe that takes longer than this is treated as Temporal unreachable.
+TEMPORAL_CALL_BUDGET = 1.5
+# The API waits this much past `not_after` before giving up, so a lifecycle whose clock runs a
+# little behind the API's cannot accept an action the caller was told failed.
+CLOCK_MARGIN = 1.0
+# After acceptance, how long the call waits for the action's result before answering 202.
+RESULT_WAIT = 60.0
+MAX_EXTEND_SECONDS = 366 * 86400
+# Statuses whose identity may still exist on its platform: what containment acts on.
+CONTAINABLE = frozenset(
+    {
+        NhiStatus.ACTIVE,
+        NhiStatus.ROTATING,
+        NhiStatus.EXPIRING,
+        NhiStatus.QUARANTINED,
+        NhiStatus.REVOKE_FAILED,
+    }
+)
+# A workflow task that failed this often is stuck (a poisoned value, a bug): a lifecycle that
+# cannot run its own code cannot carry out a decommission either.
+STUCK_TASK_ATTEMPTS = 2
 
 
 class ActionBody(Body):
     """Why (recorded in the audit trail)."""
 
-    reason: str = Field(default="", max_length=2000)
+    reason: Reason = ""
 
 
 class RenewBody(ActionBody):
     """Extend by `extend_by` (seconds or '30d'), or by the policy's default TTL."""
 
-    extend_by: int | str | None = None
+    # At least 1 s and at most 366 days here; never past the maximum lifetime (the workflow).
+    extend_by: Duration | None = None
 
 
 class AnswerBody(ActionBody):
@@ -66,36 +124,125 @@ class CompleteBody(ActionBody):
     """The agent's task has ended."""
 
 
+class ContainmentView(LifecycleView):
+    """A decommission's outcome, and how it reached the NHI: `update` (its running lifecycle
+    accepted it), `fresh_lifecycle` (no run was running: a new one started from the inventory
+    carrying the decommission) or `restarted_lifecycle` (the run was stuck: terminated, then
+    a fresh one)."""
+
+    path: Literal["update", "fresh_lifecycle", "restarted_lifecycle"] = "update"
+
+
+# ---- Temporal with deadlines ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def temporal_deadline(seconds: float, what: str) -> AsyncIterator[None]:
+    """Bound Temporal calls: past `seconds` (or on any RPC failure) the request is a 503."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise TemporalUnavailable(f"{what}: Temporal did not answer within {seconds:g}s") from None
+
+
+async def temporal_client(state: AppState) -> Client:
+    """The shared client, connected within the budget (a down Temporal is a quick 503)."""
+    async with temporal_deadline(TEMPORAL_CALL_BUDGET, "connecting"):
+        return await state.temporal()
+
+
+def _refusal(err: WorkflowUpdateFailedError) -> JSONResponse:
+    cause = err.cause
+    kind = cause.type if isinstance(cause, ApplicationError) else None
+    # Only the workflow's own refusals are shown; anything else is an internal failure.
+    message = (
+        cause.message
+        if isinstance(cause, ApplicationError) and cause.type
+        else "the lifecycle could not carry out this action"
+    )
+    body: dict[str, Any] = {"detail": message}
+    if kind in _FIELD_OF:
+        body["field"] = _FIELD_OF[kind]
+    return JSONResponse(status_code=_STATUS_OF.get(kind or "", 409), content=body)
+
+
+async def send_update(
+    state: AppState,
+    handle: WorkflowHandle[Any, Any],
+    update: Any,
+    make_arg: Callable[[datetime], Any],
+    *,
+    update_id: str | None,
+) -> Any:
+    """Send one update that must be accepted before the API's deadline.
+
+    Returns the update's result, or a JSONResponse for a refusal (4xx), a missed deadline
+    (503: never applied later) or an action still running after acceptance (202).
+    Raises RPCError NOT_FOUND when no run is running.
+    """
+    timeout = state.settings.api_update_timeout_seconds
+    not_after = datetime.now(UTC) + timedelta(seconds=timeout)
+    arg = make_arg(not_after)
+    try:
+        async with asyncio.timeout(timeout + CLOCK_MARGIN):
+            started = await handle.start_update(
+                update,
+                arg,
+                id=update_id or str(uuid.uuid4()),
+                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                rpc_timeout=timedelta(seconds=timeout + CLOCK_MARGIN),
+            )
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        raise TemporalUnavailable(
+            f"the lifecycle did not accept the action within {timeout:g}s (is a worker "
+            "running?); it will not be applied later"
+        ) from None
+    except WorkflowUpdateFailedError as err:
+        return _refusal(err)
+    except RPCError as err:
+        if err.status is RPCStatusCode.NOT_FOUND:
+            raise
+        raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from None
+    try:
+        return await asyncio.wait_for(started.result(), RESULT_WAIT)
+    except WorkflowUpdateFailedError as err:
+        return _refusal(err)
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        return JSONResponse(
+            status_code=202,
+            content={"detail": "accepted; still being carried out", "update_id": started.id},
+        )
+    except RPCError as err:
+        raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from None
+
+
 async def call_lifecycle(
     state: AppState,
     nhi_id: uuid.UUID,
-    send: Callable[[Any], Awaitable[LifecycleView]],
+    send: Callable[[WorkflowHandle[Any, Any]], Awaitable[Any]],
     authorize: Callable[[Agent], None],
-) -> LifecycleView | JSONResponse:
-    """Authorize against the NHI's agent, send an update to its lifecycle, and turn the
-    workflow's refusals into HTTP answers."""
+    addressed: str | None = None,
+) -> Any:
+    """Authorize against the NHI's agent, then talk to its lifecycle. What the caller may not
+    see answers like a missing `addressed` object (default: the NHI), so ids cannot be probed."""
     nhi, agent = await state.db(lambda s: _with_agent(s, nhi_id))
-    authorize(agent)
-    client = await state.temporal()
+    try:
+        authorize(agent)
+    except NotFound:
+        raise NotFound(f"{addressed or f'nhi {nhi_id}'} not found") from None
+    client = await temporal_client(state)
     handle = client.get_workflow_handle_for(NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id))
     try:
         return await send(handle)
-    except WorkflowUpdateFailedError as err:
-        cause = err.cause
-        kind = cause.type if isinstance(cause, ApplicationError) else None
-        message = cause.message if isinstance(cause, ApplicationError) else str(cause)
-        if kind == "NotReady":
-            raise TemporalUnavailable(message) from None
-        body: dict[str, Any] = {"detail": message}
-        if kind == "MaxLifetime":
-            body["field"] = "extend_by"
-        return JSONResponse(status_code=_STATUS_OF.get(kind or "", 409), content=body)
     except RPCError as err:
         if err.status is RPCStatusCode.NOT_FOUND:
             raise Conflict(
                 f"status: nhi {nhi_id} is {nhi.status} and has no running lifecycle"
             ) from None
         raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from err
+    except WorkflowUpdateFailedError as err:
+        return _refusal(err)
 
 
 def _with_agent(session: Session, nhi_id: uuid.UUID) -> tuple[Nhi, Agent]:
@@ -115,33 +262,63 @@ async def lifecycle_view(
     nhi_id: uuid.UUID, state: State, p: CurrentPrincipal
 ) -> LifecycleView | JSONResponse:
     """Phase, expiry, next rotation and reminders, as the lifecycle workflow sees them."""
-    return await call_lifecycle(
-        state, nhi_id, lambda h: h.query(NhiLifecycleWorkflow.view), lambda a: require_read(p, a)
+
+    async def query(handle: WorkflowHandle[Any, Any]) -> LifecycleView:
+        async with temporal_deadline(state.settings.api_update_timeout_seconds, "query"):
+            view: LifecycleView = await handle.query(NhiLifecycleWorkflow.view)
+            return view
+
+    result: LifecycleView | JSONResponse = await call_lifecycle(
+        state, nhi_id, query, lambda a: require_read(p, a)
     )
+    return result
+
+
+def _extend_seconds(value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    seconds = duration_seconds(value)
+    if not 0 < seconds <= MAX_EXTEND_SECONDS:  # the type checks it; kept as the last word
+        raise RuleViolation("extend_by", "must be between 1 second and 366 days")
+    return seconds
 
 
 @router.post("/v1/nhis/{nhi_id}/renew", response_model=LifecycleView)
 async def renew(
-    nhi_id: uuid.UUID, body: RenewBody, state: State, p: CurrentPrincipal
-) -> LifecycleView | JSONResponse:
+    nhi_id: uuid.UUID,
+    body: RenewBody,
+    state: State,
+    p: CurrentPrincipal,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Extend the expiry (owner or backup owner); never past the maximum lifetime."""
-    try:
-        extend = None if body.extend_by is None else parse_ttl(body.extend_by)
-    except RuleViolation as err:
-        raise RuleViolation("extend_by", err.message) from None
-    sent: dict[str, RenewRequest] = {}
+    extend = _extend_seconds(body.extend_by)
+    sent: dict[str, LifecycleAction] = {}
 
     def authorize(agent: Agent) -> None:
         require_owner(p, agent)
-        who = _person(p, agent)
-        sent["req"] = RenewRequest(
-            actor=who.actor, principal=who.principal, reason=body.reason, extend_by_seconds=extend
+        sent["who"] = _person(p, agent)
+
+    def arg(not_after: datetime) -> RenewRequest:
+        who = sent["who"]
+        return RenewRequest(
+            actor=who.actor,
+            principal=who.principal,
+            reason=body.reason,
+            extend_by_seconds=extend,
+            not_after=not_after,
         )
 
     return await call_lifecycle(
         state,
         nhi_id,
-        lambda h: h.execute_update(NhiLifecycleWorkflow.renew, sent["req"]),
+        lambda h: send_update(
+            state,
+            h,
+            NhiLifecycleWorkflow.renew,
+            arg,
+            update_id=update_id("renew", p.actor, idempotency_key),
+        ),
         authorize,
     )
 
@@ -152,47 +329,199 @@ async def _owner_update(
     p: Principal,
     body: ActionBody,
     update: Any,
+    name: str,
+    key: str | None,
     *,
     containment: bool = False,
-) -> LifecycleView | JSONResponse:
+) -> Any:
     sent: dict[str, LifecycleAction] = {}
 
     def authorize(agent: Agent) -> None:
         require_owner(p, agent, security_may=containment)
-        who = _person(p, agent, containment=containment)
-        sent["req"] = who.model_copy(update={"reason": body.reason})
+        sent["who"] = _person(p, agent, containment=containment)
+
+    def arg(not_after: datetime) -> LifecycleAction:
+        return sent["who"].model_copy(update={"reason": body.reason, "not_after": not_after})
 
     return await call_lifecycle(
-        state, nhi_id, lambda h: h.execute_update(update, sent["req"]), authorize
+        state,
+        nhi_id,
+        lambda h: send_update(state, h, update, arg, update_id=update_id(name, p.actor, key)),
+        authorize,
     )
 
 
 @router.post("/v1/nhis/{nhi_id}/rotate", response_model=LifecycleView)
 async def rotate(
-    nhi_id: uuid.UUID, body: ActionBody, state: State, p: CurrentPrincipal
-) -> LifecycleView | JSONResponse:
+    nhi_id: uuid.UUID,
+    body: ActionBody,
+    state: State,
+    p: CurrentPrincipal,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Rotate the credential now, without downtime (owner, or security)."""
     return await _owner_update(
-        state, nhi_id, p, body, NhiLifecycleWorkflow.rotate, containment=True
+        state,
+        nhi_id,
+        p,
+        body,
+        NhiLifecycleWorkflow.rotate,
+        "rotate",
+        idempotency_key,
+        containment=True,
     )
 
 
-@router.post("/v1/nhis/{nhi_id}/decommission", response_model=LifecycleView)
+@router.post("/v1/nhis/{nhi_id}/decommission", response_model=ContainmentView)
 async def decommission(
-    nhi_id: uuid.UUID, body: ActionBody, state: State, p: CurrentPrincipal
-) -> LifecycleView | JSONResponse:
-    """Quarantine now; delete after the grace period (owner, or security for containment)."""
-    return await _owner_update(
-        state, nhi_id, p, body, NhiLifecycleWorkflow.decommission, containment=True
+    nhi_id: uuid.UUID,
+    body: ActionBody,
+    state: State,
+    p: CurrentPrincipal,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
+    """Quarantine now; delete after the grace period (owner, or security for containment).
+
+    Works whatever the state of the NHI's lifecycle run: a running run gets an update; when
+    none runs (failed, terminated, gone) or the run is stuck, a fresh run starts from the
+    inventory with the decommission in its input. `path` says which, and it is audited."""
+    nhi, agent = await state.db(lambda s: _with_agent(s, nhi_id))
+    require_visible_nhi(p, nhi_id, agent)  # 404, as for a missing NHI
+    require_owner(p, agent, security_may=True)
+    who = _person(p, agent, containment=True).model_copy(update={"reason": body.reason})
+    if NhiStatus(nhi.status) not in CONTAINABLE:
+        raise Conflict(
+            f"status: nhi {nhi_id} is {nhi.status}: nothing on its platform to decommission"
+            + (
+                " yet (deny the request, or decommission once it is active)"
+                if nhi.status in (NhiStatus.REQUESTED, NhiStatus.PENDING_APPROVAL)
+                or nhi.status == NhiStatus.PROVISIONING
+                else ""
+            )
+        )
+    client = await temporal_client(state)
+    workflow_id = lifecycle_workflow_id(nhi_id)
+    handle = client.get_workflow_handle_for(NhiLifecycleWorkflow.run, workflow_id)
+    path: Literal["update", "fresh_lifecycle", "restarted_lifecycle"] = "update"
+    described = await _describe(handle)
+    result: Any = None
+    if described is not None and described.status is WorkflowExecutionStatus.RUNNING:
+        if _stuck(described):
+            try:
+                async with temporal_deadline(TEMPORAL_CALL_BUDGET, "terminating the stuck run"):
+                    await handle.terminate(
+                        reason=f"stuck (workflow task failing); restarted to decommission by "
+                        f"{p.actor}"
+                    )
+            except RPCError as err:
+                if err.status is not RPCStatusCode.NOT_FOUND:  # NOT_FOUND: it ended meanwhile
+                    raise TemporalUnavailable(
+                        f"Temporal refused the request: {err.message}"
+                    ) from err
+            path = "restarted_lifecycle"
+        else:
+            try:
+                result = await send_update(
+                    state,
+                    handle,
+                    NhiLifecycleWorkflow.decommission,
+                    lambda not_after: who.model_copy(update={"not_after": not_after}),
+                    update_id=update_id("decommission", p.actor, idempotency_key),
+                )
+            except RPCError as err:
+                if err.status is not RPCStatusCode.NOT_FOUND:
+                    raise TemporalUnavailable(
+                        f"Temporal refused the request: {err.message}"
+                    ) from err
+                path = "fresh_lifecycle"  # the run ended between the describe and the update
+    else:
+        path = "fresh_lifecycle"
+    if path != "update":
+        result = await _fresh_lifecycle(state, client, nhi, who, path)
+    if isinstance(result, JSONResponse):
+        return result
+    actor, reason = p.actor, body.reason
+    await state.db(
+        lambda s: inventory.record_containment(s, nhi_id, actor, reason or "decommission", path)
+    )
+    view = result if isinstance(result, LifecycleView) else _inventory_view(nhi, path)
+    return ContainmentView(**view.model_dump(), path=path)
+
+
+async def _describe(handle: WorkflowHandle[Any, Any]) -> WorkflowExecutionDescription | None:
+    try:
+        async with temporal_deadline(TEMPORAL_CALL_BUDGET, "describing the lifecycle"):
+            return await handle.describe()
+    except RPCError as err:
+        if err.status is RPCStatusCode.NOT_FOUND:
+            return None
+        raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from err
+
+
+def _stuck(described: WorkflowExecutionDescription) -> bool:
+    raw = described.raw_description
+    return (
+        raw.HasField("pending_workflow_task")
+        and raw.pending_workflow_task.attempt >= STUCK_TASK_ATTEMPTS
+    )
+
+
+async def _fresh_lifecycle(
+    state: AppState, client: Client, nhi: Nhi, who: LifecycleAction, path: str
+) -> Any:
+    """Start a new lifecycle run from the inventory that decommissions at once."""
+    try:
+        async with temporal_deadline(TEMPORAL_CALL_BUDGET, "starting a fresh lifecycle"):
+            await client.start_workflow(
+                NhiLifecycleWorkflow.run,
+                LifecycleInput(nhi_id=nhi.id, pending_decommission=who),
+                id=lifecycle_workflow_id(nhi.id),
+                task_queue=state.settings.temporal_task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            )
+    except WorkflowAlreadyStartedError:
+        # Someone (a sweep) started one a moment ago: it takes the update like any run.
+        handle = client.get_workflow_handle_for(
+            NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi.id)
+        )
+        return await send_update(
+            state,
+            handle,
+            NhiLifecycleWorkflow.decommission,
+            lambda not_after: who.model_copy(update={"not_after": not_after}),
+            update_id=None,
+        )
+    except (RPCError, FailureError) as err:
+        raise TemporalUnavailable(f"the lifecycle could not be started ({path}): {err}") from err
+    return None
+
+
+def _inventory_view(nhi: Nhi, path: str) -> LifecycleView:
+    phase = {
+        NhiStatus.QUARANTINED: Phase.QUARANTINED,
+        NhiStatus.REVOKE_FAILED: Phase.REVOKE_FAILED,
+    }.get(NhiStatus(nhi.status), Phase.ACTIVE)
+    return LifecycleView(
+        nhi_id=nhi.id,
+        phase=phase,
+        expires_at=nhi.expires_at,
+        max_lifetime_at=nhi.max_lifetime_at,
+        message=f"decommission started in a new lifecycle run ({path.replace('_', ' ')})",
     )
 
 
 @router.post("/v1/nhis/{nhi_id}/restore", response_model=LifecycleView)
 async def restore(
-    nhi_id: uuid.UUID, body: ActionBody, state: State, p: CurrentPrincipal
-) -> LifecycleView | JSONResponse:
+    nhi_id: uuid.UUID,
+    body: ActionBody,
+    state: State,
+    p: CurrentPrincipal,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Undo a quarantine during the grace period (owner or backup owner)."""
-    return await _owner_update(state, nhi_id, p, body, NhiLifecycleWorkflow.restore)
+    return await _owner_update(
+        state, nhi_id, p, body, NhiLifecycleWorkflow.restore, "restore", idempotency_key
+    )
 
 
 @router.get("/v1/prompts", response_model=list[PromptOut])
@@ -213,40 +542,58 @@ def list_prompts(
 
 @router.post("/v1/prompts/{prompt_id}/answer", response_model=LifecycleView)
 async def answer_prompt(
-    prompt_id: uuid.UUID, body: AnswerBody, state: State, p: CurrentPrincipal
-) -> LifecycleView | JSONResponse:
+    prompt_id: uuid.UUID,
+    body: AnswerBody,
+    state: State,
+    p: CurrentPrincipal,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Answer a prompt as its owner or backup owner: renew, let_expire or decommission_now."""
     prompt = await state.db(lambda s: inventory.get_prompt(s, prompt_id))
-    sent: dict[str, PromptAnswer] = {}
+    sent: dict[str, LifecycleAction] = {}
 
     def authorize(agent: Agent) -> None:
         require_owner(p, agent)
-        who = _person(p, agent)
-        sent["req"] = PromptAnswer(
+        sent["who"] = _person(p, agent)
+
+    def arg(not_after: datetime) -> PromptAnswer:
+        who = sent["who"]
+        return PromptAnswer(
             actor=who.actor,
             principal=who.principal,
             reason=body.reason,
             prompt_id=prompt_id,
             answer=body.answer,
+            not_after=not_after,
         )
 
     return await call_lifecycle(
         state,
         prompt.nhi_id,
-        lambda h: h.execute_update(
-            NhiLifecycleWorkflow.answer, sent["req"], id=f"api-{prompt_id}-{p.actor}"
+        lambda h: send_update(
+            state,
+            h,
+            NhiLifecycleWorkflow.answer,
+            arg,
+            # Without a key, one answer per person and prompt (a retried click is applied once).
+            update_id=update_id("answer", p.actor, idempotency_key) or f"api-{prompt_id}-{p.actor}",
         ),
         authorize,
+        addressed=f"prompt {prompt_id}",
     )
 
 
 @router.post("/v1/agents/{agent_id}/complete")
 async def complete_agent(
-    agent_id: uuid.UUID, body: CompleteBody, state: State, p: CurrentPrincipal
+    agent_id: uuid.UUID,
+    body: CompleteBody,
+    state: State,
+    p: CurrentPrincipal,
 ) -> dict[str, Any]:
     """The agent's task has ended: decommission every identity it holds (its platform team,
     its owner, or security)."""
     agent = await state.db(lambda s: inventory.get_agent(s, agent_id))
+    require_read(p, agent)  # 404 for an agent the caller may not see
     require(
         p.acts_for(agent.team) or p.owns(agent) or p.has(Role.SECURITY),
         f"{p.actor} may not complete agent {agent.name}: not platform for {agent.team}, "
@@ -254,24 +601,32 @@ async def complete_agent(
     )
     actor = p.actor
     nhi_ids = await state.db(lambda s: inventory.complete_agent(s, agent_id, actor, body.reason))
-    client = await state.temporal()
     req = LifecycleAction(
         actor="system:agent-completed",
         channel="system",
         reason=body.reason or f"agent task ended ({actor})",
     )
-    started: list[str] = []
-    for nhi_id in nhi_ids:
+    if not nhi_ids:
+        return {"agent_id": str(agent_id), "status": "completed", "decommissioning": []}
+    client = await temporal_client(state)
+
+    async def one(nhi_id: uuid.UUID) -> str | None:
         handle = client.get_workflow_handle_for(
             NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
         )
         try:
-            await handle.execute_update(
-                NhiLifecycleWorkflow.decommission, req, id=f"complete-{nhi_id}"
+            result = await send_update(
+                state,
+                handle,
+                NhiLifecycleWorkflow.decommission,
+                lambda not_after: req.model_copy(update={"not_after": not_after}),
+                update_id=f"complete-{nhi_id}",
             )
-            started.append(str(nhi_id))
-        except (WorkflowUpdateFailedError, RPCError):
-            # Not active (already going, or still provisioning: its lifecycle sees the
-            # completed agent when it starts and decommissions at once).
-            continue
+        except (RPCError, TemporalUnavailable):
+            # No run, or not reachable in time: the sweep's "agent gone" rule (and a lifecycle
+            # that starts later, which sees the completed agent) decommissions it.
+            return None
+        return None if isinstance(result, JSONResponse) else str(nhi_id)
+
+    started = [n for n in await asyncio.gather(*(one(i) for i in nhi_ids)) if n is not None]
     return {"agent_id": str(agent_id), "status": "completed", "decommissioning": started}

@@ -2,30 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 import uuid
-from typing import Annotated
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import Field
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.service import RPCError
 
-from api.deps import CurrentPrincipal, SessionDep, State, authenticated
-from models.contracts import ApprovalDecision
-from models.enums import NhiStatus, Role
-from models.schemas import AuditOut, Body, NhiOut
+from api.deps import (
+    AppState,
+    CurrentPrincipal,
+    SessionDep,
+    State,
+    TemporalUnavailable,
+    authenticated,
+)
+from api.idempotency import IdempotencyKeyHeader, update_id
+from api.routes.lifecycle import (
+    TEMPORAL_CALL_BUDGET,
+    send_update,
+    temporal_client,
+    temporal_deadline,
+)
+from models.contracts import ApprovalDecision, ProvisionInput
+from models.enums import NhiStatus
+from models.orm import Nhi
+from models.schemas import (
+    AuditOut,
+    Body,
+    Email,
+    Limit,
+    NhiAccepted,
+    NhiOut,
+    Offset,
+    RequiredReason,
+)
 from nhi import inventory
-from nhi.auth import Principal, require, require_read, require_role
+from nhi.auth import Principal, authorize_decision, require_visible_nhi
 from nhi.inventory import Conflict
+from nhi.temporal import provision_workflow_id
 from workflows.provision import ProvisionNhiWorkflow
 
+log = logging.getLogger(__name__)
+# Connecting plus starting the provisioning workflow: a request answers within ~2 s either way.
+PROVISION_START_BUDGET = 1.8
 router = APIRouter(prefix="/v1/nhis", tags=["nhis"], dependencies=[authenticated])
 
 
 class DecisionBody(Body):
     """Why the approver decided as they did."""
 
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: RequiredReason
 
 
 @router.get("", response_model=list[NhiOut])
@@ -34,9 +70,9 @@ def list_nhis(
     p: CurrentPrincipal,
     agent_id: uuid.UUID | None = None,
     nhi_status: Annotated[NhiStatus | None, Query(alias="status")] = None,
-    owner: Annotated[str | None, Query(description="Email of the agent's owner.")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    owner: Annotated[Email | None, Query(description="Email of the agent's owner.")] = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[NhiOut]:
     """The inventory, filtered by agent, status or owner."""
     nhis = inventory.list_nhis(
@@ -55,51 +91,140 @@ def list_nhis(
 def get_nhi(nhi_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> NhiOut:
     """One NHI: status, scope, expiry and where its credential is delivered."""
     nhi = inventory.get_nhi(session, nhi_id)
-    require_read(p, nhi.agent)
+    require_visible_nhi(p, nhi_id, nhi.agent)
     return NhiOut.model_validate(nhi)
 
 
 @router.get("/{nhi_id}/events", response_model=list[AuditOut])
 def nhi_events(nhi_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> list[AuditOut]:
     """The NHI's audit trail, oldest first."""
-    require_read(p, inventory.get_nhi(session, nhi_id).agent)
+    require_visible_nhi(p, nhi_id, inventory.get_nhi(session, nhi_id).agent)
     return [AuditOut.model_validate(e) for e in inventory.events_for(session, nhi_id)]
 
 
+async def start_provisioning(
+    state: AppState,
+    record: Callable[[Session], tuple[Nhi, list[str]]],
+    make_input: Callable[[uuid.UUID, bool], ProvisionInput],
+) -> NhiAccepted:
+    """Record the lease and start its provisioning workflow: both, or neither.
+
+    The NHI row and its audit event are written in one transaction that commits only once
+    Temporal has accepted the workflow start (bounded: a Temporal that is down or does not
+    answer is a 503 within ~2 s, and nothing is written). If the commit fails after the start,
+    the workflow finds no lease and ends without creating anything (and is terminated here).
+    """
+    began = time.monotonic()
+    try:
+        client = await temporal_client(state)
+    except TemporalUnavailable as err:
+        raise TemporalUnavailable(
+            f"provisioning could not start ({err}); nothing was recorded or created"
+        ) from None
+    session = state.sessions()
+    try:
+        # `record` checks the request against policy and adds the row and its audit event.
+        nhi, sensitive = await run_in_threadpool(record, session)
+        workflow_id = provision_workflow_id(nhi.id)
+        nhi.workflow_id = workflow_id
+        await run_in_threadpool(session.flush)
+        accepted = NhiAccepted(
+            id=nhi.id,
+            workflow_id=workflow_id,
+            status=NhiStatus(nhi.status),
+            expires_at=nhi.expires_at,
+        )
+        budget = max(PROVISION_START_BUDGET - (time.monotonic() - began), 0.5)
+        try:
+            async with temporal_deadline(budget, "starting provisioning"):
+                await client.start_workflow(
+                    ProvisionNhiWorkflow.run,
+                    make_input(nhi.id, bool(sensitive)),
+                    id=workflow_id,
+                    task_queue=state.settings.temporal_task_queue,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    rpc_timeout=timedelta(seconds=budget),
+                )
+        except Exception as err:
+            log.warning("provisioning of nhi %s could not start: %s", nhi.id, err)
+            raise TemporalUnavailable(
+                f"provisioning could not start (Temporal at {state.settings.temporal_address}); "
+                "nothing was recorded or created"
+            ) from None
+        try:
+            await run_in_threadpool(session.commit)
+        except SQLAlchemyError:
+            log.exception("nhi %s: started but not recorded", nhi.id)
+            with contextlib.suppress(Exception):
+                async with temporal_deadline(TEMPORAL_CALL_BUDGET, "terminating"):
+                    await client.get_workflow_handle(workflow_id).terminate(
+                        reason="the lease could not be recorded"
+                    )
+            raise TemporalUnavailable(
+                "the request could not be recorded; nothing was created"
+            ) from None
+        return accepted
+    finally:
+        await run_in_threadpool(session.close)
+
+
 async def _decide(
-    state: State, nhi_id: uuid.UUID, approve: bool, p: Principal, reason: str
-) -> NhiOut:
-    require_role(p, Role.APPROVER)
-    nhi = await state.db(lambda s: inventory.get_nhi(s, nhi_id))
-    require(nhi.requested_by != p.actor, f"{p.actor} requested this NHI and cannot decide on it")
+    state: AppState,
+    nhi_id: uuid.UUID,
+    approve: bool,
+    p: Principal,
+    reason: str,
+    key: str | None,
+) -> Any:
+    # 404 unless visible, 403 unless an approver who is not the requesting person.
+    nhi = await state.db(lambda s: authorize_decision(s, p, inventory.get_nhi(s, nhi_id)))
     actor = p.actor
     if nhi.status != NhiStatus.PENDING_APPROVAL or not nhi.workflow_id:
         raise Conflict(f"status: nhi {nhi_id} is {nhi.status}, not pending_approval")
-    client = await state.temporal()
+    client = await temporal_client(state)
     handle = client.get_workflow_handle_for(ProvisionNhiWorkflow.run, nhi.workflow_id)
     try:
-        await handle.execute_update(
+        result = await send_update(
+            state,
+            handle,
             ProvisionNhiWorkflow.decide,
-            ApprovalDecision(approve=approve, approver=actor, reason=reason),
+            lambda not_after: ApprovalDecision(
+                approve=approve,
+                approver=actor,
+                reason=reason,
+                not_after=not_after,
+                # Four-eyes by person: the workflow refuses the requester under another token.
+                approver_person=p.person,
+            ),
             # A retried HTTP call from the same approver is applied once.
-            id=f"decide-{nhi_id}-{actor}",
+            update_id=update_id("decide", actor, key) or f"decide-{nhi_id}-{actor}",
         )
-    except WorkflowUpdateFailedError as err:
-        cause = err.cause
-        message = cause.message if isinstance(cause, ApplicationError) else str(cause)
-        raise Conflict(f"decision refused: {message}") from None
+    except RPCError:
+        raise Conflict(f"status: nhi {nhi_id} has no running provisioning workflow") from None
+    if isinstance(result, JSONResponse):
+        return result
     return NhiOut.model_validate(await state.db(lambda s: inventory.get_nhi(s, nhi_id)))
 
 
 @router.post("/{nhi_id}/approve", response_model=NhiOut)
 async def approve(
-    nhi_id: uuid.UUID, body: DecisionBody, state: State, p: CurrentPrincipal
-) -> NhiOut:
+    nhi_id: uuid.UUID,
+    body: DecisionBody,
+    state: State,
+    p: CurrentPrincipal,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Approve a request for sensitive actions (approver role; never your own)."""
-    return await _decide(state, nhi_id, True, p, body.reason)
+    return await _decide(state, nhi_id, True, p, body.reason, idempotency_key)
 
 
 @router.post("/{nhi_id}/deny", response_model=NhiOut)
-async def deny(nhi_id: uuid.UUID, body: DecisionBody, state: State, p: CurrentPrincipal) -> NhiOut:
+async def deny(
+    nhi_id: uuid.UUID,
+    body: DecisionBody,
+    state: State,
+    p: CurrentPrincipal,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Any:
     """Deny a request for sensitive actions (approver role)."""
-    return await _decide(state, nhi_id, False, p, body.reason)
+    return await _decide(state, nhi_id, False, p, body.reason, idempotency_key)

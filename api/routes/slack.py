@@ -7,8 +7,12 @@ update id derived from the click so a redelivered request is applied once.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import re
+import time
 import uuid
 from urllib.parse import parse_qs
 
@@ -16,12 +20,11 @@ from fastapi import APIRouter, BackgroundTasks, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from slack_sdk.errors import SlackApiError
-from slack_sdk.signature import SignatureVerifier
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from api.deps import AppState, State
+from api.deps import AppState, State, TemporalUnavailable
+from api.errors import documented
+from api.routes.lifecycle import send_update, temporal_client
 from models.contracts import PromptAnswer, PromptAnswerKind
 from models.orm import Agent, Nhi, Prompt
 from nhi import audit
@@ -33,34 +36,101 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["slack"])
 
 
+# Slack's own rule: a request signed more than five minutes ago is a replay.
+MAX_SKEW_SECONDS = 300
+_TIMESTAMP_RE = re.compile(rb"^[0-9]{1,12}$")
+_SIGNATURE_RE = re.compile(rb"^v0=[0-9a-f]{64}$")
+MAX_BODY_BYTES = 64 * 1024
+
+
 def _refuse(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
 
 
-@router.post("/slack/interactions", include_in_schema=True)
+def _header(request: Request, name: str) -> bytes | None:
+    # Raw bytes: a header that is not ASCII is refused, never decoded.
+    values = [v for k, v in request.scope["headers"] if k == name.encode()]
+    return values[0] if len(values) == 1 else None
+
+
+def _signed(secret: str, request: Request, body: bytes) -> bool:
+    """Slack's v0 signature over the raw bytes, checked before anything is parsed or decoded."""
+    timestamp = _header(request, "x-slack-request-timestamp")
+    signature = _header(request, "x-slack-signature")
+    if timestamp is None or signature is None:
+        return False
+    if not _TIMESTAMP_RE.fullmatch(timestamp) or not _SIGNATURE_RE.fullmatch(signature):
+        return False
+    if abs(time.time() - int(timestamp)) > MAX_SKEW_SECONDS:
+        return False
+    expected = hmac.new(secret.encode(), b"v0:" + timestamp + b":" + body, hashlib.sha256)
+    return hmac.compare_digest(b"v0=" + expected.hexdigest().encode(), signature)
+
+
+class _NotOurs(ValueError):
+    """A signed request that is not a renewal prompt action."""
+
+
+def _action(body: bytes) -> tuple[PromptAnswerKind, uuid.UUID, str, str, str] | None:
+    """The click in a signed interaction payload; None for payloads that are not clicks.
+
+    Raises _NotOurs for anything malformed: wrong shapes and types are a 400, never a 500."""
+    try:
+        form = parse_qs(body.decode("utf-8"), strict_parsing=False, max_num_fields=10)
+        payload = json.loads(form["payload"][0])
+    except (KeyError, IndexError, ValueError, RecursionError) as err:
+        raise _NotOurs("payload: not form-encoded JSON") from err
+    if not isinstance(payload, dict):
+        raise _NotOurs("payload: not a JSON object")
+    if payload.get("type") != "block_actions":
+        return None
+    actions, user, channel = payload.get("actions"), payload.get("user"), payload.get("channel")
+    if not isinstance(actions, list) or not actions or not isinstance(actions[0], dict):
+        raise _NotOurs("payload.actions: not a list of actions")
+    action = actions[0]
+    if not isinstance(user, dict) or not isinstance(user.get("id"), str):
+        raise _NotOurs("payload.user.id: missing")
+    action_id, value = action.get("action_id"), action.get("value")
+    if not isinstance(action_id, str) or not isinstance(value, str):
+        raise _NotOurs("payload.actions[0]: no action_id or value")
+    try:
+        answer = ANSWER_OF_ACTION[PromptAction(action_id)]
+        prompt_id = parse_button_value(value)
+    except (KeyError, ValueError, TypeError, RecursionError) as err:
+        raise _NotOurs("payload.actions[0]: not a renewal prompt button") from err
+    click = action.get("action_ts") or payload.get("trigger_id") or ""
+    channel_id = channel.get("id") if isinstance(channel, dict) else ""
+    if not isinstance(click, str) or not isinstance(channel_id, str | None):
+        raise _NotOurs("payload: action_ts or channel of the wrong type")
+    user_id = str(user["id"])
+    if not user_id.isprintable() or len(user_id) > 64 or len(click) > 64:
+        raise _NotOurs("payload.user.id: not a Slack id")
+    return answer, prompt_id, user_id, click, channel_id or ""
+
+
+# Signed by Slack, not a bearer token: 401 for a bad signature, 400 for a signed payload that is
+# not a prompt action, 404 while no signing secret is configured (api/errors.py documents them).
+@router.post("/slack/interactions", responses=documented(400, 401, 404))
 async def interactions(request: Request, background: BackgroundTasks, state: State) -> Response:
-    """Verify, acknowledge, and hand the decision to the NHI's lifecycle workflow."""
+    """Verify, acknowledge, and hand the decision to the NHI's lifecycle workflow.
+
+    Authentication comes first: an unsigned, stale or malformed request (bad timestamp,
+    non-ASCII signature, body that is not what was signed) is a 401 before anything is parsed.
+    A signed payload that is not a renewal prompt action is a 400."""
     secret = state.settings.slack_signing_secret
     if secret is None:
         return _refuse(404, "Slack is not configured (NHI_SLACK_SIGNING_SECRET)")
     body = await request.body()
-    if not SignatureVerifier(secret.get_secret_value()).is_valid_request(
-        body, dict(request.headers)
-    ):
+    if len(body) > MAX_BODY_BYTES or not _signed(secret.get_secret_value(), request, body):
         return _refuse(401, "invalid Slack signature or stale timestamp")
     try:
-        payload = json.loads(parse_qs(body.decode())["payload"][0])
-        if payload.get("type") != "block_actions":
-            return Response(status_code=200)
-        action = payload["actions"][0]
-        answer = ANSWER_OF_ACTION[PromptAction(action["action_id"])]
-        prompt_id = parse_button_value(action["value"])
-        user_id = str(payload["user"]["id"])
-        click = str(action.get("action_ts") or payload.get("trigger_id") or "")
-        channel = str((payload.get("channel") or {}).get("id") or "")
-    except (KeyError, IndexError, ValueError, TypeError):
-        return _refuse(400, "payload: not a renewal prompt action")
-    background.add_task(_decide, state, prompt_id, answer.value, user_id, click, channel)
+        click = _action(body)
+    except _NotOurs as err:
+        return _refuse(400, str(err))
+    if click is None:
+        return Response(status_code=200)
+    answer, prompt_id, user_id, click_ts, channel = click
+    background.add_task(_decide, state, prompt_id, answer.value, user_id, click_ts, channel)
     return Response(status_code=200)
 
 
@@ -142,19 +212,25 @@ async def _decide(
         answer=PromptAnswerKind(answer),
     )
     try:
-        client = await state.temporal()
+        client = await temporal_client(state)
         handle = client.get_workflow_handle_for(
             NhiLifecycleWorkflow.run, lifecycle_workflow_id(prompt.nhi_id)
         )
-        await handle.execute_update(
-            NhiLifecycleWorkflow.answer, request, id=f"slack-{prompt_id}-{user_id}-{click}"
+        # Same deadline as the API: a click the lifecycle could not take in time (worker down)
+        # is told "not applied" and is never applied behind the owner's back later.
+        result = await send_update(
+            state,
+            handle,
+            NhiLifecycleWorkflow.answer,
+            lambda not_after: request.model_copy(update={"not_after": not_after}),
+            update_id=f"slack-{prompt_id}-{user_id}-{click}",
         )
-    except WorkflowUpdateFailedError as err:
-        cause = err.cause
-        text = cause.message if isinstance(cause, ApplicationError) else str(cause)
-        await run_in_threadpool(_ephemeral, state, channel, user_id, f"Not applied: {text}")
-    except RPCError as err:
-        log.error("decision on prompt %s not delivered: %s", prompt_id, err.message)
+    except (RPCError, TemporalUnavailable) as err:
+        log.error("decision on prompt %s not delivered: %s", prompt_id, err)
         await run_in_threadpool(
             _ephemeral, state, channel, user_id, "Not applied: try again shortly."
         )
+        return
+    if isinstance(result, JSONResponse):
+        detail = json.loads(bytes(result.body)).get("detail", "refused")
+        await run_in_threadpool(_ephemeral, state, channel, user_id, f"Not applied: {detail}")

@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool
 from sqlalchemy import select
 
+from activities.sweep import START_FAILED
 from api.deps import CurrentPrincipal, SessionDep, State, TemporalUnavailable, authenticated
 from models.contracts import SweepInput
 from models.enums import Role
 from models.orm import Sweep
 from models.schemas import Body
+from nhi import audit
 from nhi.auth import require_role
 from nhi.inventory import NotFound
 from workflows.sweep import SweepWorkflow
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[authenticated])
 READERS = (Role.SECURITY, Role.AUDITOR, Role.ADMIN)
+# A manual sweep that cannot be started within this answers 503 at once (and is recorded as
+# failed) instead of hanging on an unreachable Temporal.
+START_RPC_TIMEOUT = timedelta(seconds=5)
 
 
 class SweepRequest(Body):
     """Which provider, and whether only to report."""
 
     provider: Literal["aws", "postgres"] = "aws"
-    dry_run: bool = False
+    dry_run: StrictBool = False
 
 
 class SweepOut(BaseModel):
@@ -50,9 +55,12 @@ class SweepOut(BaseModel):
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SweepOut)
 async def start_sweep(body: SweepRequest, state: State, p: CurrentPrincipal) -> SweepOut:
-    """Sweep a provider now (security role); `dry_run` reports and changes nothing."""
+    """Sweep a provider now (security role); `dry_run` reports and changes nothing.
+
+    The report row is written first (so the sweep records into it); if the sweep cannot be
+    started, the row is closed as `failed` with the reason and audited, never left `running`,
+    and the answer is 503."""
     require_role(p, Role.SECURITY)
-    client = await state.temporal()
     sweep_id = uuid.uuid4()
     workflow_id = f"nhi-sweep-{body.provider}-manual-{sweep_id}"
 
@@ -73,6 +81,7 @@ async def start_sweep(body: SweepRequest, state: State, p: CurrentPrincipal) -> 
 
     sweep = await state.db(record)
     try:
+        client = await state.temporal()
         await client.start_workflow(
             SweepWorkflow.run,
             SweepInput(
@@ -83,9 +92,32 @@ async def start_sweep(body: SweepRequest, state: State, p: CurrentPrincipal) -> 
             ),
             id=workflow_id,
             task_queue=state.settings.temporal_task_queue,
+            rpc_timeout=START_RPC_TIMEOUT,
         )
     except Exception as err:
-        raise TemporalUnavailable("the sweep could not start; nothing was changed") from err
+        reason = f"{START_FAILED}: {type(err).__name__}: {err}"[:2000]
+
+        def failed(session: Any) -> None:
+            row = session.get(Sweep, sweep_id, with_for_update=True)
+            if row is None or row.status != "running":
+                return  # the workflow started after all and is recording into it
+            row.status = "failed"
+            row.finished_at = datetime.now(UTC)
+            row.error = reason
+            audit.record(
+                session,
+                subject_type="sweep",
+                subject_id=sweep_id,
+                event="sweep.start_failed",
+                actor=p.actor,
+                reason=reason,
+                details={"provider": body.provider, "dry_run": str(body.dry_run).lower()},
+            )
+
+        await state.db(failed)
+        raise TemporalUnavailable(
+            "the sweep could not start; nothing was changed (recorded as failed)"
+        ) from err
     return SweepOut.model_validate(sweep)
 
 

@@ -1,24 +1,68 @@
-"""Postgres targets: the databases `postgres_role` NHIs are created in (admin registers them)."""
+"""Postgres targets: the databases `postgres_role` NHIs are created in (admin registers them).
+
+A target is where the worker sends an admin password, so registering one is checked against
+the rules in `nhi.targets` (allowed hosts, password sources, TLS) and every registration or
+removal is audited and alerted to the security channel.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+import logging
 
-from api.deps import CurrentPrincipal, SessionDep, State, authenticated
+from fastapi import APIRouter, status
+from fastapi.concurrency import run_in_threadpool
+
+from api.deps import AppState, CurrentPrincipal, SessionDep, State, authenticated
 from models.enums import Role
-from models.schemas import TargetIn, TargetOut
+from models.schemas import TargetIn, TargetName, TargetOut
 from nhi import inventory
 from nhi.auth import require_role
+from nhi.targets import TargetSpec, check_target, parse_dsn, password_ref
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/targets", tags=["targets"], dependencies=[authenticated])
 
 
+def _alert(state: AppState, text: str) -> None:
+    """Tell the security channel, through the service's Slack client; without Slack (as in
+    `nhi dev`) the log is the channel. A lost alert never undoes the committed change."""
+    channel = state.settings.slack_security_channel
+    if state.slack is None:
+        log.warning("ALERT to %s: %s", channel, text)
+        return
+    try:
+        state.slack.chat_postMessage(channel=channel, text=text)
+    except Exception:
+        log.exception("ALERT to %s could not be posted: %s", channel, text)
+
+
+def _describe(spec: TargetSpec) -> str:
+    return (
+        f"{spec.dsn} (admin password from {spec.password_ref}, sslmode {spec.sslmode}, "
+        f"at most {spec.connection_limit} connections)"
+    )
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=TargetOut)
-def add_target(body: TargetIn, session: SessionDep, state: State, p: CurrentPrincipal) -> TargetOut:
-    """Register a target (admin role). The DSN carries no password: `password_env` or
-    `password_secret` says where the worker finds it."""
+async def add_target(body: TargetIn, state: State, p: CurrentPrincipal) -> TargetOut:
+    """Register a target (admin role). The DSN carries no password: `password_env` (a variable
+    named `NHI_TARGET_PASSWORD_*`) or `password_secret` (under `NHI_TARGET_SECRET_PREFIX`) says
+    where the worker finds it; the host must match `NHI_TARGET_ALLOWED_HOSTS`, and `sslmode`
+    is `verify-full` (the default) outside dev mode."""
     require_role(p, Role.ADMIN)
-    return TargetOut.model_validate(inventory.add_target(session, state.settings, body, p.actor))
+    settings = state.settings
+    if "sslmode" not in body.model_fields_set:
+        # Verified TLS unless asked otherwise; dev mode keeps libpq's lenient default.
+        body = body.model_copy(update={"sslmode": "prefer" if settings.dev_mode else "verify-full"})
+    parsed = parse_dsn(body.dsn)
+    ref = password_ref(body.password_env, body.password_secret)
+    check_target(settings, parsed.host, ref, body.sslmode)
+    actor = p.actor
+    spec = await state.db(lambda s: inventory.add_target(s, settings, body, actor))
+    await run_in_threadpool(
+        _alert, state, f"Postgres target {spec.name} registered by {actor}: {_describe(spec)}"
+    )
+    return TargetOut.model_validate(spec)
 
 
 @router.get("", response_model=list[TargetOut])
@@ -29,7 +73,12 @@ def list_targets(session: SessionDep, state: State, p: CurrentPrincipal) -> list
 
 
 @router.delete("/{name}", response_model=TargetOut)
-def remove_target(name: str, session: SessionDep, state: State, p: CurrentPrincipal) -> TargetOut:
+async def remove_target(name: TargetName, state: State, p: CurrentPrincipal) -> TargetOut:
     """Remove a target no living NHI uses (admin role); targets from settings stay."""
     require_role(p, Role.ADMIN)
-    return TargetOut.model_validate(inventory.remove_target(session, state.settings, name, p.actor))
+    actor = p.actor
+    spec = await state.db(lambda s: inventory.remove_target(s, state.settings, name, actor))
+    await run_in_threadpool(
+        _alert, state, f"Postgres target {spec.name} removed by {actor}: {_describe(spec)}"
+    )
+    return TargetOut.model_validate(spec)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from api.deps import CurrentPrincipal, SessionDep, authenticated
 from models.enums import Role
 from models.orm import ApiToken
-from models.schemas import Body, Email
+from models.schemas import Body, Duration, Email, Team, TokenName
 from nhi.auth import issue_token, require_role, revoke_token
 from nhi.inventory import NotFound
 
@@ -23,10 +22,12 @@ router = APIRouter(prefix="/v1", tags=["tokens"], dependencies=[authenticated])
 class TokenCreate(Body):
     """A new API token: a name, one role, an expiry, optionally teams and the person it is for."""
 
-    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{1,98}[a-z0-9]$")]
+    name: TokenName
     role: Role
-    ttl: int | str = Field(description="Seconds or a duration such as '30d'; at most 366 days.")
-    teams: list[str] | None = Field(default=None, description="Teams a platform token acts for.")
+    ttl: Duration
+    teams: list[Team] | None = Field(
+        default=None, max_length=50, description="Teams a platform token acts for."
+    )
     email: Email | None = Field(default=None, description="The person, for owner rights.")
 
 
@@ -68,7 +69,7 @@ def whoami(p: CurrentPrincipal) -> WhoAmI:
     return WhoAmI(
         actor=p.actor,
         roles=sorted(p.roles),
-        teams=sorted(p.teams) if p.teams is not None else None,
+        teams=sorted(p.teams),
         email=p.email,
     )
 
@@ -98,7 +99,7 @@ def list_tokens(session: SessionDep, p: CurrentPrincipal) -> list[TokenOut]:
 
 
 @router.post("/tokens/{name}/revoke", response_model=TokenOut)
-def revoke(name: str, session: SessionDep, p: CurrentPrincipal) -> TokenOut:
+def revoke(name: TokenName, session: SessionDep, p: CurrentPrincipal) -> TokenOut:
     """Revoke a token at once (admin role)."""
     require_role(p, Role.ADMIN)
     try:

@@ -1,0 +1,535 @@
+"""Prometheus metrics of the API and the worker (`/metrics` on each).
+
+Three sources end up on one page:
+
+- the inventory, as gauges the API recomputes every `NHI_METRICS_REFRESH_SECONDS` in a
+  background task (`InventoryMetrics.refresh`): a scrape only reads the last values, so a
+  scrape costs nothing at any inventory size;
+- counters the processes keep themselves: HTTP requests in the API (`HttpMetrics`), activity
+  outcomes in the worker (`ActivityMetrics`, fed by `MetricsInterceptor`);
+- the Temporal SDK's own runtime metrics (`temporal_*`: task slots, poll latency, task
+  failures, sticky cache). The SDK exports them only through its own Prometheus listener,
+  so `install_sdk_runtime` binds that listener to a free loopback port and `exposition` appends
+  its page to ours: one scrape target per process, nothing extra exposed.
+
+Each app or worker gets its own `CollectorRegistry`, so an API and a worker in one process (the
+tests) keep separate pages. No label carries an identifier, a name or an owner: label values
+come from fixed vocabularies (platform, kind, environment, status, route template, activity).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+from sqlalchemy import bindparam, text
+from sqlalchemy.orm import Session
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+)
+
+from models.contracts import FindingKind
+
+log = logging.getLogger("nhi.metrics")
+
+FINDING_KINDS = frozenset(k.value for k in FindingKind)
+
+# Statuses in which the credential still works: an NHI in one of them past its expiry is
+# overdue (its lifecycle missed the deadline). Quarantined and later ones are already unusable.
+USABLE = ("active", "rotating", "expiring")
+# Provisioning can wait days for an approval, decommission takes seconds: buckets per case.
+PROVISIONING_BUCKETS = (1, 2, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 86400, 3 * 86400)
+DECOMMISSION_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+# At most this many new audit events are read per refresh; the rest wait for the next one.
+AUDIT_BATCH = 10_000
+SDK_SCRAPE_TIMEOUT = 2.0
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry with the process, platform and GC collectors (memory, CPU, open fds)."""
+    registry = CollectorRegistry(auto_describe=True)
+    process_collector.ProcessCollector(registry=registry)
+    platform_collector.PlatformCollector(registry=registry)
+    gc_collector.GCCollector(registry=registry)
+    return registry
+
+
+# ---- the Temporal SDK's runtime metrics -------------------------------------------------------
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def install_sdk_runtime() -> str | None:
+    """Make the process's default Temporal runtime export its metrics on a loopback port; the
+    URL to read them from, or None when that is not possible (logged).
+
+    Call before the first Temporal client is created: clients made earlier stay on the old
+    runtime. A process that already has a default runtime (the tests' own) keeps it."""
+    port = _free_loopback_port()
+    try:
+        runtime = Runtime(
+            telemetry=TelemetryConfig(
+                metrics=PrometheusConfig(
+                    bind_address=f"127.0.0.1:{port}", durations_as_seconds=True
+                )
+            )
+        )
+        Runtime.set_default(runtime, error_if_already_set=True)
+    except (ValueError, RuntimeError) as err:
+        log.warning("Temporal SDK metrics not exported: %s", err)
+        return None
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+async def exposition(registry: CollectorRegistry, sdk_url: str | None) -> bytes:
+    """Our metrics, then the SDK's: one Prometheus text page (names never clash: ours are
+    `nhi_*`, `process_*`, `python_*`; the SDK's `temporal_*`)."""
+    page = generate_latest(registry)
+    if sdk_url is None:
+        return page
+    try:
+        async with httpx.AsyncClient(timeout=SDK_SCRAPE_TIMEOUT) as client:
+            response = await client.get(sdk_url)
+            response.raise_for_status()
+    except httpx.HTTPError as err:
+        log.warning("Temporal SDK metrics unavailable this scrape: %s", type(err).__name__)
+        return page
+    sdk = response.content
+    return page + (sdk if sdk.endswith(b"\n") or not sdk else sdk + b"\n")
+
+
+# ---- API: HTTP requests -----------------------------------------------------------------------
+class HttpMetrics:
+    """Requests by route template (never the raw path: ids would explode the series)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "nhi_http_requests",
+            "HTTP requests answered by the API, by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "nhi_http_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route template.",
+            ["method", "route"],
+            registry=registry,
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.duration.labels(method, route).observe(seconds)
+
+
+# ---- API: the inventory -----------------------------------------------------------------------
+# One pass over the inventory: counts by (platform, kind, environment, status) with the
+# overdue and expiring counts as filtered aggregates of the same scan. now() is the
+# database's clock, the one expires_at was compared with everywhere else.
+INVENTORY_SQL = text(
+    """
+    SELECT n.platform, n.kind, a.environment, n.status,
+           count(*) AS total,
+           count(*) FILTER (WHERE n.status IN :usable AND n.expires_at <= now()) AS overdue,
+           count(*) FILTER (WHERE n.status IN :usable AND n.expires_at > now()
+                            AND n.expires_at <= now() + interval '24 hours') AS within_24h,
+           count(*) FILTER (WHERE n.status IN :usable AND n.expires_at > now()
+                            AND n.expires_at <= now() + interval '7 days') AS within_7d
+    FROM nhis n JOIN agents a ON a.id = n.agent_id
+    GROUP BY n.platform, n.kind, a.environment, n.status
+    """
+).bindparams(bindparam("usable", value=list(USABLE), expanding=True))
+
+# Small indexed look-ups in one round trip: open prompts (ix_prompts_status_created_at),
+# the oldest revoke_failed (few rows; audit events by subject), and the audit head.
+SCALARS_SQL = text(
+    """
+    SELECT
+      (SELECT count(*) FROM prompts WHERE status = 'open') AS open_prompts,
+      (SELECT extract(epoch FROM now() - min(e.created_at))
+         FROM nhis n
+         JOIN audit_events e ON e.subject_type = 'nhi' AND e.subject_id = n.id::text
+                             AND e.event = 'nhi.revoke_failed'
+        WHERE n.status = 'revoke_failed') AS oldest_revoke_failed,
+      (SELECT max(id) FROM audit_events) AS audit_head
+    """
+)
+
+# New NHI audit events since the last refresh (by primary key), with the NHI's request time
+# and expiry: each activation is one provisioning latency (request -> active), each
+# quarantine at or after the expiry one decommission latency (due -> unusable).
+# A sample, not a ledger: an event whose transaction commits after a higher id was already
+# read is skipped (concurrent writers), which moves no quantile.
+EVENTS_SQL = text(
+    """
+    SELECT e.id, e.event, n.platform, n.kind,
+           extract(epoch FROM e.created_at - n.created_at) AS since_request,
+           extract(epoch FROM e.created_at - n.expires_at) AS since_expiry
+    FROM audit_events e JOIN nhis n ON n.id = CAST(e.subject_id AS uuid)
+    WHERE e.id > :after AND e.subject_type = 'nhi'
+    ORDER BY e.id
+    LIMIT :batch
+    """
+)
+
+# The latest finished, real (not dry-run) sweep of each provider in each outcome.
+SWEEPS_SQL = text(
+    """
+    SELECT DISTINCT ON (provider, status)
+           provider, status, extract(epoch FROM finished_at) AS finished, summary
+    FROM sweeps
+    WHERE NOT dry_run AND finished_at IS NOT NULL AND status IN ('completed', 'failed')
+    ORDER BY provider, status, finished_at DESC
+    """
+)
+
+
+@dataclass
+class InventorySnapshot:
+    """What one refresh read (kept so tests and logs can see it)."""
+
+    nhis: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    seconds: float = 0.0
+    new_events: int = 0
+
+
+class InventoryMetrics:
+    """Inventory gauges and the latency histograms fed from new audit events."""
+
+    def __init__(self, registry: CollectorRegistry, sweep_interval_seconds: int) -> None:
+        where = ["platform", "kind", "environment"]
+        self.nhis = Gauge(
+            "nhi_nhis",
+            "NHIs in the inventory by platform, kind, environment and status.",
+            [*where, "status"],
+            registry=registry,
+        )
+        self.overdue = Gauge(
+            "nhi_overdue",
+            "Usable NHIs (active, rotating, expiring) past their expiry: a missed deadline.",
+            where,
+            registry=registry,
+        )
+        self.expiring = Gauge(
+            "nhi_expiring",
+            "Usable NHIs expiring within the window (24h, 7d; the 7d count includes the 24h).",
+            [*where, "within"],
+            registry=registry,
+        )
+        self.pending_approvals = Gauge(
+            "nhi_pending_approvals",
+            "NHI requests waiting for an approver's decision.",
+            registry=registry,
+        )
+        self.open_prompts = Gauge(
+            "nhi_open_prompts",
+            "Renewal reminders and escalations sent and not answered yet.",
+            registry=registry,
+        )
+        self.oldest_revoke_failed = Gauge(
+            "nhi_revoke_failed_oldest_age_seconds",
+            "Age of the oldest revoke_failed NHI since its removal first failed (0: none).",
+            registry=registry,
+        )
+        self.provisioning = Histogram(
+            "nhi_provisioning_latency_seconds",
+            "From request to active (approval waits included), per NHI activated.",
+            ["platform", "kind"],
+            buckets=PROVISIONING_BUCKETS,
+            registry=registry,
+        )
+        self.decommission = Histogram(
+            "nhi_decommission_latency_seconds",
+            "From expiry to unusable (quarantined), per NHI that expired.",
+            ["platform", "kind"],
+            buckets=DECOMMISSION_BUCKETS,
+            registry=registry,
+        )
+        self.events = Counter(
+            "nhi_lifecycle_events",
+            "NHI audit events recorded since this process started, by event.",
+            ["event"],
+            registry=registry,
+        )
+        self.sweep_success = Gauge(
+            "nhi_sweep_last_success_timestamp_seconds",
+            "When the latest completed (not dry-run) sweep of the provider finished.",
+            ["provider"],
+            registry=registry,
+        )
+        self.sweep_failure = Gauge(
+            "nhi_sweep_last_failure_timestamp_seconds",
+            "When the latest failed sweep of the provider finished.",
+            ["provider"],
+            registry=registry,
+        )
+        self.sweep_findings = Gauge(
+            "nhi_sweep_findings",
+            "Findings of the latest completed sweep of the provider, by kind.",
+            ["provider", "kind"],
+            registry=registry,
+        )
+        self.sweep_interval = Gauge(
+            "nhi_sweep_interval_seconds",
+            "NHI_SWEEP_INTERVAL_SECONDS: how often each provider is swept.",
+            registry=registry,
+        )
+        self.sweep_interval.set(sweep_interval_seconds)
+        self.pollers = Gauge(
+            "nhi_task_queue_pollers",
+            "Workers seen polling the task queue recently, by task type (workflow, activity).",
+            ["type"],
+            registry=registry,
+        )
+        self.dependency_up = Gauge(
+            "nhi_dependency_up",
+            "Whether the last refresh reached the dependency (database, temporal).",
+            ["dependency"],
+            registry=registry,
+        )
+        self.refreshed_at = Gauge(
+            "nhi_inventory_refresh_timestamp_seconds",
+            "When the inventory gauges were last computed successfully.",
+            registry=registry,
+        )
+        self.refresh_seconds = Gauge(
+            "nhi_inventory_refresh_duration_seconds",
+            "How long the last inventory query took.",
+            registry=registry,
+        )
+        self.refresh_errors = Counter(
+            "nhi_inventory_refresh_errors",
+            "Inventory refreshes that failed (the gauges keep their last values).",
+            registry=registry,
+        )
+        self._after: int | None = None  # audit cursor; None until the first refresh
+        self._series = _Series()
+
+    def refresh(self, session: Session) -> InventorySnapshot:
+        """Recompute every gauge from the inventory (one transaction, read only)."""
+        started = time.perf_counter()
+        snap = InventorySnapshot()
+        # A refresh that cannot finish must not hold a connection for long: the next one retries.
+        session.execute(text("SET LOCAL statement_timeout = '10s'"))
+        self._inventory(session, snap)
+        self._scalars(session)
+        snap.new_events = self._events(session)
+        self._sweeps(session)
+        snap.seconds = time.perf_counter() - started
+        self.refresh_seconds.set(snap.seconds)
+        self.refreshed_at.set(time.time())
+        return snap
+
+    def _inventory(self, session: Session, snap: InventorySnapshot) -> None:
+        rows = session.execute(INVENTORY_SQL).all()
+        overdue: dict[tuple[str, str, str], int] = {}
+        within: dict[tuple[str, str, str, str], int] = {}
+        pending = 0
+        for platform, kind, env, status, total, late, day, week in rows:
+            snap.nhis[(platform, kind, env, status)] = int(total)
+            key = (platform, kind, env)
+            overdue[key] = overdue.get(key, 0) + int(late)
+            within[(*key, "24h")] = within.get((*key, "24h"), 0) + int(day)
+            within[(*key, "7d")] = within.get((*key, "7d"), 0) + int(week)
+            if status == "pending_approval":
+                pending += int(total)
+        # A combination that emptied disappears instead of keeping a stale count.
+        self._series.replace(self.nhis, snap.nhis.items())
+        self._series.replace(self.overdue, overdue.items())
+        self._series.replace(self.expiring, within.items())
+        self.pending_approvals.set(pending)
+
+    def _scalars(self, session: Session) -> None:
+        prompts, oldest, head = session.execute(SCALARS_SQL).one()
+        self.open_prompts.set(int(prompts or 0))
+        self.oldest_revoke_failed.set(float(oldest or 0))
+        if self._after is None:
+            # Counting starts now: history before this process is not replayed into counters.
+            self._after = int(head or 0)
+
+    def _events(self, session: Session) -> int:
+        assert self._after is not None
+        rows = session.execute(EVENTS_SQL, {"after": self._after, "batch": AUDIT_BATCH}).all()
+        for _id, event, platform, kind, since_request, since_expiry in rows:
+            self.events.labels(event).inc()
+            if event == "nhi.activated" and since_request is not None:
+                self.provisioning.labels(platform, kind).observe(max(0.0, float(since_request)))
+            elif event == "nhi.quarantined" and since_expiry is not None and since_expiry >= 0:
+                self.decommission.labels(platform, kind).observe(float(since_expiry))
+        if rows:
+            self._after = int(rows[-1][0])
+        return len(rows)
+
+    def _sweeps(self, session: Session) -> None:
+        findings: dict[tuple[str, str], int] = {}
+        for provider, status, finished, summary in session.execute(SWEEPS_SQL).all():
+            if status == "failed":
+                self.sweep_failure.labels(provider).set(float(finished))
+                continue
+            self.sweep_success.labels(provider).set(float(finished))
+            for kind, count in _finding_counts(summary):
+                findings[(provider, kind)] = count
+        self._series.replace(self.sweep_findings, findings.items())
+
+    def set_pollers(self, counts: Mapping[str, int]) -> None:
+        """Record how many workers poll each task type (from DescribeTaskQueue)."""
+        for kind, count in counts.items():
+            self.pollers.labels(kind).set(count)
+
+
+def _finding_counts(summary: Any) -> Iterable[tuple[str, int]]:
+    # A sweep's summary also holds `truncated` and `dry_run`: only finding kinds are counts.
+    if not isinstance(summary, dict):
+        return []
+    return [(k, int(v)) for k, v in summary.items() if k in FINDING_KINDS and isinstance(v, int)]
+
+
+class _Series:
+    """The label sets a gauge was last given, so a refresh can drop the ones that emptied
+    without clearing the gauge first (a scrape in between would see nothing)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, set[tuple[str, ...]]] = {}
+
+    def replace(self, gauge: Gauge, values: Iterable[tuple[tuple[str, ...], int]]) -> None:
+        fresh: set[tuple[str, ...]] = set()
+        for labels, value in values:
+            gauge.labels(*labels).set(value)
+            fresh.add(labels)
+        for labels in self._seen.get(id(gauge), set()) - fresh:
+            gauge.remove(*labels)
+        self._seen[id(gauge)] = fresh
+
+
+# ---- worker: activity outcomes ----------------------------------------------------------------
+REMOVAL_ACTIVITIES = frozenset({"remove_identity"})
+SLACK_ACTIVITIES = frozenset(
+    {"post_prompt", "send_alert", "deliver_prompt", "update_messages", "alert"}
+)
+
+
+def outcome_of(err: BaseException | None) -> str:
+    """`ok`; `retried` (Temporal will try again); `failed` (non-retryable); `cancelled`."""
+    if err is None:
+        return "ok"
+    if isinstance(err, CancelledError):
+        return "cancelled"
+    if isinstance(err, ApplicationError) and err.non_retryable:
+        return "failed"
+    return "retried"
+
+
+class ActivityMetrics:
+    """Activity outcomes in the worker, and what they mean for NHIs."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.activities = Counter(
+            "nhi_activity",
+            "Activity executions by activity type and outcome (ok, retried, failed, cancelled).",
+            ["activity", "outcome"],
+            registry=registry,
+        )
+        self.removals = Counter(
+            "nhi_removals",
+            "Identity removals (decommission and orphan deletion) by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.slack = Counter(
+            "nhi_slack_sends",
+            "Slack sends (prompts, alerts, message updates) by activity and outcome.",
+            ["activity", "outcome"],
+            registry=registry,
+        )
+        self.reminders = Counter(
+            "nhi_reminders_sent",
+            "Renewal prompts opened (one per NHI, term and offset), by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.sweep_findings = Counter(
+            "nhi_sweep_findings_reported",
+            "Findings of the sweeps this worker recorded, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+
+    def record(
+        self, activity_type: str, args: list[Any], result: Any, err: BaseException | None
+    ) -> None:
+        """Count one finished activity attempt."""
+        outcome = outcome_of(err)
+        self.activities.labels(activity_type, outcome).inc()
+        if activity_type in REMOVAL_ACTIVITIES:
+            self.removals.labels(outcome).inc()
+        elif activity_type in SLACK_ACTIVITIES:
+            self.slack.labels(activity_type, outcome).inc()
+        if err is not None:
+            return
+        if activity_type == "open_prompt":
+            kind = getattr(result, "kind", None)
+            self.reminders.labels(str(getattr(kind, "value", kind) or "reminder")).inc()
+        elif activity_type == "record_sweep" and args:
+            summary = getattr(args[0], "summary", None)
+            for kind, count in _finding_counts(summary):
+                if count:
+                    self.sweep_findings.labels(kind).inc(count)
+
+
+class MetricsInterceptor(Interceptor):
+    """Counts every activity attempt's outcome (a worker interceptor: no workflow code
+    changes, so no effect on histories or replay)."""
+
+    def __init__(self, metrics: ActivityMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return _ActivityCounter(next, self.metrics)
+
+
+class _ActivityCounter(ActivityInboundInterceptor):
+    def __init__(self, next: ActivityInboundInterceptor, metrics: ActivityMetrics) -> None:
+        super().__init__(next)
+        self._metrics = metrics
+
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        activity_type = activity.info().activity_type
+        try:
+            result = await self.next.execute_activity(input)
+        except BaseException as err:
+            self._safely(activity_type, list(input.args), None, err)
+            raise
+        self._safely(activity_type, list(input.args), result, None)
+        return result
+
+    def _safely(
+        self, activity_type: str, args: list[Any], result: Any, err: BaseException | None
+    ) -> None:
+        # A metrics bug must never change an activity's outcome.
+        try:
+            self._metrics.record(activity_type, args, result, err)
+        except Exception:
+            log.exception("could not count activity %s", activity_type)

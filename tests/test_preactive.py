@@ -1,0 +1,225 @@
+"""NHIs stuck before `active`: a cancelled provisioning run compensates, a terminated one is
+cleaned up by the sweep after the pre-active window, and a request whose run never started is
+re-driven. On a fresh time-skipping server, against moto over HTTP and the real inventory.
+
+The run is held after the IAM user, its key and its secret exist by failing `GetUser` (the last
+call of key delivery) with a retryable AWS error through a botocore hook on the worker's client.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import CancelledError
+from temporalio.testing import WorkflowEnvironment
+
+from models.contracts import ProvisionInput, SweepInput, SweepOutcome
+from models.orm import Agent, AuditEvent, Nhi
+from nhi.aws import AwsClients, make_aws_clients
+from nhi.config import Settings
+from nhi.db import transaction
+from nhi.policy import secret_name
+from nhi.temporal import provision_workflow_id
+from tests.helpers import eventually, inject_aws_error, request_nhi
+from worker import build_worker
+from workflows.provision import ProvisionNhiWorkflow
+from workflows.sweep import SweepWorkflow
+
+SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
+
+
+@dataclass
+class Rig:
+    env: WorkflowEnvironment
+    settings: Settings
+    sessions: sessionmaker[Session]
+    aws: AwsClients
+    worker_aws: AwsClients
+    queue: str
+
+    async def sweep(self) -> SweepOutcome:
+        with self.env.auto_time_skipping_disabled():
+            return await self.env.client.execute_workflow(
+                SweepWorkflow.run,
+                SweepInput(triggered_by="test"),
+                id=f"sweep-{uuid.uuid4().hex[:8]}",
+                task_queue=self.queue,
+            )
+
+    async def request(self, kind: str = "iam_user_key", **kw: Any) -> uuid.UUID:
+        _, nhi_id, _ = request_nhi(
+            self.sessions, self.settings, kind, now=await self.env.get_current_time(), **kw
+        )
+        return nhi_id
+
+    async def start(self, inp: ProvisionInput) -> WorkflowHandle[Any, Any]:
+        return await self.env.client.start_workflow(
+            ProvisionNhiWorkflow.run,
+            inp,
+            id=provision_workflow_id(inp.nhi_id),
+            task_queue=self.queue,
+        )
+
+    def nhi(self, nhi_id: uuid.UUID) -> Nhi:
+        with transaction(self.sessions) as s:
+            return s.get_one(Nhi, nhi_id)
+
+    def secret(self, nhi_id: uuid.UUID) -> str:
+        with transaction(self.sessions) as s:
+            nhi = s.get_one(Nhi, nhi_id)
+            agent = s.get_one(Agent, nhi.agent_id)
+            return secret_name(self.settings.secret_prefix, agent.environment, agent.name, nhi.id)
+
+    def events(self, nhi_id: uuid.UUID) -> list[tuple[str, str]]:
+        with transaction(self.sessions) as s:
+            return [
+                (e.event, e.actor)
+                for e in s.scalars(
+                    select(AuditEvent)
+                    .where(AuditEvent.subject_id == str(nhi_id))
+                    .order_by(AuditEvent.id)
+                )
+            ]
+
+    def backdate(self, nhi_id: uuid.UUID, by: timedelta) -> None:
+        """The request was made `by` ago (the pre-active window counts from the request)."""
+        with transaction(self.sessions) as s:
+            nhi = s.get_one(Nhi, nhi_id)
+            nhi.created_at = nhi.created_at - by
+
+    async def held_after_the_secret(self, nhi_id: uuid.UUID) -> tuple[Any, str, str]:
+        """Start provisioning and hold it once the user, its key and its secret exist;
+        returns the handle, the user name and the secret name."""
+        name, secret = self.nhi(nhi_id).name, self.secret(nhi_id)
+        lift = inject_aws_error(self.worker_aws.iam, "GetUser", "ServiceFailure", status=500)
+        handle = await self.start(ProvisionInput(nhi_id=nhi_id))
+
+        async def everything_made() -> None:
+            try:
+                keys = self.aws.iam.list_access_keys(UserName=name)["AccessKeyMetadata"]
+                self.aws.secrets.describe_secret(SecretId=secret)
+            except self.aws.iam.exceptions.NoSuchEntityException as err:
+                raise AssertionError("no user yet") from err
+            except self.aws.secrets.exceptions.ResourceNotFoundException as err:
+                raise AssertionError("no secret yet") from err
+            assert len(keys) == 1
+
+        await eventually(everything_made)
+        self._lift = lift
+        return handle, name, secret
+
+    def lift(self) -> None:
+        self._lift()
+
+    def assert_nothing_left(self, name: str, secret: str) -> None:
+        with pytest.raises(self.aws.iam.exceptions.NoSuchEntityException):
+            self.aws.iam.get_user(UserName=name)
+        # Never delivered, so deleted without a recovery window.
+        with pytest.raises(self.aws.secrets.exceptions.ResourceNotFoundException):
+            self.aws.secrets.describe_secret(SecretId=secret)
+
+
+@pytest_asyncio.fixture
+async def rig(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> AsyncIterator[Rig]:
+    tag = uuid.uuid4().hex[:6]
+    queue = f"preactive-{tag}"
+    rig_settings = settings.model_copy(
+        update={
+            "temporal_task_queue": queue,
+            "iam_path": f"/preactive-{tag}/",
+            "name_prefix": f"p{tag}",
+            "sweep_propagation_seconds": 0,
+            "sweep_calls_per_second": 1000.0,
+            "sweep_preactive_seconds": 3600,
+            "aws_max_attempts": 1,
+        }
+    )
+    worker_aws = make_aws_clients(rig_settings)
+    async with build_worker(ts_env.client, rig_settings, sessions, worker_aws, task_queue=queue):
+        yield Rig(ts_env, rig_settings, sessions, aws, worker_aws, queue)
+
+
+async def test_a_terminated_run_is_cleaned_up_by_the_sweep_after_the_window(rig: Rig) -> None:
+    nhi_id = await rig.request()
+    handle, name, secret = await rig.held_after_the_secret(nhi_id)
+    await handle.terminate(reason="operator mistake")
+    rig.lift()
+    assert rig.nhi(nhi_id).status == "provisioning"
+
+    early = await rig.sweep()  # inside the window: a slow run is not a stuck one
+    assert [f for f in early.findings if f.nhi_id == nhi_id] == []
+    assert rig.aws.iam.get_user(UserName=name)
+
+    rig.backdate(nhi_id, timedelta(hours=2))
+    outcome = await rig.sweep()
+    (stuck,) = [f for f in outcome.findings if f.kind.value == "preactive"]
+    assert stuck.nhi_id == nhi_id and stuck.preactive is not None
+    assert stuck.preactive.value == "clean_up" and "terminated" in stuck.detail, stuck
+    assert stuck.action.endswith("marked failed"), stuck
+    rig.assert_nothing_left(name, secret)
+    nhi = rig.nhi(nhi_id)
+    assert nhi.status == "failed" and "stuck before active" in (nhi.status_reason or "")
+    assert rig.events(nhi_id)[-1] == ("nhi.failed", "system:sweep")
+    again = await rig.sweep()
+    assert [f for f in again.findings if f.nhi_id == nhi_id] == [], "nothing left to do"
+
+
+async def test_a_cancelled_run_compensates(rig: Rig) -> None:
+    nhi_id = await rig.request()
+    handle, name, secret = await rig.held_after_the_secret(nhi_id)
+    await handle.cancel()
+    rig.lift()  # (the removal proves absence with GetUser too)
+    with pytest.raises(WorkflowFailureError) as ended:
+        await handle.result()
+    assert isinstance(ended.value.cause, CancelledError), ended.value.cause
+    rig.assert_nothing_left(name, secret)
+    nhi = rig.nhi(nhi_id)
+    assert nhi.status == "failed" and nhi.status_reason == "provisioning was cancelled"
+    assert rig.events(nhi_id)[-1][0] == "nhi.failed"
+
+
+async def test_a_run_cancelled_while_waiting_for_an_approver_fails_the_request(rig: Rig) -> None:
+    nhi_id = await rig.request("iam_role", scope=SENSITIVE_SCOPE, actor="alice")
+    assert rig.nhi(nhi_id).status == "pending_approval"
+    handle = await rig.start(
+        ProvisionInput(nhi_id=nhi_id, requested_by="alice", needs_approval=True)
+    )
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as ended:
+        await handle.result()
+    assert isinstance(ended.value.cause, CancelledError)
+    nhi = rig.nhi(nhi_id)
+    assert nhi.status == "failed"
+    assert nhi.status_reason == "provisioning was cancelled before anything was created"
+
+
+async def test_a_request_whose_run_never_started_is_redriven(rig: Rig) -> None:
+    nhi_id = await rig.request("iam_role")  # the row, but no workflow (lost between the two)
+    rig.backdate(nhi_id, timedelta(hours=2))
+    outcome = await rig.sweep()
+    (stuck,) = [f for f in outcome.findings if f.kind.value == "preactive"]
+    assert stuck.preactive is not None and stuck.preactive.value == "redrive", stuck
+    assert stuck.action.endswith("provisioning restarted"), stuck
+    run = rig.env.client.get_workflow_handle_for(
+        ProvisionNhiWorkflow.run, provision_workflow_id(nhi_id)
+    )
+    with rig.env.auto_time_skipping_disabled():
+        result = await run.result()
+    assert result.status.value == "active"
+    assert rig.nhi(nhi_id).status == "active"
+    assert ("nhi.provisioning_restarted", "system:sweep") in rig.events(nhi_id)
+    assert rig.aws.iam.get_role(RoleName=rig.nhi(nhi_id).name)
