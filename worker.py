@@ -10,11 +10,10 @@ import logging
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from slack_sdk import WebClient
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.activity import _Definition
+from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -39,22 +38,74 @@ from workflows.provision import ProvisionNhiWorkflow
 from workflows.sweep import OrphanRemovalWorkflow, SweepWorkflow
 
 log = logging.getLogger("nhi.worker")
-# The SDK exposes no public "is this an activity" check; this is what its own Worker uses, and
-# any change shows at once in the tests (every workflow test needs these registrations).
-activity_defn_of = _Definition.from_callable
 
 WORKFLOWS = [ProvisionNhiWorkflow, NhiLifecycleWorkflow, SweepWorkflow, OrphanRemovalWorkflow]
 
+ActivityMethod = Callable[..., object]
+"""A bound `@activity.defn` method: the SDK reads its name and signature, we only pass it on."""
 
-def activities_of(*instances: object) -> list[Callable[..., Any]]:
-    """Every `@activity.defn` method of the instances, bound: a new activity cannot be forgotten."""
-    found: list[Callable[..., Any]] = []
-    for instance in instances:
-        for name in dir(type(instance)):
-            member = getattr(type(instance), name)
-            if callable(member) and activity_defn_of(member) is not None:
-                found.append(getattr(instance, name))
-    return found
+
+def activities_of(
+    db: DbActivities,
+    platforms: ProviderActivities,
+    people: SlackActivities,
+    sweeps: SweepActivities,
+    supervision: SupervisionActivities,
+) -> list[ActivityMethod]:
+    """Every activity the workflows call, bound to its dependencies.
+
+    Listed by hand because the SDK offers no public "is this an activity" check;
+    tests/test_replay.py compares this list with every `@activity.defn` in `activities/`, so
+    a new activity cannot be forgotten and a removed one cannot linger. Activity names are
+    history: the legacy provisioning names (`ensure_role`, `ensure_user`, `issue_access_key`)
+    stay registered for the runs recorded before the provider interface."""
+    return [
+        # Inventory: every status change and its audit event.
+        db.begin_provisioning,
+        db.record_approval,
+        db.record_active,
+        db.mark_failed,
+        db.load_lifecycle,
+        db.change_status,
+        db.note,
+        db.open_prompt,
+        db.record_delivery,
+        db.decide_prompts,
+        # Platforms, through the provider interface.
+        platforms.create_identity,
+        platforms.deliver_credential,
+        platforms.ensure_role,
+        platforms.ensure_user,
+        platforms.issue_access_key,
+        platforms.update_expiry,
+        platforms.stage_new_key,
+        platforms.verify_pending,
+        platforms.promote_pending,
+        platforms.deactivate_key,
+        platforms.delete_key,
+        platforms.quarantine,
+        platforms.verify_quarantine,
+        platforms.lift_quarantine,
+        platforms.remove_identity,
+        # People.
+        people.post_prompt,
+        people.send_alert,
+        people.deliver_prompt,
+        people.update_messages,
+        people.alert,
+        # Sweeps.
+        sweeps.plan_sweep,
+        sweeps.quarantine_orphan,
+        sweeps.note_orphan,
+        sweeps.mark_missing,
+        sweeps.clean_preactive,
+        sweeps.revert_drift,
+        sweeps.record_sweep,
+        supervision.find_unsupervised,
+        supervision.find_preactive,
+        supervision.redrive_provisioning,
+        supervision.nudge_lifecycle,
+    ]
 
 
 def build_worker(
@@ -68,7 +119,9 @@ def build_worker(
     metrics: ActivityMetrics | None = None,
 ) -> Worker:
     """A worker with every workflow and activity registered; sync activities run on threads.
-    Activity outcomes are counted into `metrics` (a private registry when not given)."""
+    Activity outcomes are counted into `metrics` (a private registry when not given). With
+    `worker_fail_on_nondeterminism` (every test worker) a run whose history no longer replays
+    fails at once instead of retrying its workflow task forever."""
     providers = build_providers(settings, aws, TargetRegistry(sessions, settings, aws.secrets))
     db = DbActivities(sessions, settings)
     platforms = ProviderActivities(providers)
@@ -86,6 +139,9 @@ def build_worker(
         max_concurrent_activities=settings.worker_max_concurrent_activities,
         max_cached_workflows=settings.worker_max_cached_workflows,
         interceptors=[MetricsInterceptor(metrics or ActivityMetrics(new_registry()))],
+        workflow_failure_exception_types=(
+            [workflow.NondeterminismError] if settings.worker_fail_on_nondeterminism else []
+        ),
     )
 
 

@@ -1,11 +1,14 @@
 """Activities that read and change the inventory in Postgres.
 
-Lifecycle writes carry an idempotency key chosen by the workflow, so an activity retried after
-its transaction committed records nothing twice.
+Every status change goes through `nhi.services.transitions.transition` with an idempotency
+key: the lifecycle's keys are chosen by the workflow, provisioning's derive from the workflow id
+and the step. An activity retried after its transaction committed changes and records nothing
+twice (the key's unique index decides, even between concurrent attempts).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -16,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.provider import plan_of
 from models.contracts import (
     AuditNote,
     Delivery,
@@ -33,13 +37,13 @@ from models.contracts import (
     ScopeStatement,
     StatusChange,
 )
-from models.enums import AgentStatus, NhiKind, NhiStatus, Platform
+from models.enums import AgentStatus, NhiKind, NhiStatus
 from models.orm import Agent, Nhi, Prompt
-from nhi import MANAGED_BY, audit
 from nhi.config import Settings
 from nhi.db import transaction
-from nhi.inventory import check_scope, find_policy, rules_of
-from nhi.policy import RuleViolation, secret_name
+from nhi.policy import RuleViolation
+from nhi.services.policies import check_scope, find_policy, rules_of
+from nhi.services.transitions import note, transition
 from nhi.slack_messages import scope_summary
 
 SYSTEM_ACTOR = "system:provisioning"
@@ -70,6 +74,21 @@ def clean(text: str) -> str:
 def clean_details(details: Mapping[str, Any]) -> dict[str, Any]:
     """Audit details with every string key and value cleaned (see `clean`)."""
     return {clean(str(k)): clean(v) if isinstance(v, str) else v for k, v in details.items()}
+
+
+def step_key(step: str) -> str | None:
+    """The idempotency key of one step of the workflow run calling this activity: the same
+    for every attempt of it, different in another run. None outside an activity (a test
+    calling the method directly), where the status checks alone keep it idempotent."""
+    if not activity.in_activity():
+        return None
+    info = activity.info()
+    return f"{info.workflow_id}/{info.workflow_run_id}/{step}"
+
+
+def digest(text: str) -> str:
+    """A short stable digest, for keys that depend on free text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def bounded_offsets(offsets: list[Any]) -> list[int]:
@@ -107,34 +126,7 @@ class DbActivities:
 
     def plan_of(self, nhi: Nhi, agent: Agent, max_session_duration: int) -> ProvisionPlan:
         """What the platform needs to know of an NHI (derived, so retries see the same)."""
-        return ProvisionPlan(
-            nhi_id=nhi.id,
-            agent_id=agent.id,
-            agent_name=agent.name,
-            environment=agent.environment,
-            owner_email=agent.owner_email,
-            platform=Platform(nhi.platform),
-            kind=NhiKind(nhi.kind),
-            identity_name=nhi.name,
-            iam_path=self._settings.iam_path,
-            secret_name=secret_name(
-                self._settings.secret_prefix, agent.environment, agent.name, nhi.id
-            ),
-            scope=[ScopeStatement.model_validate(s) for s in nhi.granted_scope],
-            allowed_cidrs=list(nhi.allowed_cidrs),
-            trust_principal=nhi.trust_principal,
-            expires_at=nhi.expires_at,
-            max_session_duration_seconds=max_session_duration,
-            target=nhi.target,
-            tags={
-                "managed-by": MANAGED_BY,
-                "nhi:agent-id": str(agent.id),
-                "nhi:nhi-id": str(nhi.id),
-                "nhi:owner": agent.owner_email,
-                "nhi:environment": agent.environment,
-                "nhi:expires-at": nhi.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            },
-        )
+        return plan_of(nhi, agent, self._settings, max_session_duration)
 
     @activity.defn
     def begin_provisioning(self, ref: NhiRef) -> ProvisionPlan:
@@ -174,14 +166,15 @@ class DbActivities:
                     str(err), type="PolicyViolation", non_retryable=True
                 ) from None
             if nhi.status == NhiStatus.REQUESTED:
-                nhi.status = NhiStatus.PROVISIONING.value
-                audit.record(
+                workflow_id = activity.info().workflow_id
+                transition(
                     session,
-                    subject_type="nhi",
-                    subject_id=nhi.id,
+                    nhi,
+                    status=NhiStatus.PROVISIONING,
                     event="nhi.provisioning",
                     actor=SYSTEM_ACTOR,
-                    reason=f"workflow {activity.info().workflow_id} started creating {nhi.name}",
+                    reason=f"workflow {workflow_id} started creating {nhi.name}",
+                    key=step_key("provisioning"),
                 )
             return self.plan_of(nhi, agent, policy.max_session_duration_seconds)
 
@@ -194,17 +187,19 @@ class DbActivities:
             if nhi.status != NhiStatus.PENDING_APPROVAL:
                 return  # already applied by an earlier attempt
             verdict = "approved" if decision.approve else "denied"
-            nhi.status = (NhiStatus.REQUESTED if decision.approve else NhiStatus.FAILED).value
-            nhi.status_reason = (
-                None if decision.approve else clean(f"denied by {decision.approver}")
-            )
-            audit.record(
+            transition(
                 session,
-                subject_type="nhi",
-                subject_id=nhi.id,
+                nhi,
+                status=NhiStatus.REQUESTED if decision.approve else NhiStatus.FAILED,
+                changes={
+                    "status_reason": (
+                        None if decision.approve else clean(f"denied by {decision.approver}")
+                    )
+                },
                 event=f"nhi.{verdict}",
                 actor=clean(decision.approver),
                 reason=clean(decision.reason),
+                key=step_key("decision"),
             )
 
     @activity.defn
@@ -220,16 +215,17 @@ class DbActivities:
                     type="InvalidState",
                     non_retryable=True,
                 )
-            nhi.status = NhiStatus.ACTIVE.value
-            nhi.status_reason = None
-            nhi.external_id = change.external_id
-            nhi.credential_ref = change.credential_ref
-            nhi.activated_at = change.activated_at or datetime.now(UTC)
-            nhi.workflow_id = nhi.workflow_id or change.workflow_id
-            audit.record(
+            transition(
                 session,
-                subject_type="nhi",
-                subject_id=nhi.id,
+                nhi,
+                status=NhiStatus.ACTIVE,
+                changes={
+                    "status_reason": None,
+                    "external_id": change.external_id,
+                    "credential_ref": change.credential_ref,
+                    "activated_at": change.activated_at or datetime.now(UTC),
+                    "workflow_id": nhi.workflow_id or change.workflow_id,
+                },
                 event="nhi.activated",
                 actor=SYSTEM_ACTOR,
                 reason=f"{nhi.kind} created and credential delivered by reference",
@@ -237,6 +233,7 @@ class DbActivities:
                     "external_id": change.external_id,
                     "credential_ref": change.credential_ref,
                 },
+                key=step_key(f"activated/{change.external_id}"),
             )
 
     @activity.defn
@@ -247,16 +244,16 @@ class DbActivities:
             reason = clean(change.reason)
             if nhi.status == change.status and nhi.status_reason == reason:
                 return
-            nhi.status = change.status.value
-            nhi.status_reason = reason
-            audit.record(
+            transition(
                 session,
-                subject_type="nhi",
-                subject_id=nhi.id,
+                nhi,
+                status=change.status,
+                changes={"status_reason": reason},
                 event=f"nhi.{change.status.value}",
                 actor=SYSTEM_ACTOR,
                 reason=reason,
                 details={"workflow_id": change.workflow_id},
+                key=step_key(f"{change.status.value}/{digest(reason)}"),
             )
 
     @activity.defn
@@ -308,39 +305,36 @@ class DbActivities:
     @activity.defn
     def change_status(self, change: StatusChange) -> None:
         """Apply one lifecycle transition with its audit event (once per idempotency key)."""
-        key = change.details.get("key", "")
         with transaction(self._sessions) as session:
             nhi = self._locked(session, change.nhi_id)
-            if key and audit.already_recorded(session, nhi.id, key):
-                return
             now = datetime.now(UTC)
             reason = clean(change.reason)
-            nhi.status = change.status.value
-            nhi.status_reason = None if change.status is NhiStatus.ACTIVE else reason
+            changes: dict[str, Any] = {
+                "status_reason": None if change.status is NhiStatus.ACTIVE else reason
+            }
             if change.expires_at is not None:
-                nhi.expires_at = change.expires_at
+                changes["expires_at"] = change.expires_at
             if change.rotated:
-                nhi.last_rotated_at = now
+                changes["last_rotated_at"] = now
             if change.status is NhiStatus.DECOMMISSIONED:
-                nhi.decommissioned_at = now
-            audit.record(
+                changes["decommissioned_at"] = now
+            transition(
                 session,
-                subject_type="nhi",
-                subject_id=nhi.id,
+                nhi,
+                status=change.status,
+                changes=changes,
                 event=change.event,
                 actor=clean(change.actor),
                 reason=reason,
                 details=clean_details(change.details),
+                key=change.details.get("key") or None,
             )
 
     @activity.defn
     def note(self, entry: AuditNote) -> None:
         """An audit event without a status change (once per idempotency key)."""
-        key = entry.details.get("key", "")
         with transaction(self._sessions) as session:
-            if key and audit.already_recorded(session, entry.subject_id, key):
-                return
-            audit.record(
+            note(
                 session,
                 subject_type="nhi",
                 subject_id=entry.subject_id,
@@ -348,6 +342,7 @@ class DbActivities:
                 actor=clean(entry.actor),
                 reason=clean(entry.reason),
                 details=clean_details(entry.details),
+                key=entry.details.get("key") or None,
             )
 
     @activity.defn
@@ -380,7 +375,7 @@ class DbActivities:
             nhi = session.get_one(Nhi, request.nhi_id)
             agent = session.get_one(Agent, nhi.agent_id)
             if not prompt.deliveries:
-                audit.record(
+                note(
                     session,
                     subject_type="nhi",
                     subject_id=nhi.id,
@@ -392,6 +387,8 @@ class DbActivities:
                         "prompt_id": str(prompt.id),
                         "offset_seconds": str(request.offset_seconds),
                     },
+                    # Once per prompt, also when an attempt dies before it records deliveries.
+                    key=f"prompt/{prompt.id}",
                 )
             return PromptMessage(
                 prompt_id=prompt.id,

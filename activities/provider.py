@@ -1,9 +1,10 @@
 """The activities every workflow uses to act on a platform, whatever the platform.
 
-Each activity routes by the plan's platform to the registered provider (activities/providers/)
-and heartbeats while the provider's blocking calls run. Activity names are part of workflow
-history: the lifecycle's names predate the provider interface and are kept as they were, so
-running lifecycles replay unchanged.
+Each activity routes by platform to the registered provider (activities/providers/) and
+heartbeats while the provider's blocking calls run. Activity names and the payloads workflows
+send are part of workflow history: the lifecycle's names predate the provider interface and are
+kept as they were, and the payloads (a plan, a `KeyRef`, a `RemoveIdentity`) are turned here
+into the `IdentityRef` the provider interface takes, so running workflows replay unchanged.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities._support import heartbeating
-from activities.providers.base import Provider
+from activities.providers.base import Provider, RotationProvider
 from models.contracts import (
     IdentityCreated,
+    IdentityRef,
     KeyRef,
     ProvisionPlan,
     RemovalResult,
     RemoveIdentity,
+    ScopeStatement,
     StagedKey,
 )
-from models.enums import Platform
+from models.enums import NhiKind, Platform
+from models.orm import Agent, Nhi
+from nhi.config import Settings
+from nhi.policy import secret_name
 
 T = TypeVar("T")
 
@@ -42,6 +48,56 @@ def provider_for(providers: Mapping[Platform, Provider], platform: str) -> Provi
         ) from None
 
 
+def identity_ref_of(nhi: Nhi, agent: Agent, settings: Settings) -> IdentityRef:
+    """The identity an inventory NHI names on its platform (deterministic names: it may exist
+    there whatever its status says)."""
+    return IdentityRef(
+        platform=Platform(nhi.platform),
+        kind=NhiKind(nhi.kind),
+        name=nhi.name,
+        target=nhi.target,
+        nhi_id=nhi.id,
+        secret_name=secret_name(settings.secret_prefix, agent.environment, agent.name, nhi.id),
+        external_id=nhi.external_id,
+    )
+
+
+def plan_of(nhi: Nhi, agent: Agent, settings: Settings, max_session_duration: int) -> ProvisionPlan:
+    """What creating or renewing an inventory NHI needs (derived, so retries see the same).
+    Providers derive their tags from these fields themselves."""
+    ref = identity_ref_of(nhi, agent, settings)
+    return ProvisionPlan(
+        nhi_id=nhi.id,
+        agent_id=agent.id,
+        agent_name=agent.name,
+        environment=agent.environment,
+        owner_email=agent.owner_email,
+        platform=ref.platform,
+        kind=ref.kind,
+        identity_name=ref.name,
+        iam_path=settings.iam_path,
+        secret_name=ref.secret_name,
+        scope=[ScopeStatement.model_validate(s) for s in nhi.granted_scope],
+        allowed_cidrs=list(nhi.allowed_cidrs),
+        trust_principal=nhi.trust_principal,
+        expires_at=nhi.expires_at,
+        max_session_duration_seconds=max_session_duration,
+        target=nhi.target,
+    )
+
+
+def rotation_of(provider: Provider) -> RotationProvider:
+    """The provider's rotation interface; a non-retryable `NotRotatable` error when its
+    platform has no credential to rotate."""
+    if not isinstance(provider, RotationProvider):
+        raise ApplicationError(
+            f"the {provider.platform} provider rotates no credential",
+            type="NotRotatable",
+            non_retryable=True,
+        )
+    return provider
+
+
 class ProviderActivities:
     """Create, deliver, renew, rotate, contain and delete identities through providers."""
 
@@ -56,6 +112,11 @@ class ProviderActivities:
         provider = self.provider(platform)
         with heartbeating():
             return call(provider)
+
+    def _rotate(self, platform: Platform, call: Callable[[RotationProvider], T]) -> T:
+        rotation = rotation_of(self.provider(platform))
+        with heartbeating():
+            return call(rotation)
 
     # ---- provisioning --------------------------------------------------------------------------
 
@@ -96,44 +157,50 @@ class ProviderActivities:
     @activity.defn
     def stage_new_key(self, plan: ProvisionPlan) -> StagedKey:
         """Rotation step 1: a new credential as the pending secret version."""
-        return self._run(plan.platform, lambda p: p.stage_rotation(plan))
+        return self._rotate(plan.platform, lambda p: p.stage_rotation(plan))
 
     @activity.defn
     def verify_pending(self, plan: ProvisionPlan) -> None:
         """Rotation step 2: prove the pending credential works as this identity."""
-        self._run(plan.platform, lambda p: p.verify_pending(plan))
+        self._rotate(plan.platform, lambda p: p.verify_pending(plan))
 
     @activity.defn
     def promote_pending(self, plan: ProvisionPlan) -> StagedKey:
         """Rotation step 3: the proven credential becomes current."""
-        return self._run(plan.platform, lambda p: p.promote(plan))
+        return self._rotate(plan.platform, lambda p: p.promote(plan))
 
     @activity.defn
     def deactivate_key(self, key: KeyRef) -> None:
         """After the overlap: the old credential stops working."""
-        self._run(key.platform, lambda p: p.retire(key, delete=False))
+        self._rotate(
+            key.platform, lambda p: p.retire(IdentityRef.of_key(key), key.key_id, delete=False)
+        )
 
     @activity.defn
     def delete_key(self, key: KeyRef) -> None:
         """After the second overlap: the old credential is removed."""
-        self._run(key.platform, lambda p: p.retire(key, delete=True))
+        self._rotate(
+            key.platform, lambda p: p.retire(IdentityRef.of_key(key), key.key_id, delete=True)
+        )
 
     @activity.defn
     def quarantine(self, plan: ProvisionPlan) -> list[str]:
         """Containment: nothing of the identity works any more, restorably."""
-        return self._run(plan.platform, lambda p: p.disable(plan))
+        return self._run(plan.platform, lambda p: p.disable(IdentityRef.of_plan(plan)))
 
     @activity.defn
     def verify_quarantine(self, plan: ProvisionPlan) -> None:
         """Prove the containment from the platform's own state."""
-        self._run(plan.platform, lambda p: p.verify_disabled(plan))
+        self._run(plan.platform, lambda p: p.verify_disabled(IdentityRef.of_plan(plan)))
 
     @activity.defn
     def lift_quarantine(self, plan: ProvisionPlan) -> None:
         """Restore during the grace period."""
-        self._run(plan.platform, lambda p: p.enable(plan))
+        self._run(plan.platform, lambda p: p.enable(IdentityRef.of_plan(plan)))
 
     @activity.defn
     def remove_identity(self, request: RemoveIdentity) -> RemovalResult:
         """Delete the identity, what is attached to it and its secret."""
-        return self._run(request.plan.platform, lambda p: p.delete(request))
+        ref = IdentityRef.of_plan(request.plan)
+        force = request.force_delete_secret
+        return self._run(ref.platform, lambda p: p.delete(ref, force_delete_secret=force))

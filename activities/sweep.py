@@ -13,9 +13,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -32,12 +32,13 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities._support import heartbeating
-from activities.db import DbActivities
-from activities.provider import provider_for
+from activities.provider import identity_ref_of, plan_of, provider_for
 from activities.providers.base import Known, Provider
+from activities.providers.registry import name_prefix
 from models.contracts import (
     Finding,
     FindingKind,
+    IdentityRef,
     LifecycleAction,
     LifecycleInput,
     LifecycleNudge,
@@ -49,24 +50,28 @@ from models.contracts import (
     PreactiveAction,
     PreactiveNhi,
     ProvisionInput,
-    RemoveIdentity,
     ScopeStatement,
     SweepInput,
     SweepOutcome,
     SweepPlan,
-    orphan_plan,
 )
 from models.enums import NhiStatus, Platform
 from models.orm import Agent, AuditEvent, Nhi, Sweep
 from nhi import audit
 from nhi.config import Settings
 from nhi.db import transaction
-from nhi.inventory import find_policy
-from nhi.policy import identity_policy_document
+from nhi.rules.ids import (
+    LIFECYCLE_WORKFLOW,
+    PROVISION_WORKFLOW,
+    lifecycle_workflow_id,
+    provision_workflow_id,
+    sweep_nudge_update_id,
+)
+from nhi.services.policies import find_policy
 from nhi.sweep import ALIVE, InventoryItem, Rules, classify
-from nhi.temporal import provision_workflow_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_FINDINGS = 500  # per sweep in history; the rest is counted and picked up by the next sweep
 # Statuses before `active`: nothing supervises them but their provisioning run.
@@ -83,8 +88,7 @@ ORPHAN = "orphan"  # the audit subject type of identities no inventory row answe
 def ours(platform: Platform, prefix: str) -> ColumnElement[bool]:
     """This deployment's NHIs on a platform: names start with its prefix and the platform's
     separator (`nhi-` for IAM names, `nhi_` for Postgres roles, whose names are identifiers)."""
-    separator = "_" if platform is Platform.POSTGRES else "-"
-    return Nhi.name.startswith(f"{prefix}{separator}", autoescape=True)
+    return Nhi.name.startswith(name_prefix(platform, prefix), autoescape=True)
 
 
 class Pacer:
@@ -117,7 +121,6 @@ class SweepActivities:
         self._providers = dict(providers)
         self._settings = settings
         self._pace = Pacer(settings.sweep_calls_per_second)
-        self._plans = DbActivities(sessions, settings)
 
     def _provider(self, platform: str) -> Provider:
         return provider_for(self._providers, platform)
@@ -137,7 +140,15 @@ class SweepActivities:
         now = datetime.now(UTC)
         with heartbeating():
             alive = self._inventory(provider.platform)
-            known = {i.name: Known(status=i.status, scope=i.granted_scope) for i in alive}
+            known = {
+                i.name: Known(
+                    status=i.status,
+                    scope=i.granted_scope,
+                    allowed_cidrs=i.allowed_cidrs,
+                    expires_at=i.expires_at,
+                )
+                for i in alive
+            }
             found = provider.discover(known, self._paced)
             platform = found.identities
             # Rows that are no longer alive matter only where the platform still holds the name.
@@ -253,12 +264,6 @@ class SweepActivities:
         with transaction(self._sessions) as session:
             for nhi, agent_status in session.execute(query).all():
                 scope = tuple(ScopeStatement.model_validate(s) for s in nhi.granted_scope)
-                expected = None
-                # AWS drift compares policy documents; Postgres providers judge grants themselves.
-                if nhi.status == "active" and platform is Platform.AWS:
-                    expected = identity_policy_document(
-                        list(scope), list(nhi.allowed_cidrs), nhi.expires_at
-                    )
                 items.append(
                     InventoryItem(
                         nhi_id=nhi.id,
@@ -267,10 +272,10 @@ class SweepActivities:
                         status=nhi.status,
                         expires_at=nhi.expires_at,
                         agent_status=agent_status,
-                        expected_document=expected,
                         last_used_at=nhi.last_used_at,
                         target=nhi.target,
                         granted_scope=scope,
+                        allowed_cidrs=tuple(nhi.allowed_cidrs),
                         activated_at=nhi.activated_at,
                     )
                 )
@@ -284,9 +289,9 @@ class SweepActivities:
 
         Returns when it was first quarantined (since it was last deleted): a removal retried by a
         later sweep counts its grace period from then, not again from now."""
-        plan = orphan_plan(orphan, uuid.uuid4(), datetime.now(UTC))
+        ref = IdentityRef.of_orphan(orphan)
         with heartbeating():
-            self._provider(plan.platform).disable(plan)
+            self._provider(ref.platform).disable(ref)
         with transaction(self._sessions) as session:
             first = session.scalar(
                 select(func.min(AuditEvent.created_at)).where(
@@ -406,18 +411,10 @@ class SweepActivities:
             nhi = session.get(Nhi, stuck.nhi_id, with_for_update=True)
             if nhi is None or nhi.status not in PREACTIVE:
                 return f"nothing to do: it is {nhi.status if nhi else 'gone'} now"
-            agent = session.get_one(Agent, nhi.agent_id)
-            policy = find_policy(session, nhi.platform, nhi.kind, agent.environment)
-            plan = self._plans.plan_of(
-                nhi, agent, policy.max_session_duration_seconds if policy else 3600
-            )
+            ref = identity_ref_of(nhi, session.get_one(Agent, nhi.agent_id), self._settings)
         with heartbeating():
             # Never delivered to anyone who acknowledged it: the secret goes without recovery.
-            removed = (
-                self._provider(plan.platform)
-                .delete(RemoveIdentity(plan=plan, force_delete_secret=True))
-                .removed
-            )
+            removed = self._provider(ref.platform).delete(ref, force_delete_secret=True).removed
         what = "; ".join(removed) or "nothing was on the platform"
         with transaction(self._sessions) as session:
             nhi = session.get_one(Nhi, stuck.nhi_id, with_for_update=True)
@@ -445,7 +442,7 @@ class SweepActivities:
             policy = find_policy(session, nhi.platform, nhi.kind, agent.environment)
             if policy is None or not policy.revert_drift:
                 return False
-            plan = self._plans.plan_of(nhi, agent, policy.max_session_duration_seconds)
+            plan = plan_of(nhi, agent, self._settings, policy.max_session_duration_seconds)
         with heartbeating():
             self._provider(plan.platform).renew(plan)
         with transaction(self._sessions) as session:
@@ -491,6 +488,20 @@ async def _running(handle: WorkflowHandle[Any, Any]) -> WorkflowExecutionStatus 
         if err.status is not RPCStatusCode.NOT_FOUND:
             raise
         return None
+
+
+async def _described(
+    client: Client, items: list[T], workflow_id: Callable[[T], str]
+) -> AsyncIterator[list[tuple[T, WorkflowExecutionStatus | None]]]:
+    """Each item with the status of its workflow, DESCRIBE_BATCH concurrent describes at a
+    time and a heartbeat after each batch (so a long list never outlives the heartbeat)."""
+    for start in range(0, len(items), DESCRIBE_BATCH):
+        batch = items[start : start + DESCRIBE_BATCH]
+        statuses = await asyncio.gather(
+            *(_running(client.get_workflow_handle(workflow_id(i))) for i in batch)
+        )
+        activity.heartbeat(start + len(batch))
+        yield list(zip(batch, statuses, strict=True))
 
 
 class SupervisionActivities:
@@ -542,19 +553,12 @@ class SupervisionActivities:
         One visibility listing instead of a describe per NHI, so a large inventory neither
         floods the server nor outlives the heartbeat timeout. Visibility lags a little, so the
         few it does not show as running are confirmed with a describe before being reported."""
-        from workflows.lifecycle import lifecycle_workflow_id
-
         client = activity.client()
         ids = await asyncio.to_thread(self._alive_ids, inp.provider)
         running = await self._running_lifecycles(client)
         candidates = [i for i in ids if running is None or lifecycle_workflow_id(i) not in running]
         out: list[Finding] = []
-        for start in range(0, len(candidates), DESCRIBE_BATCH):
-            batch = candidates[start : start + DESCRIBE_BATCH]
-            statuses = await asyncio.gather(
-                *(_running(client.get_workflow_handle(lifecycle_workflow_id(i))) for i in batch)
-            )
-            activity.heartbeat(start + len(batch))
+        async for described in _described(client, candidates, lifecycle_workflow_id):
             out += [
                 Finding(
                     kind=FindingKind.UNSUPERVISED,
@@ -564,7 +568,7 @@ class SupervisionActivities:
                     detail="no lifecycle workflow runs",
                     action="restart it",
                 )
-                for nhi_id, status in zip(batch, statuses, strict=True)
+                for nhi_id, status in described
                 if status is not WorkflowExecutionStatus.RUNNING
             ]
             if len(out) >= MAX_FINDINGS:
@@ -601,13 +605,8 @@ class SupervisionActivities:
         client = activity.client()
         rows = await asyncio.to_thread(self._preactive_rows, inp.provider)
         out: list[Finding] = []
-        for start in range(0, len(rows), DESCRIBE_BATCH):
-            batch = rows[start : start + DESCRIBE_BATCH]
-            statuses = await asyncio.gather(
-                *(_running(client.get_workflow_handle(provision_workflow_id(r[0]))) for r in batch)
-            )
-            activity.heartbeat(start + len(batch))
-            for (nhi_id, name, kind, status, created_at), run in zip(batch, statuses, strict=True):
+        async for described in _described(client, rows, lambda r: provision_workflow_id(r[0])):
+            for (nhi_id, name, kind, status, created_at), run in described:
                 if run is WorkflowExecutionStatus.RUNNING:
                     continue  # e.g. waiting for an approver: its own timeout decides
                 since = f"{status} since {created_at:%Y-%m-%d %H:%M} UTC"
@@ -638,7 +637,6 @@ class SupervisionActivities:
     async def redrive_provisioning(self, stuck: PreactiveNhi) -> str:
         """Start the provisioning run of an NHI whose run never started. A run that exists
         (or existed: the id is never reused) is left alone."""
-        from workflows.provision import ProvisionNhiWorkflow
 
         def load() -> Nhi | None:
             with transaction(self._sessions) as session:
@@ -649,7 +647,7 @@ class SupervisionActivities:
             return f"nothing to do: it is {nhi.status if nhi else 'gone'} now"
         try:
             await activity.client().start_workflow(
-                ProvisionNhiWorkflow.run,
+                PROVISION_WORKFLOW,
                 # `requested`: approved already, or never needed an approver.
                 ProvisionInput(nhi_id=nhi.id, requested_by=nhi.requested_by),
                 id=provision_workflow_id(nhi.id),
@@ -681,19 +679,15 @@ class SupervisionActivities:
 
         The update id names the sweep: a retry of this activity is deduplicated, and a later
         sweep's nudge (after a restore, say) is a new request, never the earlier one's echo."""
-        from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
-
         client = activity.client()
-        handle = client.get_workflow_handle_for(
-            NhiLifecycleWorkflow.run, lifecycle_workflow_id(nudge.nhi_id)
-        )
+        handle = client.get_workflow_handle(lifecycle_workflow_id(nudge.nhi_id))
         running = await _running(handle) is WorkflowExecutionStatus.RUNNING
         if nudge.action == "mark_missing":
             if not running:
                 return "no lifecycle runs"
         elif not running:
             await client.start_workflow(
-                NhiLifecycleWorkflow.run,
+                LIFECYCLE_WORKFLOW,
                 LifecycleInput(nhi_id=nudge.nhi_id),
                 id=lifecycle_workflow_id(nudge.nhi_id),
                 task_queue=self._settings.temporal_task_queue,
@@ -708,7 +702,7 @@ class SupervisionActivities:
             await handle.execute_update(
                 nudge.action,
                 LifecycleAction(actor=SWEEP_ACTOR, channel="system", reason=nudge.reason),
-                id=f"sweep-{nudge.action}-{nudge.nhi_id}-{term}",
+                id=sweep_nudge_update_id(nudge.action, nudge.nhi_id, term),
                 result_type=None,
             )
         except WorkflowUpdateFailedError as err:  # e.g. already decommissioning: goal met

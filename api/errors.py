@@ -1,6 +1,12 @@
 """Error answers: one JSON body (`models.schemas.Error`) for every status, naming the field at
 fault and the rule it breaks; no stack traces, never the offending value. The OpenAPI document
-declares that body, with an example, for every status an operation can answer."""
+declares that body, with an example, for every status an operation can answer.
+
+The one place where errors become HTTP statuses: the services' typed domain errors
+(`nhi.services.errors`, `nhi.policy.RuleViolation`), authentication, Temporal and database
+outages (`_STATUS_OF`), and a lifecycle workflow's refusal of an update (`refusal`, which
+turns the workflow's error type into one of those domain errors). The field at fault is always
+an attribute of the error, never parsed out of its message."""
 
 from __future__ import annotations
 
@@ -16,12 +22,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 
 from api.deps import TemporalUnavailable
 from models.schemas import MAX_BODY_BYTES, Error, FieldError
-from nhi.auth import Forbidden, Unauthenticated
-from nhi.inventory import Conflict, NotFound
+from nhi.auth import Unauthenticated
 from nhi.policy import RuleViolation
+from nhi.services.errors import Conflict, Forbidden, NotFound, PolicyViolation
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +78,52 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
-async def _rule(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RuleViolation)
-    return error_response(422, str(exc), exc.field)
+# Each error type's status; a subclass answers as its base (AwsUnavailable as 503).
+_STATUS_OF: dict[type[Exception], int] = {
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    RuleViolation: 422,
+    PolicyViolation: 422,
+    TemporalUnavailable: 503,
+}
 
 
-async def _not_found(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(404, str(exc))
+async def _domain(_: Request, exc: Exception) -> JSONResponse:
+    status = next(_STATUS_OF[t] for t in type(exc).__mro__ if t in _STATUS_OF)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return error_response(status, str(exc), getattr(exc, "field", None), headers=headers)
 
 
-async def _conflict(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, Conflict)
-    return error_response(409, str(exc), getattr(exc, "field", None))
+class LifecycleNotReady(TemporalUnavailable):
+    """A workflow refused an update it could not take in time (its deadline passed, or it is
+    still starting): 503, nothing was applied."""
 
 
-async def _unauthenticated(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(401, str(exc), headers={"WWW-Authenticate": "Bearer"})
+# A lifecycle or provisioning workflow's refusal of an update, by its ApplicationError type:
+# who may not (403), what may not now (409), what may never (422), and a deadline that passed
+# before the workflow saw the action (503: nothing was applied). Other types are 409.
+_REFUSALS: dict[str, Callable[[str], Exception]] = {
+    "NotOwner": Forbidden,
+    "SelfApproval": Forbidden,
+    "InvalidState": Conflict,
+    "AlreadyDecided": Conflict,
+    "MaxLifetime": lambda message: PolicyViolation(message, "extend_by"),
+    "ShortensExpiry": lambda message: PolicyViolation(message, "extend_by"),
+    "DeadlinePassed": LifecycleNotReady,
+    "NotReady": LifecycleNotReady,
+}
 
 
-async def _forbidden(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(403, str(exc))
-
-
-async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(503, str(exc))
+def refusal(err: WorkflowUpdateFailedError) -> Exception:
+    """The domain error a workflow's refusal of an update stands for (raise it). Only the
+    workflow's own refusals (typed ApplicationErrors) are shown; anything else is an internal
+    failure, told without its details."""
+    cause = err.cause
+    if not (isinstance(cause, ApplicationError) and cause.type):
+        return Conflict("the lifecycle could not carry out this action")
+    return _REFUSALS.get(cause.type, Conflict)(cause.message)
 
 
 async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
@@ -101,6 +131,19 @@ async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
     # and the same request can be sent again.
     log.warning("database unavailable: %s", type(exc).__name__)
     return error_response(503, "the database is unavailable; nothing was changed, try again")
+
+
+class _Tracked:
+    """A `send` that remembers whether the response has started (after which an error can no
+    longer be answered, only raised)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
 
 
 class _InternalErrors:
@@ -117,18 +160,12 @@ class _InternalErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = _Tracked(send)
         try:
             await self.app(scope, receive, tracked)
         except Exception:
             log.exception("unhandled error on %s %r", scope.get("method"), scope.get("path"))
-            if started:
+            if tracked.started:
                 raise
             response = error_response(500, "internal error; the service log has the details")
             await response(scope, receive, send)
@@ -157,7 +194,7 @@ class _BodyLimit:
                 await error_response(413, str(_BodyTooLarge().detail))(scope, receive, send)
                 return
         received = 0
-        started = False
+        tracked = _Tracked(send)
 
         async def limited() -> Message:
             nonlocal received
@@ -167,16 +204,11 @@ class _BodyLimit:
                 raise _BodyTooLarge
             return message
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
             await self.app(scope, limited, tracked)
         except _BodyTooLarge as err:
             # Read by a middleware (idempotency keys hash the body) rather than by a route.
-            if started:
+            if tracked.started:
                 raise
             await error_response(413, str(err.detail))(scope, receive, send)
 
@@ -301,15 +333,11 @@ def install(app: FastAPI) -> None:
     """Register the handlers on an app, and declare the error body in its OpenAPI document."""
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(HTTPException, _http)
-    app.add_exception_handler(RuleViolation, _rule)
-    app.add_exception_handler(NotFound, _not_found)
-    app.add_exception_handler(Conflict, _conflict)
-    app.add_exception_handler(TemporalUnavailable, _unavailable)
+    for error in _STATUS_OF:
+        app.add_exception_handler(error, _domain)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(InterfaceError, _database_unavailable)
     app.add_exception_handler(PoolTimeout, _database_unavailable)
-    app.add_exception_handler(Unauthenticated, _unauthenticated)
-    app.add_exception_handler(Forbidden, _forbidden)
     # Added last, so outermost (install after every other middleware): a JSON 500 for any
     # failure beneath, and the body limit before any middleware reads a body.
     app.add_middleware(_BodyLimit)

@@ -11,8 +11,8 @@ with the same `Idempotency-Key`. The first request's answer is stored per (calle
   only that the key was used, and a replay is a 409 saying so;
 - a 5xx (Temporal or the database unreachable, a lifecycle that did not accept in time) is
   not stored: the key is released and the same request may be sent again. Nothing was applied,
-  and lifecycle updates carry an id derived from the key, so Temporal itself deduplicates a
-  retried update even if this record were lost.
+  and lifecycle updates carry an id derived from the key (`nhi.rules.ids.keyed_update_id`), so
+  Temporal itself deduplicates a retried update even if this record were lost.
 
 It is an ASGI middleware so that it sees the response body the routes produce; the caller is
 authenticated exactly as the routes do it (an unauthenticated request passes through and gets
@@ -72,15 +72,6 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-def update_id(action: str, principal: str, key: str | None) -> str | None:
-    """The Temporal update id of a lifecycle action sent with an `Idempotency-Key`: the same
-    caller and key always name the same update, so Temporal applies a retried one once."""
-    if key is None:
-        return None
-    digest = hashlib.sha256(f"{principal}\0{key}".encode()).hexdigest()[:32]
-    return f"{action}-{digest}"
-
-
 def key_of(request: Request) -> str | None:
     """The request's `Idempotency-Key` (the middleware has refused malformed ones already)."""
     value = request.headers.get(HEADER)
@@ -99,9 +90,17 @@ def _request_hash(method: str, path: str, query: bytes, body: bytes) -> str:
     return digest.hexdigest()
 
 
-def _json(status: int, body: dict[str, Any], **headers: str) -> tuple[int, list[Any], bytes]:
+Headers = list[tuple[bytes, bytes]]
+Answer = tuple[int, Headers, bytes]
+"""A whole response: status, raw ASGI headers, body."""
+
+
+def _json(status: int, body: dict[str, Any], **headers: str) -> Answer:
     raw = json.dumps(body).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    head: Headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(raw)).encode()),
+    ]
     head += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     return status, head, raw
 
@@ -109,7 +108,7 @@ def _json(status: int, body: dict[str, Any], **headers: str) -> tuple[int, list[
 class _Outcome:
     """What the claim found: go ahead, or answer at once."""
 
-    def __init__(self, answer: tuple[int, list[Any], bytes] | None = None) -> None:
+    def __init__(self, answer: Answer | None = None) -> None:
         self.answer = answer
 
 
@@ -328,7 +327,7 @@ def _replayer(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _send(send: Send, answer: tuple[int, list[Any], bytes]) -> None:
+async def _send(send: Send, answer: Answer) -> None:
     status, headers, body = answer
     if not any(k == b"content-length" for k, _ in headers):
         headers = [*headers, (b"content-length", str(len(body)).encode())]

@@ -12,7 +12,14 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.enums import PLATFORM_OF, NhiKind, NhiStatus, Platform
+from models.enums import (
+    KINDS_BY_PLATFORM,
+    PLATFORM_OF,
+    ROTATABLE_KINDS,
+    NhiKind,
+    NhiStatus,
+    Platform,
+)
 
 
 class Contract(BaseModel):
@@ -538,7 +545,9 @@ class OrphanNoted(Contract):
 
 
 def orphan_plan(orphan: OrphanInput, nhi_id: uuid.UUID, now: datetime) -> ProvisionPlan:
-    """What removal needs to know of an identity the inventory does not answer for."""
+    """The payload orphan removals have always sent to `remove_identity` (kept so recorded
+    histories replay); the activity turns it back into the identity itself, and providers only
+    ever see `IdentityRef.of_orphan`. New code builds no plans for orphans."""
     return ProvisionPlan.model_validate(
         {
             "nhi_id": orphan.nhi_id or nhi_id,
@@ -588,3 +597,60 @@ class PreactiveNhi(Contract):
     action: PreactiveAction
     reason: str
     sweep_id: uuid.UUID | None = None
+
+
+# ---- identity references ---------------------------------------------------------------------
+
+
+class IdentityRef(Contract):
+    """One identity on its platform, as containment, key retirement and removal need it.
+
+    Narrower than a plan on purpose: no scope, owner, expiry or tags (only creating and
+    renewing need those), so an identity a sweep found with no inventory row behind it is
+    described exactly, not as a plan with made-up fields. Providers check `nhi_id` against
+    their own marker before acting where they keep one (Postgres): None (not known) matches
+    no marker, so such an identity is refused rather than taken for someone else's.
+    """
+
+    platform: Platform
+    kind: NhiKind
+    name: str
+    # Where the identity lives when a platform has several places (a Postgres target).
+    target: str | None = None
+    nhi_id: uuid.UUID | None = None
+    # The delivery secret's name or ARN; "" when none is known (an orphan whose secret the
+    # sweep did not find).
+    secret_name: str = ""
+    # The platform's own id (an ARN, a DSN#role), when known.
+    external_id: str | None = None
+
+    @classmethod
+    def of_plan(cls, plan: ProvisionPlan) -> IdentityRef:
+        """The identity a plan made."""
+        return cls(
+            platform=plan.platform,
+            kind=plan.kind,
+            name=plan.identity_name,
+            target=plan.target,
+            nhi_id=plan.nhi_id,
+            secret_name=plan.secret_name,
+        )
+
+    @classmethod
+    def of_orphan(cls, orphan: OrphanInput) -> IdentityRef:
+        """An identity a sweep found that no inventory row answers for."""
+        return cls(
+            platform=PLATFORM_OF[orphan.identity_kind],
+            kind=orphan.identity_kind,
+            name=orphan.identity,
+            target=orphan.target,
+            nhi_id=orphan.nhi_id,
+            secret_name=orphan.secret_arn or "",
+        )
+
+    @classmethod
+    def of_key(cls, key: KeyRef) -> IdentityRef:
+        """The identity a retiring credential belongs to: the platform's one kind with a
+        static credential (rotation runs only for those)."""
+        (kind,) = KINDS_BY_PLATFORM[key.platform] & ROTATABLE_KINDS
+        return cls(platform=key.platform, kind=kind, name=key.user_name, target=key.target)

@@ -218,7 +218,17 @@ class AuditEvent(Base):
     UPDATE and DELETE, see the first migration)."""
 
     __tablename__ = "audit_events"
-    __table_args__ = (Index("ix_audit_events_subject", "subject_type", "subject_id", "id"),)
+    __table_args__ = (
+        Index("ix_audit_events_subject", "subject_type", "subject_id", "id"),
+        # One event per idempotency key: the transition helper inserts ON CONFLICT DO NOTHING,
+        # so a retried or concurrent attempt applies its change once (migration 0007).
+        Index(
+            "uq_audit_events_idempotency_key",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     subject_type: Mapped[str] = mapped_column(String(32))
@@ -228,6 +238,8 @@ class AuditEvent(Base):
     reason: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # `<subject_type>:<subject_id>:<key>` (or its SHA-256 when longer), set by retried changes.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
 
 
 class Prompt(Base):

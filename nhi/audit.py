@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from models.orm import AuditEvent
+
+# The stored key's column width (migration 0007).
+KEY_LENGTH = 255
 
 
 def record(
@@ -21,21 +26,86 @@ def record(
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
     """Add an event to the caller's transaction, so it commits (or not) with the change."""
-    entry = AuditEvent(
-        subject_type=subject_type,
-        subject_id=str(subject_id),
-        event=event,
-        actor=actor,
-        reason=reason,
-        details=details or {},
-    )
+    entry = AuditEvent(**_fields(subject_type, subject_id, event, actor, reason, details))
     session.add(entry)
     return entry
 
 
+def _fields(
+    subject_type: str,
+    subject_id: object,
+    event: str,
+    actor: str,
+    reason: str,
+    details: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "subject_type": subject_type,
+        "subject_id": str(subject_id),
+        "event": event,
+        "actor": actor,
+        "reason": reason,
+        "details": details or {},
+    }
+
+
+def stored_key(subject_type: str, subject_id: object, key: str) -> str:
+    """The key as stored: scoped to its subject (a workflow's keys are only unique per NHI),
+    and hashed when it would not fit the column."""
+    scoped = f"{subject_type}:{subject_id}:{key}"
+    if len(scoped) <= KEY_LENGTH:
+        return scoped
+    return "sha256:" + hashlib.sha256(scoped.encode()).hexdigest()
+
+
+def record_once(
+    session: Session,
+    *,
+    subject_type: str,
+    subject_id: object,
+    event: str,
+    actor: str,
+    reason: str,
+    key: str | None,
+    details: dict[str, Any] | None = None,
+) -> bool:
+    """Write the event unless one with this idempotency key exists; True when written (always,
+    without a key).
+
+    `INSERT ... ON CONFLICT DO NOTHING` on the unique key: a concurrent attempt with the same
+    key waits for the first transaction and then writes nothing (or writes, if that one rolled
+    back). The insert runs at once (after flushing pending changes), in the caller's
+    transaction.
+    """
+    if key is None:
+        record(
+            session,
+            subject_type=subject_type,
+            subject_id=subject_id,
+            event=event,
+            actor=actor,
+            reason=reason,
+            details=details,
+        )
+        return True
+    written = session.execute(
+        insert(AuditEvent)
+        .values(
+            **_fields(subject_type, subject_id, event, actor, reason, details),
+            idempotency_key=stored_key(subject_type, subject_id, key),
+        )
+        .on_conflict_do_nothing(
+            index_elements=[AuditEvent.idempotency_key],
+            index_where=AuditEvent.idempotency_key.is_not(None),
+        )
+        .returning(AuditEvent.id)
+    ).scalar_one_or_none()
+    return written is not None
+
+
 def already_recorded(session: Session, subject_id: object, key: str) -> bool:
-    """Whether an event with this idempotency key exists: a retried activity that committed
-    before its worker died must not write the same event twice."""
+    """Whether an event with this key in its details exists (events written before the
+    `idempotency_key` column, migration 0007, carry their key only there)."""
     return (
         session.scalar(
             select(AuditEvent.id)

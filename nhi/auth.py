@@ -11,10 +11,7 @@ probed; 403 is kept for what a caller can see but not do.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,12 +22,16 @@ from sqlalchemy.orm import Session
 
 from models.enums import Role
 from models.orm import Agent, ApiToken, Nhi
-from nhi import audit
 from nhi.config import Settings
-from nhi.policy import RuleViolation, parse_ttl
+from nhi.rules.owners import is_owner
+from nhi.services.errors import Forbidden as Forbidden
+from nhi.services.errors import NotFound
+from nhi.services.tokens import MAX_TOKEN_LIFETIME as MAX_TOKEN_LIFETIME
+from nhi.services.tokens import TOKEN_PREFIX as TOKEN_PREFIX
+from nhi.services.tokens import hash_token as hash_token
+from nhi.services.tokens import issue_token as issue_token
+from nhi.services.tokens import revoke_token as revoke_token
 
-TOKEN_PREFIX = "nhi_"  # noqa: S105 - a marker, not a secret
-MAX_TOKEN_LIFETIME = timedelta(days=366)
 # An approver judges a request by the agent's whole footprint, so it reads what it decides on.
 _READ_ALL = frozenset({Role.AUDITOR, Role.SECURITY, Role.ADMIN, Role.APPROVER})
 
@@ -39,15 +40,8 @@ class Unauthenticated(Exception):
     """No valid credential: 401."""
 
 
-class Forbidden(Exception):
-    """Authenticated, but not allowed: 403 with the reason."""
-
-
 def _not_visible(what: str) -> Exception:
-    """The inventory's NotFound (404), worded exactly like a missing object. Imported here, not
-    at module level, because nhi.inventory imports this module."""
-    from nhi.inventory import NotFound
-
+    """NotFound (404), worded exactly like a missing object."""
     return NotFound(f"{what} not found")
 
 
@@ -83,12 +77,9 @@ class Principal:
     def owns(self, agent: Agent) -> bool:
         """Owner rights: the agent's owner or backup owner, by email. Never through an
         auditor's credential, which reads and changes nothing."""
-        if not self.email or self.has(Role.AUDITOR):
+        if self.has(Role.AUDITOR):
             return False
-        owners = {agent.owner_email.lower()}
-        if agent.backup_owner_email:
-            owners.add(agent.backup_owner_email.lower())
-        return self.email.lower() in owners
+        return is_owner(self.email, agent.owner_email, agent.backup_owner_email)
 
     def reads_everything(self) -> bool:
         return bool(self.roles & _READ_ALL)
@@ -162,75 +153,6 @@ def authorize_decision(session: Session, p: Principal, nhi: Nhi) -> Nhi:
 
 
 # ---- API tokens ------------------------------------------------------------------------------
-
-
-def hash_token(token: str) -> str:
-    """Tokens carry 256 random bits: a plain SHA-256 makes the stored hash useless to a thief."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def issue_token(
-    session: Session,
-    *,
-    name: str,
-    role: Role,
-    ttl: int | str,
-    created_by: str,
-    teams: Iterable[str] | None = None,
-    email: str | None = None,
-    now: datetime | None = None,
-) -> tuple[ApiToken, str]:
-    """Create a token; returns the row and the plaintext, which is never stored or shown again."""
-    seconds = parse_ttl(ttl)
-    if timedelta(seconds=seconds) > MAX_TOKEN_LIFETIME:
-        raise RuleViolation("ttl", "a token lives at most 366 days")
-    if role is Role.PLATFORM and not teams:
-        # A platform token without teams used to act for every team: name them instead.
-        raise RuleViolation("teams", "a platform token must name at least one team it acts for")
-    if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
-        raise RuleViolation("name", f"a token named {name!r} already exists")
-    plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    now = now or datetime.now(UTC)
-    row = ApiToken(
-        name=name,
-        role=role.value,
-        teams=sorted(set(teams)) if teams is not None else None,
-        email=email.lower() if email else None,
-        token_hash=hash_token(plaintext),
-        created_by=created_by,
-        created_at=now,
-        expires_at=now + timedelta(seconds=seconds),
-    )
-    session.add(row)
-    session.flush()
-    audit.record(
-        session,
-        subject_type="token",
-        subject_id=row.id,
-        event="token.created",
-        actor=created_by,
-        reason=f"{role.value} token {name}",
-        details={"role": role.value, "teams": row.teams, "expires_at": row.expires_at.isoformat()},
-    )
-    return row, plaintext
-
-
-def revoke_token(session: Session, name: str, actor: str) -> ApiToken:
-    """Revoke by name (idempotent)."""
-    row = session.scalar(select(ApiToken).where(ApiToken.name == name).with_for_update())
-    if row is None:
-        raise LookupError(f"token {name} not found")
-    if row.revoked_at is None:
-        row.revoked_at = datetime.now(UTC)
-        audit.record(
-            session,
-            subject_type="token",
-            subject_id=row.id,
-            event="token.revoked",
-            actor=actor,
-            reason=f"token {name} revoked",
-        )
-    return row
 
 
 def principal_from_token(session: Session, token: str) -> Principal:

@@ -585,9 +585,9 @@ def tokens_revoke(ctx: Ctx, name: str) -> None:
 def tokens_bootstrap(name: str, ttl: str) -> None:
     """Create the first admin token straight in the database (needs NHI_DATABASE_URL)."""
     from models.enums import Role
-    from nhi.auth import issue_token
     from nhi.db import make_engine, make_sessionmaker, transaction
     from nhi.policy import RuleViolation
+    from nhi.services.tokens import issue_token
 
     try:
         engine = make_engine(get_settings().require_database_url())
@@ -781,16 +781,17 @@ def schedules_apply() -> None:
 @schedules.command("list")
 def schedules_list() -> None:
     """Sweep schedules, paused or not, and when they fire next."""
-    from nhi.schedules import PROVIDERS, schedule_id
+    from nhi.rules.ids import sweep_schedule_id
+    from nhi.schedules import PROVIDERS
 
     async def describe(client: Any, _settings: Any) -> list[str]:
         out = []
         for provider in PROVIDERS:
-            d = await client.get_schedule_handle(schedule_id(provider)).describe()
+            d = await client.get_schedule_handle(sweep_schedule_id(provider)).describe()
             nxt = d.info.next_action_times[0] if d.info.next_action_times else None
             paused = "paused" if d.schedule.state.paused else "active"
             out.append(
-                f"{schedule_id(provider)}  {paused}  next: {nxt}  runs: {d.info.num_actions}"
+                f"{sweep_schedule_id(provider)}  {paused}  next: {nxt}  runs: {d.info.num_actions}"
             )
         return out
 
@@ -799,10 +800,10 @@ def schedules_list() -> None:
 
 
 def _schedule_op(op: str, provider: str) -> None:
-    from nhi.schedules import schedule_id
+    from nhi.rules.ids import sweep_schedule_id
 
     async def act(client: Any, _settings: Any) -> None:
-        handle = client.get_schedule_handle(schedule_id(provider))
+        handle = client.get_schedule_handle(sweep_schedule_id(provider))
         if op == "pause":
             await handle.pause(note="nhi schedules pause")
         elif op == "resume":
@@ -812,9 +813,9 @@ def _schedule_op(op: str, provider: str) -> None:
 
     _temporal(act)
     click.echo(
-        f"{schedule_id(provider)}: {op}d"
+        f"{sweep_schedule_id(provider)}: {op}d"
         if op != "trigger"
-        else f"{schedule_id(provider)}: triggered"
+        else f"{sweep_schedule_id(provider)}: triggered"
     )
 
 

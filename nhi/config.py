@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         description="How often the API recomputes the inventory gauges of `/metrics` (one "
         "background query; never per scrape).",
     )
+    # Off in production: a lifecycle whose code stopped replaying must wait (its task retried)
+    # for a fixed deploy, not end. Tests turn it on, so a nondeterminism fails loudly at once.
+    worker_fail_on_nondeterminism: bool = Field(
+        default=False,
+        description="Fail a workflow run whose history no longer replays on this code "
+        "(tests and CI) instead of retrying its task until a fix is deployed (production).",
+    )
     # --- settings: api ---
     api_update_timeout_seconds: float = Field(
         default=10.0,

@@ -21,14 +21,10 @@ from temporalio.client import (
 
 from models.contracts import SweepInput
 from nhi.config import Settings
-from workflows.sweep import SweepWorkflow, sweep_workflow_id
+from nhi.rules.ids import sweep_schedule_id, sweep_workflow_id
+from workflows.sweep import SweepWorkflow
 
 PROVIDERS = ("aws", "postgres")
-
-
-def schedule_id(provider: str) -> str:
-    """Id of a provider's sweep schedule."""
-    return f"nhi-sweep-{provider}"
 
 
 def sweep_schedule(settings: Settings, provider: str) -> Schedule:
@@ -58,8 +54,8 @@ async def apply_schedules(client: Client, settings: Settings) -> list[str]:
     for provider in PROVIDERS:
         wanted = sweep_schedule(settings, provider)
         try:
-            await client.create_schedule(schedule_id(provider), wanted)
-            applied.append(f"{schedule_id(provider)} created")
+            await client.create_schedule(sweep_schedule_id(provider), wanted)
+            applied.append(f"{sweep_schedule_id(provider)} created")
         except ScheduleAlreadyRunningError:
 
             def keep_state(
@@ -69,6 +65,6 @@ async def apply_schedules(client: Client, settings: Settings) -> list[str]:
                     schedule=replace(wanted, state=current.description.schedule.state)
                 )
 
-            await client.get_schedule_handle(schedule_id(provider)).update(keep_state)
-            applied.append(f"{schedule_id(provider)} updated")
+            await client.get_schedule_handle(sweep_schedule_id(provider)).update(keep_state)
+            applied.append(f"{sweep_schedule_id(provider)} updated")
     return applied

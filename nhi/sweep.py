@@ -27,10 +27,9 @@ class PlatformIdentity:
     nhi_id: str | None = None
     secret_arn: str | None = None
     last_used_at: datetime | None = None
-    scope_document: dict[str, object] | None = None
-    target: str | None = None  # the Postgres target it lives in; None on AWS
-    # How the platform's permissions differ from the granted scope, when the provider judges
-    # it itself (Postgres); AWS compares documents instead.
+    target: str | None = None  # the place it lives in (a Postgres target); None on AWS
+    # How the platform's permissions differ from the granted scope, as the provider judged it
+    # (only for identities the inventory holds active); None when they match.
     drift: str | None = None
 
 
@@ -44,11 +43,11 @@ class InventoryItem:
     status: str
     expires_at: datetime
     agent_status: str
-    expected_document: dict[str, object] | None = None
     last_used_at: datetime | None = None
     supervised: bool = True
     target: str | None = None
     granted_scope: tuple[ScopeStatement, ...] = ()
+    allowed_cidrs: tuple[str, ...] = ()
     activated_at: datetime | None = None
 
 
@@ -126,20 +125,8 @@ def classify(
             findings.append(
                 _about(item, FindingKind.UNSUPERVISED, "no lifecycle workflow runs", "restart it")
             )
-        documents_differ = (
-            item.expected_document is not None
-            and identity.scope_document is not None
-            and identity.scope_document != item.expected_document
-        )
-        if item.status == "active" and (documents_differ or identity.drift):
-            findings.append(
-                _about(
-                    item,
-                    FindingKind.DRIFT,
-                    identity.drift or "platform permissions differ from the granted scope",
-                    "alert",
-                )
-            )
+        if item.status == "active" and identity.drift:
+            findings.append(_about(item, FindingKind.DRIFT, identity.drift, "alert"))
         last_used = identity.last_used_at or item.last_used_at
         if (
             item.status == "active"

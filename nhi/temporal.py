@@ -18,8 +18,3 @@ async def connect(settings: Settings) -> Client:
         api_key=api_key,
         tls=settings.temporal_tls or api_key is not None,
     )
-
-
-def provision_workflow_id(nhi_id: object) -> str:
-    """Business-keyed id: one provisioning run per NHI, addressable from API, CLI and UI."""
-    return f"nhi-provision-{nhi_id}"

@@ -114,6 +114,10 @@ def settings(database_url: str, moto_url: str) -> Settings:
         # The suite's Postgres clusters listen on loopback without TLS, as `nhi dev` does.
         target_allowed_hosts=["127.0.0.1", "localhost", "db", "db.internal"],
         dev_mode=True,
+        # Every test worker (build_worker with these settings or a copy of them) fails a run
+        # whose history no longer replays, instead of retrying its workflow task until the
+        # test times out: a nondeterminism fails the test that caused it, loudly.
+        worker_fail_on_nondeterminism=True,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -10,7 +12,9 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -18,10 +22,14 @@ import uvicorn
 from fastapi import FastAPI
 
 if TYPE_CHECKING:
-    from temporalio.client import WorkflowHandle
+    from sqlalchemy.orm import Session, sessionmaker
+    from temporalio.client import WorkflowHandle, WorkflowHistory
     from temporalio.testing import WorkflowEnvironment
 
-    from models.contracts import LifecycleView
+    from models.contracts import LifecycleView, SweepOutcome
+    from models.orm import Nhi
+    from nhi.aws import AwsClients
+    from nhi.config import Settings
 
 T = TypeVar("T")
 
@@ -127,8 +135,8 @@ async def api_json(client: httpx.AsyncClient, method: str, path: str, **kw: Any)
 
 
 def request_nhi(
-    sessions: Any,
-    settings: Any,
+    sessions: sessionmaker[Session],
+    settings: Settings,
     kind: str,
     *,
     scope: list[dict[str, Any]] | None = None,
@@ -136,22 +144,22 @@ def request_nhi(
     environment: str = "dev",
     actor: str = "test:platform",
     owner_email: str = "ana@example.com",
-    now: Any = None,
+    now: datetime | None = None,
     **nhi_fields: Any,
 ) -> tuple[uuid.UUID, uuid.UUID, list[str]]:
     """Record an agent and an NHI request exactly as the API does (policy checks included)."""
     from models.enums import PLATFORM_OF, NhiKind
     from models.schemas import AgentCreate, NhiCreate
-    from nhi import inventory
     from nhi.db import transaction
+    from nhi.services import agents, nhis
 
     with transaction(sessions) as session:
-        agent = inventory.create_agent(
+        agent = agents.create_agent(
             session,
             AgentCreate(**agent_body(environment=environment, owner_email=owner_email)),
             actor,
         )
-        nhi, sensitive = inventory.request_nhi(
+        nhi, sensitive = nhis.request_nhi(
             session,
             settings,
             agent.id,
@@ -206,7 +214,7 @@ _MINTED: dict[tuple[int, str], str] = {}
 
 
 def mint(
-    sessions: Any,
+    sessions: sessionmaker[Session],
     name: str,
     role: str,
     *,
@@ -248,7 +256,7 @@ async def provision(
     The clock stands still while provisioning, so the new lifecycle's timers start at the
     moment the test reads as "born"."""
     from models.contracts import ProvisionInput
-    from nhi.temporal import provision_workflow_id
+    from nhi.rules.ids import provision_workflow_id
     from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
     from workflows.provision import ProvisionNhiWorkflow
 
@@ -274,3 +282,145 @@ async def skip_until(
     if at > now:
         await env.sleep(at - now)
     return await handle.query(NhiLifecycleWorkflow.view)
+
+
+# --- sweeps -------------------------------------------------------------------------------------
+
+
+def sweep_settings(settings: Settings, label: str, **overrides: object) -> Settings:
+    """Settings of one sweep test: its own task queue (`<label>-<tag>`), IAM path and name
+    prefix, so it sweeps only what it made; no propagation wait and no pacing, so a sweep
+    takes a moment."""
+    tag = uuid.uuid4().hex[:6]
+    update: dict[str, object] = {
+        "temporal_task_queue": f"{label}-{tag}",
+        "iam_path": f"/{label}-{tag}/",
+        "name_prefix": f"{label[0]}{tag}",
+        "sweep_propagation_seconds": 0,
+        "sweep_calls_per_second": 1000.0,
+    }
+    return settings.model_copy(update=update | overrides)
+
+
+async def run_sweep(
+    env: WorkflowEnvironment,
+    queue: str,
+    *,
+    provider: str = "aws",
+    dry_run: bool = False,
+    workflow_id: str | None = None,
+) -> SweepOutcome:
+    """One sweep, to its end. The clock stands still meanwhile, so no grace period or expiry
+    elsewhere is skipped past while the test looks at what the sweep did."""
+    from models.contracts import SweepInput
+    from workflows.sweep import SweepWorkflow
+
+    with env.auto_time_skipping_disabled():
+        return await env.client.execute_workflow(
+            SweepWorkflow.run,
+            SweepInput(provider=provider, dry_run=dry_run, triggered_by="test"),
+            id=workflow_id or f"sweep-{uuid.uuid4().hex[:8]}",
+            task_queue=queue,
+        )
+
+
+def orphan_user(
+    aws: AwsClients, settings: Settings, *, with_key: bool = True
+) -> tuple[str, str | None]:
+    """An orphan made behind the service's back: our tags (and a key and its secret), no
+    inventory row. Its user name and the secret's ARN."""
+    nhi_id = str(uuid.uuid4())
+    name = f"{settings.name_prefix}-ghost-{nhi_id.replace('-', '')}"
+    tags = [
+        {"Key": "managed-by", "Value": "nhi-lifecycle"},
+        {"Key": "nhi:nhi-id", "Value": nhi_id},
+    ]
+    aws.iam.create_user(UserName=name, Path=settings.iam_path, Tags=tags)
+    if not with_key:
+        return name, None
+    key = aws.iam.create_access_key(UserName=name)["AccessKey"]
+    secret = aws.secrets.create_secret(
+        Name=f"{settings.secret_prefix}ghost/{nhi_id}",
+        SecretString=json.dumps({"AccessKeyId": key["AccessKeyId"]}),
+        Tags=tags,
+    )["ARN"]
+    return name, secret
+
+
+def nhi_row(sessions: sessionmaker[Session], nhi_id: uuid.UUID) -> Nhi:
+    """The NHI's inventory row as it is now."""
+    from models.orm import Nhi
+    from nhi.db import transaction
+
+    with transaction(sessions) as s:
+        return s.get_one(Nhi, nhi_id)
+
+
+def audit_trail(
+    sessions: sessionmaker[Session], subject: object, subject_type: str = "nhi"
+) -> list[tuple[str, str]]:
+    """(event, actor) of every audit event about a subject, oldest first."""
+    from sqlalchemy import select
+
+    from models.orm import AuditEvent
+    from nhi.db import transaction
+
+    with transaction(sessions) as s:
+        return [
+            (e.event, e.actor)
+            for e in s.scalars(
+                select(AuditEvent)
+                .where(
+                    AuditEvent.subject_type == subject_type, AuditEvent.subject_id == str(subject)
+                )
+                .order_by(AuditEvent.id)
+            )
+        ]
+
+
+def delete_role(aws: AwsClients, name: str) -> None:
+    """Delete an IAM role (and its inline policies) behind the service's back."""
+    for policy in aws.iam.list_role_policies(RoleName=name)["PolicyNames"]:
+        aws.iam.delete_role_policy(RoleName=name, PolicyName=policy)
+    aws.iam.delete_role(RoleName=name)
+
+
+@dataclass
+class SweepRig:
+    """A worker on the test's time-skipping server with a sweep test's own settings
+    (`sweep_settings`); `aws` are the test's clients, `worker_aws` the worker's own, so a test
+    can inject faults into the worker's calls only."""
+
+    env: WorkflowEnvironment
+    settings: Settings
+    sessions: sessionmaker[Session]
+    aws: AwsClients
+    worker_aws: AwsClients
+    queue: str
+
+    async def sweep(self, dry_run: bool = False) -> SweepOutcome:
+        return await run_sweep(self.env, self.queue, dry_run=dry_run)
+
+    def tagged_user(self, *, with_key: bool = True) -> tuple[str, str | None]:
+        return orphan_user(self.aws, self.settings, with_key=with_key)
+
+    def nhi(self, nhi_id: uuid.UUID) -> Nhi:
+        return nhi_row(self.sessions, nhi_id)
+
+    def events(self, subject: object, subject_type: str = "nhi") -> list[tuple[str, str]]:
+        return audit_trail(self.sessions, subject, subject_type)
+
+
+# --- golden histories ---------------------------------------------------------------------------
+
+HISTORIES = Path(__file__).resolve().parent / "histories"
+RECORD_HISTORIES = "NHI_RECORD_HISTORIES"
+
+
+def keep_history(history: WorkflowHistory, name: str) -> bool:
+    """Write `tests/histories/<name>.json` when `NHI_RECORD_HISTORIES` is set (a deliberate,
+    patched change of a workflow: README "Changing workflow code"); whether it wrote."""
+    if not os.environ.get(RECORD_HISTORIES):
+        return False
+    (HISTORIES / f"{name}.json").write_text(history.to_json())
+    return True

@@ -1,8 +1,10 @@
-"""The AWS provider called twice (as a retry would) create nothing twice; removal treats
-"not found" as done. Driven through Temporal's ActivityEnvironment against moto over HTTP."""
+"""The AWS provider, through its lifecycle interface, called twice (as a retry would) creates
+nothing twice; removal treats "not found" as done. Driven through Temporal's
+ActivityEnvironment against moto over HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -12,7 +14,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.providers.aws import AwsProvider
-from models.contracts import ProvisionPlan, RemoveIdentity, ScopeStatement
+from activities.providers.base import Known
+from models.contracts import IdentityRef, KeyRef, OrphanInput, ProvisionPlan, ScopeStatement
 from models.enums import NhiKind, Platform
 from nhi.aws import AwsClients
 from nhi.config import Settings
@@ -35,15 +38,14 @@ def _plan(settings: Settings, kind: NhiKind) -> ProvisionPlan:
         scope=[ScopeStatement(actions=["s3:GetObject"], resources=["arn:aws:s3:::kb/*"])],
         trust_principal="bedrock.amazonaws.com" if kind is NhiKind.IAM_ROLE else None,
         expires_at=datetime.now(UTC) + timedelta(days=1),
-        tags={"managed-by": "nhi-lifecycle", "nhi:nhi-id": str(nhi_id)},
     )
 
 
-def test_ensure_role_twice_is_one_role(settings: Settings, aws: AwsClients) -> None:
+def test_create_role_twice_is_one_role(settings: Settings, aws: AwsClients) -> None:
     env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
     plan = _plan(settings, NhiKind.IAM_ROLE)
-    first = env.run(acts.ensure_role, plan)
-    second = env.run(acts.ensure_role, plan)
+    first = env.run(acts.create, plan)
+    second = env.run(acts.create, plan)
     assert first == second
     roles = [
         r
@@ -62,19 +64,17 @@ def test_name_taken_by_someone_else_is_a_permanent_conflict(
     plan = _plan(settings, NhiKind.IAM_USER_KEY)
     aws.iam.create_user(UserName=plan.identity_name, Path=settings.iam_path)
     with pytest.raises(ApplicationError) as err:
-        ActivityEnvironment().run(AwsProvider(aws, settings.iam_path).ensure_user, plan)
+        ActivityEnvironment().run(AwsProvider(aws, settings.iam_path).create, plan)
     assert err.value.type == "IdentityConflict" and err.value.non_retryable
     assert aws.iam.list_user_policies(UserName=plan.identity_name)["PolicyNames"] == []
 
 
-def test_issue_access_key_twice_keeps_one_key_and_one_secret(
-    settings: Settings, aws: AwsClients
-) -> None:
+def test_deliver_twice_keeps_one_key_and_one_secret(settings: Settings, aws: AwsClients) -> None:
     env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
     plan = _plan(settings, NhiKind.IAM_USER_KEY)
-    env.run(acts.ensure_user, plan)
-    first = env.run(acts.issue_access_key, plan)
-    second = env.run(acts.issue_access_key, plan)
+    env.run(acts.create, plan)
+    first = env.run(acts.deliver, plan)
+    second = env.run(acts.deliver, plan)
     assert first == second
     keys = aws.iam.list_access_keys(UserName=plan.identity_name)["AccessKeyMetadata"]
     assert [k["AccessKeyId"] for k in keys] == [first.access_key_id]
@@ -82,15 +82,13 @@ def test_issue_access_key_twice_keeps_one_key_and_one_secret(
     assert len(versions) == 1
 
 
-def test_remove_identity_removes_everything_and_is_repeatable(
-    settings: Settings, aws: AwsClients
-) -> None:
+def test_delete_removes_everything_and_is_repeatable(settings: Settings, aws: AwsClients) -> None:
     env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
     plan = _plan(settings, NhiKind.IAM_USER_KEY)
-    env.run(acts.ensure_user, plan)
-    env.run(acts.issue_access_key, plan)
+    env.run(acts.create, plan)
+    env.run(acts.deliver, plan)
     aws.iam.create_login_profile(UserName=plan.identity_name, Password="Not-used-1234!")
-    removed = env.run(acts.delete, RemoveIdentity(plan=plan, force_delete_secret=True))
+    removed = env.run(acts.delete, IdentityRef.of_plan(plan), force_delete_secret=True)
     assert f"user {plan.identity_name}" in removed.removed
     assert "login profile" in removed.removed
     assert any(r.startswith("access key ") for r in removed.removed)
@@ -98,7 +96,7 @@ def test_remove_identity_removes_everything_and_is_repeatable(
         aws.iam.get_user(UserName=plan.identity_name)
     with pytest.raises(aws.secrets.exceptions.ResourceNotFoundException):
         aws.secrets.describe_secret(SecretId=plan.secret_name)
-    again = env.run(acts.delete, RemoveIdentity(plan=plan, force_delete_secret=True))
+    again = env.run(acts.delete, IdentityRef.of_plan(plan), force_delete_secret=True)
     assert again.removed == []
 
 
@@ -136,9 +134,9 @@ def test_user_removal_takes_every_credential_first_and_its_deny_last(
     env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
     plan = _plan(settings, NhiKind.IAM_USER_KEY)
     user = plan.identity_name
-    env.run(acts.ensure_user, plan)
-    env.run(acts.issue_access_key, plan)
-    env.run(acts.disable, plan)
+    env.run(acts.create, plan)
+    env.run(acts.deliver, plan)
+    env.run(acts.disable, IdentityRef.of_plan(plan))
     ssh, cert = _ssh_key_and_certificate(user)
     ssh_id = aws.iam.upload_ssh_public_key(UserName=user, SSHPublicKeyBody=ssh)["SSHPublicKey"][
         "SSHPublicKeyId"
@@ -150,7 +148,7 @@ def test_user_removal_takes_every_credential_first_and_its_deny_last(
     aws.iam.create_group(GroupName=group)
     aws.iam.add_user_to_group(GroupName=group, UserName=user)
 
-    removed = env.run(acts.delete, RemoveIdentity(plan=plan, force_delete_secret=True)).removed
+    removed = env.run(acts.delete, IdentityRef.of_plan(plan), force_delete_secret=True).removed
     assert f"ssh public key {ssh_id}" in removed
     assert f"signing certificate {cert_id}" in removed
     assert f"group membership {group}" in removed
@@ -161,3 +159,85 @@ def test_user_removal_takes_every_credential_first_and_its_deny_last(
     ]
     with pytest.raises(aws.iam.exceptions.NoSuchEntityException):
         aws.iam.get_user(UserName=user)
+
+
+def test_tags_come_from_the_plans_typed_fields_and_renewal_moves_the_expiry(
+    settings: Settings, aws: AwsClients
+) -> None:
+    """The provider derives its tags (IAM and the delivery secret) from the plan's fields: the
+    expiry tag follows `expires_at`, with no tag map to keep in step."""
+    env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
+    plan = _plan(settings, NhiKind.IAM_USER_KEY)
+    env.run(acts.create, plan)
+    env.run(acts.deliver, plan)
+
+    def tags() -> dict[str, str]:
+        listed = aws.iam.list_user_tags(UserName=plan.identity_name)["Tags"]
+        return {t["Key"]: t["Value"] for t in listed}
+
+    expected = {
+        "managed-by": "nhi-lifecycle",
+        "nhi:agent-id": str(plan.agent_id),
+        "nhi:nhi-id": str(plan.nhi_id),
+        "nhi:owner": "ana@example.com",
+        "nhi:environment": "dev",
+        "nhi:expires-at": plan.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    assert tags() == expected
+    secret_tags = aws.secrets.describe_secret(SecretId=plan.secret_name)["Tags"]
+    assert {t["Key"]: t["Value"] for t in secret_tags} == expected
+    later = plan.expires_at + timedelta(days=2)
+    env.run(acts.renew, plan.model_copy(update={"expires_at": later}))
+    assert tags()["nhi:expires-at"] == later.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_discovery_judges_drift_against_the_grant(settings: Settings, aws: AwsClients) -> None:
+    """The AWS provider compares the scope policy IAM holds with the one the grant makes."""
+    acts = AwsProvider(aws, settings.iam_path)
+    plan = _plan(settings, NhiKind.IAM_ROLE)
+    acts.create(plan)
+    granted = Known(
+        status="active",
+        scope=tuple(plan.scope),
+        allowed_cidrs=tuple(plan.allowed_cidrs),
+        expires_at=plan.expires_at,
+    )
+
+    def drift(known: Known) -> str | None:
+        found = acts.discover({plan.identity_name: known}, lambda: None).identities
+        return next(i for i in found if i.name == plan.identity_name).drift
+
+    assert drift(granted) is None
+    wider = [ScopeStatement(actions=["s3:*"], resources=["*"])]
+    assert drift(dataclasses.replace(granted, scope=tuple(wider))) == (
+        "platform permissions differ from the granted scope"
+    )
+    # Someone widens the role by hand: the platform no longer holds the grant.
+    aws.iam.put_role_policy(
+        RoleName=plan.identity_name,
+        PolicyName="nhi-scope",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+            }
+        ),
+    )
+    assert drift(granted) is not None
+    # Only active identities are judged (a quarantined one holds a deny on top).
+    assert drift(Known(status="quarantined", scope=tuple(plan.scope))) is None
+
+
+def test_identity_refs_carry_only_what_the_platform_knows() -> None:
+    """What workflows send (a plan, a retiring key, an orphan) becomes the one narrow reference
+    providers act on: nothing made up where the sender does not know."""
+    orphan = OrphanInput(identity="nhi-x-1", identity_kind=NhiKind.IAM_USER_KEY)
+    assert IdentityRef.of_orphan(orphan) == IdentityRef(
+        platform=Platform.AWS, kind=NhiKind.IAM_USER_KEY, name="nhi-x-1"
+    )
+    key = KeyRef(user_name="nhi_x_1", key_id="nhi_x_1_a", platform=Platform.POSTGRES, target="t")
+    assert IdentityRef.of_key(key) == IdentityRef(
+        platform=Platform.POSTGRES, kind=NhiKind.POSTGRES_ROLE, name="nhi_x_1", target="t"
+    )
+    aws_key = KeyRef(user_name="nhi-x-1", key_id="AKIA")
+    assert IdentityRef.of_key(aws_key).kind is NhiKind.IAM_USER_KEY

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -227,3 +228,64 @@ async def test_agent_expected_end_caps_every_nhi(http: httpx.AsyncClient) -> Non
         json={"platform": "aws", "kind": "iam_role", "scope": ROLE_SCOPE, "ttl": "30d", "trust_principal": TRUST},
     )  # fmt: skip
     assert datetime.fromisoformat(accepted["expires_at"]) == end
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "field"),
+    [
+        ("NotOwner", 403, None),
+        ("SelfApproval", 403, None),
+        ("InvalidState", 409, None),
+        ("AlreadyDecided", 409, None),
+        ("MaxLifetime", 422, "extend_by"),
+        ("ShortensExpiry", 422, "extend_by"),
+        ("DeadlinePassed", 503, None),
+        ("NotReady", 503, None),
+        ("StepFailed", 409, None),
+        ("", 409, None),
+    ],
+)
+async def test_workflow_refusals_map_to_one_status_each(
+    kind: str, status: int, field: str | None
+) -> None:
+    """A lifecycle's refusal becomes a domain error, answered by the one error mapping; the
+    field is the error's attribute, and the message is the workflow's (untyped: withheld)."""
+    from temporalio.client import WorkflowUpdateFailedError
+    from temporalio.exceptions import ApplicationError
+
+    from api.errors import _domain, refusal
+
+    error = refusal(WorkflowUpdateFailedError(ApplicationError("refused: because", type=kind)))
+    response = await _domain(None, error)  # type: ignore[arg-type]
+    body = json.loads(bytes(response.body))
+    assert response.status_code == status
+    assert body.get("field") == field
+    assert body["detail"] == (
+        "refused: because" if kind else "the lifecycle could not carry out this action"
+    )
+
+
+@pytest.mark.parametrize(
+    ("email", "expected"),
+    [
+        ("ana@example.com", True),
+        ("ANA@Example.com", True),
+        ("ben@example.com", True),
+        ("carla@example.com", False),
+        (None, False),
+        ("", False),
+    ],
+)
+def test_the_owner_rule(email: str | None, expected: bool) -> None:
+    """One owner rule for API principals, Slack clicks and the lifecycle: owner or backup
+    owner, by email, case-blind; an auditor's credential never has owner rights."""
+    from models.enums import Role
+    from models.orm import Agent
+    from nhi.auth import Principal
+    from nhi.rules.owners import is_owner
+
+    assert is_owner(email, "ana@example.com", "Ben@example.com") is expected
+    agent = Agent(owner_email="ana@example.com", backup_owner_email="Ben@example.com")
+    for role, owns in ((Role.PLATFORM, expected), (Role.AUDITOR, False)):
+        principal = Principal(name="x", kind="token", roles=frozenset({role}), email=email)
+        assert principal.owns(agent) is owns

@@ -23,7 +23,7 @@ from models.orm import AuditEvent, Nhi
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
 from nhi.db import transaction
-from nhi.temporal import provision_workflow_id
+from nhi.rules.ids import provision_workflow_id
 from tests.conftest import binary
 from tests.helpers import eventually, request_nhi
 from worker import build_worker

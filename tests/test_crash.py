@@ -20,7 +20,7 @@ from models.orm import Nhi
 from nhi.aws import AwsClients
 from nhi.config import Settings
 from nhi.db import transaction
-from nhi.temporal import provision_workflow_id
+from nhi.rules.ids import provision_workflow_id
 from tests.conftest import dev_address
 from tests.gate_proxy import GateProxy
 from tests.helpers import request_nhi
@@ -39,6 +39,8 @@ def _worker(
         NHI_TEMPORAL_TASK_QUEUE=queue,
         NHI_AWS_ENDPOINT_URL=aws_endpoint,
         NHI_AWS_REGION=settings.aws_region,
+        # As every test worker: a run that no longer replays fails instead of retrying.
+        NHI_WORKER_FAIL_ON_NONDETERMINISM="true",
     )
     return subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env, cwd=ROOT)
 

@@ -49,6 +49,8 @@ async def test_nhi_dev_runs_the_readme_examples(tmp_path: Path) -> None:
         NHI_TEMPORAL_ADDRESS=f"127.0.0.1:{ports['temporal']}",
         NHI_DEV_TEMPORAL_UI_PORT=str(ports["ui"]),
         NHI_DEV_MOTO_PORT=str(ports["moto"]),
+        # As every test worker: a run that no longer replays fails instead of retrying.
+        NHI_WORKER_FAIL_ON_NONDETERMINISM="true",
     )
     log = (tmp_path / "dev.log").open("w+")
     started = time.monotonic()

@@ -40,7 +40,7 @@ from activities.providers.postgres import (
     RETRYABLE_SQLSTATES,
     classify_postgres,
 )
-from models.contracts import ProvisionPlan, RemoveIdentity, ScopeStatement
+from models.contracts import IdentityRef, ProvisionPlan, RemoveIdentity, ScopeStatement
 from models.enums import NhiKind, Platform
 from nhi.aws import make_aws_clients
 from nhi.config import Settings
@@ -223,7 +223,7 @@ async def test_a_retried_conflict_reaches_the_workflow_with_its_code_and_logs_on
     assert "Completing activity as failed" in final.getMessage()
     assert "RecursionError" not in caplog.text and "Failed building" not in caplog.text
 
-    provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))  # blocker gone
+    provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)  # blocker gone
 
 
 async def test_a_permanent_refusal_is_final_at_once_and_keeps_its_traceback(
@@ -238,4 +238,4 @@ async def test_a_permanent_refusal_is_final_at_once_and_keeps_its_traceback(
     assert "Operator: the worker is refused iam:DeleteRole" in reason
     [only] = failed_attempts(caplog)
     assert only.exc_info is not None
-    provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+    provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)

@@ -28,8 +28,8 @@ from models.orm import AuditEvent, Nhi
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
 from nhi.db import transaction
+from nhi.rules.ids import provision_workflow_id
 from nhi.slack import make_slack_client
-from nhi.temporal import provision_workflow_id
 from tests.conftest import dev_address
 from tests.helpers import (
     ApiServer,

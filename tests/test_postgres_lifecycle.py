@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
@@ -24,6 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.providers.postgres import PostgresProvider
 from models.contracts import (
     LifecycleAction,
+    LifecycleView,
     Phase,
     ProvisionPlan,
     RenewRequest,
@@ -36,11 +38,13 @@ from nhi.aws import AwsClients
 from nhi.config import PostgresTargetSetting, Settings
 from nhi.db import transaction
 from nhi.pg_grants import group_name, role_names
+from nhi.rules.ids import provision_workflow_id
+from nhi.slack import make_slack_client
 from nhi.targets import TargetRegistry
-from nhi.temporal import provision_workflow_id
 from tests.conftest import dev_address
 from tests.helpers import eventually, provision, request_nhi, skip_until
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused
+from tests.slack_emulator import SlackEmulator
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 from workflows.sweep import SweepWorkflow, orphan_workflow_id
@@ -328,3 +332,106 @@ def test_the_worker_builds_the_postgres_provider_over_registered_targets(
         provider.last_used(
             __import__("models.enums").enums.NhiKind.POSTGRES_ROLE, "nhi_x", "elsewhere"
         )
+
+
+async def test_a_grant_by_another_role_makes_removal_revoke_failed_naming_it_alerted_once(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    cluster: PgCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11: someone other than the target's admin granted the NHI's role a privilege, so
+    `DROP OWNED` cannot finish (SQLSTATE 2BP01). Within the alert window the NHI is
+    `revoke_failed` naming the grantor and privilege, the owner and security hear once, the
+    logins stay locked, and the removal completes once the grantor revokes."""
+    slack = SlackEmulator(token="xoxb-test")
+    slack.start()
+    try:
+        owner_dm = "D" + slack.add_user(OWNER)[1:]
+        target = f"company{uuid.uuid4().hex[:6]}"
+        monkeypatch.setenv(PASSWORD_ENV, cluster.admin_password)
+        dsn = f"postgresql://{ADMIN}@{cluster.host}:{cluster.port}/{DATABASE}"
+        rig_settings = settings.model_copy(
+            update={
+                "temporal_address": dev_address(ts_env),
+                "postgres_targets": {
+                    target: PostgresTargetSetting(dsn=dsn, password_env=PASSWORD_ENV)
+                },
+                "slack_bot_token": SecretStr("xoxb-test"),
+                "slack_api_url": slack.url,
+            }
+        )
+        queue = f"pg-blocked-{uuid.uuid4().hex[:8]}"
+        worker = build_worker(
+            ts_env.client,
+            rig_settings,
+            sessions,
+            aws,
+            slack=make_slack_client(rig_settings),
+            task_queue=queue,
+        )
+        async with worker:
+            _, nhi_id, _ = request_nhi(
+                sessions,
+                rig_settings,
+                "postgres_role",
+                scope=READ_ARTICLES,
+                target=target,
+                ttl="10d",
+                owner_email=OWNER,
+                now=await ts_env.get_current_time(),
+            )
+            handle = await provision(ts_env, queue, nhi_id)
+            with transaction(sessions) as s:
+                nhi = s.get_one(Nhi, nhi_id)
+                group, credential_ref = nhi.name, nhi.credential_ref or ""
+            password = json.loads(
+                aws.secrets.get_secret_value(SecretId=credential_ref)["SecretString"]
+            )
+            with cluster.connect() as conn:  # the data owner, not the admin, grants more
+                conn.execute("SET ROLE data_owner")
+                conn.execute(f'GRANT SELECT ON docs.faq TO "{group}"')
+
+            await handle.execute_update(
+                NhiLifecycleWorkflow.decommission,
+                LifecycleAction(actor="security:sec-oncall", reason="contain the RAG agent"),
+            )
+
+            async def quarantined() -> LifecycleView:
+                view = await handle.query(NhiLifecycleWorkflow.view)
+                assert view.phase is Phase.QUARANTINED, view.phase
+                return view
+
+            grace_end = (await eventually(quarantined)).grace_ends_at
+            assert grace_end is not None
+            window = timedelta(seconds=rig_settings.revoke_alert_seconds)
+            view = await skip_until(ts_env, handle, grace_end + window + timedelta(minutes=2))
+            assert view.phase is Phase.REVOKE_FAILED
+            with transaction(sessions) as s:
+                current = s.get_one(Nhi, nhi_id)
+                assert current.status == "revoke_failed"
+                reason = current.status_reason or ""
+            assert "DependentObjectsStillExist" in reason and "2BP01" in reason, reason
+            assert f"SELECT on table docs.faq granted by data_owner to {group}" in reason, reason
+            security = [m.text or "" for m in slack.messages_in("#nhi-security")]
+            owner = [m.text or "" for m in slack.messages_in(owner_dm)]
+            assert len([t for t in security if "keeps failing" in t]) == 1, security
+            assert len([t for t in owner if "keeps failing" in t]) == 1, owner
+            assert "data_owner" in next(t for t in security if "keeps failing" in t)
+            assert refused(password), "the logins stay locked while removal is retried"
+
+            with cluster.connect() as conn:  # the blocker is gone: the next retry finishes
+                conn.execute("SET ROLE data_owner")
+                conn.execute(f'REVOKE SELECT ON docs.faq FROM "{group}"')
+            async with ts_env.time_skipping_unlocked():  # type: ignore[attr-defined]
+                result = await handle.result()
+            assert result.phase is Phase.DECOMMISSIONED
+            with cluster.connect() as conn:
+                left = conn.execute(
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (f"{group}%",)
+                ).fetchall()
+            assert left == []
+    finally:
+        slack.stop()

@@ -23,7 +23,7 @@ from temporalio.exceptions import ApplicationError
 from activities.providers.base import Known
 from activities.providers.postgres import PostgresProvider
 from activities.providers.secret_store import SecretStore
-from models.contracts import KeyRef, ProvisionPlan, RemoveIdentity, ScopeStatement
+from models.contracts import IdentityRef, ProvisionPlan, ScopeStatement
 from models.enums import NhiKind, Platform
 from nhi.aws import AwsClients
 from nhi.pg_grants import (
@@ -131,6 +131,13 @@ def secret(aws: AwsClients, plan: ProvisionPlan, stage: str = "AWSCURRENT") -> d
     return dict(json.loads(value["SecretString"]))
 
 
+def secret_versions(aws: AwsClients, plan: ProvisionPlan) -> list[tuple[str, list[str]]]:
+    """Each version of the secret and its labels (moto stamps listed dates with the time of
+    the listing, so whole entries of two listings a second apart never compare equal)."""
+    versions = aws.secrets.list_secret_version_ids(SecretId=plan.secret_name)["Versions"]
+    return sorted((v["VersionId"], sorted(v.get("VersionStages", []))) for v in versions)
+
+
 def roles(cluster: PgCluster, like: str) -> dict[str, bool]:
     with cluster.connect() as conn:
         rows = conn.execute(
@@ -206,7 +213,7 @@ def test_writer_scope_can_write_only_what_it_names(
             conn.execute("DELETE FROM docs.faq")
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("INSERT INTO docs.articles VALUES (100, 'x')")
-    provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+    provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
 
 
 def test_grant_the_admin_cannot_pass_on_is_refused_and_nothing_is_left(
@@ -384,12 +391,7 @@ def test_rotation_keeps_an_open_pool_working_then_retires_the_old_login(
     assert secret(aws, plan, "AWSPREVIOUS")["username"] == first
     assert not refused(old_value)  # the overlap: the old password still works
 
-    provider.retire(
-        KeyRef(
-            user_name=plan.identity_name, key_id=first, platform=Platform.POSTGRES, target=TARGET
-        ),
-        delete=False,
-    )
+    provider.retire(IdentityRef.of_plan(plan), first, delete=False)
     assert refused(old_value)
     with pytest.raises(psycopg.OperationalError):
         pool.conns[0].execute("SELECT 1")  # sessions of the retired login were ended
@@ -399,12 +401,9 @@ def test_rotation_keeps_an_open_pool_working_then_retires_the_old_login(
     for conn in pool.conns:
         conn.close()
 
-    key = KeyRef(
-        user_name=plan.identity_name, key_id=first, platform=Platform.POSTGRES, target=TARGET
-    )
-    provider.retire(key, delete=True)
+    provider.retire(IdentityRef.of_plan(plan), first, delete=True)
     assert first not in roles(cluster, plan.identity_name)
-    provider.retire(key, delete=True)  # gone counts as done
+    provider.retire(IdentityRef.of_plan(plan), first, delete=True)  # gone counts as done
     assert not refused(new_value)
 
     # The next rotation recreates the dropped login role and alternates back to it.
@@ -449,22 +448,22 @@ def test_decommission_ends_open_sessions_drops_roles_and_deletes_the_secret(
     session = login(value)
     assert session.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
 
-    done = provider.disable(plan)
+    done = provider.disable(IdentityRef.of_plan(plan))
     assert f"login role {value['username']} NOLOGIN" in done
     assert "1 sessions ended" in done
-    provider.verify_disabled(plan)
+    provider.verify_disabled(IdentityRef.of_plan(plan))
     with pytest.raises(psycopg.OperationalError):
         session.execute("SELECT 1")
     session.close()
     assert refused(value)
 
-    provider.enable(plan)  # restorable: the delivered credential works again
+    provider.enable(IdentityRef.of_plan(plan))  # restorable: the delivered credential works again
     assert not refused(value)
-    provider.disable(plan)
-    provider.verify_disabled(plan)
+    provider.disable(IdentityRef.of_plan(plan))
+    provider.verify_disabled(IdentityRef.of_plan(plan))
     assert refused(value)
 
-    result = provider.delete(RemoveIdentity(plan=plan))
+    result = provider.delete(IdentityRef.of_plan(plan))
     first, second = role_names(plan.identity_name)
     assert result.removed == [
         f"login role {first}",
@@ -475,14 +474,38 @@ def test_decommission_ends_open_sessions_drops_roles_and_deletes_the_secret(
     assert roles(cluster, plan.identity_name) == {}
     assert refused(value)
     assert "DeletedDate" in aws.secrets.describe_secret(SecretId=plan.secret_name)
-    assert provider.delete(RemoveIdentity(plan=plan)).removed == []  # already gone
+    assert provider.delete(IdentityRef.of_plan(plan)).removed == []  # already gone
+
+
+def test_an_identity_whose_nhi_is_unknown_is_never_acted_on(
+    provider: PostgresProvider, cluster: PgCluster
+) -> None:
+    """An orphan's reference without an NHI id (its marker unread) matches no marker: the
+    provider refuses it rather than take someone else's roles for it."""
+    plan = make_plan(READ_DOCS)
+    provisioned(provider, plan)
+    unknown = IdentityRef(
+        platform=Platform.POSTGRES,
+        kind=NhiKind.POSTGRES_ROLE,
+        name=plan.identity_name,
+        target=TARGET,
+    )
+    for act in (provider.disable, provider.delete):
+        with pytest.raises(ApplicationError) as excinfo:
+            act(unknown)
+        assert app_error(excinfo) == ("IdentityConflict", True)
+    found = roles(cluster, plan.identity_name)
+    assert plan.identity_name in found and any(found.values())  # nothing dropped or locked
+    assert IdentityRef.of_plan(plan).model_copy(update={"nhi_id": None}) == unknown.model_copy(
+        update={"secret_name": plan.secret_name}
+    )
 
 
 def test_verify_disabled_refuses_while_a_login_can_log_in(provider: PostgresProvider) -> None:
     plan = make_plan(READ_DOCS)
     provisioned(provider, plan)
     with pytest.raises(ApplicationError) as excinfo:
-        provider.verify_disabled(plan)
+        provider.verify_disabled(IdentityRef.of_plan(plan))
     assert app_error(excinfo) == ("NotQuarantined", False)
 
 
@@ -493,7 +516,7 @@ def test_delete_ends_a_live_session_without_a_prior_disable(
     provisioned(provider, plan)
     value = secret(aws, plan)
     session = login(value)
-    result = provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+    result = provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     assert "1 sessions" in result.removed
     with pytest.raises(psycopg.OperationalError):
         session.execute("SELECT 1")
@@ -560,9 +583,14 @@ def test_bad_role_names_are_refused_before_any_connection(
     provider: PostgresProvider, targets: Targets, name: str
 ) -> None:
     plan = make_plan(READ_DOCS).model_copy(update={"identity_name": name})
-    for call in (provider.create, provider.deliver, provider.renew, provider.disable):
+    for call in (provider.create, provider.deliver, provider.renew):
         with pytest.raises(ApplicationError) as excinfo:
             call(plan)
+        assert app_error(excinfo) == ("InvalidPlan", True)
+    ref = IdentityRef.of_plan(plan)
+    for act in (provider.disable, provider.verify_disabled, provider.enable, provider.delete):
+        with pytest.raises(ApplicationError) as excinfo:
+            act(ref)
         assert app_error(excinfo) == ("InvalidPlan", True)
     assert targets.gets == 0
 
@@ -650,11 +678,11 @@ def test_create_and_deliver_twice_give_the_same_result(
     }
 
     delivered = provider.deliver(plan)
-    versions = aws.secrets.list_secret_version_ids(SecretId=plan.secret_name)["Versions"]
+    versions = secret_versions(aws, plan)
     value = secret(aws, plan)
     assert provider.deliver(plan) == delivered
     assert delivered.credential_ref.startswith("arn:aws:secretsmanager:")
-    assert aws.secrets.list_secret_version_ids(SecretId=plan.secret_name)["Versions"] == versions
+    assert secret_versions(aws, plan) == versions
     assert secret(aws, plan) == value
     listed = aws.secrets.list_secrets(Filters=[{"Key": "name", "Values": [plan.secret_name]}])
     assert len(listed["SecretList"]) == 1
@@ -688,7 +716,7 @@ def test_existing_role_that_is_not_ours_is_a_conflict(
         provider.create(stolen)
     assert app_error(excinfo) == ("IdentityConflict", True)
     with pytest.raises(ApplicationError) as excinfo:
-        provider.delete(RemoveIdentity(plan=stolen))
+        provider.delete(IdentityRef.of_plan(stolen))
     assert app_error(excinfo) == ("IdentityConflict", True)
     assert other.identity_name in roles(cluster, other.identity_name)
 

@@ -16,45 +16,27 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import CancelledError
 from temporalio.testing import WorkflowEnvironment
 
-from models.contracts import ProvisionInput, SweepInput, SweepOutcome
-from models.orm import Agent, AuditEvent, Nhi
+from models.contracts import ProvisionInput
+from models.orm import Agent, Nhi
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
 from nhi.db import transaction
 from nhi.policy import secret_name
-from nhi.temporal import provision_workflow_id
-from tests.helpers import eventually, inject_aws_error, request_nhi
+from nhi.rules.ids import provision_workflow_id
+from tests.helpers import SweepRig, eventually, inject_aws_error, request_nhi, sweep_settings
 from worker import build_worker
 from workflows.provision import ProvisionNhiWorkflow
-from workflows.sweep import SweepWorkflow
 
 SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
 
 
 @dataclass
-class Rig:
-    env: WorkflowEnvironment
-    settings: Settings
-    sessions: sessionmaker[Session]
-    aws: AwsClients
-    worker_aws: AwsClients
-    queue: str
-
-    async def sweep(self) -> SweepOutcome:
-        with self.env.auto_time_skipping_disabled():
-            return await self.env.client.execute_workflow(
-                SweepWorkflow.run,
-                SweepInput(triggered_by="test"),
-                id=f"sweep-{uuid.uuid4().hex[:8]}",
-                task_queue=self.queue,
-            )
-
+class Rig(SweepRig):
     async def request(self, kind: str = "iam_user_key", **kw: Any) -> uuid.UUID:
         _, nhi_id, _ = request_nhi(
             self.sessions, self.settings, kind, now=await self.env.get_current_time(), **kw
@@ -69,26 +51,11 @@ class Rig:
             task_queue=self.queue,
         )
 
-    def nhi(self, nhi_id: uuid.UUID) -> Nhi:
-        with transaction(self.sessions) as s:
-            return s.get_one(Nhi, nhi_id)
-
     def secret(self, nhi_id: uuid.UUID) -> str:
         with transaction(self.sessions) as s:
             nhi = s.get_one(Nhi, nhi_id)
             agent = s.get_one(Agent, nhi.agent_id)
             return secret_name(self.settings.secret_prefix, agent.environment, agent.name, nhi.id)
-
-    def events(self, nhi_id: uuid.UUID) -> list[tuple[str, str]]:
-        with transaction(self.sessions) as s:
-            return [
-                (e.event, e.actor)
-                for e in s.scalars(
-                    select(AuditEvent)
-                    .where(AuditEvent.subject_id == str(nhi_id))
-                    .order_by(AuditEvent.id)
-                )
-            ]
 
     def backdate(self, nhi_id: uuid.UUID, by: timedelta) -> None:
         """The request was made `by` ago (the pre-active window counts from the request)."""
@@ -135,19 +102,10 @@ async def rig(
     sessions: sessionmaker[Session],
     aws: AwsClients,
 ) -> AsyncIterator[Rig]:
-    tag = uuid.uuid4().hex[:6]
-    queue = f"preactive-{tag}"
-    rig_settings = settings.model_copy(
-        update={
-            "temporal_task_queue": queue,
-            "iam_path": f"/preactive-{tag}/",
-            "name_prefix": f"p{tag}",
-            "sweep_propagation_seconds": 0,
-            "sweep_calls_per_second": 1000.0,
-            "sweep_preactive_seconds": 3600,
-            "aws_max_attempts": 1,
-        }
+    rig_settings = sweep_settings(
+        settings, "preactive", sweep_preactive_seconds=3600, aws_max_attempts=1
     )
+    queue = rig_settings.temporal_task_queue
     worker_aws = make_aws_clients(rig_settings)
     async with build_worker(ts_env.client, rig_settings, sessions, worker_aws, task_queue=queue):
         yield Rig(ts_env, rig_settings, sessions, aws, worker_aws, queue)

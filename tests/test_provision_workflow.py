@@ -20,7 +20,7 @@ from models.orm import AuditEvent, Nhi, Policy
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
 from nhi.db import transaction
-from nhi.temporal import provision_workflow_id
+from nhi.rules.ids import provision_workflow_id
 from tests.helpers import TRUST, inject_aws_error, request_nhi
 from worker import build_worker
 from workflows.provision import ProvisionNhiWorkflow

@@ -24,7 +24,7 @@ from activities.providers.aws import (
     AwsProvider,
 )
 from activities.providers.postgres import PostgresProvider
-from models.contracts import ProvisionPlan, RemoveIdentity, ScopeStatement
+from models.contracts import IdentityRef, ProvisionPlan, ScopeStatement
 from models.enums import NhiKind, Platform
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
@@ -152,7 +152,7 @@ def test_refused_detach_leaves_the_role_no_more_open_than_quarantined(
     arn = managed_policy(aws)
     aws.iam.attach_role_policy(RoleName=plan.identity_name, PolicyArn=arn)
     if quarantined_first:
-        provider.disable(plan)
+        provider.disable(IdentityRef.of_plan(plan))
     before = role_state(aws, plan.identity_name)
     if not quarantined_first:  # a compensation: what it held, plus the quarantine it gets
         before = {**before, "inline": before["inline"] | QUARANTINE}
@@ -160,7 +160,7 @@ def test_refused_detach_leaves_the_role_no_more_open_than_quarantined(
     lift = inject_aws_error(worker_aws.iam, "DetachRolePolicy", code, status)
     try:
         with pytest.raises(ApplicationError) as excinfo:
-            provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+            provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     finally:
         lift()
     err = excinfo.value
@@ -173,7 +173,7 @@ def test_refused_detach_leaves_the_role_no_more_open_than_quarantined(
     assert_no_more_open_than(after, before)
     assert arn in after["attached"]  # refused, so still there: and still denied
 
-    removed = provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+    removed = provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     assert f"attached policy {arn}" in removed.removed
     assert f"role {plan.identity_name}" in removed.removed
     assert gone(aws, NhiKind.IAM_ROLE, plan.identity_name)
@@ -184,14 +184,14 @@ def test_persistent_delete_conflict_keeps_the_quarantine_then_completes(
 ) -> None:
     plan = aws_plan(settings, NhiKind.IAM_ROLE)
     provider.create(plan)
-    provider.disable(plan)
+    provider.disable(IdentityRef.of_plan(plan))
     quarantined = role_state(aws, plan.identity_name)
 
     lift = inject_aws_error(worker_aws.iam, "DeleteRole", "DeleteConflict", 409)
     try:
         for _ in range(2):  # every retry fails the same way, and says why
             with pytest.raises(ApplicationError) as excinfo:
-                provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+                provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
             err = excinfo.value
             assert err.type == "DeleteConflict" and not err.non_retryable
             assert str(err).startswith("DeleteConflict: injected DeleteConflict on DeleteRole")
@@ -205,7 +205,7 @@ def test_persistent_delete_conflict_keeps_the_quarantine_then_completes(
     finally:
         lift()
 
-    removed = provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+    removed = provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     assert removed.removed[-1] == f"role {plan.identity_name}"
     # The quarantine's denies were the last things taken off.
     assert removed.removed[-3:-1] == [
@@ -239,12 +239,12 @@ def test_a_role_still_there_after_delete_role_is_not_removed(
 ) -> None:
     plan = aws_plan(settings, NhiKind.IAM_ROLE)
     provider.create(plan)
-    provider.disable(plan)
+    provider.disable(IdentityRef.of_plan(plan))
     quarantined = role_state(aws, plan.identity_name)
     lift = fake_success(worker_aws.iam, "DeleteRole")
     try:
         with pytest.raises(ApplicationError) as excinfo:
-            provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+            provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     finally:
         lift()
     err = excinfo.value
@@ -252,7 +252,7 @@ def test_a_role_still_there_after_delete_role_is_not_removed(
     assert f"role {plan.identity_name} still exists" in err.message
     assert_no_more_open_than(role_state(aws, plan.identity_name), quarantined)
     # The secret is not deleted before the identity is proven gone.
-    provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+    provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     assert gone(aws, NhiKind.IAM_ROLE, plan.identity_name)
 
 
@@ -277,7 +277,7 @@ def test_a_key_deleted_concurrently_still_deletes_the_user(
     second = aws.iam.create_access_key(UserName=plan.identity_name)["AccessKey"]["AccessKeyId"]
     lift = delete_first(worker_aws.iam, "DeleteAccessKey", aws.iam.delete_access_key)
     try:
-        removed = provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+        removed = provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     finally:
         lift()
     # Neither key was deleted by this removal (someone else was first), the user was.
@@ -293,13 +293,13 @@ def test_a_policy_detached_concurrently_still_deletes_the_role(
     provider.create(plan)
     arn = managed_policy(aws)
     aws.iam.attach_role_policy(RoleName=plan.identity_name, PolicyArn=arn)
-    provider.disable(plan)
+    provider.disable(IdentityRef.of_plan(plan))
     lifts = [
         delete_first(worker_aws.iam, "DetachRolePolicy", aws.iam.detach_role_policy),
         delete_first(worker_aws.iam, "DeleteRolePolicy", aws.iam.delete_role_policy),
     ]
     try:
-        removed = provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+        removed = provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     finally:
         for lift in lifts:
             lift()
@@ -391,7 +391,7 @@ def test_a_grant_by_another_role_blocks_removal_names_it_and_keeps_logins_locked
     as_data_owner(pg, f'GRANT UPDATE ON docs.articles TO "{first}"')
 
     with pytest.raises(ApplicationError) as excinfo:
-        pg_provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+        pg_provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     err = excinfo.value
     assert err.type == "DependentObjectsStillExist" and not err.non_retryable
     assert str(err).startswith("DependentObjectsStillExist: ")
@@ -408,14 +408,14 @@ def test_a_grant_by_another_role_blocks_removal_names_it_and_keeps_logins_locked
 
     as_data_owner(pg, f'REVOKE SELECT ON docs.faq FROM "{group}"')
     with pytest.raises(ApplicationError) as excinfo:  # one blocker left: named alone
-        pg_provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+        pg_provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     assert "docs.faq" not in excinfo.value.message
     assert f"UPDATE on table docs.articles granted by data_owner to {first}" in (
         excinfo.value.message
     )
     as_data_owner(pg, f'REVOKE UPDATE ON docs.articles FROM "{first}"')
 
-    removed = pg_provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+    removed = pg_provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     assert f"group role {group}" in removed.removed
     assert pg_roles(pg, everyone) == {}
 
@@ -434,7 +434,7 @@ def test_a_privilege_in_another_database_is_named_by_the_server(
         conn.execute(f'GRANT SELECT ON notes TO "{group}"')
 
     with pytest.raises(ApplicationError) as excinfo:
-        pg_provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+        pg_provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     err = excinfo.value
     assert err.type == "DependentObjectsStillExist" and not err.non_retryable
     assert f"in database {other}" in err.message
@@ -443,7 +443,7 @@ def test_a_privilege_in_another_database_is_named_by_the_server(
 
     with pg.connect(dbname=other) as conn:
         conn.execute(f'REVOKE SELECT ON notes FROM "{group}"')
-    pg_provider.delete(RemoveIdentity(plan=plan, force_delete_secret=True))
+    pg_provider.delete(IdentityRef.of_plan(plan), force_delete_secret=True)
     assert pg_roles(pg, [group, *role_names(group)]) == {}
     with pg.connect() as conn:
         conn.execute(f"DROP DATABASE {other}")

@@ -1,49 +1,386 @@
 """Replay committed workflow histories against today's workflow code: a change that would break
-running provisioning or lifecycle workflows fails here, before it reaches a worker.
+running provisioning, lifecycle or sweep workflows fails here, before it reaches a worker.
 
-The histories come from `tests/test_lifecycle.py::test_a_whole_life_in_seconds` (a provisioning
-run and a 75-day lifecycle with rotations, reminders, a Slack renewal and decommission, recorded
-before the provider interface) and `tests/test_postgres_lifecycle.py` (a `postgres_role`'s
-provisioning, rotation, renewal and decommission through the provider interface), and
-`tests/test_lifecycle_faults.py` (`lifecycle_revoke_failed`: a removal that keeps failing past
-the alert window, alerted once per recipient, retried and finished, on the patched code). After
-a deliberate, patched change, refresh them with `NHI_RECORD_HISTORIES=1 pytest -k "whole_life or postgres_role_lives or removal_that_keeps_failing"`.
+The histories in tests/histories/ and the tests that record them:
+
+| history | recorded by | what it covers |
+|---|---|---|
+| `provision`, `lifecycle` | `test_lifecycle.py::test_a_whole_life_in_seconds` | AWS provisioning before the provider interface (legacy activity names), a 75-day lifecycle with rotations, reminders, a Slack renewal and decommission |
+| `postgres_provision`, `postgres_lifecycle` | `test_postgres_lifecycle.py::test_a_postgres_role_lives_rotates_renews_and_is_removed_completely` | a `postgres_role` through the provider interface |
+| `lifecycle_revoke_failed` | `test_lifecycle_faults.py::test_a_removal_that_keeps_failing_surfaces_within_the_alert_window_once` | a removal failing past the alert window, alerted once per recipient, retried and finished |
+| `aws_provision` | `test_aws_provisioning_of_today_replays` (here) | AWS provisioning through the provider interface, with an approval |
+| `sweep_aws`, `orphan_removal_aws`, `sweep_aws_missing` | `test_aws_sweeps_of_today_replay` (here) | sweeps acting on every kind of finding, and the orphan removal one starts |
+| `sweep_postgres` | `test_a_postgres_sweep_of_today_replays` (here) | a Postgres sweep: drift reverted, a role gone (missing), a target unreachable |
+
+After a deliberate, patched change, refresh them with
+`NHI_RECORD_HISTORIES=1 pytest tests/test_replay.py tests/test_lifecycle.py
+tests/test_postgres_lifecycle.py tests/test_lifecycle_faults.py -k "today or whole_life or
+postgres_role_lives or removal_that_keeps_failing"`, and keep the history of the old path under
+another name when running workflows may still be on it (as `provision` is kept).
+
+The scenario tests here run today's code end to end on every run and replay the history they
+produced from scratch (no worker cache), so a nondeterminism in today's path (an unordered
+iteration, a clock read) fails here even before anything is recorded.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from worker import WORKFLOWS
+from models.contracts import ApprovalDecision, FindingKind, ProvisionInput, SweepOutcome
+from models.enums import NhiStatus
+from models.orm import Nhi
+from nhi.aws import AwsClients
+from nhi.config import PostgresTargetSetting, Settings
+from nhi.db import transaction
+from nhi.rules.ids import lifecycle_workflow_id, orphan_workflow_id, provision_workflow_id
+from tests.helpers import (
+    HISTORIES,
+    delete_role,
+    eventually,
+    keep_history,
+    nhi_row,
+    orphan_user,
+    provision,
+    request_nhi,
+    run_sweep,
+    sweep_settings,
+)
+from tests.pg_cluster import ADMIN, DATABASE, PgCluster
+from worker import WORKFLOWS, build_worker
+from workflows.provision import ProvisionNhiWorkflow
 
-HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
+ROOT = Path(__file__).resolve().parent.parent
+PATHS = sorted(HISTORIES.glob("*.json"))
+SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
 
 
 def test_golden_histories_are_committed() -> None:
-    # AWS histories from before the provider interface (legacy activity names), Postgres ones
-    # from after it: both paths must keep replaying.
-    assert {p.stem for p in HISTORIES} >= {
+    # AWS provisioning both before the provider interface (legacy activity names) and after
+    # it, lifecycles on both platforms, sweeps: every path running workflows may be on.
+    assert {p.stem for p in PATHS} >= {
         "provision",
         "lifecycle",
         "postgres_provision",
         "postgres_lifecycle",
         "lifecycle_revoke_failed",
+        "aws_provision",
+        "sweep_aws",
+        "sweep_aws_missing",
+        "orphan_removal_aws",
+        "sweep_postgres",
     }
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
-async def test_history_replays_deterministically(path: Path) -> None:
-    text = path.read_text()
-    events = json.loads(text)["events"]
-    assert len(events) > 10
-    history = WorkflowHistory.from_json(f"golden-{path.stem}", text)
+async def _replay(history: WorkflowHistory) -> None:
     result = await Replayer(
         workflows=WORKFLOWS, data_converter=pydantic_data_converter
     ).replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
+async def test_history_replays_deterministically(path: Path) -> None:
+    text = path.read_text()
+    events = json.loads(text)["events"]
+    assert len(events) > 10
+    await _replay(WorkflowHistory.from_json(f"golden-{path.stem}", text))
+
+
+def _activities(history: WorkflowHistory) -> list[str]:
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+
+
+def _committed(name: str) -> WorkflowHistory:
+    return WorkflowHistory.from_json(name, (HISTORIES / f"{name}.json").read_text())
+
+
+def test_the_golden_histories_record_the_paths_they_are_named_for() -> None:
+    legacy, today = _activities(_committed("provision")), _activities(_committed("aws_provision"))
+    assert {"ensure_user", "issue_access_key"} <= set(legacy), "recorded before the interface"
+    assert {"create_identity", "deliver_credential"} <= set(today)
+    assert not {"ensure_role", "ensure_user", "issue_access_key"} & set(today)
+    sweep = set(_activities(_committed("sweep_aws")) + _activities(_committed("sweep_aws_missing")))
+    assert {
+        "plan_sweep",
+        "find_unsupervised",
+        "find_preactive",
+        "nudge_lifecycle",
+        "mark_missing",
+        "send_alert",
+        "redrive_provisioning",
+        "record_sweep",
+        "alert",
+    } <= sweep, "the sweep history acts on every kind of finding"
+    postgres = set(_activities(_committed("sweep_postgres")))
+    assert {"mark_missing", "nudge_lifecycle", "revert_drift", "record_sweep"} <= postgres
+    removal = set(_activities(_committed("orphan_removal_aws")))
+    assert {"quarantine_orphan", "remove_identity"} <= removal
+
+
+# --- the worker --------------------------------------------------------------------------------
+
+
+def _defined_activities() -> set[str]:
+    """The name of every `@activity.defn` in activities/, read from the source (the SDK has no
+    public way to ask a function whether it is an activity)."""
+    names: set[str] = set()
+    for path in (ROOT / "activities").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for deco in node.decorator_list:
+                call = deco if isinstance(deco, ast.Call) else None
+                target = call.func if call else deco
+                if ast.unparse(target) != "activity.defn":
+                    continue
+                named = [k.value for k in (call.keywords if call else []) if k.arg == "name"]
+                names.add(
+                    named[0].value if named and isinstance(named[0], ast.Constant) else node.name
+                )
+    return names
+
+
+async def test_the_worker_registers_every_activity_and_fails_runs_on_nondeterminism(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    config = build_worker(ts_env.client, settings, sessions, aws).config()
+    registered = [getattr(fn, "__name__", "") for fn in config.get("activities", [])]
+    assert sorted(registered) == sorted(_defined_activities()), (
+        "worker.activities_of lists every @activity.defn once (a forgotten one leaves the "
+        "workflows that call it waiting; a stale one cannot be registered)"
+    )
+    assert len(registered) == len(set(registered))
+    # Every test worker is built from these settings (tests/conftest.py): a nondeterminism
+    # fails the run, and the test, at once; production keeps retrying until a fix is deployed.
+    assert list(config.get("workflow_failure_exception_types", [])) == [
+        workflow.NondeterminismError
+    ]
+    assert Settings.model_fields["worker_fail_on_nondeterminism"].default is False
+    production = settings.model_copy(update={"worker_fail_on_nondeterminism": False})
+    queue = f"production-{uuid.uuid4().hex[:8]}"  # one worker per queue and client
+    config = build_worker(ts_env.client, production, sessions, aws, task_queue=queue).config()
+    assert not list(config.get("workflow_failure_exception_types", []))
+
+
+# --- today's paths, recorded -------------------------------------------------------------------
+
+
+async def test_aws_provisioning_of_today_replays(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    """An `iam_user_key` with a sensitive scope: approved by someone else, created, delivered,
+    handed to its lifecycle."""
+    golden = sweep_settings(settings, "golden")
+    queue = golden.temporal_task_queue
+    _, nhi_id, sensitive = request_nhi(
+        sessions,
+        golden,
+        "iam_user_key",
+        scope=SENSITIVE_SCOPE,
+        actor="alice",
+        now=await ts_env.get_current_time(),
+    )
+    assert sensitive == ["s3:DeleteObject"]
+    async with build_worker(ts_env.client, golden, sessions, aws, task_queue=queue):
+        handle = await ts_env.client.start_workflow(
+            ProvisionNhiWorkflow.run,
+            ProvisionInput(nhi_id=nhi_id, requested_by="alice", needs_approval=True),
+            id=provision_workflow_id(nhi_id),
+            task_queue=queue,
+        )
+        decision = await handle.execute_update(
+            ProvisionNhiWorkflow.decide,
+            ApprovalDecision(approve=True, approver="bob", reason="needed by the docs agent"),
+        )
+        assert decision.approved
+        result = await handle.result()
+        history = await handle.fetch_history()
+    assert result.status is NhiStatus.ACTIVE
+    assert nhi_row(sessions, nhi_id).status == "active"
+    assert {"create_identity", "deliver_credential"} <= set(_activities(history))
+    await _replay(history)
+    keep_history(history, "aws_provision")
+
+
+async def test_aws_sweeps_of_today_replay(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    """A sweep meeting an NHI whose lifecycle is gone (unsupervised), one stuck before active
+    (pre-active), a tagged orphan (removed after its grace period by the child it starts) and
+    an untagged identity (reported); then one meeting an NHI deleted behind the service's back
+    (missing). Two sweeps, because the time-skipping test server stops skipping once an update
+    has ended a run (the lifecycle's `mark_missing`), and the orphan's grace must be skipped."""
+    golden = sweep_settings(
+        settings,
+        "golden",
+        orphan_grace_seconds=3600,
+        sweep_preactive_seconds=3600,
+        aws_max_attempts=1,
+    )
+    queue = golden.temporal_task_queue
+    env = ts_env
+
+    async def requested() -> uuid.UUID:
+        now = await env.get_current_time()
+        return request_nhi(sessions, golden, "iam_role", now=now)[1]
+
+    def findings(outcome: SweepOutcome) -> set[tuple[FindingKind, object]]:
+        inventoried = (FindingKind.UNSUPERVISED, FindingKind.MISSING, FindingKind.PREACTIVE)
+        return {
+            (f.kind, f.nhi_id if f.kind in inventoried else f.identity) for f in outcome.findings
+        }
+
+    async with build_worker(env.client, golden, sessions, aws, task_queue=queue):
+        lost, gone, stuck = await requested(), await requested(), await requested()
+        for nhi_id in (lost, gone):
+            await provision(env, queue, nhi_id)
+        lifecycle = env.client.get_workflow_handle(lifecycle_workflow_id(lost))
+
+        async def waiting() -> None:
+            # Terminated mid-activity, a run could keep the test server's clock locked.
+            described = (await lifecycle.describe()).raw_description
+            assert not described.pending_activities
+            assert not described.HasField("pending_workflow_task")
+
+        await eventually(waiting)
+        await lifecycle.terminate(reason="lost")
+        with transaction(sessions) as s:  # requested two hours ago, never provisioned
+            row = s.get_one(Nhi, stuck)
+            row.created_at = row.created_at - timedelta(hours=2)
+        orphan, _ = orphan_user(aws, golden)
+        stranger = f"{golden.name_prefix}-manual-admin"
+        aws.iam.create_user(UserName=stranger, Path=golden.iam_path)
+
+        first_id = f"golden-sweep-{uuid.uuid4().hex[:8]}"
+        first = await run_sweep(env, queue, workflow_id=first_id)
+        assert findings(first) == {
+            (FindingKind.UNSUPERVISED, lost),
+            (FindingKind.PREACTIVE, stuck),
+            (FindingKind.ORPHAN, orphan),
+            (FindingKind.UNTAGGED, stranger),
+        }, first.findings
+        removal = env.client.get_workflow_handle(orphan_workflow_id("iam_user_key", orphan))
+        async with env.time_skipping_unlocked():  # type: ignore[attr-defined]
+            removed = await removal.result()
+            redriven = await env.client.get_workflow_handle(provision_workflow_id(stuck)).result()
+        assert any(orphan in r for r in removed), removed
+        assert redriven["status"] == "active", redriven
+
+        delete_role(aws, nhi_row(sessions, gone).name)  # someone in the console
+        second_id = f"golden-sweep-{uuid.uuid4().hex[:8]}"
+        second = await run_sweep(env, queue, workflow_id=second_id)
+        assert findings(second) == {
+            (FindingKind.MISSING, gone),
+            (FindingKind.UNTAGGED, stranger),
+        }, second.findings
+        assert nhi_row(sessions, gone).status == "missing"
+        histories = {
+            "sweep_aws": await env.client.get_workflow_handle(first_id).fetch_history(),
+            "orphan_removal_aws": await removal.fetch_history(),
+            "sweep_aws_missing": await env.client.get_workflow_handle(second_id).fetch_history(),
+        }
+    for name, history in histories.items():
+        await _replay(history)
+        keep_history(history, name)
+
+
+async def test_a_postgres_sweep_of_today_replays(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    cluster: PgCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Postgres sweep meeting a role granted more than its scope by hand (drift, reverted),
+    an NHI whose roles were dropped behind the service's back (missing) and a target whose
+    admin password cannot be found (unreachable, the others still listed)."""
+    target = f"golden{uuid.uuid4().hex[:6]}"
+    password_env = f"NHI_TEST_PW_{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv(password_env, cluster.admin_password)  # the deployment's environment
+    dsn = f"postgresql://{ADMIN}@{cluster.host}:{cluster.port}/{DATABASE}"
+    golden = sweep_settings(
+        settings,
+        "golden",
+        postgres_targets={
+            target: PostgresTargetSetting(dsn=dsn, password_env=password_env),
+            f"{target}-down": PostgresTargetSetting(dsn=dsn, password_env="NHI_TEST_NOT_SET"),
+        },
+    )
+    queue = golden.temporal_task_queue
+    env = ts_env
+
+    async def active() -> uuid.UUID:
+        now = await env.get_current_time()
+        scope = [{"actions": ["SELECT"], "resources": ["docs.articles"]}]
+        nhi_id = request_nhi(sessions, golden, "postgres_role", scope=scope, target=target, now=now)
+        await provision(env, queue, nhi_id[1])
+        return nhi_id[1]
+
+    async with build_worker(env.client, golden, sessions, aws, task_queue=queue):
+        widened, gone = await active(), await active()
+        with cluster.connect(ADMIN, cluster.admin_password) as conn:
+            conn.execute(f"GRANT SELECT ON docs.faq TO {nhi_row(sessions, widened).name}")
+        with cluster.connect(ADMIN, cluster.admin_password) as conn:
+            # Someone drops the group and its logins by hand, as the admin (who granted them).
+            roles = [
+                f'"{r}"'
+                for (r,) in conn.execute(
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE %s ORDER BY rolcanlogin DESC",
+                    (nhi_row(sessions, gone).name + "%",),
+                ).fetchall()
+            ]
+            assert roles
+            conn.execute(f"GRANT {', '.join(roles)} TO CURRENT_USER")
+            conn.execute(f"DROP OWNED BY {', '.join(roles)}")
+            for role in roles:  # logins first: they are members of the group
+                conn.execute(f"DROP ROLE {role}")
+
+        sweep_id = f"golden-pg-sweep-{uuid.uuid4().hex[:8]}"
+        outcome = await run_sweep(env, queue, provider="postgres", workflow_id=sweep_id)
+        # Only this test's targets and their NHIs: other tests' targets share the inventory.
+        ours = {target, f"{target}-down"}
+        with transaction(sessions) as s:
+            our_nhis = set(s.scalars(select(Nhi.id).where(Nhi.target.in_(ours))))
+        found = {
+            (f.kind, f.nhi_id or f.identity)
+            for f in outcome.findings
+            if f.nhi_id in our_nhis or f.target in ours or f.identity in ours
+        }
+        assert found == {
+            (FindingKind.DRIFT, widened),
+            (FindingKind.MISSING, gone),
+            (FindingKind.UNREACHABLE, f"{target}-down"),
+        }, outcome.findings
+        assert nhi_row(sessions, gone).status == "missing"
+        history = await env.client.get_workflow_handle(sweep_id).fetch_history()
+    await _replay(history)
+    keep_history(history, "sweep_postgres")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -17,57 +16,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
-from models.contracts import ProvisionInput, SweepInput, SweepOutcome
+from models.contracts import ProvisionInput, SweepOutcome
 from models.orm import Nhi, Sweep
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import Settings
 from nhi.db import transaction
-from nhi.temporal import provision_workflow_id
-from tests.helpers import inject_aws_error, request_nhi
+from nhi.rules.ids import orphan_workflow_id, provision_workflow_id
+from tests.helpers import SweepRig, inject_aws_error, request_nhi, sweep_settings
 from worker import build_worker
 from workflows.lifecycle import lifecycle_workflow_id
 from workflows.provision import ProvisionNhiWorkflow
-from workflows.sweep import SweepWorkflow, orphan_workflow_id
-
-
-@dataclass
-class SweepRig:
-    env: WorkflowEnvironment
-    settings: Settings
-    sessions: sessionmaker[Session]
-    aws: AwsClients
-    worker_aws: AwsClients
-    queue: str
-
-    async def sweep(self, dry_run: bool = False) -> SweepOutcome:
-        # The clock stands still during a sweep, so no grace period or expiry elsewhere is
-        # skipped past while the test looks at what the sweep did.
-        with self.env.auto_time_skipping_disabled():
-            return await self.env.client.execute_workflow(
-                SweepWorkflow.run,
-                SweepInput(dry_run=dry_run, triggered_by="test"),
-                id=f"sweep-{uuid.uuid4().hex[:8]}",
-                task_queue=self.queue,
-            )
-
-    def tagged_user(self, *, with_key: bool = True) -> tuple[str, str | None]:
-        """An orphan made behind the service's back: our tags, no inventory row."""
-        nhi_id = str(uuid.uuid4())
-        name = f"{self.settings.name_prefix}-ghost-{nhi_id.replace('-', '')}"
-        tags = [
-            {"Key": "managed-by", "Value": "nhi-lifecycle"},
-            {"Key": "nhi:nhi-id", "Value": nhi_id},
-        ]
-        self.aws.iam.create_user(UserName=name, Path=self.settings.iam_path, Tags=tags)
-        secret = None
-        if with_key:
-            key = self.aws.iam.create_access_key(UserName=name)["AccessKey"]
-            secret = self.aws.secrets.create_secret(
-                Name=f"{self.settings.secret_prefix}ghost/{nhi_id}",
-                SecretString=json.dumps({"AccessKeyId": key["AccessKeyId"]}),
-                Tags=tags,
-            )["ARN"]
-        return name, secret
 
 
 @pytest_asyncio.fixture
@@ -77,19 +35,8 @@ async def rig(
     sessions: sessionmaker[Session],
     aws: AwsClients,
 ) -> AsyncIterator[SweepRig]:
-    tag = uuid.uuid4().hex[:6]
-    queue = f"sweep-{tag}"
-    rig_settings = settings.model_copy(
-        update={
-            "temporal_task_queue": queue,
-            "iam_path": f"/sweep-{tag}/",
-            "name_prefix": f"s{tag}",
-            "sweep_propagation_seconds": 0,
-            "sweep_calls_per_second": 1000.0,
-            "orphan_grace_seconds": 3600,
-            "aws_max_attempts": 2,
-        }
-    )
+    rig_settings = sweep_settings(settings, "sweep", orphan_grace_seconds=3600, aws_max_attempts=2)
+    queue = rig_settings.temporal_task_queue
     worker_aws = make_aws_clients(rig_settings)
     async with build_worker(ts_env.client, rig_settings, sessions, worker_aws, task_queue=queue):
         yield SweepRig(ts_env, rig_settings, sessions, aws, worker_aws, queue)

@@ -8,7 +8,6 @@ Each test gets its own IAM path and name prefix, so it sweeps only what it made.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
@@ -33,17 +32,20 @@ from models.orm import Agent, AuditEvent, Nhi, Sweep
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import PostgresTargetSetting, Settings
 from nhi.db import transaction
+from nhi.rules.ids import provision_workflow_id
 from nhi.slack import make_slack_client
-from nhi.temporal import provision_workflow_id
 from tests.conftest import dev_address
 from tests.helpers import (
     ApiServer,
+    SweepRig,
     bearer,
+    delete_role,
     eventually,
     inject_aws_error,
     mint,
     provision,
     request_nhi,
+    sweep_settings,
 )
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster
 from tests.slack_emulator import SlackEmulator
@@ -57,56 +59,16 @@ SECURITY = "#nhi-security"
 
 
 @dataclass
-class Rig:
-    env: WorkflowEnvironment
-    settings: Settings
-    sessions: sessionmaker[Session]
-    aws: AwsClients
-    worker_aws: AwsClients
+class Rig(SweepRig):
     slack: SlackEmulator
-    queue: str
     owner_dm: str
-
-    async def sweep(self) -> SweepOutcome:
-        # The clock stands still during a sweep (see tests/test_sweep.py).
-        with self.env.auto_time_skipping_disabled():
-            return await self.env.client.execute_workflow(
-                SweepWorkflow.run,
-                SweepInput(triggered_by="test"),
-                id=f"sweep-{uuid.uuid4().hex[:8]}",
-                task_queue=self.queue,
-            )
 
     async def active_nhi(self, kind: str = "iam_role") -> uuid.UUID:
         _, nhi_id, _ = request_nhi(
             self.sessions, self.settings, kind, now=await self.env.get_current_time()
         )
-        with self.env.auto_time_skipping_disabled():
-            await self.env.client.execute_workflow(
-                ProvisionNhiWorkflow.run,
-                ProvisionInput(nhi_id=nhi_id),
-                id=provision_workflow_id(nhi_id),
-                task_queue=self.queue,
-            )
+        await provision(self.env, self.queue, nhi_id)
         return nhi_id
-
-    def nhi(self, nhi_id: uuid.UUID) -> Nhi:
-        with transaction(self.sessions) as s:
-            return s.get_one(Nhi, nhi_id)
-
-    def events(self, subject: object, subject_type: str = "nhi") -> list[tuple[str, str]]:
-        with transaction(self.sessions) as s:
-            return [
-                (e.event, e.actor)
-                for e in s.scalars(
-                    select(AuditEvent)
-                    .where(
-                        AuditEvent.subject_type == subject_type,
-                        AuditEvent.subject_id == str(subject),
-                    )
-                    .order_by(AuditEvent.id)
-                )
-            ]
 
     def texts(self, channel: str) -> list[str]:
         return [m.text or "" for m in self.slack.messages_in(channel)]
@@ -135,23 +97,17 @@ async def rig(
             ]["id"]
         )
     slack.clear()
-    tag = uuid.uuid4().hex[:6]
-    queue = f"faults-{tag}"
-    rig_settings = settings.model_copy(
-        update={
-            "temporal_task_queue": queue,
-            "iam_path": f"/faults-{tag}/",
-            "name_prefix": f"f{tag}",
-            "sweep_propagation_seconds": 0,
-            "sweep_calls_per_second": 1000.0,
-            "orphan_grace_seconds": 3600,
-            "revoke_alert_seconds": 30,
-            "aws_max_attempts": 1,
-            "slack_bot_token": SecretStr("xoxb-test"),
-            "slack_api_url": slack.url,
-            "slack_security_channel": SECURITY,
-        }
+    rig_settings = sweep_settings(
+        settings,
+        "faults",
+        orphan_grace_seconds=3600,
+        revoke_alert_seconds=30,
+        aws_max_attempts=1,
+        slack_bot_token=SecretStr("xoxb-test"),
+        slack_api_url=slack.url,
+        slack_security_channel=SECURITY,
     )
+    queue = rig_settings.temporal_task_queue
     worker_aws = make_aws_clients(rig_settings)  # its own clients, so a test can inject faults
     worker = build_worker(
         ts_env.client,
@@ -162,13 +118,7 @@ async def rig(
         task_queue=queue,
     )
     async with worker:
-        yield Rig(ts_env, rig_settings, sessions, aws, worker_aws, slack, queue, "D" + owner[1:])
-
-
-def _delete_role(aws: AwsClients, name: str) -> None:
-    for policy in aws.iam.list_role_policies(RoleName=name)["PolicyNames"]:
-        aws.iam.delete_role_policy(RoleName=name, PolicyName=policy)
-    aws.iam.delete_role(RoleName=name)
+        yield Rig(ts_env, rig_settings, sessions, aws, worker_aws, queue, slack, "D" + owner[1:])
 
 
 async def test_an_nhi_deleted_behind_our_back_is_missing_alerted_and_its_lifecycle_stops(
@@ -176,7 +126,7 @@ async def test_an_nhi_deleted_behind_our_back_is_missing_alerted_and_its_lifecyc
 ) -> None:
     nhi_id = await rig.active_nhi()
     name = rig.nhi(nhi_id).name
-    _delete_role(rig.aws, name)  # someone in the console
+    delete_role(rig.aws, name)  # someone in the console
     rig.slack.clear()
 
     outcome = await rig.sweep()
@@ -207,7 +157,7 @@ async def test_an_nhi_deleted_behind_our_back_is_missing_alerted_and_its_lifecyc
 
 async def test_a_partial_listing_never_marks_missing(rig: Rig) -> None:
     nhi_id = await rig.active_nhi()
-    _delete_role(rig.aws, rig.nhi(nhi_id).name)
+    delete_role(rig.aws, rig.nhi(nhi_id).name)
     # Users are listed, roles are not: the listing is incomplete.
     lift = inject_aws_error(rig.worker_aws.iam, "ListRoles", "Throttling", status=400)
     with pytest.raises(WorkflowFailureError):
@@ -224,19 +174,8 @@ async def test_a_partial_listing_never_marks_missing(rig: Rig) -> None:
 
 def _tagged_user(rig: Rig) -> tuple[str, str]:
     """An orphan made behind the service's back: our tags, a key and a secret, no row."""
-    nhi_id = str(uuid.uuid4())
-    name = f"{rig.settings.name_prefix}-ghost-{nhi_id.replace('-', '')}"
-    tags = [
-        {"Key": "managed-by", "Value": "nhi-lifecycle"},
-        {"Key": "nhi:nhi-id", "Value": nhi_id},
-    ]
-    rig.aws.iam.create_user(UserName=name, Path=rig.settings.iam_path, Tags=tags)
-    key = rig.aws.iam.create_access_key(UserName=name)["AccessKey"]
-    secret = rig.aws.secrets.create_secret(
-        Name=f"{rig.settings.secret_prefix}ghost/{nhi_id}",
-        SecretString=json.dumps({"AccessKeyId": key["AccessKeyId"]}),
-        Tags=tags,
-    )["ARN"]
+    name, secret = rig.tagged_user()
+    assert secret is not None
     return name, secret
 
 
@@ -575,7 +514,7 @@ async def test_an_unreachable_postgres_target_never_marks_its_nhis_missing(
         blind = await sweep()
         # Other tests' targets on the shared inventory may be unreachable too: ours must be.
         assert target in [f.identity for f in blind.findings if f.kind.value == "unreachable"]
-        assert [f for f in blind.findings if f.kind.value == "missing"] == []
+        assert [f for f in blind.findings if f.kind.value == "missing" and f.nhi_id == nhi_id] == []
         with transaction(sessions) as s:
             assert s.get_one(Nhi, nhi_id).status == "active"
         monkeypatch.setenv(password_env, cluster.admin_password)

@@ -23,11 +23,11 @@ from api.app import create_app
 from models.enums import NhiKind, Platform
 from models.orm import AuditEvent, Nhi, Target
 from models.schemas import AgentCreate, NhiCreate, TargetIn
-from nhi import inventory
 from nhi.aws import AwsClients
 from nhi.config import PostgresTargetSetting, Settings
 from nhi.db import transaction
 from nhi.policy import RuleViolation
+from nhi.services import agents, nhis, targets
 from nhi.targets import (
     TargetConnection,
     TargetRefused,
@@ -89,7 +89,7 @@ def _register(sessions: sessionmaker[Session], settings: Settings, **overrides: 
     """A target row written straight through the inventory (no API rules), as before them."""
     name = _name()
     with transaction(sessions) as s:
-        inventory.add_target(s, settings, TargetIn(**_body(name, **overrides)), "test:setup")
+        targets.add_target(s, settings, TargetIn(**_body(name, **overrides)), "test:setup")
     return name
 
 
@@ -282,7 +282,7 @@ async def test_target_in_use_or_from_settings_is_not_removed(
     name = _register(sessions, service.settings)
     now = datetime.now(UTC)
     with transaction(sessions) as s:
-        agent = inventory.create_agent(s, AgentCreate(**agent_body()), "test:setup")
+        agent = agents.create_agent(s, AgentCreate(**agent_body()), "test:setup")
         nhi = Nhi(
             agent_id=agent.id, platform="postgres", kind="postgres_role", target=name,
             name=f"nhi_tgt_{uuid.uuid4().hex}", granted_scope=READ, allowed_cidrs=[],
@@ -556,8 +556,8 @@ def test_read_only_postgres_request_needs_no_approver(
     target = _register(sessions, settings)
     # Rolled back at the end: a requested NHI with no workflow should not outlive the test.
     with sessions() as s:
-        agent = inventory.create_agent(s, AgentCreate(**agent_body()), "test:platform")
-        nhi, sensitive = inventory.request_nhi(
+        agent = agents.create_agent(s, AgentCreate(**agent_body()), "test:platform")
+        nhi, sensitive = nhis.request_nhi(
             s,
             settings,
             agent.id,

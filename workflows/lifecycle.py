@@ -7,6 +7,9 @@ person or an extension past the maximum lifetime before anything reaches history
 Nothing a caller sends can end a run: an update whose activity fails fails that update only, a
 loop step that fails is recorded and tried again later, so a lifecycle never ends FAILED while
 its NHI exists (it ends only decommissioned or missing).
+
+What is due next, and how each step changes the state, is decided by the pure lifecycle core
+(nhi/rules/lifecycle.py); this class asks it, runs the activities, and applies the result.
 """
 
 from __future__ import annotations
@@ -49,10 +52,13 @@ with workflow.unsafe.imports_passed_through():
         ProvisionPlan,
         RemoveIdentity,
         RenewRequest,
-        RetireKey,
         StatusChange,
     )
     from models.enums import ROTATABLE_KINDS, NhiStatus
+    from nhi.rules import lifecycle as core
+    from nhi.rules.ids import LIFECYCLE_WORKFLOW
+    from nhi.rules.ids import lifecycle_workflow_id as lifecycle_workflow_id  # re-exported
+    from nhi.rules.owners import is_owner
     from nhi.slack_messages import decided_text
     from workflows.policies import (
         DB_BEST_EFFORT_RETRY,
@@ -72,11 +78,8 @@ with workflow.unsafe.imports_passed_through():
         removal_window,
     )
 
-ISO = "%Y-%m-%dT%H:%M:%SZ"
-ROTATION_RETRY_DELAY = timedelta(hours=6)
-ENDED = (Phase.DECOMMISSIONED, Phase.MISSING)
-# No extension is ever longer than a policy's maximum lifetime can be.
-MAX_EXTENSION_SECONDS = 366 * 86400
+ISO = core.ISO
+ENDED = core.ENDED
 
 # Patches: each changes the commands a run issues, so runs recorded before it replay the old way
 # (tests/histories/) and only runs that reach it on new code take the new path.
@@ -124,12 +127,12 @@ def plain(action: LifecycleAction | None) -> LifecycleAction | None:
     )
 
 
-def lifecycle_workflow_id(nhi_id: object) -> str:
-    """Business-keyed id: API, Slack and CLI address the same run."""
-    return f"nhi-{nhi_id}"
+def refused(err: core.ExpiryRefused) -> ApplicationError:
+    """A rule's refusal as the update's error (its type is what callers map to HTTP)."""
+    return ApplicationError(err.message, type=err.kind)
 
 
-@workflow.defn
+@workflow.defn(name=LIFECYCLE_WORKFLOW)
 class NhiLifecycleWorkflow:
     """Keeps one NHI alive exactly as long as someone answers for it."""
 
@@ -253,11 +256,10 @@ class NhiLifecycleWorkflow:
             return
         self._check_actor(req)
         self._require(Phase.QUARANTINED)
-        cap, what = self._cap()
-        if workflow.now() >= cap:
-            raise ApplicationError(
-                f"past {what}: request a new identity instead", type="MaxLifetime"
-            )
+        try:
+            core.check_restorable(self._config(), workflow.now())
+        except core.ExpiryRefused as err:
+            raise refused(err) from None
 
     @workflow.update
     async def answer(self, ans: PromptAnswer) -> LifecycleView:
@@ -279,7 +281,7 @@ class NhiLifecycleWorkflow:
             return self._view("renewed")
         await self._close_prompts(ans, ans.answer.value)
         if ans.answer is PromptAnswerKind.LET_EXPIRE:
-            self._update(let_expire=True)
+            self._apply(core.after_let_expire(self._snapshot()))
             await self._note("nhi.let_expire", ans, ans.reason or "owner chose to let it expire")
             return self._view("will expire")
         self._decommission = ans
@@ -310,11 +312,9 @@ class NhiLifecycleWorkflow:
         async with self._lock:  # let a step under way finish first
             if self._st().phase is Phase.DECOMMISSIONED:
                 return self._view("already decommissioned")
-            self._update(
-                phase=Phase.MISSING, decommission_reason=req.reason or "gone from its platform"
+            self._apply(
+                core.after_missing(self._snapshot(), req.reason or "gone from its platform")
             )
-            self._decommission = None
-            self._rotate = None
             self._wake = True
         return self._view("missing")
 
@@ -340,9 +340,19 @@ class NhiLifecycleWorkflow:
         cfg = await self._load(inp.nhi_id)
         self._cfg = cfg
         if self._state is None:
-            self._state = self._initial_state(cfg)
-        while self._st().phase not in ENDED:
-            if workflow.info().is_continue_as_new_suggested():
+            self._apply(core.initial_state(cfg, workflow.now(), self._decommission))
+        while True:
+            # Only the run-level answers are taken here; the step asks again under the lock,
+            # since an update may change the state while the loop waits for it.
+            action = core.next_action(
+                self._snapshot(),
+                cfg,
+                workflow.now(),
+                history_full=workflow.info().is_continue_as_new_suggested(),
+            )
+            if isinstance(action, core.Done):
+                break
+            if isinstance(action, core.ContinueAsNew):
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(LifecycleInput(nhi_id=inp.nhi_id, state=self._carried()))
             async with self._lock:
@@ -466,64 +476,24 @@ class NhiLifecycleWorkflow:
         return ApplicationError(f"{what} failed, nothing was changed: {reason}", type="StepFailed")
 
     async def _step(self, now: datetime) -> datetime | None:
-        """Do the one piece of work that is due, or return when the next one will be."""
-        s, cfg = self._st(), self._config()
-        if s.phase is Phase.QUARANTINED:
-            grace_end = self._grace_end()
-            if now >= grace_end:
-                await self._remove()
-                return None
-            return grace_end
-        if s.phase is Phase.REVOKE_FAILED:
-            retry_at = (s.quarantined_at or now) + timedelta(seconds=cfg.revoke_retry_seconds)
-            if now >= retry_at:
-                await self._remove()
-                return None
-            return retry_at
-
-        if self._decommission is not None:
-            await self._quarantine(self._decommission)
-            return None
-        if now >= s.expires_at:
-            self._decommission = LifecycleAction(
-                actor="system:expiry",
-                channel="system",
-                reason=f"expired at {s.expires_at.strftime(ISO)} without renewal",
-            )
-            return None
-        if s.retiring is not None:
-            if not s.retiring.deactivated and now >= s.retiring.deactivate_at:
-                await self._retire(deactivate=True)
-                return None
-            if s.retiring.deactivated and now >= s.retiring.delete_at:
-                await self._retire(deactivate=False)
-                return None
-        rotation_due = s.next_rotation_at is not None and now >= s.next_rotation_at
-        if self._rotate is not None or (rotation_due and s.retiring is None):
-            await self._rotate_key(self._rotate)
-            return None
-        if not s.let_expire:
-            for offset in cfg.reminder_offsets_seconds:
-                if offset not in s.reminders_done and now >= s.expires_at - timedelta(
-                    seconds=offset
-                ):
-                    await self._remind(offset)
-                    return None
-
-        deadlines = [s.expires_at]
-        if s.retiring is not None:
-            deadlines.append(
-                s.retiring.delete_at if s.retiring.deactivated else s.retiring.deactivate_at
-            )
-        if s.next_rotation_at is not None:
-            deadlines.append(s.next_rotation_at)
-        if not s.let_expire:
-            deadlines += [
-                s.expires_at - timedelta(seconds=o)
-                for o in cfg.reminder_offsets_seconds
-                if o not in s.reminders_done
-            ]
-        return min(deadlines)
+        """Carry out what the lifecycle core says is due, or return when the next thing is."""
+        action = core.next_action(self._snapshot(), self._config(), now)
+        if isinstance(action, core.Sleep):
+            return action.until
+        if isinstance(action, core.Delete | core.RetryRemoval):
+            await self._remove()
+        elif isinstance(action, core.Quarantine):
+            await self._quarantine(action.request)
+        elif isinstance(action, core.Expire):
+            self._apply(core.with_decommission(self._snapshot(), action.request))
+        elif isinstance(action, core.RetireOldKey):
+            await self._retire(deactivate=action.deactivate)
+        elif isinstance(action, core.Rotate):
+            await self._rotate_key(action.request)
+        elif isinstance(action, core.Remind):
+            await self._remind(action.offset)
+        # Done and ContinueAsNew belong to the loop, which asks again right away.
+        return None
 
     # ---- steps ------------------------------------------------------------------------------
 
@@ -539,30 +509,24 @@ class NhiLifecycleWorkflow:
             ),
         )
         reachable = await self._deliver(msg)
-        self._update(
-            reminders_done=[*s.reminders_done, offset],
-            open_prompts=[*self._st().open_prompts, msg.prompt_id],
-        )
-        if not reachable:
-            await self._escalate(offset, "the owner has no active Slack account")
-        elif offset == min(cfg.reminder_offsets_seconds):
-            await self._escalate(offset, "no answer by the last reminder")
+        self._apply(core.after_reminder(self._snapshot(), offset, msg.prompt_id))
+        escalation = core.escalation(self._st(), cfg, offset, reachable)
+        if escalation is not None:
+            await self._escalate(escalation)
 
-    async def _escalate(self, offset: int, reason: str) -> None:
-        if self._st().escalated:
-            return
+    async def _escalate(self, escalation: core.Escalate) -> None:
         msg = await self._db(
             DbActivities.open_prompt,
             OpenPrompt(
                 nhi_id=self._nhi_id,
                 kind=PromptKind.ESCALATION,
                 for_expires_at=self._st().expires_at,
-                offset_seconds=offset,
-                reason=reason,
+                offset_seconds=escalation.offset,
+                reason=escalation.reason,
             ),
         )
         await self._deliver(msg)
-        self._update(escalated=True, open_prompts=[*self._st().open_prompts, msg.prompt_id])
+        self._apply(core.after_escalation(self._snapshot(), msg.prompt_id))
 
     async def _deliver(self, msg: PromptMessage) -> bool:
         """Send a prompt; a Slack outage is logged and never blocks the lifecycle."""
@@ -668,13 +632,7 @@ class NhiLifecycleWorkflow:
             workflow.logger.warning(
                 "prompts of nhi %s not closed: %s", self._nhi_id, failure_reason(err)
             )
-        now = workflow.now()
-        self._update(
-            expires_at=new_expiry,
-            reminders_done=self._past_offsets(cfg, new_expiry, now),
-            escalated=False,
-            let_expire=False,
-        )
+        self._apply(core.after_renewal(self._snapshot(), cfg, new_expiry, workflow.now()))
 
     async def _close_prompts(self, action: LifecycleAction, decision: str) -> None:
         open_prompts = self._st().open_prompts
@@ -708,8 +666,7 @@ class NhiLifecycleWorkflow:
             await self._note(
                 "nhi.rotation_not_applicable", action, f"{cfg.kind.value} has no static secret"
             )
-            self._update(next_rotation_at=None)
-            self._rotate = None
+            self._apply(core.after_rotation_not_applicable(self._snapshot()))
             return
         await self._status(
             NhiStatus.ROTATING, "nhi.rotation_started", action, action.reason or "rotating"
@@ -728,10 +685,8 @@ class NhiLifecycleWorkflow:
             reason = f"rotation failed, the current key stays in use: {failure_reason(err)}"
             await self._status(NhiStatus.ACTIVE, "nhi.rotation_failed", action, reason)
             await self._alert(f"{cfg.plan.identity_name}: {reason}", emails=[cfg.owner_email])
-            self._update(next_rotation_at=now + ROTATION_RETRY_DELAY)
-            self._rotate = None
+            self._apply(core.after_rotation_failed(self._snapshot(), now))
             return
-        overlap = timedelta(seconds=cfg.rotation_overlap_seconds)
         await self._status(
             NhiStatus.ACTIVE,
             "nhi.rotated",
@@ -740,19 +695,15 @@ class NhiLifecycleWorkflow:
             rotated=True,
             details={"new_key": promoted.new_key_id, "old_key": promoted.old_key_id or ""},
         )
-        retiring = None
-        if promoted.old_key_id and promoted.old_key_id != promoted.new_key_id:
-            retiring = RetireKey(
-                key_id=promoted.old_key_id,
-                deactivate_at=now + overlap,
-                delete_at=now + 2 * overlap,
+        self._apply(
+            core.after_rotation(
+                self._snapshot(),
+                cfg,
+                now,
+                old_key_id=promoted.old_key_id,
+                new_key_id=promoted.new_key_id,
             )
-        period = cfg.rotation_period_seconds
-        self._update(
-            retiring=retiring,
-            next_rotation_at=now + timedelta(seconds=period) if period else None,
         )
-        self._rotate = None
 
     async def _retire(self, *, deactivate: bool) -> None:
         retiring = self._st().retiring
@@ -767,7 +718,6 @@ class NhiLifecycleWorkflow:
         )
         if deactivate:
             await self._platform(ProviderActivities.deactivate_key, key)
-            self._update(retiring=retiring.model_copy(update={"deactivated": True}))
         else:
             await self._platform(ProviderActivities.delete_key, key)
             await self._note(
@@ -775,7 +725,7 @@ class NhiLifecycleWorkflow:
                 LifecycleAction(actor="system:rotation", channel="system"),
                 f"access key {retiring.key_id} deleted after the overlap window",
             )
-            self._update(retiring=None)
+        self._apply(core.after_retire(self._snapshot(), deactivate=deactivate))
 
     async def _quarantine(self, action: LifecycleAction) -> None:
         cfg = self._config()
@@ -802,11 +752,7 @@ class NhiLifecycleWorkflow:
         await self._close_prompts(
             action, "decommission_now" if action.channel != "system" else "expired"
         )
-        self._update(
-            phase=Phase.QUARANTINED, quarantined_at=workflow.now(), decommission_reason=reason
-        )
-        self._decommission = None
-        self._rotate = None
+        self._apply(core.after_quarantine(self._snapshot(), workflow.now(), reason))
 
     async def _remove(self) -> None:
         plan = self._plan(self._st().expires_at)
@@ -841,7 +787,7 @@ class NhiLifecycleWorkflow:
             self._st().decommission_reason or "decommissioned",
             details={"removed": "; ".join(removed.removed)},
         )
-        self._update(phase=Phase.DECOMMISSIONED)
+        self._apply(core.after_removal(self._snapshot()))
 
     async def _revoke_failed(self, reason: str) -> None:
         cfg = self._config()
@@ -850,7 +796,9 @@ class NhiLifecycleWorkflow:
             # The same failure episode: its owner and security were alerted when it began. The
             # inventory keeps the latest reason; the next retry is one retry period away.
             await self._status(NhiStatus.REVOKE_FAILED, "nhi.revoke_retry_failed", system, reason)
-            self._update(quarantined_at=workflow.now())
+            self._apply(
+                core.after_revoke_failed(self._snapshot(), workflow.now(), new_episode=False)
+            )
             return
         await self._status(NhiStatus.REVOKE_FAILED, "nhi.revoke_failed", system, reason)
         retry = timedelta(seconds=cfg.revoke_retry_seconds)
@@ -860,18 +808,15 @@ class NhiLifecycleWorkflow:
             emails=[cfg.owner_email],
             channels=[cfg.security_channel],
         )
-        self._update(phase=Phase.REVOKE_FAILED, quarantined_at=workflow.now())
-        self._decommission = None
+        self._apply(core.after_revoke_failed(self._snapshot(), workflow.now(), new_episode=True))
 
     async def _restore(self, action: LifecycleAction) -> None:
         cfg = self._config()
         now = workflow.now()
-        expiry = self._st().expires_at
-        strict = self._strict_caps()
-        if expiry <= now:
-            expiry = self._renewed_expiry(None, strict=strict)
-        if strict:
-            expiry = min(expiry, self._cap()[0])
+        try:
+            expiry = core.restored_expiry(self._st(), cfg, now, strict=self._strict_caps())
+        except core.ExpiryRefused as err:
+            raise refused(err) from None
         await self._platform(ProviderActivities.lift_quarantine, self._plan(expiry))
         if expiry != self._st().expires_at:
             await self._platform(ProviderActivities.update_expiry, self._plan(expiry))
@@ -882,111 +827,21 @@ class NhiLifecycleWorkflow:
             action.reason or "restored during the grace period",
             expires_at=expiry,
         )
-        self._update(
-            phase=Phase.ACTIVE,
-            quarantined_at=None,
-            decommission_reason=None,
-            expires_at=expiry,
-            reminders_done=self._past_offsets(cfg, expiry, now),
-            escalated=False,
-            let_expire=False,
-        )
+        self._apply(core.after_restore(self._snapshot(), cfg, expiry, now))
 
     # ---- helpers -----------------------------------------------------------------------------
-
-    def _initial_state(self, cfg: LifecycleConfig) -> LifecycleState:
-        now = workflow.now()
-        next_rotation = None
-        if cfg.kind in ROTATABLE_KINDS and cfg.rotation_period_seconds:
-            base = cfg.last_rotated_at or cfg.activated_at
-            next_rotation = base + timedelta(seconds=cfg.rotation_period_seconds)
-        phase = {
-            NhiStatus.QUARANTINED: Phase.QUARANTINED,
-            NhiStatus.REVOKE_FAILED: Phase.REVOKE_FAILED,
-            NhiStatus.DECOMMISSIONED: Phase.DECOMMISSIONED,
-            NhiStatus.MISSING: Phase.MISSING,
-        }.get(cfg.status, Phase.ACTIVE)
-        if cfg.agent_completed and phase is Phase.ACTIVE:
-            self._decommission = LifecycleAction(
-                actor="system:agent-completed", channel="system", reason="the agent's task ended"
-            )
-        return LifecycleState(
-            phase=phase,
-            expires_at=cfg.expires_at,
-            reminders_done=self._past_offsets(cfg, cfg.expires_at, now),
-            next_rotation_at=next_rotation,
-            quarantined_at=now if phase is not Phase.ACTIVE else None,
-        )
-
-    @staticmethod
-    def _past_offsets(cfg: LifecycleConfig, expires_at: datetime, now: datetime) -> list[int]:
-        # Reminders whose moment has already passed when a schedule starts are skipped, not
-        # sent in a burst: a 7-day credential gets no "14 days left" message.
-        return [o for o in cfg.reminder_offsets_seconds if expires_at - timedelta(seconds=o) <= now]
-
-    def _cap(self) -> tuple[datetime, str]:
-        """The latest an expiry may move to, and what sets it: the maximum lifetime, or the
-        agent's expected end when that comes first."""
-        cfg = self._config()
-        end = cfg.expected_end_at
-        if end is not None and end < cfg.max_lifetime_at:
-            return end, f"the agent's expected end ({end.strftime(ISO)})"
-        return cfg.max_lifetime_at, f"the maximum lifetime ({cfg.max_lifetime_at.strftime(ISO)})"
 
     def _strict_caps(self) -> bool:
         return workflow.patched(RENEWAL_CAPS)
 
     def _renewed_expiry(self, extend_by_seconds: int | None, *, strict: bool = False) -> datetime:
-        """The expiry a renewal moves to.
-
-        `strict` (validators, and handlers of runs on today's code): never past the maximum
-        lifetime nor the agent's expected end; a default renewal never shortens the expiry;
-        `extend_by` counts from now and is refused when it would end before the current expiry
-        (an extension never shortens). Without it, the rules runs recorded earlier replay with.
-        """
-        if strict:
-            return self._capped_expiry(extend_by_seconds)
-        cfg = self._config()
-        now = workflow.now()
-        if now >= cfg.max_lifetime_at:
-            raise ApplicationError("already at its maximum lifetime", type="MaxLifetime")
-        if extend_by_seconds is None:
-            return min(now + timedelta(seconds=cfg.default_ttl_seconds), cfg.max_lifetime_at)
-        wanted = now + timedelta(seconds=extend_by_seconds)
-        if wanted > cfg.max_lifetime_at:
-            raise ApplicationError(
-                f"extend_by: would end {wanted.strftime(ISO)}, past the maximum lifetime "
-                f"({cfg.max_lifetime_at.strftime(ISO)})",
-                type="MaxLifetime",
+        """The expiry a renewal moves to (see `core.renewed_expiry`), or the update's error."""
+        try:
+            return core.renewed_expiry(
+                self._st(), self._config(), workflow.now(), extend_by_seconds, strict=strict
             )
-        return wanted
-
-    def _capped_expiry(self, extend_by_seconds: int | None) -> datetime:
-        cfg = self._config()
-        now = workflow.now()
-        cap, what = self._cap()
-        if now >= cap:
-            raise ApplicationError(f"already at {what}", type="MaxLifetime")
-        current = self._st().expires_at
-        if extend_by_seconds is None:
-            return min(max(now + timedelta(seconds=cfg.default_ttl_seconds), current), cap)
-        # Compared in seconds first: a huge value must be refused, not overflow a datetime.
-        if extend_by_seconds > (cap - now).total_seconds():
-            wanted = "after " + cap.strftime(ISO)
-            if extend_by_seconds <= MAX_EXTENSION_SECONDS:
-                wanted = (now + timedelta(seconds=extend_by_seconds)).strftime(ISO)
-            raise ApplicationError(
-                f"extend_by: would end {wanted}, past {what}", type="MaxLifetime"
-            )
-        wanted_at = now + timedelta(seconds=extend_by_seconds)
-        if wanted_at < current:
-            raise ApplicationError(
-                f"extend_by: would end {wanted_at.strftime(ISO)}, before the current expiry "
-                f"({current.strftime(ISO)}); extend_by counts from now and never shortens an "
-                "expiry",
-                type="ShortensExpiry",
-            )
-        return wanted_at
+        except core.ExpiryRefused as err:
+            raise refused(err) from None
 
     def _wake_after_decision(self) -> None:
         # Added after lifecycles were already running: recompute deadlines (and check for
@@ -1028,10 +883,7 @@ class NhiLifecycleWorkflow:
         if containment and action.actor.startswith("security:"):
             return  # the security team may contain (rotate, decommission) any NHI
         cfg = self._config()
-        allowed = {cfg.owner_email.lower()}
-        if cfg.backup_owner_email:
-            allowed.add(cfg.backup_owner_email.lower())
-        if action.actor.lower() not in allowed:
+        if not is_owner(action.actor, cfg.owner_email, cfg.backup_owner_email):
             raise ApplicationError(
                 f"{action.actor} is not the owner or backup owner of agent {cfg.agent_name}",
                 type="NotOwner",
@@ -1057,14 +909,27 @@ class NhiLifecycleWorkflow:
     def _update(self, **changes: Any) -> None:
         self._state = self._st().model_copy(update=changes)
 
-    def _grace_end(self) -> datetime:
-        start = self._st().quarantined_at or workflow.now()
-        return start + timedelta(seconds=self._config().grace_period_seconds)
+    def _snapshot(self) -> LifecycleState:
+        """The state as the lifecycle core reads it: with the actions accepted, not yet done."""
+        return self._st().model_copy(
+            update={"pending_decommission": self._decommission, "pending_rotate": self._rotate}
+        )
+
+    def _apply(self, state: LifecycleState) -> None:
+        """Take a state the core computed from `_snapshot()`.
+
+        The snapshot must be taken after the step's last await: `rotate` and `decommission`
+        accept requests without the lock, and an older snapshot would drop them.
+        """
+        self._decommission = state.pending_decommission
+        self._rotate = state.pending_rotate
+        self._state = state.model_copy(
+            update={"pending_decommission": None, "pending_rotate": None}
+        )
 
     def _plan(self, expires_at: datetime) -> ProvisionPlan:
-        plan = self._config().plan
-        tags = dict(plan.tags) | {"nhi:expires-at": expires_at.strftime(ISO)}
-        return plan.model_copy(update={"expires_at": expires_at, "tags": tags})
+        # Providers derive their tags (the expiry tag included) from the plan's typed fields.
+        return self._config().plan.model_copy(update={"expires_at": expires_at})
 
     @staticmethod
     def _who(action: LifecycleAction) -> str:
@@ -1088,7 +953,9 @@ class NhiLifecycleWorkflow:
             escalated=s.escalated,
             let_expire=s.let_expire,
             quarantined_at=s.quarantined_at,
-            grace_ends_at=self._grace_end() if s.phase is Phase.QUARANTINED else None,
+            grace_ends_at=(
+                core.grace_end(s, cfg, workflow.now()) if s.phase is Phase.QUARANTINED else None
+            ),
             decommission_reason=s.decommission_reason,
             message=message,
         )

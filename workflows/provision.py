@@ -34,7 +34,8 @@ with workflow.unsafe.imports_passed_through():
         RemoveIdentity,
     )
     from models.enums import ROTATABLE_KINDS, NhiKind, NhiStatus
-    from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
+    from nhi.rules.ids import PROVISION_WORKFLOW, lifecycle_workflow_id
+    from workflows.lifecycle import NhiLifecycleWorkflow
     from workflows.policies import (
         DB_RETRY,
         DB_TIMEOUT,
@@ -50,7 +51,7 @@ with workflow.unsafe.imports_passed_through():
 CANCEL_PATCH = "compensate-on-cancel"
 
 
-@workflow.defn
+@workflow.defn(name=PROVISION_WORKFLOW)
 class ProvisionNhiWorkflow:
     """One run per NHI, id `nhi-provision-<nhi id>`.
 

@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         orphan_plan,
     )
     from models.enums import NhiKind
+    from nhi.rules.ids import orphan_workflow_id
     from workflows.policies import (
         DB_RETRY,
         DB_TIMEOUT,
@@ -66,17 +67,6 @@ ORPHAN_GRACE_DEFAULT = 86400
 # paths: no pre-active check, `missing` only noted, orphan removal with no alert rule.
 SWEEP_PATCH = "sweep-preactive-missing"
 ORPHAN_PATCH = "orphan-alert-rule"
-
-
-def sweep_workflow_id(provider: str) -> str:
-    """Id of the scheduled sweep of a provider (Schedules append the fire time)."""
-    return f"nhi-sweep-{provider}"
-
-
-def orphan_workflow_id(kind: str, name: str, target: str | None = None) -> str:
-    """One removal per orphaned identity, however many sweeps find it."""
-    where = f"{target}-" if target else ""
-    return f"nhi-orphan-{kind}-{where}{name}"
 
 
 def failure_code(err: BaseException) -> str:

@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from botocore.exceptions import ClientError
 from temporalio.exceptions import ApplicationError
 
 from activities._support import aws_code, classify_aws
-from activities.providers.base import Discovery, Known, Pace
+from activities.providers.base import (
+    EXPIRES_AT_TAG,
+    NHI_ID_TAG,
+    Discovery,
+    Known,
+    Pace,
+    expires_tag,
+    marker_tags,
+)
 from activities.providers.secret_store import CURRENT, PENDING, PREVIOUS, SecretStore
 from models.contracts import (
     IdentityCreated,
-    KeyRef,
+    IdentityRef,
     ProvisionPlan,
     RemovalResult,
-    RemoveIdentity,
     StagedKey,
 )
 from models.enums import NhiKind, Platform
@@ -65,6 +73,10 @@ def _listed(call: Callable[..., Any], key: str, **params: Any) -> list[Any]:
         raise
 
 
+def _arn(attached: Mapping[str, Any]) -> str:
+    return str(attached["PolicyArn"])
+
+
 def _conflict_hint(what: str, name: str, left: str) -> str:
     """The operator's sentence for a DeleteConflict on the identity itself."""
     if left in ("nothing", "nothing attached"):
@@ -91,7 +103,8 @@ def _access_hint(err: ClientError, what: str) -> str | None:
 
 
 def _tags(plan: ProvisionPlan) -> list[TagTypeDef]:
-    return [{"Key": k, "Value": v} for k, v in sorted(plan.tags.items())]
+    """IAM's form of the provider's tags (the same the delivery secret carries)."""
+    return [{"Key": k, "Value": v} for k, v in sorted(marker_tags(plan).items())]
 
 
 def _policy_json(plan: ProvisionPlan) -> str:
@@ -147,6 +160,75 @@ def _deny_sessions_issued_before(at: datetime) -> str:
     )
 
 
+_Listing = tuple[str, str, str, Callable[[Any], str]]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The IAM operations one kind of identity is read and removed with: IAM names them
+    alike for roles and users (`list_role_policies`, `list_user_policies`)."""
+
+    what: str  # "role" or "user", as messages and IAM's operation names say it
+    param: str  # RoleName or UserName
+    # What a fresh read lists as still attached besides the policies, before and after them
+    # in its report: (label, listing, result key, entry's name).
+    before: tuple[_Listing, ...]
+    after: tuple[_Listing, ...]
+
+    def op(self, template: str) -> str:
+        """An operation's name, e.g. `op("list_{}_policies")`."""
+        return template.format(self.what)
+
+    @property
+    def attached(self) -> tuple[_Listing, ...]:
+        policies: tuple[_Listing, ...] = (
+            ("inline policy", self.op("list_{}_policies"), "PolicyNames", str),
+            ("managed policy", self.op("list_attached_{}_policies"), "AttachedPolicies", _arn),
+        )
+        return self.before + policies + self.after
+
+
+_SHAPES = {
+    NhiKind.IAM_ROLE: _Shape(
+        what="role",
+        param="RoleName",
+        before=(),
+        after=(
+            (
+                "instance profile",
+                "list_instance_profiles_for_role",
+                "InstanceProfiles",
+                lambda p: str(p["InstanceProfileName"]),
+            ),
+        ),
+    ),
+    NhiKind.IAM_USER_KEY: _Shape(
+        what="user",
+        param="UserName",
+        before=(
+            (
+                "access key",
+                "list_access_keys",
+                "AccessKeyMetadata",
+                lambda k: f"{k['AccessKeyId']} ({k['Status']})",
+            ),
+        ),
+        after=(("group", "list_groups_for_user", "Groups", lambda g: str(g["GroupName"])),),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One removal call: what it does (for the error), the call, and what it removed."""
+
+    doing: str
+    call: Callable[..., object]
+    params: dict[str, Any]
+    done: str
+    hint: str | None = None
+
+
 class AwsDiscovery:
     """What a sweep asks of AWS: every identity under our IAM path, with details where needed."""
 
@@ -168,28 +250,34 @@ class AwsDiscovery:
             out += page[key]
         return out
 
-    def _tags_of(self, kind: str, name: str) -> dict[str, str]:
-        if kind == NhiKind.IAM_ROLE:
-            tags = self._iam.list_role_tags(RoleName=name)["Tags"]
-        else:
-            tags = self._iam.list_user_tags(UserName=name)["Tags"]
-        return {t["Key"]: t["Value"] for t in tags}
+    def _tags_of(self, kind: NhiKind, name: str) -> dict[str, str]:
+        shape = _SHAPES[kind]
+        listing: Any = getattr(self._iam, shape.op("list_{}_tags"))
+        return {t["Key"]: t["Value"] for t in listing(**{shape.param: name})["Tags"]}
 
-    def _document(self, kind: str, name: str) -> dict[str, Any] | None:
+    def _document(self, kind: NhiKind, name: str) -> dict[str, Any]:
+        """The scope policy IAM holds ({} when there is none)."""
+        shape = _SHAPES[kind]
+        read: Any = getattr(self._iam, shape.op("get_{}_policy"))
         try:
-            if kind == NhiKind.IAM_ROLE:
-                doc: Any = self._iam.get_role_policy(RoleName=name, PolicyName=SCOPE_POLICY_NAME)[
-                    "PolicyDocument"
-                ]
-            else:
-                doc = self._iam.get_user_policy(UserName=name, PolicyName=SCOPE_POLICY_NAME)[
-                    "PolicyDocument"
-                ]
+            doc = read(**{shape.param: name, "PolicyName": SCOPE_POLICY_NAME})["PolicyDocument"]
         except ClientError as err:
             if aws_code(err) == "NoSuchEntity":
                 return {}
             raise
         return json.loads(doc) if isinstance(doc, str) else dict(doc)
+
+    def _drift(self, kind: NhiKind, name: str, granted: Known) -> str | None:
+        """Whether the scope policy IAM holds is the one the grant makes (any difference, a
+        missing policy included, is drift: IAM offers no finer comparison we could trust)."""
+        if granted.expires_at is None:
+            return None  # nothing to compare with
+        expected = identity_policy_document(
+            list(granted.scope), list(granted.allowed_cidrs), granted.expires_at
+        )
+        if self._document(kind, name) == expected:
+            return None
+        return "platform permissions differ from the granted scope"
 
     def last_used(self, kind: NhiKind, name: str, target: str | None) -> datetime | None:
         """RoleLastUsed, or the latest use of any of the user's access keys."""
@@ -230,17 +318,17 @@ class AwsDiscovery:
                 pace()
                 tags = self._tags_of(kind, name)
             managed = status is not None or tags.get("managed-by") == MANAGED_BY
-            nhi_id = tags.get("nhi:nhi-id")
+            nhi_id = tags.get(NHI_ID_TAG)
             secret_arn = None
             if managed and nhi_id and status is None:
                 pace()
-                secret_arn = self._store.find_by_tag("nhi:nhi-id", nhi_id)
-            last_used = document = None
+                secret_arn = self._store.find_by_tag(NHI_ID_TAG, nhi_id)
+            last_used = drift = None
             if status == "active":
                 pace()
                 last_used = self.last_used(kind, name, None)
                 pace()
-                document = self._document(kind, name)
+                drift = self._drift(kind, name, known[name])
             out.append(
                 PlatformIdentity(
                     name=name,
@@ -250,7 +338,7 @@ class AwsDiscovery:
                     nhi_id=nhi_id,
                     secret_arn=secret_arn,
                     last_used_at=last_used,
-                    scope_document=document,
+                    drift=drift,
                 )
             )
         return Discovery(identities=out)
@@ -273,7 +361,7 @@ class _AwsLifecycle:
 
     def renew(self, plan: ProvisionPlan) -> None:
         """Rewrite the scope policy and tag for a new expiry (renewal)."""
-        tag = [{"Key": "nhi:expires-at", "Value": plan.tags["nhi:expires-at"]}]
+        tag: list[TagTypeDef] = [{"Key": EXPIRES_AT_TAG, "Value": expires_tag(plan.expires_at)}]
         try:
             if plan.kind is NhiKind.IAM_ROLE:
                 self._iam.put_role_policy(
@@ -281,14 +369,14 @@ class _AwsLifecycle:
                     PolicyName=SCOPE_POLICY_NAME,
                     PolicyDocument=_policy_json(plan),
                 )
-                self._iam.tag_role(RoleName=plan.identity_name, Tags=tag)  # type: ignore[arg-type]
+                self._iam.tag_role(RoleName=plan.identity_name, Tags=tag)
             else:
                 self._iam.put_user_policy(
                     UserName=plan.identity_name,
                     PolicyName=SCOPE_POLICY_NAME,
                     PolicyDocument=_policy_json(plan),
                 )
-                self._iam.tag_user(UserName=plan.identity_name, Tags=tag)  # type: ignore[arg-type]
+                self._iam.tag_user(UserName=plan.identity_name, Tags=tag)
         except ClientError as err:
             raise classify_aws(err, f"renewing {plan.identity_name}") from err
 
@@ -360,20 +448,20 @@ class _AwsLifecycle:
         # Already promoted by an earlier attempt.
         return StagedKey(new_key_id=stages[CURRENT], old_key_id=stages.get(PREVIOUS))
 
-    def retire(self, key: KeyRef, *, delete: bool) -> None:
+    def retire(self, ref: IdentityRef, key_id: str, *, delete: bool) -> None:
         """Old key after the overlap: inactive first, so a forgotten client fails visibly; then
         deleted. "Not found" counts as done."""
         try:
             if delete:
-                self._iam.delete_access_key(UserName=key.user_name, AccessKeyId=key.key_id)
+                self._iam.delete_access_key(UserName=ref.name, AccessKeyId=key_id)
             else:
                 self._iam.update_access_key(
-                    UserName=key.user_name, AccessKeyId=key.key_id, Status="Inactive"
+                    UserName=ref.name, AccessKeyId=key_id, Status="Inactive"
                 )
         except ClientError as err:
             if aws_code(err) not in _NOT_FOUND:
                 doing = "deleting" if delete else "deactivating"
-                raise classify_aws(err, f"{doing} key {key.key_id}") from err
+                raise classify_aws(err, f"{doing} key {key_id}") from err
 
     def _quarantine(self, kind: NhiKind, name: str, now: datetime) -> list[str]:
         """Quarantine `name`: deny-all policies (roles: and older sessions revoked); users'
@@ -401,64 +489,61 @@ class _AwsLifecycle:
         done.append("deny-all policy")
         return done
 
-    def disable(self, plan: ProvisionPlan) -> list[str]:
+    def disable(self, ref: IdentityRef) -> list[str]:
         """Stop the credential working without deleting anything yet (restorable)."""
         try:
-            return self._quarantine(plan.kind, plan.identity_name, datetime.now(UTC))
+            return self._quarantine(ref.kind, ref.name, datetime.now(UTC))
         except ClientError as err:
             if aws_code(err) in _NOT_FOUND:
                 return ["already gone"]
-            raise classify_aws(err, f"quarantining {plan.identity_name}") from err
+            raise classify_aws(err, f"quarantining {ref.name}") from err
 
-    def verify_disabled(self, plan: ProvisionPlan) -> None:
+    def verify_disabled(self, ref: IdentityRef) -> None:
         """Prove the quarantine from IAM's own state: deny policy in place, no active key.
 
         (moto does not refuse inactive keys, so a login attempt would prove nothing there; the
         state is what AWS enforces.)
         """
         try:
-            if plan.kind is NhiKind.IAM_ROLE:
-                names = self._iam.list_role_policies(RoleName=plan.identity_name)["PolicyNames"]
+            if ref.kind is NhiKind.IAM_ROLE:
+                names = self._iam.list_role_policies(RoleName=ref.name)["PolicyNames"]
             else:
-                names = self._iam.list_user_policies(UserName=plan.identity_name)["PolicyNames"]
-                keys = self._iam.list_access_keys(UserName=plan.identity_name)["AccessKeyMetadata"]
+                names = self._iam.list_user_policies(UserName=ref.name)["PolicyNames"]
+                keys = self._iam.list_access_keys(UserName=ref.name)["AccessKeyMetadata"]
                 active = [k["AccessKeyId"] for k in keys if k["Status"] == "Active"]
                 if active:
                     raise ApplicationError(f"keys still active: {active}", type="NotQuarantined")
         except ClientError as err:
             if aws_code(err) in _NOT_FOUND:
                 return
-            raise classify_aws(err, f"checking the quarantine of {plan.identity_name}") from err
+            raise classify_aws(err, f"checking the quarantine of {ref.name}") from err
         if QUARANTINE_POLICY_NAME not in names:
             raise ApplicationError("deny-all policy not in place", type="NotQuarantined")
 
-    def enable(self, plan: ProvisionPlan) -> None:
+    def enable(self, ref: IdentityRef) -> None:
         """Restore: remove the deny-all and reactivate the delivered key (older sessions stay
         revoked)."""
         try:
-            if plan.kind is NhiKind.IAM_ROLE:
-                self._iam.delete_role_policy(
-                    RoleName=plan.identity_name, PolicyName=QUARANTINE_POLICY_NAME
-                )
+            if ref.kind is NhiKind.IAM_ROLE:
+                self._iam.delete_role_policy(RoleName=ref.name, PolicyName=QUARANTINE_POLICY_NAME)
                 return
-            current = self._stage_key_ids(plan.secret_name).get(CURRENT)
+            current = self._stage_key_ids(ref.secret_name).get(CURRENT) if ref.secret_name else None
             if current:
-                self._iam.update_access_key(
-                    UserName=plan.identity_name, AccessKeyId=current, Status="Active"
-                )
-            self._iam.delete_user_policy(
-                UserName=plan.identity_name, PolicyName=QUARANTINE_POLICY_NAME
-            )
+                self._iam.update_access_key(UserName=ref.name, AccessKeyId=current, Status="Active")
+            self._iam.delete_user_policy(UserName=ref.name, PolicyName=QUARANTINE_POLICY_NAME)
         except ClientError as err:
             if aws_code(err) in _NOT_FOUND:
                 return
-            raise classify_aws(err, f"restoring {plan.identity_name}") from err
+            raise classify_aws(err, f"restoring {ref.name}") from err
 
 
 class AwsProvider(_AwsLifecycle, AwsDiscovery):
     """IAM and Secrets Manager calls for the `iam_role` and `iam_user_key` kinds."""
 
-    platform = Platform.AWS
+    platform: ClassVar[Platform] = Platform.AWS
+    name_separator: ClassVar[str] = (
+        "-"  # IAM names: `<prefix>-<agent>-<id>` (nhi.policy.identity_name)
+    )
 
     def __init__(self, clients: AwsClients, iam_path: str = "/nhi-lifecycle/") -> None:
         self._clients = clients
@@ -468,7 +553,7 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
 
     def _check_ours(self, tags: list[TagTypeDef], plan: ProvisionPlan, what: str) -> None:
         found = {t["Key"]: t["Value"] for t in tags}
-        if found.get("nhi:nhi-id") != str(plan.nhi_id):
+        if found.get(NHI_ID_TAG) != str(plan.nhi_id):
             raise ApplicationError(
                 f"{what} {plan.identity_name} already exists and is not NHI {plan.nhi_id}'s",
                 type="IdentityConflict",
@@ -478,8 +563,8 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
     def create(self, plan: ProvisionPlan) -> IdentityCreated:
         """The role (with its trust and scope) or the user (with its scope, no key yet)."""
         if plan.kind is NhiKind.IAM_ROLE:
-            return self.ensure_role(plan)
-        return self.ensure_user(plan)
+            return self._create_role(plan)
+        return self._create_user(plan)
 
     def deliver(self, plan: ProvisionPlan) -> IdentityCreated:
         """A user's access key into Secrets Manager. A role has no static secret: the agent
@@ -490,9 +575,9 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
             except ClientError as err:
                 raise classify_aws(err, f"reading role {plan.identity_name}") from err
             return IdentityCreated(external_id=arn, credential_ref=arn)
-        return self.issue_access_key(plan)
+        return self._deliver_key(plan)
 
-    def ensure_role(self, plan: ProvisionPlan) -> IdentityCreated:
+    def _create_role(self, plan: ProvisionPlan) -> IdentityCreated:
         """Create the agent's role (trust = its runtime principal, inline policy = its scope)."""
         if plan.trust_principal is None:
             raise ApplicationError(
@@ -529,7 +614,7 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
         # A role has no static secret: the agent assumes it, so its ARN is the reference.
         return IdentityCreated(external_id=arn, credential_ref=arn)
 
-    def ensure_user(self, plan: ProvisionPlan) -> IdentityCreated:
+    def _create_user(self, plan: ProvisionPlan) -> IdentityCreated:
         """Create the IAM user and its inline scope policy (no key yet)."""
         try:
             try:
@@ -557,7 +642,7 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
         key_id = value.get("AccessKeyId") if value else None
         return str(key_id) if key_id else None
 
-    def issue_access_key(self, plan: ProvisionPlan) -> IdentityCreated:
+    def _deliver_key(self, plan: ProvisionPlan) -> IdentityCreated:
         """Create the user's access key and deliver it into Secrets Manager, in one step.
 
         A key that exists but is not in the secret can only be the leftover of a run that
@@ -586,7 +671,7 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
                 self._store.put_current(
                     plan.secret_name,
                     _key_value(key),
-                    tags=plan.tags,
+                    tags=marker_tags(plan),
                     description=f"Access key of NHI {plan.nhi_id}",
                 )
                 del key
@@ -599,7 +684,7 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
             external_id=user_arn, credential_ref=secret_arn, access_key_id=delivered
         )
 
-    def delete(self, request: RemoveIdentity) -> RemovalResult:
+    def delete(self, ref: IdentityRef, *, force_delete_secret: bool = False) -> RemovalResult:
         """Strip the identity, delete it, prove it is gone, then delete its secret.
 
         Containment is monotonic: everything that grants access goes first; what quarantine
@@ -608,15 +693,11 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
         the identity at least as locked as quarantine. Each step's own "not found" counts as
         done, and only a fresh read that no longer finds the identity ends the removal.
         """
-        plan = request.plan
-        if plan.kind is NhiKind.IAM_ROLE:
-            removed = self._remove_role(plan.identity_name)
-        else:
-            removed = self._remove_user(plan.identity_name)
+        removed = self._remove(ref.kind, ref.name)
         try:
-            removed += self._remove_secret(plan.secret_name, force=request.force_delete_secret)
+            removed += self._remove_secret(ref.secret_name, force=force_delete_secret)
         except ClientError as err:
-            raise classify_aws(err, f"deleting secret {plan.secret_name}") from err
+            raise classify_aws(err, f"deleting secret {ref.secret_name}") from err
         return RemovalResult(removed=removed)
 
     def _relock(self, kind: NhiKind, name: str) -> str:
@@ -638,68 +719,34 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
         relocked = self._relock(kind, name)
         return classify_aws(err, f"{doing}; {relocked}", hint=hint)
 
-    def _role_remains(self, name: str) -> str | None:
-        """What a fresh read finds of the role: None when it is gone, else what is left."""
-        iam = self._iam
+    def _remains(self, kind: NhiKind, name: str) -> str | None:
+        """What a fresh read finds of the identity: None when it is gone, else what is left."""
+        shape = _SHAPES[kind]
+        iam: Any = self._iam
+        by_name = {shape.param: name}
         try:
-            iam.get_role(RoleName=name)
+            getattr(iam, shape.op("get_{}"))(**by_name)
             parts = [
-                f"inline policy {p}"
-                for p in _listed(iam.list_role_policies, "PolicyNames", RoleName=name)
-            ]
-            parts += [
-                f"managed policy {a['PolicyArn']}"
-                for a in _listed(iam.list_attached_role_policies, "AttachedPolicies", RoleName=name)
-            ]
-            parts += [
-                f"instance profile {p['InstanceProfileName']}"
-                for p in _listed(
-                    iam.list_instance_profiles_for_role, "InstanceProfiles", RoleName=name
-                )
+                f"{label} {named(entry)}"
+                for label, operation, key, named in shape.attached
+                for entry in _listed(getattr(iam, operation), key, **by_name)
             ]
         except ClientError as err:
             if aws_code(err) in _NOT_FOUND:
                 return None
-            raise classify_aws(err, f"proving role {name} is gone") from err
+            raise classify_aws(err, f"proving {shape.what} {name} is gone") from err
         return ", ".join(parts) or "nothing attached"
 
-    def _user_remains(self, name: str) -> str | None:
-        """What a fresh read finds of the user: None when it is gone, else what is left."""
-        iam = self._iam
-        try:
-            iam.get_user(UserName=name)
-            parts = [
-                f"access key {k['AccessKeyId']} ({k['Status']})"
-                for k in _listed(iam.list_access_keys, "AccessKeyMetadata", UserName=name)
-            ]
-            parts += [
-                f"inline policy {p}"
-                for p in _listed(iam.list_user_policies, "PolicyNames", UserName=name)
-            ]
-            parts += [
-                f"managed policy {a['PolicyArn']}"
-                for a in _listed(iam.list_attached_user_policies, "AttachedPolicies", UserName=name)
-            ]
-            parts += [
-                f"group {g['GroupName']}"
-                for g in _listed(iam.list_groups_for_user, "Groups", UserName=name)
-            ]
-        except ClientError as err:
-            if aws_code(err) in _NOT_FOUND:
-                return None
-            raise classify_aws(err, f"proving user {name} is gone") from err
-        return ", ".join(parts) or "nothing attached"
-
-    @staticmethod
-    def _remains_or_unknown(read: Callable[[str], str | None], name: str) -> str:
+    def _remains_or_unknown(self, kind: NhiKind, name: str) -> str:
         """What is left, for an operator's sentence; never fails the error it explains."""
         try:
-            return read(name) or "nothing"
+            return self._remains(kind, name) or "nothing"
         except ApplicationError:
             return "something (unreadable)"
 
-    def _not_removed(self, kind: NhiKind, what: str, name: str, remains: str) -> ApplicationError:
+    def _not_removed(self, kind: NhiKind, name: str, remains: str) -> ApplicationError:
         relocked = self._relock(kind, name)
+        what = _SHAPES[kind].what
         message = f"{what} {name} still exists after its deletion ({remains}); {relocked}; retrying"
         return ApplicationError(
             message,
@@ -707,135 +754,159 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
             type="NotRemoved",
         )
 
-    def _remove_role(self, name: str) -> list[str]:
-        """Managed policies, instance profiles and the other inline policies first; the
-        quarantine's deny policies last, right before DeleteRole; then prove it is gone."""
-        iam = self._iam
-        kind = NhiKind.IAM_ROLE
+    def _remove(self, kind: NhiKind, name: str) -> list[str]:
+        """Run the removal steps in order (each one's "not found" counts as done), then prove
+        the identity is gone. A failed step re-locks the identity and raises, naming the step
+        and, where there is one, what the operator does about it."""
+        what = _SHAPES[kind].what
+        steps = self._role_steps(name) if kind is NhiKind.IAM_ROLE else self._user_steps(name)
         done: list[str] = []
-        doing, hint = f"removing role {name}", None
+        # A listing between steps that fails is reported as part of the step before it.
+        doing, hint = f"removing {what} {name}", None
         try:
-            for attached in _listed(
-                iam.list_attached_role_policies, "AttachedPolicies", RoleName=name
-            ):
-                arn = attached["PolicyArn"]
-                doing = f"detaching {arn} from role {name}"
-                hint = (
-                    f"Operator: a managed policy attached outside nhi-lifecycle blocks the "
-                    f"removal: detach {arn} from role {name} (or allow the worker "
-                    f"iam:DetachRolePolicy on it); the role stays quarantined and the removal "
-                    f"retries"
-                )
-                if _gone_ok(iam.detach_role_policy, RoleName=name, PolicyArn=arn):
-                    done.append(f"attached policy {arn}")
-            for profile in _listed(
-                iam.list_instance_profiles_for_role, "InstanceProfiles", RoleName=name
-            ):
-                profile_name = profile["InstanceProfileName"]
-                doing = f"removing role {name} from instance profile {profile_name}"
-                hint = (
-                    f"Operator: instance profile {profile_name} (made outside nhi-lifecycle) "
-                    f"holds role {name}: remove the role from it; the removal retries"
-                )
-                if _gone_ok(
-                    iam.remove_role_from_instance_profile,
-                    InstanceProfileName=profile_name,
-                    RoleName=name,
-                ):
-                    done.append(f"instance profile {profile_name}")
-            hint = None
-            inline = _listed(iam.list_role_policies, "PolicyNames", RoleName=name)
-            # The scope (and anything else granting access) before the denies that hold it.
-            for policy in sorted(inline, key=_deny_last):
-                doing = f"deleting inline policy {policy} of role {name}"
-                if _gone_ok(iam.delete_role_policy, RoleName=name, PolicyName=policy):
-                    done.append(f"inline policy {policy}")
-            doing = f"deleting role {name}"
-            if _gone_ok(iam.delete_role, RoleName=name):
-                done.append(f"role {name}")
+            for step in steps:
+                doing, hint = step.doing, step.hint
+                if _gone_ok(step.call, **step.params):
+                    done.append(step.done)
         except ClientError as err:
-            if aws_code(err) == "DeleteConflict" and doing == f"deleting role {name}":
-                left = self._remains_or_unknown(self._role_remains, name)
-                hint = _conflict_hint("role", name, left)
-            hint = hint or _access_hint(err, f"role {name}")
+            if aws_code(err) == "DeleteConflict" and doing == f"deleting {what} {name}":
+                hint = _conflict_hint(what, name, self._remains_or_unknown(kind, name))
+            hint = hint or _access_hint(err, f"{what} {name}")
             raise self._fail_removal(err, kind, name, doing, hint) from err
-        remains = self._role_remains(name)
+        remains = self._remains(kind, name)
         if remains is not None:
-            raise self._not_removed(kind, "role", name, remains)
+            raise self._not_removed(kind, name, remains)
         return done
 
-    def _remove_user(self, name: str) -> list[str]:
-        """Credentials (console password, keys, certificates, SSH keys, MFA), groups, managed
-        and other inline policies first; the quarantine's deny policy last, right before
-        DeleteUser; then prove it is gone."""
+    def _role_steps(self, name: str) -> Iterator[_Step]:
+        """Managed policies, instance profiles, then the inline policies and the role."""
         iam = self._iam
-        kind = NhiKind.IAM_USER_KEY
-        done: list[str] = []
-        doing, hint = f"deleting the login profile of user {name}", None
-        try:
-            if _gone_ok(iam.delete_login_profile, UserName=name):
-                done.append("login profile")
-            for key in _listed(iam.list_access_keys, "AccessKeyMetadata", UserName=name):
-                key_id = key["AccessKeyId"]
-                doing = f"deleting access key {key_id} of user {name}"
-                if _gone_ok(iam.delete_access_key, UserName=name, AccessKeyId=key_id):
-                    done.append(f"access key {key_id}")
-            for cert in _listed(iam.list_signing_certificates, "Certificates", UserName=name):
-                cert_id = cert["CertificateId"]
-                doing = f"deleting signing certificate {cert_id} of user {name}"
-                if _gone_ok(iam.delete_signing_certificate, UserName=name, CertificateId=cert_id):
-                    done.append(f"signing certificate {cert_id}")
-            for ssh in _listed(iam.list_ssh_public_keys, "SSHPublicKeys", UserName=name):
-                ssh_id = ssh["SSHPublicKeyId"]
-                doing = f"deleting SSH public key {ssh_id} of user {name}"
-                if _gone_ok(iam.delete_ssh_public_key, UserName=name, SSHPublicKeyId=ssh_id):
-                    done.append(f"ssh public key {ssh_id}")
-            for device in _listed(iam.list_mfa_devices, "MFADevices", UserName=name):
-                serial = device["SerialNumber"]
-                doing = f"deactivating MFA device {serial} of user {name}"
-                if _gone_ok(iam.deactivate_mfa_device, UserName=name, SerialNumber=serial):
-                    done.append(f"mfa device {serial}")
-            for group in _listed(iam.list_groups_for_user, "Groups", UserName=name):
-                group_name = group["GroupName"]
-                doing = f"removing user {name} from group {group_name}"
-                hint = (
+        yield from self._detach_steps(NhiKind.IAM_ROLE, name)
+        for profile in _listed(
+            iam.list_instance_profiles_for_role, "InstanceProfiles", RoleName=name
+        ):
+            profile_name = profile["InstanceProfileName"]
+            yield _Step(
+                f"removing role {name} from instance profile {profile_name}",
+                iam.remove_role_from_instance_profile,
+                {"InstanceProfileName": profile_name, "RoleName": name},
+                f"instance profile {profile_name}",
+                hint=(
+                    f"Operator: instance profile {profile_name} (made outside nhi-lifecycle) "
+                    f"holds role {name}: remove the role from it; the removal retries"
+                ),
+            )
+        yield from self._final_steps(NhiKind.IAM_ROLE, name)
+
+    def _user_steps(self, name: str) -> Iterator[_Step]:
+        """Credentials (console password, keys, certificates, SSH keys, MFA), groups, managed
+        policies, then the inline policies and the user."""
+        iam = self._iam
+        user = {"UserName": name}
+        yield _Step(
+            f"deleting the login profile of user {name}",
+            iam.delete_login_profile,
+            user,
+            "login profile",
+        )
+        # Every kind of credential a user can hold: (what, listing, result key, id, removal).
+        credentials: tuple[tuple[str, Callable[..., Any], str, str, Callable[..., object]], ...] = (
+            (
+                "access key",
+                iam.list_access_keys,
+                "AccessKeyMetadata",
+                "AccessKeyId",
+                iam.delete_access_key,
+            ),
+            (
+                "signing certificate",
+                iam.list_signing_certificates,
+                "Certificates",
+                "CertificateId",
+                iam.delete_signing_certificate,
+            ),
+            (
+                "SSH public key",
+                iam.list_ssh_public_keys,
+                "SSHPublicKeys",
+                "SSHPublicKeyId",
+                iam.delete_ssh_public_key,
+            ),
+            (
+                "MFA device",
+                iam.list_mfa_devices,
+                "MFADevices",
+                "SerialNumber",
+                iam.deactivate_mfa_device,
+            ),
+        )
+        for what, listing, key, field, remove in credentials:
+            for entry in _listed(listing, key, UserName=name):
+                ident = entry[field]
+                verb = "deactivating" if what == "MFA device" else "deleting"
+                yield _Step(
+                    f"{verb} {what} {ident} of user {name}",
+                    remove,
+                    user | {field: ident},
+                    f"{what.lower()} {ident}",
+                )
+        for group in _listed(iam.list_groups_for_user, "Groups", UserName=name):
+            group_name = group["GroupName"]
+            yield _Step(
+                f"removing user {name} from group {group_name}",
+                iam.remove_user_from_group,
+                user | {"GroupName": group_name},
+                f"group membership {group_name}",
+                hint=(
                     f"Operator: user {name} was added to group {group_name} outside "
                     f"nhi-lifecycle: remove it from the group; the removal retries"
-                )
-                if _gone_ok(iam.remove_user_from_group, GroupName=group_name, UserName=name):
-                    done.append(f"group membership {group_name}")
-            for attached in _listed(
-                iam.list_attached_user_policies, "AttachedPolicies", UserName=name
-            ):
-                arn = attached["PolicyArn"]
-                doing = f"detaching {arn} from user {name}"
-                hint = (
+                ),
+            )
+        yield from self._detach_steps(NhiKind.IAM_USER_KEY, name)
+        yield from self._final_steps(NhiKind.IAM_USER_KEY, name)
+
+    def _detach_steps(self, kind: NhiKind, name: str) -> Iterator[_Step]:
+        """Managed policies attached (outside nhi-lifecycle: we attach none)."""
+        shape = _SHAPES[kind]
+        iam: Any = self._iam
+        by_name = {shape.param: name}
+        for attached in _listed(
+            getattr(iam, shape.op("list_attached_{}_policies")), "AttachedPolicies", **by_name
+        ):
+            arn = attached["PolicyArn"]
+            yield _Step(
+                f"detaching {arn} from {shape.what} {name}",
+                getattr(iam, shape.op("detach_{}_policy")),
+                by_name | {"PolicyArn": arn},
+                f"attached policy {arn}",
+                hint=(
                     f"Operator: a managed policy attached outside nhi-lifecycle blocks the "
-                    f"removal: detach {arn} from user {name} (or allow the worker "
-                    f"iam:DetachUserPolicy on it); the user stays quarantined and the removal "
-                    f"retries"
-                )
-                if _gone_ok(iam.detach_user_policy, UserName=name, PolicyArn=arn):
-                    done.append(f"attached policy {arn}")
-            hint = None
-            inline = _listed(iam.list_user_policies, "PolicyNames", UserName=name)
-            for policy in sorted(inline, key=_deny_last):
-                doing = f"deleting inline policy {policy} of user {name}"
-                if _gone_ok(iam.delete_user_policy, UserName=name, PolicyName=policy):
-                    done.append(f"inline policy {policy}")
-            doing = f"deleting user {name}"
-            if _gone_ok(iam.delete_user, UserName=name):
-                done.append(f"user {name}")
-        except ClientError as err:
-            if aws_code(err) == "DeleteConflict" and doing == f"deleting user {name}":
-                left = self._remains_or_unknown(self._user_remains, name)
-                hint = _conflict_hint("user", name, left)
-            hint = hint or _access_hint(err, f"user {name}")
-            raise self._fail_removal(err, kind, name, doing, hint) from err
-        remains = self._user_remains(name)
-        if remains is not None:
-            raise self._not_removed(kind, "user", name, remains)
-        return done
+                    f"removal: detach {arn} from {shape.what} {name} (or allow the worker "
+                    f"iam:Detach{shape.what.title()}Policy on it); the {shape.what} stays "
+                    f"quarantined and the removal retries"
+                ),
+            )
+
+    def _final_steps(self, kind: NhiKind, name: str) -> Iterator[_Step]:
+        """The inline policies, the scope (and anything else granting access) before the
+        quarantine's denies that hold it; then the identity itself."""
+        shape = _SHAPES[kind]
+        iam: Any = self._iam
+        by_name = {shape.param: name}
+        inline = _listed(getattr(iam, shape.op("list_{}_policies")), "PolicyNames", **by_name)
+        for policy in sorted(inline, key=_deny_last):
+            yield _Step(
+                f"deleting inline policy {policy} of {shape.what} {name}",
+                getattr(iam, shape.op("delete_{}_policy")),
+                by_name | {"PolicyName": policy},
+                f"inline policy {policy}",
+            )
+        yield _Step(
+            f"deleting {shape.what} {name}",
+            getattr(iam, shape.op("delete_{}")),
+            by_name,
+            f"{shape.what} {name}",
+        )
 
     def _remove_secret(self, name: str, *, force: bool) -> list[str]:
         # An orphan whose secret was never found has no name; one already scheduled for

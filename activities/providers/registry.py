@@ -1,5 +1,6 @@
-"""Which provider serves which platform. Adding a platform: write its module (see base.py),
-add one line here, and add its kinds to models/enums.py."""
+"""Which provider serves which platform: the one place, with the provider modules, that names
+platforms. Adding a platform: write its provider (see base.py), add its class below and one
+line to `build_providers`, and add the platform and its kinds to models/enums.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from nhi.aws import AwsClients
 from nhi.config import Settings
 from nhi.targets import TargetResolver
 
+PROVIDER_CLASSES: tuple[type[Provider], ...] = (AwsProvider, PostgresProvider)
+_SEPARATORS = {cls.platform: cls.name_separator for cls in PROVIDER_CLASSES}
+
 
 def build_providers(
     settings: Settings, aws: AwsClients, targets: TargetResolver
@@ -20,3 +24,8 @@ def build_providers(
         Platform.AWS: AwsProvider(aws, settings.iam_path),
         Platform.POSTGRES: PostgresProvider(targets, aws.secrets, name_prefix=settings.name_prefix),
     }
+
+
+def name_prefix(platform: Platform, prefix: str) -> str:
+    """How the names of this deployment's identities on `platform` start (`nhi-`, `nhi_`)."""
+    return f"{prefix}{_SEPARATORS[platform]}"

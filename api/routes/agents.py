@@ -8,13 +8,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
 
 from api.deps import CurrentPrincipal, SessionDep, State, TemporalUnavailable, authenticated
 from api.routes.nhis import start_provisioning
 from models.contracts import ProvisionInput
 from models.enums import AgentStatus, Environment, NhiKind
-from models.orm import Nhi
 from models.schemas import (
     AgentCreate,
     AgentDetail,
@@ -26,11 +24,11 @@ from models.schemas import (
     Offset,
     Team,
 )
-from nhi import inventory
 from nhi.auth import require_read, require_team
 from nhi.aws import make_aws_clients
 from nhi.config import Settings
-from nhi.policy import check_trust_account, principal_account
+from nhi.policy import principal_account
+from nhi.services import agents, nhis
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/agents", tags=["agents"], dependencies=[authenticated])
@@ -62,28 +60,11 @@ def own_account(settings: Settings) -> str:
     return _OWN_ACCOUNTS[key]
 
 
-def _check_trust(session: Session, nhi: Nhi, own: str | None) -> None:
-    """The requested role's trust principal against the policy's accounts (the format was
-    checked by `inventory.request_nhi`); raising rolls the whole request back."""
-    if nhi.kind != NhiKind.IAM_ROLE.value or not nhi.trust_principal:
-        return
-    policy = inventory.find_policy(session, nhi.platform, nhi.kind, nhi.agent.environment)
-    if policy is None:  # request_nhi refused that already
-        return
-    check_trust_account(
-        nhi.trust_principal,
-        own_account=own or "",
-        allowed_accounts=list(policy.allowed_trust_accounts or []),
-        allow_service_principals=policy.allow_service_principals,
-        label=f"{policy.platform}/{policy.kind}/{policy.environment}",
-    )
-
-
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=AgentOut)
 def create_agent(body: AgentCreate, session: SessionDep, p: CurrentPrincipal) -> AgentOut:
     """Register an AI agent with its owner, backup owner, team and purpose (platform role)."""
     require_team(p, body.team)
-    agent = inventory.create_agent(session, body, p.actor)
+    agent = agents.create_agent(session, body, p.actor)
     return AgentOut.model_validate(agent)
 
 
@@ -99,7 +80,7 @@ def list_agents(
     offset: Offset = 0,
 ) -> list[AgentOut]:
     """Agents, filtered by environment, owner email, team or status."""
-    agents = inventory.list_agents(
+    rows = agents.list_agents(
         session,
         environment=environment.value if environment else None,
         owner=owner,
@@ -109,13 +90,13 @@ def list_agents(
         offset=offset,
         visible_to=p,
     )
-    return [AgentOut.model_validate(a) for a in agents]
+    return [AgentOut.model_validate(a) for a in rows]
 
 
 @router.get("/{agent_id}", response_model=AgentDetail)
 def get_agent(agent_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> AgentDetail:
     """One agent with every NHI it holds: its total access footprint."""
-    agent = inventory.get_agent(session, agent_id, with_nhis=True)
+    agent = agents.get_agent(session, agent_id, with_nhis=True)
     require_read(p, agent)
     return AgentDetail.model_validate(agent)
 
@@ -130,7 +111,7 @@ async def request_nhi(
     can be created that the inventory does not know how to remove.
     """
     actor = p.actor
-    agent = await state.db(lambda s: inventory.get_agent(s, agent_id))
+    agent = await state.db(lambda s: agents.get_agent(s, agent_id))
     require_team(p, agent.team, agent)
     own = None
     if (
@@ -140,15 +121,10 @@ async def request_nhi(
     ):
         own = await run_in_threadpool(own_account, state.settings)
 
-    def record(s: Session) -> tuple[Nhi, list[str]]:
-        nhi, sensitive = inventory.request_nhi(s, state.settings, agent_id, body, actor)
-        _check_trust(s, nhi, own)
-        return nhi, sensitive
-
     # Row, audit event and workflow start: all or nothing, answered within ~2 s (nhis.py).
     return await start_provisioning(
         state,
-        record,
+        lambda s: nhis.request_checked(s, state.settings, agent_id, body, actor, own),
         lambda nhi_id, needs_approval: ProvisionInput(
             nhi_id=nhi_id,
             requested_by=actor,

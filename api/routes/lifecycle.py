@@ -31,7 +31,7 @@ from temporalio.client import (
     WorkflowUpdateStage,
 )
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.exceptions import ApplicationError, FailureError, WorkflowAlreadyStartedError
+from temporalio.exceptions import FailureError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import (
@@ -42,7 +42,8 @@ from api.deps import (
     TemporalUnavailable,
     authenticated,
 )
-from api.idempotency import IdempotencyKeyHeader, update_id
+from api.errors import refusal
+from api.idempotency import IdempotencyKeyHeader
 from models.contracts import (
     LifecycleAction,
     LifecycleInput,
@@ -55,29 +56,24 @@ from models.contracts import (
 from models.enums import NhiStatus, Role
 from models.orm import Agent, Nhi
 from models.schemas import Body, Duration, PromptOut, Reason, duration_seconds
-from nhi import inventory
 from nhi.auth import Principal, require, require_owner, require_read, require_visible_nhi
-from nhi.inventory import Conflict, NotFound
 from nhi.policy import RuleViolation
-from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
+from nhi.rules.ids import (
+    api_answer_update_id,
+    completion_update_id,
+    keyed_update_id,
+    lifecycle_workflow_id,
+)
+from nhi.services import agents, nhis, prompts
+from nhi.services.errors import Conflict, Forbidden, NotFound, PolicyViolation
+from workflows.lifecycle import NhiLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["lifecycle"], dependencies=[authenticated])
 T = TypeVar("T")
 
-# Workflow refusals as HTTP: who may not (403), what may not now (409), what may never (422),
-# and a deadline that passed before the lifecycle saw the action (503: nothing was applied).
-_STATUS_OF = {
-    "NotOwner": 403,
-    "InvalidState": 409,
-    "AlreadyDecided": 409,
-    "SelfApproval": 403,
-    "MaxLifetime": 422,
-    "ShortensExpiry": 422,
-    "DeadlinePassed": 503,
-    "NotReady": 503,
-}
-_FIELD_OF = {"MaxLifetime": "extend_by", "ShortensExpiry": "extend_by"}
+# The 202 answer's detail: the lifecycle accepted the action and is still carrying it out.
+STILL_RUNNING = "accepted; still being carried out"
 # A Temporal start or describe that takes longer than this is treated as Temporal unreachable.
 TEMPORAL_CALL_BUDGET = 1.5
 # The API waits this much past `not_after` before giving up, so a lifecycle whose clock runs a
@@ -152,21 +148,6 @@ async def temporal_client(state: AppState) -> Client:
         return await state.temporal()
 
 
-def _refusal(err: WorkflowUpdateFailedError) -> JSONResponse:
-    cause = err.cause
-    kind = cause.type if isinstance(cause, ApplicationError) else None
-    # Only the workflow's own refusals are shown; anything else is an internal failure.
-    message = (
-        cause.message
-        if isinstance(cause, ApplicationError) and cause.type
-        else "the lifecycle could not carry out this action"
-    )
-    body: dict[str, Any] = {"detail": message}
-    if kind in _FIELD_OF:
-        body["field"] = _FIELD_OF[kind]
-    return JSONResponse(status_code=_STATUS_OF.get(kind or "", 409), content=body)
-
-
 async def send_update(
     state: AppState,
     handle: WorkflowHandle[Any, Any],
@@ -177,9 +158,10 @@ async def send_update(
 ) -> Any:
     """Send one update that must be accepted before the API's deadline.
 
-    Returns the update's result, or a JSONResponse for a refusal (4xx), a missed deadline
-    (503: never applied later) or an action still running after acceptance (202).
-    Raises RPCError NOT_FOUND when no run is running.
+    Returns the update's result, or a 202 JSONResponse for an action still running after
+    acceptance. Raises the workflow's refusal as a domain error (`api.errors.refusal`),
+    TemporalUnavailable for a missed deadline (503: never applied later), and RPCError
+    NOT_FOUND when no run is running.
     """
     timeout = state.settings.api_update_timeout_seconds
     not_after = datetime.now(UTC) + timedelta(seconds=timeout)
@@ -199,7 +181,7 @@ async def send_update(
             "running?); it will not be applied later"
         ) from None
     except WorkflowUpdateFailedError as err:
-        return _refusal(err)
+        raise refusal(err) from None
     except RPCError as err:
         if err.status is RPCStatusCode.NOT_FOUND:
             raise
@@ -207,11 +189,11 @@ async def send_update(
     try:
         return await asyncio.wait_for(started.result(), RESULT_WAIT)
     except WorkflowUpdateFailedError as err:
-        return _refusal(err)
+        raise refusal(err) from None
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
         return JSONResponse(
             status_code=202,
-            content={"detail": "accepted; still being carried out", "update_id": started.id},
+            content={"detail": STILL_RUNNING, "update_id": started.id},
         )
     except RPCError as err:
         raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from None
@@ -242,11 +224,11 @@ async def call_lifecycle(
             ) from None
         raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from err
     except WorkflowUpdateFailedError as err:
-        return _refusal(err)
+        raise refusal(err) from None
 
 
 def _with_agent(session: Session, nhi_id: uuid.UUID) -> tuple[Nhi, Agent]:
-    nhi = inventory.get_nhi(session, nhi_id)
+    nhi = nhis.get_nhi(session, nhi_id)
     return nhi, nhi.agent
 
 
@@ -293,33 +275,19 @@ async def renew(
 ) -> Any:
     """Extend the expiry (owner or backup owner); never past the maximum lifetime."""
     extend = _extend_seconds(body.extend_by)
-    sent: dict[str, LifecycleAction] = {}
-
-    def authorize(agent: Agent) -> None:
-        require_owner(p, agent)
-        sent["who"] = _person(p, agent)
-
-    def arg(not_after: datetime) -> RenewRequest:
-        who = sent["who"]
-        return RenewRequest(
+    return await _owner_update(
+        state,
+        nhi_id,
+        p,
+        NhiLifecycleWorkflow.renew,
+        lambda who, not_after: RenewRequest(
             actor=who.actor,
             principal=who.principal,
             reason=body.reason,
             extend_by_seconds=extend,
             not_after=not_after,
-        )
-
-    return await call_lifecycle(
-        state,
-        nhi_id,
-        lambda h: send_update(
-            state,
-            h,
-            NhiLifecycleWorkflow.renew,
-            arg,
-            update_id=update_id("renew", p.actor, idempotency_key),
         ),
-        authorize,
+        keyed_update_id("renew", p.actor, idempotency_key),
     )
 
 
@@ -327,27 +295,35 @@ async def _owner_update(
     state: AppState,
     nhi_id: uuid.UUID,
     p: Principal,
-    body: ActionBody,
     update: Any,
-    name: str,
-    key: str | None,
+    build: Callable[[LifecycleAction, datetime], Any],
+    update_id: str | None,
     *,
     containment: bool = False,
+    addressed: str | None = None,
 ) -> Any:
+    """An owner's action on the NHI's lifecycle: owner rights (or security, for containment)
+    checked against its agent, then the update `build` makes from who acts and the deadline."""
     sent: dict[str, LifecycleAction] = {}
 
     def authorize(agent: Agent) -> None:
         require_owner(p, agent, security_may=containment)
         sent["who"] = _person(p, agent, containment=containment)
 
-    def arg(not_after: datetime) -> LifecycleAction:
-        return sent["who"].model_copy(update={"reason": body.reason, "not_after": not_after})
-
     return await call_lifecycle(
         state,
         nhi_id,
-        lambda h: send_update(state, h, update, arg, update_id=update_id(name, p.actor, key)),
+        lambda h: send_update(
+            state, h, update, lambda not_after: build(sent["who"], not_after), update_id=update_id
+        ),
         authorize,
+        addressed,
+    )
+
+
+def _with_reason(body: ActionBody) -> Callable[[LifecycleAction, datetime], LifecycleAction]:
+    return lambda who, not_after: who.model_copy(
+        update={"reason": body.reason, "not_after": not_after}
     )
 
 
@@ -364,10 +340,9 @@ async def rotate(
         state,
         nhi_id,
         p,
-        body,
         NhiLifecycleWorkflow.rotate,
-        "rotate",
-        idempotency_key,
+        _with_reason(body),
+        keyed_update_id("rotate", p.actor, idempotency_key),
         containment=True,
     )
 
@@ -426,7 +401,7 @@ async def decommission(
                     handle,
                     NhiLifecycleWorkflow.decommission,
                     lambda not_after: who.model_copy(update={"not_after": not_after}),
-                    update_id=update_id("decommission", p.actor, idempotency_key),
+                    update_id=keyed_update_id("decommission", p.actor, idempotency_key),
                 )
             except RPCError as err:
                 if err.status is not RPCStatusCode.NOT_FOUND:
@@ -442,7 +417,7 @@ async def decommission(
         return result
     actor, reason = p.actor, body.reason
     await state.db(
-        lambda s: inventory.record_containment(s, nhi_id, actor, reason or "decommission", path)
+        lambda s: nhis.record_containment(s, nhi_id, actor, reason or "decommission", path)
     )
     view = result if isinstance(result, LifecycleView) else _inventory_view(nhi, path)
     return ContainmentView(**view.model_dump(), path=path)
@@ -520,7 +495,12 @@ async def restore(
 ) -> Any:
     """Undo a quarantine during the grace period (owner or backup owner)."""
     return await _owner_update(
-        state, nhi_id, p, body, NhiLifecycleWorkflow.restore, "restore", idempotency_key
+        state,
+        nhi_id,
+        p,
+        NhiLifecycleWorkflow.restore,
+        _with_reason(body),
+        keyed_update_id("restore", p.actor, idempotency_key),
     )
 
 
@@ -534,7 +514,7 @@ def list_prompts(
     """Renewal prompts (open ones by default): what dev mode shows instead of Slack."""
     return [
         PromptOut.model_validate(p)
-        for p in inventory.list_prompts(
+        for p in prompts.list_prompts(
             session, None if status == "all" else status, nhi_id, visible_to=p
         )
     ]
@@ -549,36 +529,22 @@ async def answer_prompt(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
     """Answer a prompt as its owner or backup owner: renew, let_expire or decommission_now."""
-    prompt = await state.db(lambda s: inventory.get_prompt(s, prompt_id))
-    sent: dict[str, LifecycleAction] = {}
-
-    def authorize(agent: Agent) -> None:
-        require_owner(p, agent)
-        sent["who"] = _person(p, agent)
-
-    def arg(not_after: datetime) -> PromptAnswer:
-        who = sent["who"]
-        return PromptAnswer(
+    prompt = await state.db(lambda s: prompts.get_prompt(s, prompt_id))
+    return await _owner_update(
+        state,
+        prompt.nhi_id,
+        p,
+        NhiLifecycleWorkflow.answer,
+        lambda who, not_after: PromptAnswer(
             actor=who.actor,
             principal=who.principal,
             reason=body.reason,
             prompt_id=prompt_id,
             answer=body.answer,
             not_after=not_after,
-        )
-
-    return await call_lifecycle(
-        state,
-        prompt.nhi_id,
-        lambda h: send_update(
-            state,
-            h,
-            NhiLifecycleWorkflow.answer,
-            arg,
-            # Without a key, one answer per person and prompt (a retried click is applied once).
-            update_id=update_id("answer", p.actor, idempotency_key) or f"api-{prompt_id}-{p.actor}",
         ),
-        authorize,
+        # Without a key, one answer per person and prompt (a retried click is applied once).
+        api_answer_update_id(prompt_id, p.actor, idempotency_key),
         addressed=f"prompt {prompt_id}",
     )
 
@@ -592,7 +558,7 @@ async def complete_agent(
 ) -> dict[str, Any]:
     """The agent's task has ended: decommission every identity it holds (its platform team,
     its owner, or security)."""
-    agent = await state.db(lambda s: inventory.get_agent(s, agent_id))
+    agent = await state.db(lambda s: agents.get_agent(s, agent_id))
     require_read(p, agent)  # 404 for an agent the caller may not see
     require(
         p.acts_for(agent.team) or p.owns(agent) or p.has(Role.SECURITY),
@@ -600,7 +566,7 @@ async def complete_agent(
         "not its owner, not security",
     )
     actor = p.actor
-    nhi_ids = await state.db(lambda s: inventory.complete_agent(s, agent_id, actor, body.reason))
+    nhi_ids = await state.db(lambda s: agents.complete_agent(s, agent_id, actor, body.reason))
     req = LifecycleAction(
         actor="system:agent-completed",
         channel="system",
@@ -620,11 +586,11 @@ async def complete_agent(
                 handle,
                 NhiLifecycleWorkflow.decommission,
                 lambda not_after: req.model_copy(update={"not_after": not_after}),
-                update_id=f"complete-{nhi_id}",
+                update_id=completion_update_id(nhi_id),
             )
-        except (RPCError, TemporalUnavailable):
-            # No run, or not reachable in time: the sweep's "agent gone" rule (and a lifecycle
-            # that starts later, which sees the completed agent) decommissions it.
+        except (RPCError, TemporalUnavailable, Conflict, Forbidden, PolicyViolation):
+            # No run, refused, or not reachable in time: the sweep's "agent gone" rule (and a
+            # lifecycle that starts later, which sees the completed agent) decommissions it.
             return None
         return None if isinstance(result, JSONResponse) else str(nhi_id)
 

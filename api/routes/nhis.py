@@ -26,7 +26,7 @@ from api.deps import (
     TemporalUnavailable,
     authenticated,
 )
-from api.idempotency import IdempotencyKeyHeader, update_id
+from api.idempotency import IdempotencyKeyHeader
 from api.routes.lifecycle import (
     TEMPORAL_CALL_BUDGET,
     send_update,
@@ -46,10 +46,10 @@ from models.schemas import (
     Offset,
     RequiredReason,
 )
-from nhi import inventory
 from nhi.auth import Principal, authorize_decision, require_visible_nhi
-from nhi.inventory import Conflict
-from nhi.temporal import provision_workflow_id
+from nhi.rules.ids import decide_update_id, provision_workflow_id
+from nhi.services import nhis
+from nhi.services.errors import Conflict
 from workflows.provision import ProvisionNhiWorkflow
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def list_nhis(
     offset: Offset = 0,
 ) -> list[NhiOut]:
     """The inventory, filtered by agent, status or owner."""
-    nhis = inventory.list_nhis(
+    rows = nhis.list_nhis(
         session,
         agent_id=agent_id,
         status=nhi_status.value if nhi_status else None,
@@ -84,13 +84,13 @@ def list_nhis(
         offset=offset,
         visible_to=p,
     )
-    return [NhiOut.model_validate(n) for n in nhis]
+    return [NhiOut.model_validate(n) for n in rows]
 
 
 @router.get("/{nhi_id}", response_model=NhiOut)
 def get_nhi(nhi_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> NhiOut:
     """One NHI: status, scope, expiry and where its credential is delivered."""
-    nhi = inventory.get_nhi(session, nhi_id)
+    nhi = nhis.get_nhi(session, nhi_id)
     require_visible_nhi(p, nhi_id, nhi.agent)
     return NhiOut.model_validate(nhi)
 
@@ -98,8 +98,8 @@ def get_nhi(nhi_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> NhiO
 @router.get("/{nhi_id}/events", response_model=list[AuditOut])
 def nhi_events(nhi_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> list[AuditOut]:
     """The NHI's audit trail, oldest first."""
-    require_visible_nhi(p, nhi_id, inventory.get_nhi(session, nhi_id).agent)
-    return [AuditOut.model_validate(e) for e in inventory.events_for(session, nhi_id)]
+    require_visible_nhi(p, nhi_id, nhis.get_nhi(session, nhi_id).agent)
+    return [AuditOut.model_validate(e) for e in nhis.events_for(session, nhi_id)]
 
 
 async def start_provisioning(
@@ -177,7 +177,7 @@ async def _decide(
     key: str | None,
 ) -> Any:
     # 404 unless visible, 403 unless an approver who is not the requesting person.
-    nhi = await state.db(lambda s: authorize_decision(s, p, inventory.get_nhi(s, nhi_id)))
+    nhi = await state.db(lambda s: authorize_decision(s, p, nhis.get_nhi(s, nhi_id)))
     actor = p.actor
     if nhi.status != NhiStatus.PENDING_APPROVAL or not nhi.workflow_id:
         raise Conflict(f"status: nhi {nhi_id} is {nhi.status}, not pending_approval")
@@ -197,13 +197,13 @@ async def _decide(
                 approver_person=p.person,
             ),
             # A retried HTTP call from the same approver is applied once.
-            update_id=update_id("decide", actor, key) or f"decide-{nhi_id}-{actor}",
+            update_id=decide_update_id(nhi_id, actor, key),
         )
     except RPCError:
         raise Conflict(f"status: nhi {nhi_id} has no running provisioning workflow") from None
     if isinstance(result, JSONResponse):
         return result
-    return NhiOut.model_validate(await state.db(lambda s: inventory.get_nhi(s, nhi_id)))
+    return NhiOut.model_validate(await state.db(lambda s: nhis.get_nhi(s, nhi_id)))
 
 
 @router.post("/{nhi_id}/approve", response_model=NhiOut)

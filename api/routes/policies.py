@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy.orm import Session
 
 from api.deps import CurrentPrincipal, SessionDep, authenticated
 from models.enums import Role
-from models.orm import Policy
-from models.schemas import PolicyApply, PolicyIn, PolicyOut
-from nhi import inventory
+from models.schemas import PolicyApply, PolicyOut
 from nhi.auth import require_role
+from nhi.services import policies
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"], dependencies=[authenticated])
 
@@ -18,16 +16,7 @@ router = APIRouter(prefix="/v1/policies", tags=["policies"], dependencies=[authe
 @router.get("", response_model=list[PolicyOut])
 def list_policies(session: SessionDep) -> list[PolicyOut]:
     """Every policy in force."""
-    return [PolicyOut.model_validate(p) for p in inventory.list_policies(session)]
-
-
-def _apply(session: Session, body: PolicyIn, actor: str, index: int) -> Policy:
-    policy = inventory.apply_policy(session, body, actor, index)
-    # Whom an iam_role may trust (the audit event above records the whole body, these too).
-    policy.allowed_trust_accounts = sorted(set(body.allowed_trust_accounts))
-    policy.allow_service_principals = body.allow_service_principals
-    session.flush()
-    return policy
+    return [PolicyOut.model_validate(p) for p in policies.list_policies(session)]
 
 
 @router.put("", response_model=list[PolicyOut])
@@ -36,5 +25,7 @@ def apply_policies(
 ) -> list[PolicyOut]:
     """Create or replace policies; all or nothing (admin role)."""
     require_role(principal, Role.ADMIN)
-    applied = [_apply(session, p, principal.actor, i) for i, p in enumerate(body.policies)]
+    applied = [
+        policies.apply_policy(session, p, principal.actor, i) for i, p in enumerate(body.policies)
+    ]
     return [PolicyOut.model_validate(p) for p in applied]

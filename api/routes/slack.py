@@ -23,14 +23,16 @@ from slack_sdk.errors import SlackApiError
 from temporalio.service import RPCError
 
 from api.deps import AppState, State, TemporalUnavailable
-from api.errors import documented
-from api.routes.lifecycle import send_update, temporal_client
+from api.errors import LifecycleNotReady, documented
+from api.routes.lifecycle import STILL_RUNNING, send_update, temporal_client
 from models.contracts import PromptAnswer, PromptAnswerKind
-from models.orm import Agent, Nhi, Prompt
-from nhi import audit
+from models.orm import Prompt
 from nhi.db import transaction
+from nhi.rules.ids import lifecycle_workflow_id, slack_answer_update_id
+from nhi.services import prompts
+from nhi.services.errors import Conflict, Forbidden, PolicyViolation
 from nhi.slack_messages import ANSWER_OF_ACTION, PromptAction, parse_button_value
-from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
+from workflows.lifecycle import NhiLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["slack"])
@@ -152,27 +154,12 @@ def _email_of(state: AppState, prompt: Prompt, user_id: str) -> str | None:
 def _who_may_answer(
     state: AppState, prompt_id: uuid.UUID, user_id: str
 ) -> tuple[Prompt, str | None, bool]:
+    """The prompt, the clicker's email, and whether they may answer (NotFound, a LookupError,
+    for an unknown prompt)."""
     with transaction(state.sessions) as session:
-        prompt = session.get(Prompt, prompt_id)
-        if prompt is None:
-            raise LookupError(prompt_id)
-        nhi = session.get_one(Nhi, prompt.nhi_id)
-        agent = session.get_one(Agent, nhi.agent_id)
-        allowed = {agent.owner_email.lower()} | (
-            {agent.backup_owner_email.lower()} if agent.backup_owner_email else set()
-        )
+        prompt = prompts.get_prompt(session, prompt_id)
         email = _email_of(state, prompt, user_id)
-        permitted = email is not None and email in allowed
-        if not permitted:
-            audit.record(
-                session,
-                subject_type="nhi",
-                subject_id=nhi.id,
-                event="nhi.decision_refused",
-                actor=f"slack:{email or user_id}",
-                reason="only the owner or backup owner may answer a renewal prompt",
-                details={"prompt_id": str(prompt_id), "slack_user_id": user_id},
-            )
+        permitted = email is not None and prompts.may_answer(session, prompt, email, user_id)
         return prompt, email, permitted
 
 
@@ -223,14 +210,19 @@ async def _decide(
             handle,
             NhiLifecycleWorkflow.answer,
             lambda not_after: request.model_copy(update={"not_after": not_after}),
-            update_id=f"slack-{prompt_id}-{user_id}-{click}",
+            update_id=slack_answer_update_id(prompt_id, user_id, click),
         )
+    except (Forbidden, Conflict, PolicyViolation, LifecycleNotReady) as err:
+        # The lifecycle refused the answer (api.errors.refusal): tell the person why.
+        await run_in_threadpool(_ephemeral, state, channel, user_id, f"Not applied: {err}")
+        return
     except (RPCError, TemporalUnavailable) as err:
         log.error("decision on prompt %s not delivered: %s", prompt_id, err)
         await run_in_threadpool(
             _ephemeral, state, channel, user_id, "Not applied: try again shortly."
         )
         return
-    if isinstance(result, JSONResponse):
-        detail = json.loads(bytes(result.body)).get("detail", "refused")
-        await run_in_threadpool(_ephemeral, state, channel, user_id, f"Not applied: {detail}")
+    if isinstance(result, JSONResponse):  # accepted, still running (202)
+        await run_in_threadpool(
+            _ephemeral, state, channel, user_id, f"Not applied: {STILL_RUNNING}"
+        )

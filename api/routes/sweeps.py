@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, StrictBool
-from sqlalchemy import select
 
 from activities.sweep import START_FAILED
 from api.deps import CurrentPrincipal, SessionDep, State, TemporalUnavailable, authenticated
 from models.contracts import SweepInput
 from models.enums import Role
-from models.orm import Sweep
 from models.schemas import Body
-from nhi import audit
 from nhi.auth import require_role
-from nhi.inventory import NotFound
+from nhi.rules.ids import manual_sweep_workflow_id
+from nhi.services import sweeps
 from workflows.sweep import SweepWorkflow
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[authenticated])
@@ -62,24 +60,18 @@ async def start_sweep(body: SweepRequest, state: State, p: CurrentPrincipal) -> 
     and the answer is 503."""
     require_role(p, Role.SECURITY)
     sweep_id = uuid.uuid4()
-    workflow_id = f"nhi-sweep-{body.provider}-manual-{sweep_id}"
+    workflow_id = manual_sweep_workflow_id(body.provider, sweep_id)
 
-    def record(session: Any) -> Sweep:
-        sweep = Sweep(
-            id=sweep_id,
+    sweep = await state.db(
+        lambda s: sweeps.create_sweep(
+            s,
+            sweep_id=sweep_id,
             provider=body.provider,
             dry_run=body.dry_run,
             triggered_by=p.actor,
             workflow_id=workflow_id,
-            status="running",
-            summary={},
-            findings=[],
         )
-        session.add(sweep)
-        session.flush()
-        return sweep
-
-    sweep = await state.db(record)
+    )
     try:
         client = await state.temporal()
         await client.start_workflow(
@@ -96,25 +88,7 @@ async def start_sweep(body: SweepRequest, state: State, p: CurrentPrincipal) -> 
         )
     except Exception as err:
         reason = f"{START_FAILED}: {type(err).__name__}: {err}"[:2000]
-
-        def failed(session: Any) -> None:
-            row = session.get(Sweep, sweep_id, with_for_update=True)
-            if row is None or row.status != "running":
-                return  # the workflow started after all and is recording into it
-            row.status = "failed"
-            row.finished_at = datetime.now(UTC)
-            row.error = reason
-            audit.record(
-                session,
-                subject_type="sweep",
-                subject_id=sweep_id,
-                event="sweep.start_failed",
-                actor=p.actor,
-                reason=reason,
-                details={"provider": body.provider, "dry_run": str(body.dry_run).lower()},
-            )
-
-        await state.db(failed)
+        await state.db(lambda s: sweeps.fail_start(s, sweep_id, p.actor, reason))
         raise TemporalUnavailable(
             "the sweep could not start; nothing was changed (recorded as failed)"
         ) from err
@@ -125,15 +99,11 @@ async def start_sweep(body: SweepRequest, state: State, p: CurrentPrincipal) -> 
 def list_sweeps(session: SessionDep, p: CurrentPrincipal) -> list[SweepOut]:
     """The latest sweeps, newest first."""
     require_role(p, *READERS)
-    rows = session.scalars(select(Sweep).order_by(Sweep.started_at.desc()).limit(100))
-    return [SweepOut.model_validate(r) for r in rows]
+    return [SweepOut.model_validate(r) for r in sweeps.list_sweeps(session)]
 
 
 @router.get("/{sweep_id}", response_model=SweepOut)
 def get_sweep(sweep_id: uuid.UUID, session: SessionDep, p: CurrentPrincipal) -> SweepOut:
     """One sweep's findings and actions."""
     require_role(p, *READERS)
-    sweep = session.get(Sweep, sweep_id)
-    if sweep is None:
-        raise NotFound(f"sweep {sweep_id} not found")
-    return SweepOut.model_validate(sweep)
+    return SweepOut.model_validate(sweeps.get_sweep(session, sweep_id))

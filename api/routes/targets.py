@@ -15,8 +15,8 @@ from fastapi.concurrency import run_in_threadpool
 from api.deps import AppState, CurrentPrincipal, SessionDep, State, authenticated
 from models.enums import Role
 from models.schemas import TargetIn, TargetName, TargetOut
-from nhi import inventory
 from nhi.auth import require_role
+from nhi.services import targets
 from nhi.targets import TargetSpec, check_target, parse_dsn, password_ref
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ async def add_target(body: TargetIn, state: State, p: CurrentPrincipal) -> Targe
     ref = password_ref(body.password_env, body.password_secret)
     check_target(settings, parsed.host, ref, body.sslmode)
     actor = p.actor
-    spec = await state.db(lambda s: inventory.add_target(s, settings, body, actor))
+    spec = await state.db(lambda s: targets.add_target(s, settings, body, actor))
     await run_in_threadpool(
         _alert, state, f"Postgres target {spec.name} registered by {actor}: {_describe(spec)}"
     )
@@ -69,7 +69,7 @@ async def add_target(body: TargetIn, state: State, p: CurrentPrincipal) -> Targe
 def list_targets(session: SessionDep, state: State, p: CurrentPrincipal) -> list[TargetOut]:
     """Every target, registered here or in settings (platform, security, auditor, admin)."""
     require_role(p, Role.PLATFORM, Role.SECURITY, Role.AUDITOR, Role.ADMIN)
-    return [TargetOut.model_validate(t) for t in inventory.list_targets(session, state.settings)]
+    return [TargetOut.model_validate(t) for t in targets.list_targets(session, state.settings)]
 
 
 @router.delete("/{name}", response_model=TargetOut)
@@ -77,7 +77,7 @@ async def remove_target(name: TargetName, state: State, p: CurrentPrincipal) -> 
     """Remove a target no living NHI uses (admin role); targets from settings stay."""
     require_role(p, Role.ADMIN)
     actor = p.actor
-    spec = await state.db(lambda s: inventory.remove_target(s, state.settings, name, actor))
+    spec = await state.db(lambda s: targets.remove_target(s, state.settings, name, actor))
     await run_in_threadpool(
         _alert, state, f"Postgres target {spec.name} removed by {actor}: {_describe(spec)}"
     )

@@ -7,14 +7,12 @@ from datetime import datetime
 
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 
 from api.deps import CurrentPrincipal, SessionDep, authenticated
 from models.enums import Role
-from models.orm import ApiToken
 from models.schemas import Body, Duration, Email, Team, TokenName
-from nhi.auth import issue_token, require_role, revoke_token
-from nhi.inventory import NotFound
+from nhi.auth import require_role
+from nhi.services import tokens
 
 router = APIRouter(prefix="/v1", tags=["tokens"], dependencies=[authenticated])
 
@@ -78,7 +76,7 @@ def whoami(p: CurrentPrincipal) -> WhoAmI:
 def create_token(body: TokenCreate, session: SessionDep, p: CurrentPrincipal) -> TokenCreated:
     """Issue a token (admin role). The response is the only time the token is shown."""
     require_role(p, Role.ADMIN)
-    row, plaintext = issue_token(
+    row, plaintext = tokens.issue_token(
         session,
         name=body.name,
         role=body.role,
@@ -94,15 +92,11 @@ def create_token(body: TokenCreate, session: SessionDep, p: CurrentPrincipal) ->
 def list_tokens(session: SessionDep, p: CurrentPrincipal) -> list[TokenOut]:
     """Every token this service issued: its own NHIs (admin, security, auditor)."""
     require_role(p, Role.ADMIN, Role.SECURITY, Role.AUDITOR)
-    rows = session.scalars(select(ApiToken).order_by(ApiToken.created_at.desc()))
-    return [TokenOut.model_validate(r) for r in rows]
+    return [TokenOut.model_validate(r) for r in tokens.list_tokens(session)]
 
 
 @router.post("/tokens/{name}/revoke", response_model=TokenOut)
 def revoke(name: TokenName, session: SessionDep, p: CurrentPrincipal) -> TokenOut:
     """Revoke a token at once (admin role)."""
     require_role(p, Role.ADMIN)
-    try:
-        return TokenOut.model_validate(revoke_token(session, name, p.actor))
-    except LookupError as err:
-        raise NotFound(str(err)) from None
+    return TokenOut.model_validate(tokens.revoke_token(session, name, p.actor))

@@ -1,0 +1,151 @@
+"""What sweeps ask of the Postgres provider: every role marked ours on every registered
+target, how it differs from its grant, and whether it is in use.
+
+Postgres keeps no last-login time and no creation time: a session of a login role counts as
+use now, and the creation time is read from the marker comment (`nhi.pg_grants`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from botocore.exceptions import ClientError
+from temporalio.exceptions import ApplicationError
+
+from activities._support import classify_aws
+from activities.providers import postgres_ddl as ddl
+from activities.providers.base import NHI_ID_TAG, Discovery, Known, Pace
+from activities.providers.secret_store import SecretStore
+from models.enums import NhiKind
+from nhi.pg_grants import IDENTIFIER_RE, has_our_shape, parse_comment, role_names
+from nhi.sweep import PlatformIdentity
+from nhi.targets import TargetResolver
+
+
+class PostgresDiscovery:
+    """Listing, drift and usage across the registered targets (the sweep half of
+    PostgresProvider)."""
+
+    name_separator: ClassVar[str] = (
+        "_"  # role names: `<prefix>_<agent>_<id>` (nhi.pg_grants.group_name)
+    )
+
+    _targets: TargetResolver
+    _store: SecretStore
+    _prefix: str
+
+    def discover(self, known: Mapping[str, Known], pace: Pace) -> Discovery:
+        """Group roles marked ours on every target, plus roles named like ours with no marker
+        (reported, never touched). A login role whose group is gone is reported as its group,
+        so removing the orphan removes it. A target that cannot be reached (or whose admin
+        password cannot be resolved) is reported, and the others are still listed."""
+        out: list[PlatformIdentity] = []
+        unreachable: dict[str, str] = {}
+        pattern = self._prefix.replace("_", r"\_") + r"\_%"
+        for target_name in self._targets.names():
+            pace()
+            try:
+                target = ddl.resolve(self._targets, target_name)
+                pace()
+                with ddl.admin(target, "listing roles") as conn:
+                    rows = conn.execute(
+                        "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles "
+                        "WHERE rolname LIKE %s ORDER BY rolname",
+                        (pattern,),
+                    ).fetchall()
+                    pace()
+                    active = {
+                        str(u)
+                        for (u,) in conn.execute(
+                            "SELECT DISTINCT usename FROM pg_stat_activity WHERE usename LIKE %s",
+                            (pattern,),
+                        ).fetchall()
+                    }
+                    drifts: dict[str, str] = {}
+                    for name, _comment in rows:
+                        seen = known.get(str(name))
+                        if seen is not None and seen.status == "active":
+                            pace()
+                            drift = ddl.drift(conn, str(name), list(seen.scope))
+                            if drift:
+                                drifts[str(name)] = drift
+            except ApplicationError as err:  # what _target and _admin raise, classified
+                unreachable[target_name] = err.message
+                continue
+            out += self._identities(target_name, rows, active, known, pace, drifts)
+        return Discovery(identities=out, unreachable=unreachable)
+
+    def _identities(
+        self,
+        target: str,
+        rows: list[tuple[Any, ...]],
+        active: set[str],
+        known: Mapping[str, Known],
+        pace: Pace,
+        drifts: Mapping[str, str],
+    ) -> list[PlatformIdentity]:
+        now = datetime.now(UTC)
+        groups: dict[str, dict[str, str]] = {}
+        unmanaged: list[str] = []
+        for name, comment in rows:
+            fields = parse_comment(comment)
+            if fields is None:
+                if has_our_shape(self._prefix, str(name)):
+                    unmanaged.append(str(name))
+            elif fields.get("part") == "login":
+                group = str(name)[:-2]
+                if group not in groups and IDENTIFIER_RE.fullmatch(group):
+                    groups.setdefault(group, fields)
+            else:
+                groups[str(name)] = fields
+        out: list[PlatformIdentity] = []
+        for group, fields in sorted(groups.items()):
+            try:
+                created = datetime.fromisoformat(fields.get("created-at", ""))
+            except ValueError:
+                created = datetime.fromtimestamp(0, UTC)  # unknown age: old enough to act on
+            secret_arn = None
+            if group not in known:
+                pace()
+                try:
+                    secret_arn = self._store.find_by_tag(NHI_ID_TAG, fields["nhi-id"])
+                except ClientError as err:
+                    raise classify_aws(err, f"finding the secret of {group}") from err
+            logins = set(role_names(group)) if len(group) <= 61 else set()
+            out.append(
+                PlatformIdentity(
+                    name=group,
+                    kind=NhiKind.POSTGRES_ROLE.value,
+                    created_at=created,
+                    managed=True,
+                    nhi_id=fields["nhi-id"],
+                    secret_arn=secret_arn,
+                    last_used_at=now if logins & active else None,
+                    target=target,
+                    drift=drifts.get(group),
+                )
+            )
+        for name in unmanaged:
+            if name[:-2] in groups and name[-2:] in ("_a", "_b"):
+                continue  # a login role whose comment was lost: its group stands for it
+            out.append(
+                PlatformIdentity(
+                    name=name,
+                    kind=NhiKind.POSTGRES_ROLE.value,
+                    created_at=now,
+                    managed=False,
+                    target=target,
+                )
+            )
+        return out
+
+    def last_used(self, kind: NhiKind, name: str, target: str | None) -> datetime | None:
+        """Postgres records no last login: now if a login role of the group has a session."""
+        del kind  # one kind on this platform
+        names = ddl.names_of(name)
+        conn_target = ddl.resolve(self._targets, target)
+        with ddl.admin(conn_target, f"reading the sessions of {name}") as conn:
+            sessions = ddl.sessions(conn, list(names.logins))
+        return datetime.now(UTC) if sessions else None

@@ -1,0 +1,1 @@
+"""Inventory services over the ORM: one module per aggregate, each owning its transitions."""

@@ -1,0 +1,271 @@
+"""NHIs: the request (checked against policy before anything exists on a platform), reads,
+and the transitions the API drives (a start that failed, how a decommission was routed).
+
+Every function takes an open session; the caller owns the transaction, so a refused request
+changes nothing. The lifecycle's own transitions are written by `activities.db` through the
+same helper, `nhi.services.transitions`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiKind, NhiStatus
+from models.orm import Agent, AuditEvent, Nhi
+from models.schemas import NhiCreate
+from nhi.auth import Principal
+from nhi.config import Settings
+from nhi.pg_grants import group_name
+from nhi.policy import (
+    INLINE_POLICY_LIMIT,
+    RuleViolation,
+    check_trust_account,
+    identity_name,
+    identity_policy_document,
+    parse_ttl,
+    policy_size,
+    validate_cidrs,
+    validate_trust_principal,
+)
+from nhi.services.agents import get_agent
+from nhi.services.errors import Conflict, NotFound
+from nhi.services.policies import check_scope, find_policy, rules_of
+from nhi.services.transitions import note, transition
+from nhi.services.visibility import visible
+from nhi.targets import find_target
+
+
+def request_nhi(
+    session: Session,
+    settings: Settings,
+    agent_id: uuid.UUID,
+    body: NhiCreate,
+    actor: str,
+    now: datetime | None = None,
+) -> tuple[Nhi, list[str]]:
+    """Check a request against policy and record the lease before anything exists on a platform.
+
+    Returns the new NHI (status `requested` or `pending_approval`) and the sensitive actions
+    that need an approver. Raises RuleViolation, NotFound or Conflict and adds nothing.
+    """
+    agent = get_agent(session, agent_id)
+    if agent.status != AgentStatus.ACTIVE.value:
+        raise Conflict(f"agent {agent.name} is {agent.status}: no new identities")
+    if body.kind not in KINDS_BY_PLATFORM[body.platform]:
+        raise RuleViolation("kind", f"{body.kind.value} is not a kind of {body.platform.value}")
+    postgres = body.kind is NhiKind.POSTGRES_ROLE
+    if postgres and not body.target:
+        raise RuleViolation(
+            "target",
+            "is required for postgres_role: the name of a registered target database "
+            "(`nhi targets list`)",
+        )
+    if not postgres and body.target:
+        raise RuleViolation("target", f"only applies to postgres_role, not {body.kind.value}")
+    # Held (FOR SHARE) until commit, so a concurrent removal of the target sees this NHI.
+    if body.target and find_target(session, settings, body.target, lock=True) is None:
+        raise RuleViolation("target", f"{body.target!r} is not a registered target")
+    policy = find_policy(session, body.platform.value, body.kind.value, agent.environment)
+    if policy is None:
+        raise RuleViolation(
+            "kind",
+            f"no policy defines {body.platform.value}/{body.kind.value} in {agent.environment}",
+        )
+    rules = rules_of(policy)
+    if not rules.allowed:
+        raise RuleViolation(
+            "kind", f"{body.kind.value} is not allowed in {agent.environment} by policy"
+        )
+    ttl = rules.default_ttl_seconds if body.ttl is None else parse_ttl(body.ttl)
+    if ttl > rules.max_lifetime_seconds:
+        raise RuleViolation(
+            "ttl",
+            f"{ttl}s exceeds the maximum lifetime of {rules.max_lifetime_seconds}s "
+            f"for {rules.label}",
+        )
+    # Grants, not IAM: no source CIDRs (pg_hba's business) and no trust principal.
+    if postgres and body.allowed_cidrs:
+        raise RuleViolation("allowed_cidrs", "only applies to AWS kinds, not postgres_role")
+    sensitive = check_scope(body.platform, body.scope, rules)
+    cidrs = validate_cidrs(body.allowed_cidrs)
+    principal = validate_trust_principal(body.kind, body.trust_principal)
+
+    now = now or datetime.now(UTC)
+    expires_at = now + timedelta(seconds=ttl)
+    if agent.expected_end_at is not None:
+        if agent.expected_end_at <= now:
+            raise Conflict(
+                f"agent {agent.name}'s task ended at {agent.expected_end_at:%Y-%m-%d %H:%M}"
+            )
+        # Reaching the agent's expected end decommissions the NHI unless someone renews it.
+        expires_at = min(expires_at, agent.expected_end_at)
+    if not postgres:
+        document = identity_policy_document(body.scope, cidrs, expires_at)
+        if policy_size(document) > INLINE_POLICY_LIMIT[body.kind]:
+            raise RuleViolation(
+                "scope",
+                f"the policy would be {policy_size(document)} characters; IAM allows "
+                f"{INLINE_POLICY_LIMIT[body.kind]} for {body.kind.value}",
+            )
+    nhi_id = uuid.uuid4()
+    name = (
+        # A plain lower-case identifier of at most 61 characters: the provider's login roles
+        # add "_a"/"_b" within Postgres' 63.
+        group_name(settings.name_prefix, agent.name, nhi_id)
+        if postgres
+        else identity_name(settings.name_prefix, agent.name, nhi_id)
+    )
+    nhi = Nhi(
+        id=nhi_id,
+        agent_id=agent.id,
+        platform=body.platform.value,
+        kind=body.kind.value,
+        name=name,
+        granted_scope=[s.model_dump() for s in body.scope],
+        allowed_cidrs=cidrs,
+        trust_principal=principal,
+        status=(NhiStatus.PENDING_APPROVAL if sensitive else NhiStatus.REQUESTED).value,
+        status_reason=(
+            f"sensitive actions need an approver: {', '.join(sensitive)}" if sensitive else None
+        ),
+        requested_by=actor,
+        created_at=now,
+        expires_at=expires_at,
+        max_lifetime_at=now + timedelta(seconds=rules.max_lifetime_seconds),
+        rotation_period_seconds=policy.rotation_period_seconds,
+        target=body.target,
+    )
+    session.add(nhi)
+    session.flush()
+    note(
+        session,
+        subject_type="nhi",
+        subject_id=nhi.id,
+        event="nhi.requested",
+        actor=actor,
+        reason=f"{body.kind.value} requested for agent {agent.name}",
+        details={
+            "agent_id": str(agent.id),
+            "kind": body.kind.value,
+            "ttl_seconds": ttl,
+            "sensitive_actions": sensitive,
+            **({"target": body.target} if body.target else {}),
+        },
+    )
+    return nhi, sensitive
+
+
+def check_trust(session: Session, nhi: Nhi, own: str | None) -> None:
+    """The requested role's trust principal against the policy's accounts (the format was
+    checked by `request_nhi`); raising rolls the whole request back."""
+    if nhi.kind != NhiKind.IAM_ROLE.value or not nhi.trust_principal:
+        return
+    policy = find_policy(session, nhi.platform, nhi.kind, nhi.agent.environment)
+    if policy is None:  # request_nhi refused that already
+        return
+    check_trust_account(
+        nhi.trust_principal,
+        own_account=own or "",
+        allowed_accounts=list(policy.allowed_trust_accounts or []),
+        allow_service_principals=policy.allow_service_principals,
+        label=f"{policy.platform}/{policy.kind}/{policy.environment}",
+    )
+
+
+def request_checked(
+    session: Session,
+    settings: Settings,
+    agent_id: uuid.UUID,
+    body: NhiCreate,
+    actor: str,
+    own_account: str | None,
+) -> tuple[Nhi, list[str]]:
+    """`request_nhi`, then the trust principal against the policy's accounts, where
+    `own_account` is this service's AWS account (None when the principal names none)."""
+    nhi, sensitive = request_nhi(session, settings, agent_id, body, actor)
+    check_trust(session, nhi, own_account)
+    return nhi, sensitive
+
+
+def attach_workflow(session: Session, nhi_id: uuid.UUID, workflow_id: str) -> None:
+    """Remember which workflow drives an NHI."""
+    nhi = session.get(Nhi, nhi_id, with_for_update=True)
+    if nhi is None:
+        raise NotFound(f"nhi {nhi_id} not found")
+    nhi.workflow_id = workflow_id
+
+
+def fail_start(session: Session, nhi_id: uuid.UUID, actor: str, reason: str) -> None:
+    """The workflow could not be started: nothing was created, so the request simply failed."""
+    nhi = session.get(Nhi, nhi_id, with_for_update=True)
+    if nhi is None:
+        return
+    transition(
+        session,
+        nhi,
+        status=NhiStatus.FAILED,
+        changes={"status_reason": reason},
+        event="nhi.failed",
+        actor=actor,
+        reason=reason,
+    )
+
+
+def record_containment(
+    session: Session, nhi_id: uuid.UUID, actor: str, reason: str, path: str
+) -> None:
+    """Audit how a decommission reached the NHI: through its running lifecycle (`update`), or a
+    new run started from the inventory (`fresh_lifecycle`, `restarted_lifecycle`)."""
+    note(
+        session,
+        subject_type="nhi",
+        subject_id=nhi_id,
+        event="nhi.decommission_requested",
+        actor=actor,
+        reason=reason,
+        details={"path": path},
+    )
+
+
+def get_nhi(session: Session, nhi_id: uuid.UUID) -> Nhi:
+    """One NHI, or NotFound."""
+    nhi = session.get(Nhi, nhi_id)
+    if nhi is None:
+        raise NotFound(f"nhi {nhi_id} not found")
+    return nhi
+
+
+def list_nhis(
+    session: Session,
+    *,
+    agent_id: uuid.UUID | None = None,
+    status: str | None = None,
+    owner: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    visible_to: Principal | None = None,
+) -> list[Nhi]:
+    """NHIs matching every given filter, newest first; `owner` is the agent owner's email."""
+    query = visible(select(Nhi).join(Agent).order_by(Nhi.created_at.desc(), Nhi.id), visible_to)
+    if agent_id:
+        query = query.where(Nhi.agent_id == agent_id)
+    if status:
+        query = query.where(Nhi.status == status)
+    if owner:
+        query = query.where(Agent.owner_email == owner.lower())
+    return list(session.scalars(query.limit(limit).offset(offset)))
+
+
+def events_for(session: Session, subject_id: uuid.UUID) -> list[AuditEvent]:
+    """The audit trail of one subject, oldest first."""
+    return list(
+        session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.subject_id == str(subject_id))
+            .order_by(AuditEvent.id)
+        )
+    )
