@@ -32,6 +32,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities._support import heartbeating
+from activities.db import step_key
 from activities.provider import identity_ref_of, plan_of, provider_for
 from activities.providers.base import Known, Provider
 from activities.providers.registry import name_prefix
@@ -57,7 +58,6 @@ from models.contracts import (
 )
 from models.enums import NhiStatus, Platform
 from models.orm import Agent, AuditEvent, Nhi, Sweep
-from nhi import audit
 from nhi.config import Settings
 from nhi.db import transaction
 from nhi.rules.ids import (
@@ -68,6 +68,7 @@ from nhi.rules.ids import (
     sweep_nudge_update_id,
 )
 from nhi.services.policies import find_policy
+from nhi.services.transitions import note, transition
 from nhi.sweep import ALIVE, InventoryItem, Rules, classify
 
 log = logging.getLogger(__name__)
@@ -235,14 +236,15 @@ class SweepActivities:
             if sweep.status == "failed" and (sweep.error or "").startswith(START_FAILED):
                 # The API gave up waiting for the start (and answered 503), yet the start went
                 # through: the report must tell what this sweep does after all.
-                sweep.status, sweep.error, sweep.finished_at = "running", None, None
-                audit.record(
+                transition(
                     session,
-                    subject_type="sweep",
-                    subject_id=sweep.id,
+                    sweep,
                     event="sweep.started",
                     actor=SWEEP_ACTOR,
                     reason="started after its request had been answered 503",
+                    status="running",
+                    changes={"error": None, "finished_at": None},
+                    key=step_key("started"),
                 )
             return sweep.id
 
@@ -293,25 +295,25 @@ class SweepActivities:
         with heartbeating():
             self._provider(ref.platform).disable(ref)
         with transaction(self._sessions) as session:
-            first = session.scalar(
-                select(func.min(AuditEvent.created_at)).where(
-                    AuditEvent.subject_type == ORPHAN,
-                    AuditEvent.subject_id == orphan.identity,
-                    AuditEvent.event == "orphan.quarantined",
-                    AuditEvent.id > self._last_deleted(session, orphan.identity),
-                )
+            since = select(func.min(AuditEvent.created_at)).where(
+                AuditEvent.subject_type == ORPHAN,
+                AuditEvent.subject_id == orphan.identity,
+                AuditEvent.event == "orphan.quarantined",
+                AuditEvent.id > self._last_deleted(session, orphan.identity),
             )
+            first = session.scalar(since)
             if first is None:
-                entry = audit.record(
+                note(
                     session,
                     subject_type=ORPHAN,
                     subject_id=orphan.identity,
                     event="orphan.quarantined",
                     actor=orphan.found_by or SWEEP_ACTOR,
                     reason="found by a sweep: not in the inventory",
+                    key=step_key("quarantined"),
                 )
-                session.flush()
-                first = entry.created_at or datetime.now(UTC)
+                # Written just now (or by a concurrent attempt with the same key).
+                first = session.scalar(since) or datetime.now(UTC)
         return OrphanQuarantined(first_quarantined_at=first)
 
     @staticmethod
@@ -351,7 +353,8 @@ class SweepActivities:
                 )
             )
             first = not seen
-            audit.record(
+            # The key stays in the details too: the lookup above reads `first` back from there.
+            note(
                 session,
                 subject_type=ORPHAN,
                 subject_id=entry.identity,
@@ -361,6 +364,7 @@ class SweepActivities:
                 details=dict(entry.details)
                 | ({"key": entry.key} if entry.key else {})
                 | {"first": "true" if first else "false"},
+                key=entry.key or None,
             )
         return OrphanNoted(first=first)
 
@@ -389,17 +393,18 @@ class SweepActivities:
                 return marked.model_copy(update={"changed": True})
             if nhi.status != NhiStatus.ACTIVE:
                 return marked
-            nhi.status = NhiStatus.MISSING.value
-            nhi.status_reason = f"gone from the platform: {finding.detail}"
-            audit.record(
+            if not transition(
                 session,
-                subject_type="nhi",
-                subject_id=nhi.id,
+                nhi,
                 event="nhi.missing",
                 actor=SWEEP_ACTOR,
                 reason=finding.detail or "gone from the platform",
+                status=NhiStatus.MISSING,
+                changes={"status_reason": f"gone from the platform: {finding.detail}"},
                 details={"identity": nhi.name},
-            )
+                key=step_key("missing"),
+            ):
+                return marked  # this sweep marked it before, and it has changed since
             return marked.model_copy(update={"changed": True, "status": nhi.status})
 
     @activity.defn
@@ -420,17 +425,19 @@ class SweepActivities:
             nhi = session.get_one(Nhi, stuck.nhi_id, with_for_update=True)
             if nhi.status not in PREACTIVE:
                 return f"removed {what}; it is {nhi.status} now"
-            nhi.status = NhiStatus.FAILED.value
-            nhi.status_reason = f"{stuck.reason}; cleaned up by a sweep"[:2000]
-            audit.record(
+            reason = f"{stuck.reason}; cleaned up by a sweep"[:2000]
+            if not transition(
                 session,
-                subject_type="nhi",
-                subject_id=nhi.id,
+                nhi,
                 event="nhi.failed",
                 actor=SWEEP_ACTOR,
-                reason=nhi.status_reason,
+                reason=reason,
+                status=NhiStatus.FAILED,
+                changes={"status_reason": reason},
                 details={"removed": what, "sweep_id": str(stuck.sweep_id or "")},
-            )
+                key=step_key("failed"),
+            ):
+                return f"removed {what}; marked failed before"
         return f"removed {what}; marked failed"
 
     @activity.defn
@@ -446,13 +453,14 @@ class SweepActivities:
         with heartbeating():
             self._provider(plan.platform).renew(plan)
         with transaction(self._sessions) as session:
-            audit.record(
+            note(
                 session,
                 subject_type="nhi",
                 subject_id=str(finding.nhi_id),
                 event="nhi.drift_reverted",
                 actor=SWEEP_ACTOR,
                 reason="granted scope restored",
+                key=step_key("drift_reverted"),
             )
         return True
 
@@ -463,20 +471,22 @@ class SweepActivities:
             sweep = session.get_one(Sweep, outcome.sweep_id, with_for_update=True)
             if sweep.status != "running":
                 return
-            sweep.status = outcome.status
-            sweep.finished_at = datetime.now(UTC)
-            sweep.summary = dict(outcome.summary)
-            sweep.findings = [f.model_dump(mode="json") for f in outcome.findings]
-            sweep.error = outcome.error
-            audit.record(
+            transition(
                 session,
-                subject_type="sweep",
-                subject_id=sweep.id,
+                sweep,
                 event=f"sweep.{outcome.status}",
                 actor=SWEEP_ACTOR,
                 reason=outcome.error
                 or f"{sweep.provider} sweep{' (dry run)' if sweep.dry_run else ''}",
+                status=outcome.status,
+                changes={
+                    "finished_at": datetime.now(UTC),
+                    "summary": dict(outcome.summary),
+                    "findings": [f.model_dump(mode="json") for f in outcome.findings],
+                    "error": outcome.error,
+                },
                 details=dict(outcome.summary),
+                key=step_key("recorded"),
             )
 
 
@@ -657,9 +667,11 @@ class SupervisionActivities:
         except WorkflowAlreadyStartedError:
             return "a provisioning run exists: left alone"
 
-        def note() -> None:
+        key = step_key("provisioning_restarted")  # here: the activity's context is this task's
+
+        def record() -> None:
             with transaction(self._sessions) as session:
-                audit.record(
+                note(
                     session,
                     subject_type="nhi",
                     subject_id=stuck.nhi_id,
@@ -667,9 +679,10 @@ class SupervisionActivities:
                     actor=SWEEP_ACTOR,
                     reason=stuck.reason,
                     details={"sweep_id": str(stuck.sweep_id or "")},
+                    key=key,
                 )
 
-        await asyncio.to_thread(note)
+        await asyncio.to_thread(record)
         return "provisioning restarted"
 
     @activity.defn

@@ -7,7 +7,9 @@ Each test gets its own IAM path and name prefix, so it sweeps only what it made.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -24,16 +26,27 @@ from slack_sdk import WebClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
+from activities.providers.registry import build_providers
+from activities.sweep import SweepActivities
 from api.app import create_app
-from models.contracts import LifecycleAction, ProvisionInput, SweepInput, SweepOutcome
+from models.contracts import (
+    Finding,
+    FindingKind,
+    LifecycleAction,
+    ProvisionInput,
+    SweepInput,
+    SweepOutcome,
+)
 from models.orm import Agent, AuditEvent, Nhi, Sweep
 from nhi.aws import AwsClients, make_aws_clients
 from nhi.config import PostgresTargetSetting, Settings
 from nhi.db import transaction
 from nhi.rules.ids import provision_workflow_id
+from nhi.services.policies import find_policy
 from nhi.slack import make_slack_client
+from nhi.targets import TargetRegistry
 from tests.conftest import dev_address
 from tests.helpers import (
     ApiServer,
@@ -522,3 +535,39 @@ async def test_an_unreachable_postgres_target_never_marks_its_nhis_missing(
         assert [f.nhi_id for f in seeing.findings if f.kind.value == "missing"] == [nhi_id]
         with transaction(sessions) as s:
             assert s.get_one(Nhi, nhi_id).status == "missing"
+
+
+async def test_a_retried_drift_revert_writes_its_event_once(rig: Rig) -> None:
+    """Two attempts of one `revert_drift` (same workflow run, e.g. a retry after the first
+    attempt committed but its completion was lost) write one `nhi.drift_reverted`: the event's
+    idempotency key is the workflow run's plus the step's."""
+    nhi_id = await rig.active_nhi()
+    row = rig.nhi(nhi_id)
+    with transaction(rig.sessions) as session:
+        agent = session.get_one(Agent, row.agent_id)
+        policy = find_policy(session, row.platform, row.kind, agent.environment)
+        assert policy is not None
+        was, policy.revert_drift = policy.revert_drift, True
+    try:
+        providers = build_providers(
+            rig.settings,
+            rig.worker_aws,
+            TargetRegistry(rig.sessions, rig.settings, rig.worker_aws.secrets),
+        )
+        sweeps = SweepActivities(rig.sessions, providers, rig.settings)
+        env = ActivityEnvironment()
+        env.info = dataclasses.replace(
+            env.info, workflow_id=f"nhi-sweep-retry-{nhi_id}", workflow_run_id="run-1"
+        )
+        finding = Finding(
+            kind=FindingKind.DRIFT, identity=row.name, identity_kind=row.kind, nhi_id=nhi_id
+        )
+        for _ in range(2):
+            assert await asyncio.to_thread(env.run, sweeps.revert_drift, finding) is True
+    finally:
+        with transaction(rig.sessions) as session:
+            restored = find_policy(session, row.platform, row.kind, agent.environment)
+            assert restored is not None
+            restored.revert_drift = was
+    reverted = [e for e, _ in rig.events(nhi_id) if e == "nhi.drift_reverted"]
+    assert reverted == ["nhi.drift_reverted"]
