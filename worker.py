@@ -156,17 +156,18 @@ async def run(settings: Settings) -> None:
     client = await connect(settings)
     sessions = make_sessionmaker(engine)
     registry = new_registry()
+    slack = make_slack_client(settings)
     worker = build_worker(
         client,
         settings,
         sessions,
         make_aws_clients(settings),
-        slack=make_slack_client(settings),
+        slack=slack,
         metrics=ActivityMetrics(registry),
     )
     http = WorkerHttp(settings, worker, client, sessions, registry, sdk_url)
     # A workflow task that fails leaves its run stuck retrying: tell the security channel.
-    install_task_failure_alerts(make_slack_client(settings), settings.slack_security_channel)
+    install_task_failure_alerts(slack, settings.slack_security_channel)
     try:
         for line in await apply_schedules(client, settings):
             log.info("schedule %s", line)

@@ -72,12 +72,6 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-def key_of(request: Request) -> str | None:
-    """The request's `Idempotency-Key` (the middleware has refused malformed ones already)."""
-    value = request.headers.get(HEADER)
-    return value if value is not None and KEY_RE.fullmatch(value) else None
-
-
 def _request_hash(method: str, path: str, query: bytes, body: bytes) -> str:
     try:
         # Key order and whitespace do not make a different request.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -101,18 +100,3 @@ def record_once(
         .returning(AuditEvent.id)
     ).scalar_one_or_none()
     return written is not None
-
-
-def already_recorded(session: Session, subject_id: object, key: str) -> bool:
-    """Whether an event with this key in its details exists (events written before the
-    `idempotency_key` column, migration 0007, carry their key only there)."""
-    return (
-        session.scalar(
-            select(AuditEvent.id)
-            .where(
-                AuditEvent.subject_id == str(subject_id), AuditEvent.details["key"].astext == key
-            )
-            .limit(1)
-        )
-        is not None
-    )

@@ -138,13 +138,7 @@ def _error_of(record: logging.LogRecord) -> str:
 
 
 def install_task_failure_alerts(slack: WebClient | None, channel: str) -> TaskFailureAlerts:
-    """Attach the handler to the SDK's workflow logger; returns it (to remove it again)."""
+    """Attach the handler to the SDK's workflow logger (once per worker process)."""
     handler = TaskFailureAlerts(slack, channel)
     logging.getLogger(SDK_LOGGER).addHandler(handler)
     return handler
-
-
-def remove_task_failure_alerts(handler: TaskFailureAlerts) -> None:
-    """Detach and stop a handler from `install_task_failure_alerts`."""
-    logging.getLogger(SDK_LOGGER).removeHandler(handler)
-    handler.close()

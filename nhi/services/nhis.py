@@ -191,14 +191,6 @@ def request_checked(
     return nhi, sensitive
 
 
-def attach_workflow(session: Session, nhi_id: uuid.UUID, workflow_id: str) -> None:
-    """Remember which workflow drives an NHI."""
-    nhi = session.get(Nhi, nhi_id, with_for_update=True)
-    if nhi is None:
-        raise NotFound(f"nhi {nhi_id} not found")
-    nhi.workflow_id = workflow_id
-
-
 def fail_start(session: Session, nhi_id: uuid.UUID, actor: str, reason: str) -> None:
     """The workflow could not be started: nothing was created, so the request simply failed."""
     nhi = session.get(Nhi, nhi_id, with_for_update=True)
