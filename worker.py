@@ -22,17 +22,17 @@ from activities.provider import ProviderActivities
 from activities.providers.registry import build_providers
 from activities.slack import SlackActivities
 from activities.sweep import SupervisionActivities, SweepActivities
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings, get_settings
-from nhi.db import make_engine, make_sessionmaker
-from nhi.logging import configure
-from nhi.metrics import ActivityMetrics, MetricsInterceptor, install_sdk_runtime, new_registry
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings, get_settings
+from nhi.infra.db import make_engine, make_sessionmaker
+from nhi.infra.logging import configure
+from nhi.infra.metrics import ActivityMetrics, MetricsInterceptor, install_sdk_runtime, new_registry
+from nhi.infra.slack_client import make_slack_client
+from nhi.infra.task_alerts import install_task_failure_alerts
+from nhi.infra.temporal_client import connect
+from nhi.infra.worker_http import WorkerHttp
 from nhi.schedules import apply_schedules
-from nhi.slack import make_slack_client
-from nhi.targets import TargetRegistry
-from nhi.task_alerts import install_task_failure_alerts
-from nhi.temporal import connect
-from nhi.worker_http import WorkerHttp
+from nhi.services.target_registry import TargetRegistry
 from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
 from workflows.sweep import OrphanRemovalWorkflow, SweepWorkflow

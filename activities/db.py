@@ -39,12 +39,12 @@ from models.contracts import (
 )
 from models.enums import AgentStatus, NhiKind, NhiStatus
 from models.orm import Agent, Nhi, Prompt
-from nhi.config import Settings
-from nhi.db import transaction
-from nhi.policy import RuleViolation
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
+from nhi.rules.policy import RuleViolation
+from nhi.rules.slack_messages import scope_summary
 from nhi.services.policies import check_scope, find_policy, rules_of
 from nhi.services.transitions import note, transition
-from nhi.slack_messages import scope_summary
 
 SYSTEM_ACTOR = "system:provisioning"
 # How many times provisioning looks for its lease before calling it gone (DB_RETRY's backoff:

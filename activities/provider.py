@@ -29,8 +29,8 @@ from models.contracts import (
 )
 from models.enums import NhiKind, Platform
 from models.orm import Agent, Nhi
-from nhi.config import Settings
-from nhi.policy import secret_name
+from nhi.infra.config import Settings
+from nhi.rules.policy import secret_name
 
 T = TypeVar("T")
 

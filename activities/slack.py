@@ -24,7 +24,7 @@ from models.contracts import (
     PromptPost,
     PromptPosted,
 )
-from nhi.slack_messages import decided_blocks, prompt_blocks, prompt_text
+from nhi.rules.slack_messages import decided_blocks, prompt_blocks, prompt_text
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,9 @@ from models.contracts import (
 )
 from models.enums import NhiStatus, Platform
 from models.orm import Agent, AuditEvent, Nhi, Sweep
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
+from nhi.rules.findings import ALIVE, InventoryItem, Rules, classify
 from nhi.rules.ids import (
     LIFECYCLE_WORKFLOW,
     PROVISION_WORKFLOW,
@@ -69,7 +70,6 @@ from nhi.rules.ids import (
 )
 from nhi.services.policies import find_policy
 from nhi.services.transitions import note, transition
-from nhi.sweep import ALIVE, InventoryItem, Rules, classify
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -12,10 +12,10 @@ from api import errors, health
 from api.deps import AppState
 from api.idempotency import IdempotencyMiddleware
 from api.routes import agents, lifecycle, nhis, policies, slack, sweeps, targets, tokens
-from nhi.auth import OidcVerifier
-from nhi.config import Settings, get_settings
-from nhi.db import make_engine, make_sessionmaker
-from nhi.slack import make_slack_client
+from nhi.infra.config import Settings, get_settings
+from nhi.infra.db import make_engine, make_sessionmaker
+from nhi.infra.slack_client import make_slack_client
+from nhi.services.auth import OidcVerifier
 
 
 def create_app(

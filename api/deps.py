@@ -13,10 +13,16 @@ from slack_sdk import WebClient
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
-from nhi.auth import TOKEN_PREFIX, OidcVerifier, Principal, Unauthenticated, principal_from_token
-from nhi.config import Settings
-from nhi.db import transaction
-from nhi.temporal import connect
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
+from nhi.infra.temporal_client import connect
+from nhi.services.auth import (
+    TOKEN_PREFIX,
+    OidcVerifier,
+    Principal,
+    Unauthenticated,
+    principal_from_token,
+)
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@ fault and the rule it breaks; no stack traces, never the offending value. The Op
 declares that body, with an example, for every status an operation can answer.
 
 The one place where errors become HTTP statuses: the services' typed domain errors
-(`nhi.services.errors`, `nhi.policy.RuleViolation`), authentication, Temporal and database
+(`nhi.services.errors`, `nhi.rules.policy.RuleViolation`), authentication, Temporal and database
 outages (`_STATUS_OF`), and a lifecycle workflow's refusal of an update (`refusal`, which
 turns the workflow's error type into one of those domain errors). The field at fault is always
 an attribute of the error, never parsed out of its message."""
@@ -27,8 +27,8 @@ from temporalio.exceptions import ApplicationError
 
 from api.deps import TemporalUnavailable
 from models.schemas import MAX_BODY_BYTES, Error, FieldError
-from nhi.auth import Unauthenticated
-from nhi.policy import RuleViolation
+from nhi.rules.policy import RuleViolation
+from nhi.services.auth import Unauthenticated
 from nhi.services.errors import Conflict, Forbidden, NotFound, PolicyViolation
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import AppState, State
-from nhi import health
-from nhi.config import Settings
-from nhi.metrics import (
+from nhi.infra import health
+from nhi.infra.config import Settings
+from nhi.infra.metrics import (
     HttpMetrics,
     InventoryMetrics,
     exposition,

@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import AppState, principal_of
 from models.orm import IdempotencyKey
-from nhi.db import transaction
+from nhi.infra.db import transaction
 
 log = logging.getLogger(__name__)
 

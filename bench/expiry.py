@@ -40,8 +40,8 @@ from bench.report import (
     verdict_at_most,
 )
 from bench.services import Stack
-from nhi.aws import AwsClients
-from nhi.policy import identity_name
+from nhi.infra.aws_clients import AwsClients
+from nhi.rules.policy import identity_name
 
 NAME = "expiry"
 TARGET_P99_S = 2.0

@@ -52,7 +52,7 @@ from bench.report import (
     verdict_at_most,
 )
 from bench.services import Stack, cleanup_on_kill
-from nhi.aws import AwsClients
+from nhi.infra.aws_clients import AwsClients
 
 if TYPE_CHECKING:
     from tests.pg_cluster import PgCluster

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import psycopg
 
-from nhi.db import make_engine, make_sessionmaker, transaction
+from nhi.infra.db import make_engine, make_sessionmaker, transaction
 
 ACTOR = "bench@example.com"
 # Every benchmark agent has the same owner, so one owner credential can decommission them all.
@@ -52,9 +52,9 @@ R = TypeVar("R")
 class Credentials:
     """Request headers per kind of caller.
 
-    With API authentication (`nhi.auth`), tokens are issued straight in the stack's database,
-    as `nhi dev` issues its admin token: an admin (policies) and a platform caller for team
-    `bench` whose email is the agents' owner (so it may also decommission). Without it, the
+    With API authentication (`nhi.services.auth`), tokens are issued straight in the stack's
+    database, as `nhi dev` issues its admin token: an admin (policies) and a platform caller for
+    team `bench` whose email is the agents' owner (so it may also decommission). Without it, the
     caller is named in `X-NHI-Actor`.
     """
 
@@ -67,7 +67,7 @@ class Credentials:
 def credentials(database_url: str) -> Credentials:
     """Credentials that work with the API as it is in this tree."""
     try:
-        auth = importlib.import_module("nhi.auth")
+        auth = importlib.import_module("nhi.services.auth")
         roles = importlib.import_module("models.enums").Role
     except (ImportError, AttributeError):
         return Credentials(

@@ -44,7 +44,7 @@ from bench.report import (
 )
 from bench.services import Proc, Stack, wait_idle
 from models.contracts import LifecycleInput
-from nhi.config import Settings
+from nhi.infra.config import Settings
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 
 NAME = "memory"

@@ -46,9 +46,9 @@ from bench.report import (
 )
 from bench.services import MACHINE, Stack, cpu_delta, wait_idle
 from models.contracts import ScopeStatement
-from nhi.aws import AwsClients
-from nhi.policy import identity_policy_document, trust_policy_document
+from nhi.infra.aws_clients import AwsClients
 from nhi.rules.ids import provision_workflow_id
+from nhi.rules.policy import identity_policy_document, trust_policy_document
 from workflows.lifecycle import lifecycle_workflow_id
 
 NAME = "provisioning"

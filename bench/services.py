@@ -31,11 +31,11 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.db import upgrade_head
-from nhi.postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
-from nhi.temporal import connect
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import upgrade_head
+from nhi.infra.embedded_postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
+from nhi.infra.temporal_client import connect
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from the caller (`nhi.db.alembic_config`) or settings."""
+"""Alembic environment: the URL comes from the caller (`nhi.infra.db.alembic_config`) or settings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from models.orm import Base
-from nhi.config import Settings
+from nhi.infra.config import Settings
 
 config = context.config
 

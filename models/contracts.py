@@ -434,7 +434,7 @@ class PromptPosted(Contract):
 
 
 class FindingKind(StrEnum):
-    """What a sweep can find (see nhi/sweep.py for the rules)."""
+    """What a sweep can find (see nhi/rules/findings.py for the rules)."""
 
     ORPHAN = "orphan"
     UNTAGGED = "untagged"

@@ -158,20 +158,20 @@ Principal = Annotated[
     AfterValidator(_token),
     Field(description="A principal (ARN, service or email): printable, no whitespace."),
 ]
-# IAM actions and Postgres privileges (`s3:GetObject`, `iam:*`, `SELECT`); nhi.policy checks
+# IAM actions and Postgres privileges (`s3:GetObject`, `iam:*`, `SELECT`); nhi.rules.policy checks
 # the grammar per platform, this keeps them ASCII so IGNORECASE patterns cannot be fooled by
 # look-alikes such as the Kelvin sign.
 ScopeAction = Annotated[
     str, StringConstraints(min_length=1, max_length=128), AfterValidator(_ascii_token)
 ]
-# `arn:partition:service:region:account:resource`, or `*` (nhi.policy checks the grammar and
+# `arn:partition:service:region:account:resource`, or `*` (nhi.rules.policy checks the grammar and
 # the wildcard rule); resources may hold any printable character, as S3 keys do, up to IAM's
 # 2048.
 ResourceArn = Annotated[
     str, StringConstraints(min_length=1, max_length=2048), AfterValidator(_token)
 ]
 # `arn:aws:iam::123456789012:role/x` or `bedrock.amazonaws.com`: AWS's principal names are
-# ASCII; nhi.policy checks the grammar.
+# ASCII; nhi.rules.policy checks the grammar.
 TrustPrincipal = Annotated[
     str,
     StringConstraints(min_length=1, max_length=2048),

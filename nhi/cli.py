@@ -13,7 +13,7 @@ import click
 import httpx
 import yaml
 
-from nhi.config import get_settings
+from nhi.infra.config import get_settings
 
 
 class CliError(click.ClickException):
@@ -585,8 +585,8 @@ def tokens_revoke(ctx: Ctx, name: str) -> None:
 def tokens_bootstrap(name: str, ttl: str) -> None:
     """Create the first admin token straight in the database (needs NHI_DATABASE_URL)."""
     from models.enums import Role
-    from nhi.db import make_engine, make_sessionmaker, transaction
-    from nhi.policy import RuleViolation
+    from nhi.infra.db import make_engine, make_sessionmaker, transaction
+    from nhi.rules.policy import RuleViolation
     from nhi.services.tokens import issue_token
 
     try:
@@ -643,8 +643,8 @@ def targets_add(
     connection_limit: int,
 ) -> None:
     """Register a target; its admin password stays in the environment or the secret store."""
-    from nhi.policy import RuleViolation
-    from nhi.targets import parse_dsn
+    from nhi.rules.policy import RuleViolation
+    from nhi.rules.targets import parse_dsn
 
     # Checked here as well, so a DSN holding a password never leaves this machine.
     if bool(password_env) == bool(password_secret):
@@ -750,7 +750,7 @@ def _temporal(action: Any) -> Any:
     """Run `action(client, settings)` against Temporal (schedules are an operator's tool)."""
     import asyncio
 
-    from nhi.temporal import connect
+    from nhi.infra.temporal_client import connect
 
     settings = get_settings()
 
@@ -844,7 +844,7 @@ def schedules_trigger(provider: str) -> None:
 @cli.command()
 def migrate() -> None:
     """Apply database migrations to NHI_DATABASE_URL (a deploy step before API and workers)."""
-    from nhi.db import upgrade_head
+    from nhi.infra.db import upgrade_head
 
     try:
         url = get_settings().require_database_url()

@@ -27,11 +27,11 @@ from sqlalchemy import select
 
 from models.enums import Role
 from models.orm import ApiToken
-from nhi.auth import issue_token, revoke_token
-from nhi.config import Settings
-from nhi.db import make_engine, make_sessionmaker, transaction, upgrade_head
-from nhi.logging import configure
-from nhi.postgres import EmbeddedPostgres
+from nhi.infra.config import Settings
+from nhi.infra.db import make_engine, make_sessionmaker, transaction, upgrade_head
+from nhi.infra.embedded_postgres import EmbeddedPostgres
+from nhi.infra.logging import configure
+from nhi.services.auth import issue_token, revoke_token
 
 READY_TIMEOUT = 60.0
 

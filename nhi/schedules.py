@@ -20,7 +20,7 @@ from temporalio.client import (
 )
 
 from models.contracts import SweepInput
-from nhi.config import Settings
+from nhi.infra.config import Settings
 from nhi.rules.ids import sweep_schedule_id, sweep_workflow_id
 from workflows.sweep import SweepWorkflow
 

@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.db import make_engine, make_sessionmaker, upgrade_head
-from nhi.postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import make_engine, make_sessionmaker, upgrade_head
+from nhi.infra.embedded_postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
 from tests.helpers import free_port, start_moto
 from tests.pg_cluster import PgCluster
 from worker import build_worker

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
     from models.contracts import LifecycleView, SweepOutcome
     from models.orm import Nhi
-    from nhi.aws import AwsClients
-    from nhi.config import Settings
+    from nhi.infra.aws_clients import AwsClients
+    from nhi.infra.config import Settings
 
 T = TypeVar("T")
 
@@ -150,7 +150,7 @@ def request_nhi(
     """Record an agent and an NHI request exactly as the API does (policy checks included)."""
     from models.enums import PLATFORM_OF, NhiKind
     from models.schemas import AgentCreate, NhiCreate
-    from nhi.db import transaction
+    from nhi.infra.db import transaction
     from nhi.services import agents, nhis
 
     with transaction(sessions) as session:
@@ -225,8 +225,8 @@ def mint(
     """An API token for tests, issued straight in the database (once per name and database).
     Its audit name is `token:<name>`."""
     from models.enums import Role
-    from nhi.auth import issue_token
-    from nhi.db import transaction
+    from nhi.infra.db import transaction
+    from nhi.services.auth import issue_token
 
     key = (id(sessions), name)
     if key not in _MINTED:
@@ -350,7 +350,7 @@ def orphan_user(
 def nhi_row(sessions: sessionmaker[Session], nhi_id: uuid.UUID) -> Nhi:
     """The NHI's inventory row as it is now."""
     from models.orm import Nhi
-    from nhi.db import transaction
+    from nhi.infra.db import transaction
 
     with transaction(sessions) as s:
         return s.get_one(Nhi, nhi_id)
@@ -363,7 +363,7 @@ def audit_trail(
     from sqlalchemy import select
 
     from models.orm import AuditEvent
-    from nhi.db import transaction
+    from nhi.infra.db import transaction
 
     with transaction(sessions) as s:
         return [

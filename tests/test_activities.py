@@ -17,9 +17,9 @@ from activities.providers.aws import AwsProvider
 from activities.providers.base import Known
 from models.contracts import IdentityRef, KeyRef, OrphanInput, ProvisionPlan, ScopeStatement
 from models.enums import NhiKind, Platform
-from nhi.aws import AwsClients
-from nhi.config import Settings
-from nhi.policy import identity_name, secret_name
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.config import Settings
+from nhi.rules.policy import identity_name, secret_name
 
 
 def _plan(settings: Settings, kind: NhiKind) -> ProvisionPlan:

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.orm import AuditEvent, Nhi
-from nhi.aws import AwsClients
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.db import transaction
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually
 
@@ -281,8 +281,8 @@ def test_the_owner_rule(email: str | None, expected: bool) -> None:
     owner, by email, case-blind; an auditor's credential never has owner rights."""
     from models.enums import Role
     from models.orm import Agent
-    from nhi.auth import Principal
     from nhi.rules.owners import is_owner
+    from nhi.services.auth import Principal
 
     assert is_owner(email, "ana@example.com", "Ben@example.com") is expected
     agent = Agent(owner_email="ana@example.com", backup_owner_email="Ben@example.com")

@@ -26,9 +26,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from models.orm import AuditEvent, IdempotencyKey, Nhi
-from nhi.aws import AwsClients
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from tests.conftest import binary, dev_address
 from tests.helpers import (
     ROLE_SCOPE,

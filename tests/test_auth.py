@@ -31,8 +31,8 @@ from api.app import create_app
 from models.contracts import ApprovalDecision
 from models.enums import Role
 from models.orm import ApiToken, AuditEvent, Nhi
-from nhi.auth import hash_token, issue_token
-from nhi.db import transaction
+from nhi.infra.db import transaction
+from nhi.services.auth import hash_token, issue_token
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, ApiServer, agent_body, bearer, eventually, unique
 from workflows.provision import ProvisionNhiWorkflow

@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from models.enums import Role
 from models.orm import Agent, ApiToken, AuditEvent, Nhi, Policy, Prompt, Sweep, Target
-from nhi.auth import issue_token, revoke_token
-from nhi.aws import AwsClients
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.db import transaction
+from nhi.services.auth import issue_token, revoke_token
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, bearer, unique
 

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import WorkflowExecutionStatus
 
 from models.orm import AuditEvent, Nhi
-from nhi.aws import AwsClients
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.db import transaction
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id

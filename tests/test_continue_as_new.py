@@ -20,9 +20,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from models.contracts import LifecycleAction, LifecycleView, Phase, ProvisionInput, RenewRequest
 from models.orm import AuditEvent, Nhi
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from nhi.rules.ids import provision_workflow_id
 from tests.conftest import binary
 from tests.helpers import eventually, request_nhi

@@ -17,9 +17,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from models.contracts import ProvisionInput
 from models.orm import Nhi
-from nhi.aws import AwsClients
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from nhi.rules.ids import provision_workflow_id
 from tests.conftest import dev_address
 from tests.gate_proxy import GateProxy

@@ -42,12 +42,12 @@ from activities.providers.postgres import (
 )
 from models.contracts import IdentityRef, ProvisionPlan, RemoveIdentity, ScopeStatement
 from models.enums import NhiKind, Platform
-from nhi.aws import make_aws_clients
-from nhi.config import Settings
-from nhi.logging import ACTIVITY_LOGGER, install_activity_log_filter
-from nhi.policy import identity_name, secret_name
+from nhi.infra.aws_clients import make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.logging import ACTIVITY_LOGGER, install_activity_log_filter
+from nhi.rules.policy import identity_name, secret_name
 from tests.helpers import inject_aws_error
-from workflows.policies import failure_reason
+from workflows.retry_policies import failure_reason
 
 
 def round_trip(err: BaseException) -> BaseException:

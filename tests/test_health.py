@@ -18,8 +18,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
-from nhi.config import Settings
-from nhi.health import POLLER_FRESH
+from nhi.infra.config import Settings
+from nhi.infra.health import POLLER_FRESH
 from tests.conftest import binary
 from tests.helpers import ApiServer, eventually, free_port
 from tests.ops_procs import worker_process

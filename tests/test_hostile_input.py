@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.orm import Agent, ApiToken, AuditEvent, Nhi, Policy, Target
 from models.schemas import MAX_BODY_BYTES
-from nhi.db import transaction
+from nhi.infra.db import transaction
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, bearer
 

@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.orm import Agent, ApiToken, AuditEvent, IdempotencyKey
-from nhi.db import transaction
+from nhi.infra.db import transaction
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually, mint
 

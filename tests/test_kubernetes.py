@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from nhi.config import Settings
+from nhi.infra.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"

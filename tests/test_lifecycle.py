@@ -25,11 +25,11 @@ from temporalio.testing import WorkflowEnvironment
 from api.app import create_app
 from models.contracts import LifecycleView, Phase
 from models.orm import AuditEvent, Nhi
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
+from nhi.infra.slack_client import make_slack_client
 from nhi.rules.ids import provision_workflow_id
-from nhi.slack import make_slack_client
 from tests.conftest import dev_address
 from tests.helpers import (
     ApiServer,

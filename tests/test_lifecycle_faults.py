@@ -35,11 +35,11 @@ from models.contracts import (
     RenewRequest,
 )
 from models.orm import Agent, AuditEvent, Nhi, Policy
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.db import transaction
-from nhi.slack import make_slack_client
-from nhi.task_alerts import SDK_LOGGER, TaskFailureAlerts
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
+from nhi.infra.slack_client import make_slack_client
+from nhi.infra.task_alerts import SDK_LOGGER, TaskFailureAlerts
 from tests.conftest import dev_address
 from tests.helpers import eventually, inject_aws_error, provision, request_nhi, skip_until
 from tests.slack_emulator import SlackEmulator, _ApiError
@@ -438,7 +438,7 @@ async def test_the_rate_limit_caps_alerts_across_workflows() -> None:
             sent.append(record.getMessage())
 
     recorder = Recorder()
-    log = logging.getLogger("nhi.task_alerts")
+    log = logging.getLogger("nhi.infra.task_alerts")
     log.addHandler(recorder)
     handler = TaskFailureAlerts(None, SECURITY, max_per_window=3, clock=lambda: clock[0])
     try:

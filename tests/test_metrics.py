@@ -22,7 +22,7 @@ import yaml
 from sqlalchemy import text
 from temporalio.testing import WorkflowEnvironment
 
-from nhi.db import make_engine, make_sessionmaker, transaction, upgrade_head
+from nhi.infra.db import make_engine, make_sessionmaker, transaction, upgrade_head
 from tests.conftest import Databases, dev_address
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually, mint
 from tests.ops_procs import api_process, names, value, worker_process
@@ -329,7 +329,7 @@ def test_refresh_reads_sweeps_revoke_failures_approvals_and_prompts(databases: D
     from prometheus_client import generate_latest
 
     from models.orm import Agent, AuditEvent, Nhi, Prompt, Sweep
-    from nhi.metrics import InventoryMetrics, new_registry
+    from nhi.infra.metrics import InventoryMetrics, new_registry
 
     url = databases.new("nhi_refresh")
     upgrade_head(url)

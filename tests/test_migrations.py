@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.orm import Base
-from nhi.db import alembic_config, upgrade_head
+from nhi.infra.db import alembic_config, upgrade_head
 from tests.conftest import Databases
 
 

@@ -23,8 +23,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS, load_all_checks
 from temporalio.testing import WorkflowEnvironment
 
-from nhi.config import Settings
-from nhi.db import make_engine, make_sessionmaker, upgrade_head
+from nhi.infra.config import Settings
+from nhi.infra.db import make_engine, make_sessionmaker, upgrade_head
 from tests.conftest import Databases, dev_address
 from tests.helpers import ApiServer, bearer, mint
 

@@ -1,4 +1,4 @@
-"""Pure rules of nhi/policy.py: TTLs, scope checks, CIDRs, principals, names, IAM documents."""
+"""Pure rules of nhi/rules/policy.py: TTLs, scope checks, CIDRs, principals, names, IAM documents."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from models.contracts import ScopeStatement
 from models.enums import NhiKind
-from nhi.policy import (
+from nhi.rules.policy import (
     INLINE_POLICY_LIMIT,
     MAX_STATEMENTS,
     PolicyRules,

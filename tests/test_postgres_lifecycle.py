@@ -34,13 +34,13 @@ from models.contracts import (
 )
 from models.enums import NhiKind, Platform
 from models.orm import AuditEvent, Nhi
-from nhi.aws import AwsClients
-from nhi.config import PostgresTargetSetting, Settings
-from nhi.db import transaction
-from nhi.pg_grants import group_name, role_names
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.config import PostgresTargetSetting, Settings
+from nhi.infra.db import transaction
+from nhi.infra.slack_client import make_slack_client
 from nhi.rules.ids import provision_workflow_id
-from nhi.slack import make_slack_client
-from nhi.targets import TargetRegistry
+from nhi.rules.pg_grants import group_name, role_names
+from nhi.services.target_registry import TargetRegistry
 from tests.conftest import dev_address
 from tests.helpers import eventually, provision, request_nhi, skip_until
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused

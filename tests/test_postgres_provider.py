@@ -25,8 +25,8 @@ from activities.providers.postgres import PostgresProvider
 from activities.providers.secret_store import SecretStore
 from models.contracts import IdentityRef, ProvisionPlan, ScopeStatement
 from models.enums import NhiKind, Platform
-from nhi.aws import AwsClients
-from nhi.pg_grants import (
+from nhi.infra.aws_clients import AwsClients
+from nhi.rules.pg_grants import (
     group_name,
     is_read_only,
     parse_comment,
@@ -34,8 +34,8 @@ from nhi.pg_grants import (
     role_names,
     validate_grants,
 )
-from nhi.policy import PolicyRules, RuleViolation
-from nhi.targets import TargetConnection, UnknownTarget
+from nhi.rules.policy import PolicyRules, RuleViolation
+from nhi.services.target_registry import TargetConnection, UnknownTarget
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused, server_binaries
 
 TARGET = "company"

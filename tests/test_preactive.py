@@ -23,11 +23,11 @@ from temporalio.testing import WorkflowEnvironment
 
 from models.contracts import ProvisionInput
 from models.orm import Agent, Nhi
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.db import transaction
-from nhi.policy import secret_name
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from nhi.rules.ids import provision_workflow_id
+from nhi.rules.policy import secret_name
 from tests.helpers import SweepRig, eventually, inject_aws_error, request_nhi, sweep_settings
 from worker import build_worker
 from workflows.provision import ProvisionNhiWorkflow

@@ -17,9 +17,9 @@ from temporalio.testing import WorkflowEnvironment
 from models.contracts import ApprovalDecision, ProvisionInput, ProvisionResult
 from models.enums import NhiStatus
 from models.orm import AuditEvent, Nhi, Policy
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from nhi.rules.ids import provision_workflow_id
 from tests.helpers import TRUST, inject_aws_error, request_nhi
 from worker import build_worker

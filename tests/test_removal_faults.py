@@ -26,11 +26,11 @@ from activities.providers.aws import (
 from activities.providers.postgres import PostgresProvider
 from models.contracts import IdentityRef, ProvisionPlan, ScopeStatement
 from models.enums import NhiKind, Platform
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.pg_grants import group_name, role_names
-from nhi.policy import identity_name, secret_name
-from nhi.targets import TargetConnection
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.rules.pg_grants import group_name, role_names
+from nhi.rules.policy import identity_name, secret_name
+from nhi.services.target_registry import TargetConnection
 from tests.helpers import inject_aws_error
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, refused, server_binaries
 from tests.test_postgres_provider import Targets

@@ -44,9 +44,9 @@ from temporalio.worker import Replayer
 from models.contracts import ApprovalDecision, FindingKind, ProvisionInput, SweepOutcome
 from models.enums import NhiStatus
 from models.orm import Nhi
-from nhi.aws import AwsClients
-from nhi.config import PostgresTargetSetting, Settings
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.config import PostgresTargetSetting, Settings
+from nhi.infra.db import transaction
 from nhi.rules.ids import lifecycle_workflow_id, orphan_workflow_id, provision_workflow_id
 from tests.helpers import (
     HISTORIES,

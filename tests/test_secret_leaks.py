@@ -19,9 +19,9 @@ from google.protobuf.json_format import MessageToDict
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from nhi.aws import AwsClients
-from nhi.db import transaction
-from nhi.logging import configure
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.db import transaction
+from nhi.infra.logging import configure
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, agent_body, bearer, eventually
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, refused

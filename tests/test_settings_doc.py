@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from nhi.config import Settings
+from nhi.infra.config import Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from models.orm import AuditEvent, Prompt
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from tests.helpers import ApiServer, free_port
 
 SECRET = "slack-signing-secret-for-tests"

@@ -18,9 +18,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from models.contracts import ProvisionInput, SweepOutcome
 from models.orm import Nhi, Sweep
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from nhi.rules.ids import orphan_workflow_id, provision_workflow_id
 from tests.helpers import SweepRig, inject_aws_error, request_nhi, sweep_settings
 from worker import build_worker

@@ -40,13 +40,13 @@ from models.contracts import (
     SweepOutcome,
 )
 from models.orm import Agent, AuditEvent, Nhi, Sweep
-from nhi.aws import AwsClients, make_aws_clients
-from nhi.config import PostgresTargetSetting, Settings
-from nhi.db import transaction
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import PostgresTargetSetting, Settings
+from nhi.infra.db import transaction
+from nhi.infra.slack_client import make_slack_client
 from nhi.rules.ids import provision_workflow_id
 from nhi.services.policies import find_policy
-from nhi.slack import make_slack_client
-from nhi.targets import TargetRegistry
+from nhi.services.target_registry import TargetRegistry
 from tests.conftest import dev_address
 from tests.helpers import (
     ApiServer,

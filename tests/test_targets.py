@@ -23,22 +23,24 @@ from api.app import create_app
 from models.enums import NhiKind, Platform
 from models.orm import AuditEvent, Nhi, Target
 from models.schemas import AgentCreate, NhiCreate, TargetIn
-from nhi.aws import AwsClients
-from nhi.config import PostgresTargetSetting, Settings
-from nhi.db import transaction
-from nhi.policy import RuleViolation
-from nhi.services import agents, nhis, targets
-from nhi.targets import (
-    TargetConnection,
-    TargetRefused,
-    TargetRegistry,
-    UnknownTarget,
-    find_target,
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.config import PostgresTargetSetting, Settings
+from nhi.infra.db import transaction
+from nhi.rules.policy import RuleViolation
+from nhi.rules.targets import (
     host_allowed,
     parse_dsn,
     password_ref,
     secret_name,
     validate_password_ref,
+)
+from nhi.services import agents, nhis, targets
+from nhi.services.target_registry import (
+    TargetConnection,
+    TargetRefused,
+    TargetRegistry,
+    UnknownTarget,
+    find_target,
 )
 from tests.conftest import Service
 from tests.helpers import (

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.enums import AgentStatus, NhiStatus
 from models.orm import Agent, AuditEvent, Nhi
 from models.schemas import AgentCreate
-from nhi.config import Settings
-from nhi.db import transaction
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from nhi.services import agents
 from nhi.services.transitions import note, transition
 from tests.helpers import agent_body, request_nhi

@@ -59,8 +59,8 @@ with workflow.unsafe.imports_passed_through():
     from nhi.rules.ids import LIFECYCLE_WORKFLOW
     from nhi.rules.ids import lifecycle_workflow_id as lifecycle_workflow_id  # re-exported
     from nhi.rules.owners import is_owner
-    from nhi.slack_messages import decided_text
-    from workflows.policies import (
+    from nhi.rules.slack_messages import decided_text
+    from workflows.retry_policies import (
         DB_BEST_EFFORT_RETRY,
         DB_RETRY,
         DB_TIMEOUT,

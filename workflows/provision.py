@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from models.enums import ROTATABLE_KINDS, NhiKind, NhiStatus
     from nhi.rules.ids import PROVISION_WORKFLOW, lifecycle_workflow_id
     from workflows.lifecycle import NhiLifecycleWorkflow
-    from workflows.policies import (
+    from workflows.retry_policies import (
         DB_RETRY,
         DB_TIMEOUT,
         PLATFORM_HEARTBEAT,

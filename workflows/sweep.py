@@ -46,7 +46,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from models.enums import NhiKind
     from nhi.rules.ids import orphan_workflow_id
-    from workflows.policies import (
+    from workflows.retry_policies import (
         DB_RETRY,
         DB_TIMEOUT,
         PLATFORM_HEARTBEAT,

@@ -37,9 +37,9 @@ from models.contracts import (
 )
 from models.enums import NhiKind, Platform
 from nhi import MANAGED_BY
-from nhi.aws import AwsClients
-from nhi.policy import identity_policy_document, trust_policy_document
-from nhi.sweep import PlatformIdentity
+from nhi.infra.aws_clients import AwsClients
+from nhi.rules.findings import PlatformIdentity
+from nhi.rules.policy import identity_policy_document, trust_policy_document
 
 if TYPE_CHECKING:
     from types_boto3_iam import IAMClient
@@ -542,7 +542,7 @@ class AwsProvider(_AwsLifecycle, AwsDiscovery):
 
     platform: ClassVar[Platform] = Platform.AWS
     name_separator: ClassVar[str] = (
-        "-"  # IAM names: `<prefix>-<agent>-<id>` (nhi.policy.identity_name)
+        "-"  # IAM names: `<prefix>-<agent>-<id>` (nhi.rules.policy.identity_name)
     )
 
     def __init__(self, clients: AwsClients, iam_path: str = "/nhi-lifecycle/") -> None:

@@ -36,7 +36,7 @@ from models.contracts import (
 )
 from models.enums import NhiKind, Platform
 from nhi import MANAGED_BY
-from nhi.sweep import PlatformIdentity
+from nhi.rules.findings import PlatformIdentity
 
 # Called before each platform call of a listing: rate limiting and heartbeats (see sweeps).
 Pace = Callable[[], None]

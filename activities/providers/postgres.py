@@ -3,17 +3,17 @@
 Shape of one NHI on a target:
 
 * a group role named `plan.identity_name` (NOLOGIN) that holds the granted privileges;
-* two LOGIN roles `<group>_a` / `<group>_b` (see `nhi.pg_grants.role_names`), members of the
+* two LOGIN roles `<group>_a` / `<group>_b` (see `nhi.rules.pg_grants.role_names`), members of the
   group, used alternately by rotation so the old password keeps working during the overlap.
   Each carries `VALID UNTIL` = the NHI's expiry, so the database itself refuses logins after it
   even if this service is down, and a read-only scope makes its sessions read-only by default;
-* a COMMENT on every role marking it ours (`nhi.pg_grants.managed_comment`): the "already
+* a COMMENT on every role marking it ours (`nhi.rules.pg_grants.managed_comment`): the "already
   exists" check and the sweeps read it, and it carries the creation time Postgres lacks.
 
 The password is generated here, set as a SCRAM verifier computed client side (the clear text
 never appears in SQL text or server logs) and written straight into Secrets Manager as an
 RDS-style JSON secret; only references leave. Every identifier reaching SQL was first checked
-by `nhi.pg_grants` and is then quoted with `psycopg.sql.Identifier`.
+by `nhi.rules.pg_grants` and is then quoted with `psycopg.sql.Identifier`.
 
 Admin role requirements on each target (PostgreSQL 15; the admin is NOT a superuser):
 
@@ -68,9 +68,9 @@ from models.contracts import (
     StagedKey,
 )
 from models.enums import Platform
-from nhi.pg_grants import Grant, parse_grants, validate_grants
-from nhi.policy import PolicyRules, RuleViolation
-from nhi.targets import TargetConnection, TargetResolver
+from nhi.rules.pg_grants import Grant, parse_grants, validate_grants
+from nhi.rules.policy import PolicyRules, RuleViolation
+from nhi.services.target_registry import TargetConnection, TargetResolver
 
 if TYPE_CHECKING:
     from types_boto3_secretsmanager import SecretsManagerClient

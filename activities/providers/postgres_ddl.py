@@ -5,7 +5,7 @@ of an NHI (`Names`: a NOLOGIN group role and two alternating login roles), the c
 them ours, VALID UNTIL and the read-only default, passwords as SCRAM verifiers computed client
 side, the group's grants made exactly the scope's (and compared with it: `drift`), session
 ends, advisory locks, and what blocks a DROP ROLE. Every identifier reaching SQL was checked by
-`nhi.pg_grants` first and is quoted with `psycopg.sql.Identifier`; Postgres errors leave as
+`nhi.rules.pg_grants` first and is quoted with `psycopg.sql.Identifier`; Postgres errors leave as
 classified `ApplicationError`s (`classify_postgres`), never quoting a statement.
 
 The provider (activities/providers/postgres.py) decides what to run; its discovery
@@ -28,7 +28,7 @@ from psycopg.rows import TupleRow
 from temporalio.exceptions import ApplicationError
 
 from models.contracts import ProvisionPlan, ScopeStatement
-from nhi.pg_grants import (
+from nhi.rules.pg_grants import (
     Grant,
     is_read_only,
     managed_comment,
@@ -36,8 +36,8 @@ from nhi.pg_grants import (
     parse_grants,
     role_names,
 )
-from nhi.policy import RuleViolation
-from nhi.targets import TargetConnection, TargetResolver, UnknownTarget
+from nhi.rules.policy import RuleViolation
+from nhi.services.target_registry import TargetConnection, TargetResolver, UnknownTarget
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 target, how it differs from its grant, and whether it is in use.
 
 Postgres keeps no last-login time and no creation time: a session of a login role counts as
-use now, and the creation time is read from the marker comment (`nhi.pg_grants`).
+use now, and the creation time is read from the marker comment (`nhi.rules.pg_grants`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from activities.providers import postgres_ddl as ddl
 from activities.providers.base import NHI_ID_TAG, Discovery, Known, Pace
 from activities.providers.secret_store import SecretStore
 from models.enums import NhiKind
-from nhi.pg_grants import IDENTIFIER_RE, has_our_shape, parse_comment, role_names
-from nhi.sweep import PlatformIdentity
-from nhi.targets import TargetResolver
+from nhi.rules.findings import PlatformIdentity
+from nhi.rules.pg_grants import IDENTIFIER_RE, has_our_shape, parse_comment, role_names
+from nhi.services.target_registry import TargetResolver
 
 
 class PostgresDiscovery:
@@ -29,7 +29,7 @@ class PostgresDiscovery:
     PostgresProvider)."""
 
     name_separator: ClassVar[str] = (
-        "_"  # role names: `<prefix>_<agent>_<id>` (nhi.pg_grants.group_name)
+        "_"  # role names: `<prefix>_<agent>_<id>` (nhi.rules.pg_grants.group_name)
     )
 
     _targets: TargetResolver

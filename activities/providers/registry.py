@@ -8,9 +8,9 @@ from activities.providers.aws import AwsProvider
 from activities.providers.base import Provider
 from activities.providers.postgres import PostgresProvider
 from models.enums import Platform
-from nhi.aws import AwsClients
-from nhi.config import Settings
-from nhi.targets import TargetResolver
+from nhi.infra.aws_clients import AwsClients
+from nhi.infra.config import Settings
+from nhi.services.target_registry import TargetResolver
 
 PROVIDER_CLASSES: tuple[type[Provider], ...] = (AwsProvider, PostgresProvider)
 _SEPARATORS = {cls.platform: cls.name_separator for cls in PROVIDER_CLASSES}

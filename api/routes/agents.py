@@ -24,11 +24,11 @@ from models.schemas import (
     Offset,
     Team,
 )
-from nhi.auth import require_read, require_team
-from nhi.aws import make_aws_clients
-from nhi.config import Settings
-from nhi.policy import principal_account
+from nhi.infra.aws_clients import make_aws_clients
+from nhi.infra.config import Settings
+from nhi.rules.policy import principal_account
 from nhi.services import agents, nhis
+from nhi.services.auth import require_read, require_team
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/agents", tags=["agents"], dependencies=[authenticated])

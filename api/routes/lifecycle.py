@@ -56,15 +56,15 @@ from models.contracts import (
 from models.enums import NhiStatus, Role
 from models.orm import Agent, Nhi
 from models.schemas import Body, Duration, PromptOut, Reason, duration_seconds
-from nhi.auth import Principal, require, require_owner, require_read, require_visible_nhi
-from nhi.policy import RuleViolation
 from nhi.rules.ids import (
     api_answer_update_id,
     completion_update_id,
     keyed_update_id,
     lifecycle_workflow_id,
 )
+from nhi.rules.policy import RuleViolation
 from nhi.services import agents, nhis, prompts
+from nhi.services.auth import Principal, require, require_owner, require_read, require_visible_nhi
 from nhi.services.errors import Conflict, Forbidden, NotFound, PolicyViolation
 from workflows.lifecycle import NhiLifecycleWorkflow
 

@@ -46,9 +46,9 @@ from models.schemas import (
     Offset,
     RequiredReason,
 )
-from nhi.auth import Principal, authorize_decision, require_visible_nhi
 from nhi.rules.ids import decide_update_id, provision_workflow_id
 from nhi.services import nhis
+from nhi.services.auth import Principal, authorize_decision, require_visible_nhi
 from nhi.services.errors import Conflict
 from workflows.provision import ProvisionNhiWorkflow
 

@@ -7,8 +7,8 @@ from fastapi import APIRouter
 from api.deps import CurrentPrincipal, SessionDep, authenticated
 from models.enums import Role
 from models.schemas import PolicyApply, PolicyOut
-from nhi.auth import require_role
 from nhi.services import policies
+from nhi.services.auth import require_role
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"], dependencies=[authenticated])
 

@@ -27,11 +27,11 @@ from api.errors import LifecycleNotReady, documented
 from api.routes.lifecycle import STILL_RUNNING, send_update, temporal_client
 from models.contracts import PromptAnswer, PromptAnswerKind
 from models.orm import Prompt
-from nhi.db import transaction
+from nhi.infra.db import transaction
 from nhi.rules.ids import lifecycle_workflow_id, slack_answer_update_id
+from nhi.rules.slack_messages import ANSWER_OF_ACTION, PromptAction, parse_button_value
 from nhi.services import prompts
 from nhi.services.errors import Conflict, Forbidden, PolicyViolation
-from nhi.slack_messages import ANSWER_OF_ACTION, PromptAction, parse_button_value
 from workflows.lifecycle import NhiLifecycleWorkflow
 
 log = logging.getLogger(__name__)

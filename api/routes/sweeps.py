@@ -14,9 +14,9 @@ from api.deps import CurrentPrincipal, SessionDep, State, TemporalUnavailable, a
 from models.contracts import SweepInput
 from models.enums import Role
 from models.schemas import Body
-from nhi.auth import require_role
 from nhi.rules.ids import manual_sweep_workflow_id
 from nhi.services import sweeps
+from nhi.services.auth import require_role
 from workflows.sweep import SweepWorkflow
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], dependencies=[authenticated])

@@ -1,8 +1,8 @@
 """Postgres targets: the databases `postgres_role` NHIs are created in (admin registers them).
 
 A target is where the worker sends an admin password, so registering one is checked against
-the rules in `nhi.targets` (allowed hosts, password sources, TLS) and every registration or
-removal is audited and alerted to the security channel.
+the rules in `nhi.services.target_registry` (allowed hosts, password sources, TLS), and
+every registration or removal is audited and alerted to the security channel.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from fastapi.concurrency import run_in_threadpool
 from api.deps import AppState, CurrentPrincipal, SessionDep, State, authenticated
 from models.enums import Role
 from models.schemas import TargetIn, TargetName, TargetOut
-from nhi.auth import require_role
+from nhi.rules.targets import parse_dsn, password_ref
 from nhi.services import targets
-from nhi.targets import TargetSpec, check_target, parse_dsn, password_ref
+from nhi.services.auth import require_role
+from nhi.services.target_registry import TargetSpec, check_target
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/targets", tags=["targets"], dependencies=[authenticated])

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import CurrentPrincipal, SessionDep, authenticated
 from models.enums import Role
 from models.schemas import Body, Duration, Email, Team, TokenName
-from nhi.auth import require_role
 from nhi.services import tokens
+from nhi.services.auth import require_role
 
 router = APIRouter(prefix="/v1", tags=["tokens"], dependencies=[authenticated])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 def is_owner(email: str | None, owner_email: str, backup_owner_email: str | None) -> bool:
     """Whether `email` is the agent's owner or backup owner (emails compare case-blind).
 
-    The one statement of the rule: the API's principals (`nhi.auth.Principal.owns`), Slack
+    The one statement of the rule: the API's principals (`nhi.services.auth.Principal.owns`), Slack
     clicks (`nhi.services.prompts.may_answer`) and the lifecycle workflow's update validators
     all ask it.
     """

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session, selectinload
 from models.enums import AgentStatus, NhiStatus
 from models.orm import Agent, Nhi
 from models.schemas import AgentCreate
-from nhi.auth import Principal
-from nhi.policy import RuleViolation
+from nhi.rules.policy import RuleViolation
+from nhi.services.auth import Principal
 from nhi.services.errors import Conflict, NotFound
 from nhi.services.transitions import note, transition
 from nhi.services.visibility import visible

@@ -1,6 +1,6 @@
 """Typed domain errors the services raise; `api/errors.py` maps each to HTTP in one place.
 
-A rule broken by input is `nhi.policy.RuleViolation` (422, naming the field); the others are
+A rule broken by input is `nhi.rules.policy.RuleViolation` (422, naming the field); the others are
 here: no such object (404), a clash with the current state (409), an action the caller may not
 take (403). Each carries its field as an attribute, never only inside the message text.
 """

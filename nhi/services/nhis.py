@@ -17,10 +17,9 @@ from sqlalchemy.orm import Session
 from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiKind, NhiStatus
 from models.orm import Agent, AuditEvent, Nhi
 from models.schemas import NhiCreate
-from nhi.auth import Principal
-from nhi.config import Settings
-from nhi.pg_grants import group_name
-from nhi.policy import (
+from nhi.infra.config import Settings
+from nhi.rules.pg_grants import group_name
+from nhi.rules.policy import (
     INLINE_POLICY_LIMIT,
     RuleViolation,
     check_trust_account,
@@ -32,11 +31,12 @@ from nhi.policy import (
     validate_trust_principal,
 )
 from nhi.services.agents import get_agent
+from nhi.services.auth import Principal
 from nhi.services.errors import Conflict, NotFound
 from nhi.services.policies import check_scope, find_policy, rules_of
+from nhi.services.target_registry import find_target
 from nhi.services.transitions import note, transition
 from nhi.services.visibility import visible
-from nhi.targets import find_target
 
 
 def request_nhi(

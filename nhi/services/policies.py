@@ -9,8 +9,8 @@ from models.contracts import ScopeStatement
 from models.enums import Platform
 from models.orm import Policy
 from models.schemas import PolicyIn
-from nhi.pg_grants import validate_grants
-from nhi.policy import (
+from nhi.rules.pg_grants import validate_grants
+from nhi.rules.policy import (
     PolicyRules,
     RuleViolation,
     parse_ttl,

@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.orm import Agent, Nhi, Prompt
-from nhi.auth import Principal
 from nhi.rules.owners import is_owner
+from nhi.services.auth import Principal
 from nhi.services.errors import NotFound
 from nhi.services.transitions import note
 from nhi.services.visibility import visible

@@ -1,7 +1,7 @@
 """Postgres targets in the inventory: register and remove (audited), and list.
 
 The rules a target must meet (allowed hosts, password sources, TLS) and the lookups that also
-see targets from settings stay in `nhi.targets`, which the worker and settings share.
+see targets from settings stay in `nhi.rules.targets` and `nhi.services.target_registry`.
 """
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ from sqlalchemy.orm import Session
 
 from models.orm import Nhi, Target
 from models.schemas import TargetIn
-from nhi.config import Settings
+from nhi.infra.config import Settings
+from nhi.rules.targets import parse_dsn, password_ref
 from nhi.services.agents import FINAL_STATUSES
 from nhi.services.errors import Conflict, NotFound
-from nhi.services.transitions import note
-from nhi.targets import (
+from nhi.services.target_registry import (
     TargetSpec,
     all_targets,
     find_target,
-    parse_dsn,
-    password_ref,
     target_spec,
 )
+from nhi.services.transitions import note
 
 
 def list_targets(session: Session, settings: Settings) -> list[TargetSpec]:

@@ -1,6 +1,6 @@
 """API tokens: this service's own NHIs. Issued (the plaintext shown once), listed, revoked.
 
-Only a SHA-256 of a token is stored; `nhi.auth` turns a presented token into a principal.
+Only a SHA-256 of a token is stored; `nhi.services.auth` turns a presented token into a principal.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from models.enums import Role
 from models.orm import ApiToken
-from nhi.policy import RuleViolation, parse_ttl
+from nhi.rules.policy import RuleViolation, parse_ttl
 from nhi.services.errors import NotFound
 from nhi.services.transitions import note, transition
 

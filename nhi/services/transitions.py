@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models.orm import Agent, ApiToken, Base, Nhi, Prompt, Sweep
-from nhi import audit
+from nhi.services import audit
 
 # How the audit trail names each kind of subject.
 SUBJECT_TYPES: dict[type[Base], str] = {

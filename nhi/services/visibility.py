@@ -8,7 +8,7 @@ from sqlalchemy import ColumnElement, Select, false, or_, true
 
 from models.enums import Role
 from models.orm import Agent
-from nhi.auth import Principal
+from nhi.services.auth import Principal
 
 
 def visible(query: Select[Any], principal: Principal | None) -> Select[Any]:

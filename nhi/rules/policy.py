@@ -241,7 +241,7 @@ def check_trust_account(
 
 def identity_name(prefix: str, agent_name: str, nhi_id: uuid.UUID) -> str:
     """Deterministic, IAM-safe (<= 64 chars) name: retries find what an earlier try made.
-    (Postgres roles are named by `nhi.pg_grants.group_name`.)"""
+    (Postgres roles are named by `nhi.rules.pg_grants.group_name`.)"""
     budget = 64 - len(prefix) - 2 - 32
     if budget < 1:
         raise ValueError(f"name prefix {prefix!r} leaves no room for the agent's name")

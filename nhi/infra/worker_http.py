@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from nhi import health
-from nhi.config import Settings
-from nhi.db import transaction
-from nhi.metrics import exposition
+from nhi.infra import health
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
+from nhi.infra.metrics import exposition
 
 log = logging.getLogger("nhi.worker.http")
 

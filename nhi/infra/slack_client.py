@@ -5,7 +5,7 @@ from __future__ import annotations
 from slack_sdk import WebClient
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
-from nhi.config import Settings
+from nhi.infra.config import Settings
 
 
 def make_slack_client(settings: Settings) -> WebClient | None:

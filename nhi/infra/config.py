@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.schemas import SslMode, TargetName
+from nhi.rules.targets import parse_dsn, password_ref, prefixes_overlap, secret_name, under_prefix
 
 
 class PostgresTargetSetting(BaseModel):
@@ -26,19 +27,14 @@ class PostgresTargetSetting(BaseModel):
     sslmode: SslMode = "prefer"
     connection_limit: int = Field(default=10, ge=1, le=1000)
 
-    # nhi.targets imports this module, so its helpers are imported when a value is checked.
     @field_validator("dsn")
     @classmethod
     def _dsn(cls, value: str) -> str:
-        from nhi.targets import parse_dsn
-
         parse_dsn(value)
         return value
 
     @model_validator(mode="after")
     def _one_password_ref(self) -> PostgresTargetSetting:
-        from nhi.targets import password_ref
-
         password_ref(self.password_env, self.password_secret)
         return self
 
@@ -302,8 +298,6 @@ class Settings(BaseSettings):
     def _target_passwords_never_delivered_secrets(self) -> Settings:
         # A target's admin password is sent to the target's host: were it read from under the
         # delivery prefix, a target could carry an agent's credential away.
-        from nhi.targets import prefixes_overlap, secret_name, under_prefix
-
         if prefixes_overlap(self.target_secret_prefix, self.secret_prefix):
             raise ValueError(
                 "target_secret_prefix: must not be, contain or lie under NHI_SECRET_PREFIX "

@@ -50,7 +50,7 @@ from temporalio.worker import (
 
 from models.contracts import FindingKind
 
-log = logging.getLogger("nhi.metrics")
+log = logging.getLogger("nhi.infra.metrics")
 
 FINDING_KINDS = frozenset(k.value for k in FindingKind)
 

@@ -21,7 +21,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, GetSystemInfoRequest
 from temporalio.client import Client
 
-log = logging.getLogger("nhi.health")
+log = logging.getLogger("nhi.infra.health")
 
 # Each check gets this long: a readiness probe must answer before the orchestrator's own
 # timeout (the manifests use 5 s) even with two checks in a row.

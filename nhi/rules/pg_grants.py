@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 
 from models.contracts import ScopeStatement
 from nhi import MANAGED_BY
-from nhi.policy import PolicyRules, RuleViolation, check_statement_count
+from nhi.rules.policy import PolicyRules, RuleViolation, check_statement_count
 
 IDENTIFIER_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _WORD_RE = re.compile(r"[A-Z_]+( [A-Z_]+)*")

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from models.enums import Role
 from models.orm import Agent, ApiToken, Nhi
-from nhi.config import Settings
+from nhi.infra.config import Settings
 from nhi.rules.owners import is_owner
 from nhi.services.errors import Forbidden as Forbidden
 from nhi.services.errors import NotFound

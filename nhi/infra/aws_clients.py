@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import boto3
 from botocore.config import Config
 
-from nhi.config import Settings
+from nhi.infra.config import Settings
 
 if TYPE_CHECKING:
     from types_boto3_iam import IAMClient
