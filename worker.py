@@ -20,6 +20,7 @@ from temporalio.worker import Worker
 from activities.db import DbActivities
 from activities.provider import ProviderActivities
 from activities.providers.registry import build_providers
+from activities.reaper import ReaperActivities
 from activities.slack import SlackActivities
 from activities.sweep import SupervisionActivities, SweepActivities
 from nhi.infra.aws_clients import AwsClients, make_aws_clients
@@ -30,16 +31,24 @@ from nhi.infra.metrics import ActivityMetrics, MetricsInterceptor, install_sdk_r
 from nhi.infra.slack_client import make_slack_client
 from nhi.infra.task_alerts import install_task_failure_alerts
 from nhi.infra.temporal_client import connect
+from nhi.infra.tracing import setup_tracing, shutdown_tracing
 from nhi.infra.worker_http import WorkerHttp
 from nhi.schedules import apply_schedules
 from nhi.services.target_registry import TargetRegistry
 from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
+from workflows.reaper import TaskReaperWorkflow
 from workflows.sweep import OrphanRemovalWorkflow, SweepWorkflow
 
 log = logging.getLogger("nhi.worker")
 
-WORKFLOWS = [ProvisionNhiWorkflow, NhiLifecycleWorkflow, SweepWorkflow, OrphanRemovalWorkflow]
+WORKFLOWS = [
+    ProvisionNhiWorkflow,
+    NhiLifecycleWorkflow,
+    SweepWorkflow,
+    OrphanRemovalWorkflow,
+    TaskReaperWorkflow,
+]
 
 ActivityMethod = Callable[..., object]
 """A bound `@activity.defn` method: the SDK reads its name and signature, we only pass it on."""
@@ -51,6 +60,7 @@ def activities_of(
     people: SlackActivities,
     sweeps: SweepActivities,
     supervision: SupervisionActivities,
+    reaper: ReaperActivities,
 ) -> list[ActivityMethod]:
     """Every activity the workflows call, bound to its dependencies.
 
@@ -105,6 +115,8 @@ def activities_of(
         supervision.find_preactive,
         supervision.redrive_provisioning,
         supervision.nudge_lifecycle,
+        # Task credentials: the reaper.
+        reaper.reap_task_credentials,
     ]
 
 
@@ -122,17 +134,19 @@ def build_worker(
     Activity outcomes are counted into `metrics` (a private registry when not given). With
     `worker_fail_on_nondeterminism` (every test worker) a run whose history no longer replays
     fails at once instead of retrying its workflow task forever."""
-    providers = build_providers(settings, aws, TargetRegistry(sessions, settings, aws.secrets))
+    targets = TargetRegistry(sessions, settings, aws.secrets)
+    providers = build_providers(settings, aws, targets)
     db = DbActivities(sessions, settings)
     platforms = ProviderActivities(providers)
     people = SlackActivities(slack, settings.slack_security_channel)
     sweeps = SweepActivities(sessions, providers, settings)
     supervision = SupervisionActivities(sessions, settings)
+    reaper = ReaperActivities(sessions, targets)
     return Worker(
         client,
         task_queue=task_queue or settings.temporal_task_queue,
         workflows=WORKFLOWS,
-        activities=activities_of(db, platforms, people, sweeps, supervision),
+        activities=activities_of(db, platforms, people, sweeps, supervision, reaper),
         activity_executor=ThreadPoolExecutor(
             max_workers=settings.worker_max_concurrent_activities, thread_name_prefix="activity"
         ),
@@ -153,6 +167,9 @@ async def run(settings: Settings) -> None:
     # The SDK's metrics need the runtime set before the client exists; they are served on
     # /metrics of the worker's HTTP server, so only when that server is on.
     sdk_url = install_sdk_runtime() if settings.worker_http_port else None
+    # Before connecting: the client (and so this worker) gets the tracing interceptor only
+    # when a tracer provider exists (NHI_OTEL_EXPORTER_OTLP_ENDPOINT set).
+    setup_tracing(settings, "nhi-worker")
     client = await connect(settings)
     sessions = make_sessionmaker(engine)
     registry = new_registry()
@@ -188,13 +205,14 @@ async def run(settings: Settings) -> None:
         await stop.wait()
         await http.close()
     engine.dispose()
+    shutdown_tracing()  # export the spans still batched
     log.info("worker stopped")
 
 
 def main() -> None:
     """Entry point for `python worker.py`."""
     settings = get_settings()
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     asyncio.run(run(settings))
 
 

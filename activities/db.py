@@ -124,9 +124,17 @@ class DbActivities:
             raise ApplicationError(f"nhi {nhi_id} not found", type="NotFound", non_retryable=True)
         return nhi
 
-    def plan_of(self, nhi: Nhi, agent: Agent, max_session_duration: int) -> ProvisionPlan:
+    def plan_of(
+        self, nhi: Nhi, agent: Agent, max_session_duration: int, *, task_credentials: bool = False
+    ) -> ProvisionPlan:
         """What the platform needs to know of an NHI (derived, so retries see the same)."""
-        return plan_of(nhi, agent, self._settings, max_session_duration)
+        return plan_of(
+            nhi,
+            agent,
+            self._settings,
+            max_session_duration,
+            allow_task_credentials=task_credentials,
+        )
 
     @activity.defn
     def begin_provisioning(self, ref: NhiRef) -> ProvisionPlan:
@@ -176,7 +184,12 @@ class DbActivities:
                     reason=f"workflow {workflow_id} started creating {nhi.name}",
                     key=step_key("provisioning"),
                 )
-            return self.plan_of(nhi, agent, policy.max_session_duration_seconds)
+            return self.plan_of(
+                nhi,
+                agent,
+                policy.max_session_duration_seconds,
+                task_credentials=policy.allow_task_credentials,
+            )
 
     @activity.defn
     def record_approval(self, change: RecordApproval) -> None:

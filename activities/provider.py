@@ -62,10 +62,22 @@ def identity_ref_of(nhi: Nhi, agent: Agent, settings: Settings) -> IdentityRef:
     )
 
 
-def plan_of(nhi: Nhi, agent: Agent, settings: Settings, max_session_duration: int) -> ProvisionPlan:
+def plan_of(
+    nhi: Nhi,
+    agent: Agent,
+    settings: Settings,
+    max_session_duration: int,
+    *,
+    allow_task_credentials: bool = False,
+) -> ProvisionPlan:
     """What creating or renewing an inventory NHI needs (derived, so retries see the same).
     Providers derive their tags from these fields themselves."""
     ref = identity_ref_of(nhi, agent, settings)
+    task_principal = (
+        settings.task_credential_principal
+        if allow_task_credentials and ref.kind is NhiKind.IAM_ROLE
+        else None
+    )
     return ProvisionPlan(
         nhi_id=nhi.id,
         agent_id=agent.id,
@@ -83,6 +95,7 @@ def plan_of(nhi: Nhi, agent: Agent, settings: Settings, max_session_duration: in
         expires_at=nhi.expires_at,
         max_session_duration_seconds=max_session_duration,
         target=nhi.target,
+        task_principal=task_principal,
     )
 
 

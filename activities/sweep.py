@@ -27,7 +27,11 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import (
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -60,6 +64,7 @@ from models.enums import NhiStatus, Platform
 from models.orm import Agent, AuditEvent, Nhi, Sweep
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
+from nhi.rules import search_attributes
 from nhi.rules.findings import ALIVE, InventoryItem, Rules, classify
 from nhi.rules.ids import (
     LIFECYCLE_WORKFLOW,
@@ -500,6 +505,18 @@ async def _running(handle: WorkflowHandle[Any, Any]) -> WorkflowExecutionStatus 
         return None
 
 
+async def _last_tags(handle: WorkflowHandle[Any, Any]) -> TypedSearchAttributes | None:
+    """The NHI search attributes of a workflow's latest run, to start its next run with. Only
+    a run that had them: then the namespace has them registered."""
+    try:
+        tags = (await handle.describe()).typed_search_attributes
+    except RPCError as err:
+        if err.status is not RPCStatusCode.NOT_FOUND:
+            raise
+        return None
+    return search_attributes.ours(tags)
+
+
 async def _described(
     client: Client, items: list[T], workflow_id: Callable[[T], str]
 ) -> AsyncIterator[list[tuple[T, WorkflowExecutionStatus | None]]]:
@@ -538,23 +555,36 @@ class SupervisionActivities:
             )
 
     @staticmethod
-    async def _running_lifecycles(client: Client) -> set[str] | None:
-        """Ids of every running lifecycle, from visibility, a page at a time with a heartbeat
-        per page; None where the server has no visibility API (the time-skipping test
-        server)."""
-        found: set[str] = set()
-        pages = client.list_workflows(RUNNING_LIFECYCLES, page_size=LIST_PAGE)
-        try:
-            while True:
-                await pages.fetch_next_page()
-                found.update(w.id for w in pages.current_page or ())
-                activity.heartbeat(len(found))
-                if not pages.next_page_token:
-                    return found
-        except RPCError as err:
-            if err.status is not RPCStatusCode.UNIMPLEMENTED:
-                raise
-            return None
+    async def _running_lifecycles(client: Client, platform: str) -> set[str] | None:
+        """Ids of the running lifecycles of `platform`, from visibility, a page at a time with a
+        heartbeat per page; None where the server has no visibility API (the time-skipping test
+        server).
+
+        By the `Platform` search attribute (plus untagged runs, which may be of any platform);
+        every running lifecycle where the namespace lacks the attribute."""
+        queries = (
+            search_attributes.running(LIFECYCLE_WORKFLOW, Platform(platform)),
+            RUNNING_LIFECYCLES,
+        )
+        for query in queries:
+            found: set[str] = set()
+            pages = client.list_workflows(query, page_size=LIST_PAGE)
+            try:
+                while True:
+                    await pages.fetch_next_page()
+                    found.update(w.id for w in pages.current_page or ())
+                    activity.heartbeat(len(found))
+                    if not pages.next_page_token:
+                        return found
+            except RPCError as err:
+                if err.status is RPCStatusCode.UNIMPLEMENTED:
+                    return None
+                unregistered = err.status is RPCStatusCode.INVALID_ARGUMENT and (
+                    search_attributes.unregistered(err.message)
+                )
+                if not unregistered or query == RUNNING_LIFECYCLES:
+                    raise
+        return None
 
     @activity.defn
     async def find_unsupervised(self, inp: SweepInput) -> list[Finding]:
@@ -565,7 +595,7 @@ class SupervisionActivities:
         few it does not show as running are confirmed with a describe before being reported."""
         client = activity.client()
         ids = await asyncio.to_thread(self._alive_ids, inp.provider)
-        running = await self._running_lifecycles(client)
+        running = await self._running_lifecycles(client, inp.provider)
         candidates = [i for i in ids if running is None or lifecycle_workflow_id(i) not in running]
         out: list[Finding] = []
         async for described in _described(client, candidates, lifecycle_workflow_id):
@@ -705,6 +735,7 @@ class SupervisionActivities:
                 id=lifecycle_workflow_id(nudge.nhi_id),
                 task_queue=self._settings.temporal_task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                search_attributes=await _last_tags(handle),
             )
             return "lifecycle started"
         if nudge.action not in ("decommission", "mark_missing"):

@@ -11,10 +11,25 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import errors, health
 from api.deps import AppState
 from api.idempotency import IdempotencyMiddleware
-from api.routes import agents, lifecycle, nhis, policies, slack, sweeps, targets, tokens
+from api.routes import (
+    agents,
+    codec,
+    credentials,
+    footprint,
+    invokers,
+    lifecycle,
+    nhis,
+    policies,
+    slack,
+    sweeps,
+    targets,
+    tokens,
+)
 from nhi.infra.config import Settings, get_settings
 from nhi.infra.db import make_engine, make_sessionmaker
+from nhi.infra.logging import configure
 from nhi.infra.slack_client import make_slack_client
+from nhi.infra.tracing import flush_tracing, instrument_app, setup_tracing
 from nhi.services.auth import OidcVerifier
 
 
@@ -28,6 +43,8 @@ def create_app(
     exports the Temporal SDK's metrics on `/metrics` (it sets the process's default Temporal
     runtime, so only the served app asks for it)."""
     settings = settings or get_settings()
+    # Before the app's Temporal client exists: it gets the tracing interceptor only then.
+    setup_tracing(settings, "nhi-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,6 +62,7 @@ def create_app(
         await app.state.ops.start(app.state.nhi, sdk_metrics=sdk_metrics)
         yield
         await app.state.ops.stop()
+        flush_tracing()
         if engine is not None:
             engine.dispose()
 
@@ -60,20 +78,30 @@ def create_app(
     errors.install(app)
     app.include_router(agents.router)
     app.include_router(nhis.router)
+    app.include_router(credentials.router)
     app.include_router(policies.router)
     app.include_router(lifecycle.router)
     app.include_router(slack.router)
     app.include_router(tokens.router)
     app.include_router(sweeps.router)
     app.include_router(targets.router)
+    app.include_router(invokers.router)
+    app.include_router(footprint.router)
+    # /codec/encode and /codec/decode for the Temporal Web UI (and their CORS, when configured).
+    codec.install(app, settings)
 
     # /healthz, /readyz, /metrics and the request metrics (outermost middleware: added last).
     health.install(app, settings)
+    # A span per request (when NHI_OTEL_EXPORTER_OTLP_ENDPOINT is set), parent of the
+    # workflow starts and updates the request makes.
+    instrument_app(app)
     return app
 
 
 def __getattr__(name: str) -> FastAPI:
     # `uvicorn api.app:app` resolves the app lazily, so importing this module has no side effects.
     if name == "app":
-        return create_app(sdk_metrics=True)
+        settings = get_settings()
+        configure(settings.log_level, settings.log_format)
+        return create_app(settings, sdk_metrics=True)
     raise AttributeError(name)

@@ -13,6 +13,8 @@ from slack_sdk import WebClient
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
+from activities.providers.base import TaskCredentialProvider
+from models.enums import Platform
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.infra.temporal_client import connect
@@ -40,6 +42,9 @@ class AppState:
     slack: WebClient | None = None
     oidc: OidcVerifier | None = None
     client: Client | None = None
+    # Task-credential issuers with their platform clients, built on first use
+    # (api/routes/credentials.py): an API that never issues holds no platform client.
+    task_issuers: dict[Platform, TaskCredentialProvider] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def temporal(self) -> Client:

@@ -7,8 +7,9 @@ with the same `Idempotency-Key`. The first request's answer is stored per (calle
 - same caller, key and request (method, path, body) -> the stored status and body, replayed;
 - same key with a different request -> 422 naming the header (a key names one request);
 - same key while the first request is still being answered -> 409, try again shortly;
-- a response that carried a secret (`POST /v1/tokens` shows the token once) is never stored:
-  only that the key was used, and a replay is a 409 saying so;
+- a response that carried a secret (`POST /v1/tokens` shows the token once, and
+  `POST /v1/nhis/{id}/credentials` a task credential) is never stored: only that the key was
+  used, and a replay is a 409 saying so;
 - a 5xx (Temporal or the database unreachable, a lifecycle that did not accept in time) is
   not stored: the key is released and the same request may be sent again. Nothing was applied,
   and lifecycle updates carry an id derived from the key (`nhi.rules.ids.keyed_update_id`), so
@@ -49,10 +50,12 @@ REPLAYED = "Idempotent-Replayed"
 KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 KEY_RULE = f"{HEADER}: must be 1-255 printable ASCII characters (no spaces), e.g. a UUID"
 METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# Slack signs its own retries; it never sends this header.
-UNGUARDED_PATHS = frozenset({"/slack/interactions"})
+# Slack signs its own retries; it never sends this header. The codec endpoints change nothing,
+# and a stored answer would keep decrypted payloads.
+UNGUARDED_PATHS = frozenset({"/slack/interactions", "/codec/encode", "/codec/decode"})
 # Responses shown once because they hold a secret: stored only as "used".
 SECRET_RESPONSES = frozenset({("POST", "/v1/tokens")})
+SECRET_PATHS = (("POST", re.compile(r"^/v1/nhis/[^/]+/credentials/?$")),)
 RETENTION = timedelta(hours=24)
 # Longer than any request can take (a lifecycle action waits at most its timeout plus the
 # result window): a record still in flight after this was left by a server that died.
@@ -286,7 +289,7 @@ def _kept(method: str, path: str, status: int, payload: bytes) -> dict[str, Any]
     """What to keep of an answer: None releases the key (5xx: nothing was applied)."""
     if status >= 500:
         return None
-    if 200 <= status < 300 and (method, path) in SECRET_RESPONSES:
+    if 200 <= status < 300 and _holds_secret(method, path):
         return {"secret": True}
     if not payload:
         return {}
@@ -294,6 +297,13 @@ def _kept(method: str, path: str, status: int, payload: bytes) -> dict[str, Any]
         return {"json": json.loads(payload)}
     except ValueError:
         return None
+
+
+def _holds_secret(method: str, path: str) -> bool:
+    """Whether a success answer to this request shows a secret once (never kept)."""
+    return (method, path) in SECRET_RESPONSES or any(
+        method == m and pattern.fullmatch(path) for m, pattern in SECRET_PATHS
+    )
 
 
 async def _read_body(receive: Receive) -> bytes:

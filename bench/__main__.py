@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench import expiry, expiry_postgres, memory, provisioning, sweep
+from bench import expiry, expiry_postgres, memory, metrics_scrape, overhead, provisioning, sweep
 from bench.report import Result, environment, rerender, write_summary
 from bench.services import REPO, Databases, Stack, StackSpec, kill_all
 
@@ -40,6 +40,10 @@ class Sizes:
     lifecycles: int
     bounded_cache: int
     budget_s: dict[str, float]
+    # Provisioning with payload encryption (and tracing) on vs off: NHIs per measurement and
+    # rounds of every variant (bench/overhead.py; `--overhead-n` overrides the first).
+    overhead_n: int = 200
+    overhead_rounds: int = 3
 
 
 # The issue's sizes. The expiry TTLs leave time to provision all 200 before the first expiry.
@@ -58,6 +62,8 @@ FULL = Sizes(
         "expiry_postgres": 480,
         "sweep": 600,
         "memory": 1500,
+        "metrics_scrape": 900,
+        "overhead": 900,
     },
 )
 # Small enough to smoke-test the harness end to end in a few minutes.
@@ -76,9 +82,13 @@ QUICK = Sizes(
         "expiry_postgres": 240,
         "sweep": 240,
         "memory": 400,
+        "metrics_scrape": 300,
+        "overhead": 300,
     },
+    overhead_n=30,
+    overhead_rounds=1,
 )
-NAMES = ("provisioning", "expiry", "sweep", "memory")
+NAMES = ("provisioning", "expiry", "sweep", "memory", "metrics_scrape", "overhead")
 # The results a benchmark writes, one after the other on its services, each within its own
 # budget (a failed part is written as failed; the next part still runs).
 PARTS = {"expiry": ("expiry", "expiry_postgres")}
@@ -94,6 +104,8 @@ def specs(store: str, bytecode: bool) -> dict[str, StackSpec]:
         "sweep": replace(full, temporal=False, worker=False, api=False),
         # The memory benchmark starts (and replaces) its worker itself.
         "memory": replace(full, worker=False, api=False),
+        "metrics_scrape": replace(full, temporal=False, moto=False, worker=False, api=False),
+        "overhead": full,
     }
 
 
@@ -120,6 +132,10 @@ def runner(part: str, sizes: Sizes, out: Path) -> Callable[[Stack], Awaitable[Re
             )
         if part == "sweep":
             return await asyncio.to_thread(sweep.run, stack, sizes.inventory, sizes.iam_users, out)
+        if part == "metrics_scrape":  # at the largest inventory size (1,000,000 in full)
+            return await asyncio.to_thread(metrics_scrape.run, stack, sizes.inventory[-1])
+        if part == "overhead":
+            return await overhead.run(stack, sizes.overhead_n, sizes.overhead_rounds)
         return await memory.run(stack, sizes.lifecycles, sizes.bounded_cache, out)
 
     return run
@@ -177,6 +193,8 @@ async def run_one(
 async def main_async(args: argparse.Namespace) -> int:
     """Run the selected benchmarks one after the other; 0 when all produced results."""
     sizes = QUICK if args.quick else FULL
+    if args.overhead_n:
+        sizes = replace(sizes, overhead_n=args.overhead_n)
     out: Path = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
     root = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
     dbs = await asyncio.to_thread(Databases, root)
@@ -243,6 +261,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the services with PYTHONDONTWRITEBYTECODE=1 (as deploy/Dockerfile does)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the service logs")
+    parser.add_argument(
+        "--overhead-n", type=int, metavar="N", help="NHIs per measurement of `overhead`"
+    )
     parser.add_argument(
         "--render-only",
         action="store_true",

@@ -192,9 +192,12 @@ async def create_agents(http: httpx.AsyncClient, n: int, tag: str) -> list[Agent
     return await bounded([None] * n, one, CONCURRENCY)
 
 
-def nhi_body(kind: str, ttl: int | str, target: str | None = None) -> dict[str, Any]:
+def nhi_body(
+    kind: str, ttl: int | str, target: str | None = None, agent: str = ""
+) -> dict[str, Any]:
     """A valid request: an `iam_role` or an `iam_user_key` with a small S3 read scope, or a
-    `postgres_role` on `target` that may read one table."""
+    `postgres_role` on `target` that may read one table. An `iam_role` trusts its agent's own
+    runtime principal: one principal is never shared between agents (OWASP NHI9)."""
     if kind == "postgres_role":
         return {
             "platform": "postgres",
@@ -205,7 +208,7 @@ def nhi_body(kind: str, ttl: int | str, target: str | None = None) -> dict[str, 
         }
     body: dict[str, Any] = {"platform": "aws", "kind": kind, "ttl": ttl, "scope": SCOPE}
     if kind == "iam_role":
-        body["trust_principal"] = TRUST
+        body["trust_principal"] = f"{TRUST}-{agent}" if agent else TRUST
     return body
 
 
@@ -239,9 +242,8 @@ async def request_nhis(
         sent = time.time()
         for attempt in range(RETRIES):
             try:
-                response = await http.post(
-                    f"/v1/agents/{agent.id}/nhis", json=nhi_body(kind, ttl_of(i), target)
-                )
+                body = nhi_body(kind, ttl_of(i), target, agent.name)
+                response = await http.post(f"/v1/agents/{agent.id}/nhis", json=body)
             except httpx.TransportError:
                 recorded = await asyncio.to_thread(nhi_of_agent, dsn, agent.id)
                 if recorded is not None:

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.enums import (
     KINDS_BY_PLATFORM,
@@ -102,6 +102,9 @@ class ProvisionPlan(Contract):
     # Where the identity lives when a platform has several places (a registered Postgres
     # target's name); None for AWS, whose account comes from the worker's credentials.
     target: str | None = None
+    # iam_role: the principal the API issues task credentials as, trusted besides the agent's
+    # runtime when the policy allows task credentials (None: not trusted).
+    task_principal: str | None = None
 
 
 class IdentityCreated(Contract):
@@ -206,12 +209,17 @@ class LifecycleConfig(Contract):
 
 
 class RetireKey(Contract):
-    """An old access key on its way out after a rotation."""
+    """An old credential (access key, alternate login) on its way out after a rotation."""
 
     key_id: str
     deactivate_at: datetime
     delete_at: datetime
     deactivated: bool = False
+
+    @property
+    def due_at(self) -> datetime:
+        """When its next step (deactivate, then delete) is due."""
+        return self.delete_at if self.deactivated else self.deactivate_at
 
 
 class LifecycleState(Contract):
@@ -224,7 +232,9 @@ class LifecycleState(Contract):
     let_expire: bool = False
     escalated: bool = False
     next_rotation_at: datetime | None = None
-    retiring: RetireKey | None = None
+    # Every old credential still retiring, oldest first: a rotation asked for during an
+    # overlap adds one without dropping the others.
+    retiring: list[RetireKey] = []
     quarantined_at: datetime | None = None
     decommission_reason: str | None = None
     open_prompts: list[uuid.UUID] = []
@@ -232,6 +242,17 @@ class LifecycleState(Contract):
     # new: the next run carries them out (an accepted action is never dropped).
     pending_decommission: LifecycleAction | None = None
     pending_rotate: LifecycleAction | None = None
+
+    @field_validator("retiring", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        # Runs recorded before several retirements were kept carry one key or null here
+        # (histories and continue-as-new inputs): read them as a list of at most one.
+        if value is None:
+            return []
+        if isinstance(value, dict | RetireKey):
+            return [value]
+        return value
 
 
 class LifecycleInput(Contract):

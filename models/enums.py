@@ -88,3 +88,27 @@ class Role(StrEnum):
     SECURITY = "security"
     AUDITOR = "auditor"
     ADMIN = "admin"
+    # An agent's own token, bound to exactly that agent (`api_tokens.agent_id`): it may issue
+    # task credentials from its agent's NHIs and nothing else.
+    AGENT = "agent"
+
+
+class InvokerKind(StrEnum):
+    """Who or what can make an agent act (issue 16): its `ref` is an email, a group name, a
+    service name, a cron expression, or another agent's id."""
+
+    PERSON = "person"
+    GROUP = "group"
+    SERVICE = "service"
+    SCHEDULE = "schedule"
+    AGENT = "agent"
+
+
+class InvokerChannel(StrEnum):
+    """How an invoker reaches the agent."""
+
+    SLACK = "slack"
+    API = "api"
+    UI = "ui"
+    WEBHOOK = "webhook"
+    CRON = "cron"

@@ -4,28 +4,43 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, get_args
+from enum import StrEnum
+from typing import Any, TypeVar, get_args
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Column,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     MetaData,
     String,
+    Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     Uuid,
     func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from models.enums import AgentCategory, AgentStatus, Environment, NhiKind, NhiStatus, Platform
+from models.enums import (
+    AgentCategory,
+    AgentStatus,
+    Environment,
+    InvokerChannel,
+    InvokerKind,
+    NhiKind,
+    NhiStatus,
+    Platform,
+    Role,
+)
 from models.schemas import SslMode
 
 NAMING_CONVENTION = {
@@ -39,6 +54,34 @@ NAMING_CONVENTION = {
 
 def _one_of(column: str, values: type[Any]) -> str:
     return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E]):
+    """A `StrEnum` stored as its value in a plain `String(length)` column.
+
+    The database keeps the column type and the CHECK constraint that lists the values (so
+    `alembic check` sees no change and SQL readers see text); Python reads and writes the enum,
+    so a status is typed from the row to the API. A value outside the enum is refused before
+    it reaches the database.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
+        del dialect  # the same text on every dialect
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        del dialect
+        return None if value is None else self.enum(value)
 
 
 class Base(DeclarativeBase):
@@ -67,8 +110,8 @@ class Agent(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(63))
-    category: Mapped[str] = mapped_column(String(32))
-    environment: Mapped[str] = mapped_column(String(16))
+    category: Mapped[AgentCategory] = mapped_column(EnumText(AgentCategory, 32))
+    environment: Mapped[Environment] = mapped_column(EnumText(Environment, 16))
     owner_email: Mapped[str] = mapped_column(String(254), index=True)
     owner_slack_id: Mapped[str | None] = mapped_column(String(32))
     backup_owner_email: Mapped[str | None] = mapped_column(String(254))
@@ -76,7 +119,9 @@ class Agent(Base):
     purpose: Mapped[str] = mapped_column(Text)
     expected_end_at: Mapped[datetime | None]
     invokers: Mapped[list[str]] = mapped_column(default=list)
-    status: Mapped[str] = mapped_column(String(16), default=AgentStatus.ACTIVE.value)
+    status: Mapped[AgentStatus] = mapped_column(
+        EnumText(AgentStatus, 16), default=AgentStatus.ACTIVE
+    )
     created_by: Mapped[str] = mapped_column(String(254))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
@@ -95,19 +140,28 @@ class Nhi(Base):
         CheckConstraint("expires_at <= max_lifetime_at", name="expiry_within_max_lifetime"),
         # Due-work selection (reminders, expiry, sweeps) scans by status and deadline.
         Index("ix_nhis_status_expires_at", "status", "expires_at"),
+        # The /metrics gauges (migration 0009): overdue and expiring usable NHIs as an
+        # index-only range scan, and the few revoke_failed ones.
+        Index(
+            "ix_nhis_usable_expires_at",
+            "expires_at",
+            postgresql_include=["platform", "kind", "agent_id"],
+            postgresql_where=text("status IN ('active', 'rotating', 'expiring')"),
+        ),
+        Index("ix_nhis_revoke_failed", "id", postgresql_where=text("status = 'revoke_failed'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
-    platform: Mapped[str] = mapped_column(String(32))
-    kind: Mapped[str] = mapped_column(String(32))
+    platform: Mapped[Platform] = mapped_column(EnumText(Platform, 32))
+    kind: Mapped[NhiKind] = mapped_column(EnumText(NhiKind, 32))
     name: Mapped[str] = mapped_column(String(64), unique=True)
     external_id: Mapped[str | None] = mapped_column(String(2048))
     granted_scope: Mapped[list[Any]] = mapped_column(default=list)
     allowed_cidrs: Mapped[list[str]] = mapped_column(default=list)
     trust_principal: Mapped[str | None] = mapped_column(String(2048))
     credential_ref: Mapped[str | None] = mapped_column(String(2048))
-    status: Mapped[str] = mapped_column(String(32), default=NhiStatus.REQUESTED.value)
+    status: Mapped[NhiStatus] = mapped_column(EnumText(NhiStatus, 32), default=NhiStatus.REQUESTED)
     status_reason: Mapped[str | None] = mapped_column(Text)
     workflow_id: Mapped[str | None] = mapped_column(String(255))
     requested_by: Mapped[str] = mapped_column(String(254))
@@ -153,12 +207,16 @@ class Policy(Base):
             "max_session_duration_seconds BETWEEN 3600 AND 43200",
             name="max_session_duration_range",
         ),
+        CheckConstraint(
+            "task_credential_max_ttl_seconds BETWEEN 60 AND 43200",
+            name="task_credential_max_ttl_range",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    platform: Mapped[str] = mapped_column(String(32))
-    kind: Mapped[str] = mapped_column(String(32))
-    environment: Mapped[str] = mapped_column(String(16))
+    platform: Mapped[Platform] = mapped_column(EnumText(Platform, 32))
+    kind: Mapped[NhiKind] = mapped_column(EnumText(NhiKind, 32))
+    environment: Mapped[Environment] = mapped_column(EnumText(Environment, 16))
     allowed: Mapped[bool] = mapped_column(Boolean)
     default_ttl_seconds: Mapped[int] = mapped_column(Integer)
     max_lifetime_seconds: Mapped[int] = mapped_column(Integer)
@@ -178,6 +236,14 @@ class Policy(Base):
     # Whether an iam_role may trust an AWS service principal (`bedrock.amazonaws.com`).
     allow_service_principals: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default="false"
+    )
+    # Task credentials (issue 15): whether they may be derived from this policy's NHIs, and
+    # how long one lives at most.
+    allow_task_credentials: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default="false"
+    )
+    task_credential_max_ttl_seconds: Mapped[int] = mapped_column(
+        Integer, default=3600, server_default="3600"
     )
     updated_by: Mapped[str] = mapped_column(String(254))
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
@@ -283,22 +349,56 @@ class ApiToken(Base):
     __tablename__ = "api_tokens"
     __table_args__ = (
         CheckConstraint(
-            "role IN ('platform', 'approver', 'security', 'auditor', 'admin')", name="role"
+            "role IN ('platform', 'approver', 'security', 'auditor', 'admin', 'agent')",
+            name="role",
         ),
+        CheckConstraint("(role = 'agent') = (agent_id IS NOT NULL)", name="agent_bound"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    role: Mapped[str] = mapped_column(String(16))
+    role: Mapped[Role] = mapped_column(EnumText(Role, 16))
     # None: every team. A list: the teams a platform token may act for.
     teams: Mapped[list[str] | None] = mapped_column(JSONB)
     email: Mapped[str | None] = mapped_column(String(254))
+    # Set exactly for an `agent` token: the one agent it may act as.
+    agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id"))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_by: Mapped[str] = mapped_column(String(254))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+
+
+class TaskCredential(Base):
+    """A short-lived credential issued for one task of an agent, derived from an active NHI.
+    The credential itself is never stored: only where it lives (`name`: the Postgres login
+    role or the STS session name), for whom, until when, and whether it has been ended."""
+
+    __tablename__ = "task_credentials"
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'ended', 'reap_failed')", name="status"),
+        Index(
+            "ix_task_credentials_live_expiry", "expires_at", postgresql_where="status <> 'ended'"
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    nhi_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("nhis.id"), index=True)
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"))
+    platform: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    task_id: Mapped[str | None] = mapped_column(String(128))
+    issued_by: Mapped[str] = mapped_column(String(254))
+    issued_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime]
+    # The narrowed scope (a list of statements), or None: the NHI's whole scope.
+    scope: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(String(16), server_default="active")
+    ended_at: Mapped[datetime | None]
+    end_reason: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Sweep(Base):
@@ -342,3 +442,41 @@ class IdempotencyKey(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
+# NHIs by (platform, kind, environment, status) as signed deltas, appended by statement
+# triggers on `nhis` and folded by the metrics refresh (migration 0009): a count is the sum of
+# a combination's rows. Read and written with SQL only, hence a Core table without a key.
+nhi_counts = Table(
+    "nhi_counts",
+    Base.metadata,
+    Column("platform", String(32), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("environment", String(16), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("n", BigInteger, nullable=False),
+)
+
+
+class AgentInvoker(Base):
+    """Who or what can make an agent act, and through which channel (issue 16). An invoker of
+    kind `agent` names another agent of the same environment by id: the footprint follows
+    such links, so what can make that agent act can make this one act too."""
+
+    __tablename__ = "agent_invokers"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "kind", "ref", "channel", name="uq_agent_invokers_once"),
+        CheckConstraint(_one_of("kind", InvokerKind), name="kind"),
+        CheckConstraint(_one_of("channel", InvokerChannel), name="channel"),
+        # The chain is walked backwards too (which agents does this agent invoke).
+        Index("ix_agent_invokers_kind_ref", "kind", "ref"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    kind: Mapped[InvokerKind] = mapped_column(EnumText(InvokerKind, 16))
+    ref: Mapped[str] = mapped_column(String(254))
+    channel: Mapped[InvokerChannel] = mapped_column(EnumText(InvokerChannel, 16))
+    expires_at: Mapped[datetime | None]
+    added_by: Mapped[str] = mapped_column(String(254))
+    added_at: Mapped[datetime] = mapped_column(server_default=func.now())

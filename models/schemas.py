@@ -35,7 +35,16 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from models.contracts import ScopeStatement
-from models.enums import AgentCategory, AgentStatus, Environment, NhiKind, NhiStatus, Platform
+from models.enums import (
+    AgentCategory,
+    AgentStatus,
+    Environment,
+    InvokerChannel,
+    InvokerKind,
+    NhiKind,
+    NhiStatus,
+    Platform,
+)
 
 # --- limits ------------------------------------------------------------------------------------
 
@@ -391,6 +400,13 @@ class PolicyIn(Body):
     allow_service_principals: StrictBool = Field(
         default=False, description="iam_role: whether an AWS service principal may be trusted."
     )
+    allow_task_credentials: StrictBool = Field(
+        default=False,
+        description="Whether short-lived task credentials may be issued from these NHIs.",
+    )
+    task_credential_max_ttl: Duration = Field(
+        default=3600, description="The longest a task credential may live (60 s to 12 h)."
+    )
 
     @field_validator("rotation_period", "reminder_offsets")
     @classmethod
@@ -535,6 +551,8 @@ class PolicyOut(Out):
     sensitive_actions: list[str]
     allowed_trust_accounts: list[str] = Field(default_factory=list)
     allow_service_principals: bool = False
+    allow_task_credentials: bool = False
+    task_credential_max_ttl_seconds: int = 3600
     updated_by: str
     updated_at: datetime
 
@@ -604,3 +622,218 @@ class Error(BaseModel):
     detail: str = Field(examples=["owner_email: must be an email address such as 'ana@...'"])
     field: str | None = Field(default=None, examples=["owner_email"])
     errors: list[FieldError] | None = None
+
+
+# --- invokers and footprints (issue 16) --------------------------------------------------------
+
+_GROUP_RE = re.compile(r"[@#]?[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=,-]{0,253}")
+_CRON_FIELD = r"[0-9A-Za-z*/,?-]{1,40}"
+_CRON_RE = re.compile(
+    rf"@(hourly|daily|weekly|monthly|yearly|annually)|{_CRON_FIELD}( {_CRON_FIELD}){{4}}"
+)
+
+
+def _invoker_ref(kind: InvokerKind, ref: str) -> str:
+    """`ref` as its kind spells it: the stored, canonical form (emails lower-case, agent ids
+    as hyphenated UUIDs)."""
+    if kind is InvokerKind.PERSON:
+        return _email(ref)
+    if kind is InvokerKind.AGENT:
+        try:
+            return str(uuid.UUID(ref))
+        except ValueError:
+            raise PydanticCustomError("invoker_ref", "must be an agent's id (a UUID)") from None
+    patterns = {
+        InvokerKind.GROUP: (_GROUP_RE, "a group name such as 'search-oncall' or '@search-team'"),
+        InvokerKind.SERVICE: (_SERVICE_RE, "a service name or ARN without spaces"),
+        InvokerKind.SCHEDULE: (_CRON_RE, "a cron expression of five fields or '@daily'"),
+    }
+    pattern, what = patterns[kind]
+    if not pattern.fullmatch(ref):
+        raise PydanticCustomError("invoker_ref", "must be {what}", {"what": what})
+    return ref
+
+
+class InvokerCreate(Body):
+    """Who or what can make the agent act, through which channel, until when."""
+
+    kind: InvokerKind
+    ref: Annotated[str, StringConstraints(min_length=1, max_length=254), _LINE] = Field(
+        description="person: an email; group: a group name; service: a service name or ARN; "
+        "schedule: a cron expression; agent: another agent's id (same environment).",
+        examples=["ana@example.com"],
+    )
+    channel: InvokerChannel
+    expires_at: Timestamp | None = Field(
+        default=None, description="When this invoker stops counting (timezone required)."
+    )
+
+    @field_validator("ref")
+    @classmethod
+    def _ref_of_kind(cls, value: str, info: ValidationInfo) -> str:
+        kind = info.data.get("kind")  # declared first: here when valid
+        return value if kind is None else _invoker_ref(kind, value)
+
+    @field_validator("channel")
+    @classmethod
+    def _cron_is_for_schedules(cls, value: InvokerChannel, info: ValidationInfo) -> InvokerChannel:
+        kind = info.data.get("kind")
+        if kind is not None and (kind is InvokerKind.SCHEDULE) != (value is InvokerChannel.CRON):
+            raise PydanticCustomError(
+                "invoker_channel", "a schedule invokes through cron, and only a schedule does"
+            )
+        return value
+
+
+class InvokerOut(Out):
+    """One recorded invoker."""
+
+    id: uuid.UUID
+    agent_id: uuid.UUID
+    kind: InvokerKind
+    ref: str
+    channel: InvokerChannel
+    expires_at: datetime | None
+    added_by: str
+    added_at: datetime
+
+
+class FootprintNhi(BaseModel):
+    """A live NHI of the agent."""
+
+    id: uuid.UUID
+    platform: Platform
+    kind: NhiKind
+    name: str
+    status: NhiStatus
+    target: str | None
+    expires_at: datetime
+    last_used_at: datetime | None
+    last_rotated_at: datetime | None
+
+
+class FootprintTaskCredential(BaseModel):
+    """A live task credential derived from one of the agent's NHIs."""
+
+    id: uuid.UUID
+    nhi_id: uuid.UUID
+    platform: str
+    name: str
+    task_id: str | None
+    expires_at: datetime
+
+
+class AwsPermission(BaseModel):
+    """One IAM action pattern and every resource pattern it is granted on."""
+
+    action: str
+    resources: list[str]
+    nhi_ids: list[uuid.UUID]
+    sensitive: bool
+    write: bool
+
+
+class PostgresPermission(BaseModel):
+    """The privileges held on one object of a target: `schema.table`, `schema.*` (every table
+    of the schema) or `schema` (USAGE on the schema itself)."""
+
+    target: str
+    object: str
+    privileges: list[str]
+    sensitive: list[str]
+    nhi_ids: list[uuid.UUID]
+
+
+class Permissions(BaseModel):
+    """The union of the agent's permissions per platform, expanded."""
+
+    aws: list[AwsPermission]
+    postgres: list[PostgresPermission]
+
+
+class PostgresStore(BaseModel):
+    """A schema the agent reaches on a target, and its tables (`*`: every table)."""
+
+    target: str
+    schema_name: str
+    tables: list[str]
+
+
+class DataStores(BaseModel):
+    """Where the agent's permissions reach data."""
+
+    s3_buckets: list[str]
+    dynamodb_tables: list[str]
+    postgres: list[PostgresStore]
+
+
+class ChainAgent(BaseModel):
+    """An agent met walking invoker links: `depth` 1 is a direct link, `via` the agent on the
+    nearer side."""
+
+    agent_id: uuid.UUID
+    name: str
+    environment: Environment
+    depth: int
+    via: uuid.UUID
+
+
+class ChainInvoker(BaseModel):
+    """A person, group, service or schedule that can make the agent act through an agent of
+    the chain (`via`)."""
+
+    kind: InvokerKind
+    ref: str
+    channel: InvokerChannel
+    expires_at: datetime | None
+    depth: int
+    via: uuid.UUID
+
+
+class RiskReasonOut(BaseModel):
+    """One part of a risk score: its rule, points and what triggered it."""
+
+    code: str
+    points: int
+    detail: str
+
+
+class RiskOut(BaseModel):
+    """A risk score 0-100 and the reasons that make it up (README "Footprints")."""
+
+    score: int
+    reasons: list[RiskReasonOut]
+
+
+class FootprintOut(BaseModel):
+    """Everything an agent can do, and who can make it do it."""
+
+    agent_id: uuid.UUID
+    name: str
+    environment: Environment
+    team: str
+    nhis: list[FootprintNhi]
+    task_credentials: list[FootprintTaskCredential]
+    permissions: Permissions
+    sensitive: Permissions
+    data_stores: DataStores
+    invokers: list[InvokerOut]
+    declared_invokers: list[str]
+    reachable_agents: list[ChainAgent]
+    reachable_invokers: list[ChainInvoker]
+    invokes: list[ChainAgent]
+    chain_truncated: bool
+    expiry_horizon: datetime | None
+    risk: RiskOut
+    computed_at: datetime
+
+
+class FootprintRank(BaseModel):
+    """One agent in a team's ranking by risk."""
+
+    agent_id: uuid.UUID
+    name: str
+    environment: Environment
+    score: int
+    reasons: list[str]

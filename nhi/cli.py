@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import httpx
 import yaml
 
 from nhi.infra.config import get_settings
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
 
 
 class CliError(click.ClickException):
@@ -63,7 +67,8 @@ class Api:
             except ValueError:
                 detail = response.text
             _fail(f"{detail} (HTTP {response.status_code})")
-        return response.json()
+        # A 204 (a removal) has no body.
+        return response.json() if response.content else None
 
 
 class Ctx:
@@ -233,6 +238,93 @@ def agents_show(ctx: Ctx, agent_id: str) -> None:
         ctx.emit(agent["nhis"], NHI_COLUMNS)
 
 
+# ---- invokers and footprints (issue 16) ----------------------------------------------------
+INVOKER_COLUMNS = ["id", "kind", "ref", "channel", "expires_at", "added_by"]
+
+
+@agents.group("invokers")
+def agents_invokers() -> None:
+    """Who or what can make an agent act."""
+
+
+@agents_invokers.command("add")
+@click.argument("agent_id")
+@click.option(
+    "--kind",
+    required=True,
+    type=click.Choice(["person", "group", "service", "schedule", "agent"]),
+)
+@click.option(
+    "--ref",
+    required=True,
+    help="An email, group name, service name, cron expression, or another agent's id.",
+)
+@click.option(
+    "--channel", required=True, type=click.Choice(["slack", "api", "ui", "webhook", "cron"])
+)
+@click.option("--expires-at", help="When it stops counting (ISO 8601 with timezone).")
+@pass_ctx
+def invokers_add(
+    ctx: Ctx, agent_id: str, kind: str, ref: str, channel: str, expires_at: str | None
+) -> None:
+    """Record an invoker of the agent."""
+    body: dict[str, Any] = {"kind": kind, "ref": ref, "channel": channel}
+    if expires_at:
+        body["expires_at"] = expires_at
+    added = ctx.api.call("POST", f"/v1/agents/{agent_id}/invokers", json=body)
+    ctx.emit(added, INVOKER_COLUMNS)
+
+
+@agents_invokers.command("list")
+@click.argument("agent_id")
+@pass_ctx
+def invokers_list(ctx: Ctx, agent_id: str) -> None:
+    """List the agent's invokers."""
+    ctx.emit(ctx.api.call("GET", f"/v1/agents/{agent_id}/invokers"), INVOKER_COLUMNS)
+
+
+@agents_invokers.command("remove")
+@click.argument("agent_id")
+@click.argument("invoker_id")
+@pass_ctx
+def invokers_remove(ctx: Ctx, agent_id: str, invoker_id: str) -> None:
+    """Forget an invoker of the agent."""
+    ctx.api.call("DELETE", f"/v1/agents/{agent_id}/invokers/{invoker_id}")
+    click.echo(f"removed invoker {invoker_id}")
+
+
+@cli.command("footprint")
+@click.argument("agent_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole footprint as JSON.")
+@pass_ctx
+def footprint_cmd(ctx: Ctx, agent_id: str, as_json: bool) -> None:
+    """Everything the agent can do, who can make it act, and its risk score."""
+    fp = ctx.api.call("GET", f"/v1/agents/{agent_id}/footprint")
+    if as_json or ctx.as_json:
+        click.echo(json.dumps(fp, indent=2, default=str))
+        return
+    click.echo(f"agent: {fp['name']} ({fp['environment']}, team {fp['team']})")
+    click.echo(f"risk: {fp['risk']['score']}/100")
+    for reason in fp["risk"]["reasons"]:
+        click.echo(f"  +{reason['points']} {reason['code']}: {reason['detail']}")
+    click.echo(f"nhis: {len(fp['nhis'])}  task credentials: {len(fp['task_credentials'])}")
+    click.echo(f"expiry horizon: {fp['expiry_horizon'] or '-'}")
+    for grant in fp["permissions"]["aws"]:
+        mark = " (sensitive)" if grant["sensitive"] else ""
+        click.echo(f"  aws {grant['action']} on {', '.join(grant['resources'])}{mark}")
+    for grant in fp["permissions"]["postgres"]:
+        privileges = " ".join(grant["privileges"])
+        click.echo(f"  postgres {grant['target']}:{grant['object']} {privileges}")
+    stores = fp["data_stores"]
+    pg = [f"{s['target']}:{s['schema_name']}" for s in stores["postgres"]]
+    click.echo(f"data stores: {', '.join(stores['s3_buckets'] + stores['dynamodb_tables'] + pg)}")
+    who = [f"{i['kind']} {i['ref']} ({i['channel']})" for i in fp["invokers"]]
+    who += [f"{i['kind']} {i['ref']} via agent {i['via']}" for i in fp["reachable_invokers"]]
+    click.echo(f"invokers: {', '.join(who) or '-'}")
+    chain = [f"{a['name']} (depth {a['depth']})" for a in fp["reachable_agents"]]
+    click.echo(f"agents that can make it act: {', '.join(chain) or '-'}")
+
+
 # ---- provisioning ---------------------------------------------------------------------------
 def _scope(scope: str | None, actions: tuple[str, ...], resources: tuple[str, ...]) -> list[Any]:
     if scope:
@@ -314,6 +406,68 @@ def provision(
         click.echo(accepted["id"])
         return
     ctx.emit(accepted, ["id", "status", "workflow_id", "expires_at"])
+
+
+@cli.group()
+def credentials() -> None:
+    """Task credentials: short-lived credentials from an active NHI, for one task."""
+
+
+def _task_exports(issued: dict[str, Any]) -> list[tuple[str, str]]:
+    """The credential as the variables its platform's clients read (libpq, the AWS SDKs)."""
+    if issued.get("postgres"):
+        pg = issued["postgres"]
+        return [
+            ("PGHOST", str(pg["host"])),
+            ("PGPORT", str(pg["port"])),
+            ("PGDATABASE", str(pg["dbname"])),
+            ("PGUSER", str(pg["username"])),
+            ("PGPASSWORD", str(pg["password"])),
+            ("PGSSLMODE", str(pg["sslmode"])),
+        ]
+    aws = issued["aws"]
+    return [
+        ("AWS_ACCESS_KEY_ID", str(aws["AccessKeyId"])),
+        ("AWS_SECRET_ACCESS_KEY", str(aws["SecretAccessKey"])),
+        ("AWS_SESSION_TOKEN", str(aws["SessionToken"])),
+    ]
+
+
+@credentials.command("issue")
+@click.argument("nhi_id")
+@click.option("--ttl", default="15m", show_default=True, help="e.g. 15m, 1h or 900 (seconds).")
+@click.option("--task", "task_id", help="The task it is for (session tags and audit name it).")
+@click.option(
+    "--action", "actions", multiple=True, help="Narrow the scope: IAM action or privilege."
+)
+@click.option(
+    "--resource", "resources", multiple=True, help="Narrow the scope: ARN or schema.table."
+)
+@pass_ctx
+def credentials_issue(
+    ctx: Ctx,
+    nhi_id: str,
+    ttl: str,
+    task_id: str | None,
+    actions: tuple[str, ...],
+    resources: tuple[str, ...],
+) -> None:
+    """Issue a task credential; printed once as `export` lines (`eval "$(nhi credentials
+    issue ...)"`), or whole with --json. It is never shown again."""
+    body: dict[str, Any] = {"ttl": int(ttl) if ttl.isdigit() else ttl}
+    if task_id:
+        body["task_id"] = task_id
+    if actions or resources:
+        body["scope"] = _scope(None, actions, resources)
+    issued = ctx.api.call("POST", f"/v1/nhis/{nhi_id}/credentials", json=body)
+    if ctx.as_json:
+        ctx.emit(issued)
+        return
+    click.echo(
+        f"# task credential {issued['id']} ({issued['name']}), expires {issued['expires_at']}"
+    )
+    for name, value in _task_exports(issued):
+        click.echo(f"export {name}={shlex.quote(value)}")
 
 
 @cli.group()
@@ -541,15 +695,23 @@ def tokens() -> None:
 @click.option(
     "--role",
     required=True,
-    type=click.Choice(["platform", "approver", "security", "auditor", "admin"]),
+    type=click.Choice(["platform", "approver", "security", "auditor", "admin", "agent"]),
 )
 @click.option("--ttl", required=True, help="Lifetime, e.g. 30d (at most 366d).")
 @click.option("--team", "teams", multiple=True, help="Team a platform token acts for (repeatable).")
 @click.option("--email", help="The person the token is for (owner rights).")
+@click.option("--agent", "agent_id", help="Agent id an `agent` token acts as (required for it).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the token.")
 @pass_ctx
 def tokens_create(
-    ctx: Ctx, name: str, role: str, ttl: str, teams: tuple[str, ...], email: str | None, quiet: bool
+    ctx: Ctx,
+    name: str,
+    role: str,
+    ttl: str,
+    teams: tuple[str, ...],
+    email: str | None,
+    agent_id: str | None,
+    quiet: bool,
 ) -> None:
     """Issue a token; it is printed once and never again."""
     body: dict[str, Any] = {"name": name, "role": role, "ttl": int(ttl) if ttl.isdigit() else ttl}
@@ -557,6 +719,8 @@ def tokens_create(
         body["teams"] = list(teams)
     if email:
         body["email"] = email
+    if agent_id:
+        body["agent_id"] = agent_id
     created = ctx.api.call("POST", "/v1/tokens", json=body)
     if quiet:
         click.echo(created["token"])
@@ -771,7 +935,7 @@ def schedules() -> None:
 
 @schedules.command("apply")
 def schedules_apply() -> None:
-    """Create or update every sweep schedule (the worker also does this at start)."""
+    """Create or update every sweep and task reaper schedule (the worker does it at start)."""
     from nhi.schedules import apply_schedules
 
     for line in _temporal(apply_schedules):
@@ -780,19 +944,16 @@ def schedules_apply() -> None:
 
 @schedules.command("list")
 def schedules_list() -> None:
-    """Sweep schedules, paused or not, and when they fire next."""
-    from nhi.rules.ids import sweep_schedule_id
-    from nhi.schedules import PROVIDERS
+    """Sweep and task reaper schedules, paused or not, and when they fire next."""
+    from nhi.schedules import schedule_ids
 
     async def describe(client: Any, _settings: Any) -> list[str]:
         out = []
-        for provider in PROVIDERS:
-            d = await client.get_schedule_handle(sweep_schedule_id(provider)).describe()
+        for schedule_id in schedule_ids():
+            d = await client.get_schedule_handle(schedule_id).describe()
             nxt = d.info.next_action_times[0] if d.info.next_action_times else None
             paused = "paused" if d.schedule.state.paused else "active"
-            out.append(
-                f"{sweep_schedule_id(provider)}  {paused}  next: {nxt}  runs: {d.info.num_actions}"
-            )
+            out.append(f"{schedule_id}  {paused}  next: {nxt}  runs: {d.info.num_actions}")
         return out
 
     for line in _temporal(describe):
@@ -800,10 +961,10 @@ def schedules_list() -> None:
 
 
 def _schedule_op(op: str, provider: str) -> None:
-    from nhi.rules.ids import sweep_schedule_id
+    from nhi.schedules import schedule_id_of
 
     async def act(client: Any, _settings: Any) -> None:
-        handle = client.get_schedule_handle(sweep_schedule_id(provider))
+        handle = client.get_schedule_handle(schedule_id_of(provider))
         if op == "pause":
             await handle.pause(note="nhi schedules pause")
         elif op == "resume":
@@ -812,32 +973,86 @@ def _schedule_op(op: str, provider: str) -> None:
             await handle.trigger()
 
     _temporal(act)
-    click.echo(
-        f"{sweep_schedule_id(provider)}: {op}d"
-        if op != "trigger"
-        else f"{sweep_schedule_id(provider)}: triggered"
-    )
+    schedule_id = schedule_id_of(provider)
+    click.echo(f"{schedule_id}: {op}d" if op != "trigger" else f"{schedule_id}: triggered")
 
 
 @schedules.command("pause")
 @click.argument("provider", default="aws")
 def schedules_pause(provider: str) -> None:
-    """Pause a provider's sweeps."""
+    """Pause a provider's sweeps (or `task-reaper`)."""
     _schedule_op("pause", provider)
 
 
 @schedules.command("resume")
 @click.argument("provider", default="aws")
 def schedules_resume(provider: str) -> None:
-    """Resume a provider's sweeps."""
+    """Resume a provider's sweeps (or `task-reaper`)."""
     _schedule_op("resume", provider)
 
 
 @schedules.command("trigger")
 @click.argument("provider", default="aws")
 def schedules_trigger(provider: str) -> None:
-    """Run a provider's sweep now."""
+    """Run a provider's sweep (or the `task-reaper`) now."""
     _schedule_op("trigger", provider)
+
+
+async def register_search_attributes(client: Client, namespace: str) -> list[str]:
+    """Register every NHI search attribute in `namespace` (operator API; idempotent): one line
+    per attribute. Temporal Cloud refuses the operator API: there, tcld or the UI (notes below)."""
+    from temporalio.api.enums.v1 import IndexedValueType
+    from temporalio.api.operatorservice.v1 import (
+        AddSearchAttributesRequest,
+        ListSearchAttributesRequest,
+    )
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from nhi.rules import search_attributes as sa
+
+    ops = client.operator_service
+    cloud = "tcld namespace search-attributes add -n <namespace> " + " ".join(
+        f"--sa {k.name}={sa.type_name(k)}" for k in sa.KEYS
+    )
+    try:
+        listed = await ops.list_search_attributes(ListSearchAttributesRequest(namespace=namespace))
+        known = {**listed.system_attributes, **listed.custom_attributes}
+        lines, missing = [], {}
+        for key in sa.KEYS:
+            want = IndexedValueType.ValueType(key.indexed_value_type.value)
+            if key.name not in known:
+                missing[key.name] = want
+                lines.append(f"{key.name} ({sa.type_name(key)}): registered")
+            elif known[key.name] != want:
+                have = IndexedValueType.Name(known[key.name]).removeprefix("INDEXED_VALUE_TYPE_")
+                _fail(f"{key.name} is registered as {have.title()}, not {sa.type_name(key)}")
+            else:
+                lines.append(f"{key.name} ({sa.type_name(key)}): already registered")
+        if missing:
+            await ops.add_search_attributes(
+                AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
+            )
+        return lines
+    except RPCError as err:
+        if err.status is RPCStatusCode.ALREADY_EXISTS:  # registered meanwhile by another setup
+            return [f"{k.name} ({sa.type_name(k)}): already registered" for k in sa.KEYS]
+        if err.status in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNIMPLEMENTED):
+            _fail(f"the operator API is refused ({err.message}); on Temporal Cloud run: {cloud}")
+        _fail(f"registering search attributes failed: {err.message}")
+
+
+@cli.group()
+def temporal() -> None:
+    """The Temporal namespace the service runs in (talks to Temporal with NHI_TEMPORAL_*)."""
+
+
+@temporal.command("setup")
+def temporal_setup() -> None:
+    """Register the NHI search attributes in the namespace (safe to run again)."""
+    for line in _temporal(
+        lambda client, s: register_search_attributes(client, s.temporal_namespace)
+    ):
+        click.echo(line)
 
 
 # ---- operations -----------------------------------------------------------------------------

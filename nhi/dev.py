@@ -31,6 +31,7 @@ from nhi.infra.config import Settings
 from nhi.infra.db import make_engine, make_sessionmaker, transaction, upgrade_head
 from nhi.infra.embedded_postgres import EmbeddedPostgres
 from nhi.infra.logging import configure
+from nhi.rules import search_attributes
 from nhi.services.auth import issue_token, revoke_token
 
 READY_TIMEOUT = 60.0
@@ -237,7 +238,7 @@ def _admin_token(db_url: str, data_dir: Path) -> str:
 
 def run_dev(settings: Settings) -> int:
     """Start everything, wait for Ctrl-C or a child's exit, stop everything; the exit code."""
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     data_dir = settings.data_dir.resolve()
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +281,8 @@ def run_dev(settings: Settings) -> int:
                 "--db-filename", str(data_dir / "temporal.db"),
                 "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=1",
                 "--log-level", "warn",
+                # The workflows' search attributes, so the Web UI can query them.
+                *search_attributes.dev_server_flags(),
             ],
             env,
             to_file=True,

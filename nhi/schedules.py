@@ -1,5 +1,5 @@
-"""Temporal Schedules for sweeps: created or updated idempotently (`nhi schedules apply`, and at
-every worker start), overlap SKIP, a bounded catch-up window."""
+"""Temporal Schedules for sweeps and the task reaper: created or updated idempotently (`nhi
+schedules apply`, and at every worker start), overlap SKIP, a bounded catch-up window."""
 
 from __future__ import annotations
 
@@ -19,12 +19,31 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
+from activities.reaper import ReaperInput
 from models.contracts import SweepInput
 from nhi.infra.config import Settings
-from nhi.rules.ids import sweep_schedule_id, sweep_workflow_id
+from nhi.rules.ids import (
+    sweep_schedule_id,
+    sweep_workflow_id,
+    task_reaper_schedule_id,
+    task_reaper_workflow_id,
+)
+from workflows.reaper import TaskReaperWorkflow
 from workflows.sweep import SweepWorkflow
 
 PROVIDERS = ("aws", "postgres")
+# What `nhi schedules pause|resume|trigger` accepts besides a provider's name.
+TASK_REAPER = "task-reaper"
+
+
+def schedule_id_of(name: str) -> str:
+    """The schedule a CLI name means: a provider's sweep, or `task-reaper`."""
+    return task_reaper_schedule_id() if name == TASK_REAPER else sweep_schedule_id(name)
+
+
+def schedule_ids() -> list[str]:
+    """Every schedule this service keeps."""
+    return [*(sweep_schedule_id(p) for p in PROVIDERS), task_reaper_schedule_id()]
 
 
 def sweep_schedule(settings: Settings, provider: str) -> Schedule:
@@ -48,23 +67,42 @@ def sweep_schedule(settings: Settings, provider: str) -> Schedule:
     )
 
 
+def task_reaper_schedule(settings: Settings) -> Schedule:
+    """The task reaper's schedule: frequent, no jitter (expired task roles should go within
+    one interval), and a missed fire is not caught up: the next run reaps everything due."""
+    every = timedelta(seconds=settings.task_reaper_interval_seconds)
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            TaskReaperWorkflow.run,
+            ReaperInput(),
+            id=task_reaper_workflow_id(),
+            task_queue=settings.temporal_task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
+        # Temporal refuses a catch-up window under 10 s.
+        policy=SchedulePolicy(
+            overlap=ScheduleOverlapPolicy.SKIP, catchup_window=max(every, timedelta(minutes=1))
+        ),
+    )
+
+
 async def apply_schedules(client: Client, settings: Settings) -> list[str]:
     """Create missing schedules and bring existing ones up to date (keeping pause state)."""
-    applied: list[str] = []
-    for provider in PROVIDERS:
-        wanted = sweep_schedule(settings, provider)
-        try:
-            await client.create_schedule(sweep_schedule_id(provider), wanted)
-            applied.append(f"{sweep_schedule_id(provider)} created")
-        except ScheduleAlreadyRunningError:
+    wanted = {sweep_schedule_id(p): sweep_schedule(settings, p) for p in PROVIDERS}
+    wanted[task_reaper_schedule_id()] = task_reaper_schedule(settings)
+    return [await _apply(client, schedule_id, schedule) for schedule_id, schedule in wanted.items()]
 
-            def keep_state(
-                current: ScheduleUpdateInput, wanted: Schedule = wanted
-            ) -> ScheduleUpdate:
-                return ScheduleUpdate(
-                    schedule=replace(wanted, state=current.description.schedule.state)
-                )
 
-            await client.get_schedule_handle(sweep_schedule_id(provider)).update(keep_state)
-            applied.append(f"{sweep_schedule_id(provider)} updated")
-    return applied
+async def _apply(client: Client, schedule_id: str, wanted: Schedule) -> str:
+    try:
+        await client.create_schedule(schedule_id, wanted)
+        return f"{schedule_id} created"
+    except ScheduleAlreadyRunningError:
+
+        def keep_state(current: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(
+                schedule=replace(wanted, state=current.description.schedule.state)
+            )
+
+        await client.get_schedule_handle(schedule_id).update(keep_state)
+        return f"{schedule_id} updated"

@@ -15,6 +15,8 @@ import pytest_asyncio
 from psycopg import sql
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -22,6 +24,7 @@ from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
 from nhi.infra.db import make_engine, make_sessionmaker, upgrade_head
 from nhi.infra.embedded_postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
+from nhi.rules import search_attributes
 from tests.helpers import free_port, start_moto
 from tests.pg_cluster import PgCluster
 from worker import build_worker
@@ -114,6 +117,9 @@ def settings(database_url: str, moto_url: str) -> Settings:
         # The suite's Postgres clusters listen on loopback without TLS, as `nhi dev` does.
         target_allowed_hosts=["127.0.0.1", "localhost", "db", "db.internal"],
         dev_mode=True,
+        # The suite's agents share one runtime principal (tests/helpers.TRUST); the reuse
+        # check is tested with it on in tests/test_footprint.py.
+        identity_reuse_check=False,
         # Every test worker (build_worker with these settings or a copy of them) fails a run
         # whose history no longer replays, instead of retrying its workflow task until the
         # test times out: a nondeterminism fails the test that caused it, loudly.
@@ -137,6 +143,17 @@ async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
         data_converter=pydantic_data_converter,
         test_server_existing_path=binary("temporal-test-server"),
     )
+    # The test server refuses unregistered search attributes too, and registers them through
+    # the operator API (it cannot list them: `nhi temporal setup` needs a real server).
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                k.name: IndexedValueType.ValueType(k.indexed_value_type.value)
+                for k in search_attributes.KEYS
+            },
+        )
+    )
     yield env
     await env.shutdown()
 
@@ -147,6 +164,7 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         data_converter=pydantic_data_converter,
         dev_server_existing_path=binary("temporal"),
+        search_attributes=search_attributes.KEYS,
     )
     yield env
     await env.shutdown()

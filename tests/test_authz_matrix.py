@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from models.enums import Role
-from models.orm import Agent, ApiToken, AuditEvent, Nhi, Policy, Prompt, Sweep, Target
+from models.orm import Agent, AgentInvoker, ApiToken, AuditEvent, Nhi, Policy, Prompt, Sweep, Target
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.db import transaction
 from nhi.services.auth import issue_token, revoke_token
@@ -70,6 +70,17 @@ TABLE: dict[tuple[str, str], Cell] = {
     ("POST", "/v1/nhis/{nhi_id}/rotate"): (frozenset({"owner", "security"}), HIDDEN),
     ("POST", "/v1/nhis/{nhi_id}/decommission"): (frozenset({"owner", "security"}), HIDDEN),
     ("POST", "/v1/nhis/{nhi_id}/restore"): (frozenset({"owner"}), HIDDEN),
+    # Task credentials: the owner (and the agent's own `agent` token: tests/test_task_credentials.py).
+    ("POST", "/v1/nhis/{nhi_id}/credentials"): (frozenset({"owner"}), HIDDEN),
+    # Invokers change with the agent (its platform team, owner, admin); footprints are reads.
+    ("GET", "/v1/agents/{agent_id}/invokers"): (SEES, HIDDEN),
+    ("POST", "/v1/agents/{agent_id}/invokers"): (frozenset({"platform", "owner", "admin"}), HIDDEN),
+    ("DELETE", "/v1/agents/{agent_id}/invokers/{invoker_id}"): (
+        frozenset({"platform", "owner", "admin"}),
+        HIDDEN,
+    ),
+    ("GET", "/v1/agents/{agent_id}/footprint"): (SEES, HIDDEN),
+    ("GET", "/v1/footprints"): (ALL, frozenset()),
     ("GET", "/v1/policies"): (ALL, frozenset()),
     ("PUT", "/v1/policies"): (frozenset({"admin"}), frozenset()),
     ("GET", "/v1/prompts"): (ALL, frozenset()),
@@ -134,7 +145,9 @@ def _world(sessions: sessionmaker[Session]) -> World:
             admin_user="nhi_admin", password_ref="env:NHI_TARGET_PASSWORD_MATRIX",
             sslmode="verify-full", created_by="test",
         )  # fmt: skip
-        s.add_all([prompt, sweep, target])
+        invoker = AgentInvoker(agent_id=agent.id, kind="service", ref="matrix", channel="api",
+                               added_by="test")  # fmt: skip
+        s.add_all([prompt, sweep, target, invoker])
         row, _ = issue_token(
             s, name=unique("victim"), role=Role.AUDITOR, ttl="1d", created_by="test"
         )
@@ -144,6 +157,7 @@ def _world(sessions: sessionmaker[Session]) -> World:
             "agent_name": agent.name,
             "nhi_id": str(nhi_id),
             "prompt_id": str(prompt.id),
+            "invoker_id": str(invoker.id),
             "sweep_id": str(sweep.id),
             "token": row.name,
             "token_id": str(row.id),
@@ -158,7 +172,9 @@ def _url(path: str, world: World) -> str:
 
 def _missing(path: str, world: World) -> World:
     """The same world with every id in the path replaced by one that does not exist."""
-    return world | {k: str(uuid.uuid4()) for k in ("agent_id", "nhi_id", "prompt_id") if k in path}
+    return world | {
+        k: str(uuid.uuid4()) for k in ("agent_id", "nhi_id", "prompt_id", "invoker_id") if k in path
+    }
 
 
 def _snapshot(
@@ -175,6 +191,7 @@ def _snapshot(
 
         state = (
             count(Agent), count(Nhi), count(Policy), count(Target), count(ApiToken),
+            count(AgentInvoker),
             s.scalar(select(func.max(Policy.updated_at))),
             s.scalar(
                 select(func.count()).select_from(AuditEvent).where(
@@ -259,12 +276,16 @@ def _bodies(policy: dict[str, Any]) -> dict[tuple[str, str], Callable[[], Any]]:
             "platform": "aws", "kind": "iam_role", "scope": ROLE_SCOPE, "trust_principal": TRUST,
         },
         ("POST", "/v1/agents/{agent_id}/complete"): reason,
+        ("POST", "/v1/agents/{agent_id}/invokers"): lambda: {
+            "kind": "person", "ref": "eve@example.com", "channel": "slack",
+        },
         ("POST", "/v1/nhis/{nhi_id}/approve"): reason,
         ("POST", "/v1/nhis/{nhi_id}/deny"): reason,
         ("POST", "/v1/nhis/{nhi_id}/renew"): reason,
         ("POST", "/v1/nhis/{nhi_id}/rotate"): reason,
         ("POST", "/v1/nhis/{nhi_id}/decommission"): reason,
         ("POST", "/v1/nhis/{nhi_id}/restore"): reason,
+        ("POST", "/v1/nhis/{nhi_id}/credentials"): lambda: {"ttl": "15m", "task_id": "matrix"},
         ("PUT", "/v1/policies"): lambda: {"policies": [policy]},
         ("POST", "/v1/prompts/{prompt_id}/answer"): lambda: {"answer": "renew"},
         ("POST", "/v1/tokens"): lambda: {"name": unique("tok"), "role": "auditor", "ttl": "1d"},

@@ -5,7 +5,8 @@ interpreter that does what `NhiLifecycleWorkflow` does with each action (activit
 fail by the faults the sequence switches on), while updates arrive as their validators allow.
 The invariants: nothing acts after decommission; each reminder at most once per offset per
 term; an expiry never moves past the caps; quarantine always precedes deletion; a pending
-decommission is never lost; a sleep never ends in the past.
+decommission is never lost; a sleep never ends in the past; no key a rotation replaced is ever
+forgotten before it is deleted, and the current key is never retired.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from models.contracts import (
     LifecycleAction,
     LifecycleConfig,
+    LifecycleInput,
     LifecycleState,
     Phase,
     ProvisionPlan,
@@ -68,14 +70,14 @@ def config(**fields: Any) -> LifecycleConfig:
 
 
 @st.composite
-def configs(draw: st.DrawFn) -> LifecycleConfig:
+def configs(draw: st.DrawFn, kinds: tuple[NhiKind, ...] = tuple(NhiKind)) -> LifecycleConfig:
     ttl = draw(st.integers(3600, 60 * DAY))
     expires_at = T0 + timedelta(seconds=ttl)
     max_lifetime_at = expires_at + timedelta(seconds=draw(st.integers(0, 120 * DAY)))
     expected_end_at = draw(
         st.none() | st.integers(0, 150 * DAY).map(lambda s: expires_at + timedelta(seconds=s))
     )
-    kind = draw(st.sampled_from(list(NhiKind)))
+    kind = draw(st.sampled_from(kinds))
     offsets = draw(st.lists(st.sampled_from(OFFSETS), unique=True, min_size=1, max_size=4))
     offsets.sort(reverse=True)
     return config(
@@ -130,7 +132,12 @@ class Life:
     removal_fails: bool = False
     rotation_fails: bool = False
     owner_reachable: bool = True
+    # Keys are `k0`, `k1`, ... (AWS: every rotation makes a new key), or two logins that
+    # alternate (Postgres: a rotation re-keys the login that is not current).
+    alternating: bool = False
     key: int = 0
+    # Keys a rotation replaced that are not deleted yet (nor current again).
+    outstanding: set[str] = field(default_factory=set)
     prompts: int = 0
     reminded: set[tuple[datetime, int]] = field(default_factory=set)
     term: int = 0  # renewals and restores start a new term
@@ -152,6 +159,11 @@ class Life:
         assert s.expires_at <= core.cap(self.cfg)[0], "expiry past the cap"
         if self.decommission_asked and s.phase is Phase.ACTIVE:
             assert s.pending_decommission is not None, "a pending decommission was lost"
+        if s.phase is not Phase.DECOMMISSIONED:  # until the identity itself is removed
+            retiring = [r.key_id for r in s.retiring]
+            assert self.outstanding <= set(retiring), "a retiring key was forgotten"
+            assert len(retiring) == len(set(retiring)), "a key retires twice"
+            assert self.current not in retiring, "the current key is retiring"
         if s.phase in core.ENDED:
             for full in (False, True):
                 assert core.next_action(s, self.cfg, self.now, history_full=full) == core.Done()
@@ -206,14 +218,20 @@ class Life:
             elif self.rotation_fails:
                 self.set(core.after_rotation_failed(s, self.now))
             else:
-                old, self.key = f"k{self.key}", self.key + 1
+                old = self.current
+                self.key = 1 - self.key if self.alternating else self.key + 1
+                self.outstanding = (self.outstanding - {self.current}) | {old}
                 self.set(
                     core.after_rotation(
-                        s, self.cfg, self.now, old_key_id=old, new_key_id=f"k{self.key}"
+                        s, self.cfg, self.now, old_key_id=old, new_key_id=self.current
                     )
                 )
         elif isinstance(action, core.RetireOldKey):
-            self.set(core.after_retire(s, deactivate=action.deactivate))
+            assert action.key_id != self.current, "retired the key in use"
+            assert action.key_id in self.outstanding, f"retired {action.key_id}, not retiring"
+            if not action.deactivate:
+                self.outstanding.discard(action.key_id)
+            self.set(core.after_retire(s, action.key_id, deactivate=action.deactivate))
         elif isinstance(action, core.Expire):
             self.decommission_asked = True
             self.set(core.with_decommission(s, action.request))
@@ -240,6 +258,10 @@ class Life:
                 self.set(core.after_removal(s))
         else:
             pytest.fail(f"the loop cannot execute {action}")
+
+    @property
+    def current(self) -> str:
+        return f"k{self.key}"
 
     def prompt(self) -> uuid.UUID:
         self.prompts += 1
@@ -295,17 +317,116 @@ class Life:
 
 
 @CHECKS
-@given(cfg=configs(), events=st.lists(EVENT, min_size=5, max_size=40))
+@given(cfg=configs(), events=st.lists(EVENT, min_size=5, max_size=40), alternating=st.booleans())
 def test_random_lives_keep_every_invariant(
-    cfg: LifecycleConfig, events: list[tuple[Any, ...]]
+    cfg: LifecycleConfig, events: list[tuple[Any, ...]], alternating: bool
 ) -> None:
-    life = Life(cfg)
+    life = Life(cfg, alternating=alternating)
     for ev in events:
         life.event(ev)
     # Left alone long enough, every life ends (decommissioned), unless removal keeps failing.
     life.removal_fails = life.quarantine_fails = False
     life.advance(400 * DAY)
     assert life.state.phase in core.ENDED, life.log[-10:]
+
+
+# Rotations asked for during an overlap, in lives of rotatable kinds, with failures.
+ROTATION_EVENT = st.sampled_from(
+    [("rotate",)] * 3
+    + [("advance", 60), ("advance", 3600), ("advance", DAY), ("advance", 3 * DAY)]
+    + [("faults", False, False, True), ("faults", False, False, False), ("history_full",)]
+)
+
+
+@CHECKS
+@given(
+    cfg=configs(tuple(sorted(ROTATABLE_KINDS))),
+    events=st.lists(ROTATION_EVENT, min_size=5, max_size=40),
+    alternating=st.booleans(),
+)
+def test_no_retiring_key_is_ever_forgotten(
+    cfg: LifecycleConfig, events: list[tuple[Any, ...]], alternating: bool
+) -> None:
+    # Only asked-for rotations, so that none is under way when the last overlap has ended.
+    life = Life(cfg.model_copy(update={"rotation_period_seconds": None}), alternating=alternating)
+    for ev in events:
+        life.event(ev)
+    life.rotation_fails = False
+    life.advance(5 * DAY)  # every overlap has ended (unless the life ended first)
+    if life.state.phase is Phase.ACTIVE:
+        assert not life.outstanding, "an old key was never deleted"
+
+
+def test_a_rotation_asked_for_during_an_overlap_keeps_the_older_key_retiring() -> None:
+    """The regression: a second rotation during the first one's overlap used to overwrite the
+    first old key's retirement, so that key was never deactivated nor deleted."""
+    cfg = config(kind=NhiKind.IAM_USER_KEY, expires_at=T0 + timedelta(days=30))
+    hour = timedelta(hours=1)
+    state = core.initial_state(cfg, T0)
+    state = core.after_rotation(state, cfg, T0, old_key_id="k0", new_key_id="k1")
+    state = core.with_rotation(state, PERSON)
+    assert core.next_action(state, cfg, T0 + hour / 2) == core.Rotate(PERSON)
+    state = core.after_rotation(state, cfg, T0 + hour / 2, old_key_id="k1", new_key_id="k2")
+    assert [r.key_id for r in state.retiring] == ["k0", "k1"]
+    done: list[tuple[str, bool, timedelta]] = []
+    now = T0
+    while len(done) < 4:
+        action = core.next_action(state, cfg, now)
+        if isinstance(action, core.Sleep):
+            now = action.until
+            continue
+        assert isinstance(action, core.RetireOldKey)
+        done.append((action.key_id, action.deactivate, now - T0))
+        state = core.after_retire(state, action.key_id, deactivate=action.deactivate)
+    assert done == [
+        ("k0", True, hour),
+        ("k1", True, hour * 1.5),
+        ("k0", False, hour * 2),
+        ("k1", False, hour * 2.5),
+    ]
+    assert state.retiring == []
+    # Runs recorded before the fix replay the old way (`keep_retiring=False`).
+    old = core.after_rotation(
+        core.after_rotation(core.initial_state(cfg, T0), cfg, T0, old_key_id="k0", new_key_id="k1"),
+        cfg,
+        T0,
+        old_key_id="k1",
+        new_key_id="k2",
+        keep_retiring=False,
+    )
+    assert [r.key_id for r in old.retiring] == ["k1"]
+
+
+def test_a_re_keyed_login_stops_retiring() -> None:
+    """Two alternating logins (Postgres): the second rotation re-keys the login still retiring,
+    which is current again and must not be retired."""
+    cfg = config(kind=NhiKind.POSTGRES_ROLE, expires_at=T0 + timedelta(days=30))
+    state = core.after_rotation(
+        core.initial_state(cfg, T0), cfg, T0, old_key_id="a", new_key_id="b"
+    )
+    state = core.after_rotation(state, cfg, T0, old_key_id="b", new_key_id="a")
+    assert [r.key_id for r in state.retiring] == ["b"]
+
+
+def test_states_recorded_with_one_retiring_key_still_load() -> None:
+    """Histories and continue-as-new inputs written before keys retired in a list."""
+    key = {
+        "key_id": "k0",
+        "deactivate_at": "2026-01-01T01:00:00Z",
+        "delete_at": "2026-01-01T02:00:00Z",
+    }
+    one = LifecycleState.model_validate({"expires_at": "2026-02-01T00:00:00Z", "retiring": key})
+    assert [r.key_id for r in one.retiring] == ["k0"] and not one.retiring[0].deactivated
+    none = LifecycleState.model_validate({"expires_at": "2026-02-01T00:00:00Z", "retiring": None})
+    assert none.retiring == []
+    carried = LifecycleInput.model_validate(
+        {
+            "nhi_id": str(uuid.UUID(int=1)),
+            "state": {"expires_at": "2026-02-01T00:00:00Z", "retiring": key},
+        }
+    )
+    assert carried.state is not None and carried.state.retiring == one.retiring
+    assert LifecycleState.model_validate_json(one.model_dump_json()) == one
 
 
 @CHECKS

@@ -422,3 +422,129 @@ def test_refresh_reads_sweeps_revoke_failures_approvals_and_prompts(databases: D
     assert value(page, "nhi_sweep_findings", provider="aws", kind="stale") == 1
     assert "truncated" not in page and 'provider="postgres"' not in page
     assert value(page, "nhi_sweep_interval_seconds") == 86400
+
+
+# ---- nhi_counts (migration 0009) against a direct GROUP BY ------------------------------------
+_AGENT_SQL = text(
+    """
+    INSERT INTO agents (id, name, category, environment, owner_email, team, purpose,
+                        invokers, status, created_by)
+    VALUES (:id, :name, 'rag', :env, 'ana@example.com', 'search', 'counts test', '[]',
+            'active', 'test:setup')
+    """
+)
+# Rows spread over kinds, statuses and expiries (some past, some within 24 h or 7 d).
+_NHIS_SQL = text(
+    """
+    INSERT INTO nhis (id, agent_id, platform, kind, name, granted_scope, allowed_cidrs, status,
+                      requested_by, expires_at, max_lifetime_at)
+    SELECT gen_random_uuid(), :agent, 'aws',
+           (ARRAY['iam_role', 'iam_user_key'])[1 + i % 2],
+           :prefix || i, '[]', '[]',
+           (ARRAY['active', 'rotating', 'expiring', 'pending_approval', 'decommissioned',
+                  'revoke_failed', 'requested'])[1 + i % 7],
+           'test:setup',
+           now() + (i % 11 - 2) * interval '13 hours',
+           now() + interval '30 days'
+    FROM generate_series(1, :count) AS i
+    """
+)
+
+
+def _direct(session: Any) -> tuple[dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
+    """(counts by platform, kind, environment, status; usable due counts by platform, kind,
+    environment, window), from the query the gauges used before the counts table."""
+    from nhi.infra.metrics import DIRECT_INVENTORY_SQL
+
+    counts: dict[tuple[str, ...], int] = {}
+    due: dict[tuple[str, ...], int] = {}
+    for platform, kind, env, status, total, late, day, week in session.execute(
+        DIRECT_INVENTORY_SQL
+    ).all():
+        counts[(platform, kind, env, status)] = int(total)
+        for window, n in (("overdue", late), ("24h", day), ("7d", week)):
+            key = (platform, kind, env, window)
+            due[key] = due.get(key, 0) + int(n)
+    return counts, due
+
+
+def test_trigger_maintained_counts_equal_a_direct_group_by(databases: Databases) -> None:
+    from prometheus_client import generate_latest
+
+    from nhi.infra.metrics import InventoryMetrics, fold_counts, new_registry, read_counts
+
+    url = databases.new("nhi_counts")
+    upgrade_head(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    dev, prod = uuid.uuid4(), uuid.uuid4()
+    deltas = text("SELECT count(*) FROM nhi_counts")
+
+    def check(label: str) -> None:
+        with transaction(sessions) as s:
+            expected, _ = _direct(s)
+            assert read_counts(s) == expected, f"{label}: before the fold"
+            assert fold_counts(s)
+            assert read_counts(s) == expected, f"{label}: after the fold"
+            assert s.execute(deltas).scalar_one() == len(expected), "one row per combination"
+
+    try:
+        with transaction(sessions) as s:
+            for agent, env in ((dev, "dev"), (prod, "prod")):
+                s.execute(_AGENT_SQL, {"id": agent, "name": f"counts-{env}", "env": env})
+        check("empty")
+        with transaction(sessions) as s:  # bulk inserts: one statement, many rows
+            s.execute(_NHIS_SQL, {"agent": dev, "prefix": "d", "count": 200})
+            s.execute(_NHIS_SQL, {"agent": prod, "prefix": "p", "count": 90})
+        check("inserted")
+        with transaction(sessions) as s:  # status transitions, bulk and one by one
+            s.execute(text("UPDATE nhis SET status = 'expiring' WHERE status = 'active'"))
+            s.execute(text("UPDATE nhis SET status = 'decommissioned' WHERE status = 'rotating'"))
+            one = s.execute(text("SELECT id FROM nhis WHERE status = 'requested' LIMIT 1"))
+            s.execute(
+                text("UPDATE nhis SET status = 'active' WHERE id = :id"),
+                {"id": one.scalar_one()},
+            )
+            s.execute(text("UPDATE nhis SET kind = 'iam_role' WHERE name = 'p1'"))
+        check("transitions")
+        with transaction(sessions) as s:  # an update of no counted column appends no delta
+            before = s.execute(deltas).scalar_one()
+            s.execute(text("UPDATE nhis SET expires_at = expires_at - interval '1 minute'"))
+            assert s.execute(deltas).scalar_one() == before
+        with transaction(sessions) as s:  # deletions, and a rolled-back change counts nothing
+            s.execute(text("DELETE FROM nhis WHERE name LIKE 'p%' AND status = 'revoke_failed'"))
+            s.execute(text("DELETE FROM nhis WHERE name IN ('d3', 'd4', 'd5', 'p6')"))
+        with pytest.raises(RuntimeError), transaction(sessions) as s:
+            s.execute(text("DELETE FROM nhis WHERE name LIKE 'd1%'"))
+            raise RuntimeError("roll back")
+        check("deleted")
+        with transaction(sessions) as s:  # an agent moving environment moves its NHIs' counts
+            s.execute(
+                text("UPDATE agents SET environment = 'staging' WHERE id = :id"), {"id": prod}
+            )
+        check("moved")
+
+        # The gauges a refresh sets are the direct query's, overdue and expiring included.
+        registry = new_registry()
+        with transaction(sessions) as s:
+            InventoryMetrics(registry, 86400).refresh(s)
+            counts, due = _direct(s)
+        page = generate_latest(registry).decode()
+        for (platform, kind, env, status), n in counts.items():
+            where = {"platform": platform, "kind": kind, "environment": env}
+            assert value(page, "nhi_nhis", **where, status=status) == n
+        assert any(n for (*_, window), n in due.items() if window == "overdue")
+        for (platform, kind, env, window), n in due.items():
+            where = {"platform": platform, "kind": kind, "environment": env}
+            if window == "overdue":
+                assert value(page, "nhi_overdue", **where) == n, where
+            else:
+                assert value(page, "nhi_expiring", **where, within=window) == n, (where, window)
+        pending = sum(n for k, n in counts.items() if k[3] == "pending_approval")
+        assert pending and value(page, "nhi_pending_approvals") == pending
+
+        with transaction(sessions) as s:  # TRUNCATE fires no row triggers: counts start over
+            s.execute(text("TRUNCATE nhis CASCADE"))
+        check("truncated")
+    finally:
+        engine.dispose()

@@ -18,6 +18,10 @@ tests/test_postgres_lifecycle.py tests/test_lifecycle_faults.py -k "today or who
 postgres_role_lives or removal_that_keeps_failing"`, and keep the history of the old path under
 another name when running workflows may still be on it (as `provision` is kept).
 
+Every golden history replays three ways: without the codec, with it (histories recorded in
+clear before `NHI_PAYLOAD_KEYS` was set must keep replaying on an encrypting worker), and with
+its payloads encrypted as an encrypting worker would have written them.
+
 The scenario tests here run today's code end to end on every run and replay the history they
 produced from scratch (no worker cache), so a nondeterminism in today's path (an unordered
 iteration, a clock read) fails here even before anything is recorded.
@@ -26,18 +30,22 @@ iteration, a clock read) fails here even before anything is recorded.
 from __future__ import annotations
 
 import ast
+import base64
 import json
+import os
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
@@ -45,8 +53,10 @@ from models.contracts import ApprovalDecision, FindingKind, ProvisionInput, Swee
 from models.enums import NhiStatus
 from models.orm import Nhi
 from nhi.infra.aws_clients import AwsClients
+from nhi.infra.codec import EncryptionCodec
 from nhi.infra.config import PostgresTargetSetting, Settings
 from nhi.infra.db import transaction
+from nhi.infra.temporal_client import data_converter, payload_codec
 from nhi.rules.ids import lifecycle_workflow_id, orphan_workflow_id, provision_workflow_id
 from tests.helpers import (
     HISTORIES,
@@ -86,19 +96,73 @@ def test_golden_histories_are_committed() -> None:
     }
 
 
-async def _replay(history: WorkflowHistory) -> None:
+async def _replay(history: WorkflowHistory, converter: DataConverter | None = None) -> None:
     result = await Replayer(
-        workflows=WORKFLOWS, data_converter=pydantic_data_converter
+        workflows=WORKFLOWS, data_converter=converter or pydantic_data_converter
     ).replay_workflow(history, raise_on_replay_failure=True)
     assert result.replay_failure is None
 
 
+# A worker with payload encryption on (NHI_PAYLOAD_KEYS) replays histories recorded in clear
+# before it was turned on, and the same paths once encrypted (a test key, made per run).
+CODEC_KEYS = f"test:{base64.b64encode(os.urandom(32)).decode()}"
+CODEC_MODES = ("without codec", "with codec", "encrypted, with codec")
+
+
+# What never passes through the codec: search attributes (the server indexes them), headers
+# (the SDK's default header codec behaviour) and markers (core writes patch markers itself).
+IN_CLEAR = frozenset(
+    {
+        "temporal.api.common.v1.SearchAttributes",
+        "temporal.api.common.v1.Header",
+        "temporal.api.history.v1.MarkerRecordedEventAttributes",
+    }
+)
+
+
+def _encrypt_payloads(message: Message, codec: EncryptionCodec) -> int:
+    """Encrypt every payload of a history in place, as a worker with the codec would have
+    written it (what stays `IN_CLEAR` is left alone); how many."""
+    count = 0
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            items = (
+                list(value.values())
+                if field.message_type.fields_by_name["value"].message_type
+                else []
+            )
+        elif field.is_repeated:
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            name = item.DESCRIPTOR.full_name
+            if name == "temporal.api.common.v1.Payload":
+                item.CopyFrom(codec.encrypt(item))
+                count += 1
+            elif name not in IN_CLEAR:
+                count += _encrypt_payloads(item, codec)
+    return count
+
+
+@pytest.mark.parametrize("mode", CODEC_MODES)
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
-async def test_history_replays_deterministically(path: Path) -> None:
+async def test_history_replays_deterministically(path: Path, mode: str) -> None:
     text = path.read_text()
     events = json.loads(text)["events"]
     assert len(events) > 10
-    await _replay(WorkflowHistory.from_json(f"golden-{path.stem}", text))
+    history = WorkflowHistory.from_json(f"golden-{path.stem}", text)
+    if mode == "without codec":
+        await _replay(history)
+        return
+    keyed = Settings(_env_file=None, payload_keys=CODEC_KEYS)  # type: ignore[call-arg]
+    if mode.startswith("encrypted"):
+        codec = payload_codec(keyed)
+        assert codec is not None
+        assert sum(_encrypt_payloads(event, codec) for event in history.events) > 3
+    await _replay(history, data_converter(keyed))
 
 
 def _activities(history: WorkflowHistory) -> list[str]:

@@ -155,3 +155,144 @@ async def test_the_secret_never_leaves_secrets_manager(
     assert _hits(secret, rows) == 0
     assert _hits(secret, responses) == 0
     assert _hits(secret, [logs]) == 0
+
+
+async def test_a_task_credential_appears_only_in_its_one_response(
+    service: Service,
+    sessions: sessionmaker[Session],
+    cluster: PgCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Task credentials (issue 15) are issued by the API process itself: the password and the
+    STS secret key and session token are in the issuing response and nowhere else, not in the
+    inventory (task_credentials rows, audit events, idempotency keys), the logs, the target's
+    statement log, or the parents' workflow histories."""
+    from models.enums import Role
+    from nhi.rules.ids import lifecycle_workflow_id
+    from nhi.services.auth import issue_token
+    from tests.helpers import TRUST
+
+    monkeypatch.setenv("NHI_TARGET_PASSWORD_TASKLEAK", cluster.admin_password)
+    with transaction(sessions) as s:
+        s.execute(
+            text(
+                "UPDATE policies SET allow_task_credentials = true WHERE environment = 'dev' "
+                "AND kind IN ('postgres_role', 'iam_role')"
+            )
+        )
+    configure("DEBUG")
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    responses: list[str] = []
+    issued: list[dict[str, Any]] = []
+    try:
+        token = service.token("task-leak-check", "platform", teams=["search"])
+        admin = service.token("task-leak-admin", "admin")
+        async with httpx.AsyncClient(
+            base_url=service.url, timeout=30, headers=bearer(token)
+        ) as http:
+
+            async def call(method: str, path: str, **kw: Any) -> Any:
+                response = await http.request(method, path, **kw)
+                responses.append(response.text)
+                assert response.status_code < 400, response.text
+                return response.json()
+
+            target = f"tleak{uuid.uuid4().hex[:8]}"
+            await call(
+                "POST",
+                "/v1/targets",
+                headers=bearer(admin),
+                json={
+                    "name": target,
+                    "dsn": f"postgresql://{ADMIN}@{cluster.host}:{cluster.port}/{DATABASE}",
+                    "password_env": "NHI_TARGET_PASSWORD_TASKLEAK",
+                },
+            )
+            agent = await call("POST", "/v1/agents", json=agent_body())
+            with transaction(sessions) as s:
+                _, agent_token = issue_token(
+                    s,
+                    name=f"task-leak-agent-{uuid.uuid4().hex[:6]}",
+                    role=Role.AGENT,
+                    ttl="1h",
+                    created_by="test:setup",
+                    agent_id=uuid.UUID(agent["id"]),
+                )
+            parents = []
+            for request in (
+                {
+                    "platform": "postgres",
+                    "kind": "postgres_role",
+                    "target": target,
+                    "scope": [{"actions": ["SELECT"], "resources": ["docs.articles"]}],
+                },
+                {
+                    "platform": "aws",
+                    "kind": "iam_role",
+                    "scope": ROLE_SCOPE,
+                    "trust_principal": TRUST,
+                },
+            ):
+                accepted = await call("POST", f"/v1/agents/{agent['id']}/nhis", json=request)
+
+                async def active(nhi_id: str = accepted["id"]) -> dict[str, Any]:
+                    nhi = await call("GET", f"/v1/nhis/{nhi_id}")
+                    assert nhi["status"] == "active"
+                    return dict(nhi)
+
+                parents.append((accepted, await eventually(active)))
+            for _, nhi in parents:
+                # The one response that holds it (kept apart from the scanned responses).
+                answer = await http.post(
+                    f"/v1/nhis/{nhi['id']}/credentials",
+                    headers={**bearer(agent_token), "Idempotency-Key": str(uuid.uuid4())},
+                    json={"ttl": "15m", "task_id": "leak-task"},
+                )
+                assert answer.status_code == 201, answer.text
+                issued.append(answer.json())
+                await call("GET", f"/v1/nhis/{nhi['id']}/events")
+            await call("GET", "/v1/nhis", params={"limit": 1000})
+    finally:
+        logging.getLogger().removeHandler(handler)
+        configure("WARNING")
+        with transaction(sessions) as s:
+            s.execute(text("UPDATE policies SET allow_task_credentials = false"))
+
+    pg, aws = issued[0]["postgres"], issued[1]["aws"]
+    secrets = [pg["password"], aws["SecretAccessKey"], aws["SessionToken"]]
+    assert all(len(secret) >= 20 for secret in secrets)
+    assert not refused(pg), "the task credential works"
+
+    history_text: list[str] = []
+    for accepted, _ in parents:
+        for wid in (accepted["workflow_id"], lifecycle_workflow_id(accepted["id"])):
+            history = await service.env.client.get_workflow_handle(wid).fetch_history()
+            events = [MessageToDict(e) for e in history.events]
+            history_text += [json.dumps(e) for e in events] + list(_decoded_strings(events))
+    assert any(parents[0][1]["name"] in h for h in history_text), "scan sees payloads"
+
+    with transaction(sessions) as s:
+        tables = s.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ).scalars()
+        rows = [
+            str(r)
+            for table in tables
+            for r in s.execute(text(f'SELECT t::text FROM "{table}" t')).scalars()
+        ]
+    assert any(issued[0]["name"] in r for r in rows), "scan sees task_credentials and audit"
+    logs = captured.getvalue()
+    assert issued[0]["name"] in logs, "scan sees the API's logs"
+    target_log = cluster.server_log()
+    assert issued[0]["name"] in target_log, "scan sees the target's statement log"
+
+    for secret in secrets:
+        assert _hits(secret, [json.dumps(issued)]) == 1
+        assert _hits(secret, history_text) == 0
+        assert _hits(secret, rows) == 0
+        assert _hits(secret, responses) == 0
+        assert _hits(secret, [logs]) == 0
+        assert _hits(secret, [target_log]) == 0

@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
     from nhi.rules.ids import lifecycle_workflow_id as lifecycle_workflow_id  # re-exported
     from nhi.rules.owners import is_owner
     from nhi.rules.slack_messages import decided_text
+    from workflows import tagging
     from workflows.retry_policies import (
         DB_BEST_EFFORT_RETRY,
         DB_RETRY,
@@ -94,6 +95,8 @@ CONTAINED = "contained-failures"
 # A default renewal never shortens the expiry, and renewals and restores respect the agent's
 # expected end as well as the maximum lifetime.
 RENEWAL_CAPS = "renewal-caps"
+# A rotation during an overlap keeps the keys already retiring (runs before it forgot them).
+KEEP_RETIRING = "keep-every-retiring-key"
 
 
 def _wall_clock() -> datetime:
@@ -315,6 +318,7 @@ class NhiLifecycleWorkflow:
             self._apply(
                 core.after_missing(self._snapshot(), req.reason or "gone from its platform")
             )
+            tagging.tag_status(NhiStatus.MISSING)
             self._wake = True
         return self._view("missing")
 
@@ -341,6 +345,7 @@ class NhiLifecycleWorkflow:
         self._cfg = cfg
         if self._state is None:
             self._apply(core.initial_state(cfg, workflow.now(), self._decommission))
+        tagging.tag_nhi(cfg, self._st().expires_at)
         while True:
             # Only the run-level answers are taken here; the step asks again under the lock,
             # since an update may change the state while the loop waits for it.
@@ -354,7 +359,10 @@ class NhiLifecycleWorkflow:
                 break
             if isinstance(action, core.ContinueAsNew):
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(LifecycleInput(nhi_id=inp.nhi_id, state=self._carried()))
+                workflow.continue_as_new(
+                    LifecycleInput(nhi_id=inp.nhi_id, state=self._carried()),
+                    search_attributes=tagging.carried(),
+                )
             async with self._lock:
                 deadline = await self._contained_step(workflow.now())
             if deadline is None:
@@ -487,7 +495,7 @@ class NhiLifecycleWorkflow:
         elif isinstance(action, core.Expire):
             self._apply(core.with_decommission(self._snapshot(), action.request))
         elif isinstance(action, core.RetireOldKey):
-            await self._retire(deactivate=action.deactivate)
+            await self._retire(action.key_id, deactivate=action.deactivate)
         elif isinstance(action, core.Rotate):
             await self._rotate_key(action.request)
         elif isinstance(action, core.Remind):
@@ -623,6 +631,7 @@ class NhiLifecycleWorkflow:
                 with contextlib.suppress(ActivityError):
                     await self._platform(ProviderActivities.update_expiry, self._plan(s.expires_at))
             raise
+        tagging.tag_status(NhiStatus.ACTIVE, new_expiry)
         try:
             await self._close_prompts(action, decision)
         except ActivityError as err:
@@ -702,11 +711,13 @@ class NhiLifecycleWorkflow:
                 now,
                 old_key_id=promoted.old_key_id,
                 new_key_id=promoted.new_key_id,
+                # Asked only when keys are still retiring: other runs record no marker.
+                keep_retiring=not self._st().retiring or workflow.patched(KEEP_RETIRING),
             )
         )
 
-    async def _retire(self, *, deactivate: bool) -> None:
-        retiring = self._st().retiring
+    async def _retire(self, key_id: str, *, deactivate: bool) -> None:
+        retiring = next((r for r in self._st().retiring if r.key_id == key_id), None)
         if retiring is None:
             return
         plan = self._config().plan
@@ -725,7 +736,7 @@ class NhiLifecycleWorkflow:
                 LifecycleAction(actor="system:rotation", channel="system"),
                 f"access key {retiring.key_id} deleted after the overlap window",
             )
-        self._apply(core.after_retire(self._snapshot(), deactivate=deactivate))
+        self._apply(core.after_retire(self._snapshot(), key_id, deactivate=deactivate))
 
     async def _quarantine(self, action: LifecycleAction) -> None:
         cfg = self._config()
@@ -984,6 +995,7 @@ class NhiLifecycleWorkflow:
                 details={"key": str(workflow.uuid4()), **(details or {})},
             ),
         )
+        tagging.tag_status(status, expires_at)
 
     async def _note(self, event: str, action: LifecycleAction, reason: str) -> None:
         await self._db(

@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from models.enums import ROTATABLE_KINDS, NhiKind, NhiStatus
     from nhi.rules.ids import PROVISION_WORKFLOW, lifecycle_workflow_id
+    from workflows import tagging
     from workflows.lifecycle import NhiLifecycleWorkflow
     from workflows.retry_policies import (
         DB_RETRY,
@@ -146,6 +147,7 @@ class ProvisionNhiWorkflow:
             raise ApplicationError(reason, type="ProvisioningRefused", non_retryable=True) from err
 
         self._plan = plan
+        tagging.tag_status(NhiStatus.PROVISIONING, plan.expires_at)
         try:
             created = await self._create(plan)
             await workflow.execute_activity_method(
@@ -173,11 +175,13 @@ class ProvisionNhiWorkflow:
             ) from err
         # The lifecycle outlives this run: rotation, reminders and expiry from here on.
         self._handed_over = True
+        tagging.tag_status(NhiStatus.ACTIVE, plan.expires_at)
         await workflow.start_child_workflow(
             NhiLifecycleWorkflow.run,
             LifecycleInput(nhi_id=plan.nhi_id),
             id=lifecycle_workflow_id(plan.nhi_id),
             parent_close_policy=ParentClosePolicy.ABANDON,
+            search_attributes=tagging.carried(),
         )
         return ProvisionResult(
             nhi_id=plan.nhi_id,
@@ -275,3 +279,4 @@ class ProvisionNhiWorkflow:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
+        tagging.tag_status(status)

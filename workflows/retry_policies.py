@@ -54,6 +54,19 @@ REMOVAL_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
 )
 
+# The task reaper: one batch of expired task credentials per activity (their roles dropped on
+# each target in one transaction). A batch that fails is tried a few times; the schedule runs
+# the reaper again within NHI_TASK_REAPER_INTERVAL_SECONDS anyway, so retrying longer would
+# only overlap the next run.
+REAPER_TIMEOUT = timedelta(minutes=2)
+REAPER_HEARTBEAT = timedelta(seconds=15)
+REAPER_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=3,
+)
+
 # A lifecycle step whose activity failed (a poisoned value, a dependency down for longer than
 # its retries) is recorded and tried again this much later; the run itself never fails.
 STEP_RETRY_DELAY = timedelta(minutes=15)

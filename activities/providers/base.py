@@ -1,6 +1,6 @@
 """The interfaces a platform implements, so workflows and sweeps never name a platform.
 
-Three narrow interfaces, one per concern:
+Four narrow interfaces, one per concern:
 
 * `LifecycleProvider`: create, deliver, renew, disable, verify_disabled, enable, delete.
   Every platform has it.
@@ -9,6 +9,9 @@ Three narrow interfaces, one per concern:
 * `DiscoveryProvider`: discover (every identity under this deployment's marker, each judged
   against its granted scope: the provider says what drifted), last_used. Every platform has it;
   sweeps reach the platform through it and through `LifecycleProvider` only.
+* `TaskCredentialProvider`: issue (a short-lived credential derived from an active NHI, for one
+  task; see nhi/services/task_credentials.py). Called synchronously by the API process, never
+  by a workflow: its result holds the credential, which must never reach history.
 
 A provider is a plain class of blocking methods. `ProviderActivities` (activities/provider.py)
 wraps them as Temporal activities, routes each call by platform and heartbeats meanwhile.
@@ -37,6 +40,7 @@ from models.contracts import (
 from models.enums import NhiKind, Platform
 from nhi import MANAGED_BY
 from nhi.rules.findings import PlatformIdentity
+from nhi.rules.task_credentials import IssuedCredential, TaskGrant
 
 # Called before each platform call of a listing: rate limiting and heartbeats (see sweeps).
 Pace = Callable[[], None]
@@ -173,3 +177,16 @@ class DiscoveryProvider(Protocol):
 
 class Provider(LifecycleProvider, DiscoveryProvider, Protocol):
     """What the registry holds per platform: lifecycle and discovery (rotation optional)."""
+
+
+class TaskCredentialProvider(Protocol):
+    """Issue task credentials on one platform (`iam_role`, `postgres_role` NHIs)."""
+
+    platform: ClassVar[Platform]
+
+    def issue(self, grant: TaskGrant) -> IssuedCredential:
+        """Create the credential `grant` describes, valid until `grant.expires_at` and no
+        longer, with at most the NHI's scope (`grant.scope` narrowing it), and return it. All
+        or nothing: a failure leaves nothing usable behind. Platform errors leave as
+        `ApplicationError`s whose messages never hold the credential."""
+        ...

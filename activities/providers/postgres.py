@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 import psycopg
@@ -85,6 +86,11 @@ log = logging.getLogger(__name__)
 _STRUCTURE_ONLY = PolicyRules(
     label="provider", allowed=True, default_ttl_seconds=1, max_lifetime_seconds=1
 )
+
+
+def _part(name: str, group: str, tasks: Mapping[str, object]) -> str:
+    """How a removal report names one of an NHI's roles."""
+    return "task" if name in tasks else "group" if name == group else "login"
 
 
 class PostgresProvider(PostgresDiscovery):
@@ -364,30 +370,42 @@ class PostgresProvider(PostgresDiscovery):
     # ---- containment -----------------------------------------------------------------------
 
     def disable(self, ref: IdentityRef) -> list[str]:
-        """NOLOGIN on both login roles and every session of them ended (restorable)."""
+        """NOLOGIN on both login roles and on every task credential's login role of the NHI,
+        and every session of them ended. The login roles are restorable; the task roles are
+        not (`enable` leaves them alone): their credentials ended here, and the reaper drops
+        them. The task roles are locked out under the group's advisory lock, which issuing
+        one holds too, so a task role is either made before this (and locked out) or after."""
         names = ddl.names_of(ref.name)
         target = self._target(ref.target)
         done: list[str] = []
         with ddl.admin(target, f"disabling {names.group}") as conn:
-            existing = ddl.find_roles(conn, [names.group, *names.logins])
-            if not existing:
+            with conn.transaction():
+                ddl.lock(conn, [f"role:{names.group}"])
+                existing = ddl.find_roles(conn, [names.group, *names.logins])
+                tasks = ddl.task_roles(conn, ref.nhi_id)
+                logins = {n: r for n, r in existing.items() if n in names.logins}
+                disabled = ddl.nologin(conn, ref.nhi_id, logins | tasks)
+            if not existing and not tasks:
                 return ["already gone"]
-            logins = {n: r for n, r in existing.items() if n in names.logins}
-            disabled, ended = ddl.lock_out(conn, ref.nhi_id, logins)
-            done += [f"login role {login} NOLOGIN" for login in disabled]
+            # After the commit: a session that reconnected before it would survive.
+            ended = ddl.terminate(conn, [*logins, *tasks])
+            done += [
+                f"{'task' if login in tasks else 'login'} role {login} NOLOGIN"
+                for login in disabled
+            ]
             if ended:
                 done.append(f"{ended} sessions ended")
         return done
 
     def verify_disabled(self, ref: IdentityRef) -> None:
-        """No login role can log in and none has a session left, from the catalog itself."""
+        """No login role (task credentials' included) can log in and none has a session
+        left, from the catalog itself."""
         names = ddl.names_of(ref.name)
         target = self._target(ref.target)
         with ddl.admin(target, f"checking that {names.group} is disabled") as conn:
-            can_login = sorted(
-                r.name for r in ddl.find_roles(conn, list(names.logins)).values() if r.can_login
-            )
-            sessions = ddl.sessions(conn, list(names.logins))
+            roles = ddl.find_roles(conn, list(names.logins)) | ddl.task_roles(conn, ref.nhi_id)
+            can_login = sorted(r.name for r in roles.values() if r.can_login)
+            sessions = ddl.sessions(conn, [*names.logins, *roles])
         if can_login or sessions:
             raise ddl.fail(
                 f"{names.group} not contained: can log in {can_login}, {sessions} sessions",
@@ -426,16 +444,22 @@ class PostgresProvider(PostgresDiscovery):
         names = ddl.names_of(ref.name)
         target = self._target(ref.target)
         removed: list[str] = []
-        everyone = [*names.logins, names.group]
         doing = f"removing {names.group}"
         with ddl.admin(target, doing) as conn:
+            # Task credentials' login roles first: members of the group, they must be gone
+            # before it can be dropped (and are as live as its own logins until then).
+            tasks = ddl.task_roles(conn, ref.nhi_id)
+            everyone = [
+                *sorted(tasks),
+                *(n for n in (*names.logins, names.group) if n not in tasks),
+            ]
             existing = ddl.find_roles(conn, everyone)
             _, ended = ddl.lock_out(conn, ref.nhi_id, existing)
             if ended:
                 removed.append(f"{ended} sessions")
             present = [n for n in everyone if n in existing]
             if present:
-                logins = [n for n in present if n in names.logins]
+                logins = [n for n in present if n in names.logins or n in tasks]
                 try:
                     with conn.transaction():
                         ddl.lock(conn, [f"role:{names.group}"])
@@ -455,14 +479,23 @@ class PostgresProvider(PostgresDiscovery):
                     raise ddl.drop_failed(
                         conn, err, present, logins, f"dropping the roles of {names.group}"
                     ) from None
-                removed += [f"{'group' if n == names.group else 'login'} role {n}" for n in present]
-            left = sorted(ddl.find_roles(conn, everyone))
+                removed += [f"{_part(n, names.group, tasks)} role {n}" for n in present]
+            # A fresh read, task roles by their marker again: one made during the removal
+            # would otherwise outlive its NHI.
+            left = sorted(
+                set(ddl.find_roles(conn, everyone)) | set(ddl.task_roles(conn, ref.nhi_id))
+            )
         if left:
             raise ddl.fail(
                 f"roles {', '.join(left)} of {names.group} still exist after DROP ROLE; retrying",
                 "NotRemoved",
                 retryable=True,
             )
+        if not ref.secret_name:
+            # No delivery secret known (an orphan whose secret the sweep did not find, a task
+            # credential's role): nothing delivered to prove dead or to delete.
+            log.info("nhi %s removed from %s: %s", ref.nhi_id, target.name, removed)
+            return RemovalResult(removed=removed)
         try:
             # A secret already scheduled for deletion was proven dead by the run that did it
             # (and cannot be read any more).

@@ -37,6 +37,7 @@ from nhi.rules.pg_grants import (
     role_names,
 )
 from nhi.rules.policy import RuleViolation
+from nhi.rules.task_credentials import TASK_ROLE_PREFIX
 from nhi.services.target_registry import TargetConnection, TargetResolver, UnknownTarget
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,42 @@ def find_roles(conn: Conn, names: list[str]) -> dict[str, Role]:
     return {str(n): Role(str(n), bool(login), parse_comment(c)) for n, login, c in rows}
 
 
+# Task credentials' login roles, as a LIKE pattern (`_` escaped).
+TASK_ROLE_PATTERN = TASK_ROLE_PREFIX.replace("_", r"\_") + "%"
+
+
+def task_roles(conn: Conn, nhi_id: uuid.UUID | None) -> dict[str, Role]:
+    """The login roles of an NHI's task credentials, found by their marker (`part=task`,
+    `nhi-id=<nhi_id>`) rather than by membership, so one whose group is already gone (or
+    was never granted) is found too. None (no NHI id) finds nothing."""
+    if nhi_id is None:
+        return {}
+    rows = conn.execute(
+        "SELECT rolname, rolcanlogin, shobj_description(oid, 'pg_authid') FROM pg_roles "
+        "WHERE rolname LIKE %s AND shobj_description(oid, 'pg_authid') LIKE %s",
+        (TASK_ROLE_PATTERN, f"%;nhi-id={nhi_id};%"),
+    ).fetchall()
+    found: dict[str, Role] = {}
+    for name, login, comment in rows:
+        fields = parse_comment(comment)
+        if fields and fields.get("part") == "task" and fields.get("nhi-id") == str(nhi_id):
+            found[str(name)] = Role(str(name), bool(login), fields)
+    return found
+
+
+def nologin(conn: Conn, nhi_id: uuid.UUID | None, roles: Mapping[str, Role]) -> list[str]:
+    """NOLOGIN on each of `roles` (ours, checked) that can still log in; the names changed.
+    Sessions go on until `terminate`, which must run after this is committed: a client that
+    reconnected before the commit would otherwise keep a session."""
+    disabled: list[str] = []
+    for role in roles.values():
+        check_ours(role, nhi_id)
+        if role.can_login:
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident(role.name)))
+            disabled.append(role.name)
+    return disabled
+
+
 def check_ours(role: Role, nhi_id: uuid.UUID | None) -> None:
     """Refuse a role whose marker names another NHI (or none: made by hand). An unknown
     `nhi_id` matches no marker."""
@@ -308,12 +345,7 @@ def lock_out(
 ) -> tuple[list[str], int]:
     """NOLOGIN on each of `roles` (ours, checked) that can still log in, then end their
     sessions: VALID UNTIL and NOLOGIN stop new logins only. Returns (disabled, ended)."""
-    disabled: list[str] = []
-    for role in roles.values():
-        check_ours(role, nhi_id)
-        if role.can_login:
-            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident(role.name)))
-            disabled.append(role.name)
+    disabled = nologin(conn, nhi_id, roles)
     return disabled, terminate(conn, list(roles))
 
 

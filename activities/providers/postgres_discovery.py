@@ -21,7 +21,33 @@ from activities.providers.secret_store import SecretStore
 from models.enums import NhiKind
 from nhi.rules.findings import PlatformIdentity
 from nhi.rules.pg_grants import IDENTIFIER_RE, has_our_shape, parse_comment, role_names
+from nhi.rules.task_credentials import is_task_role_name
 from nhi.services.target_registry import TargetResolver
+
+
+def _created_at(fields: Mapping[str, str]) -> datetime:
+    try:
+        return datetime.fromisoformat(fields.get("created-at", ""))
+    except ValueError:
+        return datetime.fromtimestamp(0, UTC)  # unknown age: old enough to act on
+
+
+def _task_role(
+    name: str, fields: Mapping[str, str], target: str, last_used_at: datetime | None
+) -> PlatformIdentity:
+    """A task credential's login role whose NHI's group is gone from the target: judged by
+    its parent NHI (`nhi_id`). It has no delivery secret: the credential was only ever in
+    its issuing response."""
+    return PlatformIdentity(
+        name=name,
+        kind=NhiKind.POSTGRES_ROLE.value,
+        created_at=_created_at(fields),
+        managed=True,
+        nhi_id=fields.get("nhi-id"),
+        last_used_at=last_used_at,
+        target=target,
+        task=True,
+    )
 
 
 class PostgresDiscovery:
@@ -39,32 +65,41 @@ class PostgresDiscovery:
     def discover(self, known: Mapping[str, Known], pace: Pace) -> Discovery:
         """Group roles marked ours on every target, plus roles named like ours with no marker
         (reported, never touched). A login role whose group is gone is reported as its group,
-        so removing the orphan removes it. A target that cannot be reached (or whose admin
-        password cannot be resolved) is reported, and the others are still listed."""
+        so removing the orphan removes it. A task credential's login role is part of its
+        NHI's group while that group exists (its sessions count as the NHI's use), and is
+        reported on its own, as a task role, once the group is gone: the sweep's rules then
+        judge it by its parent NHI. A target that cannot be reached (or whose admin password
+        cannot be resolved) is reported, and the others are still listed."""
         out: list[PlatformIdentity] = []
         unreachable: dict[str, str] = {}
         pattern = self._prefix.replace("_", r"\_") + r"\_%"
+        patterns = [pattern, ddl.TASK_ROLE_PATTERN]
         for target_name in self._targets.names():
             pace()
             try:
                 target = ddl.resolve(self._targets, target_name)
                 pace()
                 with ddl.admin(target, "listing roles") as conn:
+                    # With the roles each is a member of: a task role in another deployment's
+                    # group (another name prefix, same target) is not ours to judge.
                     rows = conn.execute(
-                        "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles "
-                        "WHERE rolname LIKE %s ORDER BY rolname",
-                        (pattern,),
+                        "SELECT r.rolname, shobj_description(r.oid, 'pg_authid'), "
+                        "ARRAY(SELECT g.rolname FROM pg_auth_members m "
+                        "JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid) "
+                        "FROM pg_roles r WHERE r.rolname LIKE ANY(%s) ORDER BY r.rolname",
+                        (patterns,),
                     ).fetchall()
                     pace()
                     active = {
                         str(u)
                         for (u,) in conn.execute(
-                            "SELECT DISTINCT usename FROM pg_stat_activity WHERE usename LIKE %s",
-                            (pattern,),
+                            "SELECT DISTINCT usename FROM pg_stat_activity "
+                            "WHERE usename LIKE ANY(%s)",
+                            (patterns,),
                         ).fetchall()
                     }
                     drifts: dict[str, str] = {}
-                    for name, _comment in rows:
+                    for name, *_ in rows:
                         seen = known.get(str(name))
                         if seen is not None and seen.status == "active":
                             pace()
@@ -88,24 +123,33 @@ class PostgresDiscovery:
     ) -> list[PlatformIdentity]:
         now = datetime.now(UTC)
         groups: dict[str, dict[str, str]] = {}
+        tasks: dict[str, dict[str, str]] = {}
         unmanaged: list[str] = []
-        for name, comment in rows:
+        ours = f"{self._prefix}_"
+        for name, comment, member_of in rows:
             fields = parse_comment(comment)
             if fields is None:
-                if has_our_shape(self._prefix, str(name)):
+                if has_our_shape(self._prefix, str(name)) or is_task_role_name(str(name)):
                     unmanaged.append(str(name))
+            elif fields.get("part") == "task":
+                if all(str(g).startswith(ours) for g in member_of or []):
+                    tasks[str(name)] = fields
             elif fields.get("part") == "login":
                 group = str(name)[:-2]
                 if group not in groups and IDENTIFIER_RE.fullmatch(group):
                     groups.setdefault(group, fields)
             else:
                 groups[str(name)] = fields
-        out: list[PlatformIdentity] = []
+        # Task roles in use count as their NHI's use; those whose group is gone stand alone.
+        group_of = {fields.get("nhi-id"): group for group, fields in groups.items()}
+        in_use = {group_of.get(f.get("nhi-id")) for n, f in tasks.items() if n in active}
+        out: list[PlatformIdentity] = [
+            _task_role(name, fields, target, now if name in active else None)
+            for name, fields in sorted(tasks.items())
+            if fields.get("nhi-id") not in group_of
+        ]
         for group, fields in sorted(groups.items()):
-            try:
-                created = datetime.fromisoformat(fields.get("created-at", ""))
-            except ValueError:
-                created = datetime.fromtimestamp(0, UTC)  # unknown age: old enough to act on
+            created = _created_at(fields)
             secret_arn = None
             if group not in known:
                 pace()
@@ -122,7 +166,7 @@ class PostgresDiscovery:
                     managed=True,
                     nhi_id=fields["nhi-id"],
                     secret_arn=secret_arn,
-                    last_used_at=now if logins & active else None,
+                    last_used_at=now if logins & active or group in in_use else None,
                     target=target,
                     drift=drifts.get(group),
                 )

@@ -5,8 +5,10 @@ line to `build_providers`, and add the platform and its kinds to models/enums.py
 from __future__ import annotations
 
 from activities.providers.aws import AwsProvider
-from activities.providers.base import Provider
+from activities.providers.aws_task import AwsTaskProvider
+from activities.providers.base import Provider, TaskCredentialProvider
 from activities.providers.postgres import PostgresProvider
+from activities.providers.postgres_task import PostgresTaskProvider
 from models.enums import Platform
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
@@ -24,6 +26,14 @@ def build_providers(
         Platform.AWS: AwsProvider(aws, settings.iam_path),
         Platform.POSTGRES: PostgresProvider(targets, aws.secrets, name_prefix=settings.name_prefix),
     }
+
+
+def build_task_providers(
+    aws: AwsClients, targets: TargetResolver
+) -> dict[Platform, TaskCredentialProvider]:
+    """One task-credential issuer per platform (the API process builds them: issuance runs
+    there, off the workflow path)."""
+    return {Platform.AWS: AwsTaskProvider(aws), Platform.POSTGRES: PostgresTaskProvider(targets)}
 
 
 def name_prefix(platform: Platform, prefix: str) -> str:

@@ -15,8 +15,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from temporalio.common import WorkflowIDReusePolicy
-from temporalio.service import RPCError
+from temporalio.client import Client
+from temporalio.common import TypedSearchAttributes, WorkflowIDReusePolicy
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import (
     AppState,
@@ -34,7 +35,7 @@ from api.routes.lifecycle import (
     temporal_deadline,
 )
 from models.contracts import ApprovalDecision, ProvisionInput
-from models.enums import NhiStatus
+from models.enums import NhiKind, NhiStatus, Platform
 from models.orm import Nhi
 from models.schemas import (
     AuditOut,
@@ -46,6 +47,7 @@ from models.schemas import (
     Offset,
     RequiredReason,
 )
+from nhi.rules import search_attributes as sa
 from nhi.rules.ids import decide_update_id, provision_workflow_id
 from nhi.services import nhis
 from nhi.services.auth import Principal, authorize_decision, require_visible_nhi
@@ -134,16 +136,17 @@ async def start_provisioning(
             status=NhiStatus(nhi.status),
             expires_at=nhi.expires_at,
         )
+        tags = await run_in_threadpool(_search_attributes, nhi)
         budget = max(PROVISION_START_BUDGET - (time.monotonic() - began), 0.5)
         try:
             async with temporal_deadline(budget, "starting provisioning"):
-                await client.start_workflow(
-                    ProvisionNhiWorkflow.run,
+                await _start(
+                    client,
                     make_input(nhi.id, bool(sensitive)),
-                    id=workflow_id,
-                    task_queue=state.settings.temporal_task_queue,
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                    rpc_timeout=timedelta(seconds=budget),
+                    workflow_id,
+                    state.settings.temporal_task_queue,
+                    timedelta(seconds=budget),
+                    tags,
                 )
         except Exception as err:
             log.warning("provisioning of nhi %s could not start: %s", nhi.id, err)
@@ -166,6 +169,50 @@ async def start_provisioning(
         return accepted
     finally:
         await run_in_threadpool(session.close)
+
+
+def _search_attributes(nhi: Nhi) -> TypedSearchAttributes:
+    agent = nhi.agent
+    return sa.nhi_attributes(
+        nhi_id=nhi.id,
+        agent_id=agent.id,
+        owner=agent.owner_email,
+        team=agent.team,
+        platform=Platform(nhi.platform),
+        kind=NhiKind(nhi.kind),
+        status=NhiStatus(nhi.status),
+        expires_at=nhi.expires_at,
+    )
+
+
+async def _start(
+    client: Client,
+    inp: ProvisionInput,
+    workflow_id: str,
+    task_queue: str,
+    rpc_timeout: timedelta,
+    tags: TypedSearchAttributes,
+) -> None:
+    """Start provisioning tagged with the NHI's search attributes; on a namespace that lacks
+    them (`nhi temporal setup` not run) untagged, so provisioning never depends on them."""
+    for attributes in (tags, None):
+        try:
+            await client.start_workflow(
+                ProvisionNhiWorkflow.run,
+                inp,
+                id=workflow_id,
+                task_queue=task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                rpc_timeout=rpc_timeout,
+                search_attributes=attributes,
+            )
+            return
+        except RPCError as err:
+            if attributes is None or not (
+                err.status is RPCStatusCode.INVALID_ARGUMENT and sa.unregistered(err.message)
+            ):
+                raise
+            log.warning("starting %s untagged (run `nhi temporal setup`): %s", workflow_id, err)
 
 
 async def _decide(

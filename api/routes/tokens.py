@@ -27,6 +27,9 @@ class TokenCreate(Body):
         default=None, max_length=50, description="Teams a platform token acts for."
     )
     email: Email | None = Field(default=None, description="The person, for owner rights.")
+    agent_id: uuid.UUID | None = Field(
+        default=None, description="The one agent an `agent` token acts as (required for it)."
+    )
 
 
 class TokenOut(BaseModel):
@@ -39,6 +42,7 @@ class TokenOut(BaseModel):
     role: Role
     teams: list[str] | None
     email: str | None
+    agent_id: uuid.UUID | None = None
     created_by: str
     created_at: datetime
     expires_at: datetime
@@ -84,6 +88,7 @@ def create_token(body: TokenCreate, session: SessionDep, p: CurrentPrincipal) ->
         created_by=p.actor,
         teams=body.teams,
         email=body.email,
+        agent_id=body.agent_id,
     )
     return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=plaintext)
 

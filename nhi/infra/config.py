@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.schemas import SslMode, TargetName
+from nhi.infra.codec import parse_keys
 from nhi.rules.targets import parse_dsn, password_ref, prefixes_overlap, secret_name, under_prefix
 
 
@@ -72,6 +73,39 @@ class Settings(BaseSettings):
         default=None, description="API key for Temporal Cloud; enables TLS when set."
     )
     temporal_tls: bool = Field(default=False, description="Connect to Temporal over TLS.")
+    # --- settings: codec (payload encryption, mTLS) ---
+    temporal_tls_cert: Path | None = Field(
+        default=None,
+        description="Path of the client certificate (PEM) for mTLS to Temporal (Temporal Cloud "
+        "or a cluster requiring client certificates); needs `NHI_TEMPORAL_TLS_KEY`.",
+    )
+    temporal_tls_key: Path | None = Field(
+        default=None,
+        description="Path of the client certificate's private key (PEM); read at connect, "
+        "never logged.",
+    )
+    temporal_tls_ca: Path | None = Field(
+        default=None,
+        description="Path of the CA bundle (PEM) that signed Temporal's server certificate. "
+        "Unset: the system roots (right for Temporal Cloud).",
+    )
+    temporal_tls_server_name: str | None = Field(
+        default=None,
+        description="Server name to verify Temporal's certificate against, when it differs "
+        "from the host of `NHI_TEMPORAL_ADDRESS`.",
+    )
+    payload_keys: SecretStr | None = Field(
+        default=None,
+        description="Payload encryption keys, `kid:base64key[,kid:base64key...]` (32-byte "
+        "AES-256 keys, e.g. `openssl rand -base64 32`): the first encrypts, all decrypt. "
+        "Unset: payloads are stored in clear (`make dev`).",
+    )
+    codec_cors_origin: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/\s]+$",
+        description="Origin of the Temporal Web UI allowed to call `/codec/encode` and "
+        "`/codec/decode` from the browser (e.g. `https://cloud.temporal.io`). Unset: no CORS.",
+    )
     aws_region: str = Field(
         default="us-east-1", description="AWS region for IAM, STS and Secrets Manager."
     )
@@ -90,6 +124,13 @@ class Settings(BaseSettings):
         default="/nhi-lifecycle/",
         pattern=r"^/([A-Za-z0-9+=,.@_-]+/)*$",
         description="IAM path for every user and role this service creates (sweeps list by it).",
+    )
+    task_credential_principal: str | None = Field(
+        default=None,
+        max_length=600,
+        pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:(role|user)/[A-Za-z0-9_+=,.@/-]+$",
+        description="IAM role or user ARN the API process issues AWS task credentials as; "
+        "provisioning adds it to an iam_role's trust where the policy allows task credentials.",
     )
     name_prefix: str = Field(
         default="nhi",
@@ -178,6 +219,11 @@ class Settings(BaseSettings):
         "registered Postgres target may point at. Empty: no target can be registered "
         "through the API.",
     )
+    identity_reuse_check: bool = Field(
+        default=True,
+        description="Refuse a request that would share a trust principal between agents, or a "
+        "Postgres target between environments (OWASP NHI9 reuse, NHI8 environment isolation).",
+    )
     dev_mode: bool = Field(
         default=False,
         description="Set by `nhi dev`: relaxes production-only checks (targets may use an "
@@ -191,6 +237,13 @@ class Settings(BaseSettings):
     )
     sweep_interval_seconds: int = Field(
         default=86400, ge=300, description="How often the scheduled sweep of each provider runs."
+    )
+    task_reaper_interval_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="How often the task reaper (Temporal Schedule `nhi-task-reaper`) drops "
+        "expired Postgres task roles and ends expired task credentials.",
     )
     sweep_calls_per_second: float = Field(
         default=10.0, gt=0, le=1000, description="Pace of a sweep's calls per provider account."
@@ -271,6 +324,17 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of the worker, the API and `nhi dev`."
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`text`: one readable line per record; `json`: one JSON object per line "
+        "(time, level, logger, message, trace, workflow and NHI ids where known).",
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="OTLP/HTTP collector (e.g. `http://otel-collector:4318`; spans go to "
+        "`/v1/traces` under it). Unset: no tracing at all.",
+    )
     data_dir: Path = Field(
         default=Path(".nhi"),
         description="Where `nhi dev` keeps the embedded Postgres, Temporal's database and logs.",
@@ -293,6 +357,23 @@ class Settings(BaseSettings):
             if value.startswith(plain):
                 return "postgresql+psycopg://" + value[len(plain) :]
         return value
+
+    @field_validator("payload_keys")
+    @classmethod
+    def _payload_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        # A bad key ring stops every entry point at start, naming the entry, never the key.
+        if value is not None:
+            parse_keys(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _client_cert_and_key_together(self) -> Settings:
+        if (self.temporal_tls_cert is None) != (self.temporal_tls_key is None):
+            raise ValueError(
+                "temporal_tls_cert: NHI_TEMPORAL_TLS_CERT and NHI_TEMPORAL_TLS_KEY go together "
+                "(mTLS needs both the certificate and its key)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _target_passwords_never_delivered_secrets(self) -> Settings:

@@ -1,11 +1,21 @@
-"""Logging set-up shared by the worker, the API and `nhi dev`."""
+"""Logging set-up shared by the worker, the API and `nhi dev`.
+
+Two formats (`NHI_LOG_FORMAT`): `text`, one readable line per record, and `json`, one JSON
+object per line with `time`, `level`, `logger`, `message` and, where known, `trace_id` and
+`span_id` (the current OpenTelemetry span), `workflow_id`, `activity_type` and `nhi_id` (from
+the Temporal activity or workflow the record was logged in). `ContextFilter` finds those on every
+record, whichever logger made it.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
+from opentelemetry import trace
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -98,12 +108,119 @@ def install_activity_log_filter() -> None:
         logger.addFilter(RetriedAttemptFilter())
 
 
-def configure(level: str) -> None:
-    """Plain timestamped records on stderr at `level`, with the noisy libraries held back and
-    retried activity attempts logged as one line (`RetriedAttemptFilter`)."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+# ---- context on every record: trace, workflow, NHI ----------------------------------------------
+# The workflow ids that name an NHI (nhi/rules/ids.py): its lifecycle `nhi-<id>` and its
+# provisioning `nhi-provision-<id>`.
+_NHI_WORKFLOW = re.compile(
+    r"^nhi-(?:provision-)?([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
+)
+# Temporal's activity and workflow loggers put their details in these `extra` keys.
+_TEMPORAL_EXTRAS = ("temporal_activity", "temporal_workflow")
+CONTEXT_FIELDS = ("trace_id", "span_id", "workflow_id", "activity_type", "nhi_id")
+
+
+def nhi_id_of(workflow_id: str | None) -> str | None:
+    """The NHI a workflow id names, if it names one."""
+    match = _NHI_WORKFLOW.match(workflow_id or "")
+    return match.group(1) if match else None
+
+
+def _temporal_details(record: logging.LogRecord) -> dict[str, Any]:
+    for key in _TEMPORAL_EXTRAS:
+        details = getattr(record, key, None)
+        if isinstance(details, dict):
+            return details
+    info = _current_info()  # our own loggers, called from inside an activity
+    if info is None:
+        return {}
+    return {"workflow_id": info.workflow_id, "activity_type": info.activity_type}
+
+
+class ContextFilter(logging.Filter):
+    """Sets `trace_id`, `span_id`, `workflow_id`, `activity_type` and `nhi_id` on each record
+    (None where unknown; a value the caller passed in `extra` wins). On the handler, so it sees
+    the records of every logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            _default(record, "trace_id", format(span.trace_id, "032x"))
+            _default(record, "span_id", format(span.span_id, "016x"))
+        details = _temporal_details(record)
+        _default(record, "workflow_id", details.get("workflow_id"))
+        _default(record, "activity_type", details.get("activity_type"))
+        _default(record, "nhi_id", nhi_id_of(getattr(record, "workflow_id", None)))
+        for name in CONTEXT_FIELDS:
+            _default(record, name, None)
+        return True
+
+
+def _default(record: logging.LogRecord, name: str, value: str | None) -> None:
+    if getattr(record, name, None) is None:
+        setattr(record, name, value)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """The readable line, with ` trace_id=<id>` appended when the record was logged in a span
+    (to find the trace of a log line)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message part only: a traceback, if any, follows it.
+        line = super().formatMessage(record)
+        trace_id = getattr(record, "trace_id", None)
+        return f"{line} trace_id={trace_id}" if trace_id else line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; context fields only when known; a traceback as one string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                out[name] = str(value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+LogFormat = Literal["text", "json"]
+# uvicorn gives its loggers their own handlers; in JSON mode they go through ours instead, so
+# every line of the API's output is one JSON object.
+_OWN_HANDLERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def handler(fmt: LogFormat) -> logging.Handler:
+    """A stderr handler in `fmt`, with the context filter."""
+    out = logging.StreamHandler()
+    out.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    out.addFilter(ContextFilter())
+    return out
+
+
+def configure(level: str, fmt: LogFormat = "text") -> None:
+    """Records on stderr at `level` in `fmt` (`text` or `json`), with the noisy libraries held
+    back and retried activity attempts logged as one line (`RetriedAttemptFilter`)."""
+    logging.basicConfig(level=level, handlers=[handler(fmt)], force=True)
     for name in _QUIET:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
+    if fmt == "json":
+        for name in _OWN_HANDLERS:
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
     install_activity_log_filter()

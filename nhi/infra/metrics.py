@@ -49,10 +49,12 @@ from temporalio.worker import (
 )
 
 from models.contracts import FindingKind
+from models.enums import Platform
 
 log = logging.getLogger("nhi.infra.metrics")
 
 FINDING_KINDS = frozenset(k.value for k in FindingKind)
+PLATFORMS = frozenset(p.value for p in Platform)
 
 # Statuses in which the credential still works: an NHI in one of them past its expiry is
 # overdue (its lifecycle missed the deadline). Quarantined and later ones are already unusable.
@@ -145,10 +147,61 @@ class HttpMetrics:
 
 
 # ---- API: the inventory -----------------------------------------------------------------------
-# One pass over the inventory: counts by (platform, kind, environment, status) with the
-# overdue and expiring counts as filtered aggregates of the same scan. now() is the
-# database's clock, the one expires_at was compared with everywhere else.
-INVENTORY_SQL = text(
+# NHIs by (platform, kind, environment, status) come from `nhi_counts` (migration 0009), signed
+# deltas that triggers on `nhis` append: a count is the sum of its combination's rows, so the
+# gauges cost a scan of a few hundred rows whatever the inventory's size.
+COUNTS_SQL = text(
+    """
+    SELECT platform, kind, environment, status, sum(n) AS total
+    FROM nhi_counts
+    GROUP BY platform, kind, environment, status
+    HAVING sum(n) <> 0
+    """
+)
+
+# Fold the deltas appended since the last refresh into one row per combination, so the table
+# stays as small as the number of combinations. One refresher at a time (several API replicas
+# each refresh): the others skip the fold rather than wait for it. Correct even without the
+# lock: a delta is deleted by exactly one fold, which re-inserts its sum in the same statement.
+FOLD_LOCK = 0x6E68_6963  # "nhic": the advisory lock key of the fold
+FOLD_SQL = text(
+    """
+    WITH gone AS (DELETE FROM nhi_counts RETURNING platform, kind, environment, status, n)
+    INSERT INTO nhi_counts (platform, kind, environment, status, n)
+    SELECT platform, kind, environment, status, sum(n) FROM gone
+    GROUP BY platform, kind, environment, status
+    HAVING sum(n) <> 0
+    """
+)
+
+# Usable NHIs due within 7 days (overdue ones included): an index-only range scan of
+# ix_nhis_usable_expires_at (its predicate is this WHERE's status list, verbatim), grouped by
+# agent before the join so the join sees one row per agent, not per NHI. now() is the
+# database's clock, the one expires_at is compared with everywhere else.
+EXPIRY_SQL = text(
+    """
+    SELECT x.platform, x.kind, a.environment,
+           sum(x.overdue) AS overdue, sum(x.within_24h) AS within_24h,
+           sum(x.within_7d) AS within_7d
+    FROM (
+        SELECT platform, kind, agent_id,
+               count(*) FILTER (WHERE expires_at <= now()) AS overdue,
+               count(*) FILTER (WHERE expires_at > now()
+                                AND expires_at <= now() + interval '24 hours') AS within_24h,
+               count(*) FILTER (WHERE expires_at > now()) AS within_7d
+        FROM nhis
+        WHERE status IN ('active', 'rotating', 'expiring')
+          AND expires_at <= now() + interval '7 days'
+        GROUP BY platform, kind, agent_id
+    ) x JOIN agents a ON a.id = x.agent_id
+    GROUP BY x.platform, x.kind, a.environment
+    """
+)
+
+# What the gauges were computed with before migration 0009: one pass over every NHI joined to
+# its agent (0.7-1.1 s at 1,000,000 NHIs). Kept for bench/metrics_scrape.py, which times both
+# in the same run, and for the test that checks the counts against it.
+DIRECT_INVENTORY_SQL = text(
     """
     SELECT n.platform, n.kind, a.environment, n.status,
            count(*) AS total,
@@ -328,11 +381,13 @@ class InventoryMetrics:
         self._series = _Series()
 
     def refresh(self, session: Session) -> InventorySnapshot:
-        """Recompute every gauge from the inventory (one transaction, read only)."""
+        """Recompute every gauge from the inventory (one transaction; it writes only the fold
+        of `nhi_counts`)."""
         started = time.perf_counter()
         snap = InventorySnapshot()
         # A refresh that cannot finish must not hold a connection for long: the next one retries.
         session.execute(text("SET LOCAL statement_timeout = '10s'"))
+        serial_plans(session)
         self._inventory(session, snap)
         self._scalars(session)
         snap.new_events = self._events(session)
@@ -343,18 +398,19 @@ class InventoryMetrics:
         return snap
 
     def _inventory(self, session: Session, snap: InventorySnapshot) -> None:
-        rows = session.execute(INVENTORY_SQL).all()
-        overdue: dict[tuple[str, str, str], int] = {}
+        fold_counts(session)
+        snap.nhis.update(read_counts(session))
+        # Every combination present gets its overdue and expiring series, zero included.
+        overdue: dict[tuple[str, str, str], int] = {k[:3]: 0 for k in snap.nhis}
         within: dict[tuple[str, str, str, str], int] = {}
-        pending = 0
-        for platform, kind, env, status, total, late, day, week in rows:
-            snap.nhis[(platform, kind, env, status)] = int(total)
+        for key in overdue:
+            within[(*key, "24h")] = within[(*key, "7d")] = 0
+        for platform, kind, env, late, day, week in session.execute(EXPIRY_SQL).all():
             key = (platform, kind, env)
             overdue[key] = overdue.get(key, 0) + int(late)
             within[(*key, "24h")] = within.get((*key, "24h"), 0) + int(day)
             within[(*key, "7d")] = within.get((*key, "7d"), 0) + int(week)
-            if status == "pending_approval":
-                pending += int(total)
+        pending = sum(n for k, n in snap.nhis.items() if k[3] == "pending_approval")
         # A combination that emptied disappears instead of keeping a stale count.
         self._series.replace(self.nhis, snap.nhis.items())
         self._series.replace(self.overdue, overdue.items())
@@ -397,6 +453,32 @@ class InventoryMetrics:
         """Record how many workers poll each task type (from DescribeTaskQueue)."""
         for kind, count in counts.items():
             self.pollers.labels(kind).set(count)
+
+
+def serial_plans(session: Session) -> None:
+    """No parallel workers for the rest of the transaction: the gauges' queries read a few
+    thousand index entries, and starting workers cost more than that (measured at 1,000,000
+    NHIs: ~15 ms of a 25 ms expiry query was Gather start-up; bench/metrics_scrape.py)."""
+    session.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
+
+
+def fold_counts(session: Session) -> bool:
+    """Fold `nhi_counts`' deltas into one row per combination, unless another session is
+    folding right now (then its fold serves both). Whether this session folded."""
+    locked = session.execute(
+        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": FOLD_LOCK}
+    ).scalar_one()
+    if locked:
+        session.execute(FOLD_SQL)
+    return bool(locked)
+
+
+def read_counts(session: Session) -> dict[tuple[str, str, str, str], int]:
+    """NHIs by (platform, kind, environment, status), from `nhi_counts`."""
+    return {
+        (platform, kind, env, status): int(total)
+        for platform, kind, env, status, total in session.execute(COUNTS_SQL).all()
+    }
 
 
 def _finding_counts(summary: Any) -> Iterable[tuple[str, int]]:
@@ -476,6 +558,13 @@ class ActivityMetrics:
             ["kind"],
             registry=registry,
         )
+        self.task_reaped = Counter(
+            "nhi_task_credentials_reaped",
+            "Task credentials the reaper handled, by platform and outcome (ended; reap_failed: "
+            "its login role could not be dropped this run, counted again each run it stays).",
+            ["platform", "outcome"],
+            registry=registry,
+        )
 
     def record(
         self, activity_type: str, args: list[Any], result: Any, err: BaseException | None
@@ -497,6 +586,12 @@ class ActivityMetrics:
             for kind, count in _finding_counts(summary):
                 if count:
                     self.sweep_findings.labels(kind).inc(count)
+        elif activity_type == "reap_task_credentials":
+            for outcome in ("ended", "reap_failed"):
+                counts = getattr(result, outcome, None)
+                for platform, count in counts.items() if isinstance(counts, dict) else []:
+                    if platform in PLATFORMS and isinstance(count, int) and count:
+                        self.task_reaped.labels(platform, outcome).inc(count)
 
 
 class MetricsInterceptor(Interceptor):

@@ -31,6 +31,10 @@ class PlatformIdentity:
     # How the platform's permissions differ from the granted scope, as the provider judged it
     # (only for identities the inventory holds active); None when they match.
     drift: str | None = None
+    # A task credential's login role standing alone (its NHI's group is gone from the
+    # platform): `nhi_id` is its parent NHI, and the role is an orphan only once that parent
+    # is no longer alive.
+    task: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,17 @@ def classify(
 ) -> list[Finding]:
     """Every finding, most urgent first (orphans and expired credentials before reports)."""
     by_name = {i.name: i for i in inventory}
+    by_id = {str(i.nhi_id): i for i in inventory}
     on_platform = {p.name for p in platform}
     findings: list[Finding] = []
     for identity in platform:
         item = by_name.get(identity.name)
         young = now - identity.created_at < rules.propagation
+        if identity.task and identity.managed:
+            parent = by_id.get(identity.nhi_id or "")
+            if not young and (parent is None or parent.status not in ALIVE):
+                findings.append(_task_orphan(identity, parent))
+            continue
         if not identity.managed:
             if item is None:
                 findings.append(
@@ -159,6 +169,21 @@ def classify(
     return [
         f for f in sorted(findings, key=lambda f: order.index(f.kind)) if f.kind in rules.checks
     ]
+
+
+def _task_orphan(identity: PlatformIdentity, parent: InventoryItem | None) -> Finding:
+    """A task credential's login role outliving its parent NHI: removed as any orphan is.
+    (While the parent lives, its lifecycle, containment and the reaper answer for it.)"""
+    state = f"is {parent.status}" if parent is not None else "is not alive in the inventory"
+    return Finding(
+        kind=FindingKind.ORPHAN,
+        identity=identity.name,
+        identity_kind=identity.kind,
+        nhi_id=uuid.UUID(identity.nhi_id) if identity.nhi_id else None,
+        detail=f"task credential role of NHI {identity.nhi_id}, which {state}",
+        action="quarantine now, delete after the grace period",
+        target=identity.target,
+    )
 
 
 def _about(item: InventoryItem, kind: FindingKind, detail: str, action: str) -> Finding:

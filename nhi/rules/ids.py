@@ -49,6 +49,11 @@ def manual_sweep_workflow_id(provider: str, sweep_id: uuid.UUID) -> str:
     return f"{sweep_workflow_id(provider)}-manual-{sweep_id}"
 
 
+def task_reaper_workflow_id() -> str:
+    """The scheduled task reaper (the Schedule appends each fire time to it)."""
+    return "nhi-task-reaper"
+
+
 def orphan_workflow_id(kind: str, name: str, target: str | None = None) -> str:
     """One removal per orphaned identity, however many sweeps find it."""
     where = f"{target}-" if target else ""
@@ -61,6 +66,11 @@ def orphan_workflow_id(kind: str, name: str, target: str | None = None) -> str:
 def sweep_schedule_id(provider: str) -> str:
     """The Temporal Schedule that starts a provider's sweeps (same text as their workflow id)."""
     return f"nhi-sweep-{provider}"
+
+
+def task_reaper_schedule_id() -> str:
+    """The Temporal Schedule that starts the task reaper (same text as its workflow id)."""
+    return "nhi-task-reaper"
 
 
 # --- update ids ---

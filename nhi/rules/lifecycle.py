@@ -60,8 +60,9 @@ class Rotate:
 
 @dataclass(frozen=True)
 class RetireOldKey:
-    """Deactivate (then, one overlap later, delete) the key a rotation replaced."""
+    """Deactivate (then, one overlap later, delete) `key_id`, a key a rotation replaced."""
 
+    key_id: str
     deactivate: bool
 
 
@@ -156,15 +157,12 @@ def next_action(
                 reason=f"expired at {state.expires_at.strftime(ISO)} without renewal",
             )
         )
-    retiring = state.retiring
-    if retiring is not None:
-        if not retiring.deactivated and now >= retiring.deactivate_at:
-            return RetireOldKey(deactivate=True)
-        if retiring.deactivated and now >= retiring.delete_at:
-            return RetireOldKey(deactivate=False)
-    # A scheduled rotation waits until the previous one's old key is gone; a request does not.
+    for retiring in state.retiring:  # oldest first
+        if now >= retiring.due_at:
+            return RetireOldKey(retiring.key_id, deactivate=not retiring.deactivated)
+    # A scheduled rotation waits until the previous ones' old keys are gone; a request does not.
     rotation_due = state.next_rotation_at is not None and now >= state.next_rotation_at
-    if state.pending_rotate is not None or (rotation_due and retiring is None):
+    if state.pending_rotate is not None or (rotation_due and not state.retiring):
         return Rotate(state.pending_rotate)
     offset = due_reminder(state, config, now)
     if offset is not None:
@@ -189,10 +187,8 @@ def reminder_at(state: LifecycleState, offset: int) -> datetime:
 def next_deadline(state: LifecycleState, config: LifecycleConfig) -> datetime:
     """When something next becomes due in an active lifecycle with nothing due now."""
     deadlines = [state.expires_at]
-    retiring = state.retiring
-    if retiring is not None:
-        deadlines.append(retiring.delete_at if retiring.deactivated else retiring.deactivate_at)
-    elif state.next_rotation_at is not None:
+    deadlines += [retiring.due_at for retiring in state.retiring]
+    if not state.retiring and state.next_rotation_at is not None:
         # While an old key retires the rotation waits for it (see `next_action`), so its past
         # moment is no deadline: counting it would wake the run in a loop with nothing to do.
         deadlines.append(state.next_rotation_at)
@@ -402,13 +398,23 @@ def after_rotation(
     *,
     old_key_id: str | None,
     new_key_id: str,
+    keep_retiring: bool = True,
 ) -> LifecycleState:
-    """A new key is promoted: the old one retires over two overlaps; the period restarts."""
-    retiring = None
+    """A new key is promoted: the old one retires over two overlaps; the period restarts.
+
+    Keys already retiring keep retiring (`keep_retiring`; runs recorded before it dropped
+    them), except the new key itself: a platform with two alternating credentials (Postgres
+    logins) re-keys the one still retiring, and that one must not be retired now it is current.
+    """
+    retiring = [r for r in state.retiring if r.key_id not in (new_key_id, old_key_id)]
+    if not keep_retiring:
+        retiring = []
     if old_key_id and old_key_id != new_key_id:
         overlap = timedelta(seconds=config.rotation_overlap_seconds)
-        retiring = RetireKey(
-            key_id=old_key_id, deactivate_at=started + overlap, delete_at=started + 2 * overlap
+        retiring.append(
+            RetireKey(
+                key_id=old_key_id, deactivate_at=started + overlap, delete_at=started + 2 * overlap
+            )
         )
     period = config.rotation_period_seconds
     return state.model_copy(
@@ -430,12 +436,15 @@ def after_rotation_not_applicable(state: LifecycleState) -> LifecycleState:
     return state.model_copy(update={"next_rotation_at": None, "pending_rotate": None})
 
 
-def after_retire(state: LifecycleState, *, deactivate: bool) -> LifecycleState:
-    """The old key was deactivated (it is deleted one overlap later), or deleted."""
-    retiring = state.retiring
-    if retiring is None or not deactivate:
-        return state.model_copy(update={"retiring": None})
-    return state.model_copy(update={"retiring": retiring.model_copy(update={"deactivated": True})})
+def after_retire(state: LifecycleState, key_id: str, *, deactivate: bool) -> LifecycleState:
+    """The old key `key_id` was deactivated (it is deleted one overlap later), or deleted."""
+    retiring: list[RetireKey] = []
+    for r in state.retiring:
+        if r.key_id != key_id:
+            retiring.append(r)
+        elif deactivate:
+            retiring.append(r.model_copy(update={"deactivated": True}))
+    return state.model_copy(update={"retiring": retiring})
 
 
 def after_quarantine(state: LifecycleState, now: datetime, reason: str) -> LifecycleState:

@@ -229,16 +229,28 @@ def role_names(group: str) -> tuple[str, str]:
 
 
 def managed_comment(
-    *, nhi_id: uuid.UUID | str, agent_id: uuid.UUID | str, part: str, created_at: datetime
+    *,
+    nhi_id: uuid.UUID | str,
+    agent_id: uuid.UUID | str,
+    part: str,
+    created_at: datetime,
+    task_credential_id: uuid.UUID | str | None = None,
 ) -> str:
     """The role COMMENT marking a role as ours. Postgres keeps no role creation time, so the
-    comment carries it for sweeps (their propagation grace needs it)."""
-    if part not in ("group", "login"):
-        raise ValueError(f"part must be 'group' or 'login', not {part!r}")
-    return (
+    comment carries it for sweeps (their propagation grace needs it). A task credential's
+    login (`part="task"`) also names its credential, so sweeps and the reaper tie it to its
+    row and to its parent NHI."""
+    if part not in ("group", "login", "task"):
+        raise ValueError(f"part must be 'group', 'login' or 'task', not {part!r}")
+    if (part == "task") != (task_credential_id is not None):
+        raise ValueError("task_credential_id is required for part='task' and only for it")
+    text = (
         f"managed-by={MANAGED_BY};nhi-id={uuid.UUID(str(nhi_id))};"
         f"agent-id={uuid.UUID(str(agent_id))};part={part};created-at={created_at.isoformat()}"
     )
+    if task_credential_id is not None:
+        text += f";task-credential-id={uuid.UUID(str(task_credential_id))}"
+    return text
 
 
 def parse_comment(text: str | None) -> dict[str, str] | None:

@@ -286,12 +286,21 @@ def policy_size(document: dict[str, Any]) -> int:
     return len(json.dumps(document, separators=(",", ":")))
 
 
-def trust_policy_document(principal: str) -> dict[str, Any]:
-    """Who may assume an agent's role: its runtime principal only."""
+def trust_policy_document(principal: str, task_principal: str | None = None) -> dict[str, Any]:
+    """Who may assume an agent's role: its runtime principal only; and, where the policy
+    allows task credentials, the principal the API issues them as, with the rights to tag the
+    session and set its source identity (AWS requires both for what it issues)."""
     key = "Service" if _SERVICE_PRINCIPAL_RE.fullmatch(principal) else "AWS"
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {"Effect": "Allow", "Principal": {key: principal}, "Action": "sts:AssumeRole"}
-        ],
-    }
+    statements: list[dict[str, Any]] = [
+        {"Effect": "Allow", "Principal": {key: principal}, "Action": "sts:AssumeRole"}
+    ]
+    if task_principal:
+        statements.append(
+            {
+                "Sid": "TaskCredentials",
+                "Effect": "Allow",
+                "Principal": {"AWS": task_principal},
+                "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"],
+            }
+        )
+    return {"Version": "2012-10-17", "Statement": statements}

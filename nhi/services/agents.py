@@ -37,8 +37,8 @@ def create_agent(session: Session, body: AgentCreate, actor: str) -> Agent:
         raise RuleViolation("backup_owner_email", "must be a different person from the owner")
     agent = Agent(
         name=body.name,
-        category=body.category.value,
-        environment=body.environment.value,
+        category=body.category,
+        environment=body.environment,
         owner_email=body.owner_email,
         owner_slack_id=body.owner_slack_id,
         backup_owner_email=body.backup_owner_email,
@@ -46,7 +46,7 @@ def create_agent(session: Session, body: AgentCreate, actor: str) -> Agent:
         purpose=body.purpose,
         expected_end_at=body.expected_end_at,
         invokers=list(body.invokers),
-        status=AgentStatus.ACTIVE.value,
+        status=AgentStatus.ACTIVE,
         created_by=actor,
     )
     session.add(agent)

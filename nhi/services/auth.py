@@ -12,6 +12,7 @@ probed; 403 is kept for what a caller can see but not do.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,6 +56,8 @@ class Principal:
     # The teams a platform caller acts for; empty acts for no team, never for all.
     teams: frozenset[str] = frozenset()
     email: str | None = None
+    # The one agent an `agent` token acts as (None for every other principal).
+    agent_id: uuid.UUID | None = None
 
     @property
     def actor(self) -> str:
@@ -77,7 +80,8 @@ class Principal:
     def owns(self, agent: Agent) -> bool:
         """Owner rights: the agent's owner or backup owner, by email. Never through an
         auditor's credential, which reads and changes nothing."""
-        if self.has(Role.AUDITOR):
+        if self.has(Role.AUDITOR, Role.AGENT):
+            # An agent token acts as its agent, never as a person, whatever email it carries.
             return False
         return is_owner(self.email, agent.owner_email, agent.backup_owner_email)
 
@@ -172,6 +176,7 @@ def principal_from_token(session: Session, token: str) -> Principal:
         # A token issued before teams were required (teams NULL) acts for no team.
         teams=frozenset(row.teams or ()),
         email=row.email,
+        agent_id=row.agent_id,
     )
 
 
@@ -229,7 +234,8 @@ class OidcVerifier:
         roles = frozenset(
             Role(r)
             for r in _strings(claims.get(s.oidc_roles_claim))
-            if r in Role._value2member_map_
+            # `agent` needs a binding to one agent, which only an agent token carries.
+            if r in Role._value2member_map_ and r != Role.AGENT
         )
         teams = frozenset(_strings(claims.get(s.oidc_teams_claim)))
         email = claims.get(s.oidc_email_claim)

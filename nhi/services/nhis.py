@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiKind, NhiStatus
@@ -27,10 +27,11 @@ from nhi.rules.policy import (
     identity_policy_document,
     parse_ttl,
     policy_size,
+    principal_account,
     validate_cidrs,
     validate_trust_principal,
 )
-from nhi.services.agents import get_agent
+from nhi.services.agents import FINAL_STATUSES, get_agent
 from nhi.services.auth import Principal
 from nhi.services.errors import Conflict, NotFound
 from nhi.services.policies import check_scope, find_policy, rules_of
@@ -93,6 +94,8 @@ def request_nhi(
     sensitive = check_scope(body.platform, body.scope, rules)
     cidrs = validate_cidrs(body.allowed_cidrs)
     principal = validate_trust_principal(body.kind, body.trust_principal)
+    if settings.identity_reuse_check:
+        check_identity_reuse(session, agent, principal, body.target)
 
     now = now or datetime.now(UTC)
     expires_at = now + timedelta(seconds=ttl)
@@ -122,13 +125,13 @@ def request_nhi(
     nhi = Nhi(
         id=nhi_id,
         agent_id=agent.id,
-        platform=body.platform.value,
-        kind=body.kind.value,
+        platform=body.platform,
+        kind=body.kind,
         name=name,
         granted_scope=[s.model_dump() for s in body.scope],
         allowed_cidrs=cidrs,
         trust_principal=principal,
-        status=(NhiStatus.PENDING_APPROVAL if sensitive else NhiStatus.REQUESTED).value,
+        status=NhiStatus.PENDING_APPROVAL if sensitive else NhiStatus.REQUESTED,
         status_reason=(
             f"sensitive actions need an approver: {', '.join(sensitive)}" if sensitive else None
         ),
@@ -157,6 +160,53 @@ def request_nhi(
         },
     )
     return nhi, sensitive
+
+
+def check_identity_reuse(
+    session: Session, agent: Agent, principal: str | None, target: str | None
+) -> None:
+    """One identity per agent and environment: a trust principal that another agent's live NHI
+    trusts (OWASP NHI9, reuse; NHI8 when that agent is in another environment), or a Postgres
+    target holding live NHIs of another environment (NHI8), is refused with a Conflict naming
+    the field. An AWS service principal names a service, not an agent's identity: exempt."""
+    live = Nhi.status.not_in(sorted(FINAL_STATUSES))
+    # Two requests racing for one principal or target check one after the other (the lock
+    # lasts until the request's transaction ends).
+    for held in (principal, target):
+        if held:
+            session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"nhi-reuse:{held}"))))
+    if principal and principal_account(principal) is not None:
+        other = session.scalar(
+            select(Agent)
+            .join(Nhi, Nhi.agent_id == Agent.id)
+            .where(live, Nhi.trust_principal == principal, Agent.id != agent.id)
+            .order_by(Agent.environment != agent.environment, Agent.created_at)
+            .limit(1)
+        )
+        if other is not None:
+            rule = (
+                "environments stay isolated (OWASP NHI8)"
+                if other.environment != agent.environment
+                else "one identity per agent (OWASP NHI9, reuse)"
+            )
+            raise Conflict(
+                f"trust_principal: already trusted by agent {other.name} in "
+                f"{other.environment}; {rule}: give this agent a runtime principal of its own",
+                field="trust_principal",
+            )
+    if target:
+        env = session.scalar(
+            select(Agent.environment)
+            .join(Nhi, Nhi.agent_id == Agent.id)
+            .where(live, Nhi.target == target, Agent.environment != agent.environment)
+            .limit(1)
+        )
+        if env is not None:
+            raise Conflict(
+                f"target: {target!r} holds identities of {env} agents, and this agent is in "
+                f"{agent.environment}: environments stay isolated (OWASP NHI8)",
+                field="target",
+            )
 
 
 def check_trust(session: Session, nhi: Nhi, own: str | None) -> None:

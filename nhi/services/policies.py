@@ -84,6 +84,9 @@ def apply_policy(session: Session, body: PolicyIn, actor: str, index: int = 0) -
         raise RuleViolation(
             f"{where}.max_session_duration", "must be between 1h and 12h (IAM's range)"
         )
+    task_ttl = seconds("task_credential_max_ttl", body.task_credential_max_ttl)
+    if not 60 <= task_ttl <= 43200:
+        raise RuleViolation(f"{where}.task_credential_max_ttl", "must be between 60s and 12h")
     offsets = sorted({seconds("reminder_offsets", o) for o in body.reminder_offsets}, reverse=True)
     # Postgres policies name privileges (`TRUNCATE`), AWS policies IAM action patterns.
     validate_entry = (
@@ -114,6 +117,8 @@ def apply_policy(session: Session, body: PolicyIn, actor: str, index: int = 0) -
     # Whom an iam_role may trust (the audit event below records the whole body, these too).
     policy.allowed_trust_accounts = sorted(set(body.allowed_trust_accounts))
     policy.allow_service_principals = body.allow_service_principals
+    policy.allow_task_credentials = body.allow_task_credentials
+    policy.task_credential_max_ttl_seconds = task_ttl
     policy.updated_by = actor
     session.flush()
     note(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.enums import Role
-from models.orm import ApiToken
+from models.orm import Agent, ApiToken
 from nhi.rules.policy import RuleViolation, parse_ttl
 from nhi.services.errors import NotFound
 from nhi.services.transitions import note, transition
@@ -37,6 +38,7 @@ def issue_token(
     created_by: str,
     teams: Iterable[str] | None = None,
     email: str | None = None,
+    agent_id: uuid.UUID | None = None,
     now: datetime | None = None,
 ) -> tuple[ApiToken, str]:
     """Create a token; returns the row and the plaintext, which is never stored or shown again."""
@@ -46,15 +48,22 @@ def issue_token(
     if role is Role.PLATFORM and not teams:
         # A platform token without teams used to act for every team: name them instead.
         raise RuleViolation("teams", "a platform token must name at least one team it acts for")
+    if (role is Role.AGENT) != (agent_id is not None):
+        raise RuleViolation(
+            "agent_id", "an agent token names exactly one agent, and only an agent token does"
+        )
+    if agent_id is not None and session.get(Agent, agent_id) is None:
+        raise RuleViolation("agent_id", f"no agent {agent_id}")
     if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
         raise RuleViolation("name", f"a token named {name!r} already exists")
     plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
     now = now or datetime.now(UTC)
     row = ApiToken(
         name=name,
-        role=role.value,
+        role=role,
         teams=sorted(set(teams)) if teams is not None else None,
         email=email.lower() if email else None,
+        agent_id=agent_id,
         token_hash=hash_token(plaintext),
         created_by=created_by,
         created_at=now,
@@ -69,7 +78,12 @@ def issue_token(
         event="token.created",
         actor=created_by,
         reason=f"{role.value} token {name}",
-        details={"role": role.value, "teams": row.teams, "expires_at": row.expires_at.isoformat()},
+        details={
+            "role": role.value,
+            "teams": row.teams,
+            "agent_id": str(agent_id) if agent_id else None,
+            "expires_at": row.expires_at.isoformat(),
+        },
     )
     return row, plaintext
 

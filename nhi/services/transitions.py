@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from models.orm import Agent, ApiToken, Base, Nhi, Prompt, Sweep
+from models.orm import Agent, ApiToken, Base, Nhi, Prompt, Sweep, TaskCredential
 from nhi.services import audit
 
 # How the audit trail names each kind of subject.
@@ -27,6 +27,7 @@ SUBJECT_TYPES: dict[type[Base], str] = {
     Sweep: "sweep",
     ApiToken: "token",
     Prompt: "prompt",
+    TaskCredential: "task_credential",
 }
 
 

@@ -1,0 +1,166 @@
+"""Task credentials: `POST /v1/nhis/{id}/credentials` issues one, shown once.
+
+Issuance runs here, in the API process, synchronously against the platform (issue 15: off the
+workflow path); see nhi/services/task_credentials.py for the rules and the order of writes.
+The response is the only place the credential ever appears: `Cache-Control: no-store`, and the
+Idempotency-Key middleware keeps only that the key was used (api/idempotency.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Response, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field, StringConstraints
+
+from activities.providers.registry import build_task_providers
+from api.deps import AppState, CurrentPrincipal, State, authenticated
+from api.idempotency import IdempotencyKeyHeader
+from models.enums import PLATFORM_OF, Platform
+from models.schemas import Body, Duration, Scope
+from nhi.infra.aws_clients import make_aws_clients
+from nhi.rules.task_credentials import (
+    TASK_ID_RE,
+    IssuedCredential,
+    TaskGrant,
+    session_tags,
+    source_identity,
+)
+from nhi.services import task_credentials
+from nhi.services.target_registry import TargetRegistry
+
+router = APIRouter(prefix="/v1/nhis", tags=["credentials"], dependencies=[authenticated])
+
+TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_RE.pattern)]
+
+
+class TaskCredentialIn(Body):
+    """A task credential: how long (at most the policy's `task_credential_max_ttl`), for
+    which task, and optionally a narrower scope than the NHI's."""
+
+    ttl: Duration | None = Field(
+        default=None, description="e.g. 15m, 1h or 900 (seconds); default 15m."
+    )
+    task_id: TaskId | None = Field(
+        default=None, description="The agent's task (session tags and the audit trail name it)."
+    )
+    scope: list[Scope] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=20,
+        description="Statements narrowing the NHI's scope (never widening it).",
+    )
+
+
+class PostgresTaskSecret(BaseModel):
+    """A Postgres login for the task (RDS-style, as delivered secrets are)."""
+
+    username: str
+    password: str
+    host: str
+    port: int
+    dbname: str
+    sslmode: str
+    dsn: str = Field(description="Without the password.")
+
+
+class AwsTaskSecret(BaseModel):
+    """STS session credentials, in the shape of a `credential_process` answer."""
+
+    AccessKeyId: str
+    SecretAccessKey: str
+    SessionToken: str
+    Expiration: str
+    AssumedRoleArn: str
+    SourceIdentity: str
+    SessionTags: dict[str, str]
+
+
+class TaskCredentialIssued(BaseModel):
+    """The credential itself, shown this once and never again."""
+
+    id: uuid.UUID
+    nhi_id: uuid.UUID
+    agent_id: uuid.UUID
+    platform: Platform
+    name: str = Field(description="The Postgres login role or the STS session name.")
+    task_id: str | None
+    ttl_seconds: int
+    expires_at: datetime
+    scope: list[dict[str, Any]] | None
+    postgres: PostgresTaskSecret | None = None
+    aws: AwsTaskSecret | None = None
+
+
+def _issuers(state: AppState) -> Callable[[Platform], task_credentials.Issuer]:
+    """The platform issuers, built once per app from the same factories the worker uses."""
+    if state.task_issuers is None:
+        aws = make_aws_clients(state.settings)
+        targets = TargetRegistry(state.sessions, state.settings, aws.secrets)
+        state.task_issuers = build_task_providers(aws, targets)
+    issuers = state.task_issuers
+    return lambda platform: issuers[platform].issue
+
+
+def _answer(grant: TaskGrant, platform: Platform, issued: IssuedCredential) -> TaskCredentialIssued:
+    secret, public = issued.secret, issued.public
+    out = TaskCredentialIssued(
+        id=grant.credential_id,
+        nhi_id=grant.nhi_id,
+        agent_id=grant.agent_id,
+        platform=platform,
+        name=grant.name,
+        task_id=grant.task_id,
+        ttl_seconds=grant.ttl_seconds,
+        expires_at=issued.expires_at,
+        scope=None if grant.scope is None else [s.model_dump() for s in grant.scope],
+    )
+    if platform is Platform.POSTGRES:
+        out.postgres = PostgresTaskSecret.model_validate({**public, **secret})
+    else:
+        out.aws = AwsTaskSecret(
+            AccessKeyId=str(secret["access_key_id"]),
+            SecretAccessKey=str(secret["secret_access_key"]),
+            SessionToken=str(secret["session_token"]),
+            Expiration=str(public["expiration"]),
+            AssumedRoleArn=str(public["assumed_role_arn"]),
+            SourceIdentity=source_identity(grant.agent_id),
+            SessionTags=session_tags(grant),
+        )
+    return out
+
+
+@router.post(
+    "/{nhi_id}/credentials",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskCredentialIssued,
+    responses={
+        502: {"description": "The platform refused or failed; nothing usable was left behind."}
+    },
+)
+async def issue_task_credential(
+    nhi_id: uuid.UUID,
+    body: TaskCredentialIn,
+    state: State,
+    p: CurrentPrincipal,
+    response: Response,
+    _key: IdempotencyKeyHeader = None,
+) -> TaskCredentialIssued:
+    """Issue a short-lived credential from an active NHI for one task of its agent (the
+    agent's own `agent` token, or its owner). The response is the only time it is shown; a
+    retry with the same Idempotency-Key is refused (409), never answered with it again."""
+    request = task_credentials.TaskRequest(ttl=body.ttl, task_id=body.task_id, scope=body.scope)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+    issuers = _issuers(state)
+    try:
+        grant, issued = await run_in_threadpool(
+            task_credentials.issue, state.sessions, p, nhi_id, request, issuers
+        )
+    except task_credentials.IssueFailed as err:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(err)) from None
+    return _answer(grant, PLATFORM_OF[grant.kind], issued)

@@ -1,0 +1,690 @@
+"""Task credentials (issue 15): short-lived credentials issued from an active NHI for one task,
+proven on the platforms themselves: a real SCRAM login and SELECTs on a scram-sha-256 cluster,
+the STS identity of the assumed-role session on moto (over HTTP), and what the API refuses.
+
+The parents are provisioned as deployed (API + worker on the Temporal dev server); issuance
+then runs in a second API server of our own over the same inventory, whose STS client the test
+can watch (moto keeps neither session tags nor SourceIdentity, so the AssumeRole request is
+read where it leaves the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import psycopg
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from activities.providers.registry import build_task_providers
+from api.app import create_app
+from models.enums import Platform, Role
+from models.orm import AuditEvent, IdempotencyKey, TaskCredential
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.infra.db import transaction
+from nhi.rules.pg_grants import parse_comment
+from nhi.rules.task_credentials import (
+    IssuedCredential,
+    TaskGrant,
+    check_aws_narrowing,
+    scram_verifier,
+    task_role_name,
+)
+from nhi.services import task_credentials
+from nhi.services.auth import Principal, issue_token
+from nhi.services.errors import Conflict
+from nhi.services.target_registry import TargetRegistry
+from tests.conftest import Service
+from tests.helpers import TRUST, ApiServer, agent_body, bearer, eventually, request_nhi
+from tests.pg_cluster import ADMIN, DATABASE, PgCluster
+
+PASSWORD_ENV = "NHI_TARGET_PASSWORD_TASKCREDS"
+PG_SCOPE = [{"actions": ["SELECT"], "resources": ["docs.articles", "docs.faq"]}]
+AWS_SCOPE = [
+    {"actions": ["s3:GetObject", "s3:ListBucket"], "resources": ["arn:aws:s3:::kb-docs/*"]},
+    {
+        "actions": ["dynamodb:GetItem"],
+        "resources": ["arn:aws:dynamodb:us-east-1:123456789012:table/kb"],
+    },
+]
+
+
+@dataclass
+class World:
+    """Two parents (Postgres and AWS) of one agent, tokens for every kind of caller, and the
+    issuing API server with the AssumeRole requests it sent."""
+
+    url: str
+    sessions: sessionmaker[Session]
+    cluster: PgCluster
+    app: FastAPI
+    agent_id: uuid.UUID
+    pg_nhi: dict[str, Any]
+    aws_nhi: dict[str, Any]
+    agent_token: str
+    other_agent_token: str
+    owner_token: str
+    auditor_token: str
+    teammate_token: str
+    assume_role_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _token(sessions: sessionmaker[Session], role: Role, **kw: Any) -> str:
+    with transaction(sessions) as session:
+        _, plaintext = issue_token(
+            session,
+            name=f"tc-{role.value}-{uuid.uuid4().hex[:8]}",
+            role=role,
+            ttl="1d",
+            created_by="test:setup",
+            **kw,
+        )
+    return plaintext
+
+
+def _allow_task_credentials(sessions: sessionmaker[Session], allow: bool) -> None:
+    with transaction(sessions) as session:
+        session.execute(
+            text(
+                "UPDATE policies SET allow_task_credentials = :allow, "
+                "task_credential_max_ttl_seconds = 3600 "
+                "WHERE environment = 'dev' AND kind IN ('postgres_role', 'iam_role')"
+            ),
+            {"allow": allow},
+        )
+
+
+@pytest.fixture(scope="module")
+def target_password(cluster: PgCluster) -> Iterator[None]:
+    os.environ[PASSWORD_ENV] = cluster.admin_password
+    yield
+    os.environ.pop(PASSWORD_ENV, None)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def world(
+    service: Service, sessions: sessionmaker[Session], cluster: PgCluster, target_password: None
+) -> AsyncIterator[World]:
+    _allow_task_credentials(sessions, True)
+    owner = f"owner-{uuid.uuid4().hex[:8]}@example.com"
+    platform = service.token("tc-platform", "platform", teams=["search"])
+    admin = service.token("tc-admin", "admin")
+    async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+        target = f"tc{uuid.uuid4().hex[:8]}"
+        created = await http.post(
+            "/v1/targets",
+            headers=bearer(admin),
+            json={
+                "name": target,
+                "dsn": f"postgresql://{ADMIN}@{cluster.host}:{cluster.port}/{DATABASE}",
+                "password_env": PASSWORD_ENV,
+            },
+        )
+        assert created.status_code == 201, created.text
+        agent = (
+            await http.post(
+                "/v1/agents", headers=bearer(platform), json=agent_body(owner_email=owner)
+            )
+        ).json()
+        other = (await http.post("/v1/agents", headers=bearer(platform), json=agent_body())).json()
+        requests = [
+            {"platform": "postgres", "kind": "postgres_role", "target": target, "scope": PG_SCOPE},
+            {"platform": "aws", "kind": "iam_role", "scope": AWS_SCOPE, "trust_principal": TRUST},
+        ]
+        accepted = []
+        for body in requests:
+            answer = await http.post(
+                f"/v1/agents/{agent['id']}/nhis", headers=bearer(platform), json=body
+            )
+            assert answer.status_code == 202, answer.text
+            accepted.append(answer.json())
+
+        async def active(nhi_id: str) -> dict[str, Any]:
+            nhi = (await http.get(f"/v1/nhis/{nhi_id}", headers=bearer(platform))).json()
+            assert nhi["status"] == "active", nhi
+            return dict(nhi)
+
+        pg_nhi = await eventually(lambda: active(accepted[0]["id"]), timeout=60)
+        aws_nhi = await eventually(lambda: active(accepted[1]["id"]), timeout=60)
+
+    # The issuing API: same settings and inventory, its STS requests observed where they leave.
+    app = create_app(service.settings)
+    calls: list[dict[str, Any]] = []
+    aws = make_aws_clients(service.settings)
+    aws.sts.meta.events.register(
+        "provide-client-params.sts.AssumeRole", lambda params, **_: calls.append(dict(params))
+    )
+    with ApiServer(app) as server:
+        app.state.nhi.task_issuers = build_task_providers(
+            aws, TargetRegistry(sessions, service.settings, aws.secrets)
+        )
+        agent_id = uuid.UUID(agent["id"])
+        yield World(
+            url=server.url,
+            sessions=sessions,
+            cluster=cluster,
+            app=app,
+            agent_id=agent_id,
+            pg_nhi=pg_nhi,
+            aws_nhi=aws_nhi,
+            agent_token=_token(sessions, Role.AGENT, agent_id=agent_id),
+            other_agent_token=_token(sessions, Role.AGENT, agent_id=uuid.UUID(other["id"])),
+            owner_token=_token(sessions, Role.APPROVER, email=owner),
+            auditor_token=_token(sessions, Role.AUDITOR, email=owner),
+            teammate_token=_token(sessions, Role.PLATFORM, teams=["search"]),
+            assume_role_calls=calls,
+        )
+    _allow_task_credentials(sessions, False)
+
+
+async def _issue(
+    world: World, token: str, nhi: dict[str, Any], key: str | None = None, **body: Any
+) -> httpx.Response:
+    headers = bearer(token) | ({"Idempotency-Key": key} if key else {})
+    async with httpx.AsyncClient(base_url=world.url, timeout=30) as http:
+        return await http.post(f"/v1/nhis/{nhi['id']}/credentials", headers=headers, json=body)
+
+
+def _login(pg: dict[str, Any]) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(
+        host=pg["host"],
+        port=pg["port"],
+        dbname=pg["dbname"],
+        user=pg["username"],
+        password=pg["password"],
+        connect_timeout=5,
+        autocommit=True,
+    )
+
+
+def _row(world: World, credential_id: str) -> TaskCredential:
+    with transaction(world.sessions) as s:
+        row = s.get_one(TaskCredential, uuid.UUID(credential_id))
+        s.expunge(row)
+        return row
+
+
+def _issued_event(world: World, credential_id: str, nhi_id: str) -> AuditEvent:
+    """The one audit event of an issuance: on the credential's own trail, naming its NHI."""
+    with transaction(world.sessions) as s:
+        [event] = s.scalars(select(AuditEvent).where(AuditEvent.subject_id == credential_id))
+        s.expunge_all()
+    assert (event.subject_type, event.event) == ("task_credential", task_credentials.ISSUED_EVENT)
+    assert event.details["nhi_id"] == nhi_id
+    return event
+
+
+def _count(world: World) -> int:
+    with transaction(world.sessions) as s:
+        return len(list(s.scalars(select(TaskCredential.id))))
+
+
+# ---- Postgres --------------------------------------------------------------------------------
+
+
+async def test_a_postgres_task_credential_logs_in_with_scram_and_reads(world: World) -> None:
+    answer = await _issue(world, world.agent_token, world.pg_nhi, ttl="15m", task_id="task-1")
+    assert answer.status_code == 201, answer.text
+    assert answer.headers["cache-control"] == "no-store"
+    issued = answer.json()
+    pg = issued["postgres"]
+    assert issued["aws"] is None and issued["task_id"] == "task-1"
+    assert pg["username"] == task_role_name(uuid.UUID(issued["id"])) == issued["name"]
+    assert pg["password"] not in pg["dsn"]
+    expires_at = datetime.fromisoformat(issued["expires_at"])
+    assert abs((expires_at - datetime.now(UTC)) - timedelta(minutes=15)) < timedelta(seconds=30)
+
+    with _login(pg) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (pg["username"],)
+        assert conn.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM docs.faq").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM hr.salaries")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("DELETE FROM docs.articles")
+
+    with world.cluster.connect() as conn:
+        row = conn.execute(
+            "SELECT rolcanlogin, rolvaliduntil, rolconnlimit, rolpassword, "
+            "shobj_description(oid, 'pg_authid') FROM pg_authid WHERE rolname = %s",
+            (pg["username"],),
+        ).fetchone()
+    assert row is not None
+    can_login, valid_until, conn_limit, verifier, comment = row
+    assert can_login and valid_until == expires_at, "VALID UNTIL is the expiry exactly"
+    assert conn_limit == 10, "the target's connection limit"
+    assert str(verifier).startswith("SCRAM-SHA-256$4096:") and pg["password"] not in verifier
+    marker = parse_comment(str(comment))
+    assert marker is not None and marker["part"] == "task"
+    assert marker["task-credential-id"] == issued["id"]
+    assert marker["nhi-id"] == world.pg_nhi["id"]
+
+    stored = _row(world, issued["id"])
+    assert (stored.status, stored.name, stored.task_id) == ("active", pg["username"], "task-1")
+    assert stored.scope is None and stored.expires_at == expires_at
+    assert stored.issued_by.startswith("token:tc-agent-")
+    event = _issued_event(world, issued["id"], world.pg_nhi["id"])
+    assert event.actor == stored.issued_by
+    assert event.details["agent_id"] == str(world.agent_id)
+    assert event.details["task_id"] == "task-1" and event.details["ttl_seconds"] == 900
+    assert pg["password"] not in str(event.details) + event.reason
+
+
+async def test_a_narrowed_postgres_scope_is_enforced_by_the_database(world: World) -> None:
+    narrowed = [{"actions": ["SELECT"], "resources": ["docs.articles"]}]
+    answer = await _issue(world, world.owner_token, world.pg_nhi, ttl="10m", scope=narrowed)
+    assert answer.status_code == 201, answer.text
+    issued = answer.json()
+    assert issued["scope"] == narrowed
+    with _login(issued["postgres"]) as conn:
+        assert conn.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM docs.faq")
+    with _login(issued["postgres"]) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        # Not a member of the NHI's group: the whole scope is out of reach.
+        conn.execute(f'SET ROLE "{world.pg_nhi["name"]}"')
+    assert _row(world, issued["id"]).scope == narrowed
+
+
+@pytest.mark.parametrize(
+    ("scope", "field"),
+    [
+        ([{"actions": ["SELECT"], "resources": ["hr.salaries"]}], "scope[0].resources[0]"),
+        ([{"actions": ["INSERT"], "resources": ["docs.articles"]}], "scope[0].actions[0]"),
+        ([{"actions": ["SELECT"], "resources": ["docs.*"]}], "scope[0].resources[0]"),
+        (
+            [
+                {"actions": ["SELECT"], "resources": ["docs.faq"]},
+                {"actions": ["SELECT"], "resources": ["docs.articles", "hr.salaries"]},
+            ],
+            "scope[1].resources[1]",
+        ),
+        ([{"actions": ["SUPERUSER"], "resources": ["docs.articles"]}], "scope[0].actions[0]"),
+    ],
+)
+async def test_a_widening_scope_is_refused_naming_the_field(
+    world: World, scope: list[dict[str, Any]], field: str
+) -> None:
+    before = _count(world)
+    answer = await _issue(world, world.agent_token, world.pg_nhi, scope=scope)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == field
+    assert _count(world) == before, "nothing recorded"
+
+
+async def test_a_ttl_over_the_policy_maximum_is_refused(world: World) -> None:
+    answer = await _issue(world, world.agent_token, world.pg_nhi, ttl="2h")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == "ttl"
+    assert "task_credential_max_ttl" in answer.json()["detail"]
+    assert (await _issue(world, world.agent_token, world.pg_nhi, ttl="soon")).status_code == 422
+
+
+async def test_postgres_refuses_the_login_right_after_expiry(world: World) -> None:
+    """Issued through the service with a clock 55 s back, so the 60 s credential expires in
+    about 5 s: the database's own VALID UNTIL refuses it, reaper or not."""
+    principal = Principal(
+        name="tc-expiry",
+        kind="token",
+        roles=frozenset({Role.AGENT}),
+        agent_id=world.agent_id,
+    )
+    issuers = world.app.state.nhi.task_issuers
+    grant, issued = await asyncio.to_thread(
+        task_credentials.issue,
+        world.sessions,
+        principal,
+        uuid.UUID(world.pg_nhi["id"]),
+        task_credentials.TaskRequest(ttl="60s", task_id="short"),
+        lambda platform: issuers[platform].issue,
+        now=datetime.now(UTC) - timedelta(seconds=55),
+    )
+    pg = {**issued.public, **issued.secret}
+    with _login(pg) as conn:
+        assert conn.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
+    wait = (grant.expires_at - datetime.now(UTC)).total_seconds()
+    assert 0 < wait < 10
+    await asyncio.sleep(wait + 0.2)
+    with pytest.raises(psycopg.OperationalError):
+        _login(pg).close()
+
+
+async def test_a_platform_failure_is_a_502_and_ends_the_row(world: World) -> None:
+    """The target's admin password cannot be found: nothing is issued, the row is ended as
+    `issue_failed` with the reason, and the answer says what failed (never a secret)."""
+    saved = os.environ.pop(PASSWORD_ENV)
+    try:
+        answer = await _issue(world, world.agent_token, world.pg_nhi, task_id="doomed")
+    finally:
+        os.environ[PASSWORD_ENV] = saved
+    assert answer.status_code == 502, answer.text
+    assert PASSWORD_ENV in answer.json()["detail"]
+    with transaction(world.sessions) as s:
+        row = s.scalars(select(TaskCredential).where(TaskCredential.task_id == "doomed")).one()
+        assert (row.status, row.end_reason) == ("ended", "issue_failed")
+        assert row.last_error and "UnknownTarget" in row.last_error
+        events = list(
+            s.scalars(select(AuditEvent.event).where(AuditEvent.subject_id == str(row.id)))
+        )
+    assert events == [task_credentials.ISSUED_EVENT, task_credentials.FAILED_EVENT]
+    with world.cluster.connect() as conn:
+        assert (
+            conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (row.name,)).fetchone()
+            is None
+        )
+
+
+async def test_a_parent_contained_during_issuance_never_hands_the_credential_out(
+    world: World,
+) -> None:
+    """The parent is quarantined while the platform call runs (the fault is injected at that
+    boundary): the caller gets 409 and never the credential; the row stays for the reaper."""
+    issuers = world.app.state.nhi.task_issuers
+
+    def contained_meanwhile(grant: TaskGrant) -> IssuedCredential:
+        issued = issuers[Platform.POSTGRES].issue(grant)
+        with transaction(world.sessions) as s:
+            s.execute(
+                text("UPDATE nhis SET status = 'quarantined' WHERE id = :id"),
+                {"id": uuid.UUID(world.pg_nhi["id"])},
+            )
+        return issued
+
+    principal = Principal(
+        name="tc-race", kind="token", roles=frozenset({Role.AGENT}), agent_id=world.agent_id
+    )
+    try:
+        with pytest.raises(Conflict, match="withheld"):
+            await asyncio.to_thread(
+                task_credentials.issue,
+                world.sessions,
+                principal,
+                uuid.UUID(world.pg_nhi["id"]),
+                task_credentials.TaskRequest(ttl="5m", task_id="raced"),
+                lambda platform: contained_meanwhile,
+            )
+    finally:
+        with transaction(world.sessions) as s:
+            s.execute(
+                text("UPDATE nhis SET status = 'active' WHERE id = :id"),
+                {"id": uuid.UUID(world.pg_nhi["id"])},
+            )
+    with transaction(world.sessions) as s:
+        row = s.scalars(select(TaskCredential).where(TaskCredential.task_id == "raced")).one()
+        assert row.status == "active", "left for the reaper, which sees its parent contained"
+
+
+# ---- who may issue ---------------------------------------------------------------------------
+
+
+async def test_only_the_agent_itself_and_its_owner_may_issue(world: World) -> None:
+    before = _count(world)
+    other = await _issue(world, world.other_agent_token, world.pg_nhi)
+    assert other.status_code == 403, other.text
+    assert "own" in other.json()["detail"]
+    auditor = await _issue(world, world.auditor_token, world.pg_nhi)
+    assert auditor.status_code == 403, auditor.text
+    assert "auditor" in auditor.json()["detail"]
+    teammate = await _issue(world, world.teammate_token, world.pg_nhi)
+    assert teammate.status_code == 403, teammate.text
+    assert _count(world) == before
+    owner = await _issue(world, world.owner_token, world.aws_nhi)
+    assert owner.status_code == 201, owner.text
+    # An agent token reads nothing, not even its own agent's inventory.
+    async with httpx.AsyncClient(base_url=world.url, timeout=30) as http:
+        listed = await http.get(f"/v1/nhis/{world.pg_nhi['id']}", headers=bearer(world.agent_token))
+    assert listed.status_code == 404
+
+
+async def test_a_parent_that_is_not_active_is_refused(world: World, service: Service) -> None:
+    agent_id, nhi_id, _ = request_nhi(
+        world.sessions,
+        service.settings,
+        "postgres_role",
+        scope=PG_SCOPE,
+        target=world.pg_nhi["target"],
+    )
+    token = _token(world.sessions, Role.AGENT, agent_id=agent_id)
+    answer = await _issue(world, token, {"id": str(nhi_id)})
+    assert answer.status_code == 409, answer.text
+    assert "requested" in answer.json()["detail"]
+
+
+async def test_a_policy_that_does_not_allow_task_credentials_refuses(world: World) -> None:
+    _allow_task_credentials(world.sessions, False)
+    try:
+        answer = await _issue(world, world.agent_token, world.pg_nhi)
+    finally:
+        _allow_task_credentials(world.sessions, True)
+    assert answer.status_code == 422, answer.text
+    assert "allow_task_credentials" in answer.json()["detail"]
+
+
+async def test_an_idempotent_retry_never_gets_the_credential_again(world: World) -> None:
+    key = f"tc-{uuid.uuid4()}"
+    first = await _issue(world, world.agent_token, world.pg_nhi, key=key, ttl="5m")
+    assert first.status_code == 201, first.text
+    again = await _issue(world, world.agent_token, world.pg_nhi, key=key, ttl="5m")
+    assert again.status_code == 409, again.text
+    assert first.json()["postgres"]["password"] not in again.text
+    with transaction(world.sessions) as s:
+        kept = s.scalars(select(IdempotencyKey).where(IdempotencyKey.key == key)).one()
+        assert kept.response == {"secret": True}
+
+
+async def test_an_agent_token_is_bound_to_exactly_one_agent(world: World, service: Service) -> None:
+    admin = service.token("tc-admin", "admin")
+    async with httpx.AsyncClient(base_url=world.url, timeout=30, headers=bearer(admin)) as http:
+        body = {"name": f"tc-bound-{uuid.uuid4().hex[:6]}", "role": "agent", "ttl": "1d"}
+        unbound = await http.post("/v1/tokens", json=body)
+        assert unbound.status_code == 422 and unbound.json()["field"] == "agent_id"
+        stray = await http.post(
+            "/v1/tokens", json=body | {"role": "platform", "teams": ["search"],
+                                       "agent_id": str(world.agent_id)},
+        )  # fmt: skip
+        assert stray.status_code == 422 and stray.json()["field"] == "agent_id"
+        nowhere = await http.post("/v1/tokens", json=body | {"agent_id": str(uuid.uuid4())})
+        assert nowhere.status_code == 422 and nowhere.json()["field"] == "agent_id"
+        created = await http.post("/v1/tokens", json=body | {"agent_id": str(world.agent_id)})
+        assert created.status_code == 201, created.text
+        assert created.json()["agent_id"] == str(world.agent_id)
+    answer = await _issue(world, created.json()["token"], world.pg_nhi, ttl="5m")
+    assert answer.status_code == 201, answer.text
+
+
+# ---- AWS -------------------------------------------------------------------------------------
+
+
+async def test_an_aws_task_credential_is_an_assumed_role_session(world: World) -> None:
+    narrowed = [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::kb-docs/reports/*"]}]
+    answer = await _issue(
+        world, world.agent_token, world.aws_nhi, ttl="15m", task_id="t-aws", scope=narrowed
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.headers["cache-control"] == "no-store"
+    issued = answer.json()
+    creds = issued["aws"]
+    session = boto3.client(
+        "sts",
+        region_name="us-east-1",
+        endpoint_url=world.app.state.nhi.settings.aws_endpoint_url,
+        aws_access_key_id=creds["AccessKeyId"],
+        aws_secret_access_key=creds["SecretAccessKey"],
+        aws_session_token=creds["SessionToken"],
+    )
+    identity = session.get_caller_identity()
+    role_name = world.aws_nhi["name"]
+    assert identity["Arn"] == creds["AssumedRoleArn"]
+    assert identity["Arn"].endswith(f":assumed-role/{role_name}/{issued['name']}")
+
+    # What AWS was asked for (moto keeps neither tags nor SourceIdentity).
+    [call] = [c for c in world.assume_role_calls if c["RoleSessionName"] == issued["name"]]
+    assert call["RoleArn"] == world.aws_nhi["external_id"]
+    assert call["DurationSeconds"] == 900
+    assert call["SourceIdentity"] == f"agent-{world.agent_id}"
+    tags = {t["Key"]: t["Value"] for t in call["Tags"]}
+    assert tags["nhi:agent-id"] == str(world.agent_id)
+    assert tags["nhi:task-id"] == "t-aws"
+    assert tags["nhi:task-credential-id"] == issued["id"]
+    assert creds["SessionTags"] == tags and creds["SourceIdentity"] == call["SourceIdentity"]
+    policy = json.loads(call["Policy"])
+    assert [s["Action"] for s in policy["Statement"]] == [["s3:GetObject"]]
+    assert [s["Resource"] for s in policy["Statement"]] == [["arn:aws:s3:::kb-docs/reports/*"]]
+
+    event = _issued_event(world, issued["id"], world.aws_nhi["id"])
+    assert event.details["source_identity"] == call["SourceIdentity"]
+    assert event.details["session_tags"] == tags
+    assert creds["SecretAccessKey"] not in str(event.details)
+    stored = _row(world, issued["id"])
+    assert (stored.platform, stored.name, stored.status) == ("aws", issued["name"], "active")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"ttl": "5m"}, "ttl"),
+        (
+            {"scope": [{"actions": ["s3:PutObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]},
+            "scope[0].actions[0]",
+        ),
+        (
+            {"scope": [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::other/*"]}]},
+            "scope[0].resources[0]",
+        ),
+        (
+            # Each action with its own statement's resources: no mixing across statements.
+            {"scope": [{"actions": ["dynamodb:GetItem"], "resources": ["arn:aws:s3:::kb-docs/x"]}]},
+            "scope[0].resources[0]",
+        ),
+        ({"scope": [{"actions": ["s3:*"], "resources": ["arn:aws:s3:::kb-docs/*"]}]}, None),
+    ],
+)
+async def test_aws_refusals(world: World, body: dict[str, Any], field: str | None) -> None:
+    answer = await _issue(world, world.agent_token, world.aws_nhi, **body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == (field or "scope[0].actions[0]")
+
+
+# ---- the CLI --------------------------------------------------------------------------------
+
+
+def _nhi_cli(world: World, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, NHI_API_URL=world.url, NHI_TOKEN=token)
+    nhi = str(Path(sys.executable).parent / "nhi")
+    return subprocess.run([nhi, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_the_cli_prints_the_credential_once_as_exports(world: World) -> None:
+    done = await asyncio.to_thread(
+        _nhi_cli,
+        world,
+        world.agent_token,
+        "credentials",
+        "issue",
+        world.pg_nhi["id"],
+        "--ttl",
+        "5m",
+        "--task",
+        "cli-task",
+        "--action",
+        "SELECT",
+        "--resource",
+        "docs.faq",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("# task credential ")
+    exports = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in lines[1:])
+    assert set(exports) == {"PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSSLMODE"}
+    pg = {
+        "host": exports["PGHOST"],
+        "port": int(exports["PGPORT"]),
+        "dbname": exports["PGDATABASE"],
+        "username": exports["PGUSER"],
+        "password": exports["PGPASSWORD"],
+    }
+    with _login(pg) as conn:
+        assert conn.execute("SELECT count(*) FROM docs.faq").fetchone() == (1,)
+    refused = await asyncio.to_thread(
+        _nhi_cli, world, world.auditor_token, "credentials", "issue", world.pg_nhi["id"]
+    )
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1 and "auditor" in refused.stderr
+
+
+# ---- pure rules ------------------------------------------------------------------------------
+
+
+def test_the_scram_verifier_matches_libpq(cluster: PgCluster) -> None:
+    """With libpq's salt, our verifier is libpq's own (RFC 7677: StoredKey, ServerKey)."""
+    with cluster.connect() as conn:
+        theirs = conn.pgconn.encrypt_password(b"pencil", b"user", b"scram-sha-256").decode()
+    salt = theirs.split("$")[1].split(":")[1]
+    assert scram_verifier("pencil", salt=base64.b64decode(salt)) == theirs
+    assert scram_verifier("pencil") != scram_verifier("pencil"), "a fresh salt each time"
+
+
+def test_aws_narrowing_treats_wildcards_as_wider() -> None:
+    from models.contracts import ScopeStatement
+
+    granted = [ScopeStatement(actions=["s3:Get*"], resources=["arn:aws:s3:::kb/*"])]
+    check_aws_narrowing(
+        [ScopeStatement(actions=["s3:GetObject"], resources=["arn:aws:s3:::kb/a/*"])], granted
+    )
+    with pytest.raises(ValueError, match=r"scope\[0\]\.actions\[0\]"):
+        check_aws_narrowing(
+            [ScopeStatement(actions=["s3:G?tObject"], resources=["arn:aws:s3:::kb/a"])],
+            [ScopeStatement(actions=["s3:GetObject"], resources=["arn:aws:s3:::kb/a"])],
+        )
+
+
+def test_provisioning_trusts_the_issuing_principal_where_the_policy_allows(
+    aws: AwsClients, settings: Settings
+) -> None:
+    """An iam_role's trust names the API's task-credential principal, with the rights AWS
+    requires for session tags and SourceIdentity, only where the policy allows."""
+    from activities.provider import plan_of
+    from activities.providers.aws import AwsProvider
+    from models.orm import Agent, Nhi
+
+    api = "arn:aws:iam::123456789012:role/nhi-api"
+    configured = settings.model_copy(update={"task_credential_principal": api})
+    agent = Agent(
+        id=uuid.uuid4(), name=f"trust-{uuid.uuid4().hex[:6]}", environment="dev",
+        owner_email="ana@example.com",
+    )  # fmt: skip
+    nhi = Nhi(
+        id=uuid.uuid4(), agent_id=agent.id, platform="aws", kind="iam_role",
+        name=f"nhi-trust-{uuid.uuid4().hex}"[:64], granted_scope=AWS_SCOPE, allowed_cidrs=[],
+        trust_principal=TRUST, expires_at=datetime.now(UTC) + timedelta(days=1), target=None,
+    )  # fmt: skip
+    assert plan_of(nhi, agent, configured, 3600).task_principal is None
+    assert plan_of(nhi, agent, settings, 3600, allow_task_credentials=True).task_principal is None
+    plan = plan_of(nhi, agent, configured, 3600, allow_task_credentials=True)
+    assert plan.task_principal == api
+    AwsProvider(aws, configured.iam_path).create(plan)
+    trust = aws.iam.get_role(RoleName=nhi.name)["Role"]["AssumeRolePolicyDocument"]
+    if isinstance(trust, str):
+        trust = json.loads(trust)
+    runtime, task = trust["Statement"]
+    assert runtime["Principal"] == {"AWS": TRUST}
+    assert task["Principal"] == {"AWS": api}
+    assert set(task["Action"]) == {"sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"}
