@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: dev test lint install-dev install-test install-bench format bench clean
+.PHONY: dev test chromium lint install-dev install-test install-bench format bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nhi-lifecycle needs Python 3.11+ (set PYTHON=...)")'
@@ -38,8 +38,13 @@ lint: install-test
 	$(BIN)/lint-imports
 
 ## Install everything, pass the gates, run the tests against real services.
-test: lint
+test: lint chromium
 	$(BIN)/pytest
+
+# The browser tests (tests/test_ui.py) drive the distribution's Chromium: Playwright never
+# downloads a browser.
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 format: install-test
 	$(BIN)/ruff check --fix .

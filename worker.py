@@ -17,6 +17,8 @@ from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.activity_import import ActivityImportActivities
+from activities.contain import ContainActivities
 from activities.db import DbActivities
 from activities.provider import ProviderActivities
 from activities.providers.registry import build_providers
@@ -35,6 +37,9 @@ from nhi.infra.tracing import setup_tracing, shutdown_tracing
 from nhi.infra.worker_http import WorkerHttp
 from nhi.schedules import apply_schedules
 from nhi.services.target_registry import TargetRegistry
+from workflows.activity_import import ActivityImportWorkflow
+from workflows.bundle import BundleWorkflow
+from workflows.contain import ContainAgentWorkflow
 from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
 from workflows.reaper import TaskReaperWorkflow
@@ -48,6 +53,9 @@ WORKFLOWS = [
     SweepWorkflow,
     OrphanRemovalWorkflow,
     TaskReaperWorkflow,
+    BundleWorkflow,
+    ContainAgentWorkflow,
+    ActivityImportWorkflow,
 ]
 
 ActivityMethod = Callable[..., object]
@@ -61,6 +69,8 @@ def activities_of(
     sweeps: SweepActivities,
     supervision: SupervisionActivities,
     reaper: ReaperActivities,
+    contain: ContainActivities,
+    imports: ActivityImportActivities,
 ) -> list[ActivityMethod]:
     """Every activity the workflows call, bound to its dependencies.
 
@@ -99,6 +109,7 @@ def activities_of(
         platforms.remove_identity,
         # People.
         people.post_prompt,
+        people.post_approval,
         people.send_alert,
         people.deliver_prompt,
         people.update_messages,
@@ -117,6 +128,14 @@ def activities_of(
         supervision.nudge_lifecycle,
         # Task credentials: the reaper.
         reaper.reap_task_credentials,
+        # Containment of an agent (issue 17).
+        contain.plan_containment,
+        contain.hold_lifecycle,
+        contain.end_task_credentials,
+        contain.prove_dead,
+        contain.record_pass,
+        # Activity monitoring (issue 17).
+        imports.import_activity,
     ]
 
 
@@ -142,11 +161,15 @@ def build_worker(
     sweeps = SweepActivities(sessions, providers, settings)
     supervision = SupervisionActivities(sessions, settings)
     reaper = ReaperActivities(sessions, targets)
+    contain = ContainActivities(sessions, settings, aws, targets)
+    imports = ActivityImportActivities(sessions, settings)
     return Worker(
         client,
         task_queue=task_queue or settings.temporal_task_queue,
         workflows=WORKFLOWS,
-        activities=activities_of(db, platforms, people, sweeps, supervision, reaper),
+        activities=activities_of(
+            db, platforms, people, sweeps, supervision, reaper, contain, imports
+        ),
         activity_executor=ThreadPoolExecutor(
             max_workers=settings.worker_max_concurrent_activities, thread_name_prefix="activity"
         ),

@@ -41,6 +41,7 @@ from models.enums import AgentStatus, NhiKind, NhiStatus
 from models.orm import Agent, Nhi, Prompt
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
+from nhi.rules.github_scope import REISSUE_MIN_SECONDS
 from nhi.rules.policy import RuleViolation
 from nhi.rules.slack_messages import scope_summary
 from nhi.services.policies import check_scope, find_policy, rules_of
@@ -302,7 +303,12 @@ class DbActivities:
                 rotation_period_seconds=(
                     None
                     if nhi.rotation_period_seconds is None
-                    else bounded(nhi.rotation_period_seconds, 3600, 30 * 86400)
+                    else bounded(
+                        nhi.rotation_period_seconds,
+                        # A GitHub App token lapses after an hour: it is re-issued sooner.
+                        REISSUE_MIN_SECONDS if nhi.kind == NhiKind.GITHUB_APP_TOKEN else 3600,
+                        30 * 86400,
+                    )
                 ),
                 reminder_offsets_seconds=bounded_offsets(list(policy.reminder_offsets_seconds)),
                 grace_period_seconds=bounded(policy.grace_period_seconds, 0, 86400),

@@ -57,7 +57,9 @@ def identity_ref_of(nhi: Nhi, agent: Agent, settings: Settings) -> IdentityRef:
         name=nhi.name,
         target=nhi.target,
         nhi_id=nhi.id,
-        secret_name=secret_name(settings.secret_prefix, agent.environment, agent.name, nhi.id),
+        secret_name=secret_name(
+            settings.secret_prefix, agent.environment, agent.name, nhi.id, nhi.delivery
+        ),
         external_id=nhi.external_id,
     )
 

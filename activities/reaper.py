@@ -162,6 +162,8 @@ class ReaperActivities:
         for c in claimed:
             if c.row.platform == Platform.AWS.value:
                 results[c.row.id] = _Result(done="its STS session lapses on its own")
+            elif c.row.platform == Platform.GITHUB.value:
+                results[c.row.id] = _Result(done="its GitHub token lapses on its own (one hour)")
             elif c.row.platform != Platform.POSTGRES.value:
                 results[c.row.id] = _Result(error=f"UnknownPlatform: {c.row.platform!r}")
             elif not is_task_role_name(c.row.name):

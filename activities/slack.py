@@ -16,6 +16,9 @@ from temporalio.exceptions import ApplicationError
 from models.contracts import (
     Alert,
     AlertPost,
+    ApprovalMessage,
+    ApprovalPost,
+    ApprovalPosted,
     Delivery,
     DeliveryResult,
     MessageUpdate,
@@ -24,7 +27,13 @@ from models.contracts import (
     PromptPost,
     PromptPosted,
 )
-from nhi.rules.slack_messages import decided_blocks, prompt_blocks, prompt_text
+from nhi.rules.slack_messages import (
+    approval_blocks,
+    approval_text,
+    decided_blocks,
+    prompt_blocks,
+    prompt_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,50 @@ class SlackActivities:
         if not post.channel:
             raise ApplicationError("a prompt needs an email or a channel", non_retryable=True)
         return PromptPosted(delivery=self._post(post.channel, msg, None, None))
+
+    def group_members(self, group: str) -> list[str]:
+        """The Slack user ids in a user group given as `@handle` or its `S...` id."""
+        assert self._slack is not None
+        group_id = group
+        if group.startswith("@"):
+            groups = self._slack.usergroups_list()["usergroups"]
+            found = [g["id"] for g in groups if g.get("handle") == group[1:]]
+            if not found:
+                return []
+            group_id = str(found[0])
+        return [str(u) for u in self._slack.usergroups_users_list(usergroup=group_id)["users"]]
+
+    def _post_approval(self, channel: str, msg: ApprovalMessage, user: str | None) -> Delivery:
+        assert self._slack is not None
+        response = self._slack.chat_postMessage(
+            channel=channel, text=approval_text(msg), blocks=approval_blocks(msg)
+        )
+        return Delivery(
+            channel=str(response["channel"]), ts=str(response["ts"]), slack_user_id=user
+        )
+
+    @activity.defn
+    def post_approval(self, post: ApprovalPost) -> ApprovalPosted:
+        """Send an approval request to one of the policy's approvers: a DM to an email's
+        Slack user, a message in a channel, or a DM to each member of a user group.
+
+        One recipient per activity, so a retry reposts to that recipient only."""
+        msg, recipient = post.msg, post.recipient
+        if self._slack is None:
+            log.warning("APPROVAL %s to %s: %s", msg.approval_id, recipient, approval_text(msg))
+            return ApprovalPosted(
+                deliveries=[Delivery(channel=LOG_CHANNEL, ts=str(msg.approval_id))]
+            )
+        if "@" in recipient[1:]:  # an email
+            user = self._user_id(recipient)
+            if user is None:
+                log.warning("approver %s has no active Slack account", recipient)
+                return ApprovalPosted()
+            return ApprovalPosted(deliveries=[self._post_approval(user, msg, user)])
+        if recipient.startswith(("@", "S")):
+            members = self.group_members(recipient)
+            return ApprovalPosted(deliveries=[self._post_approval(u, msg, u) for u in members])
+        return ApprovalPosted(deliveries=[self._post_approval(recipient, msg, None)])
 
     @activity.defn
     def send_alert(self, post: AlertPost) -> None:

@@ -9,15 +9,18 @@ Temporal which NHIs have no lifecycle running, and nudge lifecycles.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextvars
+import hashlib
 import logging
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, String, cast, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
@@ -38,6 +41,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities._support import heartbeating
 from activities.db import step_key
 from activities.provider import identity_ref_of, plan_of, provider_for
+from activities.providers.aws_discovery import DETAILS_PAGE_MAX, PagedDiscovery, ResumePoint
 from activities.providers.base import Known, Provider
 from activities.providers.registry import name_prefix
 from models.contracts import (
@@ -61,11 +65,12 @@ from models.contracts import (
     SweepPlan,
 )
 from models.enums import NhiStatus, Platform
-from models.orm import Agent, AuditEvent, Nhi, Sweep
+from models.orm import Agent, Approval, AuditEvent, Nhi, Sweep
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
+from nhi.infra.ratelimit import TokenBucket
 from nhi.rules import search_attributes
-from nhi.rules.findings import ALIVE, InventoryItem, Rules, classify
+from nhi.rules.findings import ALIVE, InventoryItem, PlatformIdentity, Rules, classify
 from nhi.rules.ids import (
     LIFECYCLE_WORKFLOW,
     PROVISION_WORKFLOW,
@@ -87,6 +92,7 @@ RUNNING_LIFECYCLES = "WorkflowType='NhiLifecycleWorkflow' AND ExecutionStatus='R
 LIST_PAGE = 1000
 DESCRIBE_BATCH = 100  # concurrent describes between heartbeats
 SWEEP_ACTOR = "system:sweep"
+DIGEST_BYTES = 6  # per alive name seen, in a resumable sweep's heartbeat details
 START_FAILED = "the sweep could not start"  # how the API records a start it gave up on
 ORPHAN = "orphan"  # the audit subject type of identities no inventory row answers for
 
@@ -97,21 +103,163 @@ def ours(platform: Platform, prefix: str) -> ColumnElement[bool]:
     return Nhi.name.startswith(name_prefix(platform, prefix), autoescape=True)
 
 
-class Pacer:
-    """At most `rate` calls a second from this worker to one provider account."""
+def _digest(name: str) -> bytes:
+    """A name as a 6-byte digest: the compact form a resumed sweep remembers names in."""
+    return hashlib.blake2b(name.encode(), digest_size=DIGEST_BYTES).digest()
 
-    def __init__(self, rate: float) -> None:
-        self._interval = 1.0 / rate
-        self._next = 0.0
+
+def _urgent_first(findings: list[Finding]) -> list[Finding]:
+    """Findings most urgent first (stable: within a kind, in listing order)."""
+    order = list(FindingKind)
+    return sorted(findings, key=lambda f: order.index(f.kind))
+
+
+class SweepProgress:
+    """One `plan_sweep` attempt, as the paged discovery's sink (`PageSink`).
+
+    Holds the compact inventory index (alive names → status), the current page's inventory
+    rows, and the findings so far (the MAX_FINDINGS most urgent: only those enter history);
+    every page is classified as it arrives and then dropped. Its heartbeat details (the point
+    after the last page, counts, kept findings, digests of the alive names seen) let a retry on
+    another worker go on from the last page instead of listing everything again."""
+
+    def __init__(
+        self,
+        acts: SweepActivities,
+        platform: Platform,
+        rules: Rules,
+        now: datetime,
+        resumed: Mapping[str, Any] | None,
+    ) -> None:
+        self._acts = acts
+        self._platform = platform
+        self._rules = rules
+        self._now = now
+        self._budget = acts.budget
         self._lock = threading.Lock()
+        self.page_size = acts.settings.sweep_page_size
+        self.index = acts.alive_index(platform)
+        self._page: dict[str, InventoryItem] = {}
+        state = dict(resumed or {})
+        resume = state.get("resume")
+        self.resume_from = ResumePoint(**resume) if resume else None
+        self.done = bool(state.get("done"))
+        self.findings = [Finding.model_validate(f) for f in state.get("findings", [])]
+        self.counts: dict[str, int] = {k: int(v) for k, v in state.get("counts", {}).items()}
+        self.resumed_pages = int(state.get("pages", 0))
+        self.pages = self.resumed_pages
+        self._seen = bytearray(base64.b64decode(state.get("seen", "")))
+        self._seen_set = {
+            bytes(self._seen[i : i + DIGEST_BYTES]) for i in range(0, len(self._seen), DIGEST_BYTES)
+        }
+
+    # -- the budget (called from discovery threads: no heartbeat here) --
 
     def __call__(self) -> None:
+        self._budget.acquire()
+
+    def throttled(self) -> None:
+        self._budget.throttled()
+
+    def succeeded(self) -> None:
+        self._budget.succeeded()
+
+    # -- pages --
+
+    def known(self, names: list[str]) -> Mapping[str, Known]:
+        """The inventory rows of a page's names (one query); Known for the alive ones."""
+        rows = self._acts.inventory_of(self._platform, names)
+        # A name may have an old, gone row besides its alive one: the alive one answers.
+        self._page = {}
+        for item in rows:
+            current = self._page.get(item.name)
+            if current is None or item.status in ALIVE:
+                self._page[item.name] = item
+        return {
+            n: Known(
+                status=i.status,
+                scope=i.granted_scope,
+                allowed_cidrs=i.allowed_cidrs,
+                expires_at=i.expires_at,
+            )
+            for n, i in self._page.items()
+            if i.status in ALIVE
+        }
+
+    def page(self, found: list[PlatformIdentity], after: ResumePoint | None) -> None:
+        items = [self._page[p.name] for p in found if p.name in self._page]
+        # A task credential's role is judged by its parent NHI, whatever the parent's name.
+        parents = {p.nhi_id for p in found if p.task and p.nhi_id} - {str(i.nhi_id) for i in items}
+        items += self._acts.inventory_by_ids(self._platform, parents)
+        new = classify(found, items, self._now, self._rules)
         with self._lock:
-            now = time.monotonic()
-            wait = self._next - now
-            self._next = max(now, self._next) + self._interval
-        if wait > 0:
-            time.sleep(wait)
+            self.counts["platform_identities"] = self.counts.get("platform_identities", 0) + len(
+                found
+            )
+            self.counts["inventory_rows_listed"] = self.counts.get(
+                "inventory_rows_listed", 0
+            ) + len(items)
+            for f in new:
+                self.counts[f.kind.value] = self.counts.get(f.kind.value, 0) + 1
+            self.findings = _urgent_first(self.findings + new)[:MAX_FINDINGS]
+            for p in found:
+                if p.name in self.index:
+                    digest = _digest(p.name)
+                    if digest not in self._seen_set:
+                        self._seen_set.add(digest)
+                        self._seen += digest
+            self.resume_from = after
+            self.done = after is None
+            self.pages += 1
+            self._page = {}
+        activity.heartbeat(self.details())
+
+    def feed(self, identities: list[PlatformIdentity]) -> None:
+        """A whole listing from a provider that does not page (Postgres): the same
+        classification, a page at a time."""
+        for start in range(0, max(1, len(identities)), DETAILS_PAGE_MAX):
+            chunk = identities[start : start + DETAILS_PAGE_MAX]
+            self.known([p.name for p in chunk])
+            self.page(
+                chunk, ResumePoint("fed") if start + DETAILS_PAGE_MAX < len(identities) else None
+            )
+
+    def details(self) -> dict[str, Any]:
+        """The heartbeat details a retry resumes from."""
+        with self._lock:
+            resume = self.resume_from
+            return {
+                "resume": {"listing": resume.listing, "marker": resume.marker} if resume else None,
+                "done": self.done,
+                "findings": [f.model_dump(mode="json") for f in self.findings],
+                "counts": dict(self.counts),
+                "pages": self.pages,
+                "seen": base64.b64encode(bytes(self._seen)).decode(),
+            }
+
+    def unseen(self) -> set[str]:
+        """Alive inventory names no page listed."""
+        return {n for n in self.index if _digest(n) not in self._seen_set}
+
+
+@contextmanager
+def beating(progress: SweepProgress, interval: float = 5.0) -> Iterator[None]:
+    """Heartbeat the progress from a helper thread while a page is slow (a throttled budget,
+    a long fallback): details, never an empty heartbeat, which would erase them."""
+    stop = threading.Event()
+    context = contextvars.copy_context()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            activity.heartbeat(progress.details())
+
+    thread = threading.Thread(target=context.run, args=(beat,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class SweepActivities:
@@ -126,49 +274,58 @@ class SweepActivities:
         self._sessions = sessions
         self._providers = dict(providers)
         self._settings = settings
-        self._pace = Pacer(settings.sweep_calls_per_second)
+        # One budget for every sweep call this worker makes to its provider accounts.
+        self.budget = TokenBucket(settings.sweep_calls_per_second)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
 
     def _provider(self, platform: str) -> Provider:
         return provider_for(self._providers, platform)
 
     def _paced(self) -> None:
-        self._pace()
+        self.budget.acquire()
         activity.heartbeat()
 
     # ---- discovery ---------------------------------------------------------------------------
 
     @activity.defn
     def plan_sweep(self, inp: SweepInput) -> SweepPlan:
-        """Discover, compare, and return the findings (listing failures raise)."""
-        workflow_id = activity.info().workflow_id or f"standalone-{uuid.uuid4()}"
+        """Discover, compare, and return the findings (listing failures raise).
+
+        A provider that pages (AWS) is classified a page at a time and resumes, after a worker
+        restart, from the page after the last one heartbeated; the others are listed whole."""
+        info = activity.info()
+        workflow_id = info.workflow_id or f"standalone-{uuid.uuid4()}"
         provider = self._provider(inp.provider)
         sweep_id = self._begin(inp, workflow_id)
         now = datetime.now(UTC)
-        with heartbeating():
-            alive = self._inventory(provider.platform)
-            known = {
-                i.name: Known(
-                    status=i.status,
-                    scope=i.granted_scope,
-                    allowed_cidrs=i.allowed_cidrs,
-                    expires_at=i.expires_at,
-                )
-                for i in alive
-            }
-            found = provider.discover(known, self._paced)
-            platform = found.identities
-            # Rows that are no longer alive matter only where the platform still holds the name.
-            others = self._inventory(provider.platform, {p.name for p in platform} - set(known))
-            inventory = [
-                i
-                for i in alive + others
-                # What could not be listed is not compared: its NHIs are not "missing".
-                if i.target not in found.unreachable
-            ]
         rules = Rules(
             propagation=timedelta(seconds=self._settings.sweep_propagation_seconds),
             stale_after=timedelta(days=self._settings.sweep_stale_days),
         )
+        paged = isinstance(provider, PagedDiscovery)
+        resumed = info.heartbeat_details[0] if info.heartbeat_details else None
+        # Only a paged listing resumes: the others list everything again on a retry.
+        resumable = resumed if paged and isinstance(resumed, dict) else None
+        progress = SweepProgress(self, provider.platform, rules, now, resumable)
+        unreachable: dict[str, str] = {}
+        with beating(progress):
+            if isinstance(provider, PagedDiscovery):  # `paged`, spelled out for mypy
+                if not progress.done:
+                    provider.discover_pages(progress)
+            else:
+                found = provider.discover(self._known(provider.platform), self._paced)
+                unreachable = found.unreachable
+                # What could not be listed is not compared: its NHIs are not "missing".
+                progress.feed([p for p in found.identities if p.target not in unreachable])
+            gone = [
+                i
+                for i in self._inventory(provider.platform, progress.unseen())
+                if i.status in ALIVE and i.target not in unreachable
+            ]
+        missing = classify([], gone, now, rules)
         findings = [
             Finding(
                 kind=FindingKind.UNREACHABLE,
@@ -178,21 +335,64 @@ class SweepActivities:
                 action="its identities were not compared",
                 target=place,
             )
-            for place, why in sorted(found.unreachable.items())
-        ] + classify(platform, inventory, now, rules)
+            for place, why in sorted(unreachable.items())
+        ] + _urgent_first(progress.findings + missing)
         findings = self._with_removal_failures(findings)
-        counts: dict[str, int] = {"platform_identities": len(platform), "inventory": len(inventory)}
-        for f in findings:
+        counts = dict(progress.counts)
+        counts.setdefault("platform_identities", 0)
+        counts.pop("inventory_rows_listed", None)
+        counts["inventory"] = len(progress.index)
+        counts["discovery_pages"] = progress.pages
+        counts["resumed_pages"] = progress.resumed_pages
+        counts["throttled"] = self.budget.throttles
+        for f in missing:
             counts[f.kind.value] = counts.get(f.kind.value, 0) + 1
+        if unreachable:
+            counts[FindingKind.UNREACHABLE.value] = len(unreachable)
+        total = sum(counts.get(k.value, 0) for k in FindingKind)
         return SweepPlan(
             sweep_id=sweep_id,
             findings=findings[:MAX_FINDINGS],
             counts=counts,
-            truncated=max(0, len(findings) - MAX_FINDINGS),
+            truncated=max(0, total - MAX_FINDINGS),
             orphan_grace_seconds=self._settings.orphan_grace_seconds,
             revoke_alert_seconds=self._settings.revoke_alert_seconds,
             security_channel=self._settings.slack_security_channel,
         )
+
+    def _known(self, platform: Platform) -> dict[str, Known]:
+        """What the inventory knows of every alive name (providers that list all at once)."""
+        return {
+            i.name: Known(
+                status=i.status,
+                scope=i.granted_scope,
+                allowed_cidrs=i.allowed_cidrs,
+                expires_at=i.expires_at,
+            )
+            for i in self._inventory(platform)
+        }
+
+    def alive_index(self, platform: Platform) -> dict[str, str]:
+        """Alive inventory names of a platform → status: all a sweep keeps of the inventory."""
+        with transaction(self._sessions) as session:
+            rows = session.execute(
+                select(Nhi.name, Nhi.status).where(
+                    Nhi.platform == platform.value,
+                    ours(platform, self._settings.name_prefix),
+                    Nhi.status.in_(sorted(ALIVE)),
+                )
+            ).all()
+        return {str(name): str(status) for name, status in rows}
+
+    def inventory_by_ids(self, platform: Platform, ids: set[str]) -> list[InventoryItem]:
+        """Inventory rows by id (task credentials' parents)."""
+        if not ids:
+            return []
+        return self._inventory(platform, ids=sorted(uuid.UUID(i) for i in ids))
+
+    def inventory_of(self, platform: Platform, names: list[str]) -> list[InventoryItem]:
+        """The inventory rows (any status) of a page's names."""
+        return self._inventory(platform, set(names))
 
     def _with_removal_failures(self, findings: list[Finding]) -> list[Finding]:
         """Orphans whose last removal failed say why (the platform's code and message)."""
@@ -253,15 +453,22 @@ class SweepActivities:
                 )
             return sweep.id
 
-    def _inventory(self, platform: Platform, names: set[str] | None = None) -> list[InventoryItem]:
+    def _inventory(
+        self,
+        platform: Platform,
+        names: set[str] | None = None,
+        ids: list[uuid.UUID] | None = None,
+    ) -> list[InventoryItem]:
         """This deployment's inventory NHIs (its name prefix) on a platform: the alive ones,
-        or, given `names`, those rows whatever their status."""
+        or, given `names` (or `ids`), those rows whatever their status."""
         query = (
             select(Nhi, Agent.status)
             .join(Agent)
             .where(Nhi.platform == platform.value, ours(platform, self._settings.name_prefix))
         )
-        if names is None:
+        if ids is not None:
+            query = query.where(Nhi.id.in_(ids))
+        elif names is None:
             query = query.where(Nhi.status.in_(sorted(ALIVE)))
         elif not names:
             return []
@@ -625,6 +832,16 @@ class SupervisionActivities:
                     Nhi.platform == platform,
                     ours(Platform(platform), self._settings.name_prefix),
                     Nhi.created_at < cutoff,
+                    # A bundle's NHIs wait for its approval in the bundle's run, not in a
+                    # provisioning run of their own (issue 16): not stuck within its window.
+                    ~select(Approval.id)
+                    .where(
+                        Approval.bundle.is_(True),
+                        Approval.status == "pending",
+                        Approval.expires_at > datetime.now(UTC),
+                        Approval.nhi_ids.op("?")(cast(Nhi.id, String)),
+                    )
+                    .exists(),
                 )
                 .order_by(Nhi.created_at)
                 .limit(MAX_FINDINGS)

@@ -12,10 +12,14 @@ from api import errors, health
 from api.deps import AppState
 from api.idempotency import IdempotencyMiddleware
 from api.routes import (
+    activity,
     agents,
+    approvals,
     codec,
     credentials,
+    findings,
     footprint,
+    incidents,
     invokers,
     lifecycle,
     nhis,
@@ -25,6 +29,7 @@ from api.routes import (
     targets,
     tokens,
 )
+from api.ui import install as install_ui
 from nhi.infra.config import Settings, get_settings
 from nhi.infra.db import make_engine, make_sessionmaker
 from nhi.infra.logging import configure
@@ -87,6 +92,12 @@ def create_app(
     app.include_router(targets.router)
     app.include_router(invokers.router)
     app.include_router(footprint.router)
+    app.include_router(activity.router)
+    app.include_router(findings.router)
+    app.include_router(approvals.router)
+    app.include_router(incidents.router)
+    # The web dashboard at /ui/ (issue 18): the same services and auth rules as /v1.
+    install_ui(app)
     # /codec/encode and /codec/decode for the Temporal Web UI (and their CORS, when configured).
     codec.install(app, settings)
 

@@ -22,7 +22,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench import expiry, expiry_postgres, memory, metrics_scrape, overhead, provisioning, sweep
+from bench import (
+    activity_import,
+    containment,
+    expiry,
+    expiry_postgres,
+    memory,
+    metrics_scrape,
+    overhead,
+    provisioning,
+    sweep,
+    sweep_scale,
+    task_credentials,
+)
 from bench.report import Result, environment, rerender, write_summary
 from bench.services import REPO, Databases, Stack, StackSpec, kill_all
 
@@ -44,6 +56,14 @@ class Sizes:
     # rounds of every variant (bench/overhead.py; `--overhead-n` overrides the first).
     overhead_n: int = 200
     overhead_rounds: int = 3
+    # Credentials per loop of `task_credentials` (bench/task_credentials.py).
+    task_credentials_n: int = 200
+    # Containments of a fresh 10-NHI agent (bench/containment.py): p50/p99 over these.
+    containment_runs: int = 20
+    # Users, orphans and repetitions of `sweep_scale` (bench/sweep_scale.py).
+    sweep_scale: tuple[int, int, int] = (5_000, 500, 3)
+    # Events in the generated CloudTrail file of `activity_import` (bench/activity_import.py).
+    activity_events: int = 1_000_000
 
 
 # The sizes. The expiry TTLs leave time to provision all 200 before the first expiry.
@@ -64,6 +84,10 @@ FULL = Sizes(
         "memory": 1500,
         "metrics_scrape": 900,
         "overhead": 900,
+        "task_credentials": 900,
+        "containment": 900,
+        "sweep_scale": 3600,
+        "activity_import": 1800,
     },
 )
 # Small enough to smoke-test the harness end to end in a few minutes.
@@ -84,11 +108,30 @@ QUICK = Sizes(
         "memory": 400,
         "metrics_scrape": 300,
         "overhead": 300,
+        "task_credentials": 400,
+        "containment": 400,
+        "sweep_scale": 600,
+        "activity_import": 600,
     },
     overhead_n=30,
     overhead_rounds=1,
+    task_credentials_n=50,
+    containment_runs=3,
+    sweep_scale=(500, 50, 1),
+    activity_events=100_000,
 )
-NAMES = ("provisioning", "expiry", "sweep", "memory", "metrics_scrape", "overhead")
+NAMES = (
+    "provisioning",
+    "expiry",
+    "sweep",
+    "memory",
+    "metrics_scrape",
+    "overhead",
+    "task_credentials",
+    "containment",
+    "sweep_scale",
+    "activity_import",
+)
 # The results a benchmark writes, one after the other on its services, each within its own
 # budget (a failed part is written as failed; the next part still runs).
 PARTS = {"expiry": ("expiry", "expiry_postgres")}
@@ -106,6 +149,11 @@ def specs(store: str, bytecode: bool) -> dict[str, StackSpec]:
         "memory": replace(full, worker=False, api=False),
         "metrics_scrape": replace(full, temporal=False, moto=False, worker=False, api=False),
         "overhead": full,
+        "task_credentials": full,
+        "containment": full,
+        # It starts its worker itself, in front of a counting proxy.
+        "sweep_scale": replace(full, worker=False, api=False),
+        "activity_import": replace(full, temporal=False, moto=False, worker=False, api=False),
     }
 
 
@@ -136,6 +184,17 @@ def runner(part: str, sizes: Sizes, out: Path) -> Callable[[Stack], Awaitable[Re
             return await asyncio.to_thread(metrics_scrape.run, stack, sizes.inventory[-1])
         if part == "overhead":
             return await overhead.run(stack, sizes.overhead_n, sizes.overhead_rounds)
+        if part == "task_credentials":
+            return await task_credentials.run(stack, sizes.task_credentials_n, out)
+        if part == "containment":
+            return await containment.run(stack, sizes.containment_runs, out)
+        if part == "sweep_scale":
+            users, orphans, reps = sizes.sweep_scale
+            return await sweep_scale.run(
+                stack, users, orphans, reps, ("ours", "custodian", "floor"), out
+            )
+        if part == "activity_import":
+            return await activity_import.run(stack, sizes.activity_events, out)
         return await memory.run(stack, sizes.lifecycles, sizes.bounded_cache, out)
 
     return run

@@ -45,6 +45,78 @@ class ProvisionInput(Contract):
     requested_by_person: str = ""
     needs_approval: bool = False
     approval_timeout_seconds: int = 3 * 86400
+    # Approvals where approvers are (issue 16); defaults keep earlier runs replaying as they ran.
+    approvals_required: int = 1
+    # The agent's owner and backup owner as persons: they may not decide either.
+    owner_persons: list[str] = []
+    # What the policy's approvers are sent in Slack; None: no Slack message (the API only).
+    approval: ApprovalMessage | None = None
+    # Run as a child of a bundle: the bundle approves, hands over to lifecycles and compensates.
+    bundled: bool = False
+
+
+class ApprovalItem(Contract):
+    """One requested NHI as approvers see it."""
+
+    label: str
+    # Scope lines; sensitive entries are marked (see nhi.rules.slack_messages).
+    scope: list[str]
+    sensitive: list[str] = []
+
+
+class ApprovalMessage(Contract):
+    """What approvers are shown: the agent, the requester, the scope, the footprint change."""
+
+    approval_id: uuid.UUID
+    agent_name: str
+    environment: str
+    requested_by: str
+    owner_email: str
+    items: list[ApprovalItem]
+    risk_before: int
+    risk_after: int
+    risk_threshold: int | None = None
+    # Risk reasons whose points rose with this request (`sensitive_write +10: ...`).
+    moved: list[str] = []
+    approvals_required: int = 1
+    window_seconds: int = 3 * 86400
+    # The policy's approvers: Slack user groups, channels, emails.
+    recipients: list[str] = []
+
+
+class ApprovalPost(Contract):
+    """Post an approval request to one recipient (a user group, a channel or an email)."""
+
+    msg: ApprovalMessage
+    recipient: str
+
+
+class ApprovalPosted(Contract):
+    """Where one approval request went (a user group: every member's DM)."""
+
+    deliveries: list[Delivery] = []
+
+
+class BundleInput(Contract):
+    """Provision several NHIs of one agent together: one approval, all or nothing."""
+
+    bundle_id: uuid.UUID
+    nhi_ids: list[uuid.UUID]
+    requested_by: str
+    requested_by_person: str = ""
+    needs_approval: bool = False
+    approval_timeout_seconds: int = 3 * 86400
+    approvals_required: int = 1
+    owner_persons: list[str] = []
+    approval: ApprovalMessage | None = None
+
+
+class BundleResult(Contract):
+    """Every NHI active, or none (the reason)."""
+
+    bundle_id: uuid.UUID
+    provisioned: list[uuid.UUID] = []
+    failed: str | None = None
 
 
 class ApprovalDecision(Contract):
@@ -65,6 +137,8 @@ class ApprovalOutcome(Contract):
     nhi_id: uuid.UUID
     approved: bool
     approver: str
+    # False while a second distinct approver is still needed.
+    complete: bool = True
 
 
 class RecordApproval(Contract):
@@ -147,6 +221,8 @@ class ProvisionResult(Contract):
     status: NhiStatus
     external_id: str | None = None
     credential_ref: str | None = None
+    # Bundled runs: what a bundle removes if a sibling fails.
+    plan: ProvisionPlan | None = None
 
 
 class RemoveIdentity(Contract):
@@ -675,3 +751,33 @@ class IdentityRef(Contract):
         static credential (rotation runs only for those)."""
         (kind,) = KINDS_BY_PLATFORM[key.platform] & ROTATABLE_KINDS
         return cls(platform=key.platform, kind=kind, name=key.user_name, target=key.target)
+
+
+# ---- containment (one agent, every credential) -----------------------------------------------
+
+
+class ContainAgentInput(Contract):
+    """Contain one agent: quarantine every NHI and end every task credential it has, then prove
+    each credential dead. Started by `POST /v1/agents/{id}/contain` (a security caller) or
+    automatically for a severe finding; the API creates the incident row first."""
+
+    agent_id: uuid.UUID
+    reason: str = Field(min_length=1, max_length=2000)
+    # Who asked (`token:<name>`, `auto:finding`, ...); the person comparison for release is
+    # made on the incident row, not here.
+    actor: str = Field(min_length=1, max_length=254)
+    finding_id: uuid.UUID | None = None
+    # The incident row the run reports into; None when the starter did not create one (the
+    # workflow's first activity opens or joins it).
+    incident_id: uuid.UUID | None = None
+    # Containment passes already made (carried across continue-as-new).
+    passes: int = Field(default=0, ge=0)
+    # Seconds between passes while partially contained; None: the playbook's default
+    # (workflows/retry_policies.py CONTAIN_RETRY_DELAY).
+    retry_seconds: int | None = Field(default=None, ge=1, le=86400)
+
+
+ProvisionInput.model_rebuild()
+BundleInput.model_rebuild()
+ApprovalPost.model_rebuild()
+ApprovalPosted.model_rebuild()

@@ -38,6 +38,8 @@ class Platform(StrEnum):
 
     AWS = "aws"
     POSTGRES = "postgres"
+    GITHUB = "github"
+    VAULT = "vault"
 
 
 class NhiKind(StrEnum):
@@ -46,11 +48,17 @@ class NhiKind(StrEnum):
     IAM_ROLE = "iam_role"
     IAM_USER_KEY = "iam_user_key"
     POSTGRES_ROLE = "postgres_role"
+    # A GitHub App installation access token (one hour at most), re-issued by the lifecycle.
+    GITHUB_APP_TOKEN = "github_app_token"  # noqa: S105 (a kind's name, not a secret)
+    # An OpenBao/Vault AppRole role with its own ACL policy; the credential is a secret id.
+    VAULT_APPROLE = "vault_approle"
 
 
 KINDS_BY_PLATFORM: dict[Platform, frozenset[NhiKind]] = {
     Platform.AWS: frozenset({NhiKind.IAM_ROLE, NhiKind.IAM_USER_KEY}),
     Platform.POSTGRES: frozenset({NhiKind.POSTGRES_ROLE}),
+    Platform.GITHUB: frozenset({NhiKind.GITHUB_APP_TOKEN}),
+    Platform.VAULT: frozenset({NhiKind.VAULT_APPROLE}),
 }
 
 PLATFORM_OF: dict[NhiKind, Platform] = {
@@ -59,7 +67,19 @@ PLATFORM_OF: dict[NhiKind, Platform] = {
 
 # Kinds whose credential is a static secret: rotated on a schedule, with an overlap window.
 # (An IAM role has none: the agent assumes it and gets short-lived credentials.)
-ROTATABLE_KINDS: frozenset[NhiKind] = frozenset({NhiKind.IAM_USER_KEY, NhiKind.POSTGRES_ROLE})
+# A GitHub App token is re-issued through the same rotation (stage, verify, promote) every
+# period, which for it is shorter than the hour the token lives (nhi.rules.github).
+ROTATABLE_KINDS: frozenset[NhiKind] = frozenset(
+    {NhiKind.IAM_USER_KEY, NhiKind.POSTGRES_ROLE, NhiKind.GITHUB_APP_TOKEN, NhiKind.VAULT_APPROLE}
+)
+
+
+class CredentialDelivery(StrEnum):
+    """Where a static credential is delivered (by reference): AWS Secrets Manager, or a KV v2
+    path in OpenBao/Vault (`delivery: vault_kv`, per policy or per request)."""
+
+    AWS_SECRETS_MANAGER = "aws_secrets_manager"
+    VAULT_KV = "vault_kv"
 
 
 class NhiStatus(StrEnum):
@@ -112,3 +132,48 @@ class InvokerChannel(StrEnum):
     UI = "ui"
     WEBHOOK = "webhook"
     CRON = "cron"
+
+
+class Severity(StrEnum):
+    """How bad an activity finding is (issue 17), in rising order: auto-containment and the
+    findings filter compare by this order, not alphabetically."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+SEVERITY_RANK: dict[Severity, int] = {s: i for i, s in enumerate(Severity)}
+
+
+class ActivityKind(StrEnum):
+    """What an activity finding says an NHI did (issue 17)."""
+
+    OUT_OF_SCOPE = "out_of_scope"
+    NEW_NETWORK = "new_network"
+    USE_AFTER_REVOCATION = "use_after_revocation"
+    BURST = "burst"
+    RECONNAISSANCE = "reconnaissance"
+    HUMAN_USE = "human_use"
+    CONCURRENT_NETWORKS = "concurrent_networks"
+
+
+class ActivitySource(StrEnum):
+    """Where an activity event came from."""
+
+    CLOUDTRAIL = "cloudtrail"
+    POSTGRES = "postgres"
+    API = "api"
+
+
+class IncidentStatus(StrEnum):
+    """Where a containment incident is (issue 17): `containing` while the playbook runs its
+    first pass, `contained` once every credential is proven dead, `partially_contained` while
+    some proof still fails (the playbook keeps trying), `released` once a second person lifted
+    it."""
+
+    CONTAINING = "containing"
+    CONTAINED = "contained"
+    PARTIALLY_CONTAINED = "partially_contained"
+    RELEASED = "released"

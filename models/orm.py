@@ -31,15 +31,20 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from models.enums import (
+    ActivityKind,
+    ActivitySource,
     AgentCategory,
     AgentStatus,
+    CredentialDelivery,
     Environment,
+    IncidentStatus,
     InvokerChannel,
     InvokerKind,
     NhiKind,
     NhiStatus,
     Platform,
     Role,
+    Severity,
 )
 from models.schemas import SslMode
 
@@ -137,6 +142,7 @@ class Nhi(Base):
         CheckConstraint(_one_of("platform", Platform), name="platform"),
         CheckConstraint(_one_of("kind", NhiKind), name="kind"),
         CheckConstraint(_one_of("status", NhiStatus), name="status"),
+        CheckConstraint(_one_of("delivery", CredentialDelivery), name="delivery"),
         CheckConstraint("expires_at <= max_lifetime_at", name="expiry_within_max_lifetime"),
         # Due-work selection (reminders, expiry, sweeps) scans by status and deadline.
         Index("ix_nhis_status_expires_at", "status", "expires_at"),
@@ -176,6 +182,13 @@ class Nhi(Base):
     # postgres_role only: the registered target's name. No foreign key, because a target may
     # be defined in settings rather than in the `targets` table.
     target: Mapped[str | None] = mapped_column(String(63), index=True)
+    # Where the credential is delivered (migration 0015): fixed at request time, from the
+    # request or the policy, so every later secret name derives from it.
+    delivery: Mapped[CredentialDelivery] = mapped_column(
+        EnumText(CredentialDelivery, 32),
+        default=CredentialDelivery.AWS_SECRETS_MANAGER,
+        server_default=CredentialDelivery.AWS_SECRETS_MANAGER.value,
+    )
 
     agent: Mapped[Agent] = relationship(back_populates="nhis")
 
@@ -189,6 +202,7 @@ class Policy(Base):
         CheckConstraint(_one_of("platform", Platform), name="platform"),
         CheckConstraint(_one_of("kind", NhiKind), name="kind"),
         CheckConstraint(_one_of("environment", Environment), name="environment"),
+        CheckConstraint(_one_of("delivery", CredentialDelivery), name="delivery"),
         # Every TTL is bounded: nothing lives longer than a year, whatever a policy file says.
         CheckConstraint(
             "default_ttl_seconds > 0 AND default_ttl_seconds <= max_lifetime_seconds",
@@ -210,6 +224,15 @@ class Policy(Base):
         CheckConstraint(
             "task_credential_max_ttl_seconds BETWEEN 60 AND 43200",
             name="task_credential_max_ttl_range",
+        ),
+        # Approvals (issue 16, migration 0011).
+        CheckConstraint("approvals_required IN (1, 2)", name="approvals_required_range"),
+        CheckConstraint(
+            "approval_window_seconds BETWEEN 60 AND 2592000", name="approval_window_range"
+        ),
+        CheckConstraint(
+            "risk_threshold IS NULL OR risk_threshold BETWEEN 0 AND 100",
+            name="risk_threshold_range",
         ),
     )
 
@@ -233,6 +256,11 @@ class Policy(Base):
     allowed_trust_accounts: Mapped[list[str]] = mapped_column(
         default=list, server_default=text("'[]'::jsonb")
     )
+    # github_app_token: the repositories (`owner/repo`, `owner/*`) a scope may name; empty
+    # allows none (migration 0014).
+    allowed_resources: Mapped[list[str]] = mapped_column(
+        default=list, server_default=text("'[]'::jsonb")
+    )
     # Whether an iam_role may trust an AWS service principal (`bedrock.amazonaws.com`).
     allow_service_principals: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default="false"
@@ -245,6 +273,23 @@ class Policy(Base):
     task_credential_max_ttl_seconds: Mapped[int] = mapped_column(
         Integer, default=3600, server_default="3600"
     )
+    # Where this policy's NHIs get their credential unless the request says (migration 0015).
+    delivery: Mapped[CredentialDelivery] = mapped_column(
+        EnumText(CredentialDelivery, 32),
+        default=CredentialDelivery.AWS_SECRETS_MANAGER,
+        server_default=CredentialDelivery.AWS_SECRETS_MANAGER.value,
+    )
+    # Who decides requests that need approval: Slack user groups (`@handle` or `S...`),
+    # channels (`#name` or `C...`) or emails. Empty: any `approver` through the API.
+    approvers: Mapped[list[str]] = mapped_column(default=list, server_default=text("'[]'::jsonb"))
+    # Two distinct approvers for, typically, production.
+    approvals_required: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # No decision within this window denies the request.
+    approval_window_seconds: Mapped[int] = mapped_column(
+        Integer, default=259200, server_default="259200"
+    )
+    # A request that would raise the agent's risk score past this needs approval (None: none).
+    risk_threshold: Mapped[int | None] = mapped_column(Integer)
     updated_by: Mapped[str] = mapped_column(String(254))
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
@@ -480,3 +525,172 @@ class AgentInvoker(Base):
     expires_at: Mapped[datetime | None]
     added_by: Mapped[str] = mapped_column(String(254))
     added_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class UiSession(Base):
+    """A web dashboard session (issue 18): the cookie's SHA-256 hash, the API token it was
+    exchanged for (checked again on every request, so revoking the token ends the session) or
+    the OIDC principal it signed in as, and the secret its forms carry against CSRF. Signing out
+    deletes the row: a session is revocable, unlike a signed cookie."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True
+    )
+    principal: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    csrf_secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Approval(Base):
+    """A request (one NHI, or a bundle of them) waiting for approvers (issue 16): who may
+    decide, what they were shown, and the decisions so far. Its workflow (`workflow_id`) holds
+    the authoritative wait; this row is what `GET /v1/approvals` and Slack clicks read."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'approved', 'denied')", name="status"),
+        CheckConstraint("approvals_required IN (1, 2)", name="approvals_required_range"),
+        Index("ix_approvals_status_expires_at", "status", "expires_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    workflow_id: Mapped[str] = mapped_column(String(255), unique=True)
+    bundle: Mapped[bool] = mapped_column(Boolean)
+    nhi_ids: Mapped[list[str]] = mapped_column()
+    approvers: Mapped[list[str]] = mapped_column()
+    approvals_required: Mapped[int] = mapped_column(Integer)
+    requested_by: Mapped[str] = mapped_column(String(254))
+    requested_by_person: Mapped[str] = mapped_column(String(254))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # Why approval is needed: sensitive entries, and the risk reasons that moved the score.
+    reasons: Mapped[list[str]] = mapped_column()
+    # What approvers were shown (models.contracts.ApprovalMessage as JSON).
+    summary: Mapped[dict[str, Any]] = mapped_column()
+    decisions: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime]
+    decided_at: Mapped[datetime | None]
+
+    agent: Mapped[Agent] = relationship()
+
+
+class ActivityEvent(Base):
+    """One thing an NHI (or a task credential derived from it) did, as its platform logged it
+    (issue 17). The id is the source's own event id (CloudTrail's eventID) or a hash of the
+    log line, so importing the same file twice adds nothing. Events of identities this
+    service does not know are counted by the import, never stored."""
+
+    __tablename__ = "activity_events"
+    __table_args__ = (
+        CheckConstraint(_one_of("source", ActivitySource), name="source"),
+        CheckConstraint("outcome IN ('success', 'denied', 'error')", name="outcome"),
+        Index("ix_activity_events_nhi_id_occurred_at", "nhi_id", "occurred_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    # No foreign key: the importer writes only ids it has just read from `nhis` (never deleted),
+    # and a per-row key check would cost a third of the import rate.
+    nhi_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    task_credential_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    source: Mapped[ActivitySource] = mapped_column(EnumText(ActivitySource, 16))
+    occurred_at: Mapped[datetime]
+    action: Mapped[str] = mapped_column(String(128))
+    resource: Mapped[str | None] = mapped_column(Text)
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(16))
+    identity: Mapped[str] = mapped_column(String(512))
+
+
+class ActivityCursor(Base):
+    """How far a scheduled import got: the last object key processed under a prefix."""
+
+    __tablename__ = "activity_cursors"
+
+    name: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    position: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class NhiProfile(Base):
+    """What an NHI has been seen doing (nhi/rules/baseline.py `Profile`), learned from its
+    imported activity."""
+
+    __tablename__ = "nhi_profiles"
+
+    nhi_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("nhis.id"), primary_key=True)
+    profile: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    events: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class ActivityFinding(Base):
+    """A deviation of an NHI's activity from its intent or its learned profile, with the
+    evidence (issue 17). Acknowledged with a reason; alerted at most once per NHI and kind
+    within `NHI_FINDING_ALERT_WINDOW_SECONDS`."""
+
+    __tablename__ = "activity_findings"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", ActivityKind), name="kind"),
+        CheckConstraint(_one_of("severity", Severity), name="severity"),
+        Index("ix_activity_findings_created_at", "created_at"),
+        Index("ix_activity_findings_agent_id_created_at", "agent_id", "created_at"),
+        Index("ix_activity_findings_nhi_id_kind_alerted_at", "nhi_id", "kind", "alerted_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    nhi_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("nhis.id"))
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"))
+    task_credential_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    kind: Mapped[ActivityKind] = mapped_column(EnumText(ActivityKind, 32))
+    severity: Mapped[Severity] = mapped_column(EnumText(Severity, 16))
+    summary: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    occurred_at: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    alerted_at: Mapped[datetime | None]
+    acked_at: Mapped[datetime | None]
+    acked_by: Mapped[str | None] = mapped_column(String(254))
+    ack_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Incident(Base):
+    """One containment of an agent (issue 17): who contained it and why, what was done to each
+    credential and the proof it is dead (`report`), and who released it. At most one
+    unreleased incident per agent: a second contain joins it."""
+
+    __tablename__ = "incidents"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", IncidentStatus), name="status"),
+        Index(
+            "uq_incidents_agent_id_open",
+            "agent_id",
+            unique=True,
+            postgresql_where="status <> 'released'",
+        ),
+        Index("ix_incidents_opened_at", "opened_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"))
+    status: Mapped[IncidentStatus] = mapped_column(EnumText(IncidentStatus, 32))
+    reason: Mapped[str] = mapped_column(Text)
+    opened_by: Mapped[str] = mapped_column(String(254))
+    # The person behind `opened_by` (`email:<address>` or the actor): release compares people.
+    opened_by_person: Mapped[str] = mapped_column(String(254))
+    opened_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    contained_at: Mapped[datetime | None]
+    released_by: Mapped[str | None] = mapped_column(String(254))
+    released_at: Mapped[datetime | None]
+    release_reason: Mapped[str | None] = mapped_column(Text)
+    # The activity finding that set it off (automatic containment); no foreign key, so a
+    # finding's retention never blocks on an incident.
+    finding_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # {"credentials": [per-credential entries], "timeline": [...], "cause": str | None}
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -38,7 +38,9 @@ from models.contracts import ScopeStatement
 from models.enums import (
     AgentCategory,
     AgentStatus,
+    CredentialDelivery,
     Environment,
+    IncidentStatus,
     InvokerChannel,
     InvokerKind,
     NhiKind,
@@ -107,6 +109,8 @@ def _ascii_token(value: str) -> str:
 
 _LINE = AfterValidator(_line)
 _TEXT = AfterValidator(_text)
+# One line of printable text, for fields with no narrower shape (bound its length where used).
+Line = Annotated[str, _LINE]
 
 _REASON = "Why (recorded in the audit trail); newlines allowed, no control characters."
 Reason = Annotated[str, StringConstraints(max_length=2000), _TEXT, Field(description=_REASON)]
@@ -161,6 +165,28 @@ Team = Annotated[
     Field(description="A team name: one line of printable text, 1-100 characters."),
 ]
 SlackUserId = Annotated[str, StringConstraints(pattern=r"^[UW][A-Z0-9]{2,30}$")]
+_SLACK_REF_RE = re.compile(r"[@#][a-z0-9][a-z0-9._-]{0,79}|[SCG][A-Z0-9]{2,30}")
+
+
+def _approver(value: str) -> str:
+    """A Slack user group or channel as given, or an email (lower-case)."""
+    if _SLACK_REF_RE.fullmatch(value):
+        return value
+    try:
+        return _email(value)
+    except PydanticCustomError:
+        raise PydanticCustomError(
+            "approver",
+            "must be a Slack user group ('@handle', 'S...'), channel ('#name', 'C...') or an email",
+        ) from None
+
+
+Approver = Annotated[
+    str,
+    StringConstraints(min_length=2, max_length=254),
+    AfterValidator(_approver),
+    Field(description="A Slack user group, a Slack channel, or an email."),
+]
 Principal = Annotated[
     str,
     StringConstraints(min_length=1, max_length=254),
@@ -369,6 +395,11 @@ class NhiCreate(Body):
     target: TargetName | None = Field(
         default=None, description="postgres_role only: the registered target database."
     )
+    delivery: CredentialDelivery | None = Field(
+        default=None,
+        description="Where the credential is delivered (`aws_secrets_manager` or `vault_kv`); "
+        "the policy's `delivery` if unset. Kinds with a static credential only.",
+    )
 
 
 class PolicyIn(Body):
@@ -392,10 +423,20 @@ class PolicyIn(Body):
     allow_resource_wildcard: StrictBool = False
     forbidden_actions: list[PolicyEntry] = Field(default_factory=list, max_length=200)
     sensitive_actions: list[PolicyEntry] = Field(default_factory=list, max_length=200)
+    delivery: CredentialDelivery = Field(
+        default=CredentialDelivery.AWS_SECRETS_MANAGER,
+        description="Where this policy's NHIs get their credential unless a request says.",
+    )
     allowed_trust_accounts: list[AccountId] = Field(
         default_factory=list,
         max_length=100,
         description="iam_role: other AWS accounts whose principals a role may trust.",
+    )
+    allowed_resources: list[PolicyEntry] = Field(
+        default_factory=list,
+        max_length=200,
+        description="github_app_token: the repositories a scope may name (`owner/repo` or "
+        "`owner/*`); empty allows none.",
     )
     allow_service_principals: StrictBool = Field(
         default=False, description="iam_role: whether an AWS service principal may be trusted."
@@ -406,6 +447,25 @@ class PolicyIn(Body):
     )
     task_credential_max_ttl: Duration = Field(
         default=3600, description="The longest a task credential may live (60 s to 12 h)."
+    )
+    approvers: list[Approver] = Field(
+        default_factory=list,
+        max_length=50,
+        description="Who decides requests that need approval: Slack user groups ('@handle' or "
+        "an 'S...' id), channels ('#name' or a 'C...' id) or emails.",
+    )
+    # StrictInt: a Literal[1, 2] would take `true` as 1.
+    approvals_required: StrictInt = Field(
+        default=1, ge=1, le=2, description="Distinct approvers needed (2 for production)."
+    )
+    approval_window: Duration = Field(
+        default="72h", description="No decision within this window denies (1 minute to 30 days)."
+    )
+    risk_threshold: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="A request that would raise the agent's risk score past this needs approval.",
     )
 
     @field_validator("rotation_period", "reminder_offsets")
@@ -499,6 +559,21 @@ class NhiOut(Out):
     target: str | None = None
 
 
+class ApprovalNeeded(BaseModel):
+    """Why a request waits for approvers, and who they are (issue 16)."""
+
+    approval_id: uuid.UUID
+    approvers: list[str]
+    approvals_required: int
+    expires_at: datetime
+    reasons: list[str] = Field(
+        description="Sensitive entries asked for, and the risk reasons that moved the score."
+    )
+    risk_before: int
+    risk_after: int
+    risk_threshold: int | None = None
+
+
 class NhiAccepted(BaseModel):
     """202 answer to a provisioning request."""
 
@@ -506,6 +581,42 @@ class NhiAccepted(BaseModel):
     workflow_id: str
     status: NhiStatus
     expires_at: datetime
+    approval: ApprovalNeeded | None = None
+
+
+class NhiBatch(Body):
+    """Several NHIs for one agent: validated, approved and provisioned together."""
+
+    nhis: list[NhiCreate] = Field(min_length=1, max_length=20)
+
+
+class BundleAccepted(BaseModel):
+    """202 answer to a bundle: every NHI, the bundle's workflow, and its approval if any."""
+
+    bundle_id: uuid.UUID
+    workflow_id: str
+    nhis: list[NhiAccepted]
+    approval: ApprovalNeeded | None = None
+
+
+class ApprovalOut(Out):
+    """A request waiting for (or decided by) approvers."""
+
+    id: uuid.UUID
+    agent_id: uuid.UUID
+    workflow_id: str
+    bundle: bool
+    nhi_ids: list[uuid.UUID]
+    approvers: list[str]
+    approvals_required: int
+    requested_by: str
+    status: str
+    reasons: list[str]
+    summary: dict[str, Any]
+    decisions: list[dict[str, Any]]
+    created_at: datetime
+    expires_at: datetime
+    decided_at: datetime | None
 
 
 class AgentOut(Out):
@@ -550,9 +661,14 @@ class PolicyOut(Out):
     forbidden_actions: list[str]
     sensitive_actions: list[str]
     allowed_trust_accounts: list[str] = Field(default_factory=list)
+    allowed_resources: list[str] = Field(default_factory=list)
     allow_service_principals: bool = False
     allow_task_credentials: bool = False
     task_credential_max_ttl_seconds: int = 3600
+    approvers: list[str] = Field(default_factory=list)
+    approvals_required: int = 1
+    approval_window_seconds: int = 259200
+    risk_threshold: int | None = None
     updated_by: str
     updated_at: datetime
 
@@ -837,3 +953,36 @@ class FootprintRank(BaseModel):
     environment: Environment
     score: int
     reasons: list[str]
+
+
+# --- containment incidents (issue 17) ----------------------------------------------------------
+
+
+class ContainBody(Body):
+    """Why the agent is contained (recorded on the incident and in the audit trail)."""
+
+    reason: RequiredReason
+
+
+class ReleaseBody(Body):
+    """Why containment is lifted (a second person: not the one who contained it)."""
+
+    reason: RequiredReason
+
+
+class IncidentOut(Out):
+    """A containment incident: per-credential report (what was done, the proof it is dead)
+    and timeline in `report`."""
+
+    id: uuid.UUID
+    agent_id: uuid.UUID
+    status: IncidentStatus
+    reason: str
+    opened_by: str
+    opened_at: datetime
+    contained_at: datetime | None
+    released_by: str | None
+    released_at: datetime | None
+    release_reason: str | None
+    finding_id: uuid.UUID | None
+    report: dict[str, Any]

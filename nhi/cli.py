@@ -344,15 +344,26 @@ def _scope(scope: str | None, actions: tuple[str, ...], resources: tuple[str, ..
 
 
 # The platform each kind lives on, so `--platform` can be left out.
-PLATFORM_OF_KIND = {"iam_role": "aws", "iam_user_key": "aws", "postgres_role": "postgres"}
+PLATFORM_OF_KIND = {
+    "iam_role": "aws",
+    "iam_user_key": "aws",
+    "postgres_role": "postgres",
+    "github_app_token": "github",
+}
 
 
 @cli.command()
 @click.argument("agent_id")
-@click.option("--kind", required=True, type=click.Choice(sorted(PLATFORM_OF_KIND)))
+@click.option("--kind", type=click.Choice(sorted(PLATFORM_OF_KIND)))
+@click.option(
+    "--file",
+    "bundle_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A bundle: YAML/JSON list of NHI requests (or {nhis: [...]}), all or nothing.",
+)
 @click.option(
     "--platform",
-    type=click.Choice(["aws", "postgres"]),
+    type=click.Choice(sorted(set(PLATFORM_OF_KIND.values()))),
     help="Platform of the kind (implied by --kind).",
 )
 @click.option("--scope", help="Statements as JSON/YAML, or @FILE.")
@@ -387,8 +398,15 @@ def provision(
     trust_principal: str | None,
     target: str | None,
     quiet: bool,
+    bundle_file: Path | None = None,
 ) -> None:
-    """Request an identity for an agent; prints the NHI id and its workflow."""
+    """Request an identity for an agent (or, with --file, a bundle of them); prints the NHI
+    id and its workflow."""
+    if bundle_file is not None:
+        _provision_bundle(ctx, agent_id, bundle_file, quiet)
+        return
+    if kind is None:
+        _fail("give --kind, or --file with a bundle")
     body: dict[str, Any] = {
         "platform": platform or PLATFORM_OF_KIND[kind],
         "kind": kind,
@@ -406,6 +424,74 @@ def provision(
         click.echo(accepted["id"])
         return
     ctx.emit(accepted, ["id", "status", "workflow_id", "expires_at"])
+
+
+def _provision_bundle(ctx: Ctx, agent_id: str, file: Path, quiet: bool) -> None:
+    """POST the bundle as it is written: the API names the item and field at fault."""
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        _fail(f"{file}: not YAML/JSON ({err.__class__.__name__})")
+    items = data.get("nhis") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        _fail(f"{file}: expected a list of NHI requests (or a mapping with 'nhis')")
+    for item in items:
+        if isinstance(item, dict) and "kind" in item and "platform" not in item:
+            item["platform"] = PLATFORM_OF_KIND.get(str(item["kind"]), "")
+    accepted = ctx.api.call("POST", f"/v1/agents/{agent_id}/nhis:batch", json={"nhis": items})
+    if quiet:
+        click.echo(accepted["bundle_id"])
+        return
+    if ctx.as_json:
+        ctx.emit(accepted)
+        return
+    click.echo(f"bundle {accepted['bundle_id']} ({accepted['workflow_id']})")
+    ctx.emit(accepted["nhis"], ["id", "status", "workflow_id", "expires_at"])
+    if accepted.get("approval"):
+        approval = accepted["approval"]
+        reasons = "; ".join(approval["reasons"])
+        click.echo(f"waits for approval {approval['approval_id']}: {reasons}")
+
+
+@cli.group()
+def approvals() -> None:
+    """Requests waiting for approvers (the policy's `approvers`)."""
+
+
+APPROVAL_COLUMNS = ["id", "status", "agent_id", "requested_by", "approvals_required", "expires_at"]
+
+
+@approvals.command("list")
+@click.option("--all", "everything", is_flag=True, help="Decided and expired ones too.")
+@pass_ctx
+def approvals_list(ctx: Ctx, everything: bool) -> None:
+    """Pending requests you may decide (security and admin: every one)."""
+    params = {"all": "true"} if everything else {}
+    ctx.emit(ctx.api.call("GET", "/v1/approvals", params=params), APPROVAL_COLUMNS)
+
+
+@approvals.command("approve")
+@click.argument("approval_id")
+@click.option("--reason", required=True)
+@pass_ctx
+def approvals_approve(ctx: Ctx, approval_id: str, reason: str) -> None:
+    """Approve a request (a bundle as a whole)."""
+    ctx.emit(
+        ctx.api.call("POST", f"/v1/approvals/{approval_id}/approve", json={"reason": reason}),
+        APPROVAL_COLUMNS,
+    )
+
+
+@approvals.command("deny")
+@click.argument("approval_id")
+@click.option("--reason", required=True)
+@pass_ctx
+def approvals_deny(ctx: Ctx, approval_id: str, reason: str) -> None:
+    """Deny a request, with the reason."""
+    ctx.emit(
+        ctx.api.call("POST", f"/v1/approvals/{approval_id}/deny", json={"reason": reason}),
+        APPROVAL_COLUMNS,
+    )
 
 
 @cli.group()
@@ -573,6 +659,72 @@ def decommission(ctx: Ctx, nhi_id: str, reason: str) -> None:
 def restore(ctx: Ctx, nhi_id: str, reason: str) -> None:
     """Undo a quarantine during the grace period."""
     _lifecycle(ctx, nhi_id, "restore", {"reason": reason})
+
+
+# ---- containment (issue 17) -----------------------------------------------------------------
+INCIDENT_COLUMNS = ["id", "agent_id", "status", "opened_by", "opened_at", "contained_at"]
+PROOF_COLUMNS = ["credential", "platform", "action", "proof", "proven", "at"]
+
+
+@cli.command()
+@click.argument("agent_id")
+@click.option("--reason", required=True, help="Why (recorded on the incident).")
+@pass_ctx
+def contain(ctx: Ctx, agent_id: str, reason: str) -> None:
+    """Contain an agent now: every credential quarantined and proven dead (security)."""
+    ctx.emit(
+        ctx.api.call("POST", f"/v1/agents/{agent_id}/contain", json={"reason": reason}),
+        INCIDENT_COLUMNS,
+    )
+
+
+@cli.command()
+@click.argument("agent_id")
+@click.option("--reason", required=True, help="Why containment is lifted.")
+@pass_ctx
+def release(ctx: Ctx, agent_id: str, reason: str) -> None:
+    """Lift an agent's containment (a second person: not the one who contained it)."""
+    ctx.emit(
+        ctx.api.call("POST", f"/v1/agents/{agent_id}/release", json={"reason": reason}),
+        [*INCIDENT_COLUMNS, "released_by"],
+    )
+
+
+@cli.group("incidents")
+def incidents_group() -> None:
+    """Containment incidents."""
+
+
+@incidents_group.command("list")
+@click.option("--agent", "agent_id", help="Only this agent's incidents.")
+@click.option(
+    "--status",
+    type=click.Choice(["containing", "contained", "partially_contained", "released"]),
+)
+@pass_ctx
+def incidents_list(ctx: Ctx, agent_id: str | None, status: str | None) -> None:
+    """Incidents, newest first."""
+    params = {k: v for k, v in (("agent_id", agent_id), ("status", status)) if v}
+    ctx.emit(ctx.api.call("GET", "/v1/incidents", params=params), INCIDENT_COLUMNS)
+
+
+@incidents_group.command("show")
+@click.argument("incident_id")
+@pass_ctx
+def incidents_show(ctx: Ctx, incident_id: str) -> None:
+    """One incident: each credential with the proof it is dead, and the timeline."""
+    incident = ctx.api.call("GET", f"/v1/incidents/{incident_id}")
+    if ctx.as_json:
+        ctx.emit(incident)
+        return
+    ctx.emit(incident, [*INCIDENT_COLUMNS, "released_by", "reason"])
+    report = incident.get("report") or {}
+    if report.get("cause"):
+        click.echo(f"\ncause: {report['cause']}")
+    click.echo("")
+    ctx.emit(report.get("credentials") or [], PROOF_COLUMNS)
+    click.echo("")
+    ctx.emit(report.get("timeline") or [], ["at", "event", "detail"])
 
 
 @agents.command("complete")
@@ -949,7 +1101,7 @@ def schedules_list() -> None:
 
     async def describe(client: Any, _settings: Any) -> list[str]:
         out = []
-        for schedule_id in schedule_ids():
+        for schedule_id in schedule_ids(_settings):
             d = await client.get_schedule_handle(schedule_id).describe()
             nxt = d.info.next_action_times[0] if d.info.next_action_times else None
             paused = "paused" if d.schedule.state.paused else "active"
@@ -1053,6 +1205,89 @@ def temporal_setup() -> None:
         lambda client, s: register_search_attributes(client, s.temporal_namespace)
     ):
         click.echo(line)
+
+
+# ---- activity and findings (issue 17) -------------------------------------------------------
+FINDING_COLUMNS = ["id", "severity", "kind", "nhi_id", "occurred_at", "summary", "acked_by"]
+IMPORT_COLUMNS = [
+    "file_count",
+    "failed_files",
+    "events",
+    "new",
+    "duplicates",
+    "unmatched",
+    "findings",
+]
+
+
+@cli.group()
+def activity() -> None:
+    """Import NHI activity (CloudTrail, Postgres csvlog) and judge it against baselines."""
+
+
+@activity.command("import")
+@click.argument("location")
+@click.option("--no-wait", is_flag=True, help="Return once the import has started.")
+@pass_ctx
+def activity_import(ctx: Ctx, location: str, no_wait: bool) -> None:
+    """Import log files from s3://bucket/prefix (or, in dev mode, a path on the worker)."""
+    started = ctx.api.call("POST", "/v1/activity/imports", json={"location": location})
+    if no_wait:
+        ctx.emit(started, ["workflow_id"])
+        return
+    deadline = time.monotonic() + 3600
+    current = ctx.api.call("GET", f"/v1/activity/imports/{started['workflow_id']}")
+    while current["status"] == "running":
+        if time.monotonic() > deadline:
+            _fail(f"import {started['workflow_id']} still running")
+        time.sleep(1)
+        current = ctx.api.call("GET", f"/v1/activity/imports/{started['workflow_id']}")
+    outcome = current.get("outcome")
+    if current["status"] != "completed" or outcome is None:
+        _fail(f"import {started['workflow_id']} {current['status']}")
+    if ctx.as_json:
+        ctx.emit(outcome)
+        return
+    ctx.emit(outcome, IMPORT_COLUMNS)
+    for f in outcome["files"]:
+        if f["error"]:
+            click.echo(f"FAILED {f['name']}: {f['error']}", err=True)
+    if outcome["failed_files"]:
+        raise SystemExit(1)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--agent", default=None, help="Only this agent's findings (its id).")
+@click.option("--since", default=None, help="ISO 8601 time with a timezone.")
+@click.option("--severity", default=None, type=click.Choice(["low", "medium", "high", "critical"]))
+@click.option("--limit", default=100, show_default=True, type=int)
+@click.pass_context
+def findings(
+    click_ctx: click.Context,
+    agent: str | None,
+    since: str | None,
+    severity: str | None,
+    limit: int,
+) -> None:
+    """Activity findings, newest first; `nhi findings ack ID --reason ...` acknowledges one."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    ctx: Ctx = click_ctx.obj
+    params: dict[str, str | int] = {"limit": limit}
+    for key, value in (("agent", agent), ("since", since), ("severity", severity)):
+        if value is not None:
+            params[key] = value
+    ctx.emit(ctx.api.call("GET", "/v1/findings", params=params), FINDING_COLUMNS)
+
+
+@findings.command("ack")
+@click.argument("finding_id")
+@click.option("--reason", required=True, help="Why it needs nothing more (audited).")
+@pass_ctx
+def findings_ack(ctx: Ctx, finding_id: str, reason: str) -> None:
+    """Acknowledge a finding (security or admin)."""
+    body = {"reason": reason}
+    ctx.emit(ctx.api.call("POST", f"/v1/findings/{finding_id}/ack", json=body), FINDING_COLUMNS)
 
 
 # ---- operations -----------------------------------------------------------------------------

@@ -208,6 +208,38 @@ def _demo_target(embedded: EmbeddedPostgres, env: dict[str, str]) -> None:
     )
 
 
+DEV_BAO_ADDRESS = "127.0.0.1:8200"
+
+
+def _start_bao(children: Children, settings: Settings, env: dict[str, str], deadline: float) -> str:
+    """`NHI_VAULT_DEV`: an OpenBao dev server (in memory, loopback only) with the AppRole
+    auth method enabled, and the children pointed at it. Returns its address."""
+    host, port = _split(DEV_BAO_ADDRESS)
+    _require_free(host, port, "OpenBao")
+    token = secrets.token_urlsafe(24)
+    bao = children.start(
+        "openbao",
+        [
+            _tool("bao"), "server", "-dev",
+            f"-dev-root-token-id={token}", f"-dev-listen-address={DEV_BAO_ADDRESS}",
+        ],
+        env,
+        to_file=True,
+    )  # fmt: skip
+    _wait_port(host, port, "OpenBao", bao, deadline)
+    addr = f"http://{DEV_BAO_ADDRESS}"
+    response = httpx.post(
+        f"{addr}/v1/sys/auth/{settings.vault_approle_mount}",
+        json={"type": "approle"},
+        headers={"X-Vault-Token": token},
+        timeout=10,
+    )
+    if response.status_code >= 400 and "already in use" not in response.text:
+        raise DevError(f"OpenBao refused to enable AppRole: HTTP {response.status_code}")
+    env.update(NHI_VAULT_ADDR=addr, NHI_VAULT_TOKEN=token)
+    return addr
+
+
 def _admin_token(db_url: str, data_dir: Path) -> str:
     """A fresh admin token for this local instance (earlier dev tokens are revoked), kept in
     `<data dir>/admin-token` with mode 0600."""
@@ -311,6 +343,8 @@ def run_dev(settings: Settings) -> int:
             env.setdefault("AWS_ACCESS_KEY_ID", "testing")
             env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
+        if settings.vault_dev:
+            _start_bao(children, settings, env, deadline)
         upgrade_head(db_url)
         if embedded is not None:
             _demo_target(embedded, env)

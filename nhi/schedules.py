@@ -19,31 +19,49 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
+from activities.activity_import import ActivityImportInput
 from activities.reaper import ReaperInput
 from models.contracts import SweepInput
 from nhi.infra.config import Settings
 from nhi.rules.ids import (
+    activity_import_schedule_id,
+    activity_import_workflow_id,
     sweep_schedule_id,
     sweep_workflow_id,
     task_reaper_schedule_id,
     task_reaper_workflow_id,
 )
+from workflows.activity_import import ActivityImportWorkflow
 from workflows.reaper import TaskReaperWorkflow
 from workflows.sweep import SweepWorkflow
 
-PROVIDERS = ("aws", "postgres")
+PROVIDERS = ("aws", "postgres", "github")
+
+
+def swept_providers(settings: Settings | None) -> tuple[str, ...]:
+    """Providers with a sweep schedule: Vault's only where `NHI_VAULT_ADDR` is set (a worker
+    without it builds no Vault provider, so its sweeps would fail with `NoProvider`)."""
+    return (*PROVIDERS, "vault") if settings is not None and settings.vault_addr else PROVIDERS
+
+
 # What `nhi schedules pause|resume|trigger` accepts besides a provider's name.
 TASK_REAPER = "task-reaper"
+ACTIVITY_IMPORT = "activity-import"
 
 
 def schedule_id_of(name: str) -> str:
-    """The schedule a CLI name means: a provider's sweep, or `task-reaper`."""
+    """The schedule a CLI name means: a provider's sweep, `task-reaper` or `activity-import`."""
+    if name == ACTIVITY_IMPORT:
+        return activity_import_schedule_id()
     return task_reaper_schedule_id() if name == TASK_REAPER else sweep_schedule_id(name)
 
 
-def schedule_ids() -> list[str]:
-    """Every schedule this service keeps."""
-    return [*(sweep_schedule_id(p) for p in PROVIDERS), task_reaper_schedule_id()]
+def schedule_ids(settings: Settings | None = None) -> list[str]:
+    """Every schedule this service keeps (the activity import's only when configured)."""
+    ids = [*(sweep_schedule_id(p) for p in swept_providers(settings)), task_reaper_schedule_id()]
+    if settings is not None and settings.activity_s3_prefix:
+        ids.append(activity_import_schedule_id())
+    return ids
 
 
 def sweep_schedule(settings: Settings, provider: str) -> Schedule:
@@ -86,10 +104,29 @@ def task_reaper_schedule(settings: Settings) -> Schedule:
     )
 
 
+def activity_import_schedule(settings: Settings) -> Schedule:
+    """The scheduled import of `NHI_ACTIVITY_S3_PREFIX` after its cursor: overlap SKIP (a long
+    import is not doubled), and a missed fire is not caught up (the next run reads on from
+    the cursor anyway)."""
+    every = timedelta(seconds=settings.activity_import_interval_seconds)
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            ActivityImportWorkflow.run,
+            ActivityImportInput(scheduled=True),
+            id=activity_import_workflow_id(),
+            task_queue=settings.temporal_task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=every),
+    )
+
+
 async def apply_schedules(client: Client, settings: Settings) -> list[str]:
     """Create missing schedules and bring existing ones up to date (keeping pause state)."""
-    wanted = {sweep_schedule_id(p): sweep_schedule(settings, p) for p in PROVIDERS}
+    wanted = {sweep_schedule_id(p): sweep_schedule(settings, p) for p in swept_providers(settings)}
     wanted[task_reaper_schedule_id()] = task_reaper_schedule(settings)
+    if settings.activity_s3_prefix:
+        wanted[activity_import_schedule_id()] = activity_import_schedule(settings)
     return [await _apply(client, schedule_id, schedule) for schedule_id, schedule in wanted.items()]
 
 

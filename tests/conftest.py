@@ -7,12 +7,15 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 import pytest_asyncio
 from psycopg import sql
+from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.api.enums.v1 import IndexedValueType
@@ -25,9 +28,13 @@ from nhi.infra.config import Settings
 from nhi.infra.db import make_engine, make_sessionmaker, upgrade_head
 from nhi.infra.embedded_postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
 from nhi.rules import search_attributes
+from tests.bao_server import BaoServer
 from tests.helpers import free_port, start_moto
 from tests.pg_cluster import PgCluster
 from worker import build_worker
+
+if TYPE_CHECKING:
+    from tests.github_emulator import GithubEmulator
 
 
 def binary(name: str) -> str:
@@ -108,8 +115,36 @@ def moto_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, moto_url: str) -> Settings:
+def github_app(moto_url: str) -> Iterator[GithubApp]:
+    """A GitHub emulator (tests/github_emulator.py) with one app installed on `acme`, its
+    private key in moto's Secrets Manager as a deployment keeps it."""
+    import boto3
+
+    from tests.github_emulator import GithubEmulator, new_app_key
+
+    private, public = new_app_key()
+    app = GithubApp(app_id="4242", installation_id=77, private_key=private)
+    boto3.client("secretsmanager", endpoint_url=moto_url, region_name="us-east-1").create_secret(
+        Name=app.key_secret, SecretString=private
+    )
+    with GithubEmulator(app.app_id, public) as emulator:
+        emulator.add_installation(app.installation_id, "acme", GITHUB_APP_PERMISSIONS)
+        for name in ("acme/api", "acme/web"):
+            emulator.add_repository(name, {"README.md": b"# " + name.encode()})
+        app.emulator = emulator
+        yield app
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, moto_url: str, github_app: GithubApp, bao: BaoServer) -> Settings:
     return Settings(
+        # Workers get the `vault` platform and `vault_kv` delivery (tests/test_vault.py).
+        vault_addr=bao.addr,
+        vault_token=SecretStr(bao.token),
+        github_api_url=github_app.emulator.url,
+        github_app_id=github_app.app_id,
+        github_app_private_key_secret=github_app.key_secret,
+        github_installation_id=github_app.installation_id,
         database_url=database_url,
         aws_endpoint_url=moto_url,
         aws_region="us-east-1",
@@ -174,6 +209,20 @@ def dev_address(env: WorkflowEnvironment) -> str:
     return env.client.service_client.config.target_host
 
 
+GITHUB_APP_PERMISSIONS = {"contents": "write", "pull_requests": "write", "metadata": "read"}
+
+
+@dataclass
+class GithubApp:
+    """The suite's GitHub App: its id, installation, key (test-only) and emulator."""
+
+    app_id: str
+    installation_id: int
+    private_key: str = field(repr=False)
+    key_secret: str = "nhi-test/github-app-private-key"
+    emulator: GithubEmulator = field(init=False, repr=False)
+
+
 class Service:
     """The API over real HTTP plus a worker, on the Temporal dev server: the service as deployed."""
 
@@ -223,6 +272,16 @@ async def service(
     async with worker:
         with ApiServer(create_app(svc_settings)) as server:
             yield Service(svc_settings, server.url, dev_env, sessions)
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaoServer]:
+    """A real OpenBao dev server (tests/bao_server.py), AppRole enabled, KV v2 at `secret/`."""
+    server = BaoServer(binary("bao"), tmp_path_factory.mktemp("bao") / "bao.log")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

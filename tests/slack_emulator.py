@@ -124,7 +124,15 @@ class SlackEmulator:
             "chat.postMessage": self._chat_post_message,
             "chat.update": self._chat_update,
             "chat.postEphemeral": self._chat_post_ephemeral,
+            "usergroups.list": self._usergroups_list,
+            "usergroups.users.list": self._usergroups_users_list,
+            "conversations.members": self._conversations_members,
+            "views.open": self._views_open,
         }
+        # User groups by id: (handle, member ids); channel members by channel; opened views.
+        self._groups: dict[str, tuple[str, list[str]]] = {}
+        self._members: dict[str, list[str]] = {}
+        self.views: list[dict[str, Any]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -183,6 +191,18 @@ class SlackEmulator:
             self._users[user_id] = user
             self._user_by_email[email.lower()] = user_id
         return user_id
+
+    def add_usergroup(self, handle: str, user_ids: list[str]) -> str:
+        """A user group (`@handle`) with these members; returns its `S...` id."""
+        with self._lock:
+            group_id = f"S{len(self._groups) + 1:08d}"
+            self._groups[group_id] = (handle, list(user_ids))
+            return group_id
+
+    def set_channel_members(self, channel: str, user_ids: list[str]) -> None:
+        """Who is in a channel (`conversations.members`)."""
+        with self._lock:
+            self._members[channel] = list(user_ids)
 
     @property
     def calls(self) -> list[Call]:
@@ -362,6 +382,36 @@ class SlackEmulator:
             "text": message.text,
             "message": _message_json(message),
         }
+
+    def _usergroups_list(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "usergroups": [
+                {"id": gid, "handle": handle, "name": handle, "user_count": len(users)}
+                for gid, (handle, users) in self._groups.items()
+            ]
+        }
+
+    def _usergroups_users_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        group = self._groups.get(str(args.get("usergroup", "")))
+        if group is None:
+            raise _ApiError("no_such_subteam")
+        return {"users": list(group[1])}
+
+    def _conversations_members(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel = str(args.get("channel", ""))
+        if channel not in self._members:
+            raise _ApiError("channel_not_found")
+        return {"members": list(self._members[channel]), "response_metadata": {"next_cursor": ""}}
+
+    def _views_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not args.get("trigger_id"):
+            raise _ApiError("invalid_trigger_id")
+        view = args.get("view")
+        if not isinstance(view, dict):
+            raise _ApiError("invalid_arguments")
+        view_id = f"V{len(self.views) + 1:08d}"
+        self.views.append({"id": view_id, "trigger_id": args["trigger_id"], **view})
+        return {"view": {"id": view_id, **view}}
 
     def _chat_post_ephemeral(self, args: dict[str, Any]) -> dict[str, Any]:
         self._resolve_channel(args.get("channel"))

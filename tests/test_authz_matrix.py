@@ -10,12 +10,14 @@ moto are compared before and after each refused call.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 from sqlalchemy import func, or_, select
@@ -23,7 +25,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from models.enums import Role
-from models.orm import Agent, AgentInvoker, ApiToken, AuditEvent, Nhi, Policy, Prompt, Sweep, Target
+from models.orm import (
+    ActivityEvent,
+    ActivityFinding,
+    Agent,
+    AgentInvoker,
+    ApiToken,
+    Approval,
+    AuditEvent,
+    Incident,
+    Nhi,
+    Policy,
+    Prompt,
+    Sweep,
+    Target,
+)
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.db import transaction
 from nhi.services.auth import issue_token, revoke_token
@@ -47,6 +63,8 @@ ALL = frozenset(PRINCIPALS)
 HIDDEN = frozenset({"platform_other"})  # who may not see the world's agent: 404
 SEES = ALL - HIDDEN
 SWEEP_READERS = frozenset({"security", "auditor", "auditor_owner", "admin"})
+# An approval nobody waits on any more: only readers see it (anyone else: 404).
+APPROVAL_READERS = SWEEP_READERS
 
 # The README's table as data: (allowed, hidden) per operation; everyone else gets 403.
 Cell = tuple[frozenset[str], frozenset[str]]
@@ -81,6 +99,32 @@ TABLE: dict[tuple[str, str], Cell] = {
     ),
     ("GET", "/v1/agents/{agent_id}/footprint"): (SEES, HIDDEN),
     ("GET", "/v1/footprints"): (ALL, frozenset()),
+    # Approvals (issue 16): bundles are requests; approvers decide; readers see every one.
+    ("POST", "/v1/agents/{agent_id}/nhis:batch"): (frozenset({"platform"}), HIDDEN),
+    ("GET", "/v1/approvals"): (ALL, frozenset()),
+    ("GET", "/v1/approvals/{approval_id}"): (
+        APPROVAL_READERS, ALL - APPROVAL_READERS,
+    ),
+    ("POST", "/v1/approvals/{approval_id}/approve"): (frozenset({"approver"}), frozenset()),
+    ("POST", "/v1/approvals/{approval_id}/deny"): (frozenset({"approver"}), frozenset()),
+    # Containment (issue 17): security or admin contain; a second person (approver, security,
+    # admin) releases; incidents are read like their agent.
+    ("POST", "/v1/agents/{agent_id}/contain"): (frozenset({"security", "admin"}), HIDDEN),
+    ("POST", "/v1/agents/{agent_id}/release"): (
+        frozenset({"approver", "security", "admin"}), HIDDEN,
+    ),
+    ("GET", "/v1/incidents"): (ALL, frozenset()),
+    ("GET", "/v1/incidents/{incident_id}"): (SEES, HIDDEN),
+    # Activity (issue 17): events can contain an agent, so only those who may contain post or
+    # import them; findings are read like their agent and acknowledged by security or admin.
+    ("POST", "/v1/activity"): (frozenset({"security", "admin"}), frozenset()),
+    ("POST", "/v1/activity/imports"): (frozenset({"security", "admin"}), frozenset()),
+    ("GET", "/v1/activity/imports/{workflow_id}"): (
+        frozenset({"security", "admin", "auditor", "auditor_owner"}), frozenset(),
+    ),
+    ("GET", "/v1/findings"): (ALL, frozenset()),
+    ("GET", "/v1/findings/{finding_id}"): (SEES, HIDDEN),
+    ("POST", "/v1/findings/{finding_id}/ack"): (frozenset({"security", "admin"}), frozenset()),
     ("GET", "/v1/policies"): (ALL, frozenset()),
     ("PUT", "/v1/policies"): (frozenset({"admin"}), frozenset()),
     ("GET", "/v1/prompts"): (ALL, frozenset()),
@@ -111,9 +155,12 @@ def test_the_table_covers_every_v1_operation() -> None:
 World = dict[str, str]
 
 
-def _world(sessions: sessionmaker[Session]) -> World:
+def _world(sessions: sessionmaker[Session], import_id: str) -> World:
     """An agent of team `search` (owner OWNER, backup BACKUP), an active NHI with no workflow,
-    an open prompt, a sweep, a target and a token to revoke: straight in the database."""
+    an open prompt, a sweep, a target, a token to revoke, an incident of the agent opened by
+    someone else (so any releaser is a second person) and an unacknowledged finding: straight
+    in the database. `import_id` is an activity import started through the API. Each world has
+    an agent of its own, so a contain or release acts on that world only."""
     now = datetime.now(UTC)
     with transaction(sessions) as s:
         agent = Agent(
@@ -147,7 +194,21 @@ def _world(sessions: sessionmaker[Session]) -> World:
         )  # fmt: skip
         invoker = AgentInvoker(agent_id=agent.id, kind="service", ref="matrix", channel="api",
                                added_by="test")  # fmt: skip
-        s.add_all([prompt, sweep, target, invoker])
+        approval = Approval(
+            agent_id=agent.id, workflow_id=unique("approval-wf"), bundle=False,
+            nhi_ids=[str(nhi_id)], approvers=[], approvals_required=1, requested_by="test",
+            requested_by_person="test", status="pending", reasons=[], summary={}, decisions=[],
+            expires_at=now + timedelta(days=3),
+        )  # fmt: skip
+        incident = Incident(
+            agent_id=agent.id, status="contained", reason="matrix", opened_by="token:matrix-opener",
+            opened_by_person="email:opener@example.com", report={},
+        )  # fmt: skip
+        finding = ActivityFinding(
+            nhi_id=nhi_id, agent_id=agent.id, kind="out_of_scope", severity="high",
+            summary="matrix", evidence={}, occurred_at=now,
+        )  # fmt: skip
+        s.add_all([prompt, sweep, target, invoker, approval, incident, finding])
         row, _ = issue_token(
             s, name=unique("victim"), role=Role.AUDITOR, ttl="1d", created_by="test"
         )
@@ -158,6 +219,10 @@ def _world(sessions: sessionmaker[Session]) -> World:
             "nhi_id": str(nhi_id),
             "prompt_id": str(prompt.id),
             "invoker_id": str(invoker.id),
+            "approval_id": str(approval.id),
+            "incident_id": str(incident.id),
+            "finding_id": str(finding.id),
+            "workflow_id": import_id,
             "sweep_id": str(sweep.id),
             "token": row.name,
             "token_id": str(row.id),
@@ -173,7 +238,9 @@ def _url(path: str, world: World) -> str:
 def _missing(path: str, world: World) -> World:
     """The same world with every id in the path replaced by one that does not exist."""
     return world | {
-        k: str(uuid.uuid4()) for k in ("agent_id", "nhi_id", "prompt_id", "invoker_id") if k in path
+        k: str(uuid.uuid4())
+        for k in ("agent_id", "nhi_id", "prompt_id", "invoker_id", "incident_id", "finding_id")
+        if k in path
     }
 
 
@@ -191,7 +258,7 @@ def _snapshot(
 
         state = (
             count(Agent), count(Nhi), count(Policy), count(Target), count(ApiToken),
-            count(AgentInvoker),
+            count(AgentInvoker), count(Incident), count(ActivityEvent),
             s.scalar(select(func.max(Policy.updated_at))),
             s.scalar(
                 select(func.count()).select_from(AuditEvent).where(
@@ -202,6 +269,12 @@ def _snapshot(
             s.scalar(select(Nhi.status).where(Nhi.id == uuid.UUID(world["nhi_id"]))),
             s.scalar(select(Prompt.status).where(Prompt.id == uuid.UUID(world["prompt_id"]))),
             s.scalar(select(ApiToken.revoked_at).where(ApiToken.name == world["token"])),
+            s.scalar(select(Incident.status).where(Incident.id == uuid.UUID(world["incident_id"]))),
+            s.scalar(
+                select(ActivityFinding.acked_at).where(
+                    ActivityFinding.id == uuid.UUID(world["finding_id"])
+                )
+            ),
         )  # fmt: skip
     identities = []
     for operation, key in (("list_roles", "Roles"), ("list_users", "Users")):
@@ -267,7 +340,28 @@ def staging_policy(service: Service, credentials: dict[str, str]) -> Iterator[di
     }
 
 
-def _bodies(policy: dict[str, Any]) -> dict[tuple[str, str], Callable[[], Any]]:
+@pytest.fixture(scope="module")
+def import_location(aws: AwsClients) -> str:
+    """An existing (empty) bucket for activity imports: the import finds nothing and ends."""
+    s3 = boto3.client("s3", region_name=aws.region, endpoint_url=aws.endpoint_url)
+    bucket = "nhi-matrix-activity"
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/logs/"
+
+
+@pytest.fixture(scope="module")
+def import_id(service: Service, credentials: dict[str, str], import_location: str) -> str:
+    """A real import started through the API, so its readers are answered about it."""
+    response = httpx.post(
+        f"{service.url}/v1/activity/imports", json={"location": import_location},
+        headers=bearer(credentials["allowed:admin"]), timeout=30,
+    )  # fmt: skip
+    assert response.status_code == 202, response.text
+    return str(response.json()["workflow_id"])
+
+
+def _bodies(policy: dict[str, Any], location: str) -> dict[tuple[str, str], Callable[[], Any]]:
     """A valid body per operation, so a refusal is about the caller, never the input."""
     reason = lambda: {"reason": "matrix"}  # noqa: E731
     return {
@@ -280,7 +374,20 @@ def _bodies(policy: dict[str, Any]) -> dict[tuple[str, str], Callable[[], Any]]:
             "kind": "person", "ref": "eve@example.com", "channel": "slack",
         },
         ("POST", "/v1/nhis/{nhi_id}/approve"): reason,
+        ("POST", "/v1/approvals/{approval_id}/approve"): reason,
+        ("POST", "/v1/approvals/{approval_id}/deny"): reason,
+        ("POST", "/v1/agents/{agent_id}/nhis:batch"): lambda: {"nhis": [{
+            "platform": "aws", "kind": "iam_role", "scope": ROLE_SCOPE, "trust_principal": TRUST,
+        }]},
         ("POST", "/v1/nhis/{nhi_id}/deny"): reason,
+        ("POST", "/v1/agents/{agent_id}/contain"): reason,
+        ("POST", "/v1/agents/{agent_id}/release"): reason,
+        ("POST", "/v1/findings/{finding_id}/ack"): reason,
+        ("POST", "/v1/activity"): lambda: {"events": [{
+            "time": datetime.now(UTC).isoformat(), "identity": "matrix-nobody",
+            "action": "s3:GetObject",
+        }]},
+        ("POST", "/v1/activity/imports"): lambda: {"location": location},
         ("POST", "/v1/nhis/{nhi_id}/renew"): reason,
         ("POST", "/v1/nhis/{nhi_id}/rotate"): reason,
         ("POST", "/v1/nhis/{nhi_id}/decommission"): reason,
@@ -310,11 +417,13 @@ async def test_every_role_gets_the_tables_answer_and_refusals_change_nothing(
     credentials: dict[str, str],
     actors: list[str],
     staging_policy: dict[str, Any],
+    import_location: str,
+    import_id: str,
     method: str,
     path: str,
 ) -> None:
     allowed, hidden = TABLE[(method, path)]
-    make_body = _bodies(staging_policy).get((method, path))
+    make_body = _bodies(staging_policy, import_location).get((method, path))
     iam_path = service.settings.iam_path
 
     async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
@@ -326,7 +435,7 @@ async def test_every_role_gets_the_tables_answer_and_refusals_change_nothing(
             return await http.request(method, _url(path, world), json=body, headers=headers)
 
         # Refusals first, on one world they must leave exactly as it was.
-        world = _world(sessions)
+        world = _world(sessions, import_id)
         for who in [*BAD_CREDENTIALS, *sorted(ALL - allowed)]:
             before = _snapshot(sessions, aws, iam_path, world, actors)
             response = await call(who, world)
@@ -350,6 +459,6 @@ async def test_every_role_gets_the_tables_answer_and_refusals_change_nothing(
 
         # Then every allowed caller, each on a world of its own (its call may change it).
         for who in sorted(allowed):
-            response = await call(who, _world(sessions), "allowed")
+            response = await call(who, _world(sessions, import_id), "allowed")
             assert response.status_code not in (401, 403, 404), (who, response.text)
             assert response.status_code < 500, (who, response.status_code, response.text)

@@ -236,18 +236,19 @@ async def test_hostile_corpus_is_refused_naming_the_field_and_changes_nothing(
         "reminder_offsets": seeded["reminder_offsets_seconds"],
         "forbidden_actions": seeded["forbidden_actions"],
     }
+    nhi = {
+        "platform": "aws",
+        "kind": "iam_role",
+        "scope": ROLE_SCOPE,
+        "ttl": "1d",
+        "allowed_cidrs": ["10.0.0.0/8"],
+        "trust_principal": TRUST,
+    }
     # A valid body per operation, so a value that slips through would reach the inventory and
     # be seen; an operation missing here is still fuzzed, field by field, from `{}`.
     bodies: dict[str, Any] = {
         "POST /v1/agents": agent_body(team="search", invokers=[TRUST]),
-        "POST /v1/agents/{agent_id}/nhis": {
-            "platform": "aws",
-            "kind": "iam_role",
-            "scope": ROLE_SCOPE,
-            "ttl": "1d",
-            "allowed_cidrs": ["10.0.0.0/8"],
-            "trust_principal": TRUST,
-        },
+        "POST /v1/agents/{agent_id}/nhis": nhi,
         "PUT /v1/policies": {"policies": [policy]},
         "POST /v1/tokens": {
             "name": "hostile-new",
@@ -265,6 +266,39 @@ async def test_hostile_corpus_is_refused_naming_the_field_and_changes_nothing(
         "POST /v1/sweeps": {"provider": "aws", "dry_run": True},
         "POST /v1/nhis/{nhi_id}/renew": {"reason": "hostile", "extend_by": "1d"},
         "POST /v1/prompts/{prompt_id}/answer": {"reason": "hostile", "answer": "renew"},
+        "POST /v1/agents/{agent_id}/nhis:batch": {"nhis": [nhi]},
+        "POST /v1/agents/{agent_id}/invokers": {
+            "kind": "person",
+            "ref": "eve@example.com",
+            "channel": "slack",
+            "expires_at": "2030-01-01T00:00:00Z",
+        },
+        "POST /v1/nhis/{nhi_id}/credentials": {
+            "ttl": "15m",
+            "task_id": "hostile-task",
+            "scope": ROLE_SCOPE,
+        },
+        "POST /v1/activity": {
+            "source": "hostile",
+            "events": [
+                {
+                    "id": "hostile-1",
+                    "time": "2026-11-30T12:00:00Z",
+                    "identity": "hostile-nobody",
+                    "action": "s3:GetObject",
+                    "resource": "arn:aws:s3:::hostile/x",
+                    "source_ip": "10.0.0.1",
+                    "user_agent": "hostile-agent",
+                    "outcome": "success",
+                }
+            ],
+        },
+        "POST /v1/activity/imports": {"location": "s3://hostile-bucket/logs/"},
+        "POST /v1/findings/{finding_id}/ack": {"reason": "hostile"},
+        "POST /v1/approvals/{approval_id}/approve": {"reason": "hostile"},
+        "POST /v1/approvals/{approval_id}/deny": {"reason": "hostile"},
+        "POST /v1/agents/{agent_id}/contain": {"reason": "hostile"},
+        "POST /v1/agents/{agent_id}/release": {"reason": "hostile"},
     }
     path_values = {"agent_id": agent_id, "name": "hostile-none"}
     spec = (await caller.client.get("/openapi.json")).json()

@@ -21,6 +21,8 @@ def test_workflow_ids_keep_their_formats() -> None:
     assert ids.lifecycle_workflow_id(NHI) == "nhi-0b9a3c1e-4f7d-4e2a-9c5b-1d2e3f405162"
     assert ids.provision_workflow_id(NHI) == "nhi-provision-0b9a3c1e-4f7d-4e2a-9c5b-1d2e3f405162"
     assert ids.sweep_workflow_id("aws") == "nhi-sweep-aws"
+    assert ids.containment_workflow_id(NHI) == "nhi-contain-0b9a3c1e-4f7d-4e2a-9c5b-1d2e3f405162"
+    assert ids.containment_workflow_id(str(NHI)) == ids.containment_workflow_id(NHI)
     assert ids.sweep_workflow_id("postgres") == "nhi-sweep-postgres"
     assert (
         ids.manual_sweep_workflow_id("aws", SWEEP)
@@ -43,6 +45,12 @@ def test_an_nhi_id_as_text_names_the_same_workflows() -> None:
 def test_schedule_ids_keep_their_formats() -> None:
     assert ids.sweep_schedule_id("aws") == "nhi-sweep-aws"
     assert ids.sweep_schedule_id("postgres") == "nhi-sweep-postgres"
+    assert ids.activity_import_schedule_id() == "nhi-activity-import"
+    assert ids.activity_import_workflow_id() == "nhi-activity-import"
+    assert (
+        ids.manual_activity_import_workflow_id(SWEEP)
+        == "nhi-activity-import-manual-2c3d4e5f-6a7b-4c8d-9e0f-a1b2c3d4e5f6"
+    )
 
 
 def test_update_ids_keep_their_formats() -> None:
@@ -55,6 +63,8 @@ def test_update_ids_keep_their_formats() -> None:
     assert ids.api_answer_update_id(PROMPT, "token:ana", None) == f"api-{PROMPT}-token:ana"
     assert ids.slack_answer_update_id(PROMPT, "U123", "17.5") == f"slack-{PROMPT}-U123-17.5"
     assert ids.completion_update_id(NHI) == f"complete-{NHI}"
+    assert ids.containment_update_id(NHI, SWEEP) == f"contain-{SWEEP}-{NHI}"
+    assert ids.release_update_id(NHI, SWEEP) == f"release-{SWEEP}-{NHI}"
     assert (
         ids.sweep_nudge_update_id("mark_missing", NHI, SWEEP) == f"sweep-mark_missing-{NHI}-{SWEEP}"
     )
@@ -83,8 +93,9 @@ def test_ids_of_different_things_never_collide() -> None:
         ids.sweep_workflow_id("aws"),
         ids.manual_sweep_workflow_id("aws", SWEEP),
         ids.orphan_workflow_id("iam_role", "nhi-x"),
+        ids.containment_workflow_id(NHI),
     }
-    assert len(built) == 5
+    assert len(built) == 6
     assert ids.sweep_workflow_id("aws") == ids.sweep_schedule_id("aws"), (
         "the schedule and the runs it starts share the operator-facing name"
     )
@@ -95,8 +106,8 @@ def test_ids_of_different_things_never_collide() -> None:
 def test_ids_are_built_only_in_the_ids_module() -> None:
     # The literal prefixes appear in code nowhere else: a new caller imports the builder.
     patterns = [
-        re.compile(r"""f["']nhi-(provision-|sweep-|orphan-)?\{"""),
-        re.compile(r"""f["'](sweep-|complete-|decide-|slack-|api-)\{"""),
+        re.compile(r"""f["']nhi-(provision-|sweep-|orphan-|contain-)?\{"""),
+        re.compile(r"""f["'](sweep-|complete-|decide-|slack-|api-|contain-|release-)\{"""),
         re.compile(r"""f["']\{action\}-\{digest\}"""),
     ]
     packages = ["api", "activities", "models", "nhi", "workflows"]

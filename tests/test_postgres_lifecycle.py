@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,12 +36,12 @@ from models.enums import NhiKind, Platform
 from models.orm import AuditEvent, Nhi
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import PostgresTargetSetting, Settings
-from nhi.infra.db import transaction
+from nhi.infra.db import make_engine, make_sessionmaker, transaction, upgrade_head
 from nhi.infra.slack_client import make_slack_client
 from nhi.rules.ids import provision_workflow_id
 from nhi.rules.pg_grants import group_name, role_names
 from nhi.services.target_registry import TargetRegistry
-from tests.conftest import dev_address
+from tests.conftest import Databases, dev_address
 from tests.helpers import eventually, provision, request_nhi, skip_until
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused
 from tests.slack_emulator import SlackEmulator
@@ -67,11 +67,22 @@ class Rig:
     target: str
 
 
+@pytest.fixture
+def own_sessions(databases: Databases) -> Iterator[sessionmaker[Session]]:
+    """An inventory of the rig's own: its sweeps judge every NHI the inventory holds, and the
+    suite's shared inventory holds other tests' NHIs, whose lifecycles run on other servers."""
+    url = databases.new("nhi_pglife")
+    upgrade_head(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
 @pytest_asyncio.fixture
 async def rig(
     ts_env: WorkflowEnvironment,
     settings: Settings,
-    sessions: sessionmaker[Session],
+    own_sessions: sessionmaker[Session],
     aws: AwsClients,
     cluster: PgCluster,
     monkeypatch: pytest.MonkeyPatch,
@@ -96,6 +107,7 @@ async def rig(
             "orphan_grace_seconds": 3600,
         }
     )
+    sessions = own_sessions
     queue = f"pg-life-{uuid.uuid4().hex[:8]}"
     async with build_worker(ts_env.client, rig_settings, sessions, aws, task_queue=queue):
         yield Rig(ts_env, rig_settings, sessions, aws, cluster, queue, target)

@@ -11,6 +11,9 @@ The histories in tests/histories/ and the tests that record them:
 | `aws_provision` | `test_aws_provisioning_of_today_replays` (here) | AWS provisioning through the provider interface, with an approval |
 | `sweep_aws`, `orphan_removal_aws`, `sweep_aws_missing` | `test_aws_sweeps_of_today_replay` (here) | sweeps acting on every kind of finding, and the orphan removal one starts |
 | `sweep_postgres` | `test_a_postgres_sweep_of_today_replays` (here) | a Postgres sweep: drift reverted, a role gone (missing), a target unreachable |
+| `lifecycle_rotation_overlap` | `test_rotation_overlap.py::test_rotations_during_an_overlap_retire_every_old_key` | two rotations within one overlap (AWS): every old key retired and deleted, with the `keep-every-retiring-key` patch |
+| `tagged_provision`, `tagged_lifecycle` | `test_search_attributes.py::test_readme_queries_return_the_right_workflows` (dev server) | runs started with search attributes: the `search-attributes` patch, status and expiry upserts, a tagged child start, a renewal |
+| `task_reaper` | `test_task_reaper.py::test_a_role_that_cannot_be_dropped_is_reap_failed_with_its_cause_alerted_once` | a reaper run with a blocked role and its alert |
 
 After a deliberate, patched change, refresh them with
 `NHI_RECORD_HISTORIES=1 pytest tests/test_replay.py tests/test_lifecycle.py
@@ -93,6 +96,10 @@ def test_golden_histories_are_committed() -> None:
         "sweep_aws_missing",
         "orphan_removal_aws",
         "sweep_postgres",
+        "lifecycle_rotation_overlap",
+        "tagged_provision",
+        "tagged_lifecycle",
+        "task_reaper",
     }
 
 

@@ -22,9 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.db import transaction
 from nhi.infra.logging import configure
-from tests.conftest import Service
+from tests.bao_server import BaoServer
+from tests.conftest import GithubApp, Service
 from tests.helpers import ROLE_SCOPE, agent_body, bearer, eventually
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, refused
+from tests.test_github import github_policy
+from tests.test_vault import kv_current, vault_policy
 
 
 def _decoded_strings(node: Any) -> Iterator[str]:
@@ -49,15 +52,22 @@ def _hits(secret: str, haystacks: list[str]) -> int:
     return sum(h.count(secret) for h in haystacks)
 
 
-@pytest.mark.parametrize("kind", ["iam_user_key", "postgres_role"])
+@pytest.mark.parametrize(
+    "kind",
+    ["iam_user_key", "postgres_role", "github_app_token", "vault_approle", "iam_user_key@vault_kv"],
+)
 async def test_the_secret_never_leaves_secrets_manager(
     kind: str,
     service: Service,
     sessions: sessionmaker[Session],
     aws: AwsClients,
     cluster: PgCluster,
+    github_app: GithubApp,
+    bao: BaoServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # `@vault_kv`: the same kind delivered into OpenBao's KV instead of Secrets Manager.
+    kind, _, delivery = kind.partition("@")
     # The target's admin password reaches the worker through its environment, as deployed.
     monkeypatch.setenv("NHI_TARGET_PASSWORD_LEAK", cluster.admin_password)
     configure("DEBUG")  # the most verbose production setting, libraries included
@@ -100,6 +110,22 @@ async def test_the_secret_never_leaves_secrets_manager(
                     "target": target,
                     "scope": [{"actions": ["SELECT"], "resources": ["docs.articles"]}],
                 }
+            if kind == "github_app_token":
+                github_policy(sessions)
+                request = {
+                    "platform": "github",
+                    "kind": kind,
+                    "scope": [{"actions": ["contents:read"], "resources": ["acme/api"]}],
+                }
+            if kind == "vault_approle":
+                vault_policy(sessions)
+                request = {
+                    "platform": "vault",
+                    "kind": kind,
+                    "scope": [{"actions": ["read"], "resources": ["secret/data/app/*"]}],
+                }
+            if delivery:
+                request["delivery"] = delivery
             accepted = await call("POST", f"/v1/agents/{agent['id']}/nhis", json=request)
 
             async def active() -> dict[str, Any]:
@@ -116,14 +142,35 @@ async def test_the_secret_never_leaves_secrets_manager(
         logging.getLogger().removeHandler(handler)
         configure("WARNING")
 
-    delivered = json.loads(
-        aws.secrets.get_secret_value(SecretId=nhi["credential_ref"], VersionStage="AWSCURRENT")[
-            "SecretString"
-        ]
+    if delivery:
+        assert nhi["credential_ref"].startswith("vault-kv://secret/")
+        delivered = kv_current(bao, "vault-kv:" + nhi["credential_ref"].split("/", 3)[3])
+    else:
+        delivered = json.loads(
+            aws.secrets.get_secret_value(SecretId=nhi["credential_ref"], VersionStage="AWSCURRENT")[
+                "SecretString"
+            ]
+        )
+    postgres, github = kind == "postgres_role", kind == "github_app_token"
+    vault = kind == "vault_approle"
+    secret = delivered[
+        "token"
+        if github
+        else "password"
+        if postgres
+        else "secret_id"
+        if vault
+        else "SecretAccessKey"
+    ]
+    # Not secret, and must be seen (a GitHub token's or a secret id's only trace in logs is
+    # its request line).
+    visible = (
+        "/access_tokens"
+        if github
+        else "/secret-id"
+        if vault
+        else delivered["username" if postgres else "AccessKeyId"]
     )
-    postgres = kind == "postgres_role"
-    secret = delivered["password" if postgres else "SecretAccessKey"]
-    visible = delivered["username" if postgres else "AccessKeyId"]  # not secret, must be seen
     assert len(secret) >= 20
     if postgres:
         assert not refused(delivered), "the delivered login works"
@@ -132,7 +179,7 @@ async def test_the_secret_never_leaves_secrets_manager(
     history_text = [json.dumps(MessageToDict(e)) for e in history.events]
     history_text += list(_decoded_strings([MessageToDict(e) for e in history.events]))
     assert any(nhi["name"] in h for h in history_text), "scan sees payloads"
-    if not postgres:
+    if not postgres and not github and not vault:
         assert any(visible in h for h in history_text)
 
     with transaction(sessions) as s:
@@ -155,6 +202,17 @@ async def test_the_secret_never_leaves_secrets_manager(
     assert _hits(secret, rows) == 0
     assert _hits(secret, responses) == 0
     assert _hits(secret, [logs]) == 0
+    # The GitHub App's private key (read by reference at every signing) is nowhere either:
+    # any one line of its PEM body would do, the longest is checked.
+    key_line = max(github_app.private_key.splitlines(), key=len)
+    assert _hits(key_line, [github_app.private_key]) == 1
+    for haystack in (history_text, rows, responses, [logs]):
+        assert _hits(key_line, haystack) == 0
+    # Nor is the token the service acts with in Vault.
+    assert service.settings.vault_token is not None
+    vault_token = service.settings.vault_token.get_secret_value()
+    for haystack in (history_text, rows, responses, [logs]):
+        assert _hits(vault_token, haystack) == 0
 
 
 async def test_a_task_credential_appears_only_in_its_one_response(

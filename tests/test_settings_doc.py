@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _table() -> dict[str, str]:
-    rows = re.findall(r"^\| `(NHI_[A-Z_]+)` \| ([^|]+) \|", README.read_text(), re.MULTILINE)
+    rows = re.findall(r"^\| `(NHI_[A-Z0-9_]+)` \| ([^|]+) \|", README.read_text(), re.MULTILINE)
     return {name: default.strip() for name, default in rows}
 
 

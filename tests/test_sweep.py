@@ -111,7 +111,7 @@ async def test_orphans_are_found_tagged_removed_untagged_untouched(rig: SweepRig
 
 async def test_throttled_listing_stops_the_sweep_and_deletes_nothing(rig: SweepRig) -> None:
     ghost, _ = rig.tagged_user()
-    inject_aws_error(rig.worker_aws.iam, "ListUsers", "Throttling", status=400)
+    inject_aws_error(rig.worker_aws.iam, "GetAccountAuthorizationDetails", "Throttling", status=400)
     with pytest.raises(WorkflowFailureError) as failure:
         await rig.sweep()
     assert "sweep stopped, nothing changed" in str(failure.value.cause)

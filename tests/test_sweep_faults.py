@@ -171,8 +171,10 @@ async def test_an_nhi_deleted_behind_our_back_is_missing_alerted_and_its_lifecyc
 async def test_a_partial_listing_never_marks_missing(rig: Rig) -> None:
     nhi_id = await rig.active_nhi()
     delete_role(rig.aws, rig.nhi(nhi_id).name)
-    # Users are listed, roles are not: the listing is incomplete.
-    lift = inject_aws_error(rig.worker_aws.iam, "ListRoles", "Throttling", status=400)
+    # The bulk listing keeps being throttled: the listing is incomplete.
+    lift = inject_aws_error(
+        rig.worker_aws.iam, "GetAccountAuthorizationDetails", "Throttling", status=400
+    )
     with pytest.raises(WorkflowFailureError):
         await rig.sweep()
     assert rig.nhi(nhi_id).status == "active"

@@ -368,19 +368,22 @@ async def test_postgres_refuses_the_login_right_after_expiry(world: World) -> No
 
 
 async def test_a_platform_failure_is_a_502_and_ends_the_row(world: World) -> None:
-    """The target's admin password cannot be found: nothing is issued, the row is ended as
+    """The target refuses (its admin lost CREATEROLE; the fault is injected on the platform,
+    where the issuer's pooled admin session meets it): nothing is issued, the row is ended as
     `issue_failed` with the reason, and the answer says what failed (never a secret)."""
-    saved = os.environ.pop(PASSWORD_ENV)
+    with world.cluster.connect() as conn:
+        conn.execute(f"ALTER ROLE {ADMIN} NOCREATEROLE")
     try:
         answer = await _issue(world, world.agent_token, world.pg_nhi, task_id="doomed")
     finally:
-        os.environ[PASSWORD_ENV] = saved
+        with world.cluster.connect() as conn:
+            conn.execute(f"ALTER ROLE {ADMIN} CREATEROLE")
     assert answer.status_code == 502, answer.text
-    assert PASSWORD_ENV in answer.json()["detail"]
+    assert "permission denied to create role" in answer.json()["detail"]
     with transaction(world.sessions) as s:
         row = s.scalars(select(TaskCredential).where(TaskCredential.task_id == "doomed")).one()
         assert (row.status, row.end_reason) == ("ended", "issue_failed")
-        assert row.last_error and "UnknownTarget" in row.last_error
+        assert row.last_error and "InsufficientPrivilege" in row.last_error
         events = list(
             s.scalars(select(AuditEvent.event).where(AuditEvent.subject_id == str(row.id)))
         )
@@ -390,6 +393,68 @@ async def test_a_platform_failure_is_a_502_and_ends_the_row(world: World) -> Non
             conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (row.name,)).fetchone()
             is None
         )
+    # The pool kept no broken session: the next issue works.
+    again = await _issue(world, world.agent_token, world.pg_nhi, task_id="after-doomed")
+    assert again.status_code == 201, again.text
+
+
+async def test_a_missing_admin_password_fails_the_issue_and_ends_the_row(
+    world: World, service: Service
+) -> None:
+    """An issuer with no pooled session and nothing cached (a fresh API process) resolves
+    the target's admin password: a missing one fails the issue with the registry's refusal,
+    naming the variable, and the row is ended as `issue_failed`."""
+    aws = make_aws_clients(service.settings)
+    issuers = build_task_providers(
+        aws, TargetRegistry(world.sessions, service.settings, aws.secrets)
+    )
+    principal = Principal(
+        name="tc-env", kind="token", roles=frozenset({Role.AGENT}), agent_id=world.agent_id
+    )
+    saved = os.environ.pop(PASSWORD_ENV)
+    try:
+        with pytest.raises(task_credentials.IssueFailed, match=PASSWORD_ENV):
+            await asyncio.to_thread(
+                task_credentials.issue,
+                world.sessions,
+                principal,
+                uuid.UUID(world.pg_nhi["id"]),
+                task_credentials.TaskRequest(task_id="doomed-env"),
+                lambda platform: issuers[platform].issue,
+            )
+    finally:
+        os.environ[PASSWORD_ENV] = saved
+    with transaction(world.sessions) as s:
+        row = s.scalars(select(TaskCredential).where(TaskCredential.task_id == "doomed-env")).one()
+        assert (row.status, row.end_reason) == ("ended", "issue_failed")
+        assert row.last_error and "UnknownTarget" in row.last_error
+
+
+async def test_a_killed_pooled_admin_connection_is_replaced(world: World) -> None:
+    """The issuer keeps its admin sessions open between issues (no SCRAM handshake per issue).
+    One killed on the server (restart, idle kill, pg_terminate_backend) is found dead on the
+    next issue, replaced, and that issue still succeeds, once, with a working login."""
+    first = await _issue(world, world.agent_token, world.pg_nhi, task_id="pool-1")
+    assert first.status_code == 201, first.text
+    provider = world.app.state.nhi.task_issuers[Platform.POSTGRES]
+    pool = provider.pools()[world.pg_nhi["target"]]
+    reused = await _issue(world, world.agent_token, world.pg_nhi, task_id="pool-2")
+    assert reused.status_code == 201, reused.text
+    opened = pool.opened
+    with world.cluster.connect() as conn:
+        killed = conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) "
+            "FROM pg_stat_activity WHERE application_name = 'nhi-lifecycle-tasks'"
+        ).fetchone()
+    assert killed is not None and int(str(killed[0])) >= 1
+    answer = await _issue(world, world.agent_token, world.pg_nhi, task_id="pool-3")
+    assert answer.status_code == 201, answer.text
+    assert pool.opened == opened + 1, "the dead session was replaced by one new connection"
+    with _login(answer.json()["postgres"]) as conn:
+        assert conn.execute("SELECT count(*) FROM docs.articles").fetchone() == (3,)
+    with transaction(world.sessions) as s:
+        rows = list(s.scalars(select(TaskCredential).where(TaskCredential.task_id == "pool-3")))
+    assert [r.status for r in rows] == ["active"], "issued once, not twice"
 
 
 async def test_a_parent_contained_during_issuance_never_hands_the_credential_out(

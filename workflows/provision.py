@@ -9,6 +9,7 @@ terminated run cannot clean up after itself; the sweep's pre-active check does.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -19,12 +20,17 @@ from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
     from activities.provider import ProviderActivities
+    from activities.slack import SlackActivities
     from models.contracts import (
         ApprovalDecision,
+        ApprovalMessage,
         ApprovalOutcome,
+        ApprovalPost,
+        Delivery,
         IdentityCreated,
         LifecycleInput,
         MarkFailed,
+        MessageUpdate,
         NhiRef,
         ProvisionInput,
         ProvisionPlan,
@@ -35,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from models.enums import ROTATABLE_KINDS, NhiKind, NhiStatus
     from nhi.rules.ids import PROVISION_WORKFLOW, lifecycle_workflow_id
+    from nhi.rules.slack_messages import approval_decided_text
     from workflows import tagging
     from workflows.lifecycle import NhiLifecycleWorkflow
     from workflows.retry_policies import (
@@ -44,12 +51,146 @@ with workflow.unsafe.imports_passed_through():
         PLATFORM_REMOVAL_RETRY,
         PLATFORM_RETRY,
         PLATFORM_TIMEOUT,
+        SLACK_RETRY,
+        SLACK_TIMEOUT,
         failure_reason,
     )
 
 # Cancellation compensates and ends the run cancelled (it used to fail it, or leave the NHI
 # stuck when the cancellation came during the approval wait).
 CANCEL_PATCH = "compensate-on-cancel"
+# Approvers get the request in Slack and the messages are rewritten once decided (issue 16).
+# Only runs started with an `approval` message look for the marker, so older runs replay as
+# they ran.
+SLACK_APPROVAL_PATCH = "approvals-in-slack"
+EXPIRED = "denied (no decision in the window)"
+
+
+class ApprovalGate:
+    """The approval step that provisioning and bundles share: who may decide (checked by the
+    `decide` validators before anything reaches history), the decisions, the Slack messages
+    and the wait (whose timeout denies)."""
+
+    def __init__(
+        self,
+        *,
+        needs_approval: bool,
+        requested_by: str,
+        requested_by_person: str,
+        owner_persons: list[str],
+        approvals_required: int,
+    ) -> None:
+        self.needs_approval = needs_approval
+        self.requested_by = requested_by
+        self.requested_by_person = requested_by_person
+        self.owner_persons = owner_persons
+        self.required = max(1, approvals_required)
+        self.decision: ApprovalDecision | None = None
+        self.approvals: list[ApprovalDecision] = []
+        self.deliveries: list[Delivery] = []
+
+    def check(self, decision: ApprovalDecision) -> None:
+        """Refuse a decision before it reaches history (raises ApplicationError)."""
+        # A decision the API gave up on (503, not accepted in time) is never applied later.
+        if decision.not_after is not None and workflow.now() > decision.not_after:
+            raise ApplicationError(
+                "not delivered before the caller's deadline; nothing was applied",
+                type="DeadlinePassed",
+            )
+        if not self.needs_approval:
+            raise ApplicationError("this request needs no approval", type="InvalidState")
+        if self.decision is not None:
+            raise ApplicationError(
+                f"already decided by {self.decision.approver}", type="AlreadyDecided"
+            )
+        person = decision.approver_person
+        if decision.approver == self.requested_by or (
+            # One person under two credentials (a platform and an approver token of one email)
+            # is still the requester. A validator adds no history, so this needs no patch.
+            self.requested_by_person and person == self.requested_by_person
+        ):
+            raise ApplicationError(
+                "the requester cannot approve their own request", type="SelfApproval"
+            )
+        if person and person in self.owner_persons:
+            raise ApplicationError(
+                "the agent's owner cannot decide a request for their own agent",
+                type="SelfApproval",
+            )
+        if any(
+            a.approver == decision.approver or (person and a.approver_person == person)
+            for a in self.approvals
+        ):
+            raise ApplicationError(
+                f"already approved by {decision.approver}: a second, different approver is needed",
+                type="AlreadyDecided",
+            )
+
+    def apply(self, decision: ApprovalDecision, nhi_id: uuid.UUID) -> ApprovalOutcome:
+        """Take a checked decision: a denial, or the last approval needed, decides."""
+        if decision.approve:
+            self.approvals.append(decision)
+        complete = not decision.approve or len(self.approvals) >= self.required
+        if complete:
+            self.decision = decision
+        return ApprovalOutcome(
+            nhi_id=nhi_id, approved=decision.approve, approver=decision.approver, complete=complete
+        )
+
+    def deciders(self) -> list[str]:
+        """Who decided: every approver, or the one who denied."""
+        if self.decision is not None and not self.decision.approve:
+            return [self.decision.approver]
+        return [a.approver for a in self.approvals]
+
+    async def notify(self, msg: ApprovalMessage | None) -> None:
+        """Send the request to each of the policy's approvers (one activity per recipient)."""
+        if msg is None or not workflow.patched(SLACK_APPROVAL_PATCH):
+            return
+        for recipient in msg.recipients:
+            try:
+                posted = await workflow.execute_activity_method(
+                    SlackActivities.post_approval,
+                    ApprovalPost(msg=msg, recipient=recipient),
+                    start_to_close_timeout=SLACK_TIMEOUT,
+                    retry_policy=SLACK_RETRY,
+                )
+            except ActivityError as err:
+                # Slack down never blocks a request: approvers can still decide through the
+                # API (`nhi approvals list`), and the window still denies.
+                workflow.logger.warning("approval to %s not sent: %s", recipient, err)
+                continue
+            self.deliveries.extend(posted.deliveries)
+
+    async def rewrite(self, msg: ApprovalMessage | None, verdict: str) -> None:
+        """Rewrite every approval message to say who decided (or that the window passed)."""
+        if msg is None or not self.deliveries:
+            return
+        deciders = [] if verdict == EXPIRED else self.deciders()
+        try:
+            await workflow.execute_activity_method(
+                SlackActivities.update_messages,
+                MessageUpdate(
+                    deliveries=self.deliveries,
+                    text=approval_decided_text(msg.agent_name, verdict, deciders),
+                ),
+                start_to_close_timeout=SLACK_TIMEOUT,
+                retry_policy=SLACK_RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.warning("approval messages not rewritten: %s", err)
+
+    async def wait(self, timeout_seconds: int) -> bool:
+        """Wait for the decision; False when the window passed without one."""
+        try:
+            await workflow.wait_condition(
+                lambda: self.decision is not None,
+                timeout=timedelta(seconds=timeout_seconds),
+                timeout_summary="approval window",
+            )
+        except TimeoutError:
+            return False
+        return True
 
 
 @workflow.defn(name=PROVISION_WORKFLOW)
@@ -63,7 +204,13 @@ class ProvisionNhiWorkflow:
     def __init__(self, inp: ProvisionInput) -> None:
         # Set here, not in run(): an update can arrive in the very first activation.
         self._inp = inp
-        self._decision: ApprovalDecision | None = None
+        self._gate = ApprovalGate(
+            needs_approval=inp.needs_approval,
+            requested_by=inp.requested_by,
+            requested_by_person=inp.requested_by_person,
+            owner_persons=inp.owner_persons,
+            approvals_required=inp.approvals_required,
+        )
         # What a cancellation has to undo: the plan once the platform may hold something, and
         # whether the lifecycle (which then answers for the NHI) was started.
         self._plan: ProvisionPlan | None = None
@@ -71,35 +218,13 @@ class ProvisionNhiWorkflow:
 
     @workflow.update
     async def decide(self, decision: ApprovalDecision) -> ApprovalOutcome:
-        """Approve or deny a pending request; validated before it reaches history."""
-        self._decision = decision
-        return ApprovalOutcome(
-            nhi_id=self._inp.nhi_id, approved=decision.approve, approver=decision.approver
-        )
+        """Approve or deny a pending request; validated before it reaches history. With two
+        approvers required, the first approval is recorded and the request keeps waiting."""
+        return self._gate.apply(decision, self._inp.nhi_id)
 
     @decide.validator
     def _check_decision(self, decision: ApprovalDecision) -> None:
-        # A decision the API gave up on (503, not accepted in time) is never applied later.
-        if decision.not_after is not None and workflow.now() > decision.not_after:
-            raise ApplicationError(
-                "not delivered before the caller's deadline; nothing was applied",
-                type="DeadlinePassed",
-            )
-        if not self._inp.needs_approval:
-            raise ApplicationError("this request needs no approval", type="InvalidState")
-        if self._decision is not None:
-            raise ApplicationError(
-                f"already decided by {self._decision.approver}", type="AlreadyDecided"
-            )
-        if decision.approver == self._inp.requested_by or (
-            # One person under two credentials (a platform and an approver token of one email)
-            # is still the requester. A validator adds no history, so this needs no patch.
-            self._inp.requested_by_person
-            and decision.approver_person == self._inp.requested_by_person
-        ):
-            raise ApplicationError(
-                "the requester cannot approve their own request", type="SelfApproval"
-            )
+        self._gate.check(decision)
 
     @workflow.run
     async def run(self, inp: ProvisionInput) -> ProvisionResult:
@@ -173,6 +298,16 @@ class ProvisionNhiWorkflow:
                 type="ProvisioningFailed",
                 non_retryable=True,
             ) from err
+        if inp.bundled:
+            # The bundle starts the lifecycles once every sibling is active, and removes this
+            # identity (with the plan) if one fails.
+            return ProvisionResult(
+                nhi_id=plan.nhi_id,
+                status=NhiStatus.ACTIVE,
+                external_id=created.external_id,
+                credential_ref=created.credential_ref,
+                plan=plan,
+            )
         # The lifecycle outlives this run: rotation, reminders and expiry from here on.
         self._handed_over = True
         tagging.tag_status(NhiStatus.ACTIVE, plan.expires_at)
@@ -191,17 +326,14 @@ class ProvisionNhiWorkflow:
         )
 
     async def _await_approval(self, inp: ProvisionInput) -> None:
-        try:
-            await workflow.wait_condition(
-                lambda: self._decision is not None,
-                timeout=timedelta(seconds=inp.approval_timeout_seconds),
-                timeout_summary="approval window",
-            )
-        except TimeoutError:
+        gate = self._gate
+        await gate.notify(inp.approval)
+        if not await gate.wait(inp.approval_timeout_seconds):
             reason = f"no approver decided within {inp.approval_timeout_seconds}s"
             await self._mark(inp, NhiStatus.FAILED, reason)
-            raise ApplicationError(reason, type="ApprovalExpired", non_retryable=True) from None
-        decision = self._decision
+            await gate.rewrite(inp.approval, EXPIRED)
+            raise ApplicationError(reason, type="ApprovalExpired", non_retryable=True)
+        decision = gate.decision
         if decision is None:  # unreachable: the condition above held
             raise ApplicationError("approval condition met without a decision")
         await workflow.execute_activity_method(
@@ -210,6 +342,7 @@ class ProvisionNhiWorkflow:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
+        await gate.rewrite(inp.approval, "approved" if decision.approve else "denied")
         if not decision.approve:
             raise ApplicationError(
                 f"denied by {decision.approver}: {decision.reason}",

@@ -81,6 +81,34 @@ VERIFY_RETRY = RetryPolicy(
     non_retryable_error_types=["WrongIdentity"],
 )
 
+# Containment of an agent (issue 17): one pass must end within seconds, so the incident shows
+# what holds and what does not; whatever a pass leaves live is tried again every
+# CONTAIN_RETRY_DELAY until it holds (containment never gives up, and never weakens).
+CONTAIN_PLATFORM_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=5),
+    maximum_attempts=4,
+)
+# IAM is eventually consistent: a verification read right after the quarantine may lag.
+CONTAIN_VERIFY_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=1.5,
+    maximum_interval=timedelta(seconds=5),
+    maximum_attempts=6,
+    non_retryable_error_types=["WrongIdentity", "InvalidPlan"],
+)
+CONTAIN_TIMEOUT = timedelta(seconds=60)
+# Asking a lifecycle to hold, ending task credentials, trying credentials, recording a pass.
+CONTAIN_STEP_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=5),
+    maximum_attempts=4,
+    non_retryable_error_types=["NotFound", "InvalidPlan", "NoProvider"],
+)
+CONTAIN_RETRY_DELAY = timedelta(seconds=60)
+
 SLACK_TIMEOUT = timedelta(seconds=30)
 # People-facing messages must never hold up a revocation: a few tries, then the workflow logs
 # the failure and moves on.

@@ -8,6 +8,7 @@ NHI_REVOKE_ALERT_SECONDS is recorded and alerted once, and the next sweep tries 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -61,12 +62,16 @@ with workflow.unsafe.imports_passed_through():
     )
 
 SWEEP_TIMEOUT = timedelta(minutes=30)
-SWEEP_HEARTBEAT = timedelta(minutes=2)
+SWEEP_HEARTBEAT = timedelta(seconds=30)  # progress beats every 5 s; a dead worker is seen soon
 ORPHAN_GRACE_DEFAULT = 86400
 # Sweeps and orphan removals recorded before the lifecycle guarantee (issue 11) replay the old
 # paths: no pre-active check, `missing` only noted, orphan removal with no alert rule.
 SWEEP_PATCH = "sweep-preactive-missing"
 ORPHAN_PATCH = "orphan-alert-rule"
+# Sweeps recorded before issue 19 act on their findings one at a time and report no history
+# length; later ones act ACT_CONCURRENCY at a time.
+PARALLEL_PATCH = "sweep-parallel-actions"
+ACT_CONCURRENCY = 20  # removals and nudges under way at once
 
 
 def failure_code(err: BaseException) -> str:
@@ -92,6 +97,7 @@ class SweepWorkflow:
     async def run(self, inp: SweepInput) -> SweepOutcome:
         """Returns the report it stored; a failed listing stops the sweep without acting."""
         self._current = workflow.patched(SWEEP_PATCH)
+        parallel = workflow.patched(PARALLEL_PATCH)
         # The report's id is fixed before any activity runs, so even a failure is recorded.
         inp = inp.model_copy(update={"sweep_id": inp.sweep_id or workflow.uuid4()})
         preactive: list[Finding] = []
@@ -128,18 +134,35 @@ class SweepWorkflow:
             counts[FindingKind.UNSUPERVISED.value] = len(unsupervised)
         if preactive:
             counts[FindingKind.PREACTIVE.value] = len(preactive)
-        if not inp.dry_run:
+        if not inp.dry_run and parallel:
+            findings = await self._act_all(findings, inp)
+        elif not inp.dry_run:
             findings = [await self._act(f, inp) for f in findings]
+        summary = counts | {"truncated": plan.truncated, "dry_run": int(inp.dry_run)}
+        if parallel:
+            # At most MAX_FINDINGS findings reach a sweep's history (the rest is counted and
+            # left to the next sweep), so its length stays far below Temporal's limits.
+            summary["history_events"] = workflow.info().get_current_history_length()
         outcome = SweepOutcome(
             sweep_id=plan.sweep_id,
             status="completed",
-            summary=counts | {"truncated": plan.truncated, "dry_run": int(inp.dry_run)},
+            summary=summary,
             findings=findings,
         )
         await self._record(outcome)
         if findings:
             await self._digest(inp, outcome)
         return outcome
+
+    async def _act_all(self, findings: list[Finding], inp: SweepInput) -> list[Finding]:
+        """Every finding acted on, ACT_CONCURRENCY at a time, reported in their order."""
+        slots = asyncio.Semaphore(ACT_CONCURRENCY)
+
+        async def one(finding: Finding) -> Finding:
+            async with slots:
+                return await self._act(finding, inp)
+
+        return list(await asyncio.gather(*(one(f) for f in findings)))
 
     async def _act(self, finding: Finding, inp: SweepInput) -> Finding:
         try:

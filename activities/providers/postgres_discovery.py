@@ -18,11 +18,68 @@ from activities._support import classify_aws
 from activities.providers import postgres_ddl as ddl
 from activities.providers.base import NHI_ID_TAG, Discovery, Known, Pace
 from activities.providers.secret_store import SecretStore
+from models.contracts import ScopeStatement
 from models.enums import NhiKind
 from nhi.rules.findings import PlatformIdentity
-from nhi.rules.pg_grants import IDENTIFIER_RE, has_our_shape, parse_comment, role_names
+from nhi.rules.pg_grants import (
+    IDENTIFIER_RE,
+    has_our_shape,
+    parse_comment,
+    parse_grants,
+    role_names,
+)
+from nhi.rules.policy import RuleViolation
 from nhi.rules.task_credentials import is_task_role_name
 from nhi.services.target_registry import TargetResolver
+
+# One catalog query per target: each role named like ours with its marker comment, the roles
+# it is a member of, whether it has a session, and the privileges it holds (relations and
+# schema USAGE), so drift needs no query per role.
+CATALOG_SQL = (
+    "SELECT r.rolname, shobj_description(r.oid, 'pg_authid'), "
+    "ARRAY(SELECT g.rolname::text FROM pg_auth_members m "
+    "JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid), "
+    "EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.usename = r.rolname), "
+    "ARRAY(SELECT n.nspname || chr(31) || c.relname || chr(31) || a.privilege_type "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "CROSS JOIN LATERAL aclexplode(c.relacl) a WHERE a.grantee = r.oid), "
+    "ARRAY(SELECT n.nspname::text FROM pg_namespace n "
+    "CROSS JOIN LATERAL aclexplode(n.nspacl) a "
+    "WHERE a.grantee = r.oid AND a.privilege_type = 'USAGE') "
+    "FROM pg_roles r WHERE r.rolname LIKE ANY(%s) ORDER BY r.rolname"
+)
+Held = tuple[set[tuple[str, str, str]], set[str]]
+
+
+def _held(tables: list[str] | None, schemas: list[str] | None) -> Held:
+    """(schema, table, privilege) and the USAGE schemas, from the catalog query's arrays
+    (parts joined by the unit separator, which no identifier of ours holds)."""
+    out: set[tuple[str, str, str]] = set()
+    for item in tables or []:
+        schema, table, privilege = str(item).split("\x1f")
+        out.add((schema, table, privilege))
+    return out, {str(s) for s in schemas or []}
+
+
+def _drift(conn: ddl.Conn, held: Held, scope: list[ScopeStatement]) -> str | None:
+    """`postgres_ddl.drift`, with what the group holds already read by the catalog query."""
+    try:
+        grants = parse_grants(scope)
+    except RuleViolation:
+        return None  # nothing to compare an invalid scope with (and we never granted it)
+    by_object = ddl._by_object(grants)
+    wanted = ddl._wanted(conn, by_object)
+    tables, schemas = held
+    named = {(s, t, p) for (s, t), ps in by_object.items() if t is not None for p in ps}
+    extra = sorted(f"{p} on {s}.{t}" for s, t, p in tables - wanted)
+    extra += sorted(f"USAGE on schema {s}" for s in schemas - {g.schema for g in grants})
+    missing = sorted(f"{p} on {s}.{t}" for s, t, p in named - tables)
+    parts = []
+    if extra:
+        parts.append(f"beyond the scope: {', '.join(extra[:10])}")
+    if missing:
+        parts.append(f"missing: {', '.join(missing[:10])}")
+    return "; ".join(parts) or None
 
 
 def _created_at(fields: Mapping[str, str]) -> datetime:
@@ -82,28 +139,15 @@ class PostgresDiscovery:
                 with ddl.admin(target, "listing roles") as conn:
                     # With the roles each is a member of: a task role in another deployment's
                     # group (another name prefix, same target) is not ours to judge.
-                    rows = conn.execute(
-                        "SELECT r.rolname, shobj_description(r.oid, 'pg_authid'), "
-                        "ARRAY(SELECT g.rolname FROM pg_auth_members m "
-                        "JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid) "
-                        "FROM pg_roles r WHERE r.rolname LIKE ANY(%s) ORDER BY r.rolname",
-                        (patterns,),
-                    ).fetchall()
-                    pace()
-                    active = {
-                        str(u)
-                        for (u,) in conn.execute(
-                            "SELECT DISTINCT usename FROM pg_stat_activity "
-                            "WHERE usename LIKE ANY(%s)",
-                            (patterns,),
-                        ).fetchall()
-                    }
+                    catalog = conn.execute(CATALOG_SQL, (patterns,)).fetchall()
+                    rows = [(name, comment, member_of) for name, comment, member_of, *_ in catalog]
+                    active = {str(r[0]) for r in catalog if r[3]}
                     drifts: dict[str, str] = {}
-                    for name, *_ in rows:
+                    for name, _, _, _, tables, schemas in catalog:
                         seen = known.get(str(name))
                         if seen is not None and seen.status == "active":
-                            pace()
-                            drift = ddl.drift(conn, str(name), list(seen.scope))
+                            held = _held(tables, schemas)
+                            drift = _drift(conn, held, list(seen.scope))
                             if drift:
                                 drifts[str(name)] = drift
             except ApplicationError as err:  # what _target and _admin raise, classified

@@ -16,17 +16,31 @@ with everything it needs or nothing at all:
   the role to its row and its parent NHI.
 
 The reaper (worker) drops expired roles; this module only issues (API process).
+
+Speed (issue 15: at least OpenBao's rate). The issuer keeps, per target, a few admin
+connections open (`AdminPool`: no SCRAM handshake per issue) and the target's resolved
+connection settings for `TARGET_CACHE_S` (no `targets` read or secret fetch per issue). The
+role is created in two round trips: one batch (BEGIN, the advisory lock, the group's marker,
+CREATE ROLE, COMMENT, the read-only default), then, once the group is proven ours, COMMIT.
+A pooled connection found dead on that first batch (nothing was committed: COMMIT was not
+sent) is replaced and the batch sent again on a fresh one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
+from collections import deque
 from typing import ClassVar
 
-from psycopg import sql
+import psycopg
+from psycopg import pq, sql
+from psycopg.rows import TupleRow
 
 from activities.providers import postgres_ddl as ddl
 from models.enums import Platform
-from nhi.rules.pg_grants import is_read_only, managed_comment, parse_grants
+from nhi.rules.pg_grants import is_read_only, managed_comment, parse_comment, parse_grants
 from nhi.rules.policy import RuleViolation
 from nhi.rules.task_credentials import (
     IssuedCredential,
@@ -34,7 +48,114 @@ from nhi.rules.task_credentials import (
     new_password,
     scram_verifier,
 )
-from nhi.services.target_registry import TargetResolver
+from nhi.services.target_registry import TargetConnection, TargetResolver
+
+# How long a target's resolved settings (and admin password) are reused: a rotated admin
+# password or an edited target is picked up within this, without a `targets` read per issue.
+TARGET_CACHE_S = 10.0
+# Admin connections kept open per target (at most this many issue at once on one target;
+# more callers wait for one). Each is one backend on the target, counted against its
+# max_connections, and an idle one is closed after POOL_IDLE_S.
+POOL_SIZE = 8
+POOL_IDLE_S = 60.0
+POOL_WAIT_S = 30.0
+Cursor = psycopg.Cursor[TupleRow]
+# As postgres_ddl.admin: no statement or lock wait holds an issuing request forever.
+_ADMIN_OPTIONS = "-c statement_timeout=60000 -c lock_timeout=30000"
+
+
+def _connect(target: TargetConnection) -> ddl.Conn:
+    return psycopg.connect(
+        host=target.host,
+        port=target.port,
+        dbname=target.dbname,
+        user=target.admin_user,
+        password=target.password,
+        sslmode=target.sslmode,
+        connect_timeout=10,
+        application_name="nhi-lifecycle-tasks",
+        options=_ADMIN_OPTIONS,
+        autocommit=True,
+    )
+
+
+class AdminPool:
+    """At most `size` autocommit admin connections to one target, reused between issues.
+
+    A connection goes back only when it is idle and healthy (no transaction open, not
+    closed); anything else is closed, so a failed issue never hands a broken or half-done
+    session to the next. Connections are opened in the caller's thread, so a refused login
+    is the caller's classified error, not a pool timeout.
+    """
+
+    def __init__(self, target: TargetConnection, size: int = POOL_SIZE) -> None:
+        self.target = target
+        self._idle: deque[tuple[float, ddl.Conn]] = deque()
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self.opened = 0  # connections opened so far (tests and the benchmark read it)
+
+    def _take_idle(self) -> ddl.Conn | None:
+        now = time.monotonic()
+        with self._lock:
+            while self._idle:
+                since, conn = self._idle.pop()  # the most recently used: least likely stale
+                if now - since < POOL_IDLE_S and not conn.closed:
+                    return conn
+                conn.close()
+        return None
+
+    def fresh(self) -> ddl.Conn:
+        """A new connection (also what replaces one found dead)."""
+        conn = _connect(self.target)
+        self.opened += 1
+        return conn
+
+    def checkout(self) -> tuple[ddl.Conn, bool]:
+        """(connection, reused?) for one issue; hand it back with `checkin` (or `discard`)."""
+        if not self._slots.acquire(timeout=POOL_WAIT_S):
+            raise ddl.fail(
+                f"no admin connection to target {self.target.name!r} came free in "
+                f"{POOL_WAIT_S:.0f} s",
+                "PoolExhausted",
+                retryable=True,
+            )
+        try:
+            conn = self._take_idle()
+            return (conn, True) if conn is not None else (self.fresh(), False)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def checkin(self, conn: ddl.Conn) -> None:
+        """Back to the pool if idle and sound (no transaction open), else closed."""
+        try:
+            if conn.closed or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                conn.close()
+                return
+            with self._lock:
+                self._idle.append((time.monotonic(), conn))
+        finally:
+            self._slots.release()
+
+    def discard(self, conn: ddl.Conn) -> None:
+        """Close a connection a failure left in an unknown state (the server rolls back)."""
+        try:
+            conn.close()
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            while self._idle:
+                self._idle.pop()[1].close()
+
+
+def _pool_key(target: TargetConnection) -> tuple[str, int, str, str, str, str]:
+    # A changed password (or address) gets a new pool; the digest keeps the password itself
+    # out of the key.
+    digest = hashlib.sha256(target.password.encode()).hexdigest()
+    return (target.host, target.port, target.dbname, target.admin_user, target.sslmode, digest)
 
 
 class PostgresTaskProvider:
@@ -42,12 +163,51 @@ class PostgresTaskProvider:
 
     platform: ClassVar[Platform] = Platform.POSTGRES
 
-    def __init__(self, targets: TargetResolver) -> None:
+    def __init__(self, targets: TargetResolver, *, target_cache_s: float = TARGET_CACHE_S) -> None:
         self._targets = targets
+        self._cache_s = target_cache_s
+        self._resolved: dict[str, tuple[float, TargetConnection]] = {}
+        self._pools: dict[str, tuple[tuple[str, int, str, str, str, str], AdminPool]] = {}
+        self._lock = threading.Lock()
+
+    def _target(self, name: str | None) -> TargetConnection:
+        now = time.monotonic()
+        cached = self._resolved.get(name or "")
+        if cached is not None and now - cached[0] < self._cache_s:
+            return cached[1]
+        target = ddl.resolve(self._targets, name)
+        self._resolved[target.name] = (now, target)
+        return target
+
+    def pool(self, target: TargetConnection) -> AdminPool:
+        """The target's admin pool (a new one, the old closed, when its settings changed)."""
+        key = _pool_key(target)
+        with self._lock:
+            found = self._pools.get(target.name)
+            if found is not None and found[0] == key:
+                return found[1]
+            pool = AdminPool(target)
+            self._pools[target.name] = (key, pool)
+        if found is not None:
+            found[1].close()
+        return pool
+
+    def pools(self) -> dict[str, AdminPool]:
+        """The current admin pool of each target used so far."""
+        with self._lock:
+            return {name: pool for name, (_, pool) in self._pools.items()}
+
+    def close(self) -> None:
+        """Close every pooled admin connection."""
+        with self._lock:
+            pools = [pool for _, pool in self._pools.values()]
+            self._pools.clear()
+        for pool in pools:
+            pool.close()
 
     def issue(self, grant: TaskGrant) -> IssuedCredential:
         """One LOGIN role for the task (see the module doc); its password, once."""
-        target = ddl.resolve(self._targets, grant.target)
+        target = self._target(grant.target)
         login, group = grant.name, grant.identity_name
         try:
             narrowed = parse_grants(list(grant.scope)) if grant.scope is not None else None
@@ -73,24 +233,56 @@ class PostgresTaskProvider:
         # locks out the task roles by their marker: this role exists before it looks, or is
         # created after it, when the parent is no longer active and the reaper ends it.
         locks = [f"role:{group}"] + [f"schema:{g.schema}" for g in narrowed or []]
-        with ddl.admin(target, f"issuing task credential {login}") as conn, conn.transaction():
-            ddl.lock(conn, locks)
-            found = ddl.find_roles(conn, [group]).get(group)
-            if found is None:
-                raise ddl.fail(f"group role {group} does not exist", "IdentityMissing")
-            ddl.check_ours(found, grant.nhi_id)
-            conn.execute(sql.SQL("CREATE ROLE {} {}").format(ddl.ident(login), attributes))
-            conn.execute(
-                sql.SQL("COMMENT ON ROLE {} IS {}").format(ddl.ident(login), sql.Literal(comment))
+        statements: list[sql.Composable] = [sql.SQL("BEGIN")]
+        statements += [
+            sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(
+                sql.Literal(f"nhi-lifecycle:{key}")  # as postgres_ddl.lock
             )
+            for key in sorted(set(locks))
+        ]
+        statements += [
+            sql.SQL(
+                "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles "
+                "WHERE rolname = {}"
+            ).format(sql.Literal(group)),
+            sql.SQL("CREATE ROLE {} {}").format(ddl.ident(login), attributes),
+            sql.SQL("COMMENT ON ROLE {} IS {}").format(ddl.ident(login), sql.Literal(comment)),
+        ]
+        if is_read_only(list(scope)):
+            statements.append(
+                sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
+                    ddl.ident(login)
+                )
+            )
+        batch = sql.SQL("; ").join(statements)
+        pool = self.pool(target)
+        doing = f"issuing task credential {login} on target {target.name!r}"
+        try:
+            conn, reused = pool.checkout()
+        except psycopg.Error as err:
+            raise ddl.classify_postgres(err, doing) from None
+        try:
+            try:
+                cursor = _execute(conn, batch, group, narrowed is None)
+            except psycopg.OperationalError:
+                # A reused connection found dead (killed backend, restarted server): nothing
+                # was committed on it (COMMIT is not in the batch), so send it again on a
+                # fresh one, once.
+                if not (reused and conn.closed):
+                    raise
+                conn.close()
+                conn = pool.fresh()
+                cursor = _execute(conn, batch, group, narrowed is None)
+            _check_group(cursor, group, grant)
             if narrowed is not None:
                 ddl.apply_grants(conn, login, narrowed)
-            if is_read_only(list(scope)):
-                conn.execute(
-                    sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
-                        ddl.ident(login)
-                    )
-                )
+            conn.execute("COMMIT")
+        except BaseException as err:
+            pool.discard(conn)
+            if isinstance(err, psycopg.Error):
+                raise ddl.classify_postgres(err, doing) from None
+            raise
+        pool.checkin(conn)
         return IssuedCredential(
             expires_at=grant.expires_at,
             secret={"password": password},
@@ -104,3 +296,28 @@ class PostgresTaskProvider:
                 "member_of": None if narrowed is not None else group,
             },
         )
+
+
+def _execute(conn: ddl.Conn, batch: sql.Composed, group: str, member: bool) -> Cursor:
+    """Send the creating batch: one round trip, its transaction left open."""
+    try:
+        return conn.execute(batch)
+    except psycopg.errors.UndefinedObject:
+        if not member:
+            raise
+        # The only object the batch names that may not exist: `IN ROLE <group>`.
+        raise ddl.fail(f"group role {group} does not exist", "IdentityMissing") from None
+
+
+def _check_group(cursor: Cursor, group: str, grant: TaskGrant) -> None:
+    """The group (read in the batch, under the lock) must exist and be the parent's."""
+    found: tuple[str, str | None] | None = None
+    while True:
+        if cursor.description and cursor.description[0].name == "rolname":
+            row = cursor.fetchone()
+            found = None if row is None else (str(row[0]), None if row[1] is None else str(row[1]))
+        if not cursor.nextset():
+            break
+    if found is None:
+        raise ddl.fail(f"group role {group} does not exist", "IdentityMissing")
+    ddl.check_ours(ddl.Role(found[0], False, parse_comment(found[1])), grant.nhi_id)

@@ -5,6 +5,10 @@ AWSCURRENT (what the agent reads), AWSPENDING (a rotation's new credential, unti
 promoted) and AWSPREVIOUS (the one before, kept for the overlap). Every read names its stage:
 moto, unlike AWS, keeps serving the pre-rotation version to reads that name none.
 
+A name starting `vault-kv:` (`delivery: vault_kv`) is handed to the KV v2 store given at
+construction (activities/providers/vault_kv.py), which keeps the same labels in the secret's
+custom metadata; every other name is Secrets Manager's, exactly as before.
+
 Values are returned as `SecretValue`, whose repr shows the keys only, so a credential never
 reaches a log line or a traceback through this module. Errors other than "not found" propagate
 as botocore `ClientError`s for the caller to classify.
@@ -14,11 +18,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import ClientError
+from temporalio.exceptions import ApplicationError
 
 from activities._support import aws_code
+from nhi.rules.policy import VAULT_KV_PREFIX
 
 if TYPE_CHECKING:
     from types_boto3_secretsmanager import SecretsManagerClient
@@ -41,14 +47,61 @@ def _encode(value: Mapping[str, Any]) -> str:
     return json.dumps(dict(value), separators=(",", ":"), sort_keys=True)
 
 
+class DeliveryStore(Protocol):
+    """Another place credentials can be delivered to, with the same staging protocol."""
+
+    def arn(self, name: str) -> str | None: ...
+    def scheduled_for_deletion(self, name: str) -> bool: ...
+    def put_current(
+        self, name: str, value: Mapping[str, Any], *, tags: Mapping[str, str], description: str
+    ) -> str: ...
+    def read(self, name: str, stage: str = ...) -> SecretValue | None: ...
+    def put_pending(self, name: str, value: Mapping[str, Any]) -> None: ...
+    def stage_versions(self, name: str) -> dict[str, str]: ...
+    def stage_values(self, name: str) -> dict[str, SecretValue]: ...
+    def promote_pending(self, name: str) -> bool: ...
+    def delete(self, name: str, *, force: bool) -> bool: ...
+
+
+# The process's KV store for `vault-kv:` names, set where the providers are built
+# (registry.build_providers): every SecretStore a provider or activity makes finds it without
+# each constructor being threaded through.
+_delivery_store: DeliveryStore | None = None
+
+
+def use_delivery_store(store: DeliveryStore | None) -> None:
+    """Make `store` serve `vault-kv:` names for every SecretStore without its own."""
+    global _delivery_store
+    _delivery_store = store
+
+
 class SecretStore:
     """Create, stage, promote, read and delete one JSON secret per identity."""
 
-    def __init__(self, client: SecretsManagerClient) -> None:
+    def __init__(self, client: SecretsManagerClient, kv: DeliveryStore | None = None) -> None:
         self._client = client
+        self._own_kv = kv
+
+    @property
+    def _kv(self) -> DeliveryStore | None:
+        return self._own_kv or _delivery_store
+
+    def _other(self, name: str) -> DeliveryStore | None:
+        """The KV store for a `vault-kv:` name (refused when this worker has no Vault)."""
+        if not name.startswith(VAULT_KV_PREFIX):
+            return None
+        if self._kv is None:
+            raise ApplicationError(
+                f"{name} is delivered into Vault, and this worker has no NHI_VAULT_ADDR",
+                type="NoVault",
+                non_retryable=True,
+            )
+        return self._kv
 
     def arn(self, name: str) -> str | None:
         """The secret's ARN, or None when no such secret exists (scheduled ones included)."""
+        if (kv := self._other(name)) is not None:
+            return kv.arn(name)
         try:
             return str(self._client.describe_secret(SecretId=name)["ARN"])
         except ClientError as err:
@@ -58,6 +111,8 @@ class SecretStore:
 
     def scheduled_for_deletion(self, name: str) -> bool:
         """Whether the secret exists but waits out its recovery window."""
+        if (kv := self._other(name)) is not None:
+            return kv.scheduled_for_deletion(name)
         try:
             return "DeletedDate" in self._client.describe_secret(SecretId=name)
         except ClientError as err:
@@ -75,6 +130,8 @@ class SecretStore:
     ) -> str:
         """Create the secret holding `value`, or store `value` as its new AWSCURRENT version
         (the one it replaces becomes AWSPREVIOUS). Returns the ARN."""
+        if (kv := self._other(name)) is not None:
+            return kv.put_current(name, value, tags=tags, description=description)
         text = _encode(value)
         try:
             return str(
@@ -93,6 +150,8 @@ class SecretStore:
 
     def read(self, name: str, stage: str = CURRENT) -> SecretValue | None:
         """The value under `stage`, or None when the secret or the stage does not exist."""
+        if (kv := self._other(name)) is not None:
+            return kv.read(name, stage)
         try:
             text = self._client.get_secret_value(SecretId=name, VersionStage=stage)["SecretString"]
         except ClientError as err:
@@ -103,12 +162,17 @@ class SecretStore:
 
     def put_pending(self, name: str, value: Mapping[str, Any]) -> None:
         """Store `value` as AWSPENDING (moving the label off any earlier pending version)."""
+        if (kv := self._other(name)) is not None:
+            kv.put_pending(name, value)
+            return
         self._client.put_secret_value(
             SecretId=name, SecretString=_encode(value), VersionStages=[PENDING]
         )
 
     def stage_versions(self, name: str) -> dict[str, str]:
         """The version id each staging label points at (missing labels are absent)."""
+        if (kv := self._other(name)) is not None:
+            return kv.stage_versions(name)
         versions = self._client.list_secret_version_ids(SecretId=name)["Versions"]
         return {
             stage: v["VersionId"]
@@ -119,6 +183,8 @@ class SecretStore:
 
     def stage_values(self, name: str) -> dict[str, SecretValue]:
         """The value under each staging label present (empty when the secret is missing)."""
+        if (kv := self._other(name)) is not None:
+            return kv.stage_values(name)
         out: dict[str, SecretValue] = {}
         for stage in STAGES:
             value = self.read(name, stage)
@@ -132,6 +198,8 @@ class SecretStore:
 
         Safe to repeat: a run interrupted between the two label moves finishes the second.
         """
+        if (kv := self._other(name)) is not None:
+            return kv.promote_pending(name)
         by_stage = self.stage_versions(name)
         pending = by_stage.get(PENDING)
         if pending is None:
@@ -170,6 +238,8 @@ class SecretStore:
         """Delete the secret, without recovery (`force`) or with a 7-day window. Returns
         whether there was a secret to delete; one already scheduled counts as done unless
         `force` asks to finish it now."""
+        if (kv := self._other(name)) is not None:
+            return kv.delete(name, force=force)
         if not name:
             return False
         # Secrets Manager reports success for a forced delete of a missing secret, so look

@@ -8,26 +8,32 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentPrincipal, SessionDep, State, TemporalUnavailable, authenticated
+from api.routes.approvals import start_bundle
 from api.routes.nhis import start_provisioning
 from models.contracts import ProvisionInput
 from models.enums import AgentStatus, Environment, NhiKind
+from models.orm import Nhi
 from models.schemas import (
     AgentCreate,
     AgentDetail,
     AgentOut,
+    BundleAccepted,
     Email,
     Limit,
     NhiAccepted,
+    NhiBatch,
     NhiCreate,
     Offset,
     Team,
 )
 from nhi.infra.aws_clients import make_aws_clients
 from nhi.infra.config import Settings
+from nhi.rules.ids import provision_workflow_id
 from nhi.rules.policy import principal_account
-from nhi.services import agents, nhis
+from nhi.services import agents, approvals
 from nhi.services.auth import require_read, require_team
 
 log = logging.getLogger(__name__)
@@ -121,16 +127,53 @@ async def request_nhi(
     ):
         own = await run_in_threadpool(own_account, state.settings)
 
-    # Row, audit event and workflow start: all or nothing, answered within ~2 s (nhis.py).
-    return await start_provisioning(
-        state,
-        lambda s: nhis.request_checked(s, state.settings, agent_id, body, actor, own),
-        lambda nhi_id, needs_approval: ProvisionInput(
+    gates: list[approvals.Gate] = []
+
+    def record(s: Session) -> tuple[Nhi, list[str]]:
+        # The policy's checks, then whether approvers must decide (sensitive entries, or the
+        # agent's risk score pushed past the policy's threshold), recorded with the lease.
+        nhi, sensitive, gate = approvals.request_one(
+            s, state.settings, agent_id, body, p, own, provision_workflow_id
+        )
+        gates.append(gate)
+        return nhi, sensitive
+
+    def make_input(nhi_id: uuid.UUID, _sensitive: bool) -> ProvisionInput:
+        gate = gates[0]
+        return ProvisionInput(
             nhi_id=nhi_id,
             requested_by=actor,
             # Four-eyes compares people: the approver must not be this person under
             # another credential.
             requested_by_person=p.person,
-            needs_approval=needs_approval,
-        ),
-    )
+            needs_approval=gate.needs_approval,
+            approval_timeout_seconds=gate.window_seconds,
+            approvals_required=gate.required,
+            owner_persons=gate.owner_persons,
+            approval=gate.message,
+        )
+
+    # Row, audit event and workflow start: all or nothing, answered within ~2 s (nhis.py).
+    accepted = await start_provisioning(state, record, make_input)
+    return accepted.model_copy(update={"approval": gates[0].needed})
+
+
+@router.post(
+    "/{agent_id}/nhis:batch", status_code=status.HTTP_202_ACCEPTED, response_model=BundleAccepted
+)
+async def request_bundle(
+    agent_id: uuid.UUID, body: NhiBatch, state: State, p: CurrentPrincipal
+) -> BundleAccepted:
+    """Request several identities at once: validated together (one refused refuses all, the
+    field named as `nhis[<i>]....`), approved together, provisioned all or nothing."""
+    agent = await state.db(lambda s: agents.get_agent(s, agent_id))
+    require_team(p, agent.team, agent)
+    own = None
+    if any(
+        b.kind is NhiKind.IAM_ROLE
+        and b.trust_principal
+        and principal_account(b.trust_principal) is not None
+        for b in body.nhis
+    ):
+        own = await run_in_threadpool(own_account, state.settings)
+    return await start_bundle(state, agent_id, body, p, own)

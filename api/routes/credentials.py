@@ -80,6 +80,16 @@ class AwsTaskSecret(BaseModel):
     SessionTags: dict[str, str]
 
 
+class GithubTaskSecret(BaseModel):
+    """An installation token narrowed to one repository (`Authorization: Bearer <token>`)."""
+
+    token: str
+    expires_at: str = Field(description="GitHub's own expiry of the token (one hour).")
+    repository: str
+    permissions: dict[str, str]
+    api_url: str
+
+
 class TaskCredentialIssued(BaseModel):
     """The credential itself, shown this once and never again."""
 
@@ -94,6 +104,7 @@ class TaskCredentialIssued(BaseModel):
     scope: list[dict[str, Any]] | None
     postgres: PostgresTaskSecret | None = None
     aws: AwsTaskSecret | None = None
+    github: GithubTaskSecret | None = None
 
 
 def _issuers(state: AppState) -> Callable[[Platform], task_credentials.Issuer]:
@@ -101,7 +112,7 @@ def _issuers(state: AppState) -> Callable[[Platform], task_credentials.Issuer]:
     if state.task_issuers is None:
         aws = make_aws_clients(state.settings)
         targets = TargetRegistry(state.sessions, state.settings, aws.secrets)
-        state.task_issuers = build_task_providers(aws, targets)
+        state.task_issuers = build_task_providers(aws, targets, state.settings)
     issuers = state.task_issuers
     return lambda platform: issuers[platform].issue
 
@@ -121,6 +132,19 @@ def _answer(grant: TaskGrant, platform: Platform, issued: IssuedCredential) -> T
     )
     if platform is Platform.POSTGRES:
         out.postgres = PostgresTaskSecret.model_validate({**public, **secret})
+    elif platform is Platform.GITHUB:
+        permissions = public["permissions"]
+        out.github = GithubTaskSecret(
+            token=str(secret["token"]),
+            expires_at=str(public["github_expires_at"]),
+            repository=str(public["repository"]),
+            permissions=(
+                {str(k): str(v) for k, v in permissions.items()}
+                if isinstance(permissions, dict)
+                else {}
+            ),
+            api_url=str(public["api_url"]),
+        )
     else:
         out.aws = AwsTaskSecret(
             AccessKeyId=str(secret["access_key_id"]),
@@ -147,15 +171,12 @@ async def issue_task_credential(
     body: TaskCredentialIn,
     state: State,
     p: CurrentPrincipal,
-    response: Response,
     _key: IdempotencyKeyHeader = None,
-) -> TaskCredentialIssued:
+) -> Response:
     """Issue a short-lived credential from an active NHI for one task of its agent (the
     agent's own `agent` token, or its owner). The response is the only time it is shown; a
     retry with the same Idempotency-Key is refused (409), never answered with it again."""
     request = task_credentials.TaskRequest(ttl=body.ttl, task_id=body.task_id, scope=body.scope)
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
     issuers = _issuers(state)
     try:
         grant, issued = await run_in_threadpool(
@@ -163,4 +184,12 @@ async def issue_task_credential(
         )
     except task_credentials.IssueFailed as err:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(err)) from None
-    return _answer(grant, PLATFORM_OF[grant.kind], issued)
+    answer = _answer(grant, PLATFORM_OF[grant.kind], issued)
+    # Returned as built (the model above is the documented schema): FastAPI would otherwise
+    # validate and serialize it a second time on every issue.
+    return Response(
+        answer.model_dump_json(),
+        status_code=status.HTTP_201_CREATED,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+    )

@@ -63,7 +63,7 @@ from nhi.rules.ids import (
     lifecycle_workflow_id,
 )
 from nhi.rules.policy import RuleViolation
-from nhi.services import agents, nhis, prompts
+from nhi.services import agents, incidents, nhis, prompts
 from nhi.services.auth import Principal, require, require_owner, require_read, require_visible_nhi
 from nhi.services.errors import Conflict, Forbidden, NotFound, PolicyViolation
 from workflows.lifecycle import NhiLifecycleWorkflow
@@ -199,6 +199,9 @@ async def send_update(
         raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from None
 
 
+LIFECYCLE_START_WAIT = 5.0  # seconds an action waits for a just-activated NHI's lifecycle
+
+
 async def call_lifecycle(
     state: AppState,
     nhi_id: uuid.UUID,
@@ -215,16 +218,22 @@ async def call_lifecycle(
         raise NotFound(f"{addressed or f'nhi {nhi_id}'} not found") from None
     client = await temporal_client(state)
     handle = client.get_workflow_handle_for(NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id))
-    try:
-        return await send(handle)
-    except RPCError as err:
-        if err.status is RPCStatusCode.NOT_FOUND:
-            raise Conflict(
-                f"status: nhi {nhi_id} is {nhi.status} and has no running lifecycle"
-            ) from None
-        raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from err
-    except WorkflowUpdateFailedError as err:
-        raise refusal(err) from None
+    # Provisioning records `active` just before it starts the lifecycle: a caller who acts on
+    # an NHI the moment it turns active waits for its lifecycle briefly instead of a 409.
+    deadline = asyncio.get_running_loop().time() + LIFECYCLE_START_WAIT
+    while True:
+        try:
+            return await send(handle)
+        except RPCError as err:
+            if err.status is not RPCStatusCode.NOT_FOUND:
+                raise TemporalUnavailable(f"Temporal refused the request: {err.message}") from err
+            if nhi.status != "active" or asyncio.get_running_loop().time() >= deadline:
+                raise Conflict(
+                    f"status: nhi {nhi_id} is {nhi.status} and has no running lifecycle"
+                ) from None
+            await asyncio.sleep(0.2)
+        except WorkflowUpdateFailedError as err:
+            raise refusal(err) from None
 
 
 def _with_agent(session: Session, nhi_id: uuid.UUID) -> tuple[Nhi, Agent]:
@@ -493,7 +502,9 @@ async def restore(
     p: CurrentPrincipal,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
-    """Undo a quarantine during the grace period (owner or backup owner)."""
+    """Undo a quarantine during the grace period (owner or backup owner); not while the
+    agent is contained (409: a release by a second person lifts that)."""
+    await state.db(lambda s: incidents.refuse_restore_while_contained(s, p, nhi_id))
     return await _owner_update(
         state,
         nhi_id,

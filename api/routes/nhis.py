@@ -28,6 +28,7 @@ from api.deps import (
     authenticated,
 )
 from api.idempotency import IdempotencyKeyHeader
+from api.routes.approvals import decide_api
 from api.routes.lifecycle import (
     TEMPORAL_CALL_BUDGET,
     send_update,
@@ -49,7 +50,7 @@ from models.schemas import (
 )
 from nhi.rules import search_attributes as sa
 from nhi.rules.ids import decide_update_id, provision_workflow_id
-from nhi.services import nhis
+from nhi.services import approvals, nhis
 from nhi.services.auth import Principal, authorize_decision, require_visible_nhi
 from nhi.services.errors import Conflict
 from workflows.provision import ProvisionNhiWorkflow
@@ -228,6 +229,14 @@ async def _decide(
     actor = p.actor
     if nhi.status != NhiStatus.PENDING_APPROVAL or not nhi.workflow_id:
         raise Conflict(f"status: nhi {nhi_id} is {nhi.status}, not pending_approval")
+    # A request recorded with its approvers (issue 16) is decided through its approval: only
+    # a listed approver who is not the owner, and a bundle as a whole.
+    approval = await state.db(lambda s: approvals.approval_of_nhi(s, nhi_id))
+    if approval is not None:
+        result = await decide_api(state, approval.id, approve, p, reason, key)
+        if isinstance(result, JSONResponse):
+            return result
+        return NhiOut.model_validate(await state.db(lambda s: nhis.get_nhi(s, nhi_id)))
     client = await temporal_client(state)
     handle = client.get_workflow_handle_for(ProvisionNhiWorkflow.run, nhi.workflow_id)
     try:

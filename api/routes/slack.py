@@ -1,4 +1,5 @@
-"""`POST /slack/interactions`: owners' button clicks on renewal prompts.
+"""`POST /slack/interactions`: owners' button clicks on renewal prompts, and approvers'
+Approve / Deny clicks (Deny's reason comes back from a modal) on approval requests.
 
 The signature is checked over the raw body before anything is parsed; the request is answered
 at once (Slack allows 3 seconds) and the decision goes to the workflow afterwards, with an
@@ -14,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, BackgroundTasks, Request, Response
@@ -24,12 +26,22 @@ from temporalio.service import RPCError
 
 from api.deps import AppState, State, TemporalUnavailable
 from api.errors import LifecycleNotReady, documented
+from api.routes import approvals as approvals_api
 from api.routes.lifecycle import STILL_RUNNING, send_update, temporal_client
 from models.contracts import PromptAnswer, PromptAnswerKind
 from models.orm import Prompt
 from nhi.infra.db import transaction
 from nhi.rules.ids import lifecycle_workflow_id, slack_answer_update_id
-from nhi.rules.slack_messages import ANSWER_OF_ACTION, PromptAction, parse_button_value
+from nhi.rules.slack_messages import (
+    ANSWER_OF_ACTION,
+    DENY_REASON_BLOCK,
+    DENY_REASON_INPUT,
+    ApprovalAction,
+    PromptAction,
+    deny_modal,
+    parse_approval_value,
+    parse_button_value,
+)
 from nhi.services import prompts
 from nhi.services.errors import Conflict, Forbidden, PolicyViolation
 from workflows.lifecycle import NhiLifecycleWorkflow
@@ -126,6 +138,10 @@ async def interactions(request: Request, background: BackgroundTasks, state: Sta
     if len(body) > MAX_BODY_BYTES or not _signed(secret.get_secret_value(), request, body):
         return _refuse(401, "invalid Slack signature or stale timestamp")
     try:
+        approval = _approval_event(body)
+        if approval is not None:
+            background.add_task(_on_approval, state, approval)
+            return Response(status_code=200)
         click = _action(body)
     except _NotOurs as err:
         return _refuse(400, str(err))
@@ -134,6 +150,121 @@ async def interactions(request: Request, background: BackgroundTasks, state: Sta
     answer, prompt_id, user_id, click_ts, channel = click
     background.add_task(_decide, state, prompt_id, answer.value, user_id, click_ts, channel)
     return Response(status_code=200)
+
+
+@dataclass(frozen=True)
+class _ApprovalEvent:
+    """An Approve or Deny click on an approval message, or a submitted Deny modal."""
+
+    action: ApprovalAction
+    approval_id: uuid.UUID
+    user_id: str
+    click: str
+    channel: str
+    trigger_id: str = ""
+    reason: str = ""
+
+
+def _str(value: object, name: str, limit: int = 64) -> str:
+    if not isinstance(value, str) or len(value) > limit or not value.isprintable():
+        raise _NotOurs(f"{name}: missing or not a Slack value")
+    return value
+
+
+def _approval_event(body: bytes) -> _ApprovalEvent | None:
+    """The approval click or Deny submission in a signed payload; None for anything else
+    (renewal prompt clicks go on to `_action`). Raises _NotOurs for a malformed one."""
+    try:
+        form = parse_qs(body.decode("utf-8"), strict_parsing=False, max_num_fields=10)
+        payload = json.loads(form["payload"][0])
+    except (KeyError, IndexError, ValueError, RecursionError) as err:
+        raise _NotOurs("payload: not form-encoded JSON") from err
+    if not isinstance(payload, dict):
+        raise _NotOurs("payload: not a JSON object")
+    user = payload.get("user")
+    if payload.get("type") == "view_submission":
+        view = payload.get("view")
+        if not isinstance(view, dict) or view.get("callback_id") != ApprovalAction.DENY_MODAL:
+            return None
+        if not isinstance(user, dict):
+            raise _NotOurs("payload.user.id: missing")
+        try:
+            meta = json.loads(_str(view.get("private_metadata"), "view.private_metadata", 400))
+            approval_id = parse_approval_value(json.dumps(meta))
+            reason = view["state"]["values"][DENY_REASON_BLOCK][DENY_REASON_INPUT]["value"]
+        except (KeyError, TypeError, ValueError, RecursionError) as err:
+            raise _NotOurs("payload.view: not the Deny reason modal") from err
+        if not isinstance(reason, str) or not reason.strip():
+            raise _NotOurs("payload.view: the reason is empty")
+        channel = meta.get("channel") if isinstance(meta.get("channel"), str) else ""
+        return _ApprovalEvent(
+            action=ApprovalAction.DENY_MODAL,
+            approval_id=approval_id,
+            user_id=_str(user.get("id"), "payload.user.id"),
+            click=_str(view.get("id", ""), "payload.view.id"),
+            channel=channel,
+            reason=reason.strip()[:2000],
+        )
+    if payload.get("type") != "block_actions":
+        return None
+    actions = payload.get("actions")
+    if not isinstance(actions, list) or not actions or not isinstance(actions[0], dict):
+        return None  # `_action` says what is wrong
+    try:
+        action = ApprovalAction(str(actions[0].get("action_id")))
+    except ValueError:
+        return None
+    if not isinstance(user, dict):
+        raise _NotOurs("payload.user.id: missing")
+    try:
+        approval_id = parse_approval_value(_str(actions[0].get("value"), "value", 200))
+    except (ValueError, TypeError, RecursionError) as err:
+        raise _NotOurs("payload.actions[0]: not an approval button") from err
+    channel = payload.get("channel")
+    channel_id = channel.get("id") if isinstance(channel, dict) else ""
+    return _ApprovalEvent(
+        action=action,
+        approval_id=approval_id,
+        user_id=_str(user.get("id"), "payload.user.id"),
+        click=_str(actions[0].get("action_ts") or payload.get("trigger_id") or "", "action_ts"),
+        channel=channel_id if isinstance(channel_id, str) else "",
+        trigger_id=str(payload.get("trigger_id") or "")[:200],
+    )
+
+
+async def _on_approval(state: AppState, event: _ApprovalEvent) -> None:
+    """Approve: decide now. Deny: ask for the reason in a modal (only of someone who may
+    decide), then decide when it is submitted."""
+    if event.action is ApprovalAction.DENY:
+        refused = await run_in_threadpool(
+            approvals_api.may_decide_in_slack, state, event.approval_id, event.user_id
+        )
+        if refused is not None:
+            await run_in_threadpool(
+                approvals_api.tell, state, event.channel, event.user_id, f"Not applied: {refused}"
+            )
+            return
+        if state.slack is not None:
+            try:
+                await run_in_threadpool(
+                    lambda: state.slack.views_open(  # type: ignore[union-attr]
+                        trigger_id=event.trigger_id,
+                        view=deny_modal(event.approval_id, event.channel),
+                    )
+                )
+            except SlackApiError as err:
+                log.warning("deny modal not opened: %s", err.response.get("error"))
+        return
+    approve = event.action is ApprovalAction.APPROVE
+    await approvals_api.decide_slack(
+        state,
+        event.approval_id,
+        approve,
+        event.user_id,
+        event.click,
+        event.channel,
+        "approved in Slack" if approve else event.reason,
+    )
 
 
 def _email_of(state: AppState, prompt: Prompt, user_id: str) -> str | None:

@@ -142,6 +142,69 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9/_+=.@-]*/$",
         description="Secrets Manager name prefix for delivered credentials.",
     )
+    # --- settings: GitHub App (issue 20) ---
+    github_api_url: str = Field(
+        default="https://api.github.com",
+        pattern=r"^https?://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?(/[A-Za-z0-9._/-]*)?$",
+        description="GitHub REST API base URL (GitHub Enterprise Server: `https://<host>/api/v3`).",
+    )
+    github_app_id: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]{1,20}$",
+        description="The GitHub App's id (the JWT issuer). Unset: GitHub NHIs fail as "
+        "`NotConfigured`.",
+    )
+    github_app_private_key_secret: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Secrets Manager name or ARN of the GitHub App's private key (PEM); read "
+        "by reference at each signing, never held in settings.",
+    )
+    github_installation_id: int | None = Field(
+        default=None, ge=1, description="The organisation's installation of the GitHub App."
+    )
+    # --- settings: OpenBao / Vault (issue 20) ---
+    vault_addr: str | None = Field(
+        default=None,
+        pattern=r"^https?://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?/?$",
+        description="OpenBao/Vault address (`http://127.0.0.1:8200`). Unset: no `vault` "
+        "platform and no `vault_kv` delivery on this worker.",
+    )
+    vault_token: SecretStr | None = Field(
+        default=None,
+        description="Token the service acts with in Vault (else AppRole: "
+        "`NHI_VAULT_ROLE_ID` + `NHI_VAULT_SECRET_ID`).",
+    )
+    vault_role_id: str | None = Field(
+        default=None, max_length=200, description="The service's own AppRole role id."
+    )
+    vault_secret_id: SecretStr | None = Field(
+        default=None, description="The service's own AppRole secret id."
+    )
+    vault_auth_mount: str = Field(
+        default="approle",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="Auth mount the service's own AppRole login uses.",
+    )
+    vault_approle_mount: str = Field(
+        default="approle",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="AppRole auth mount the `vault_approle` NHIs' roles live under.",
+    )
+    vault_kv_mount: str = Field(
+        default="secret",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="KV v2 mount `vault_kv` delivery writes under (at `NHI_SECRET_PREFIX`...).",
+    )
+    vault_namespace: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_/-]+$",
+        description="Vault/OpenBao namespace of every call (`X-Vault-Namespace`).",
+    )
+    vault_dev: bool = Field(
+        default=False,
+        description="`make dev`: start an OpenBao dev server (`bao`) on 127.0.0.1 and use it.",
+    )
     rotation_overlap_seconds: int = Field(
         default=3600,
         ge=0,
@@ -245,8 +308,38 @@ class Settings(BaseSettings):
         description="How often the task reaper (Temporal Schedule `nhi-task-reaper`) drops "
         "expired Postgres task roles and ends expired task credentials.",
     )
+    activity_s3_prefix: str | None = Field(
+        default=None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="`s3://bucket/prefix` of CloudTrail (or Postgres csvlog) files imported on "
+        "a schedule (`nhi-activity-import`), resuming after the last key imported; unset: no "
+        "scheduled import.",
+    )
+    activity_import_interval_seconds: int = Field(
+        default=300,
+        ge=60,
+        le=86400,
+        description="How often the scheduled activity import runs.",
+    )
+    finding_alert_window_seconds: int = Field(
+        default=3600,
+        ge=0,
+        le=604800,
+        description="Activity findings of the same NHI and kind alert once within this window.",
+    )
+    auto_contain_severity: Literal["low", "medium", "high", "critical", "off"] = Field(
+        default="critical",
+        description="Activity findings at or above this severity start the agent's containment "
+        "(`ContainAgentWorkflow`); `off` never does.",
+    )
     sweep_calls_per_second: float = Field(
         default=10.0, gt=0, le=1000, description="Pace of a sweep's calls per provider account."
+    )
+    sweep_page_size: int = Field(
+        default=1000,
+        ge=1,
+        le=1000,
+        description="Identities per page of a sweep's bulk listing (IAM allows at most 1000).",
     )
     sweep_propagation_seconds: int = Field(
         default=600,
@@ -306,6 +399,27 @@ class Settings(BaseSettings):
     )
     oidc_email_claim: str = Field(
         default="email", description="JWT claim with the caller's email (owner rights)."
+    )
+    oidc_client_id: str | None = Field(
+        default=None,
+        description="Dashboard sign-in (`/ui/`): the OIDC client id; with the two endpoints "
+        "below it enables authorization code + PKCE (the ID token's audience).",
+    )
+    oidc_client_secret: SecretStr | None = Field(
+        default=None, description="Dashboard sign-in: the client secret (unset: a public client)."
+    )
+    oidc_authorization_endpoint: str | None = Field(
+        default=None, description="Dashboard sign-in: the issuer's authorization endpoint URL."
+    )
+    oidc_token_endpoint: str | None = Field(
+        default=None, description="Dashboard sign-in: the issuer's token endpoint URL."
+    )
+    ui_session_ttl_seconds: int = Field(
+        default=28800,
+        ge=300,
+        le=7 * 86400,
+        description="How long a dashboard session lasts (signing out, or revoking its API "
+        "token, ends it sooner).",
     )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")

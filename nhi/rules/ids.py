@@ -25,6 +25,8 @@ NhiId = uuid.UUID | str
 
 LIFECYCLE_WORKFLOW = "NhiLifecycleWorkflow"
 PROVISION_WORKFLOW = "ProvisionNhiWorkflow"
+CONTAIN_WORKFLOW = "ContainAgentWorkflow"
+BUNDLE_WORKFLOW = "BundleWorkflow"
 
 # --- workflow ids ---
 
@@ -37,6 +39,17 @@ def lifecycle_workflow_id(nhi_id: NhiId) -> str:
 def provision_workflow_id(nhi_id: NhiId) -> str:
     """One provisioning run per NHI, addressable from API, CLI and UI."""
     return f"nhi-provision-{nhi_id}"
+
+
+def bundle_workflow_id(bundle_id: NhiId) -> str:
+    """One run per bundle of NHIs requested together (approved and provisioned together)."""
+    return f"nhi-bundle-{bundle_id}"
+
+
+def containment_workflow_id(agent_id: NhiId) -> str:
+    """One containment per agent at a time: a second contain (a person, an automatic finding)
+    while one runs joins it instead of racing it."""
+    return f"nhi-contain-{agent_id}"
 
 
 def sweep_workflow_id(provider: str) -> str:
@@ -54,6 +67,16 @@ def task_reaper_workflow_id() -> str:
     return "nhi-task-reaper"
 
 
+def activity_import_workflow_id() -> str:
+    """The scheduled activity import (the Schedule appends each fire time to it)."""
+    return "nhi-activity-import"
+
+
+def manual_activity_import_workflow_id(import_id: uuid.UUID) -> str:
+    """An activity import started through the API (`nhi activity import`)."""
+    return f"{activity_import_workflow_id()}-manual-{import_id}"
+
+
 def orphan_workflow_id(kind: str, name: str, target: str | None = None) -> str:
     """One removal per orphaned identity, however many sweeps find it."""
     where = f"{target}-" if target else ""
@@ -66,6 +89,11 @@ def orphan_workflow_id(kind: str, name: str, target: str | None = None) -> str:
 def sweep_schedule_id(provider: str) -> str:
     """The Temporal Schedule that starts a provider's sweeps (same text as their workflow id)."""
     return f"nhi-sweep-{provider}"
+
+
+def activity_import_schedule_id() -> str:
+    """The Temporal Schedule of the activity import (same text as its workflow id)."""
+    return "nhi-activity-import"
 
 
 def task_reaper_schedule_id() -> str:
@@ -104,6 +132,12 @@ def slack_answer_update_id(prompt_id: uuid.UUID, user_id: str, click: str) -> st
     return f"slack-{prompt_id}-{user_id}-{click}"
 
 
+def slack_approval_update_id(approval_id: uuid.UUID, user_id: str, click: str) -> str:
+    """An approval decided in Slack: Slack's retries of one click are applied once, and any
+    other click reaches the workflow, which refuses a second decision."""
+    return f"slack-approval-{approval_id}-{user_id}-{click}"
+
+
 def completion_update_id(nhi_id: NhiId) -> str:
     """The decommission an agent's completion asks of each of its NHIs: once per NHI."""
     return f"complete-{nhi_id}"
@@ -113,3 +147,14 @@ def sweep_nudge_update_id(action: str, nhi_id: NhiId, term: uuid.UUID) -> str:
     """A sweep's request to a lifecycle (`decommission`, `mark_missing`): once per sweep, so a
     retried activity is deduplicated and a later sweep's nudge is a new request."""
     return f"sweep-{action}-{nhi_id}-{term}"
+
+
+def containment_update_id(nhi_id: NhiId, incident_id: uuid.UUID) -> str:
+    """An incident's hold on one NHI's lifecycle (a decommission): once per incident and NHI,
+    however many containment passes send it."""
+    return f"contain-{incident_id}-{nhi_id}"
+
+
+def release_update_id(nhi_id: NhiId, incident_id: uuid.UUID) -> str:
+    """An incident's release of one NHI's lifecycle (a restore): once per incident and NHI."""
+    return f"release-{incident_id}-{nhi_id}"

@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from models.contracts import ScopeStatement
-from models.enums import NhiKind
+from models.enums import CredentialDelivery, NhiKind
 
 _TTL_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -31,6 +31,8 @@ _PRINCIPAL_ARN_RE = re.compile(
 )
 _SERVICE_PRINCIPAL_RE = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*\.amazonaws\.com$")
 FULL_WILDCARDS = frozenset({"*", "*:*"})
+# What a `vault_kv`-delivered credential's secret name starts with.
+VAULT_KV_PREFIX = "vault-kv:"
 
 # IAM's own limits on inline policy size (characters, whitespace excluded).
 INLINE_POLICY_LIMIT = {NhiKind.IAM_ROLE: 10240, NhiKind.IAM_USER_KEY: 2048}
@@ -58,6 +60,8 @@ class PolicyRules:
     allow_resource_wildcard: bool = False
     forbidden_actions: tuple[str, ...] = ()
     sensitive_actions: tuple[str, ...] = field(default=())
+    # github_app_token: repository patterns a scope may name (nhi.rules.github_scope).
+    allowed_resources: tuple[str, ...] = ()
 
 
 def parse_ttl(value: int | str) -> int:
@@ -166,6 +170,64 @@ def validate_scope(scope: list[ScopeStatement], rules: PolicyRules) -> list[str]
     return sensitive
 
 
+# Vault ACL capabilities a `vault_approle` scope may grant (`deny` is not a grant). `sudo`
+# reaches root-protected paths: sensitive unless a policy says otherwise.
+VAULT_CAPABILITIES = frozenset({"read", "create", "update", "patch", "delete", "list", "sudo"})
+# A Vault path: segments of safe characters, `+` for one segment, `*` only at the very end.
+_VAULT_PATH_RE = re.compile(r"^(?!/)([A-Za-z0-9_.@=-]+|\+)(/([A-Za-z0-9_.@=-]+|\+))*/?\*?$")
+# Paths that administer Vault itself rather than hold data: asking for them needs an approver.
+VAULT_PRIVILEGED_PREFIXES = ("sys/", "auth/", "identity/")
+
+
+def validate_capability_name(where: str, name: str) -> str:
+    """A Vault policy's forbidden/sensitive entry: a capability such as `sudo` or `delete`."""
+    if name not in VAULT_CAPABILITIES:
+        raise RuleViolation(
+            where, f"{name!r} is not a Vault capability ({', '.join(sorted(VAULT_CAPABILITIES))})"
+        )
+    return name
+
+
+def validate_vault_scope(scope: list[ScopeStatement], rules: PolicyRules) -> list[str]:
+    """A `vault_approle` scope: `actions` are ACL capabilities, `resources` Vault paths
+    (`secret/data/app/*`). Refuses unknown or forbidden capabilities and, unless the policy
+    allows them, paths that are all wildcard or glob a whole mount; returns what needs an
+    approver (sensitive capabilities, and any capability on `sys/`, `auth/` or `identity/`).
+
+    Raises:
+        RuleViolation: naming the statement, the entry and the rule it breaks.
+    """
+    check_statement_count(scope)
+    sensitive: list[str] = []
+    for i, statement in enumerate(scope):
+        for j, action in enumerate(statement.actions):
+            where = f"scope[{i}].actions[{j}]"
+            validate_capability_name(where, action)
+            if action in rules.forbidden_actions:
+                raise RuleViolation(
+                    where, f"{action!r} is forbidden by the {rules.label} policy ({action!r})"
+                )
+            if action in rules.sensitive_actions:
+                sensitive.append(action)
+        for j, path in enumerate(statement.resources):
+            where = f"scope[{i}].resources[{j}]"
+            if len(path) > 512 or not _VAULT_PATH_RE.fullmatch(path):
+                raise RuleViolation(
+                    where, f"{path!r} is not a Vault path such as 'secret/data/app/*'"
+                )
+            first = path.split("/", 1)[0]
+            whole_mount = first in ("+", "*") or ("/" not in path and path.endswith("*"))
+            if whole_mount and not rules.allow_resource_wildcard:
+                raise RuleViolation(
+                    where,
+                    f"path wildcard {path!r} is not allowed by the {rules.label} policy; "
+                    "name the mount and the paths",
+                )
+            if path.startswith(VAULT_PRIVILEGED_PREFIXES):
+                sensitive += [f"{a} on {path}" for a in statement.actions]
+    return sensitive
+
+
 def validate_cidrs(cidrs: list[str]) -> list[str]:
     """Normalised CIDRs, or a violation naming the bad entry."""
     out: list[str] = []
@@ -248,9 +310,19 @@ def identity_name(prefix: str, agent_name: str, nhi_id: uuid.UUID) -> str:
     return f"{prefix}-{agent_name[:budget].rstrip('-')}-{nhi_id.hex}"
 
 
-def secret_name(prefix: str, environment: str, agent_name: str, nhi_id: uuid.UUID) -> str:
-    """Secrets Manager name under which an NHI's credential is delivered."""
-    return f"{prefix}{environment}/{agent_name}/{nhi_id}"
+def secret_name(
+    prefix: str,
+    environment: str,
+    agent_name: str,
+    nhi_id: uuid.UUID,
+    delivery: CredentialDelivery | str = CredentialDelivery.AWS_SECRETS_MANAGER,
+) -> str:
+    """Name under which an NHI's credential is delivered: a Secrets Manager name, or for
+    `vault_kv` delivery the KV path after `vault-kv:` (the secret store routes by it)."""
+    name = f"{prefix}{environment}/{agent_name}/{nhi_id}"
+    if delivery == CredentialDelivery.VAULT_KV:
+        return f"{VAULT_KV_PREFIX}{name}"
+    return name
 
 
 def identity_policy_document(

@@ -79,7 +79,7 @@ def parse_task_ttl(value: int | str | None, *, max_seconds: int) -> int:
 
 # Task ids end up in STS session tags (and the audit trail): tag values allow only these.
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9_.:/=+@-]{1,128}$")
-TASK_KINDS = frozenset({NhiKind.IAM_ROLE, NhiKind.POSTGRES_ROLE})
+TASK_KINDS = frozenset({NhiKind.IAM_ROLE, NhiKind.POSTGRES_ROLE, NhiKind.GITHUB_APP_TOKEN})
 
 
 def check_task_id(task_id: str | None) -> str | None:

@@ -14,10 +14,18 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.enums import KINDS_BY_PLATFORM, AgentStatus, NhiKind, NhiStatus
+from models.enums import (
+    KINDS_BY_PLATFORM,
+    ROTATABLE_KINDS,
+    AgentStatus,
+    CredentialDelivery,
+    NhiKind,
+    NhiStatus,
+)
 from models.orm import Agent, AuditEvent, Nhi
 from models.schemas import NhiCreate
 from nhi.infra.config import Settings
+from nhi.rules.github_scope import reissue_period
 from nhi.rules.pg_grants import group_name
 from nhi.rules.policy import (
     INLINE_POLICY_LIMIT,
@@ -91,9 +99,13 @@ def request_nhi(
     # Grants, not IAM: no source CIDRs (pg_hba's business) and no trust principal.
     if postgres and body.allowed_cidrs:
         raise RuleViolation("allowed_cidrs", "only applies to AWS kinds, not postgres_role")
+    # GitHub's IP allow lists are the organisation's, not a token's.
+    if body.kind is NhiKind.GITHUB_APP_TOKEN and body.allowed_cidrs:
+        raise RuleViolation("allowed_cidrs", "only applies to AWS kinds, not github_app_token")
     sensitive = check_scope(body.platform, body.scope, rules)
     cidrs = validate_cidrs(body.allowed_cidrs)
     principal = validate_trust_principal(body.kind, body.trust_principal)
+    delivery = delivery_of(body, policy.delivery, settings)
     if settings.identity_reuse_check:
         check_identity_reuse(session, agent, principal, body.target)
 
@@ -106,7 +118,7 @@ def request_nhi(
             )
         # Reaching the agent's expected end decommissions the NHI unless someone renews it.
         expires_at = min(expires_at, agent.expected_end_at)
-    if not postgres:
+    if body.kind in INLINE_POLICY_LIMIT:
         document = identity_policy_document(body.scope, cidrs, expires_at)
         if policy_size(document) > INLINE_POLICY_LIMIT[body.kind]:
             raise RuleViolation(
@@ -139,8 +151,13 @@ def request_nhi(
         created_at=now,
         expires_at=expires_at,
         max_lifetime_at=now + timedelta(seconds=rules.max_lifetime_seconds),
-        rotation_period_seconds=policy.rotation_period_seconds,
+        rotation_period_seconds=(
+            reissue_period(policy.rotation_period_seconds)
+            if body.kind is NhiKind.GITHUB_APP_TOKEN
+            else policy.rotation_period_seconds
+        ),
         target=body.target,
+        delivery=delivery,
     )
     session.add(nhi)
     session.flush()
@@ -160,6 +177,22 @@ def request_nhi(
         },
     )
     return nhi, sensitive
+
+
+def delivery_of(
+    body: NhiCreate, default: CredentialDelivery, settings: Settings
+) -> CredentialDelivery:
+    """Where the credential goes: the request's choice, else the policy's. Only kinds with a
+    static credential are delivered (others' reference is the identity itself), and
+    `vault_kv` needs a Vault this deployment talks to."""
+    if body.kind not in ROTATABLE_KINDS:
+        if body.delivery not in (None, CredentialDelivery.AWS_SECRETS_MANAGER):
+            raise RuleViolation("delivery", f"{body.kind.value} has no credential to deliver")
+        return CredentialDelivery.AWS_SECRETS_MANAGER
+    delivery = body.delivery or default
+    if delivery is CredentialDelivery.VAULT_KV and not settings.vault_addr:
+        raise RuleViolation("delivery", "vault_kv needs a Vault: NHI_VAULT_ADDR is not set")
+    return delivery
 
 
 def check_identity_reuse(

@@ -9,14 +9,21 @@ from models.contracts import ScopeStatement
 from models.enums import Platform
 from models.orm import Policy
 from models.schemas import PolicyIn
+from nhi.rules.github_scope import (
+    validate_github_scope,
+    validate_permission_pattern,
+    validate_repository_pattern,
+)
 from nhi.rules.pg_grants import validate_grants
 from nhi.rules.policy import (
     PolicyRules,
     RuleViolation,
     parse_ttl,
+    validate_capability_name,
     validate_privilege_name,
     validate_rule_pattern,
     validate_scope,
+    validate_vault_scope,
 )
 from nhi.services.transitions import note
 
@@ -32,6 +39,7 @@ def rules_of(policy: Policy) -> PolicyRules:
         allow_resource_wildcard=policy.allow_resource_wildcard,
         forbidden_actions=tuple(policy.forbidden_actions),
         sensitive_actions=tuple(policy.sensitive_actions),
+        allowed_resources=tuple(policy.allowed_resources),
     )
 
 
@@ -40,6 +48,10 @@ def check_scope(platform: str, scope: list[ScopeStatement], rules: PolicyRules) 
     sensitive entries asked for, which need an approver."""
     if platform == Platform.POSTGRES:
         return validate_grants(scope, rules)
+    if platform == Platform.GITHUB:
+        return validate_github_scope(scope, rules)
+    if platform == Platform.VAULT:
+        return validate_vault_scope(scope, rules)
     return validate_scope(scope, rules)
 
 
@@ -87,10 +99,20 @@ def apply_policy(session: Session, body: PolicyIn, actor: str, index: int = 0) -
     task_ttl = seconds("task_credential_max_ttl", body.task_credential_max_ttl)
     if not 60 <= task_ttl <= 43200:
         raise RuleViolation(f"{where}.task_credential_max_ttl", "must be between 60s and 12h")
+    window = seconds("approval_window", body.approval_window)
+    if not 60 <= window <= 30 * 86400:
+        raise RuleViolation(f"{where}.approval_window", "must be between 1 minute and 30 days")
     offsets = sorted({seconds("reminder_offsets", o) for o in body.reminder_offsets}, reverse=True)
-    # Postgres policies name privileges (`TRUNCATE`), AWS policies IAM action patterns.
+    # Postgres policies name privileges (`TRUNCATE`), GitHub ones permissions
+    # (`administration:write`), AWS policies IAM action patterns.
     validate_entry = (
-        validate_privilege_name if body.platform is Platform.POSTGRES else validate_rule_pattern
+        validate_privilege_name
+        if body.platform is Platform.POSTGRES
+        else validate_permission_pattern
+        if body.platform is Platform.GITHUB
+        else validate_capability_name
+        if body.platform is Platform.VAULT
+        else validate_rule_pattern
     )
     for name, patterns in (
         ("forbidden_actions", body.forbidden_actions),
@@ -114,11 +136,20 @@ def apply_policy(session: Session, body: PolicyIn, actor: str, index: int = 0) -
     policy.allow_resource_wildcard = body.allow_resource_wildcard
     policy.forbidden_actions = list(body.forbidden_actions)
     policy.sensitive_actions = list(body.sensitive_actions)
+    policy.delivery = body.delivery
     # Whom an iam_role may trust (the audit event below records the whole body, these too).
     policy.allowed_trust_accounts = sorted(set(body.allowed_trust_accounts))
+    for j, pattern in enumerate(body.allowed_resources):
+        validate_repository_pattern(f"{where}.allowed_resources[{j}]", pattern)
+    policy.allowed_resources = sorted(set(body.allowed_resources))
     policy.allow_service_principals = body.allow_service_principals
     policy.allow_task_credentials = body.allow_task_credentials
     policy.task_credential_max_ttl_seconds = task_ttl
+    # Approvals (issue 16): who decides, how many, how long they have, and the risk threshold.
+    policy.approvers = list(dict.fromkeys(body.approvers))
+    policy.approvals_required = body.approvals_required
+    policy.approval_window_seconds = window
+    policy.risk_threshold = body.risk_threshold
     policy.updated_by = actor
     session.flush()
     note(

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, Table, and_, bindparam, insert, select
+from sqlalchemy.orm import Session, contains_eager, sessionmaker
 from temporalio.exceptions import ApplicationError
 
 from models.contracts import ScopeStatement
-from models.enums import NhiKind, NhiStatus, Platform, Role
-from models.orm import Nhi, Policy, TaskCredential
+from models.enums import PLATFORM_OF, NhiKind, NhiStatus, Platform, Role
+from models.orm import Agent, AuditEvent, Nhi, Policy, TaskCredential
 from nhi.infra.db import transaction
+from nhi.rules.github_scope import check_github_task_scope, github_task_ttl
 from nhi.rules.policy import RuleViolation
 from nhi.rules.task_credentials import (
     AWS_MIN_TTL_SECONDS,
@@ -43,7 +46,7 @@ from nhi.rules.task_credentials import (
 )
 from nhi.services.auth import Principal, require, require_visible_nhi
 from nhi.services.errors import Conflict, NotFound, PolicyViolation
-from nhi.services.policies import check_scope, find_policy, rules_of
+from nhi.services.policies import check_scope, rules_of
 from nhi.services.transitions import note
 
 log = logging.getLogger(__name__)
@@ -90,8 +93,26 @@ def authorize(p: Principal, nhi: Nhi) -> None:
     )
 
 
-def _policy(session: Session, nhi: Nhi) -> Policy:
-    policy = find_policy(session, nhi.platform, nhi.kind, nhi.agent.environment)
+def _load(session: Session, nhi_id: uuid.UUID) -> tuple[Nhi, Policy | None] | None:
+    """The NHI, its agent and its policy in one query (one round trip per issue, not three)."""
+    found = session.execute(
+        select(Nhi, Policy)
+        .join(Nhi.agent)
+        .outerjoin(
+            Policy,
+            and_(
+                Policy.platform == Nhi.platform,
+                Policy.kind == Nhi.kind,
+                Policy.environment == Agent.environment,
+            ),
+        )
+        .options(contains_eager(Nhi.agent))
+        .where(Nhi.id == nhi_id)
+    ).one_or_none()
+    return None if found is None else (found[0], found[1])
+
+
+def _policy(nhi: Nhi, policy: Policy | None) -> Policy:
     label = f"{nhi.platform}/{nhi.kind}/{nhi.agent.environment}"
     if policy is None or not policy.allow_task_credentials:
         raise PolicyViolation(
@@ -101,6 +122,8 @@ def _policy(session: Session, nhi: Nhi) -> Policy:
 
 
 def _ttl(nhi: Nhi, policy: Policy, value: int | str | None) -> int:
+    if nhi.platform == Platform.GITHUB:
+        return github_task_ttl(value, max_seconds=policy.task_credential_max_ttl_seconds)
     ttl = parse_task_ttl(value, max_seconds=policy.task_credential_max_ttl_seconds)
     if nhi.platform == Platform.AWS:
         if ttl < AWS_MIN_TTL_SECONDS:
@@ -120,11 +143,13 @@ def _narrowed(
     nhi: Nhi, policy: Policy, scope: Sequence[ScopeStatement] | None
 ) -> tuple[ScopeStatement, ...] | None:
     """The narrowed scope, checked against the policy and within the NHI's own."""
+    granted = [ScopeStatement.model_validate(s) for s in nhi.granted_scope]
+    if nhi.platform == Platform.GITHUB:
+        return check_github_task_scope(scope, granted, rules_of(policy))
     if scope is None:
         return None
     statements = list(scope)
     check_scope(nhi.platform, statements, rules_of(policy))
-    granted = [ScopeStatement.model_validate(s) for s in nhi.granted_scope]
     if nhi.platform == Platform.POSTGRES:
         check_postgres_narrowing(statements, granted)
     else:
@@ -144,16 +169,17 @@ def prepare(
         PolicyViolation: the policy does not allow task credentials (422).
         RuleViolation: a bad TTL, task id or scope, naming the field (422).
     """
-    nhi = session.get(Nhi, nhi_id)
-    if nhi is None:
+    loaded = _load(session, nhi_id)
+    if loaded is None:
         raise NotFound(f"nhi {nhi_id} not found")
+    nhi, found_policy = loaded
     authorize(p, nhi)
     if nhi.status != NhiStatus.ACTIVE.value:
         raise Conflict(f"nhi {nhi_id} is {nhi.status}: task credentials come from active NHIs")
     kind = NhiKind(nhi.kind)
     if kind not in TASK_KINDS or not nhi.external_id:
         raise Conflict(f"task credentials come from iam_role and postgres_role NHIs, not {kind}")
-    policy = _policy(session, nhi)
+    policy = _policy(nhi, found_policy)
     ttl = _ttl(nhi, policy, request.ttl)
     expires_at = now + timedelta(seconds=ttl)
     if expires_at > nhi.expires_at:
@@ -181,23 +207,9 @@ def prepare(
 
 
 def _record(session: Session, p: Principal, nhi: Nhi, grant: TaskGrant) -> None:
+    """The row and its one audit event in ONE statement (a data-modifying CTE): both or
+    neither, committed by the time it returns, in a single round trip."""
     scope = None if grant.scope is None else [s.model_dump() for s in grant.scope]
-    session.add(
-        TaskCredential(
-            id=grant.credential_id,
-            nhi_id=nhi.id,
-            agent_id=nhi.agent_id,
-            platform=nhi.platform,
-            name=grant.name,
-            task_id=grant.task_id,
-            issued_by=p.actor,
-            issued_at=grant.issued_at,
-            expires_at=grant.expires_at,
-            scope=scope,
-            status="active",
-        )
-    )
-    session.flush()
     aws = (
         {
             "source_identity": source_identity(grant.agent_id),
@@ -207,10 +219,22 @@ def _record(session: Session, p: Principal, nhi: Nhi, grant: TaskGrant) -> None:
         if nhi.platform == Platform.AWS
         else {}
     )
-    note(
-        session,
+    row = insert(cast(Table, TaskCredential.__table__)).values(
+        id=grant.credential_id,
+        nhi_id=nhi.id,
+        agent_id=nhi.agent_id,
+        platform=nhi.platform,
+        name=grant.name,
+        task_id=grant.task_id,
+        issued_by=p.actor,
+        issued_at=grant.issued_at,
+        expires_at=grant.expires_at,
+        scope=scope,
+        status="active",
+    )
+    event = insert(cast(Table, AuditEvent.__table__)).values(
         subject_type=SUBJECT_TYPE,
-        subject_id=grant.credential_id,
+        subject_id=str(grant.credential_id),
         event=ISSUED_EVENT,
         actor=p.actor,
         reason=f"task credential {grant.name} for task {grant.task_id or '-'} "
@@ -228,6 +252,7 @@ def _record(session: Session, p: Principal, nhi: Nhi, grant: TaskGrant) -> None:
             **aws,
         },
     )
+    session.execute(event.add_cte(row.cte("task_credential")))
 
 
 def _failed(sessions: sessionmaker[Session], grant: TaskGrant, actor: str, error: str) -> None:
@@ -252,25 +277,65 @@ def _failed(sessions: sessionmaker[Session], grant: TaskGrant, actor: str, error
         )
 
 
-def _still_usable(sessions: sessionmaker[Session], grant: TaskGrant) -> None:
+# The parent's and the credential's status, after the platform call (compiled once).
+_STILL_USABLE = (
+    select(Nhi.status, TaskCredential.status)
+    .join(TaskCredential, TaskCredential.nhi_id == Nhi.id)
+    .where(TaskCredential.id == bindparam("id"))
+)
+
+
+def _still_usable(conn: Connection, grant: TaskGrant) -> None:
     """After the platform call: the parent may have been contained meanwhile. Then the
     credential is not handed out (nobody ever holds it) and the reaper removes it.
 
     Raises:
         Conflict: the parent NHI or the credential is no longer active.
     """
-    with transaction(sessions) as session:
-        found = session.execute(
-            select(Nhi.status, TaskCredential.status)
-            .join(TaskCredential, TaskCredential.nhi_id == Nhi.id)
-            .where(TaskCredential.id == grant.credential_id)
-        ).one_or_none()
+    # One read in autocommit (as the whole issue): one round trip, no BEGIN/COMMIT.
+    found = conn.execute(_STILL_USABLE, {"id": grant.credential_id}).one_or_none()
     status, row = found if found is not None else (None, None)
     if status != NhiStatus.ACTIVE.value or row != "active":
         raise Conflict(
             f"nhi {grant.nhi_id} is {status} now: task credential {grant.name} was withheld "
             "and will be removed"
         )
+
+
+@contextmanager
+def _inventory(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+    """One inventory connection for the whole issue (one pool checkout and pre-ping, not one
+    per transaction); idle, outside any transaction, while the platform is called."""
+    bind = sessions.kw.get("bind")
+    if not isinstance(bind, Engine):
+        raise TypeError("task credentials need a sessionmaker bound to an Engine")
+    with bind.connect() as conn:
+        yield conn
+
+
+def _on_platform(
+    sessions: sessionmaker[Session],
+    p: Principal,
+    grant: TaskGrant,
+    issuer_for: Callable[[Platform], Issuer],
+) -> IssuedCredential:
+    """The platform call; a failure ends the recorded row as `issue_failed`."""
+    platform = PLATFORM_OF[grant.kind]
+    try:
+        return issuer_for(platform)(grant)
+    except ApplicationError as err:
+        error = f"{err.type or 'Error'}: {err.message}"
+        _failed(sessions, grant, p.actor, error)
+        raise IssueFailed(
+            f"the platform did not issue task credential {grant.name}: {error}"
+        ) from None
+    except Exception as err:
+        # Unclassified: its text might quote a request, so only its type is kept.
+        log.warning("task credential %s not issued: %s", grant.name, type(err).__name__)
+        _failed(sessions, grant, p.actor, type(err).__name__)
+        raise IssueFailed(
+            f"the platform did not issue task credential {grant.name} ({type(err).__name__})"
+        ) from None
 
 
 def issue(
@@ -288,25 +353,14 @@ def issue(
         everything `prepare` raises (nothing recorded), and
         IssueFailed: the platform refused (the row is then ended as `issue_failed`).
     """
-    with transaction(sessions) as session:
-        grant = prepare(session, p, nhi_id, request, now or datetime.now(UTC))
-        platform = Platform(session.get_one(Nhi, nhi_id).platform)
-    try:
-        issued = issuer_for(platform)(grant)
-    except ApplicationError as err:
-        error = f"{err.type or 'Error'}: {err.message}"
-        _failed(sessions, grant, p.actor, error)
-        raise IssueFailed(
-            f"the platform did not issue task credential {grant.name}: {error}"
-        ) from None
-    except Exception as err:
-        # Unclassified: its text might quote a request, so only its type is kept.
-        log.warning("task credential %s not issued: %s", grant.name, type(err).__name__)
-        _failed(sessions, grant, p.actor, type(err).__name__)
-        raise IssueFailed(
-            f"the platform did not issue task credential {grant.name} ({type(err).__name__})"
-        ) from None
-    _still_usable(sessions, grant)
+    with _inventory(sessions) as conn:
+        # Autocommit: the checks read, then ONE statement writes the row and its event (no
+        # BEGIN/COMMIT round trips); a refusal writes nothing.
+        auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+        with Session(bind=auto, expire_on_commit=False) as session:
+            grant = prepare(session, p, nhi_id, request, now or datetime.now(UTC))
+        issued = _on_platform(sessions, p, grant, issuer_for)
+        _still_usable(conn, grant)
     log.info(
         "task credential %s issued from nhi %s until %s",
         grant.name,

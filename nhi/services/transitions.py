@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from models.orm import Agent, ApiToken, Base, Nhi, Prompt, Sweep, TaskCredential
+from models.orm import Agent, ApiToken, Base, Incident, Nhi, Prompt, Sweep, TaskCredential
 from nhi.services import audit
 
 # How the audit trail names each kind of subject.
@@ -28,6 +28,7 @@ SUBJECT_TYPES: dict[type[Base], str] = {
     ApiToken: "token",
     Prompt: "prompt",
     TaskCredential: "task_credential",
+    Incident: "incident",
 }
 
 
