@@ -42,12 +42,12 @@ from models.contracts import (
 from models.orm import Agent, AuditEvent, Nhi, Sweep
 from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import PostgresTargetSetting, Settings
-from nhi.infra.db import transaction
+from nhi.infra.db import make_engine, make_sessionmaker, transaction, upgrade_head
 from nhi.infra.slack_client import make_slack_client
 from nhi.rules.ids import provision_workflow_id
 from nhi.services.policies import find_policy
 from nhi.services.target_registry import TargetRegistry
-from tests.conftest import dev_address
+from tests.conftest import Databases, dev_address
 from tests.helpers import (
     ApiServer,
     SweepRig,
@@ -93,14 +93,26 @@ def slack() -> Iterator[SlackEmulator]:
         yield emulator
 
 
+@pytest.fixture
+def own_sessions(databases: Databases) -> Iterator[sessionmaker[Session]]:
+    """An inventory of the rig's own: a sweep judges every NHI the inventory holds (and keeps
+    at most its 500 most urgent findings), and the suite's shared inventory holds thousands."""
+    url = databases.new("nhi_sweepfaults")
+    upgrade_head(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
 @pytest_asyncio.fixture
 async def rig(
     ts_env: WorkflowEnvironment,
     settings: Settings,
-    sessions: sessionmaker[Session],
+    own_sessions: sessionmaker[Session],
     aws: AwsClients,
     slack: SlackEmulator,
 ) -> AsyncIterator[Rig]:
+    sessions = own_sessions
     try:
         owner = slack.add_user(OWNER)
     except ValueError:  # added by an earlier test of this module
