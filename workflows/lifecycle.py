@@ -516,8 +516,10 @@ class NhiLifecycleWorkflow:
                 offset_seconds=offset,
             ),
         )
-        reachable = await self._deliver(msg)
+        # Open in the state before delivery: the prompt is answerable (its row is open) from
+        # the moment the activity commits, and an answer must not be refused as already decided.
         self._apply(core.after_reminder(self._snapshot(), offset, msg.prompt_id))
+        reachable = await self._deliver(msg)
         escalation = core.escalation(self._st(), cfg, offset, reachable)
         if escalation is not None:
             await self._escalate(escalation)
@@ -533,8 +535,8 @@ class NhiLifecycleWorkflow:
                 reason=escalation.reason,
             ),
         )
-        await self._deliver(msg)
         self._apply(core.after_escalation(self._snapshot(), msg.prompt_id))
+        await self._deliver(msg)
 
     async def _deliver(self, msg: PromptMessage) -> bool:
         """Send a prompt; a Slack outage is logged and never blocks the lifecycle."""
