@@ -107,6 +107,11 @@ def activities_of(
         platforms.verify_quarantine,
         platforms.lift_quarantine,
         platforms.remove_identity,
+        # The same on an IdentityRef (patch `identity-ref-activities`).
+        platforms.quarantine_identity,
+        platforms.verify_identity_quarantined,
+        platforms.lift_identity_quarantine,
+        platforms.delete_identity,
         # People.
         people.post_prompt,
         people.post_approval,

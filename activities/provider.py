@@ -18,6 +18,7 @@ from temporalio.exceptions import ApplicationError
 from activities._support import heartbeating
 from activities.providers.base import Provider, RotationProvider
 from models.contracts import (
+    DeleteIdentity,
     IdentityCreated,
     IdentityRef,
     KeyRef,
@@ -212,6 +213,30 @@ class ProviderActivities:
     def lift_quarantine(self, plan: ProvisionPlan) -> None:
         """Restore during the grace period."""
         self._run(plan.platform, lambda p: p.enable(IdentityRef.of_plan(plan)))
+
+    # The same four steps on an `IdentityRef`, which is all they need: what today's workflows
+    # call (patch `identity-ref-activities`); the plan-taking ones above stay registered for
+    # runs recorded before it.
+    @activity.defn
+    def quarantine_identity(self, ref: IdentityRef) -> list[str]:
+        """Containment: nothing of the identity works any more, restorably."""
+        return self._run(ref.platform, lambda p: p.disable(ref))
+
+    @activity.defn
+    def verify_identity_quarantined(self, ref: IdentityRef) -> None:
+        """Prove the containment from the platform's own state."""
+        self._run(ref.platform, lambda p: p.verify_disabled(ref))
+
+    @activity.defn
+    def lift_identity_quarantine(self, ref: IdentityRef) -> None:
+        """Restore during the grace period."""
+        self._run(ref.platform, lambda p: p.enable(ref))
+
+    @activity.defn
+    def delete_identity(self, request: DeleteIdentity) -> RemovalResult:
+        """Delete the identity, what is attached to it and its secret."""
+        ref, force = request.ref, request.force_delete_secret
+        return self._run(ref.platform, lambda p: p.delete(ref, force_delete_secret=force))
 
     @activity.defn
     def remove_identity(self, request: RemoveIdentity) -> RemovalResult:

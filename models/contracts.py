@@ -756,6 +756,18 @@ class IdentityRef(Contract):
 # ---- containment (one agent, every credential) -----------------------------------------------
 
 
+class DeleteIdentity(Contract):
+    """Tear down one identity, what is attached to it and its delivery secret.
+
+    The narrow form of `RemoveIdentity`: the workflows of today's code send this (patch
+    `identity-ref-activities`), so removal never depends on scope, owner or expiry.
+    """
+
+    ref: IdentityRef
+    # A credential never delivered (a failed provisioning) is deleted without recovery.
+    force_delete_secret: bool = False
+
+
 class ContainAgentInput(Contract):
     """Contain one agent: quarantine every NHI and end every task credential it has, then prove
     each credential dead. Started by `POST /v1/agents/{id}/contain` (a security caller) or

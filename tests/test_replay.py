@@ -6,7 +6,9 @@ The histories in tests/histories/ and the tests that record them:
 | history | recorded by | what it covers |
 |---|---|---|
 | `provision`, `lifecycle` | `test_lifecycle.py::test_a_whole_life_in_seconds` | AWS provisioning before the provider interface (legacy activity names), a 75-day lifecycle with rotations, reminders, a Slack renewal and decommission |
-| `postgres_provision`, `postgres_lifecycle` | `test_postgres_lifecycle.py::test_a_postgres_role_lives_rotates_renews_and_is_removed_completely` | a `postgres_role` through the provider interface |
+| `postgres_provision`, `postgres_lifecycle` | `test_postgres_lifecycle.py::test_a_postgres_role_lives_rotates_renews_and_is_removed_completely` | a `postgres_role` through the provider interface; quarantine, its proof and removal on an `IdentityRef` (patch `identity-ref-activities`) |
+| `postgres_lifecycle_plan_activities` | the same test, before `identity-ref-activities` | quarantine and removal taking the whole plan (`quarantine`, `verify_quarantine`, `remove_identity`) |
+| `containment`, `containment_partial` | `test_contain.py` | the containment playbook on an `IdentityRef`; `*_plan_activities`: the same recorded before that patch |
 | `lifecycle_revoke_failed` | `test_lifecycle_faults.py::test_a_removal_that_keeps_failing_surfaces_within_the_alert_window_once` | a removal failing past the alert window, alerted once per recipient, retried and finished |
 | `aws_provision` | `test_aws_provisioning_of_today_replays` (here) | AWS provisioning through the provider interface, with an approval |
 | `sweep_aws`, `orphan_removal_aws`, `sweep_aws_missing` | `test_aws_sweeps_of_today_replay` (here) | sweeps acting on every kind of finding, and the orphan removal one starts |
@@ -90,6 +92,9 @@ def test_golden_histories_are_committed() -> None:
         "lifecycle",
         "postgres_provision",
         "postgres_lifecycle",
+        "postgres_lifecycle_plan_activities",
+        "containment",
+        "containment_plan_activities",
         "lifecycle_revoke_failed",
         "aws_provision",
         "sweep_aws",
@@ -203,6 +208,21 @@ def test_the_golden_histories_record_the_paths_they_are_named_for() -> None:
     } <= sweep, "the sweep history acts on every kind of finding"
     postgres = set(_activities(_committed("sweep_postgres")))
     assert {"mark_missing", "nudge_lifecycle", "revert_drift", "record_sweep"} <= postgres
+    # Quarantine, its proof and removal take an IdentityRef on today's code; the histories
+    # recorded before keep the plan-taking names.
+    for today_path, before in (
+        ("postgres_lifecycle", "postgres_lifecycle_plan_activities"),
+        ("containment", "containment_plan_activities"),
+    ):
+        narrow, wide = (
+            set(_activities(_committed(today_path))),
+            set(_activities(_committed(before))),
+        )
+        assert {"quarantine_identity", "verify_identity_quarantined"} <= narrow
+        assert not {"quarantine", "verify_quarantine", "remove_identity"} & narrow
+        assert {"quarantine", "verify_quarantine"} <= wide
+    assert "delete_identity" in _activities(_committed("postgres_lifecycle"))
+    assert "remove_identity" in _activities(_committed("postgres_lifecycle_plan_activities"))
     removal = set(_activities(_committed("orphan_removal_aws")))
     assert {"quarantine_orphan", "remove_identity"} <= removal
 

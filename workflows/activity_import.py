@@ -10,10 +10,7 @@ read is reported in the outcome and to the security channel; it changed nothing.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -25,19 +22,14 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.slack import SlackActivities
     from models.contracts import AlertPost
-    from workflows.retry_policies import SLACK_RETRY, SLACK_TIMEOUT, failure_reason
-
-# Long files are read in one activity that heartbeats; a worker lost mid-file is noticed
-# within IMPORT_HEARTBEAT and the file is imported again from its start (its transaction
-# never committed).
-IMPORT_TIMEOUT = timedelta(hours=2)
-IMPORT_HEARTBEAT = timedelta(seconds=60)
-IMPORT_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=5),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=2),
-    maximum_attempts=5,
-)
+    from workflows.retry_policies import (
+        IMPORT_HEARTBEAT,
+        IMPORT_RETRY,
+        IMPORT_TIMEOUT,
+        SLACK_RETRY,
+        SLACK_TIMEOUT,
+        failure_reason,
+    )
 
 
 def alert_text(alert: FindingAlert) -> str:

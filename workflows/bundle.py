@@ -24,6 +24,8 @@ with workflow.unsafe.imports_passed_through():
         ApprovalOutcome,
         BundleInput,
         BundleResult,
+        DeleteIdentity,
+        IdentityRef,
         LifecycleInput,
         MarkFailed,
         ProvisionInput,
@@ -33,7 +35,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from models.enums import NhiStatus
     from nhi.rules.ids import BUNDLE_WORKFLOW, lifecycle_workflow_id, provision_workflow_id
-    from workflows.lifecycle import NhiLifecycleWorkflow
+    from workflows.lifecycle import IDENTITY_REFS, NhiLifecycleWorkflow
     from workflows.provision import EXPIRED, ApprovalGate, ProvisionNhiWorkflow
     from workflows.retry_policies import (
         DB_RETRY,
@@ -140,14 +142,25 @@ class BundleWorkflow:
             status = NhiStatus.FAILED
             why = f"removed: {reason}"
             try:
-                await workflow.execute_activity_method(
-                    ProviderActivities.remove_identity,
-                    # Never handed to anyone: nobody can need the secret back.
-                    RemoveIdentity(plan=result.plan, force_delete_secret=True),
-                    start_to_close_timeout=PLATFORM_TIMEOUT,
-                    heartbeat_timeout=PLATFORM_HEARTBEAT,
-                    retry_policy=PLATFORM_REMOVAL_RETRY,
-                )
+                # Never handed to anyone: nobody can need the secret back.
+                if workflow.patched(IDENTITY_REFS):
+                    await workflow.execute_activity_method(
+                        ProviderActivities.delete_identity,
+                        DeleteIdentity(
+                            ref=IdentityRef.of_plan(result.plan), force_delete_secret=True
+                        ),
+                        start_to_close_timeout=PLATFORM_TIMEOUT,
+                        heartbeat_timeout=PLATFORM_HEARTBEAT,
+                        retry_policy=PLATFORM_REMOVAL_RETRY,
+                    )
+                else:
+                    await workflow.execute_activity_method(
+                        ProviderActivities.remove_identity,
+                        RemoveIdentity(plan=result.plan, force_delete_secret=True),
+                        start_to_close_timeout=PLATFORM_TIMEOUT,
+                        heartbeat_timeout=PLATFORM_HEARTBEAT,
+                        retry_policy=PLATFORM_REMOVAL_RETRY,
+                    )
             except ActivityError as err:
                 status = NhiStatus.REVOKE_FAILED
                 why = f"{reason}; removing it also failed: {failure_reason(err)}"

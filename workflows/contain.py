@@ -46,9 +46,10 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.provider import ProviderActivities
     from activities.slack import SlackActivities
-    from models.contracts import AlertPost, ContainAgentInput
+    from models.contracts import AlertPost, ContainAgentInput, IdentityRef
     from models.enums import IncidentStatus
     from nhi.rules.ids import CONTAIN_WORKFLOW
+    from workflows.lifecycle import IDENTITY_REFS
     from workflows.retry_policies import (
         CONTAIN_PLATFORM_RETRY,
         CONTAIN_RETRY_DELAY,
@@ -193,19 +194,45 @@ class ContainAgentWorkflow:
         line = f"{name} ({target.plan.platform.value}): {'; '.join(actions)}; lifecycle {lifecycle}"
         return _NhiOutcome(proofs, lifecycle, line[:1000])
 
-    async def _kill(
-        self, plan: ContainPlan, target: NhiTarget
-    ) -> tuple[list[str], list[CredentialProof]]:
-        """Quarantine, end the task credentials, verify, try each credential."""
-        quarantined = await self._try(
-            lambda: workflow.execute_activity_method(
-                ProviderActivities.quarantine,
-                target.plan,
+    # Today's runs hand the provider only the identity (patch `identity-ref-activities`).
+    async def _quarantine(self, target: NhiTarget) -> list[str]:
+        if workflow.patched(IDENTITY_REFS):
+            return await workflow.execute_activity_method(
+                ProviderActivities.quarantine_identity,
+                IdentityRef.of_plan(target.plan),
                 start_to_close_timeout=PLATFORM_TIMEOUT,
                 heartbeat_timeout=PLATFORM_HEARTBEAT,
                 retry_policy=CONTAIN_PLATFORM_RETRY,
             )
+        return await workflow.execute_activity_method(
+            ProviderActivities.quarantine,
+            target.plan,
+            start_to_close_timeout=PLATFORM_TIMEOUT,
+            heartbeat_timeout=PLATFORM_HEARTBEAT,
+            retry_policy=CONTAIN_PLATFORM_RETRY,
         )
+
+    async def _verify(self, target: NhiTarget) -> None:
+        if workflow.patched(IDENTITY_REFS):
+            await workflow.execute_activity_method(
+                ProviderActivities.verify_identity_quarantined,
+                IdentityRef.of_plan(target.plan),
+                start_to_close_timeout=VERIFY_TIMEOUT,
+                retry_policy=CONTAIN_VERIFY_RETRY,
+            )
+            return
+        await workflow.execute_activity_method(
+            ProviderActivities.verify_quarantine,
+            target.plan,
+            start_to_close_timeout=VERIFY_TIMEOUT,
+            retry_policy=CONTAIN_VERIFY_RETRY,
+        )
+
+    async def _kill(
+        self, plan: ContainPlan, target: NhiTarget
+    ) -> tuple[list[str], list[CredentialProof]]:
+        """Quarantine, end the task credentials, verify, try each credential."""
+        quarantined = await self._try(lambda: self._quarantine(target))
         actions: list[str] = (
             [f"quarantine failed: {quarantined}"]
             if isinstance(quarantined, _Failed)
@@ -225,14 +252,7 @@ class ContainAgentWorkflow:
             actions += ended if isinstance(ended, list) else [f"task credentials: {ended}"]
         # Both only read the platform: the state check and the tries run side by side.
         verified, proofs = await asyncio.gather(
-            self._try(
-                lambda: workflow.execute_activity_method(
-                    ProviderActivities.verify_quarantine,
-                    target.plan,
-                    start_to_close_timeout=VERIFY_TIMEOUT,
-                    retry_policy=CONTAIN_VERIFY_RETRY,
-                )
-            ),
+            self._try(lambda: self._verify(target)),
             self._try(
                 lambda: self._step(
                     ContainActivities.prove_dead,

@@ -31,7 +31,9 @@ with workflow.unsafe.imports_passed_through():
         Alert,
         AlertPost,
         AuditNote,
+        DeleteIdentity,
         DeliveryResult,
+        IdentityRef,
         KeyRef,
         LifecycleAction,
         LifecycleConfig,
@@ -97,6 +99,9 @@ CONTAINED = "contained-failures"
 RENEWAL_CAPS = "renewal-caps"
 # A rotation during an overlap keeps the keys already retiring (runs before it forgot them).
 KEEP_RETIRING = "keep-every-retiring-key"
+# Quarantine, its proof, its lifting and removal take an IdentityRef, not the whole plan
+# (also used by the provisioning, bundle and containment workflows).
+IDENTITY_REFS = "identity-ref-activities"
 
 
 def _wall_clock() -> datetime:
@@ -478,9 +483,7 @@ class NhiLifecycleWorkflow:
         workflow.logger.error("%s of nhi %s failed: %s", what, self._nhi_id, reason)
         if requarantine and workflow.patched(CONTAINED):
             with contextlib.suppress(ActivityError):
-                await self._platform(
-                    ProviderActivities.quarantine, self._plan(self._st().expires_at)
-                )
+                await self._disable()
         return ApplicationError(f"{what} failed, nothing was changed: {reason}", type="StepFailed")
 
     async def _step(self, now: datetime) -> datetime | None:
@@ -745,13 +748,21 @@ class NhiLifecycleWorkflow:
         plan = self._plan(self._st().expires_at)
         reason = action.reason or "decommission requested"
         try:
-            done = await self._platform(ProviderActivities.quarantine, plan)
-            await workflow.execute_activity_method(
-                ProviderActivities.verify_quarantine,
-                plan,
-                start_to_close_timeout=VERIFY_TIMEOUT,
-                retry_policy=VERIFY_RETRY,
-            )
+            done = await self._disable()
+            if workflow.patched(IDENTITY_REFS):
+                await workflow.execute_activity_method(
+                    ProviderActivities.verify_identity_quarantined,
+                    IdentityRef.of_plan(plan),
+                    start_to_close_timeout=VERIFY_TIMEOUT,
+                    retry_policy=VERIFY_RETRY,
+                )
+            else:
+                await workflow.execute_activity_method(
+                    ProviderActivities.verify_quarantine,
+                    plan,
+                    start_to_close_timeout=VERIFY_TIMEOUT,
+                    retry_policy=VERIFY_RETRY,
+                )
         except ActivityError as err:
             await self._revoke_failed(f"quarantine failed: {failure_reason(err)}")
             return
@@ -770,9 +781,18 @@ class NhiLifecycleWorkflow:
     async def _remove(self) -> None:
         plan = self._plan(self._st().expires_at)
         try:
-            if workflow.patched(REMOVAL_ALERT_WINDOW):
+            if workflow.patched(REMOVAL_ALERT_WINDOW) and workflow.patched(IDENTITY_REFS):
                 # Retried for the alert window, then revoke_failed and alerted: a removal that
                 # keeps failing surfaces within minutes (later retries every revoke period).
+                removed = await workflow.execute_activity_method(
+                    ProviderActivities.delete_identity,
+                    DeleteIdentity(ref=IdentityRef.of_plan(plan)),
+                    start_to_close_timeout=PLATFORM_TIMEOUT,
+                    schedule_to_close_timeout=removal_window(self._config().revoke_alert_seconds),
+                    heartbeat_timeout=PLATFORM_HEARTBEAT,
+                    retry_policy=REMOVAL_RETRY,
+                )
+            elif workflow.patched(REMOVAL_ALERT_WINDOW):
                 removed = await workflow.execute_activity_method(
                     ProviderActivities.remove_identity,
                     RemoveIdentity(plan=plan),
@@ -830,7 +850,12 @@ class NhiLifecycleWorkflow:
             expiry = core.restored_expiry(self._st(), cfg, now, strict=self._strict_caps())
         except core.ExpiryRefused as err:
             raise refused(err) from None
-        await self._platform(ProviderActivities.lift_quarantine, self._plan(expiry))
+        if workflow.patched(IDENTITY_REFS):
+            await self._platform(
+                ProviderActivities.lift_identity_quarantine, IdentityRef.of_plan(self._plan(expiry))
+            )
+        else:
+            await self._platform(ProviderActivities.lift_quarantine, self._plan(expiry))
         if expiry != self._st().expires_at:
             await self._platform(ProviderActivities.update_expiry, self._plan(expiry))
         await self._status(
@@ -1015,6 +1040,17 @@ class NhiLifecycleWorkflow:
         return await workflow.execute_activity_method(
             method, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY
         )
+
+    async def _disable(self) -> list[str]:
+        """The provider's quarantine of this identity; what it did."""
+        plan = self._plan(self._st().expires_at)
+        if workflow.patched(IDENTITY_REFS):
+            done: list[str] = await self._platform(
+                ProviderActivities.quarantine_identity, IdentityRef.of_plan(plan)
+            )
+        else:
+            done = await self._platform(ProviderActivities.quarantine, plan)
+        return done
 
     async def _platform(self, method: Callable[..., Any], arg: Any) -> Any:
         return await workflow.execute_activity_method(

@@ -26,8 +26,10 @@ with workflow.unsafe.imports_passed_through():
         ApprovalMessage,
         ApprovalOutcome,
         ApprovalPost,
+        DeleteIdentity,
         Delivery,
         IdentityCreated,
+        IdentityRef,
         LifecycleInput,
         MarkFailed,
         MessageUpdate,
@@ -43,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from nhi.rules.ids import PROVISION_WORKFLOW, lifecycle_workflow_id
     from nhi.rules.slack_messages import approval_decided_text
     from workflows import tagging
-    from workflows.lifecycle import NhiLifecycleWorkflow
+    from workflows.lifecycle import IDENTITY_REFS, NhiLifecycleWorkflow
     from workflows.retry_policies import (
         DB_RETRY,
         DB_TIMEOUT,
@@ -386,14 +388,23 @@ class ProvisionNhiWorkflow:
     async def _compensate(self, plan: ProvisionPlan, reason: str) -> NhiStatus:
         status = NhiStatus.FAILED
         try:
-            await workflow.execute_activity_method(
-                ProviderActivities.remove_identity,
-                # Never delivered, so nobody can need the secret back.
-                RemoveIdentity(plan=plan, force_delete_secret=True),
-                start_to_close_timeout=PLATFORM_TIMEOUT,
-                heartbeat_timeout=PLATFORM_HEARTBEAT,
-                retry_policy=PLATFORM_REMOVAL_RETRY,
-            )
+            # Never delivered, so nobody can need the secret back.
+            if workflow.patched(IDENTITY_REFS):
+                await workflow.execute_activity_method(
+                    ProviderActivities.delete_identity,
+                    DeleteIdentity(ref=IdentityRef.of_plan(plan), force_delete_secret=True),
+                    start_to_close_timeout=PLATFORM_TIMEOUT,
+                    heartbeat_timeout=PLATFORM_HEARTBEAT,
+                    retry_policy=PLATFORM_REMOVAL_RETRY,
+                )
+            else:
+                await workflow.execute_activity_method(
+                    ProviderActivities.remove_identity,
+                    RemoveIdentity(plan=plan, force_delete_secret=True),
+                    start_to_close_timeout=PLATFORM_TIMEOUT,
+                    heartbeat_timeout=PLATFORM_HEARTBEAT,
+                    retry_policy=PLATFORM_REMOVAL_RETRY,
+                )
         except ActivityError as err:
             status = NhiStatus.REVOKE_FAILED
             reason = f"{reason}; removing what was created also failed: {failure_reason(err)}"

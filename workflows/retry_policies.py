@@ -67,6 +67,18 @@ REAPER_RETRY = RetryPolicy(
     maximum_attempts=3,
 )
 
+# The activity import (workflows/activity_import.py): a long file is read in one activity that
+# heartbeats; a worker lost mid-file is noticed within IMPORT_HEARTBEAT and the file is
+# imported again from its start (its transaction never committed).
+IMPORT_TIMEOUT = timedelta(hours=2)
+IMPORT_HEARTBEAT = timedelta(seconds=60)
+IMPORT_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=2),
+    maximum_attempts=5,
+)
+
 # A lifecycle step whose activity failed (a poisoned value, a dependency down for longer than
 # its retries) is recorded and tried again this much later; the run itself never fails.
 STEP_RETRY_DELAY = timedelta(minutes=15)
