@@ -18,31 +18,29 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
-    from activities.provider import ProviderActivities
     from models.contracts import (
         ApprovalDecision,
         ApprovalOutcome,
         BundleInput,
         BundleResult,
-        DeleteIdentity,
-        IdentityRef,
         LifecycleInput,
         MarkFailed,
         ProvisionInput,
         ProvisionResult,
         RecordApproval,
-        RemoveIdentity,
     )
     from models.enums import NhiStatus
     from nhi.rules.ids import BUNDLE_WORKFLOW, lifecycle_workflow_id, provision_workflow_id
-    from workflows.lifecycle import IDENTITY_REFS, NhiLifecycleWorkflow
-    from workflows.provision import EXPIRED, ApprovalGate, ProvisionNhiWorkflow
+    from workflows.lifecycle import NhiLifecycleWorkflow
+    from workflows.provision import (
+        EXPIRED,
+        ApprovalGate,
+        ProvisionNhiWorkflow,
+        remove_undelivered,
+    )
     from workflows.retry_policies import (
         DB_RETRY,
         DB_TIMEOUT,
-        PLATFORM_HEARTBEAT,
-        PLATFORM_REMOVAL_RETRY,
-        PLATFORM_TIMEOUT,
         failure_reason,
     )
 
@@ -142,25 +140,7 @@ class BundleWorkflow:
             status = NhiStatus.FAILED
             why = f"removed: {reason}"
             try:
-                # Never handed to anyone: nobody can need the secret back.
-                if workflow.patched(IDENTITY_REFS):
-                    await workflow.execute_activity_method(
-                        ProviderActivities.delete_identity,
-                        DeleteIdentity(
-                            ref=IdentityRef.of_plan(result.plan), force_delete_secret=True
-                        ),
-                        start_to_close_timeout=PLATFORM_TIMEOUT,
-                        heartbeat_timeout=PLATFORM_HEARTBEAT,
-                        retry_policy=PLATFORM_REMOVAL_RETRY,
-                    )
-                else:
-                    await workflow.execute_activity_method(
-                        ProviderActivities.remove_identity,
-                        RemoveIdentity(plan=result.plan, force_delete_secret=True),
-                        start_to_close_timeout=PLATFORM_TIMEOUT,
-                        heartbeat_timeout=PLATFORM_HEARTBEAT,
-                        retry_policy=PLATFORM_REMOVAL_RETRY,
-                    )
+                await remove_undelivered(result.plan)
             except ActivityError as err:
                 status = NhiStatus.REVOKE_FAILED
                 why = f"{reason}; removing it also failed: {failure_reason(err)}"

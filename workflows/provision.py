@@ -195,6 +195,27 @@ class ApprovalGate:
         return True
 
 
+async def remove_undelivered(plan: ProvisionPlan) -> None:
+    """Compensation: remove an identity whose credential nobody was handed, secret included
+    (nobody can need it back). Raises ActivityError when its retries run out."""
+    if workflow.patched(IDENTITY_REFS):
+        await workflow.execute_activity_method(
+            ProviderActivities.delete_identity,
+            DeleteIdentity(ref=IdentityRef.of_plan(plan), force_delete_secret=True),
+            start_to_close_timeout=PLATFORM_TIMEOUT,
+            heartbeat_timeout=PLATFORM_HEARTBEAT,
+            retry_policy=PLATFORM_REMOVAL_RETRY,
+        )
+        return
+    await workflow.execute_activity_method(
+        ProviderActivities.remove_identity,
+        RemoveIdentity(plan=plan, force_delete_secret=True),
+        start_to_close_timeout=PLATFORM_TIMEOUT,
+        heartbeat_timeout=PLATFORM_HEARTBEAT,
+        retry_policy=PLATFORM_REMOVAL_RETRY,
+    )
+
+
 @workflow.defn(name=PROVISION_WORKFLOW)
 class ProvisionNhiWorkflow:
     """One run per NHI, id `nhi-provision-<nhi id>`.
@@ -388,23 +409,7 @@ class ProvisionNhiWorkflow:
     async def _compensate(self, plan: ProvisionPlan, reason: str) -> NhiStatus:
         status = NhiStatus.FAILED
         try:
-            # Never delivered, so nobody can need the secret back.
-            if workflow.patched(IDENTITY_REFS):
-                await workflow.execute_activity_method(
-                    ProviderActivities.delete_identity,
-                    DeleteIdentity(ref=IdentityRef.of_plan(plan), force_delete_secret=True),
-                    start_to_close_timeout=PLATFORM_TIMEOUT,
-                    heartbeat_timeout=PLATFORM_HEARTBEAT,
-                    retry_policy=PLATFORM_REMOVAL_RETRY,
-                )
-            else:
-                await workflow.execute_activity_method(
-                    ProviderActivities.remove_identity,
-                    RemoveIdentity(plan=plan, force_delete_secret=True),
-                    start_to_close_timeout=PLATFORM_TIMEOUT,
-                    heartbeat_timeout=PLATFORM_HEARTBEAT,
-                    retry_policy=PLATFORM_REMOVAL_RETRY,
-                )
+            await remove_undelivered(plan)
         except ActivityError as err:
             status = NhiStatus.REVOKE_FAILED
             reason = f"{reason}; removing what was created also failed: {failure_reason(err)}"
