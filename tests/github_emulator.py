@@ -96,6 +96,8 @@ class GithubEmulator:
     repositories: dict[str, dict[str, bytes]] = field(default_factory=dict)
     tokens: dict[str, Token] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
+    # While set, token requests answer 503 as GitHub does in an incident.
+    token_outage: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---- fixtures ------------------------------------------------------------------------------
@@ -185,6 +187,8 @@ class GithubEmulator:
         if m := re.fullmatch(r"/app/installations/(\d+)", path):
             return self._as_app(auth, lambda: self._installation(int(m.group(1))), method, "GET")
         if m := re.fullmatch(r"/app/installations/(\d+)/access_tokens", path):
+            if self.token_outage:
+                return 503, {"message": "Service Unavailable"}
             return self._as_app(auth, lambda: self._issue(int(m.group(1)), body), method, "POST")
         token = self._token(auth)
         if token is None:

@@ -269,6 +269,37 @@ async def test_a_token_reaches_its_repository_is_reissued_and_revoked(rig: Rig) 
     assert ("DELETE", "/installation/token") in rig.gh.calls
 
 
+async def test_a_failed_reissue_is_retried_before_the_token_in_use_lapses(rig: Rig) -> None:
+    _, nhi_id, _ = request_nhi(
+        rig.sessions,
+        rig.settings,
+        "github_app_token",
+        scope=READ_API,
+        ttl="1d",
+        now=await rig.env.get_current_time(),
+    )
+    handle = await provision(rig.env, rig.queue, nhi_id)
+    born = _nhi(rig, nhi_id).activated_at
+    assert born is not None
+    first = _token(rig, _nhi(rig, nhi_id))["token"]
+
+    # GitHub refuses tokens when the re-issue falls due (45 min): it fails after its retries.
+    rig.gh.token_outage = True
+    await skip_until(rig.env, handle, born + 50 * MINUTE)
+    assert "nhi.rotation_failed" in _events(rig, nhi_id)
+    assert _token(rig, _nhi(rig, nhi_id))["token"] == first, "the token in use stays"
+
+    # GitHub is back: the re-issue is tried again minutes later (a ninth of the 45-minute
+    # period), not hours, so a working token is in the secret before the first one's hour.
+    rig.gh.token_outage = False
+    await skip_until(rig.env, handle, born + 58 * MINUTE)
+    current = _token(rig, _nhi(rig, nhi_id))["token"]
+    assert current != first and "nhi.rotated" in _events(rig, nhi_id)
+    await skip_until(rig.env, handle, born + 61 * MINUTE)
+    assert await _gh(rig, "GET", "/repos/acme/api", first) == 401
+    assert await _gh(rig, "GET", "/repos/acme/api", current) == 200
+
+
 async def test_a_sweep_reports_drift_when_the_installation_loses_a_permission(rig: Rig) -> None:
     _, nhi_id, _ = request_nhi(
         rig.sessions,

@@ -542,3 +542,13 @@ def test_refusals_keep_their_wording() -> None:
     assert str(err.value) == (
         "past the agent's expected end (2026-01-11T00:00:00Z): request a new identity instead"
     )
+
+
+def test_a_failed_rotation_is_retried_after_a_ninth_of_its_period() -> None:
+    def every(period: int | None) -> LifecycleConfig:
+        return config(rotation_period_seconds=period)
+
+    assert core.rotation_retry_delay(every(45 * 60)) == timedelta(minutes=5)
+    assert core.rotation_retry_delay(every(5 * 60)) == timedelta(minutes=1)
+    assert core.rotation_retry_delay(every(90 * 86400)) == timedelta(hours=6)
+    assert core.rotation_retry_delay(every(None)) == timedelta(hours=6)

@@ -102,6 +102,9 @@ KEEP_RETIRING = "keep-every-retiring-key"
 # Quarantine, its proof, its lifting and removal take an IdentityRef, not the whole plan
 # (also used by the provisioning, bundle and containment workflows).
 IDENTITY_REFS = "identity-ref-activities"
+# A failed rotation is retried after a ninth of its period (at most 6 h), not always 6 h: a
+# short-lived token (GitHub's hour) is re-issued again before the one in use lapses.
+ROTATION_RETRY_BY_PERIOD = "rotation-retry-by-period"
 
 
 def _wall_clock() -> datetime:
@@ -699,7 +702,12 @@ class NhiLifecycleWorkflow:
             reason = f"rotation failed, the current key stays in use: {failure_reason(err)}"
             await self._status(NhiStatus.ACTIVE, "nhi.rotation_failed", action, reason)
             await self._alert(f"{cfg.plan.identity_name}: {reason}", emails=[cfg.owner_email])
-            self._apply(core.after_rotation_failed(self._snapshot(), now))
+            delay = (
+                core.rotation_retry_delay(cfg)
+                if workflow.patched(ROTATION_RETRY_BY_PERIOD)
+                else core.ROTATION_RETRY_DELAY
+            )
+            self._apply(core.after_rotation_failed(self._snapshot(), now, delay))
             return
         await self._status(
             NhiStatus.ACTIVE,

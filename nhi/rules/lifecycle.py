@@ -25,6 +25,7 @@ ENDED = (Phase.DECOMMISSIONED, Phase.MISSING)
 MAX_EXTENSION_SECONDS = 366 * 86400
 # A rotation that failed is tried again this much later; the current key stays in use.
 ROTATION_RETRY_DELAY = timedelta(hours=6)
+MIN_ROTATION_RETRY_DELAY = timedelta(minutes=1)
 
 # ---- actions -------------------------------------------------------------------------------
 
@@ -426,10 +427,21 @@ def after_rotation(
     )
 
 
-def after_rotation_failed(state: LifecycleState, started: datetime) -> LifecycleState:
-    return state.model_copy(
-        update={"next_rotation_at": started + ROTATION_RETRY_DELAY, "pending_rotate": None}
-    )
+def rotation_retry_delay(config: LifecycleConfig) -> timedelta:
+    """When a failed rotation is tried again: a ninth of the rotation period, between a minute
+    and ROTATION_RETRY_DELAY. A GitHub token re-issued every 45 minutes gets two more tries
+    (after 5 and 10 minutes) before the one in use lapses at its hour; a 90-day AWS key waits
+    the full 6 h (the current key stays in use meanwhile)."""
+    period = config.rotation_period_seconds
+    if not period:
+        return ROTATION_RETRY_DELAY
+    return min(ROTATION_RETRY_DELAY, max(MIN_ROTATION_RETRY_DELAY, timedelta(seconds=period) / 9))
+
+
+def after_rotation_failed(
+    state: LifecycleState, started: datetime, delay: timedelta = ROTATION_RETRY_DELAY
+) -> LifecycleState:
+    return state.model_copy(update={"next_rotation_at": started + delay, "pending_rotate": None})
 
 
 def after_rotation_not_applicable(state: LifecycleState) -> LifecycleState:
