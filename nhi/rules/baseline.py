@@ -142,6 +142,11 @@ def _covered(patterns: tuple[str, ...], value: str) -> bool:
     return any(fnmatchcase(low, p.lower()) for p in patterns)
 
 
+@lru_cache(maxsize=4096)
+def _granted(privileges: tuple[str, ...], command: str) -> bool:
+    return command in {p.upper() for p in privileges}
+
+
 def in_scope(intent: Intent, event: Event) -> bool:
     """Whether the granted scope covers the event's action (and its resource, when the event
     names one): IAM wildcards for AWS, privileges for Postgres."""
@@ -149,7 +154,7 @@ def in_scope(intent: Intent, event: Event) -> bool:
         command = event.action.upper()
         if command in ALWAYS_ALLOWED_PG:
             return True
-        return any(command in {a.upper() for a in actions} for actions, _ in intent.scope)
+        return any(_granted(actions, command) for actions, _ in intent.scope)
     if event.action.lower() in ALWAYS_ALLOWED_AWS:
         return True
     for actions, resources in intent.scope:
@@ -201,6 +206,11 @@ def _bump(counts: dict[str, int], key: str) -> None:
         counts["other"] = counts.get("other", 0) + 1
 
 
+@lru_cache(maxsize=4096)
+def _agent_name(user_agent: str) -> str:
+    return user_agent.split(" ")[0][:64]
+
+
 @dataclass
 class Profile:
     """What an NHI has been seen doing: counts per action, resource, network, hour and user
@@ -235,7 +245,7 @@ class Profile:
         if net:
             _bump(self.networks, net)
         if event.user_agent:
-            _bump(self.user_agents, event.user_agent.split(" ")[0][:64])
+            _bump(self.user_agents, _agent_name(event.user_agent))
         self.hours[event.at.hour] += 1
         # A new active minute only when the minute changes (formatting every event is slow).
         minute = int(event.at.timestamp()) // 60
@@ -322,7 +332,13 @@ def _concurrent(watch: Watch, event: Event) -> Draft | None:
     net = network_of(event.source_ip)
     if net is None or event.credential is None:
         return None
-    uses = watch.uses.setdefault(event.credential, {})
+    uses = watch.uses.get(event.credential)
+    if uses is None:
+        watch.uses[event.credential] = {net: event.at}
+        return None
+    if len(uses) == 1 and net in uses:  # the usual case: one network, nothing to compare
+        uses[net] = event.at
+        return None
     horizon = event.at - timedelta(seconds=CONCURRENT_SECONDS)
     for other in [n for n, t in uses.items() if t < horizon]:
         del uses[other]
