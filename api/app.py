@@ -31,7 +31,7 @@ from api.routes import (
 )
 from api.ui import install as install_ui
 from nhi.infra.config import Settings, get_settings
-from nhi.infra.db import make_engine, make_sessionmaker
+from nhi.infra.db import PING_IDLE_S, make_engine, make_sessionmaker
 from nhi.infra.logging import configure
 from nhi.infra.slack_client import make_slack_client
 from nhi.infra.tracing import flush_tracing, instrument_app, setup_tracing
@@ -56,7 +56,7 @@ def create_app(
         engine = None
         own_sessions = sessions
         if own_sessions is None:
-            engine = make_engine(settings.require_database_url())
+            engine = make_engine(settings.require_database_url(), ping_idle_s=PING_IDLE_S)
             own_sessions = make_sessionmaker(engine)
         app.state.nhi = AppState(
             settings=settings,

@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from activities.providers.registry import build_task_providers
 from api.app import create_app
-from models.enums import Platform, Role
-from models.orm import AuditEvent, IdempotencyKey, TaskCredential
+from models.enums import IncidentStatus, Platform, Role
+from models.orm import AuditEvent, IdempotencyKey, Incident, TaskCredential
 from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
@@ -49,7 +49,7 @@ from nhi.rules.task_credentials import (
     task_role_name,
 )
 from nhi.services import task_credentials
-from nhi.services.auth import Principal, issue_token
+from nhi.services.auth import Principal, issue_token, revoke_token
 from nhi.services.errors import Conflict
 from nhi.services.target_registry import TargetRegistry
 from tests.conftest import Service
@@ -497,6 +497,44 @@ async def test_a_parent_contained_during_issuance_never_hands_the_credential_out
         assert row.status == "active", "left for the reaper, which sees its parent contained"
 
 
+async def test_an_aws_parent_contained_during_sts_never_hands_the_session_out(
+    world: World,
+) -> None:
+    """AWS writes the row while STS answers, and reads the parent again after both: one
+    quarantined while STS answers never gets its session handed out (409); whatever row was
+    written stays active for the reaper, as for Postgres."""
+    issuers = world.app.state.nhi.task_issuers
+    nhi_id = uuid.UUID(world.aws_nhi["id"])
+    warm = await _issue(world, world.agent_token, world.aws_nhi, ttl="15m")
+    assert warm.status_code == 201, warm.text  # a recent read of the parent is cached
+
+    def contained_meanwhile(grant: TaskGrant) -> IssuedCredential:
+        issued: IssuedCredential = issuers[Platform.AWS].issue(grant)
+        with transaction(world.sessions) as s:
+            s.execute(text("UPDATE nhis SET status = 'quarantined' WHERE id = :id"), {"id": nhi_id})
+        return issued
+
+    principal = Principal(
+        name="tc-race-aws", kind="token", roles=frozenset({Role.AGENT}), agent_id=world.agent_id
+    )
+    try:
+        with pytest.raises(Conflict, match="quarantined"):
+            await asyncio.to_thread(
+                task_credentials.issue,
+                world.sessions,
+                principal,
+                nhi_id,
+                task_credentials.TaskRequest(ttl="15m", task_id="raced-aws"),
+                lambda platform: contained_meanwhile,
+            )
+    finally:
+        with transaction(world.sessions) as s:
+            s.execute(text("UPDATE nhis SET status = 'active' WHERE id = :id"), {"id": nhi_id})
+    with transaction(world.sessions) as s:
+        rows = s.scalars(select(TaskCredential).where(TaskCredential.task_id == "raced-aws"))
+        assert [r.status for r in rows] in ([], ["active"]), "never issued twice"
+
+
 # ---- who may issue ---------------------------------------------------------------------------
 
 
@@ -531,6 +569,56 @@ async def test_a_parent_that_is_not_active_is_refused(world: World, service: Ser
     answer = await _issue(world, token, {"id": str(nhi_id)})
     assert answer.status_code == 409, answer.text
     assert "requested" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("parent", ["pg_nhi", "aws_nhi"])
+async def test_a_contained_agent_gets_no_task_credential(world: World, parent: str) -> None:
+    """From the moment its agent has an open incident (containment opens it before it
+    quarantines the NHIs), no task credential is issued from any of its NHIs, even right
+    after one was (a recent read of the parent is never trusted over the incident): 409,
+    nothing recorded. Released, issuance works again."""
+    nhi = getattr(world, parent)
+    warm = await _issue(world, world.agent_token, nhi, ttl="15m")
+    assert warm.status_code == 201, warm.text
+    with transaction(world.sessions) as s:
+        incident = Incident(
+            agent_id=world.agent_id,
+            status=IncidentStatus.CONTAINING,
+            reason="test: contained while issuing",
+            opened_by="test:security",
+            opened_by_person="test:security",
+        )
+        s.add(incident)
+    before = _count(world)
+    try:
+        answer = await _issue(world, world.agent_token, nhi, ttl="15m")
+        assert answer.status_code == 409, answer.text
+        assert "contained" in answer.json()["detail"]
+        assert _count(world) == before, "nothing recorded"
+    finally:
+        with transaction(world.sessions) as s:
+            s.execute(
+                text("UPDATE incidents SET status = 'released' WHERE id = :id"),
+                {"id": incident.id},
+            )
+    again = await _issue(world, world.agent_token, nhi, ttl="15m")
+    assert again.status_code == 201, again.text
+
+
+async def test_a_token_revoked_in_the_api_stops_issuing_at_once(world: World) -> None:
+    """Issuance reuses a token's principal for a few seconds (nhi/services/auth.py); a
+    revocation in the same process ends that at once."""
+    name = f"tc-revoked-{uuid.uuid4().hex[:8]}"
+    with transaction(world.sessions) as s:
+        _, token = issue_token(
+            s, name=name, role=Role.AGENT, ttl="1d", created_by="test", agent_id=world.agent_id
+        )
+    first = await _issue(world, token, world.aws_nhi, ttl="15m")
+    assert first.status_code == 201, first.text
+    with transaction(world.sessions) as s:
+        revoke_token(s, name, "test:revoke")
+    answer = await _issue(world, token, world.aws_nhi, ttl="15m")
+    assert answer.status_code == 401, answer.text
 
 
 async def test_a_policy_that_does_not_allow_task_credentials_refuses(world: World) -> None:

@@ -19,11 +19,13 @@ The reaper (worker) drops expired roles; this module only issues (API process).
 
 Speed (issue 15: at least OpenBao's rate). The issuer keeps, per target, a few admin
 connections open (`AdminPool`: no SCRAM handshake per issue) and the target's resolved
-connection settings for `TARGET_CACHE_S` (no `targets` read or secret fetch per issue). The
-role is created in two round trips: one batch (BEGIN, the advisory lock, the group's marker,
-CREATE ROLE, COMMENT, the read-only default), then, once the group is proven ours, COMMIT.
-A pooled connection found dead on that first batch (nothing was committed: COMMIT was not
-sent) is replaced and the batch sent again on a fresh one.
+connection settings for `TARGET_CACHE_S` (no `targets` read or secret fetch per issue), and
+a few passwords with their SCRAM verifiers computed ahead (`PasswordStock`). The role is
+created in ONE round trip: one batch (BEGIN, the advisory lock, a guard that fails the batch
+unless the group carries the parent's marker, CREATE ROLE, COMMENT, the read-only default,
+COMMIT). A narrowed scope takes a second one (its grants, then COMMIT). A pooled connection
+found dead on the batch (its backend was gone before the batch arrived) is replaced and the
+batch sent again on a fresh one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from psycopg.rows import TupleRow
 
 from activities.providers import postgres_ddl as ddl
 from models.enums import Platform
+from nhi import MANAGED_BY
 from nhi.rules.pg_grants import is_read_only, managed_comment, parse_comment, parse_grants
 from nhi.rules.policy import RuleViolation
 from nhi.rules.task_credentials import (
@@ -59,6 +62,9 @@ TARGET_CACHE_S = 10.0
 POOL_SIZE = 8
 POOL_IDLE_S = 60.0
 POOL_WAIT_S = 30.0
+# Password/verifier pairs kept ready (PasswordStock) and how long one may wait to be used.
+PASSWORD_STOCK = 4
+PASSWORD_MAX_AGE_S = 60.0
 Cursor = psycopg.Cursor[TupleRow]
 # As postgres_ddl.admin: no statement or lock wait holds an issuing request forever.
 _ADMIN_OPTIONS = "-c statement_timeout=60000 -c lock_timeout=30000"
@@ -151,6 +157,65 @@ class AdminPool:
                 self._idle.pop()[1].close()
 
 
+class PasswordStock:
+    """Fresh passwords with their SCRAM verifiers, computed ahead on a background thread.
+
+    The verifier (PBKDF2, SCRAM_ITERATIONS = 4096 as Postgres's and OpenBao's default, never
+    fewer) is the costliest step an issue computes (about 1 ms of CPU). One thread keeps up to
+    `size` pairs ready, so an issue takes one instead of computing it while its caller waits
+    (hashlib releases the GIL: the refill runs beside the issue's round trips). A pair is used
+    once, at most `max_age_s` after it was made (older ones are thrown away), and lives only
+    in this process's memory; with the stock empty (a burst), the issue computes its own."""
+
+    def __init__(self, size: int = PASSWORD_STOCK, max_age_s: float = PASSWORD_MAX_AGE_S) -> None:
+        self._size = size
+        self._max_age_s = max_age_s
+        self._ready: deque[tuple[float, str, str]] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def take(self) -> tuple[str, str]:
+        """(password, verifier), never handed out twice."""
+        now = time.monotonic()
+        found: tuple[float, str, str] | None = None
+        with self._cond:
+            while self._ready:
+                made = self._ready.popleft()
+                if now - made[0] < self._max_age_s:
+                    found = made
+                    break
+            if self._size > 0 and not self._closed:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._fill, name="nhi-task-scram", daemon=True
+                    )
+                    self._thread.start()
+                self._cond.notify()
+        if found is not None:
+            return found[1], found[2]
+        password = new_password()
+        return password, scram_verifier(password)
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and len(self._ready) >= self._size:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            password = new_password()
+            verifier = scram_verifier(password)  # outside the lock: takers never wait on it
+            with self._cond:
+                self._ready.append((time.monotonic(), password, verifier))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._ready.clear()
+            self._cond.notify_all()
+
+
 def _pool_key(target: TargetConnection) -> tuple[str, int, str, str, str, str]:
     # A changed password (or address) gets a new pool; the digest keeps the password itself
     # out of the key.
@@ -169,6 +234,7 @@ class PostgresTaskProvider:
         self._resolved: dict[str, tuple[float, TargetConnection]] = {}
         self._pools: dict[str, tuple[tuple[str, int, str, str, str, str], AdminPool]] = {}
         self._lock = threading.Lock()
+        self._secrets = PasswordStock()
 
     def _target(self, name: str | None) -> TargetConnection:
         now = time.monotonic()
@@ -198,7 +264,8 @@ class PostgresTaskProvider:
             return {name: pool for name, (_, pool) in self._pools.items()}
 
     def close(self) -> None:
-        """Close every pooled admin connection."""
+        """Close every pooled admin connection (and drop the passwords kept ready)."""
+        self._secrets.close()
         with self._lock:
             pools = [pool for _, pool in self._pools.values()]
             self._pools.clear()
@@ -213,11 +280,11 @@ class PostgresTaskProvider:
             narrowed = parse_grants(list(grant.scope)) if grant.scope is not None else None
         except RuleViolation as err:
             raise ddl.fail(f"scope refused: {err}", "InvalidScope") from None
-        password = new_password()
+        password, verifier = self._secrets.take()
         attributes = sql.SQL("LOGIN INHERIT VALID UNTIL {} CONNECTION LIMIT {} PASSWORD {}").format(
             ddl.until(grant.expires_at),
             sql.Literal(int(target.connection_limit)),
-            sql.Literal(scram_verifier(password)),
+            sql.Literal(verifier),
         )
         if narrowed is None:
             attributes = sql.SQL("{} IN ROLE {}").format(attributes, ddl.ident(group))
@@ -240,11 +307,12 @@ class PostgresTaskProvider:
             )
             for key in sorted(set(locks))
         ]
+        # The whole scope (the common case): the group is checked on the server, under the
+        # lock, and the batch ends with COMMIT: ONE round trip. A narrowed scope reads the
+        # group instead and commits after its grants, in a second round trip.
+        one_trip = narrowed is None
+        statements.append(_guard(group, grant) if one_trip else _read_group(group))
         statements += [
-            sql.SQL(
-                "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles "
-                "WHERE rolname = {}"
-            ).format(sql.Literal(group)),
             sql.SQL("CREATE ROLE {} {}").format(ddl.ident(login), attributes),
             sql.SQL("COMMENT ON ROLE {} IS {}").format(ddl.ident(login), sql.Literal(comment)),
         ]
@@ -254,6 +322,8 @@ class PostgresTaskProvider:
                     ddl.ident(login)
                 )
             )
+        if one_trip:
+            statements.append(sql.SQL("COMMIT"))
         batch = sql.SQL("; ").join(statements)
         pool = self.pool(target)
         doing = f"issuing task credential {login} on target {target.name!r}"
@@ -263,20 +333,22 @@ class PostgresTaskProvider:
             raise ddl.classify_postgres(err, doing) from None
         try:
             try:
-                cursor = _execute(conn, batch, group, narrowed is None)
+                cursor = _execute(conn, batch, group, one_trip, grant.nhi_id)
             except psycopg.OperationalError:
-                # A reused connection found dead (killed backend, restarted server): nothing
-                # was committed on it (COMMIT is not in the batch), so send it again on a
-                # fresh one, once.
+                # A reused connection found dead (killed backend, restarted server): its
+                # backend was gone before the batch arrived, so nothing ran; send it again on
+                # a fresh one, once. (Were the first batch to have committed after all, the
+                # second CREATE ROLE of the same name fails: never two credentials.)
                 if not (reused and conn.closed):
                     raise
                 conn.close()
                 conn = pool.fresh()
-                cursor = _execute(conn, batch, group, narrowed is None)
-            _check_group(cursor, group, grant)
-            if narrowed is not None:
-                ddl.apply_grants(conn, login, narrowed)
-            conn.execute("COMMIT")
+                cursor = _execute(conn, batch, group, one_trip, grant.nhi_id)
+            if not one_trip:
+                _check_group(cursor, group, grant)
+                if narrowed is not None:
+                    ddl.apply_grants(conn, login, narrowed)
+                conn.execute("COMMIT")
         except BaseException as err:
             pool.discard(conn)
             if isinstance(err, psycopg.Error):
@@ -298,10 +370,45 @@ class PostgresTaskProvider:
         )
 
 
-def _execute(conn: ddl.Conn, batch: sql.Composed, group: str, member: bool) -> Cursor:
-    """Send the creating batch: one round trip, its transaction left open."""
+# What `_guard` makes the server fail with (a cast of this text to integer), then the kind.
+_GUARD = "nhi-lifecycle task-credential guard:"
+
+
+def _read_group(group: str) -> sql.Composable:
+    return sql.SQL(
+        "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = {}"
+    ).format(sql.Literal(group))
+
+
+def _guard(group: str, grant: TaskGrant) -> sql.Composable:
+    """A statement that fails the batch (so its transaction, COMMIT included, never commits)
+    unless the group role exists and carries the parent NHI's marker: the check `_check_group`
+    makes in Python, on the server. The marker is matched by the prefix `managed_comment`
+    writes (`managed-by=...;nhi-id=<id>;`), so a group not made by this service is refused."""
+    prefix = f"managed-by={MANAGED_BY};nhi-id={grant.nhi_id};"
+    return sql.SQL(
+        "SELECT CASE WHEN g.ok THEN 'ours' ELSE ({} || g.why)::int::text END FROM ("
+        "SELECT coalesce(bool_or(starts_with(coalesce(shobj_description(oid, 'pg_authid'), "
+        "''), {})), false) AS ok, CASE WHEN count(*) = 0 THEN 'IdentityMissing' "
+        "ELSE 'IdentityConflict' END AS why FROM pg_roles WHERE rolname = {}) AS g"
+    ).format(sql.Literal(f"{_GUARD} "), sql.Literal(prefix), sql.Literal(group))
+
+
+def _execute(
+    conn: ddl.Conn, batch: sql.Composed, group: str, member: bool, nhi_id: object = None
+) -> Cursor:
+    """Send the creating batch: one round trip (its transaction left open unless it ends with
+    COMMIT)."""
     try:
         return conn.execute(batch)
+    except psycopg.errors.InvalidTextRepresentation as err:
+        if _GUARD not in str(err):
+            raise
+        if "IdentityMissing" in str(err):
+            raise ddl.fail(f"group role {group} does not exist", "IdentityMissing") from None
+        raise ddl.fail(
+            f"role {group} already exists and is not NHI {nhi_id}'s", "IdentityConflict"
+        ) from None
     except psycopg.errors.UndefinedObject:
         if not member:
             raise

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, StringConstraints
 
 from activities.providers.registry import build_task_providers
-from api.deps import AppState, CurrentPrincipal, State, authenticated
+from api.deps import AppState, principal_of
 from api.idempotency import IdempotencyKeyHeader
 from models.enums import PLATFORM_OF, Platform
 from models.schemas import Body, Duration, Scope
@@ -31,9 +31,43 @@ from nhi.rules.task_credentials import (
     source_identity,
 )
 from nhi.services import task_credentials
+from nhi.services.auth import (
+    TOKEN_PREFIX,
+    Principal,
+    cached_principal_from_token,
+    hash_token,
+    principal_cache,
+)
 from nhi.services.target_registry import TargetRegistry
 
-router = APIRouter(prefix="/v1/nhis", tags=["credentials"], dependencies=[authenticated])
+
+async def _app_state(request: Request) -> AppState:
+    """`api.deps.State` without its worker-thread hop (FastAPI runs a sync dependency on a
+    worker thread: two thread switches per request on the issuing path)."""
+    state: AppState = request.app.state.nhi
+    return state
+
+
+AppStateHere = Annotated[AppState, Depends(_app_state)]
+
+
+async def _caller(request: Request, state: AppStateHere) -> Principal:
+    """The caller, as every route authenticates it, except that an `nhi_` token's principal
+    is reused for up to `auth.PRINCIPAL_CACHE_S` (issuance is the hot path of agents asking
+    for a credential per task; see nhi/services/auth.py for what that means for revocation)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token.startswith(TOKEN_PREFIX):
+        found = principal_cache.get(hash_token(token))
+        if found is not None:
+            return found  # no thread hop, no database
+        return await run_in_threadpool(cached_principal_from_token, state.sessions, token)
+    return await run_in_threadpool(principal_of, request, state)
+
+
+Caller = Annotated[Principal, Depends(_caller)]
+router = APIRouter(prefix="/v1/nhis", tags=["credentials"], dependencies=[Depends(_caller)])
 
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_RE.pattern)]
 
@@ -169,8 +203,8 @@ def _answer(grant: TaskGrant, platform: Platform, issued: IssuedCredential) -> T
 async def issue_task_credential(
     nhi_id: uuid.UUID,
     body: TaskCredentialIn,
-    state: State,
-    p: CurrentPrincipal,
+    state: AppStateHere,
+    p: Caller,
     _key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Issue a short-lived credential from an active NHI for one task of its agent (the

@@ -12,14 +12,16 @@ probed; 403 is kept for what a caller can see but not do.
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import event, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from models.enums import Role
 from models.orm import Agent, ApiToken, Nhi
@@ -162,6 +164,11 @@ def authorize_decision(session: Session, p: Principal, nhi: Nhi) -> Nhi:
 def principal_from_token(session: Session, token: str) -> Principal:
     """The principal of a valid API token; Unauthenticated otherwise (without saying which check
     failed, so probing learns nothing)."""
+    return _token_principal(session, token)[0]
+
+
+def _token_principal(session: Session, token: str) -> tuple[Principal, datetime]:
+    """The principal of a valid API token and the token's expiry."""
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
     now = datetime.now(UTC)
     if row is None or row.revoked_at is not None or row.expires_at <= now:
@@ -169,7 +176,7 @@ def principal_from_token(session: Session, token: str) -> Principal:
     if row.last_used_at is None or now - row.last_used_at > timedelta(minutes=1):
         # Last-used evidence (stale tokens are NHIs to clean up too), at most once a minute.
         session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
-    return Principal(
+    principal = Principal(
         name=row.name,
         kind="token",
         roles=frozenset({Role(row.role)}),
@@ -178,6 +185,89 @@ def principal_from_token(session: Session, token: str) -> Principal:
         email=row.email,
         agent_id=row.agent_id,
     )
+    return principal, row.expires_at
+
+
+# ---- a short-lived cache of token principals, for hot paths ---------------------------------
+
+# How long a token's principal is reused without reading `api_tokens` again (issue 15: task
+# credential issuance authenticates each request; the read is most of its inventory time).
+# Revocation through this process ends the cached entry at once (the ORM event below); a
+# revocation made by another process (another API replica, the CLI on the database) takes
+# effect here within this many seconds. The token's own expiry is never exceeded.
+PRINCIPAL_CACHE_S = 5.0
+_PRINCIPAL_CACHE_MAX = 4096
+
+
+class PrincipalCache:
+    """Token principals by token hash, each until min(now + ttl, the token's expiry).
+
+    Thread-safe. A token revoked in this process is tombstoned: never served from the cache
+    again (every use reads the database), even if that revocation was rolled back."""
+
+    def __init__(self, ttl_s: float = PRINCIPAL_CACHE_S) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._revoked: set[str] = set()
+        self._lock = threading.Lock()
+
+    def get(self, token_hash: str) -> Principal | None:
+        now = time.monotonic()
+        with self._lock:
+            found = self._entries.get(token_hash)
+            if found is None:
+                return None
+            if now >= found[0]:
+                del self._entries[token_hash]
+                return None
+            return found[1]
+
+    def put(self, token_hash: str, principal: Principal, expires_at: datetime) -> None:
+        left = (expires_at - datetime.now(UTC)).total_seconds()
+        if left <= 0 or self.ttl_s <= 0:
+            return
+        until = time.monotonic() + min(self.ttl_s, left)
+        with self._lock:
+            if token_hash in self._revoked:
+                return
+            if len(self._entries) >= _PRINCIPAL_CACHE_MAX:
+                self._entries.clear()  # bounded: a flood of tokens only costs re-reads
+            self._entries[token_hash] = (until, principal)
+
+    def forget(self, token_hash: str) -> None:
+        """Drop a token for good (it was revoked in this process)."""
+        with self._lock:
+            self._entries.pop(token_hash, None)
+            self._revoked.add(token_hash)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+principal_cache = PrincipalCache()
+
+
+@event.listens_for(ApiToken.revoked_at, "set")
+def _forget_revoked(target: ApiToken, value: object, _old: object, _initiator: object) -> None:
+    # Any revocation through the ORM in this process (the API route, `nhi dev`, tests):
+    # tombstoned before its transaction even commits, so no request re-caches the token
+    # between the revocation and its commit.
+    if value is not None and target.token_hash:
+        principal_cache.forget(target.token_hash)
+
+
+def cached_principal_from_token(sessions: sessionmaker[Session], token: str) -> Principal:
+    """`principal_from_token`, reusing a principal for up to PRINCIPAL_CACHE_S (see above):
+    no database round trip for a token seen moments ago."""
+    digest = hash_token(token)
+    found = principal_cache.get(digest)
+    if found is not None:
+        return found
+    with sessions.begin() as session:
+        principal, expires_at = _token_principal(session, token)
+    principal_cache.put(digest, principal, expires_at)
+    return principal
 
 
 def person_of_actor(session: Session, actor: str) -> str:
