@@ -58,6 +58,11 @@ WORKFLOWS = [
     ActivityImportWorkflow,
 ]
 
+# The inventory steps run as local activities (issue 15), on the same executor as activities:
+# they have slots and threads of their own, so they never wait behind platform calls (a waiting
+# local activity holds its workflow task open, and its timeout runs meanwhile).
+LOCAL_ACTIVITY_SLOTS = 16
+
 ActivityMethod = Callable[..., object]
 """A bound `@activity.defn` method: the SDK reads its name and signature, we only pass it on."""
 
@@ -176,9 +181,11 @@ def build_worker(
             db, platforms, people, sweeps, supervision, reaper, contain, imports
         ),
         activity_executor=ThreadPoolExecutor(
-            max_workers=settings.worker_max_concurrent_activities, thread_name_prefix="activity"
+            max_workers=settings.worker_max_concurrent_activities + LOCAL_ACTIVITY_SLOTS,
+            thread_name_prefix="activity",
         ),
         max_concurrent_activities=settings.worker_max_concurrent_activities,
+        max_concurrent_local_activities=LOCAL_ACTIVITY_SLOTS,
         max_cached_workflows=settings.worker_max_cached_workflows,
         interceptors=[MetricsInterceptor(metrics or ActivityMetrics(new_registry()))],
         workflow_failure_exception_types=(

@@ -1,10 +1,11 @@
 """Benchmark 1: provisioning and decommissioning throughput against a plain boto3 floor.
 
 Ours: `POST /v1/agents/{id}/nhis` for an `iam_role`, timed until the inventory says `active`
-(API, Postgres lease, ProvisionNhiWorkflow with its three activities, the lifecycle workflow
-it starts). Then `POST /v1/nhis/{id}/decommission` as the owner, timed until `quarantined`
-(credential unusable) and `decommissioned` (everything deleted; the benchmark's policy has a
-grace period of 0 so deletion follows the quarantine at once).
+(API, Postgres lease, ProvisionNhiWorkflow with its platform activity and its inventory steps as
+local activities, the lifecycle workflow it starts). Then `POST /v1/nhis/{id}/decommission` as
+the owner, timed until `quarantined` (credential unusable) and `decommissioned` (everything
+deleted; the benchmark's policy has a grace period of 0 so deletion follows the quarantine at
+once).
 
 Floor: the very same IAM calls, made by a plain thread pool with the worker's client
 configuration and slot count, against the same moto server in the same run.
@@ -56,6 +57,8 @@ TARGET_RATIO = 0.7
 # The worker's activity slots (NHI_WORKER_MAX_CONCURRENT_ACTIVITIES default): the floor may
 # have exactly as many calls in flight as the service can.
 FLOOR_THREADS = 32
+# The marker the SDK's core records for each local activity.
+LOCAL_ACTIVITY_MARKER = "core_local_activity"
 
 
 # ---- the floor: the same boto3 calls, nothing else --------------------------------------------
@@ -196,12 +199,19 @@ def warm_up(aws: AwsClients, path: str) -> None:
 
 async def history_profile(stack: Stack, nhi_id: str, timeout: float = 60.0) -> dict[str, int]:
     """What one NHI's workflows wrote to Temporal until its lifecycle waits on its timer: runs,
-    history events, activities, workflow tasks (read back from the server, so the explanation
-    quotes measured numbers)."""
+    history events, activities, local activities, workflow tasks (read back from the server, so
+    the explanation quotes measured numbers)."""
     client = await stack.client()
     deadline = time.monotonic() + timeout
     while True:
-        out = {"workflows": 0, "events": 0, "activities": 0, "workflow_tasks": 0, "timers": 0}
+        out = {
+            "workflows": 0,
+            "events": 0,
+            "activities": 0,
+            "local_activities": 0,
+            "workflow_tasks": 0,
+            "timers": 0,
+        }
         for workflow_id in (provision_workflow_id(nhi_id), lifecycle_workflow_id(nhi_id)):
             history = await client.get_workflow_handle(workflow_id).fetch_history()
             out["workflows"] += 1
@@ -209,6 +219,11 @@ async def history_profile(stack: Stack, nhi_id: str, timeout: float = 60.0) -> d
             for event in history.events:
                 kind = event.event_type
                 out["activities"] += kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+                # A local activity (the inventory steps) leaves only its marker in history.
+                out["local_activities"] += (
+                    kind == EventType.EVENT_TYPE_MARKER_RECORDED
+                    and event.marker_recorded_event_attributes.marker_name == LOCAL_ACTIVITY_MARKER
+                )
                 out["workflow_tasks"] += kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
                 out["timers"] += kind == EventType.EVENT_TYPE_TIMER_STARTED
         if out["timers"] or time.monotonic() > deadline:
@@ -476,7 +491,9 @@ def _explain(
             "NHI: an API request (authentication, policy check, the lease and its audit row "
             "committed before anything exists), then ProvisionNhiWorkflow and the "
             f"NhiLifecycleWorkflow it starts: {hist.get('workflows', '?')} workflow runs, "
-            f"{hist.get('activities', '?')} activities, {hist.get('workflow_tasks', '?')} "
+            f"{hist.get('activities', '?')} activities and "
+            f"{hist.get('local_activities', '?')} local activities (the inventory steps, run "
+            f"within a workflow task), {hist.get('workflow_tasks', '?')} "
             f"workflow tasks and {hist.get('events', '?')} history events (read back from the "
             "server for one NHI) persisted by the Temporal dev server in SQLite, plus the "
             "inventory transitions with their audit rows. Every new workflow run also costs the "

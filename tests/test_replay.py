@@ -10,7 +10,8 @@ The histories in tests/histories/ and the tests that record them:
 | `postgres_lifecycle_plan_activities` | the same test, before `identity-ref-activities` | quarantine and removal taking the whole plan (`quarantine`, `verify_quarantine`, `remove_identity`) |
 | `containment`, `containment_partial` | `test_contain.py` | the containment playbook on an `IdentityRef`; `*_plan_activities`: the same recorded before that patch |
 | `lifecycle_revoke_failed` | `test_lifecycle_faults.py::test_a_removal_that_keeps_failing_surfaces_within_the_alert_window_once` | a removal failing past the alert window, alerted once per recipient, retried and finished |
-| `aws_provision` | `test_aws_provisioning_of_today_replays` (here) | AWS provisioning through the provider interface, with an approval |
+| `aws_provision`, `aws_lifecycle_start` | `test_aws_provisioning_of_today_replays` (here) | AWS provisioning through the provider interface, with an approval, its inventory steps as local activities (patch `local-inventory-steps`); the lifecycle it starts, loading as a local activity (patch `local-lifecycle-load`), renewed |
+| `aws_provision_activities` | the same test, before `local-inventory-steps` | the inventory steps as activities |
 | `sweep_aws`, `orphan_removal_aws`, `sweep_aws_missing` | `test_aws_sweeps_of_today_replay` (here) | sweeps acting on every kind of finding, and the orphan removal one starts |
 | `sweep_postgres` | `test_a_postgres_sweep_of_today_replays` (here) | a Postgres sweep: drift reverted, a role gone (missing), a target unreachable |
 | `lifecycle_rotation_overlap` | `test_rotation_overlap.py::test_rotations_during_an_overlap_retire_every_old_key` | two rotations within one overlap (AWS): every old key retired and deleted, with the `keep-every-retiring-key` patch |
@@ -54,7 +55,13 @@ from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from models.contracts import ApprovalDecision, FindingKind, ProvisionInput, SweepOutcome
+from models.contracts import (
+    ApprovalDecision,
+    FindingKind,
+    ProvisionInput,
+    RenewRequest,
+    SweepOutcome,
+)
 from models.enums import NhiStatus
 from models.orm import Nhi
 from nhi.infra.aws_clients import AwsClients
@@ -77,6 +84,7 @@ from tests.helpers import (
 )
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster
 from worker import WORKFLOWS, build_worker
+from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +105,8 @@ def test_golden_histories_are_committed() -> None:
         "containment_plan_activities",
         "lifecycle_revoke_failed",
         "aws_provision",
+        "aws_provision_activities",
+        "aws_lifecycle_start",
         "sweep_aws",
         "sweep_aws_missing",
         "orphan_removal_aws",
@@ -185,6 +195,20 @@ def _activities(history: WorkflowHistory) -> list[str]:
     ]
 
 
+def _local_activities(history: WorkflowHistory) -> list[str]:
+    """The activity type of every local activity a history recorded (core's markers)."""
+    names = []
+    for e in history.events:
+        if e.event_type != EventType.EVENT_TYPE_MARKER_RECORDED:
+            continue
+        marker = e.marker_recorded_event_attributes
+        if marker.marker_name != "core_local_activity":
+            continue
+        data = json.loads(marker.details["data"].payloads[0].data)
+        names.append(data["activity_type"])
+    return names
+
+
 def _committed(name: str) -> WorkflowHistory:
     return WorkflowHistory.from_json(name, (HISTORIES / f"{name}.json").read_text())
 
@@ -225,6 +249,20 @@ def test_the_golden_histories_record_the_paths_they_are_named_for() -> None:
     assert "remove_identity" in _activities(_committed("postgres_lifecycle_plan_activities"))
     removal = set(_activities(_committed("orphan_removal_aws")))
     assert {"quarantine_orphan", "remove_identity"} <= removal
+    # The inventory steps run as local activities on today's code (issue 15); the history
+    # recorded before keeps them as activities, and the lifecycle loads the same way.
+    inventory = {"begin_provisioning", "record_approval", "record_active"}
+    local = _committed("aws_provision")
+    assert inventory <= set(_local_activities(local))
+    assert not inventory & set(_activities(local))
+    assert set(_activities(local)) == {"create_identity", "deliver_credential"}
+    as_activities = _committed("aws_provision_activities")
+    assert inventory <= set(_activities(as_activities))
+    assert not _local_activities(as_activities)
+    assert "load_lifecycle" in _local_activities(_committed("aws_lifecycle_start"))
+    assert "load_lifecycle" not in _activities(_committed("aws_lifecycle_start"))
+    # A lifecycle recorded before (kept, never re-recorded) loads with an activity.
+    assert "load_lifecycle" in _activities(_committed("postgres_lifecycle_plan_activities"))
 
 
 # --- the worker --------------------------------------------------------------------------------
@@ -311,11 +349,29 @@ async def test_aws_provisioning_of_today_replays(
         assert decision.approved
         result = await handle.result()
         history = await handle.fetch_history()
+        # The lifecycle it handed the NHI to: loaded, waiting on its timer, then renewed.
+        lifecycle = ts_env.client.get_workflow_handle(lifecycle_workflow_id(nhi_id))
+
+        async def waiting() -> None:
+            events = (await lifecycle.fetch_history()).events
+            assert any(e.event_type == EventType.EVENT_TYPE_TIMER_STARTED for e in events)
+
+        await eventually(waiting)
+        renewed = await lifecycle.execute_update(
+            NhiLifecycleWorkflow.renew, RenewRequest(actor="ana@example.com", reason="golden")
+        )
+        assert renewed.message == "renewed"
+        life = await lifecycle.fetch_history()
     assert result.status is NhiStatus.ACTIVE
     assert nhi_row(sessions, nhi_id).status == "active"
-    assert {"create_identity", "deliver_credential"} <= set(_activities(history))
-    await _replay(history)
-    keep_history(history, "aws_provision")
+    assert set(_activities(history)) == {"create_identity", "deliver_credential"}
+    assert {"begin_provisioning", "record_approval", "record_active"} <= set(
+        _local_activities(history)
+    )
+    assert _local_activities(life) == ["load_lifecycle"]
+    for name, recorded in (("aws_provision", history), ("aws_lifecycle_start", life)):
+        await _replay(recorded)
+        keep_history(recorded, name)
 
 
 async def test_aws_sweeps_of_today_replay(

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
@@ -65,6 +65,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows import tagging
     from workflows.retry_policies import (
         DB_BEST_EFFORT_RETRY,
+        DB_LOCAL_RETRY,
+        DB_LOCAL_TIMEOUT,
         DB_RETRY,
         DB_TIMEOUT,
         PLATFORM_HEARTBEAT,
@@ -102,9 +104,39 @@ KEEP_RETIRING = "keep-every-retiring-key"
 # Quarantine, its proof, its lifting and removal take an IdentityRef, not the whole plan
 # (also used by the provisioning, bundle and containment workflows).
 IDENTITY_REFS = "identity-ref-activities"
+# The configuration is loaded by a local activity, within the run's first workflow task: a
+# lifecycle's start is one workflow task and no activity task (issue 15).
+LOCAL_LOAD = "local-lifecycle-load"
 # A failed rotation is retried after a ninth of its period (at most 6 h), not always 6 h: a
 # short-lived token (GitHub's hour) is re-issued again before the one in use lapses.
 ROTATION_RETRY_BY_PERIOD = "rotation-retry-by-period"
+
+
+async def local_db_step(method: Callable[..., Any], arg: Any) -> Any:
+    """One inventory step (a DbActivities method) as a local activity.
+
+    A local activity's failure can reach the workflow as its bare cause (an ApplicationError, a
+    timeout, a cancellation) where an activity's arrives as an ActivityError around it: it is
+    wrapped the same way, so `except ActivityError`, `failure_reason` and
+    `is_cancelled_exception` treat both alike.
+    """
+    try:
+        return await workflow.execute_local_activity_method(
+            method, arg, start_to_close_timeout=DB_LOCAL_TIMEOUT, retry_policy=DB_LOCAL_RETRY
+        )
+    except ActivityError:
+        raise
+    except FailureError as err:
+        name = getattr(method, "__name__", "inventory step")
+        raise ActivityError(
+            f"local activity {name} failed",
+            scheduled_event_id=0,
+            started_event_id=0,
+            identity="",
+            activity_type=name,
+            activity_id="",
+            retry_state=None,
+        ) from err
 
 
 def _wall_clock() -> datetime:
@@ -390,9 +422,9 @@ class NhiLifecycleWorkflow:
         alerted = False
         while True:
             try:
-                cfg: LifecycleConfig = await self._db(
-                    DbActivities.load_lifecycle, NhiRef(nhi_id=nhi_id)
-                )
+                cfg: LifecycleConfig = await (
+                    local_db_step if workflow.patched(LOCAL_LOAD) else self._db
+                )(DbActivities.load_lifecycle, NhiRef(nhi_id=nhi_id))
                 return cfg
             except ActivityError as err:
                 cause = err.cause

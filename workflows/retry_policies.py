@@ -24,6 +24,20 @@ DB_BEST_EFFORT_RETRY = RetryPolicy(
     non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
 )
 
+# The inventory steps run as local activities on today's code (patch `local-inventory-steps`,
+# issue 15): one short transaction each, run by the worker in the workflow task that reaches it,
+# so no activity task travels through the server and no workflow task follows it. An attempt is
+# bounded tighter than DB_TIMEOUT (a stuck one holds its workflow task; the worker heartbeats
+# that task meanwhile, on its own thread). The retries are DB_RETRY's, so provisioning still
+# waits about 15 s for the API's lease commit (activities/db.py, LEASE_COMMIT_ATTEMPTS).
+DB_LOCAL_TIMEOUT = timedelta(seconds=10)
+DB_LOCAL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=20,
+    non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
+)
+
 PLATFORM_TIMEOUT = timedelta(minutes=2)
 # Long enough for botocore's own throttling backoff between heartbeats, short enough that a
 # crashed worker's activity moves to another worker quickly.

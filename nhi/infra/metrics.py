@@ -506,7 +506,8 @@ class _Series:
 
 
 # ---- worker: activity outcomes ----------------------------------------------------------------
-REMOVAL_ACTIVITIES = frozenset({"remove_identity"})
+# `remove_identity` for runs recorded before the patch `identity-ref-activities`.
+REMOVAL_ACTIVITIES = frozenset({"remove_identity", "delete_identity"})
 SLACK_ACTIVITIES = frozenset(
     {"post_prompt", "send_alert", "deliver_prompt", "update_messages", "alert"}
 )
