@@ -238,7 +238,8 @@ async def test_requests_are_counted_by_route_template(exercised: Exercised) -> N
 async def test_worker_counts_activity_outcomes(exercised: Exercised) -> None:
     page = exercised.worker
     assert value(page, "nhi_activity_total", activity="record_active", outcome="ok") == 4
-    assert value(page, "nhi_activity_total", activity="remove_identity", outcome="ok") == 2
+    # Decommissions remove through `delete_identity` (patch `identity-ref-activities`).
+    assert value(page, "nhi_activity_total", activity="delete_identity", outcome="ok") == 2
     assert value(page, "nhi_removals_total", outcome="ok") == 2
     assert value(page, "nhi_removals_total", outcome="failed") == 0
     assert value(page, "nhi_reminders_sent_total") >= 1  # the NHI that expired was reminded
