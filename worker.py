@@ -127,6 +127,7 @@ def activities_of(
         # Sweeps.
         sweeps.plan_sweep,
         sweeps.quarantine_orphan,
+        sweeps.remove_orphans,
         sweeps.note_orphan,
         sweeps.mark_missing,
         sweeps.clean_preactive,

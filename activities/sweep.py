@@ -16,9 +16,10 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import ColumnElement, String, cast, func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -35,16 +36,18 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities._support import heartbeating
 from activities.db import step_key
 from activities.provider import identity_ref_of, plan_of, provider_for
 from activities.providers.aws_discovery import DETAILS_PAGE_MAX, PagedDiscovery, ResumePoint
+from activities.providers.aws_removal import AwsRemoval
 from activities.providers.base import Known, Provider
 from activities.providers.registry import name_prefix
 from models.contracts import (
+    Contract,
     Finding,
     FindingKind,
     IdentityRef,
@@ -75,6 +78,7 @@ from nhi.rules.ids import (
     LIFECYCLE_WORKFLOW,
     PROVISION_WORKFLOW,
     lifecycle_workflow_id,
+    orphan_workflow_id,
     provision_workflow_id,
     sweep_nudge_update_id,
 )
@@ -95,6 +99,7 @@ SWEEP_ACTOR = "system:sweep"
 DIGEST_BYTES = 6  # per alive name seen, in a resumable sweep's heartbeat details
 START_FAILED = "the sweep could not start"  # how the API records a start it gave up on
 ORPHAN = "orphan"  # the audit subject type of identities no inventory row answers for
+ORPHAN_THREADS = 4  # removals under way at once inside one `remove_orphans` batch
 
 
 def ours(platform: Platform, prefix: str) -> ColumnElement[bool]:
@@ -112,6 +117,32 @@ def _urgent_first(findings: list[Finding]) -> list[Finding]:
     """Findings most urgent first (stable: within a kind, in listing order)."""
     order = list(FindingKind)
     return sorted(findings, key=lambda f: order.index(f.kind))
+
+
+class OrphanBatch(Contract):
+    """Orphans a sweep removes in one activity (issue 19): each is removed at once when its
+    grace period is over, else left to its own `OrphanRemovalWorkflow`."""
+
+    orphans: list[OrphanInput]
+
+
+class OrphanOutcome(Contract):
+    """What `remove_orphans` did with one orphan: `removed` (completely, with its audit
+    events), `waiting` (its grace period runs: the sweep hands it to its removal workflow) or
+    `failed` (the platform's reason; the identity stays at least quarantined and the sweep hands
+    it to its removal workflow, which retries it and alerts)."""
+
+    identity: str
+    status: Literal["removed", "waiting", "failed"]
+    removed: list[str] = []
+    reason: str = ""
+    code: str = ""
+
+
+class OrphanBatchResult(Contract):
+    """One outcome per orphan of the batch, in its order."""
+
+    outcomes: list[OrphanOutcome]
 
 
 class SweepProgress:
@@ -260,6 +291,28 @@ def beating(progress: SweepProgress, interval: float = 5.0) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+@contextmanager
+def beating_details(details: Callable[[], Any], interval: float = 5.0) -> Iterator[None]:
+    """Heartbeat `details()` now and from a helper thread every `interval` seconds while the
+    block runs (never an empty heartbeat, which would erase the details a retry resumes from)."""
+    stop = threading.Event()
+    context = contextvars.copy_context()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            activity.heartbeat(details())
+
+    activity.heartbeat(details())
+    thread = threading.Thread(target=context.run, args=(beat,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        activity.heartbeat(details())
 
 
 class SweepActivities:
@@ -540,6 +593,147 @@ class SweepActivities:
             )
             or 0
         )
+
+    @activity.defn
+    def remove_orphans(self, batch: OrphanBatch) -> OrphanBatchResult:
+        """Remove a sweep's orphans whose grace period is over, ORPHAN_THREADS at a time, in
+        one activity instead of a child workflow and three activities each (issue 19).
+
+        Each one: one pass on the platform (AWS: the deny-all first, then everything in
+        `delete`'s order, proven gone, then its secret), then its audit events
+        (`orphan.quarantined` unless one stands since it was last deleted, `orphan.deleted`
+        with what was removed) in its own transaction, committed before it counts as done.
+        The heartbeat details name the orphans done, so a retry (after a worker restart, say)
+        skips them; one whose heartbeat was lost is removed again harmlessly ("not found" is
+        done, and the events' keys are per sweep run and orphan). A failure is that orphan's
+        outcome, not the batch's: the sweep hands it to its removal workflow."""
+        info = activity.info()
+        details = info.heartbeat_details[0] if info.heartbeat_details else None
+        # By removal id (kind, target and name: one Postgres role name may be an orphan on two
+        # targets), as the orphans' removal workflows are named.
+        done: dict[str, dict[str, Any]] = dict(details) if isinstance(details, dict) else {}
+        ids = [
+            orphan_workflow_id(o.identity_kind.value, o.identity, o.target) for o in batch.orphans
+        ]
+        since = self._first_quarantined([o.identity for o in batch.orphans])
+        now = datetime.now(UTC)
+        outcomes: dict[str, OrphanOutcome] = {}
+        todo: list[tuple[str, OrphanInput]] = []
+        for removal, orphan in zip(ids, batch.orphans, strict=True):
+            if removal in done:
+                outcomes[removal] = OrphanOutcome.model_validate(done[removal])
+                continue
+            first = since.get(orphan.identity)
+            grace = timedelta(seconds=orphan.grace_seconds)
+            if orphan.grace_seconds > 0 and (first is None or first + grace > now):
+                outcomes[removal] = OrphanOutcome(identity=orphan.identity, status="waiting")
+                continue
+            todo.append((removal, orphan))
+        lock = threading.Lock()
+        run = f"{info.workflow_id}/{info.workflow_run_id}"
+
+        def one(item: tuple[str, OrphanInput]) -> None:
+            removal, orphan = item
+            outcome = self._remove_orphan(orphan, f"{run}/{removal}")
+            with lock:
+                outcomes[removal] = outcome
+                if outcome.status == "removed":  # a failed one is tried again by a retry
+                    done[removal] = outcome.model_dump(mode="json")
+
+        def progress() -> dict[str, Any]:
+            with lock:
+                return dict(done)
+
+        with beating_details(progress), ThreadPoolExecutor(ORPHAN_THREADS) as pool:
+            list(pool.map(one, todo))
+        return OrphanBatchResult(outcomes=[outcomes[i] for i in ids])
+
+    def _remove_orphan(self, orphan: OrphanInput, key: str) -> OrphanOutcome:
+        """One orphan of a batch: removed from its platform, then its audit events."""
+        ref = IdentityRef.of_orphan(orphan)
+        provider = self._provider(ref.platform)
+        try:
+            if isinstance(provider, AwsRemoval):
+                with provider.paced(self.budget):
+                    removed = provider.remove_now(ref).removed
+            else:
+                provider.disable(ref)
+                removed = provider.delete(ref).removed
+        except ApplicationError as err:  # classified by the provider, the identity re-locked
+            return OrphanOutcome(
+                identity=orphan.identity, status="failed", reason=err.message, code=err.type or ""
+            )
+        except Exception as err:  # an unclassified error (a connection lost): still this orphan's
+            log.warning("removing orphan %s failed: %r", orphan.identity, err)
+            return OrphanOutcome(
+                identity=orphan.identity,
+                status="failed",
+                reason=f"{type(err).__name__}: {err}"[:500],
+                code=type(err).__name__,
+            )
+        actor = orphan.found_by or SWEEP_ACTOR
+        with transaction(self._sessions) as session:
+            if orphan.identity not in self._first_quarantined([orphan.identity], session):
+                note(
+                    session,
+                    subject_type=ORPHAN,
+                    subject_id=orphan.identity,
+                    event="orphan.quarantined",
+                    actor=actor,
+                    reason="found by a sweep: not in the inventory",
+                    key=f"{key}/quarantined",
+                )
+            note(
+                session,
+                subject_type=ORPHAN,
+                subject_id=orphan.identity,
+                event="orphan.deleted",
+                actor=actor,
+                reason="not in the inventory: removed after the grace period",
+                details={
+                    k: v
+                    for k, v in {
+                        "removed": "; ".join(removed),
+                        "kind": orphan.identity_kind.value,
+                        "key": f"{key}/deleted",
+                        "first": "true",
+                    }.items()
+                    if v
+                },
+                key=f"{key}/deleted",
+            )
+        return OrphanOutcome(identity=orphan.identity, status="removed", removed=removed)
+
+    def _first_quarantined(
+        self, names: list[str], session: Session | None = None
+    ) -> dict[str, datetime]:
+        """When each orphan was first quarantined since it was last deleted (one query; the
+        ones never quarantined since are absent)."""
+        if not names:
+            return {}
+        deleted = (
+            select(AuditEvent.subject_id, func.max(AuditEvent.id).label("last"))
+            .where(
+                AuditEvent.subject_type == ORPHAN,
+                AuditEvent.subject_id.in_(names),
+                AuditEvent.event == "orphan.deleted",
+            )
+            .group_by(AuditEvent.subject_id)
+            .subquery()
+        )
+        query = (
+            select(AuditEvent.subject_id, func.min(AuditEvent.created_at))
+            .outerjoin(deleted, deleted.c.subject_id == AuditEvent.subject_id)
+            .where(
+                AuditEvent.subject_type == ORPHAN,
+                AuditEvent.subject_id.in_(names),
+                AuditEvent.event == "orphan.quarantined",
+                AuditEvent.id > func.coalesce(deleted.c.last, 0),
+            )
+            .group_by(AuditEvent.subject_id)
+        )
+        with nullcontext(session) if session else transaction(self._sessions) as s:
+            return {str(name): first for name, first in s.execute(query).all()}
 
     @activity.defn
     def note_orphan(self, entry: OrphanEvent) -> OrphanNoted:

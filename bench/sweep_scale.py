@@ -8,8 +8,8 @@ ORPHANS carry our tags (and one access key each) but no inventory row. Every too
 exactly the orphans; after each repetition the users left under the path are checked against
 the inventory.
 
-- nhi-lifecycle: a `SweepWorkflow` on the running worker (grace 0), timed until the last
-  orphan is gone from IAM.
+- nhi-lifecycle: a `SweepWorkflow` on the running worker (grace 0: the orphans are removed
+  in `remove_orphans` batches), timed until the last orphan is gone from IAM.
 - Cloud Custodian (`custodian run`): an iam-user policy filtering on the path and on a tag
   only the orphans carry (Custodian cannot read our inventory), with the `delete` action.
   moto lacks ListServiceSpecificCredentials, which that action calls: the counting proxy
@@ -17,7 +17,9 @@ the inventory.
 - floor: one thread of plain boto3 that reads the inventory's names, lists users by path and
   deletes each orphan's keys and then the user.
 
-Every tool talks to moto through one counting proxy (calls per user); CPU is per process.
+Every tool talks to moto through one counting proxy (calls per user); CPU is per process. The
+proxy pages GetAccountAuthorizationDetails as IAM does (moto answers it in one page whatever
+MaxItems says), so our sweep holds a page at a time, as it would against AWS.
 
 `python -m bench.sweep_scale --users 2000 --orphans 200 [--reps 1] [--tools ours,custodian,floor]`
 (the issue's size: `--users 5000 --orphans 500 --reps 3`; memory at 50,000 users:
@@ -40,6 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +82,61 @@ EMPTY_SSC = (
 )
 
 
+DETAILS = "GetAccountAuthorizationDetails"
+DETAIL_LISTS = ("UserDetailList", "GroupDetailList", "RoleDetailList", "Policies")
+
+
 # ---- a counting proxy in front of moto ----------------------------------------------------------
+
+
+class DetailsPaging:
+    """IAM's paging of GetAccountAuthorizationDetails, which moto answers in one page whatever
+    MaxItems says: the first request of a listing (no Marker) fetches moto's whole answer and
+    keeps its entries; each page is then MaxItems of them, Marker the offset, as IAM would
+    send it. So the sweep holds a page at a time, as against AWS (the 50,000-user memory run
+    measures the sweep, not moto's one-page answer)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[str, tuple[str, dict[str, list[bytes]]]] = {}
+
+    @staticmethod
+    def listing(params: dict[str, list[str]]) -> str:
+        return ",".join(
+            sorted(v for k, vs in params.items() if k.startswith("Filter.") for v in vs)
+        )
+
+    def keep(self, listing: str, full: bytes) -> None:
+        root = ET.fromstring(full)
+        ns = root.tag[1 : root.tag.index("}")] if root.tag.startswith("{") else ""
+        if ns:
+            ET.register_namespace("", ns)  # members serialised without an ns0: prefix
+        result = root.find(f"{{{ns}}}GetAccountAuthorizationDetailsResult")
+        lists: dict[str, list[bytes]] = {}
+        for name in DETAIL_LISTS:
+            found = result.find(f"{{{ns}}}{name}") if result is not None else None
+            lists[name] = [ET.tostring(m) for m in found] if found is not None else []
+        with self._lock:
+            self._kept[listing] = (ns, lists)
+
+    def page(self, listing: str, start: int, size: int) -> bytes:
+        with self._lock:
+            ns, lists = self._kept[listing]
+        total = max(len(v) for v in lists.values())
+        truncated = start + size < total
+        parts = [f'<GetAccountAuthorizationDetailsResponse xmlns="{ns}">'.encode()]
+        parts.append(b"<GetAccountAuthorizationDetailsResult>")
+        parts.append(b"<IsTruncated>" + (b"true" if truncated else b"false") + b"</IsTruncated>")
+        if truncated:
+            parts.append(f"<Marker>{start + size}</Marker>".encode())
+        for name, members in lists.items():
+            parts.append(f"<{name}>".encode())
+            parts.extend(members[start : start + size])
+            parts.append(f"</{name}>".encode())
+        parts.append(b"</GetAccountAuthorizationDetailsResult>")
+        parts.append(b"<ResponseMetadata><RequestId>bench</RequestId></ResponseMetadata>")
+        parts.append(b"</GetAccountAuthorizationDetailsResponse>")
+        return b"".join(parts)
 
 
 class CountingProxy:
@@ -89,6 +146,7 @@ class CountingProxy:
     def __init__(self, upstream: str) -> None:
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
+        paging = DetailsPaging()
         target = urlsplit(upstream)
         proxy = self
         local = threading.local()
@@ -104,13 +162,20 @@ class CountingProxy:
 
             def _relay(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                action = parse_qs(body.decode(errors="replace")).get("Action", ["?"])[0]
+                params = parse_qs(body.decode(errors="replace"))
+                action = params.get("Action", ["?"])[0]
                 if action == "?":
                     action = self.headers.get("X-Amz-Target", "?").split(".")[-1]
                 with proxy._lock:
                     proxy.calls[action] += 1
                 if action == "ListServiceSpecificCredentials":
                     self._answer(200, [("Content-Type", "text/xml")], EMPTY_SSC)
+                    return
+                marker = params.get("Marker", [""])[0]
+                if action == DETAILS and marker:  # a later page: from the kept answer
+                    size = int(params.get("MaxItems", ["100"])[0])
+                    page = paging.page(paging.listing(params), int(marker), size)
+                    self._answer(200, [("Content-Type", "text/xml")], page)
                     return
                 conn = getattr(local, "conn", None)
                 if conn is None:
@@ -129,6 +194,10 @@ class CountingProxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     response = conn.getresponse()
                 payload = response.read()
+                if action == DETAILS and response.status == 200:  # a listing's first page
+                    paging.keep(paging.listing(params), payload)
+                    size = int(params.get("MaxItems", ["100"])[0])
+                    payload = paging.page(paging.listing(params), 0, size)
                 self._answer(response.status, response.getheaders(), payload)
 
             def _answer(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
@@ -372,6 +441,9 @@ async def ours(stack: Stack, proxy: CountingProxy, account: Account, orphans: se
             "history_events": outcome.summary.get("history_events"),
             "discovery_pages": outcome.summary.get("discovery_pages"),
             "throttled": outcome.summary.get("throttled"),
+            # Removed in `remove_orphans` batches / handed to a removal workflow each.
+            "orphans_removed_in_batches": outcome.summary.get("orphans_removed"),
+            "orphans_handed_off": outcome.summary.get("orphans_handed_off"),
             "worker_peak_rss_mb": peak[0] / 2**20,
         },
     )
@@ -545,7 +617,8 @@ async def run(
     result.data = {"runs": [r.__dict__ for r in runs], "users": users, "orphans": orphans}
     result.note(
         "One moto server for all tools, every call through one counting proxy (it answers "
-        "ListServiceSpecificCredentials, which moto lacks). NHI_SWEEP_CALLS_PER_SECOND=1000."
+        "ListServiceSpecificCredentials, which moto lacks, and pages "
+        "GetAccountAuthorizationDetails as IAM does). NHI_SWEEP_CALLS_PER_SECOND=1000."
     )
     return result
 

@@ -13,6 +13,7 @@ The histories in tests/histories/ and the tests that record them:
 | `aws_provision`, `aws_lifecycle_start` | `test_aws_provisioning_of_today_replays` (here) | AWS provisioning through the provider interface, with an approval, its inventory steps as local activities (patch `local-inventory-steps`); the lifecycle it starts, loading as a local activity (patch `local-lifecycle-load`), renewed |
 | `aws_provision_activities` | the same test, before `local-inventory-steps` | the inventory steps as activities |
 | `sweep_aws`, `orphan_removal_aws`, `sweep_aws_missing` | `test_aws_sweeps_of_today_replay` (here) | sweeps acting on every kind of finding, and the orphan removal one starts |
+| `sweep_aws_batched` | `test_sweep_batches.py::test_a_batched_sweep_removes_orphans_completely_and_hands_failures_on` | a sweep (patch `sweep-orphan-batches`) removing grace-0 orphans in a `remove_orphans` batch and handing a failed one to its removal workflow |
 | `sweep_postgres` | `test_a_postgres_sweep_of_today_replays` (here) | a Postgres sweep: drift reverted, a role gone (missing), a target unreachable |
 | `lifecycle_rotation_overlap` | `test_rotation_overlap.py::test_rotations_during_an_overlap_retire_every_old_key` | two rotations within one overlap (AWS): every old key retired and deleted, with the `keep-every-retiring-key` patch |
 | `tagged_provision`, `tagged_lifecycle` | `test_search_attributes.py::test_readme_queries_return_the_right_workflows` (dev server) | runs started with search attributes: the `search-attributes` patch, status and expiry upserts, a tagged child start, a renewal |
@@ -109,6 +110,7 @@ def test_golden_histories_are_committed() -> None:
         "aws_lifecycle_start",
         "sweep_aws",
         "sweep_aws_missing",
+        "sweep_aws_batched",
         "orphan_removal_aws",
         "sweep_postgres",
         "lifecycle_rotation_overlap",

@@ -402,3 +402,81 @@ async def _resumed_and_removed(
         assert sorted((g, e) for g, e in events) == sorted(expected), "one removal each"
 
     await eventually(removed_once, timeout=30)
+
+
+# ---- a worker killed mid-removal ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_mid_removal_batch_resumes_without_removing_twice(
+    dev_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    """The first worker removes the orphans of a batch but one, whose DeleteUser it has on the
+    wire when it dies; the batch's retry on a second worker skips the ones its heartbeat names
+    (their report is the first attempt's, keys and all), finishes the last, and every orphan
+    ends with one `orphan.quarantined` and one `orphan.deleted`."""
+    own = sweep_settings(settings, "rmkill", orphan_grace_seconds=0)
+    rig = SweepRig(dev_env, own, sessions, aws, aws, own.temporal_task_queue)
+    ghosts = {orphan_user(aws, own)[0] for _ in range(6)}
+    alive = {_known_user(rig, f"k{i}") for i in range(2)}
+    moto = settings.aws_endpoint_url or ""
+    with GateProxy(moto, hold_on=b"Action=DeleteUser&") as gate:
+        first = _worker(own, dev_address(dev_env), gate.url)
+        try:
+            handle = await dev_env.client.start_workflow(
+                SweepWorkflow.run,
+                SweepInput(provider="aws", triggered_by="test"),
+                id=f"sweep-{uuid.uuid4().hex[:8]}",
+                task_queue=own.temporal_task_queue,
+            )
+            assert await asyncio.to_thread(gate.reached.wait, 90), "never deleted a user"
+
+            async def others_heartbeated() -> None:
+                pending = (await handle.describe()).raw_description.pending_activities
+                assert pending and pending[0].activity_type.name == "remove_orphans"
+                assert pending[0].heartbeat_details.payloads
+                details = await dev_env.client.data_converter.decode(
+                    pending[0].heartbeat_details.payloads, [dict]
+                )
+                assert len(details[0]) == len(ghosts) - 1, details
+
+            await eventually(others_heartbeated, timeout=90, interval=0.5)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        gate.release()
+    second = _worker(own, dev_address(dev_env), moto)
+    try:
+        outcome: SweepOutcome = await asyncio.wait_for(handle.result(), timeout=240)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            second.kill()
+    assert outcome.summary["orphans_removed"] == len(ghosts), outcome.summary
+    actions = {f.identity: f.action for f in outcome.findings if f.kind.value == "orphan"}
+    assert set(actions) == ghosts
+    # Reported from the first attempt's heartbeat: what it removed, its key included.
+    assert sum("access key" in a for a in actions.values()) >= len(ghosts) - 1, actions
+    assert _users(rig) == alive
+    with transaction(sessions) as s:
+        events = s.execute(
+            select(AuditEvent.subject_id, AuditEvent.event).where(
+                AuditEvent.subject_type == "orphan", AuditEvent.subject_id.in_(sorted(ghosts))
+            )
+        ).all()
+    expected = [(g, e) for g in ghosts for e in ("orphan.deleted", "orphan.quarantined")]
+    assert sorted((g, e) for g, e in events) == sorted(expected), "one removal each"
+    history = await handle.fetch_history()
+    attempts = [
+        e.activity_task_started_event_attributes.attempt
+        for e in history.events
+        if e.HasField("activity_task_started_event_attributes")
+    ]
+    assert max(attempts) >= 2, "the batch was retried on the second worker"

@@ -25,7 +25,13 @@ from temporalio.workflow import ParentClosePolicy
 with workflow.unsafe.imports_passed_through():
     from activities.provider import ProviderActivities
     from activities.slack import SlackActivities
-    from activities.sweep import SupervisionActivities, SweepActivities
+    from activities.sweep import (
+        OrphanBatch,
+        OrphanBatchResult,
+        OrphanOutcome,
+        SupervisionActivities,
+        SweepActivities,
+    )
     from models.contracts import (
         Alert,
         AlertPost,
@@ -72,6 +78,13 @@ ORPHAN_PATCH = "orphan-alert-rule"
 # length; later ones act ACT_CONCURRENCY at a time.
 PARALLEL_PATCH = "sweep-parallel-actions"
 ACT_CONCURRENCY = 20  # removals and nudges under way at once
+# Sweeps recorded before this patch start a child workflow per orphan; later ones remove the
+# orphans whose grace period is over in `remove_orphans` batches (ORPHAN_BATCH_SIZE each,
+# ORPHAN_BATCHES at once: each removes ORPHAN_THREADS orphans at a time), and start a child only
+# for an orphan still in its grace period or whose removal failed.
+BATCH_PATCH = "sweep-orphan-batches"
+ORPHAN_BATCH_SIZE = 50
+ORPHAN_BATCHES = 4
 
 
 def failure_code(err: BaseException) -> str:
@@ -98,6 +111,8 @@ class SweepWorkflow:
         """Returns the report it stored; a failed listing stops the sweep without acting."""
         self._current = workflow.patched(SWEEP_PATCH)
         parallel = workflow.patched(PARALLEL_PATCH)
+        batched = parallel and workflow.patched(BATCH_PATCH)
+        orphans: dict[str, int] = {}
         # The report's id is fixed before any activity runs, so even a failure is recorded.
         inp = inp.model_copy(update={"sweep_id": inp.sweep_id or workflow.uuid4()})
         preactive: list[Finding] = []
@@ -134,11 +149,13 @@ class SweepWorkflow:
             counts[FindingKind.UNSUPERVISED.value] = len(unsupervised)
         if preactive:
             counts[FindingKind.PREACTIVE.value] = len(preactive)
-        if not inp.dry_run and parallel:
+        if not inp.dry_run and batched:
+            findings, orphans = await self._act_batched(findings, inp)
+        elif not inp.dry_run and parallel:
             findings = await self._act_all(findings, inp)
         elif not inp.dry_run:
             findings = [await self._act(f, inp) for f in findings]
-        summary = counts | {"truncated": plan.truncated, "dry_run": int(inp.dry_run)}
+        summary = counts | {"truncated": plan.truncated, "dry_run": int(inp.dry_run)} | orphans
         if parallel:
             # At most MAX_FINDINGS findings reach a sweep's history (the rest is counted and
             # left to the next sweep), so its length stays far below Temporal's limits.
@@ -164,6 +181,79 @@ class SweepWorkflow:
 
         return list(await asyncio.gather(*(one(f) for f in findings)))
 
+    async def _act_batched(
+        self, findings: list[Finding], inp: SweepInput
+    ) -> tuple[list[Finding], dict[str, int]]:
+        """Orphans in batches, everything else as `_act_all`; reported in their order, with
+        how many orphans were removed here, handed to their removal workflow, and failed."""
+        is_orphan = [f.kind is FindingKind.ORPHAN for f in findings]
+        others = [f for f, o in zip(findings, is_orphan, strict=True) if not o]
+        mine = [f for f, o in zip(findings, is_orphan, strict=True) if o]
+        acted, (removed, tally) = await asyncio.gather(
+            self._act_all(others, inp), self._remove_orphans(mine, inp)
+        )
+        done_others, done_orphans = iter(acted), iter(removed)
+        out = [next(done_orphans) if o else next(done_others) for o in is_orphan]
+        return out, tally
+
+    async def _remove_orphans(
+        self, orphans: list[Finding], inp: SweepInput
+    ) -> tuple[list[Finding], dict[str, int]]:
+        """Each orphan removed in a batch when its grace period is over; the others, and any
+        whose removal failed, handed to their `OrphanRemovalWorkflow` (which waits out the
+        grace, retries until the alert window has passed, records and alerts the failure)."""
+        batches = [
+            orphans[i : i + ORPHAN_BATCH_SIZE] for i in range(0, len(orphans), ORPHAN_BATCH_SIZE)
+        ]
+        slots = asyncio.Semaphore(ORPHAN_BATCHES)
+        handoffs = asyncio.Semaphore(ACT_CONCURRENCY)
+        tally = {"orphans_removed": 0, "orphans_handed_off": 0, "orphan_removals_failed": 0}
+
+        async def handoff(finding: Finding, outcome: OrphanOutcome) -> Finding:
+            if outcome.status == "removed":
+                tally["orphans_removed"] += 1
+                what = "; ".join(outcome.removed) or "nothing was left"
+                done = f"removed (grace period over): {what}"
+            else:
+                async with handoffs:
+                    started = await self._orphan(finding, inp)
+                tally["orphans_handed_off"] += 1
+                done = started
+                if outcome.status == "failed":
+                    # Visible in the report now; the removal workflow records and alerts it
+                    # if it keeps failing past the alert window.
+                    tally["orphan_removals_failed"] += 1
+                    code = f" ({outcome.code})" if outcome.code else ""
+                    done = (
+                        f"removal failed{code}: {outcome.reason}; its removal workflow retries: "
+                        f"{started}"
+                    )
+            return finding.model_copy(update={"action": f"{finding.action}: {done}"})
+
+        async def batch(found: list[Finding]) -> list[Finding]:
+            async with slots:
+                try:
+                    result: OrphanBatchResult = await workflow.execute_activity_method(
+                        SweepActivities.remove_orphans,
+                        OrphanBatch(orphans=[self._orphan_input(f, inp) for f in found]),
+                        start_to_close_timeout=SWEEP_TIMEOUT,
+                        heartbeat_timeout=PLATFORM_HEARTBEAT,
+                        retry_policy=PLATFORM_RETRY,
+                    )
+                    outcomes = result.outcomes
+                except ActivityError as err:
+                    reason = f"batch removal failed: {failure_reason(err)}"
+                    outcomes = [
+                        OrphanOutcome(identity=f.identity, status="failed", reason=reason)
+                        for f in found
+                    ]
+            return list(
+                await asyncio.gather(*(handoff(f, o) for f, o in zip(found, outcomes, strict=True)))
+            )
+
+        done = await asyncio.gather(*(batch(b) for b in batches))
+        return [f for b in done for f in b], tally
+
     async def _act(self, finding: Finding, inp: SweepInput) -> Finding:
         try:
             if finding.kind is FindingKind.ORPHAN:
@@ -188,21 +278,24 @@ class SweepWorkflow:
             done = f"failed: {failure_reason(err)}"
         return finding.model_copy(update={"action": f"{finding.action}: {done}"})
 
+    def _orphan_input(self, finding: Finding, inp: SweepInput) -> OrphanInput:
+        return OrphanInput(
+            identity=finding.identity,
+            identity_kind=NhiKind(finding.identity_kind),
+            secret_arn=finding.secret_arn,
+            grace_seconds=self._grace,
+            found_by=f"system:sweep ({inp.triggered_by})",
+            target=finding.target,
+            nhi_id=finding.nhi_id,
+            alert_seconds=self._settings().revoke_alert_seconds,
+            security_channel=self._settings().security_channel,
+        )
+
     async def _orphan(self, finding: Finding, inp: SweepInput) -> str:
         try:
             await workflow.start_child_workflow(
                 OrphanRemovalWorkflow.run,
-                OrphanInput(
-                    identity=finding.identity,
-                    identity_kind=NhiKind(finding.identity_kind),
-                    secret_arn=finding.secret_arn,
-                    grace_seconds=self._grace,
-                    found_by=f"system:sweep ({inp.triggered_by})",
-                    target=finding.target,
-                    nhi_id=finding.nhi_id,
-                    alert_seconds=self._settings().revoke_alert_seconds,
-                    security_channel=self._settings().security_channel,
-                ),
+                self._orphan_input(finding, inp),
                 id=orphan_workflow_id(finding.identity_kind, finding.identity, finding.target),
                 parent_close_policy=ParentClosePolicy.ABANDON,
             )

@@ -10,7 +10,9 @@ the identity before raising, and only a fresh read that no longer finds the iden
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -33,11 +35,35 @@ from activities.providers.aws_iam import (
 from activities.providers.secret_store import CURRENT, SecretStore
 from models.contracts import IdentityRef, RemovalResult
 from models.enums import NhiKind
+from nhi.infra.ratelimit import THROTTLING_CODES, TokenBucket
 
 if TYPE_CHECKING:
     from types_boto3_iam import IAMClient
 
 log = logging.getLogger(__name__)
+PACE_ID = "nhi-removal-pace"
+# The budget of the thread removing orphans for a sweep (`AwsRemoval.paced`): the client is
+# shared with every other activity, and only those threads' calls are paced.
+_pacing = threading.local()
+
+
+def _pace(**_: Any) -> None:
+    """Before each IAM call: its share of the pacing thread's budget, if it has one."""
+    budget: TokenBucket | None = getattr(_pacing, "budget", None)
+    if budget is not None:
+        budget.acquire()
+
+
+def _paced_attempt(response: Any = None, **_: Any) -> None:
+    """After each attempt (botocore's own retries too): a throttle halves the budget."""
+    budget: TokenBucket | None = getattr(_pacing, "budget", None)
+    if budget is None or response is None:
+        return
+    code = response[1].get("Error", {}).get("Code") if len(response) > 1 else None
+    if code in THROTTLING_CODES:
+        budget.throttled()
+    elif code is None:
+        budget.succeeded()
 
 
 def _gone_ok(call: Callable[..., object], **params: Any) -> bool:
@@ -119,6 +145,42 @@ class AwsRemoval:
         )
         done.append("deny-all policy")
         return done
+
+    @contextmanager
+    def paced(self, budget: TokenBucket) -> Iterator[None]:
+        """Every IAM call this thread makes meanwhile takes its share of `budget` (a sweep's
+        one budget), and throttled attempts slow the budget down."""
+        events = self._iam.meta.events
+        # Registered once per client (unique ids); inert for threads without a budget.
+        events.register("before-call.iam", _pace, unique_id=f"{PACE_ID}-call")
+        events.register("needs-retry.iam", _paced_attempt, unique_id=f"{PACE_ID}-retry")
+        _pacing.budget = budget
+        try:
+            yield
+        finally:
+            _pacing.budget = None
+
+    def remove_now(self, ref: IdentityRef) -> RemovalResult:
+        """Remove an identity whose grace period is over in one pass (a sweep's orphan).
+
+        The first call is the deny-all (roles: and their older sessions revoked): from then on
+        every request signed by any of its keys or sessions is refused, as after `disable`.
+        A user's keys are not made inactive first, as `disable` does: `delete` deletes them a
+        few calls later, and the deny-all refuses them meanwhile; a removal that fails half way
+        re-applies the whole quarantine (keys inactive too) before raising. So there is no
+        moment after the sweep decided at which a key or session of the identity works, with
+        two calls fewer per user than quarantine-then-delete."""
+        try:
+            if ref.kind is NhiKind.IAM_ROLE:
+                self._quarantine(ref.kind, ref.name, datetime.now(UTC))
+            else:
+                self._iam.put_user_policy(
+                    UserName=ref.name, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=deny_all()
+                )
+        except ClientError as err:
+            if aws_code(err) not in NOT_FOUND:  # gone: `delete` proves it and takes the secret
+                raise classify_aws(err, f"quarantining {ref.name}") from err
+        return self.delete(ref)
 
     def disable(self, ref: IdentityRef) -> list[str]:
         """Stop the credential working without deleting anything yet (restorable)."""

@@ -587,6 +587,12 @@ class ActivityMetrics:
             for kind, count in _finding_counts(summary):
                 if count:
                     self.sweep_findings.labels(kind).inc(count)
+        elif activity_type == "remove_orphans":
+            # A sweep's batch: each orphan removed counts as one removal; one that failed is
+            # handed to its removal workflow, whose `remove_identity` attempts count it.
+            for orphan in getattr(result, "outcomes", None) or []:
+                if getattr(orphan, "status", None) == "removed":
+                    self.removals.labels("ok").inc()
         elif activity_type == "reap_task_credentials":
             for outcome in ("ended", "reap_failed"):
                 counts = getattr(result, outcome, None)
