@@ -30,6 +30,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     TypedSearchAttributes,
@@ -1152,14 +1153,26 @@ class SupervisionActivities:
         if nudge.action not in ("decommission", "mark_missing"):
             return "lifecycle running"
         term = nudge.sweep_id or uuid.uuid4()
+        # The update waits for the step the lifecycle has under way; give up a little before
+        # this attempt times out, so the attempt fails with the reason instead of lingering.
+        limit = activity.info().start_to_close_timeout or timedelta(seconds=60)
+        wait = max(limit.total_seconds() - 5, 1)
         try:
-            # By name: `mark_missing` is the lifecycle's update for an identity that is gone.
-            await handle.execute_update(
-                nudge.action,
-                LifecycleAction(actor=SWEEP_ACTOR, channel="system", reason=nudge.reason),
-                id=sweep_nudge_update_id(nudge.action, nudge.nhi_id, term),
-                result_type=None,
-            )
+            async with asyncio.timeout(wait):
+                # By name: `mark_missing` is the lifecycle's update for an identity that is gone.
+                await handle.execute_update(
+                    nudge.action,
+                    LifecycleAction(actor=SWEEP_ACTOR, channel="system", reason=nudge.reason),
+                    id=sweep_nudge_update_id(nudge.action, nudge.nhi_id, term),
+                    result_type=None,
+                )
         except WorkflowUpdateFailedError as err:  # e.g. already decommissioning: goal met
             return f"not needed: {err.cause}"
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            # The client turns the timeout's cancellation into its own error.
+            raise ApplicationError(
+                f"the lifecycle did not accept {nudge.action} within {wait:.0f} s "
+                "(a step is under way); the next sweep asks again",
+                type="LifecycleBusy",
+            ) from None
         return "lifecycle stopped" if nudge.action == "mark_missing" else "decommission started"

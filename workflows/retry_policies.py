@@ -15,6 +15,16 @@ DB_RETRY = RetryPolicy(
     maximum_attempts=20,
     non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
 )
+# A sweep's nudge waits for the lifecycle to accept its update, which waits for the step under
+# way (a removal may retry for minutes): a few bounded tries, then the finding says the nudge
+# failed and the next sweep nudges again, instead of one sweep waiting on one lifecycle.
+NUDGE_TIMEOUT = timedelta(seconds=60)
+NUDGE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=3,
+    non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
+)
 # Writes that only record something went wrong (the failure itself may be the database's):
 # a few tries, never holding up the lifecycle.
 DB_BEST_EFFORT_RETRY = RetryPolicy(

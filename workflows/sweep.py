@@ -56,6 +56,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.retry_policies import (
         DB_RETRY,
         DB_TIMEOUT,
+        NUDGE_RETRY,
+        NUDGE_TIMEOUT,
         PLATFORM_HEARTBEAT,
         PLATFORM_REMOVAL_RETRY,
         PLATFORM_RETRY,
@@ -83,6 +85,8 @@ ACT_CONCURRENCY = 20  # removals and nudges under way at once
 # ORPHAN_BATCHES at once: each removes ORPHAN_THREADS orphans at a time), and start a child only
 # for an orphan still in its grace period or whose removal failed.
 BATCH_PATCH = "sweep-orphan-batches"
+# A nudge is tried 3 times for at most a minute each (NUDGE_RETRY), then reported as failed.
+BOUNDED_NUDGES = "sweep-bounded-nudges"
 ORPHAN_BATCH_SIZE = 50
 ORPHAN_BATCHES = 4
 
@@ -311,6 +315,7 @@ class SweepWorkflow:
     async def _nudge(self, finding: Finding, action: str) -> str:
         if finding.nhi_id is None:
             return "no inventory id"
+        bounded = workflow.patched(BOUNDED_NUDGES)
         result: str = await workflow.execute_activity_method(
             SupervisionActivities.nudge_lifecycle,
             LifecycleNudge(
@@ -319,8 +324,9 @@ class SweepWorkflow:
                 reason=f"sweep: {finding.detail}",
                 sweep_id=self._settings().sweep_id,
             ),
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
+            # Bounded on today's code (patch `sweep-bounded-nudges`).
+            start_to_close_timeout=NUDGE_TIMEOUT if bounded else DB_TIMEOUT,
+            retry_policy=NUDGE_RETRY if bounded else DB_RETRY,
         )
         return result
 
