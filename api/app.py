@@ -28,6 +28,7 @@ from api.routes import (
     sweeps,
     targets,
     tokens,
+    workloads,
 )
 from api.ui import install as install_ui
 from nhi.infra.config import Settings, get_settings
@@ -35,7 +36,7 @@ from nhi.infra.db import PING_IDLE_S, make_engine, make_sessionmaker
 from nhi.infra.logging import configure
 from nhi.infra.slack_client import make_slack_client
 from nhi.infra.tracing import flush_tracing, instrument_app, setup_tracing
-from nhi.services.auth import OidcVerifier
+from nhi.services.auth import OidcVerifier, WorkloadVerifier
 
 
 def create_app(
@@ -63,6 +64,7 @@ def create_app(
             sessions=own_sessions,
             slack=make_slack_client(settings),
             oidc=OidcVerifier(settings) if settings.oidc_issuer else None,
+            workloads=WorkloadVerifier(settings) if settings.workload_oidc_issuers else None,
         )
         await app.state.ops.start(app.state.nhi, sdk_metrics=sdk_metrics)
         yield
@@ -91,6 +93,7 @@ def create_app(
     app.include_router(sweeps.router)
     app.include_router(targets.router)
     app.include_router(invokers.router)
+    app.include_router(workloads.router)
     app.include_router(footprint.router)
     app.include_router(activity.router)
     app.include_router(findings.router)

@@ -23,6 +23,8 @@ from nhi.services.auth import (
     OidcVerifier,
     Principal,
     Unauthenticated,
+    WorkloadVerifier,
+    principal_from_jwt,
     principal_from_token,
 )
 
@@ -41,6 +43,8 @@ class AppState:
     sessions: sessionmaker[Session]
     slack: WebClient | None = None
     oidc: OidcVerifier | None = None
+    # Workload identities bound to agents (NHI_WORKLOAD_OIDC_ISSUERS); None: none trusted.
+    workloads: WorkloadVerifier | None = None
     client: Client | None = None
     # Task-credential issuers with their platform clients, built on first use
     # (api/routes/credentials.py): an API that never issues holds no platform client.
@@ -89,9 +93,7 @@ def _principal(request: Request, state: Annotated[AppState, Depends(_state)]) ->
     if token.startswith(TOKEN_PREFIX):
         with transaction(state.sessions) as session:
             return principal_from_token(session, token)
-    if state.oidc is None:
-        raise Unauthenticated("OIDC tokens are not accepted here (NHI_OIDC_ISSUER is not set)")
-    return state.oidc.principal(token)
+    return principal_from_jwt(state.sessions, token, state.oidc, state.workloads)
 
 
 def principal_of(request: Request, state: AppState) -> Principal:

@@ -527,6 +527,25 @@ class AgentInvoker(Base):
     added_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
+class AgentWorkload(Base):
+    """A workload identity bound to one agent (issue 15): a JWT subject of a trusted issuer
+    (`NHI_WORKLOAD_OIDC_ISSUERS`), such as a Kubernetes service account or a GitHub Actions
+    workflow, that acts as the agent (role `agent`) when it presents that issuer's token. One
+    subject stands for one agent only; subjects match exactly, never by pattern."""
+
+    __tablename__ = "agent_workloads"
+    __table_args__ = (
+        UniqueConstraint("issuer", "subject", name="uq_agent_workloads_issuer_subject"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    issuer: Mapped[str] = mapped_column(String(200))
+    subject: Mapped[str] = mapped_column(String(240))
+    created_by: Mapped[str] = mapped_column(String(254))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
 class UiSession(Base):
     """A web dashboard session (issue 18): the cookie's SHA-256 hash, the API token it was
     exchanged for (checked again on every request, so revoking the token ends the session) or

@@ -815,6 +815,45 @@ class InvokerOut(Out):
     added_at: datetime
 
 
+def _workload_subject(value: str) -> str:
+    """A JWT `sub` as the platform writes it: printable, no whitespace, and no `*`, which
+    would read as a wildcard where subjects only ever match exactly."""
+    _token(value)
+    if "*" in value:
+        raise PydanticCustomError(
+            "workload_subject", "must be one exact subject: wildcards ('*') are not supported"
+        )
+    return value
+
+
+class WorkloadCreate(Body):
+    """Bind a workload identity (a JWT subject of a trusted issuer) to the agent."""
+
+    issuer: Annotated[str, StringConstraints(min_length=1, max_length=200), _LINE] = Field(
+        description="One of `NHI_WORKLOAD_OIDC_ISSUERS`, exactly as its tokens' `iss`.",
+        examples=["https://token.actions.githubusercontent.com"],
+    )
+    subject: Annotated[
+        str, StringConstraints(min_length=1, max_length=240), AfterValidator(_workload_subject)
+    ] = Field(
+        description="The tokens' `sub`, matched exactly (a Kubernetes service account "
+        "`system:serviceaccount:NS:NAME`, a GitHub Actions `repo:ORG/REPO:environment:ENV`).",
+        examples=["system:serviceaccount:agents:kb-bot"],
+    )
+    reason: Reason = ""
+
+
+class WorkloadOut(Out):
+    """A workload identity bound to an agent."""
+
+    id: uuid.UUID
+    agent_id: uuid.UUID
+    issuer: str
+    subject: str
+    created_by: str
+    created_at: datetime
+
+
 class FootprintNhi(BaseModel):
     """A live NHI of the agent."""
 

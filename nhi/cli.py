@@ -293,6 +293,52 @@ def invokers_remove(ctx: Ctx, agent_id: str, invoker_id: str) -> None:
     click.echo(f"removed invoker {invoker_id}")
 
 
+# ---- workload identities (issue 15) -------------------------------------------------------
+WORKLOAD_COLUMNS = ["id", "issuer", "subject", "created_by", "created_at"]
+
+
+@agents.group("workloads")
+def agents_workloads() -> None:
+    """Workload identities (JWT subjects of trusted issuers) that act as an agent."""
+
+
+@agents_workloads.command("add")
+@click.argument("agent_id")
+@click.option("--issuer", required=True, help="A trusted issuer (NHI_WORKLOAD_OIDC_ISSUERS).")
+@click.option(
+    "--subject",
+    required=True,
+    help="The tokens' exact `sub`, e.g. system:serviceaccount:agents:kb-bot.",
+)
+@click.option("--reason", default="", help="Why (recorded in the audit trail).")
+@pass_ctx
+def workloads_add(ctx: Ctx, agent_id: str, issuer: str, subject: str, reason: str) -> None:
+    """Bind a workload identity to the agent."""
+    body = {"issuer": issuer, "subject": subject, "reason": reason}
+    ctx.emit(ctx.api.call("POST", f"/v1/agents/{agent_id}/workloads", json=body), WORKLOAD_COLUMNS)
+
+
+@agents_workloads.command("list")
+@click.argument("agent_id")
+@pass_ctx
+def workloads_list(ctx: Ctx, agent_id: str) -> None:
+    """List the workload identities bound to the agent."""
+    ctx.emit(ctx.api.call("GET", f"/v1/agents/{agent_id}/workloads"), WORKLOAD_COLUMNS)
+
+
+@agents_workloads.command("remove")
+@click.argument("agent_id")
+@click.argument("workload_id")
+@click.option("--reason", default="", help="Why (recorded in the audit trail).")
+@pass_ctx
+def workloads_remove(ctx: Ctx, agent_id: str, workload_id: str, reason: str) -> None:
+    """Unbind a workload identity: its next request is refused."""
+    ctx.api.call(
+        "DELETE", f"/v1/agents/{agent_id}/workloads/{workload_id}", params={"reason": reason}
+    )
+    click.echo(f"removed workload {workload_id}")
+
+
 @cli.command("footprint")
 @click.argument("agent_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole footprint as JSON.")

@@ -30,6 +30,7 @@ from models.orm import (
     ActivityFinding,
     Agent,
     AgentInvoker,
+    AgentWorkload,
     ApiToken,
     Approval,
     AuditEvent,
@@ -94,6 +95,13 @@ TABLE: dict[tuple[str, str], Cell] = {
     ("GET", "/v1/agents/{agent_id}/invokers"): (SEES, HIDDEN),
     ("POST", "/v1/agents/{agent_id}/invokers"): (frozenset({"platform", "owner", "admin"}), HIDDEN),
     ("DELETE", "/v1/agents/{agent_id}/invokers/{invoker_id}"): (
+        frozenset({"platform", "owner", "admin"}),
+        HIDDEN,
+    ),
+    # Workload identities (issue 15) are bound and unbound like invokers, read like the agent.
+    ("GET", "/v1/agents/{agent_id}/workloads"): (SEES, HIDDEN),
+    ("POST", "/v1/agents/{agent_id}/workloads"): (frozenset({"platform", "owner", "admin"}), HIDDEN),
+    ("DELETE", "/v1/agents/{agent_id}/workloads/{workload_id}"): (
         frozenset({"platform", "owner", "admin"}),
         HIDDEN,
     ),
@@ -194,6 +202,8 @@ def _world(sessions: sessionmaker[Session], import_id: str) -> World:
         )  # fmt: skip
         invoker = AgentInvoker(agent_id=agent.id, kind="service", ref="matrix", channel="api",
                                added_by="test")  # fmt: skip
+        workload = AgentWorkload(agent_id=agent.id, issuer="https://matrix.example.com",
+                                 subject=unique("matrix-sub"), created_by="test")  # fmt: skip
         approval = Approval(
             agent_id=agent.id, workflow_id=unique("approval-wf"), bundle=False,
             nhi_ids=[str(nhi_id)], approvers=[], approvals_required=1, requested_by="test",
@@ -208,7 +218,7 @@ def _world(sessions: sessionmaker[Session], import_id: str) -> World:
             nhi_id=nhi_id, agent_id=agent.id, kind="out_of_scope", severity="high",
             summary="matrix", evidence={}, occurred_at=now,
         )  # fmt: skip
-        s.add_all([prompt, sweep, target, invoker, approval, incident, finding])
+        s.add_all([prompt, sweep, target, invoker, workload, approval, incident, finding])
         row, _ = issue_token(
             s, name=unique("victim"), role=Role.AUDITOR, ttl="1d", created_by="test"
         )
@@ -219,6 +229,7 @@ def _world(sessions: sessionmaker[Session], import_id: str) -> World:
             "nhi_id": str(nhi_id),
             "prompt_id": str(prompt.id),
             "invoker_id": str(invoker.id),
+            "workload_id": str(workload.id),
             "approval_id": str(approval.id),
             "incident_id": str(incident.id),
             "finding_id": str(finding.id),
@@ -235,13 +246,12 @@ def _url(path: str, world: World) -> str:
     return path.format(name=name, **world)
 
 
+_IDS = ("agent_id", "nhi_id", "prompt_id", "invoker_id", "workload_id", "incident_id", "finding_id")
+
+
 def _missing(path: str, world: World) -> World:
     """The same world with every id in the path replaced by one that does not exist."""
-    return world | {
-        k: str(uuid.uuid4())
-        for k in ("agent_id", "nhi_id", "prompt_id", "invoker_id", "incident_id", "finding_id")
-        if k in path
-    }
+    return world | {k: str(uuid.uuid4()) for k in _IDS if k in path}
 
 
 def _snapshot(
@@ -258,7 +268,7 @@ def _snapshot(
 
         state = (
             count(Agent), count(Nhi), count(Policy), count(Target), count(ApiToken),
-            count(AgentInvoker), count(Incident), count(ActivityEvent),
+            count(AgentInvoker), count(AgentWorkload), count(Incident), count(ActivityEvent),
             s.scalar(select(func.max(Policy.updated_at))),
             s.scalar(
                 select(func.count()).select_from(AuditEvent).where(
@@ -372,6 +382,11 @@ def _bodies(policy: dict[str, Any], location: str) -> dict[tuple[str, str], Call
         ("POST", "/v1/agents/{agent_id}/complete"): reason,
         ("POST", "/v1/agents/{agent_id}/invokers"): lambda: {
             "kind": "person", "ref": "eve@example.com", "channel": "slack",
+        },
+        # No issuer is trusted for workloads here: an allowed caller gets 422 (issuer), after
+        # the authorization this matrix is about (tests/test_workload_identity.py binds).
+        ("POST", "/v1/agents/{agent_id}/workloads"): lambda: {
+            "issuer": "https://matrix.example.com", "subject": unique("matrix-sub"),
         },
         ("POST", "/v1/nhis/{nhi_id}/approve"): reason,
         ("POST", "/v1/approvals/{approval_id}/approve"): reason,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +43,31 @@ class PostgresTargetSetting(BaseModel):
     def password_ref(self) -> str:
         """`env:VAR` or `secret:ARN`: where the admin password is."""
         return f"env:{self.password_env}" if self.password_env else f"secret:{self.password_secret}"
+
+
+class WorkloadIssuerSetting(BaseModel):
+    """One issuer of workload identities (an entry of `NHI_WORKLOAD_OIDC_ISSUERS`): a platform
+    whose JWTs (a Kubernetes service account token, a GitHub Actions OIDC token, a cloud
+    workload identity) may stand for an agent, once a subject of it is bound to that agent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    issuer: str = Field(
+        min_length=1, max_length=200, description="The `iss` claim, compared exactly."
+    )
+    audience: str = Field(
+        min_length=1, max_length=200, description="The `aud` the tokens must carry for us."
+    )
+    jwks: dict[str, Any] | None = Field(default=None, description="The issuer's JWKS itself.")
+    jwks_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="Where the issuer publishes its JWKS."
+    )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> WorkloadIssuerSetting:
+        if (self.jwks is None) == (self.jwks_url is None):
+            raise ValueError("give exactly one of jwks and jwks_url")
+        return self
 
 
 class Settings(BaseSettings):
@@ -414,6 +439,12 @@ class Settings(BaseSettings):
     oidc_token_endpoint: str | None = Field(
         default=None, description="Dashboard sign-in: the issuer's token endpoint URL."
     )
+    workload_oidc_issuers: list[WorkloadIssuerSetting] = Field(
+        default_factory=list,
+        description="JSON list of workload identity issuers (`issuer`, `audience`, `jwks` or "
+        "`jwks_url`) whose JWTs act as the one agent their subject is bound to "
+        "(`nhi agents workloads add`). Unset: none.",
+    )
     ui_session_ttl_seconds: int = Field(
         default=28800,
         ge=300,
@@ -504,6 +535,22 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"postgres_targets.{name}.password_secret: must not name a secret under "
                     "NHI_SECRET_PREFIX (the delivery prefix)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _workload_issuers_apart_from_people(self) -> Settings:
+        # A JWT goes to the workload path by its (iss, aud): were that pair also the company
+        # IdP's, a person's token and a workload's could not be told apart.
+        seen: set[str] = set()
+        for i, entry in enumerate(self.workload_oidc_issuers):
+            if entry.issuer in seen:
+                raise ValueError(f"workload_oidc_issuers[{i}].issuer: listed twice")
+            seen.add(entry.issuer)
+            if (entry.issuer, entry.audience) == (self.oidc_issuer, self.oidc_audience):
+                raise ValueError(
+                    f"workload_oidc_issuers[{i}].audience: must differ from NHI_OIDC_AUDIENCE "
+                    "for the same issuer (people's tokens and workloads' must not be confused)"
                 )
         return self
 

@@ -1,7 +1,8 @@
 """Who is calling, and what they may do.
 
 Callers present a bearer token: an API token issued by this service (`nhi_...`, stored only as
-a SHA-256 hash) or a JWT from the company's OIDC provider. Both become a `Principal`; the rules
+a SHA-256 hash), a JWT from the company's OIDC provider, or a workload's JWT (a trusted
+platform issuer's, its subject bound to one agent). Each becomes a `Principal`; the rules
 below decide per action. Owner rights come from being an agent's owner or backup owner, by
 email, whatever the role, except `auditor`: an auditor's credential is read-only.
 
@@ -24,7 +25,7 @@ from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.enums import Role
-from models.orm import Agent, ApiToken, Nhi
+from models.orm import Agent, AgentWorkload, ApiToken, Nhi
 from nhi.infra.config import Settings
 from nhi.rules.owners import is_owner
 from nhi.services.errors import Forbidden as Forbidden
@@ -53,12 +54,12 @@ class Principal:
     """An authenticated caller."""
 
     name: str
-    kind: str  # "token" or "oidc"
+    kind: str  # "token", "oidc" or "workload"
     roles: frozenset[Role]
     # The teams a platform caller acts for; empty acts for no team, never for all.
     teams: frozenset[str] = frozenset()
     email: str | None = None
-    # The one agent an `agent` token acts as (None for every other principal).
+    # The one agent an `agent` token or a bound workload acts as (None for every other principal).
     agent_id: uuid.UUID | None = None
 
     @property
@@ -283,24 +284,24 @@ def person_of_actor(session: Session, actor: str) -> str:
 # ---- OIDC ------------------------------------------------------------------------------------
 
 
-class OidcVerifier:
-    """Checks JWTs from the configured issuer: signature (JWKS), expiry, issuer and audience."""
+_JWT_ALGORITHMS = ["RS256", "ES256", "PS256"]
 
-    def __init__(self, settings: Settings) -> None:
-        if not (settings.oidc_issuer and settings.oidc_audience):
-            raise ValueError("NHI_OIDC_ISSUER and NHI_OIDC_AUDIENCE are both needed")
-        self._settings = settings
+
+class _Jwks:
+    """An issuer's signing keys: a JWKS given inline, or fetched from its URL (cached 5 min)."""
+
+    def __init__(self, jwks: dict[str, Any] | None, url: str | None) -> None:
         self._keys: dict[str, Any] = {}
         self._client: jwt.PyJWKClient | None = None
-        if settings.oidc_jwks:
-            for key in jwt.PyJWKSet.from_dict(json.loads(settings.oidc_jwks)).keys:
+        if jwks is not None:
+            for key in jwt.PyJWKSet.from_dict(jwks).keys:
                 self._keys[key.key_id or ""] = key.key
-        elif settings.oidc_jwks_url:
-            self._client = jwt.PyJWKClient(settings.oidc_jwks_url, cache_keys=True, lifespan=300)
+        elif url:
+            self._client = jwt.PyJWKClient(url, cache_keys=True, lifespan=300)
         else:
-            raise ValueError("NHI_OIDC_JWKS or NHI_OIDC_JWKS_URL is needed")
+            raise ValueError("a JWKS or a JWKS URL is needed")
 
-    def _key(self, token: str) -> Any:
+    def key(self, token: str) -> Any:
         if self._client is not None:
             return self._client.get_signing_key_from_jwt(token).key
         kid = jwt.get_unverified_header(token).get("kid") or ""
@@ -308,23 +309,45 @@ class OidcVerifier:
             raise Unauthenticated("token signed with an unknown key")
         return self._keys[kid]
 
-    def principal(self, token: str) -> Principal:
-        s = self._settings
+    def decode(self, token: str, *, issuer: str, audience: str) -> dict[str, Any]:
+        """The claims of a JWT whose signature, expiry, issuer and audience hold."""
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key(token),
-                algorithms=["RS256", "ES256", "PS256"],
-                audience=s.oidc_audience,
-                issuer=s.oidc_issuer,
+                self.key(token),
+                algorithms=_JWT_ALGORITHMS,
+                audience=audience,
+                issuer=issuer,
                 options={"require": ["exp", "iss", "aud", "sub"]},
             )
         except (jwt.PyJWTError, ValueError) as err:
             raise Unauthenticated(f"invalid token: {err}") from None
+        return claims
+
+
+class OidcVerifier:
+    """Checks JWTs from the configured issuer: signature (JWKS), expiry, issuer and audience."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not (settings.oidc_issuer and settings.oidc_audience):
+            raise ValueError("NHI_OIDC_ISSUER and NHI_OIDC_AUDIENCE are both needed")
+        if not (settings.oidc_jwks or settings.oidc_jwks_url):
+            raise ValueError("NHI_OIDC_JWKS or NHI_OIDC_JWKS_URL is needed")
+        self._settings = settings
+        self.issuer = settings.oidc_issuer
+        self._jwks = _Jwks(
+            json.loads(settings.oidc_jwks) if settings.oidc_jwks else None, settings.oidc_jwks_url
+        )
+
+    def principal(self, token: str) -> Principal:
+        s = self._settings
+        assert s.oidc_issuer and s.oidc_audience  # checked in __init__
+        claims = self._jwks.decode(token, issuer=s.oidc_issuer, audience=s.oidc_audience)
         roles = frozenset(
             Role(r)
             for r in _strings(claims.get(s.oidc_roles_claim))
-            # `agent` needs a binding to one agent, which only an agent token carries.
+            # `agent` needs a binding to one agent, which an agent token or a bound workload
+            # identity (WorkloadVerifier) carries; a person's claims never grant it.
             if r in Role._value2member_map_ and r != Role.AGENT
         )
         teams = frozenset(_strings(claims.get(s.oidc_teams_claim)))
@@ -344,3 +367,89 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, list):
         return [str(v) for v in value]
     return []
+
+
+# ---- workload identities (issue 15) ----------------------------------------------------------
+
+WORKLOAD_KIND = "workload"
+# An actor column holds 254 characters: `workload:<issuer>#<subject>` must fit.
+ACTOR_MAX = 254
+
+
+def workload_name(issuer: str, subject: str) -> str:
+    """How a workload principal is named: `<issuer>#<subject>` (its actor: `workload:...`)."""
+    return f"{issuer}#{subject}"
+
+
+class WorkloadVerifier:
+    """JWTs of workloads: a token of a trusted issuer (`NHI_WORKLOAD_OIDC_ISSUERS`) whose
+    signature, expiry, issuer and audience hold, and whose subject is bound to one agent
+    (`agent_workloads`), acts as that agent: role `agent`, no email, no teams. Like an `agent`
+    token it issues task credentials for its agent's NHIs and nothing else.
+
+    The binding is read on every request (one indexed row), so removing it refuses the very
+    next request; the JWT's own expiry bounds everything else."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._issuers = {e.issuer: e for e in settings.workload_oidc_issuers}
+        self._jwks = {e.issuer: _Jwks(e.jwks, e.jwks_url) for e in settings.workload_oidc_issuers}
+
+    def claims(self, token: str, *, people_issuer: str | None) -> dict[str, Any] | None:
+        """The verified claims when `token` is meant for this path, else None (the company
+        IdP's path then judges it). Routed by the unverified (iss, aud), then verified against
+        that issuer alone: a token of an issuer listed here goes here when it carries the
+        issuer's workload audience, or whenever that issuer is not also the company IdP's."""
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return None
+        issuer = unverified.get("iss")
+        entry = self._issuers.get(issuer) if isinstance(issuer, str) else None
+        if entry is None:
+            return None
+        aud = unverified.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if entry.audience not in audiences and entry.issuer == people_issuer:
+            return None
+        return self._jwks[entry.issuer].decode(token, issuer=entry.issuer, audience=entry.audience)
+
+    @staticmethod
+    def principal(session: Session, claims: dict[str, Any]) -> Principal:
+        """The agent the verified token's subject is bound to; Unauthenticated when none."""
+        issuer, subject = str(claims["iss"]), str(claims["sub"])
+        agent_id = session.scalar(
+            select(AgentWorkload.agent_id).where(
+                AgentWorkload.issuer == issuer, AgentWorkload.subject == subject
+            )
+        )
+        if agent_id is None:
+            raise Unauthenticated(
+                f"workload {subject!r} of {issuer} is not bound to an agent "
+                "(nhi agents workloads add AGENT_ID --issuer ... --subject ...)"
+            )
+        return Principal(
+            name=workload_name(issuer, subject),
+            kind=WORKLOAD_KIND,
+            roles=frozenset({Role.AGENT}),
+            agent_id=agent_id,
+        )
+
+
+def principal_from_jwt(
+    sessions: sessionmaker[Session],
+    token: str,
+    oidc: OidcVerifier | None,
+    workloads: WorkloadVerifier | None,
+) -> Principal:
+    """A JWT's principal: a workload bound to an agent, or a person of the company IdP."""
+    if workloads is not None:
+        claims = workloads.claims(token, people_issuer=oidc.issuer if oidc else None)
+        if claims is not None:
+            with sessions.begin() as session:
+                return workloads.principal(session, claims)
+    if oidc is None:
+        raise Unauthenticated(
+            "OIDC tokens are not accepted here (NHI_OIDC_ISSUER is not set, and the token is "
+            "not from an issuer of NHI_WORKLOAD_OIDC_ISSUERS)"
+        )
+    return oidc.principal(token)
