@@ -173,7 +173,7 @@ def build_worker(
     supervision = SupervisionActivities(sessions, settings)
     reaper = ReaperActivities(sessions, targets)
     contain = ContainActivities(sessions, settings, aws, targets)
-    imports = ActivityImportActivities(sessions, settings)
+    imports = ActivityImportActivities(sessions, settings, targets=targets)
     return Worker(
         client,
         task_queue=task_queue or settings.temporal_task_queue,

@@ -33,6 +33,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
 from activities._support import aws_code, aws_message
+from activities.providers import postgres_ddl as ddl
 from models.contracts import ContainAgentInput, Contract
 from models.enums import Severity
 from nhi.infra.config import Settings
@@ -40,6 +41,7 @@ from nhi.infra.db import transaction
 from nhi.rules.ids import CONTAIN_WORKFLOW, containment_workflow_id
 from nhi.services import activity as imports
 from nhi.services import findings
+from nhi.services.target_registry import TargetResolver, UnknownTarget
 from nhi.services.transitions import note
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ class ActivityImportInput(Contract):
     triggered_by: str = Field(default="system:schedule", max_length=254)
     scheduled: bool = False
     max_files: int = Field(default=1000, ge=1, le=100_000)
+    # Also take one sample of `pg_stat_activity` on every registered Postgres target (what a
+    # Postgres sweep asks for): live sessions become events like log lines do.
+    sample_postgres: bool = False
 
 
 class ImportedFile(Contract):
@@ -139,11 +144,16 @@ class ActivityImportActivities:
     """Imports log files into the inventory and starts auto-containment."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], settings: Settings, s3: Any | None = None
+        self,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        s3: Any | None = None,
+        targets: TargetResolver | None = None,
     ) -> None:
         self._sessions = sessions
         self._settings = settings
         self._s3 = s3
+        self._targets = targets
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
@@ -174,12 +184,15 @@ class ActivityImportActivities:
         """Import every log file at the location (at most `max_files`), a transaction each;
         the outcome and the ids of the findings made."""
         location = self._settings.activity_s3_prefix if inp.scheduled else inp.location
-        if not location:
-            return ImportOutcome(), []
-        cursor = location if inp.scheduled else None
         now = datetime.now(UTC)
         window = timedelta(seconds=self._settings.finding_alert_window_seconds)
         totals = _Totals()
+        if inp.sample_postgres and self._targets is not None:
+            for target in self._targets.names():
+                totals.add(self._sample(self._targets, target, now, window))
+        if not location:
+            return totals.outcome(), totals.finding_ids
+        cursor = location if inp.scheduled else None
         for name, opener in self._sources(location, cursor, inp.max_files + 1):
             if totals.count >= inp.max_files:
                 totals.more = True
@@ -196,6 +209,34 @@ class ActivityImportActivities:
             if done.result.error:
                 log.warning("activity import: %s: %s", name, done.result.error)
         return totals.outcome(), totals.finding_ids
+
+    def _sample(
+        self, targets: TargetResolver, target: str, now: datetime, window: timedelta
+    ) -> imports.Imported:
+        """One `pg_stat_activity` sample of a target, imported in one transaction; a target
+        that cannot be read is reported like an unreadable file (nothing imported)."""
+        name = f"pg_stat_activity:{target}"
+        try:
+            with ddl.admin(targets.get(target), "sampling pg_stat_activity") as conn:
+                # Without it, pg_stat_activity hides other roles' sessions: an empty sample
+                # would look like a quiet database.
+                stats = conn.execute("SELECT pg_has_role('pg_read_all_stats', 'USAGE')").fetchone()
+                if not (stats and stats[0]):
+                    return imports.Imported(
+                        imports.FileResult(
+                            name=name,
+                            error="not sampled: the target's admin role is not a member of "
+                            "pg_read_all_stats",
+                        )
+                    )
+                rows = imports.sample_pg_stat_activity(conn)
+        except (UnknownTarget, ApplicationError) as err:
+            log.warning("activity sample: %s: %s", target, err)
+            return imports.Imported(imports.FileResult(name=name, error=f"not sampled: {err}"))
+        with transaction(self._sessions) as session:
+            return imports.import_batch(
+                session, name, imports.pg_stat_activity_events(rows), now=now, alert_window=window
+            )
 
     def _sources(self, location: str, cursor: str | None, limit: int) -> Iterator[Opener]:
         if location.startswith("s3://"):

@@ -49,6 +49,7 @@ DO $$ BEGIN
   END IF;
 END $$;
 GRANT pg_signal_backend TO nhi_admin;
+GRANT pg_read_all_stats TO nhi_admin;
 CREATE SCHEMA IF NOT EXISTS docs;
 CREATE TABLE IF NOT EXISTS docs.articles (id int PRIMARY KEY, title text NOT NULL);
 CREATE TABLE IF NOT EXISTS docs.faq (id int PRIMARY KEY, question text NOT NULL);

@@ -154,6 +154,7 @@ class PgCluster:
                 )
             )
             conn.execute("GRANT pg_signal_backend TO nhi_admin")
+            conn.execute("GRANT pg_read_all_stats TO nhi_admin")  # the sweep's activity samples
             conn.execute(f"CREATE DATABASE {DATABASE} OWNER data_owner")
         with self.connect() as conn:
             conn.execute(COMPANY_SQL)

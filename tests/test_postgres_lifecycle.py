@@ -32,8 +32,8 @@ from models.contracts import (
     ScopeStatement,
     SweepInput,
 )
-from models.enums import NhiKind, Platform
-from models.orm import AuditEvent, Nhi
+from models.enums import ActivitySource, NhiKind, Platform
+from models.orm import ActivityEvent, AuditEvent, Nhi
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import PostgresTargetSetting, Settings
 from nhi.infra.db import make_engine, make_sessionmaker, transaction, upgrade_head
@@ -447,3 +447,44 @@ async def test_a_grant_by_another_role_makes_removal_revoke_failed_naming_it_ale
             assert left == []
     finally:
         slack.stop()
+
+
+async def test_a_postgres_sweep_samples_live_sessions_into_activity(rig: Rig) -> None:
+    """A Postgres sweep takes one `pg_stat_activity` sample of every target (issue 17): the
+    live session of an NHI's login becomes an event of that NHI; a target the worker cannot
+    reach is reported in the sample's outcome, not imported."""
+    _, nhi_id, _ = request_nhi(
+        rig.sessions,
+        rig.settings,
+        "postgres_role",
+        scope=READ_ARTICLES,
+        target=rig.target,
+        ttl="1d",
+        owner_email=OWNER,
+        now=await rig.env.get_current_time(),
+    )
+    await provision(rig.env, rig.queue, nhi_id)
+    nhi = _nhi(rig, nhi_id)
+    with login(_secret(rig, nhi)) as conn:
+        conn.execute("SELECT count(*) FROM docs.articles")
+        with rig.env.auto_time_skipping_disabled():
+            outcome = await rig.env.client.execute_workflow(
+                SweepWorkflow.run,
+                SweepInput(provider="postgres", triggered_by="test"),
+                id=f"pg-sweep-{uuid.uuid4().hex[:8]}",
+                task_queue=rig.queue,
+            )
+    # The live session, and the target whose admin password is missing reported, not skipped.
+    assert outcome.summary["activity_events"] >= 1
+    assert outcome.summary["activity_samples_failed"] == 1
+    with transaction(rig.sessions) as s:
+        seen = list(
+            s.scalars(
+                select(ActivityEvent.action).where(
+                    ActivityEvent.nhi_id == nhi_id,
+                    ActivityEvent.source == ActivitySource.POSTGRES,
+                )
+            )
+        )
+        assert seen, "the live session is an event of its NHI"
+        assert s.get_one(Nhi, nhi_id).last_used_at is not None

@@ -54,28 +54,35 @@ class ActivityImportWorkflow:
             heartbeat_timeout=IMPORT_HEARTBEAT,
             retry_policy=IMPORT_RETRY,
         )
-        for alert in outcome.alerts:
-            text = alert_text(alert)
-            await self._send(AlertPost(text=text, email=alert.owner_email))
-            await self._send(AlertPost(text=text, security=True))
-        if outcome.failed_files:
-            failed = [f"• {f.name}: {f.error}" for f in outcome.files if f.error]
-            await self._send(
-                AlertPost(
-                    text=f"The activity import could not read {outcome.failed_files} file(s); "
-                    "nothing of them was imported:\n" + "\n".join(failed[:20]),
-                    security=True,
-                )
-            )
+        await alert_outcome(outcome)
         return outcome
 
-    async def _send(self, post: AlertPost) -> None:
-        try:
-            await workflow.execute_activity_method(
-                SlackActivities.send_alert,
-                post,
-                start_to_close_timeout=SLACK_TIMEOUT,
-                retry_policy=SLACK_RETRY,
+
+async def alert_outcome(outcome: ImportOutcome) -> None:
+    """Each new finding worth an alert to the agent's owner and the security channel, and the
+    files that could not be read to the security channel (an activity per recipient)."""
+    for alert in outcome.alerts:
+        text = alert_text(alert)
+        await _send(AlertPost(text=text, email=alert.owner_email))
+        await _send(AlertPost(text=text, security=True))
+    if outcome.failed_files:
+        failed = [f"• {f.name}: {f.error}" for f in outcome.files if f.error]
+        await _send(
+            AlertPost(
+                text=f"The activity import could not read {outcome.failed_files} file(s); "
+                "nothing of them was imported:\n" + "\n".join(failed[:20]),
+                security=True,
             )
-        except ActivityError as err:
-            workflow.logger.warning("finding alert not sent: %s", failure_reason(err))
+        )
+
+
+async def _send(post: AlertPost) -> None:
+    try:
+        await workflow.execute_activity_method(
+            SlackActivities.send_alert,
+            post,
+            start_to_close_timeout=SLACK_TIMEOUT,
+            retry_policy=SLACK_RETRY,
+        )
+    except ActivityError as err:
+        workflow.logger.warning("finding alert not sent: %s", failure_reason(err))

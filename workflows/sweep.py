@@ -23,6 +23,11 @@ from temporalio.exceptions import (
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
+    from activities.activity_import import (
+        ActivityImportActivities,
+        ActivityImportInput,
+        ImportOutcome,
+    )
     from activities.provider import ProviderActivities
     from activities.slack import SlackActivities
     from activities.sweep import (
@@ -53,9 +58,13 @@ with workflow.unsafe.imports_passed_through():
     )
     from models.enums import NhiKind
     from nhi.rules.ids import orphan_workflow_id
+    from workflows.activity_import import alert_outcome
     from workflows.retry_policies import (
         DB_RETRY,
         DB_TIMEOUT,
+        IMPORT_HEARTBEAT,
+        IMPORT_RETRY,
+        IMPORT_TIMEOUT,
         NUDGE_RETRY,
         NUDGE_TIMEOUT,
         PLATFORM_HEARTBEAT,
@@ -87,6 +96,9 @@ ACT_CONCURRENCY = 20  # removals and nudges under way at once
 BATCH_PATCH = "sweep-orphan-batches"
 # A nudge is tried 3 times for at most a minute each (NUDGE_RETRY), then reported as failed.
 BOUNDED_NUDGES = "sweep-bounded-nudges"
+# A Postgres sweep (not a dry run) takes one `pg_stat_activity` sample of every target: an
+# activity import whose findings alert and may contain like a log file's (issue 17).
+ACTIVITY_SAMPLES = "sweep-activity-samples"
 ORPHAN_BATCH_SIZE = 50
 ORPHAN_BATCHES = 4
 
@@ -160,6 +172,8 @@ class SweepWorkflow:
         elif not inp.dry_run:
             findings = [await self._act(f, inp) for f in findings]
         summary = counts | {"truncated": plan.truncated, "dry_run": int(inp.dry_run)} | orphans
+        if inp.provider == "postgres" and not inp.dry_run and workflow.patched(ACTIVITY_SAMPLES):
+            summary |= await self._sample_activity(inp)
         if parallel:
             # At most MAX_FINDINGS findings reach a sweep's history (the rest is counted and
             # left to the next sweep), so its length stays far below Temporal's limits.
@@ -174,6 +188,29 @@ class SweepWorkflow:
         if findings:
             await self._digest(inp, outcome)
         return outcome
+
+    async def _sample_activity(self, inp: SweepInput) -> dict[str, int]:
+        """One `pg_stat_activity` sample of every target, imported and alerted like a log
+        file; its counts for the report. A failed sample never fails the sweep."""
+        try:
+            outcome: ImportOutcome = await workflow.execute_activity_method(
+                ActivityImportActivities.import_activity,
+                ActivityImportInput(
+                    sample_postgres=True, triggered_by=f"system:sweep ({inp.triggered_by})"[:254]
+                ),
+                start_to_close_timeout=IMPORT_TIMEOUT,
+                heartbeat_timeout=IMPORT_HEARTBEAT,
+                retry_policy=IMPORT_RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.warning("activity sample failed: %s", failure_reason(err))
+            return {"activity_samples_failed": 1}
+        await alert_outcome(outcome)
+        return {
+            "activity_events": outcome.new,
+            "activity_findings": outcome.findings,
+            "activity_samples_failed": outcome.failed_files,
+        }
 
     async def _act_all(self, findings: list[Finding], inp: SweepInput) -> list[Finding]:
         """Every finding acted on, ACT_CONCURRENCY at a time, reported in their order."""

@@ -14,6 +14,7 @@ truncated or corrupt file rolls back whole (the caller reports it).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import gzip
@@ -48,6 +49,7 @@ from models.orm import (
 )
 from nhi.infra.db import transaction
 from nhi.rules.baseline import REVOKED, Draft, Event, Intent, Profile, Watch, judge
+from nhi.rules.pg_grants import role_names
 from nhi.rules.task_credentials import TASK_ROLE_PREFIX
 from nhi.services import findings
 
@@ -460,6 +462,12 @@ class Matcher:
         for nhi, category in rows:
             intent = intent_of(nhi, category, revoked_at.get(str(nhi.id)))
             self._by_name[(nhi.platform, nhi.name)] = intent
+            if nhi.platform is Platform.POSTGRES:
+                # A postgres_role's logins are its two alternating LOGIN roles (`<group>_a`,
+                # `_b`): those, not the group, are what logs and pg_stat_activity name.
+                with contextlib.suppress(ValueError):
+                    for login in role_names(nhi.name):
+                        self._by_name[(nhi.platform, login)] = intent
             self._by_id[nhi.id] = intent
         self._tasks: dict[str, Match | None] = {}
         self._matches: dict[tuple[ActivitySource, str | None, str | None], Match | None] = {}

@@ -112,7 +112,7 @@ def authorize(p: Principal, nhi: Nhi) -> None:
     if p.has(Role.AGENT):
         require(
             p.agent_id == nhi.agent_id,
-            f"{p.actor} is an agent token of another agent: it issues only for its own NHIs",
+            f"{p.actor} acts for another agent: it issues only for its own agent's NHIs",
         )
         return
     require_visible_nhi(p, nhi.id, nhi.agent)
