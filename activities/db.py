@@ -51,6 +51,8 @@ SYSTEM_ACTOR = "system:provisioning"
 # How many times provisioning looks for its lease before calling it gone (DB_RETRY's backoff:
 # about 15 s): the API commits it right after the workflow start (api/routes/nhis.py).
 LEASE_COMMIT_ATTEMPTS = 5
+# The same wait as a local activity (DB_LOCAL_RETRY: 0.1 s doubling, about 25 s in all).
+LOCAL_LEASE_COMMIT_ATTEMPTS = 9
 # No lifecycle period exceeds a year (policies' maximum lifetime is at most 366 days); a policy
 # value past it (say `reminder_offsets: [1e30]`) would overflow the workflow's date arithmetic.
 MAX_PERIOD_SECONDS = 366 * 86400
@@ -144,11 +146,10 @@ class DbActivities:
         Idempotent: a retry (or a new worker after a crash) gets the same plan back. The scope
         is checked again against the current policy, which may have tightened since the request.
         """
+        info = activity.info()
+        waits = LOCAL_LEASE_COMMIT_ATTEMPTS if info.is_local else LEASE_COMMIT_ATTEMPTS
         with transaction(self._sessions) as session:
-            if (
-                session.get(Nhi, ref.nhi_id) is None
-                and activity.info().attempt < LEASE_COMMIT_ATTEMPTS
-            ):
+            if session.get(Nhi, ref.nhi_id) is None and info.attempt < waits:
                 # The API commits the lease only once this workflow has started (so a refused
                 # start leaves nothing); this first step can run before that commit lands.
                 raise ApplicationError(

@@ -38,11 +38,13 @@ DB_BEST_EFFORT_RETRY = RetryPolicy(
 # issue 15): one short transaction each, run by the worker in the workflow task that reaches it,
 # so no activity task travels through the server and no workflow task follows it. An attempt is
 # bounded tighter than DB_TIMEOUT (a stuck one holds its workflow task; the worker heartbeats
-# that task meanwhile, on its own thread). The retries are DB_RETRY's, so provisioning still
-# waits about 15 s for the API's lease commit (activities/db.py, LEASE_COMMIT_ATTEMPTS).
+# that task meanwhile, on its own thread). The first retry comes after 0.1 s: the first step
+# runs the moment the workflow starts, often before the API's lease commit lands, which a
+# retry 1 s later would add to every provisioning; provisioning still waits about 25 s for that
+# commit in all (activities/db.py, LOCAL_LEASE_COMMIT_ATTEMPTS).
 DB_LOCAL_TIMEOUT = timedelta(seconds=10)
 DB_LOCAL_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
+    initial_interval=timedelta(milliseconds=100),
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=20,
     non_retryable_error_types=["NotFound", "InvalidState", "PolicyViolation"],
