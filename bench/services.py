@@ -36,6 +36,7 @@ from nhi.infra.config import Settings
 from nhi.infra.db import upgrade_head
 from nhi.infra.embedded_postgres import LOCAL_ADMIN_DSN, EmbeddedPostgres, local_server_reachable
 from nhi.infra.temporal_client import connect
+from nhi.rules import search_attributes
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -370,6 +371,9 @@ class Stack:
             str(BIN / "temporal"), "server", "start-dev",
             "--ip", "127.0.0.1", "--port", str(self.temporal_port), "--headless",
             "--namespace", "default", "--log-level", "warn",
+            # As `nhi dev` does: without them every workflow start is refused once and
+            # started again untagged (two starts per workflow, and a warning each).
+            *search_attributes.dev_server_flags(),
         ]  # fmt: skip
         if self.spec.temporal_store == "file":
             cmd += [

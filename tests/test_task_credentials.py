@@ -43,7 +43,9 @@ from nhi.infra.db import transaction
 from nhi.rules.pg_grants import parse_comment
 from nhi.rules.task_credentials import (
     IssuedCredential,
+    PreparedCredential,
     TaskGrant,
+    TwoPhaseIssuer,
     check_aws_narrowing,
     scram_verifier,
     task_role_name,
@@ -232,6 +234,17 @@ def _issued_event(world: World, credential_id: str, nhi_id: str) -> AuditEvent:
     return event
 
 
+def _ended_unissued(world: World, task_id: str) -> TaskCredential:
+    """The one row of `task_id`, ended as `issue_failed`, whose role is not on the target."""
+    with transaction(world.sessions) as s:
+        row = s.scalars(select(TaskCredential).where(TaskCredential.task_id == task_id)).one()
+    assert (row.status, row.end_reason) == ("ended", "issue_failed")
+    with world.cluster.connect() as conn:
+        found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (row.name,)).fetchone()
+    assert found is None, f"role {row.name} was never committed"
+    return row
+
+
 def _count(world: World) -> int:
     with transaction(world.sessions) as s:
         return len(list(s.scalars(select(TaskCredential.id))))
@@ -354,7 +367,7 @@ async def test_postgres_refuses_the_login_right_after_expiry(world: World) -> No
         principal,
         uuid.UUID(world.pg_nhi["id"]),
         task_credentials.TaskRequest(ttl="60s", task_id="short"),
-        lambda platform: issuers[platform].issue,
+        issuers.__getitem__,
         now=datetime.now(UTC) - timedelta(seconds=55),
     )
     pg = {**issued.public, **issued.secret}
@@ -420,7 +433,7 @@ async def test_a_missing_admin_password_fails_the_issue_and_ends_the_row(
                 principal,
                 uuid.UUID(world.pg_nhi["id"]),
                 task_credentials.TaskRequest(task_id="doomed-env"),
-                lambda platform: issuers[platform].issue,
+                issuers.__getitem__,
             )
     finally:
         os.environ[PASSWORD_ENV] = saved
@@ -460,18 +473,24 @@ async def test_a_killed_pooled_admin_connection_is_replaced(world: World) -> Non
 async def test_a_parent_contained_during_issuance_never_hands_the_credential_out(
     world: World,
 ) -> None:
-    """The parent is quarantined while the platform call runs (the fault is injected at that
-    boundary): the caller gets 409 and never the credential; the row stays for the reaper."""
-    issuers = world.app.state.nhi.task_issuers
+    """The parent is quarantined while the role is being made (the fault is injected at that
+    boundary, after the platform's prepare): the caller gets 409 and never the credential,
+    the role is never committed (nothing on the target), and the row is ended at once."""
+    provider = world.app.state.nhi.task_issuers[Platform.POSTGRES]
+    assert isinstance(provider, TwoPhaseIssuer)
 
-    def contained_meanwhile(grant: TaskGrant) -> IssuedCredential:
-        issued = issuers[Platform.POSTGRES].issue(grant)
-        with transaction(world.sessions) as s:
-            s.execute(
-                text("UPDATE nhis SET status = 'quarantined' WHERE id = :id"),
-                {"id": uuid.UUID(world.pg_nhi["id"])},
-            )
-        return issued
+    class ContainedMeanwhile:
+        def issue(self, grant: TaskGrant) -> IssuedCredential:
+            raise AssertionError("Postgres issues in two phases")
+
+        def prepare(self, grant: TaskGrant) -> PreparedCredential:
+            prepared = provider.prepare(grant)
+            with transaction(world.sessions) as s:
+                s.execute(
+                    text("UPDATE nhis SET status = 'quarantined' WHERE id = :id"),
+                    {"id": uuid.UUID(world.pg_nhi["id"])},
+                )
+            return prepared
 
     principal = Principal(
         name="tc-race", kind="token", roles=frozenset({Role.AGENT}), agent_id=world.agent_id
@@ -484,7 +503,7 @@ async def test_a_parent_contained_during_issuance_never_hands_the_credential_out
                 principal,
                 uuid.UUID(world.pg_nhi["id"]),
                 task_credentials.TaskRequest(ttl="5m", task_id="raced"),
-                lambda platform: contained_meanwhile,
+                lambda platform: ContainedMeanwhile(),
             )
     finally:
         with transaction(world.sessions) as s:
@@ -492,9 +511,39 @@ async def test_a_parent_contained_during_issuance_never_hands_the_credential_out
                 text("UPDATE nhis SET status = 'active' WHERE id = :id"),
                 {"id": uuid.UUID(world.pg_nhi["id"])},
             )
-    with transaction(world.sessions) as s:
-        row = s.scalars(select(TaskCredential).where(TaskCredential.task_id == "raced")).one()
-        assert row.status == "active", "left for the reaper, which sees its parent contained"
+    row = _ended_unissued(world, "raced")
+    assert row.last_error and "withheld" in row.last_error
+
+
+async def test_a_parent_quarantined_on_the_target_first_gets_no_task_role(world: World) -> None:
+    """The lifecycle records `quarantined` only after the platform's lock-out: in between,
+    the inventory still says active. The target itself refuses (the parent's logins are
+    locked out, checked under the same lock the quarantine holds): 409, nothing on the
+    target, the row ended."""
+    group = world.pg_nhi["name"]
+    logins = [f"{group}_a", f"{group}_b"]
+    with world.cluster.connect() as conn:
+        live = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) AND rolcanlogin", (logins,)
+            ).fetchall()
+        ]
+        assert live, "an active NHI has a login that can log in"
+        for login in live:
+            conn.execute(f"ALTER ROLE {login} NOLOGIN")
+    try:
+        answer = await _issue(world, world.agent_token, world.pg_nhi, task_id="locked-out")
+    finally:
+        with world.cluster.connect() as conn:
+            for login in live:
+                conn.execute(f"ALTER ROLE {login} LOGIN")
+    assert answer.status_code == 409, answer.text
+    assert "quarantined on its platform" in answer.json()["detail"]
+    row = _ended_unissued(world, "locked-out")
+    assert row.last_error and "IdentityQuarantined" in row.last_error
+    again = await _issue(world, world.agent_token, world.pg_nhi, task_id="unlocked")
+    assert again.status_code == 201, again.text
 
 
 async def test_an_aws_parent_contained_during_sts_never_hands_the_session_out(
@@ -508,11 +557,14 @@ async def test_an_aws_parent_contained_during_sts_never_hands_the_session_out(
     warm = await _issue(world, world.agent_token, world.aws_nhi, ttl="15m")
     assert warm.status_code == 201, warm.text  # a recent read of the parent is cached
 
-    def contained_meanwhile(grant: TaskGrant) -> IssuedCredential:
-        issued: IssuedCredential = issuers[Platform.AWS].issue(grant)
-        with transaction(world.sessions) as s:
-            s.execute(text("UPDATE nhis SET status = 'quarantined' WHERE id = :id"), {"id": nhi_id})
-        return issued
+    class ContainedMeanwhile:
+        def issue(self, grant: TaskGrant) -> IssuedCredential:
+            issued: IssuedCredential = issuers[Platform.AWS].issue(grant)
+            with transaction(world.sessions) as s:
+                s.execute(
+                    text("UPDATE nhis SET status = 'quarantined' WHERE id = :id"), {"id": nhi_id}
+                )
+            return issued
 
     principal = Principal(
         name="tc-race-aws", kind="token", roles=frozenset({Role.AGENT}), agent_id=world.agent_id
@@ -525,7 +577,7 @@ async def test_an_aws_parent_contained_during_sts_never_hands_the_session_out(
                 principal,
                 nhi_id,
                 task_credentials.TaskRequest(ttl="15m", task_id="raced-aws"),
-                lambda platform: contained_meanwhile,
+                lambda platform: ContainedMeanwhile(),
             )
     finally:
         with transaction(world.sessions) as s:

@@ -21,11 +21,14 @@ Speed (issue 15: at least OpenBao's rate). The issuer keeps, per target, a few a
 connections open (`AdminPool`: no SCRAM handshake per issue) and the target's resolved
 connection settings for `TARGET_CACHE_S` (no `targets` read or secret fetch per issue), and
 a few passwords with their SCRAM verifiers computed ahead (`PasswordStock`). The role is
-created in ONE round trip: one batch (BEGIN, the advisory lock, a guard that fails the batch
-unless the group carries the parent's marker, CREATE ROLE, COMMENT, the read-only default,
-COMMIT). A narrowed scope takes a second one (its grants, then COMMIT). A pooled connection
-found dead on the batch (its backend was gone before the batch arrived) is replaced and the
-batch sent again on a fresh one.
+made in two phases (`prepare`, then `PreparedRole.commit`), so the service writes the
+credential's row while the target works and the role commits only after its row: `prepare`
+is ONE round trip, one batch (BEGIN, the advisory lock, a guard that fails the batch unless
+the group carries the parent's marker and one of the parent's own logins can still log in,
+CREATE ROLE, COMMENT, the read-only default) that leaves its transaction open; `commit` is a
+bare COMMIT. A narrowed scope takes one more round trip (its grants) before the commit. A
+pooled connection found dead on the batch (its backend was gone before the batch arrived) is
+replaced and the batch sent again on a fresh one.
 """
 
 from __future__ import annotations
@@ -39,13 +42,21 @@ from typing import ClassVar
 import psycopg
 from psycopg import pq, sql
 from psycopg.rows import TupleRow
+from temporalio.exceptions import ApplicationError
 
 from activities.providers import postgres_ddl as ddl
 from models.enums import Platform
 from nhi import MANAGED_BY
-from nhi.rules.pg_grants import is_read_only, managed_comment, parse_comment, parse_grants
+from nhi.rules.pg_grants import (
+    is_read_only,
+    managed_comment,
+    parse_comment,
+    parse_grants,
+    role_names,
+)
 from nhi.rules.policy import RuleViolation
 from nhi.rules.task_credentials import (
+    QUARANTINED_ON_PLATFORM,
     IssuedCredential,
     TaskGrant,
     new_password,
@@ -274,6 +285,13 @@ class PostgresTaskProvider:
 
     def issue(self, grant: TaskGrant) -> IssuedCredential:
         """One LOGIN role for the task (see the module doc); its password, once."""
+        return self.prepare(grant).commit()
+
+    def prepare(self, grant: TaskGrant) -> PreparedRole:
+        """The role for the task, created in a transaction left open (one round trip, under
+        the group's lock): nothing exists for anyone else until `commit`, and `rollback` (or
+        a lost connection) leaves nothing at all. The service writes the credential's row
+        meanwhile, and commits only once that row is committed."""
         target = self._target(grant.target)
         login, group = grant.name, grant.identity_name
         try:
@@ -297,19 +315,28 @@ class PostgresTaskProvider:
         )
         scope = grant.scope if grant.scope is not None else grant.granted_scope
         # Containment of the parent (provider `disable`) holds the same lock while it finds and
-        # locks out the task roles by their marker: this role exists before it looks, or is
-        # created after it, when the parent is no longer active and the reaper ends it.
-        locks = [f"role:{group}"] + [f"schema:{g.schema}" for g in narrowed or []]
+        # locks out the task roles by their marker and its own logins: this role is committed
+        # before it looks (and is locked out), or is refused after it, since the guard finds
+        # the parent's logins locked out (IdentityQuarantined).
+        # The group's lock is taken SHARED: issues of one parent exclude its containment,
+        # rotation and removal (which take it exclusively), not each other, so they never queue
+        # behind one another while each holds its transaction open until the commit. Schema
+        # locks (a narrowed scope's grants) stay exclusive, as for every grant change.
+        role_lock = f"role:{group}"
+        locks = [role_lock] + [f"schema:{g.schema}" for g in narrowed or []]
         statements: list[sql.Composable] = [sql.SQL("BEGIN")]
         statements += [
-            sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(
-                sql.Literal(f"nhi-lifecycle:{key}")  # as postgres_ddl.lock
+            sql.SQL("SELECT {}(hashtext({}))").format(
+                sql.SQL(
+                    "pg_advisory_xact_lock_shared" if key == role_lock else "pg_advisory_xact_lock"
+                ),
+                sql.Literal(f"nhi-lifecycle:{key}"),  # as postgres_ddl.lock
             )
-            for key in sorted(set(locks))
+            for key in sorted(set(locks))  # in postgres_ddl.lock's order: no deadlock
         ]
         # The whole scope (the common case): the group is checked on the server, under the
-        # lock, and the batch ends with COMMIT: ONE round trip. A narrowed scope reads the
-        # group instead and commits after its grants, in a second round trip.
+        # lock: ONE round trip. A narrowed scope reads the group instead and gives its grants
+        # in a second round trip.
         one_trip = narrowed is None
         statements.append(_guard(group, grant) if one_trip else _read_group(group))
         statements += [
@@ -322,8 +349,6 @@ class PostgresTaskProvider:
                     ddl.ident(login)
                 )
             )
-        if one_trip:
-            statements.append(sql.SQL("COMMIT"))
         batch = sql.SQL("; ").join(statements)
         pool = self.pool(target)
         doing = f"issuing task credential {login} on target {target.name!r}"
@@ -337,8 +362,7 @@ class PostgresTaskProvider:
             except psycopg.OperationalError:
                 # A reused connection found dead (killed backend, restarted server): its
                 # backend was gone before the batch arrived, so nothing ran; send it again on
-                # a fresh one, once. (Were the first batch to have committed after all, the
-                # second CREATE ROLE of the same name fails: never two credentials.)
+                # a fresh one, once. (Nothing commits before `commit`, so never two roles.)
                 if not (reused and conn.closed):
                     raise
                 conn.close()
@@ -348,14 +372,12 @@ class PostgresTaskProvider:
                 _check_group(cursor, group, grant)
                 if narrowed is not None:
                     ddl.apply_grants(conn, login, narrowed)
-                conn.execute("COMMIT")
         except BaseException as err:
             pool.discard(conn)
             if isinstance(err, psycopg.Error):
                 raise ddl.classify_postgres(err, doing) from None
             raise
-        pool.checkin(conn)
-        return IssuedCredential(
+        issued = IssuedCredential(
             expires_at=grant.expires_at,
             secret={"password": password},
             public={
@@ -368,30 +390,91 @@ class PostgresTaskProvider:
                 "member_of": None if narrowed is not None else group,
             },
         )
+        return PreparedRole(pool, conn, issued, doing)
+
+
+class PreparedRole:
+    """A task role created in an open transaction on a pooled admin connection: `commit`
+    makes it exist (and returns the credential), `rollback` leaves nothing. Exactly one of
+    them, once; the connection goes back to its pool either way."""
+
+    def __init__(self, pool: AdminPool, conn: ddl.Conn, issued: IssuedCredential, doing: str):
+        self._pool = pool
+        self._conn: ddl.Conn | None = conn
+        self._issued = issued
+        self._doing = doing
+
+    def _end(self, statement: str) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError(f"{self._doing}: already committed or rolled back")
+        try:
+            conn.execute(statement)
+        except BaseException as err:
+            # Unknown outcome of a COMMIT whose answer was lost: as for any lost connection,
+            # the error is the caller's (its row is ended; the reaper and sweeps know the
+            # marker); a ROLLBACK that fails leaves nothing committed.
+            self._pool.discard(conn)
+            if isinstance(err, psycopg.Error):
+                raise ddl.classify_postgres(err, self._doing) from None
+            raise
+        self._pool.checkin(conn)
+
+    def commit(self) -> IssuedCredential:
+        self._end("COMMIT")
+        return self._issued
+
+    def rollback(self) -> None:
+        self._end("ROLLBACK")
 
 
 # What `_guard` makes the server fail with (a cast of this text to integer), then the kind.
 _GUARD = "nhi-lifecycle task-credential guard:"
+# The error type of a parent quarantined on the platform (the service answers 409).
+QUARANTINED = QUARANTINED_ON_PLATFORM
+
+
+def _logins_live(group: str) -> sql.Composable:
+    """Whether one of the group's own login roles can still log in. An active NHI always has
+    one (rotation locks out the old login only after the new one exists); quarantine (provider
+    `disable`, under the group's lock) has locked out both. A task role is never made beside a
+    quarantined parent, whatever the inventory says yet: the lifecycle records `quarantined`
+    only after the platform's lock-out, and that gap is closed here, on the platform."""
+    return sql.SQL(
+        "(SELECT count(*) > 0 FROM pg_roles WHERE rolname IN ({}) AND rolcanlogin)"
+    ).format(sql.SQL(", ").join(sql.Literal(n) for n in role_names(group)))
 
 
 def _read_group(group: str) -> sql.Composable:
     return sql.SQL(
-        "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = {}"
-    ).format(sql.Literal(group))
+        "SELECT rolname, shobj_description(oid, 'pg_authid'), {} AS live "
+        "FROM pg_roles WHERE rolname = {}"
+    ).format(_logins_live(group), sql.Literal(group))
 
 
 def _guard(group: str, grant: TaskGrant) -> sql.Composable:
-    """A statement that fails the batch (so its transaction, COMMIT included, never commits)
-    unless the group role exists and carries the parent NHI's marker: the check `_check_group`
-    makes in Python, on the server. The marker is matched by the prefix `managed_comment`
-    writes (`managed-by=...;nhi-id=<id>;`), so a group not made by this service is refused."""
+    """A statement that fails the batch (so its transaction never commits) unless the group
+    role exists, carries the parent NHI's marker and one of its logins can log in (the parent
+    is not quarantined on the platform): the check `_check_group` makes in Python, on the
+    server. The marker is matched by the prefix `managed_comment` writes
+    (`managed-by=...;nhi-id=<id>;`), so a group not made by this service is refused."""
     prefix = f"managed-by={MANAGED_BY};nhi-id={grant.nhi_id};"
     return sql.SQL(
-        "SELECT CASE WHEN g.ok THEN 'ours' ELSE ({} || g.why)::int::text END FROM ("
+        "SELECT CASE WHEN g.ok AND g.live THEN 'ours' ELSE ({} || CASE WHEN g.ok "
+        "THEN 'IdentityQuarantined' ELSE g.why END)::int::text END FROM ("
         "SELECT coalesce(bool_or(starts_with(coalesce(shobj_description(oid, 'pg_authid'), "
         "''), {})), false) AS ok, CASE WHEN count(*) = 0 THEN 'IdentityMissing' "
-        "ELSE 'IdentityConflict' END AS why FROM pg_roles WHERE rolname = {}) AS g"
-    ).format(sql.Literal(f"{_GUARD} "), sql.Literal(prefix), sql.Literal(group))
+        "ELSE 'IdentityConflict' END AS why, {} AS live FROM pg_roles WHERE rolname = {}) AS g"
+    ).format(
+        sql.Literal(f"{_GUARD} "), sql.Literal(prefix), _logins_live(group), sql.Literal(group)
+    )
+
+
+def _quarantined(group: str) -> ApplicationError:
+    return ddl.fail(
+        f"the logins of {group} are locked out (its NHI is quarantined): no task credential",
+        QUARANTINED,
+    )
 
 
 def _execute(
@@ -406,6 +489,8 @@ def _execute(
             raise
         if "IdentityMissing" in str(err):
             raise ddl.fail(f"group role {group} does not exist", "IdentityMissing") from None
+        if QUARANTINED in str(err):
+            raise _quarantined(group) from None
         raise ddl.fail(
             f"role {group} already exists and is not NHI {nhi_id}'s", "IdentityConflict"
         ) from None
@@ -417,14 +502,18 @@ def _execute(
 
 
 def _check_group(cursor: Cursor, group: str, grant: TaskGrant) -> None:
-    """The group (read in the batch, under the lock) must exist and be the parent's."""
-    found: tuple[str, str | None] | None = None
+    """The group (read in the batch, under the lock) must exist, be the parent's and have a
+    login that can log in (the parent is not quarantined on the platform)."""
+    found: tuple[str, str | None, bool] | None = None
     while True:
         if cursor.description and cursor.description[0].name == "rolname":
             row = cursor.fetchone()
-            found = None if row is None else (str(row[0]), None if row[1] is None else str(row[1]))
+            if row is not None:
+                found = (str(row[0]), None if row[1] is None else str(row[1]), bool(row[2]))
         if not cursor.nextset():
             break
     if found is None:
         raise ddl.fail(f"group role {group} does not exist", "IdentityMissing")
     ddl.check_ours(ddl.Role(found[0], False, parse_comment(found[1])), grant.nhi_id)
+    if not found[2]:
+        raise _quarantined(group)

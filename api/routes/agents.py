@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from typing import Annotated
 
@@ -46,6 +47,9 @@ class AwsUnavailable(TemporalUnavailable):
 
 # This service's own AWS account per (endpoint, region): it never changes while a process runs.
 _OWN_ACCOUNTS: dict[tuple[str | None, str], str] = {}
+# One caller asks; the others wait for its answer (a burst of first requests would otherwise
+# each build AWS clients, tens of milliseconds of CPU apiece).
+_OWN_ACCOUNT_LOCK = threading.Lock()
 
 
 def own_account(settings: Settings) -> str:
@@ -54,16 +58,24 @@ def own_account(settings: Settings) -> str:
     if settings.aws_account_id:
         return settings.aws_account_id
     key = (settings.aws_endpoint_url, settings.aws_region)
-    if key not in _OWN_ACCOUNTS:
-        try:
-            identity = make_aws_clients(settings).sts.get_caller_identity()
-        except Exception as err:
-            raise AwsUnavailable(
-                "this service's AWS account is unknown (set NHI_AWS_ACCOUNT_ID, or give the API "
-                "AWS credentials); nothing was created"
-            ) from err
-        _OWN_ACCOUNTS[key] = str(identity["Account"])
+    found = _OWN_ACCOUNTS.get(key)
+    if found is not None:
+        return found
+    with _OWN_ACCOUNT_LOCK:
+        if key not in _OWN_ACCOUNTS:
+            _OWN_ACCOUNTS[key] = _ask_own_account(settings)
     return _OWN_ACCOUNTS[key]
+
+
+def _ask_own_account(settings: Settings) -> str:
+    try:
+        identity = make_aws_clients(settings).sts.get_caller_identity()
+    except Exception as err:
+        raise AwsUnavailable(
+            "this service's AWS account is unknown (set NHI_AWS_ACCOUNT_ID, or give the API "
+            "AWS credentials); nothing was created"
+        ) from err
+    return str(identity["Account"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=AgentOut)

@@ -9,7 +9,6 @@ Idempotency-Key middleware keeps only that the key was used (api/idempotency.py)
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -141,14 +140,14 @@ class TaskCredentialIssued(BaseModel):
     github: GithubTaskSecret | None = None
 
 
-def _issuers(state: AppState) -> Callable[[Platform], task_credentials.Issuer]:
+def _issuers(state: AppState) -> task_credentials.IssuerFor:
     """The platform issuers, built once per app from the same factories the worker uses."""
     if state.task_issuers is None:
         aws = make_aws_clients(state.settings)
         targets = TargetRegistry(state.sessions, state.settings, aws.secrets)
         state.task_issuers = build_task_providers(aws, targets, state.settings)
     issuers = state.task_issuers
-    return lambda platform: issuers[platform].issue
+    return issuers.__getitem__
 
 
 def _answer(grant: TaskGrant, platform: Platform, issued: IssuedCredential) -> TaskCredentialIssued:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from models.contracts import ScopeStatement
 from models.enums import NhiKind
@@ -282,3 +282,31 @@ class IssuedCredential:
     expires_at: datetime
     secret: Mapping[str, str | int] = field(repr=False)
     public: Mapping[str, object] = field(default_factory=dict)
+
+
+# The error type of a platform that refuses a task credential because the parent NHI is
+# quarantined there (its own logins locked out): the service answers 409, not 502.
+QUARANTINED_ON_PLATFORM = "IdentityQuarantined"
+
+
+class PreparedCredential(Protocol):
+    """A credential made on its platform but not yet usable by anyone: `commit` makes it so
+    (and returns it), `rollback` leaves nothing behind. Exactly one of them, once."""
+
+    def commit(self) -> IssuedCredential: ...
+
+    def rollback(self) -> None: ...
+
+
+class TaskIssuer(Protocol):
+    """What the service needs of a platform's task-credential provider."""
+
+    def issue(self, grant: TaskGrant) -> IssuedCredential: ...
+
+
+@runtime_checkable
+class TwoPhaseIssuer(TaskIssuer, Protocol):
+    """A provider that can also make a credential in two steps (`prepare`, then commit), so
+    the service writes its row meanwhile and the credential exists only after its row."""
+
+    def prepare(self, grant: TaskGrant) -> PreparedCredential: ...

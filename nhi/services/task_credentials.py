@@ -28,12 +28,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -64,9 +64,13 @@ from nhi.rules.github_scope import check_github_task_scope, github_task_ttl
 from nhi.rules.policy import RuleViolation
 from nhi.rules.task_credentials import (
     AWS_MIN_TTL_SECONDS,
+    QUARANTINED_ON_PLATFORM,
     TASK_KINDS,
     IssuedCredential,
+    PreparedCredential,
     TaskGrant,
+    TaskIssuer,
+    TwoPhaseIssuer,
     check_aws_narrowing,
     check_postgres_narrowing,
     check_task_id,
@@ -81,9 +85,10 @@ from nhi.services.policies import check_scope, rules_of
 from nhi.services.transitions import note
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-Issuer = Callable[[TaskGrant], IssuedCredential]
-"""A platform's `TaskCredentialProvider.issue` (activities/providers/base.py)."""
+IssuerFor = Callable[[Platform], TaskIssuer]
+"""A platform's `TaskCredentialProvider` (activities/providers/base.py)."""
 
 # One audit trail per credential (issued, then ended by the reaper); details name the NHI.
 SUBJECT_TYPE = "task_credential"
@@ -522,19 +527,24 @@ def _on_platform(
     sessions: sessionmaker[Session],
     p: Principal,
     grant: TaskGrant,
-    issuer_for: Callable[[Platform], Issuer],
+    call: Callable[[], T],
     recorded: Callable[[], object] | None = None,
-) -> IssuedCredential:
-    """The platform call; a failure ends the recorded row as `issue_failed` (once `recorded`
+) -> T:
+    """A platform call; a failure ends the recorded row as `issue_failed` (once `recorded`
     says the row being written beside the call is there, if it is)."""
-    platform = PLATFORM_OF[grant.kind]
     try:
-        return issuer_for(platform)(grant)
+        return call()
     except ApplicationError as err:
         error = f"{err.type or 'Error'}: {err.message}"
         if recorded is not None:
             recorded()
         _failed(sessions, grant, p.actor, error)
+        if err.type == QUARANTINED_ON_PLATFORM:
+            # The parent's logins are locked out on the platform (its quarantine ran before
+            # the inventory says so): a conflict with the parent's state, not a platform fault.
+            raise Conflict(
+                f"nhi {grant.nhi_id} is quarantined on its platform: {err.message}"
+            ) from None
         raise IssueFailed(
             f"the platform did not issue task credential {grant.name}: {error}"
         ) from None
@@ -549,7 +559,60 @@ def _on_platform(
         ) from None
 
 
-# Writes an AWS issue's row while STS answers (see `issue`): one thread per issue in flight.
+def _rollback(prepared: PreparedCredential, grant: TaskGrant) -> None:
+    """Undo a prepared credential; a failure is logged (its connection is closed, so the
+    platform rolls back anyway)."""
+    try:
+        prepared.rollback()
+    except Exception as err:
+        log.warning("task credential %s: rollback failed: %s", grant.name, type(err).__name__)
+
+
+def _abandon(preparing: Future[PreparedCredential], grant: TaskGrant) -> None:
+    """Wait for a prepare whose row was never written and undo it, whatever it did."""
+    try:
+        prepared = preparing.result()
+    except Exception:
+        return
+    _rollback(prepared, grant)
+
+
+def _two_phase(
+    sessions: sessionmaker[Session],
+    p: Principal,
+    conn: Connection,
+    grant: TaskGrant,
+    issuer: TwoPhaseIssuer,
+    record: Callable[[], bool],
+) -> IssuedCredential | None:
+    """The credential made in an open transaction on the platform WHILE its row is written,
+    then the parent read again, then committed: it exists only once its row does (a crash
+    before the commit leaves nothing: the platform rolls back), and is never committed for a
+    parent found changed. None when the row was refused (the snapshot no longer held)."""
+    preparing = _beside.submit(issuer.prepare, grant)
+    try:
+        recorded = record()
+    except BaseException:
+        _abandon(preparing, grant)
+        raise
+    prepared = _on_platform(sessions, p, grant, preparing.result)
+    if not recorded:
+        _rollback(prepared, grant)
+        log.info("task credential %s dropped unseen: its NHI changed", grant.name)
+        return None
+    try:
+        _still_usable(conn, grant)
+    except Conflict as err:
+        _rollback(prepared, grant)
+        _failed(sessions, grant, p.actor, f"withheld: {err}")
+        raise
+    except BaseException:
+        _rollback(prepared, grant)
+        raise
+    return _on_platform(sessions, p, grant, prepared.commit)
+
+
+# Runs a platform call beside the row's write: one thread per issue in flight.
 _beside = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nhi-task-record")
 
 
@@ -558,21 +621,25 @@ def issue(
     p: Principal,
     nhi_id: uuid.UUID,
     request: TaskRequest,
-    issuer_for: Callable[[Platform], Issuer],
+    issuer_for: IssuerFor,
     *,
     now: datetime | None = None,
 ) -> tuple[TaskGrant, IssuedCredential]:
     """Record, then issue on the platform; the credential is only in the return value.
 
-    Postgres: the row and its event commit before the role is created, so a role that exists
-    is always in the inventory (for the reaper and for containment); after it, the parent is
-    read again (`_still_usable`). AWS creates nothing to reap (a session ends by itself, and
-    containment's deny ends those issued before it), so its row is written while STS answers,
-    and the parent read again once both are done. A session whose row was refused (the parent
-    changed meanwhile) is dropped unseen: never handed out, nothing to clean up.
+    Postgres (a two-phase issuer): the role is created in a transaction left open while the
+    row and its event are written, then the parent is read again (`_still_usable`), and only
+    then is the role committed; so a role that exists is always in the inventory (for the
+    reaper and for containment), and one for a parent changed meanwhile never exists. AWS
+    creates nothing to reap (a session ends by itself, and containment's deny ends those
+    issued before it), so its row is written while STS answers, and the parent read again
+    once both are done. Others: the row, then the platform, then the re-read. A credential
+    whose row was refused (the parent changed meanwhile) is dropped unseen: never handed out.
 
     Raises:
         everything `prepare` raises (nothing recorded), and
+        Conflict: the parent changed meanwhile, or is quarantined on its platform (the row
+            is then ended);
         IssueFailed: the platform refused (the row is then ended as `issue_failed`).
     """
     for attempt in (1, 2):
@@ -582,23 +649,30 @@ def issue(
             auto = conn.execution_options(isolation_level="AUTOCOMMIT")
             grant, snapshot = _checked(auto, p, nhi_id, request, now or datetime.now(UTC))
             record = partial(_record, auto, p, snapshot, grant)
-
-            if PLATFORM_OF[grant.kind] is Platform.AWS:
+            issuer = issuer_for(PLATFORM_OF[grant.kind])
+            issued: IssuedCredential | None
+            if isinstance(issuer, TwoPhaseIssuer):
+                issued = _two_phase(sessions, p, conn, grant, issuer, record)
+                recorded = issued is not None
+            elif PLATFORM_OF[grant.kind] is Platform.AWS:
                 # The row is written while STS answers (its WAL flush off the critical path),
                 # on this connection, which nothing else uses meanwhile.
                 recording = _beside.submit(record)
-                issued = _on_platform(sessions, p, grant, issuer_for, recording.result)
+                issued = _on_platform(
+                    sessions, p, grant, partial(issuer.issue, grant), recording.result
+                )
                 recorded = recording.result()
                 if recorded:
                     _still_usable(conn, grant)
                 else:
                     log.info("task credential %s dropped unseen: its NHI changed", grant.name)
             else:
+                issued = None
                 recorded = record()
                 if recorded:
-                    issued = _on_platform(sessions, p, grant, issuer_for)
+                    issued = _on_platform(sessions, p, grant, partial(issuer.issue, grant))
                     _still_usable(conn, grant)
-            if not recorded:
+            if not recorded or issued is None:
                 # The snapshot no longer held: read again, check again (once).
                 _snapshots.evict(nhi_id)
                 if attempt == 2:
