@@ -1108,13 +1108,19 @@ def sweep_list(ctx: Ctx) -> None:
     )
 
 
+# Whether this process started a Temporal client (see `main`).
+_temporal_used = False
+
+
 def _temporal(action: Any) -> Any:
     """Run `action(client, settings)` against Temporal (schedules are an operator's tool)."""
     import asyncio
 
     from nhi.infra.temporal_client import connect
 
+    global _temporal_used
     settings = get_settings()
+    _temporal_used = True
 
     async def go() -> Any:
         try:
@@ -1360,13 +1366,32 @@ def dev() -> None:
 
 def main() -> None:
     """Console-script entry: one-line errors and exit code 1 on any bad input."""
+    code = _run()
+    if _temporal_used:
+        # The Temporal client's runtime threads can outlive the interpreter's teardown and
+        # abort it after the command succeeded ("PyGILState_Release ... finalizing", exit
+        # -6; temporalio/sdk-python#300): after a command that used Temporal, leave without
+        # the teardown, the output flushed first.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run() -> int:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(1)
+        return 1
     except click.ClickException as err:
         click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
-        sys.exit(1)
+        return 1
     except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
+        return err.exit_code
+    except SystemExit as err:
+        if err.code is None or isinstance(err.code, int):
+            return err.code or 0
+        click.echo(str(err.code), err=True)
+        return 1
+    return 0

@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import WorkflowExecutionStatus
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
@@ -299,10 +299,19 @@ async def test_a_bundle_is_approved_once_and_provisioned_together(
     await eventually(active, timeout=60)
     for nhi in _nhis(rig, agent_id):
         assert rig.aws.iam.get_role(RoleName=nhi.name)["Role"]["RoleName"] == nhi.name
-        described = await rig.env.client.get_workflow_handle(
-            lifecycle_workflow_id(nhi.id)
-        ).describe()
-        assert described.status is WorkflowExecutionStatus.RUNNING
+
+    async def lifecycles_running() -> None:
+        # The bundle records every sibling active first, then starts their lifecycles.
+        for nhi in _nhis(rig, agent_id):
+            handle = rig.env.client.get_workflow_handle(lifecycle_workflow_id(nhi.id))
+            try:
+                described = await handle.describe()
+            except RPCError as err:
+                assert err.status is not RPCStatusCode.NOT_FOUND, f"{handle.id} not started yet"
+                raise
+            assert described.status is WorkflowExecutionStatus.RUNNING
+
+    await eventually(lifecycles_running, timeout=30)
     with transaction(rig.sessions) as s:
         count = s.scalar(
             select(func.count())

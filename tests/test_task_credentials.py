@@ -17,6 +17,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from fastapi import FastAPI
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from activities.providers.postgres_task import IDLE_IN_TRANSACTION_MS
 from activities.providers.registry import build_task_providers
 from api.app import create_app
 from models.enums import IncidentStatus, Platform, Role
@@ -513,6 +515,41 @@ async def test_a_parent_contained_during_issuance_never_hands_the_credential_out
             )
     row = _ended_unissued(world, "raced")
     assert row.last_error and "withheld" in row.last_error
+
+
+async def test_a_prepared_role_the_service_stalls_on_is_ended_by_the_target(
+    world: World,
+) -> None:
+    """The service stalls between the platform's prepare and its commit (the fault is injected
+    at that boundary): the target ends the idle transaction itself, so nothing is committed
+    and the group's lock is not held on; the late COMMIT fails and the row is ended."""
+    provider = world.app.state.nhi.task_issuers[Platform.POSTGRES]
+    assert isinstance(provider, TwoPhaseIssuer)
+
+    class Stalled:
+        def issue(self, grant: TaskGrant) -> IssuedCredential:
+            raise AssertionError("Postgres issues in two phases")
+
+        def prepare(self, grant: TaskGrant) -> PreparedCredential:
+            prepared = provider.prepare(grant)
+            time.sleep(IDLE_IN_TRANSACTION_MS / 1000 + 1)
+            return prepared
+
+    principal = Principal(
+        name="tc-stalled", kind="token", roles=frozenset({Role.AGENT}), agent_id=world.agent_id
+    )
+    with pytest.raises(task_credentials.IssueFailed):
+        await asyncio.to_thread(
+            task_credentials.issue,
+            world.sessions,
+            principal,
+            uuid.UUID(world.pg_nhi["id"]),
+            task_credentials.TaskRequest(ttl="5m", task_id="stalled"),
+            lambda platform: Stalled(),
+        )
+    _ended_unissued(world, "stalled")
+    again = await _issue(world, world.agent_token, world.pg_nhi, task_id="after-stalled")
+    assert again.status_code == 201, again.text
 
 
 async def test_a_parent_quarantined_on_the_target_first_gets_no_task_role(world: World) -> None:

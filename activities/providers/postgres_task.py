@@ -77,8 +77,15 @@ POOL_WAIT_S = 30.0
 PASSWORD_STOCK = 4
 PASSWORD_MAX_AGE_S = 60.0
 Cursor = psycopg.Cursor[TupleRow]
-# As postgres_ddl.admin: no statement or lock wait holds an issuing request forever.
-_ADMIN_OPTIONS = "-c statement_timeout=60000 -c lock_timeout=30000"
+# As postgres_ddl.admin: no statement or lock wait holds an issuing request forever. And a
+# prepared role's transaction (open while the service writes its row) that the service stalls
+# on is ended by the target itself: nothing is committed, and the group's shared lock no
+# longer keeps the parent's containment waiting (its COMMIT then fails, the row is ended).
+IDLE_IN_TRANSACTION_MS = 10_000
+_ADMIN_OPTIONS = (
+    "-c statement_timeout=60000 -c lock_timeout=30000 "
+    f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"
+)
 
 
 def _connect(target: TargetConnection) -> ddl.Conn:
