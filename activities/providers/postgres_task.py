@@ -479,7 +479,8 @@ def _guard(group: str, grant: TaskGrant) -> sql.Composable:
 
 def _quarantined(group: str) -> ApplicationError:
     return ddl.fail(
-        f"the logins of {group} are locked out (its NHI is quarantined): no task credential",
+        f"no login of {group} can log in (its NHI is quarantined there, or its logins were "
+        "removed by hand): no task credential",
         QUARANTINED,
     )
 

@@ -146,16 +146,20 @@ def _gate(
     now: datetime,
 ) -> Gate:
     agent = items[0].nhi.agent
-    after = _risk(session, agent.id, now)
     policies = [i.policy for i in items if i.policy is not None]
     thresholds = [q.risk_threshold for q in policies if q.risk_threshold is not None]
     threshold = min(thresholds) if thresholds else None
-    moved = moved_reasons(before, after)
-    over = threshold is not None and after.score > threshold and after.score > before.score
     sensitive = [s for i in items for s in i.sensitive]
     owners = [person_key(agent.owner_email, "")]
     if agent.backup_owner_email:
         owners.append(person_key(agent.backup_owner_email, ""))
+    if not sensitive and threshold is None:
+        # Nothing to decide: the footprint after the request is not needed (it is the
+        # costliest read of a request).
+        return Gate(owner_persons=owners)
+    after = _risk(session, agent.id, now)
+    moved = moved_reasons(before, after)
+    over = threshold is not None and after.score > threshold and after.score > before.score
     if not sensitive and not over:
         return Gate(owner_persons=owners)
     reasons = [f"sensitive: {s}" for s in dict.fromkeys(sensitive)]
