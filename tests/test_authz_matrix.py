@@ -58,10 +58,14 @@ PRINCIPALS: dict[str, tuple[str, list[str] | None, str | None]] = {
     "auditor": ("auditor", None, "aud@example.com"),
     "owner": ("platform", ["nowhere"], OWNER),  # owner rights by email alone
     "auditor_owner": ("auditor", None, BACKUP),  # the backup owner, holding an auditor token
+    # An `agent` token (issue 15) bound to another agent than the world's: it acts for that
+    # agent only, reads nothing and sees none of the world's objects. (Its own agent's task
+    # credentials: tests/test_task_credentials.py and tests/test_workload_identity.py.)
+    "agent_other": ("agent", None, None),
 }
 BAD_CREDENTIALS = ("no token", "forged", "expired", "revoked")
 ALL = frozenset(PRINCIPALS)
-HIDDEN = frozenset({"platform_other"})  # who may not see the world's agent: 404
+HIDDEN = frozenset({"platform_other", "agent_other"})  # who may not see the world's agent: 404
 SEES = ALL - HIDDEN
 SWEEP_READERS = frozenset({"security", "auditor", "auditor_owner", "admin"})
 # An approval nobody waits on any more: only readers see it (anyone else: 404).
@@ -90,7 +94,10 @@ TABLE: dict[tuple[str, str], Cell] = {
     ("POST", "/v1/nhis/{nhi_id}/decommission"): (frozenset({"owner", "security"}), HIDDEN),
     ("POST", "/v1/nhis/{nhi_id}/restore"): (frozenset({"owner"}), HIDDEN),
     # Task credentials: the owner (and the agent's own `agent` token: tests/test_task_credentials.py).
-    ("POST", "/v1/nhis/{nhi_id}/credentials"): (frozenset({"owner"}), HIDDEN),
+    # Another agent's token is told so (403, as the README's table says), not 404.
+    ("POST", "/v1/nhis/{nhi_id}/credentials"): (
+        frozenset({"owner"}), HIDDEN - {"agent_other"},
+    ),
     # Invokers change with the agent (its platform team, owner, admin); footprints are reads.
     ("GET", "/v1/agents/{agent_id}/invokers"): (SEES, HIDDEN),
     ("POST", "/v1/agents/{agent_id}/invokers"): (frozenset({"platform", "owner", "admin"}), HIDDEN),
@@ -133,7 +140,7 @@ TABLE: dict[tuple[str, str], Cell] = {
     ("GET", "/v1/findings"): (ALL, frozenset()),
     ("GET", "/v1/findings/{finding_id}"): (SEES, HIDDEN),
     ("POST", "/v1/findings/{finding_id}/ack"): (frozenset({"security", "admin"}), frozenset()),
-    ("GET", "/v1/policies"): (ALL, frozenset()),
+    ("GET", "/v1/policies"): (ALL - {"agent_other"}, frozenset()),
     ("PUT", "/v1/policies"): (frozenset({"admin"}), frozenset()),
     ("GET", "/v1/prompts"): (ALL, frozenset()),
     ("POST", "/v1/prompts/{prompt_id}/answer"): (frozenset({"owner"}), HIDDEN),
@@ -143,7 +150,7 @@ TABLE: dict[tuple[str, str], Cell] = {
     ("POST", "/v1/sweeps"): (frozenset({"security"}), frozenset()),
     ("GET", "/v1/sweeps"): (SWEEP_READERS, frozenset()),
     ("GET", "/v1/sweeps/{sweep_id}"): (SWEEP_READERS, frozenset()),
-    ("GET", "/v1/targets"): (ALL - {"approver"}, frozenset()),
+    ("GET", "/v1/targets"): (ALL - {"approver", "agent_other"}, frozenset()),
     ("POST", "/v1/targets"): (frozenset({"admin"}), frozenset()),
     ("DELETE", "/v1/targets/{name}"): (frozenset({"admin"}), frozenset()),
 }  # fmt: skip
@@ -302,10 +309,26 @@ def credentials(service: Service) -> dict[str, str]:
     call starts may still be writing audit events under its name later), plus forged,
     expired and revoked ones."""
     tokens = {}
-    for who, (role, teams, email) in PRINCIPALS.items():
-        for use in ("refused", "allowed"):
-            name = f"matrix-{use}-{who.replace('_', '-')}"
-            tokens[f"{use}:{who}"] = service.token(name, role, teams=teams, email=email)
+    with transaction(service.sessions) as s:
+        # The agent an `agent` principal acts for: never any world's.
+        elsewhere = Agent(
+            name=unique("authz-elsewhere"), category="rag", environment="dev",
+            owner_email="elsewhere@example.com", team="elsewhere", purpose="matrix",
+            invokers=[], status="active", created_by="test",
+        )  # fmt: skip
+        s.add(elsewhere)
+        s.flush()
+        for who, (role, teams, email) in PRINCIPALS.items():
+            for use in ("refused", "allowed"):
+                if role != Role.AGENT.value:
+                    tokens[f"{use}:{who}"] = service.token(
+                        f"matrix-{use}-{who.replace('_', '-')}", role, teams=teams, email=email
+                    )
+                    continue
+                _, tokens[f"{use}:{who}"] = issue_token(
+                    s, name=f"matrix-{use}-{who.replace('_', '-')}", role=Role.AGENT,
+                    ttl="1d", created_by="test", agent_id=elsewhere.id,
+                )  # fmt: skip
     with transaction(service.sessions) as s:
         _, tokens["expired"] = issue_token(
             s, name=unique("matrix-expired"), role=Role.ADMIN, ttl="1h", created_by="test",
