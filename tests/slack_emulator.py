@@ -100,6 +100,17 @@ def _is_user_id(value: str) -> bool:
     return value[:1] in ("U", "W")
 
 
+class Hold:
+    """One held call: `reached` is set once it arrived; it is answered after `release()`."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.released = threading.Event()
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class SlackEmulator:
     """A Slack Web API server on a free local port; use as a context manager.
 
@@ -115,6 +126,7 @@ class SlackEmulator:
         self._calls: list[Call] = []
         self._messages: dict[tuple[str, str], Message] = {}
         self._faults: dict[str, deque[_Fault]] = {}
+        self._holds: dict[str, Hold] = {}
         self._next_ts = _FIRST_TS
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "auth.test": self._auth_test,
@@ -227,16 +239,27 @@ class SlackEmulator:
             return [copy.deepcopy(m) for m in self._messages.values() if m.channel == channel]
 
     def clear(self) -> None:
-        """Forget recorded calls, messages and pending faults; keep the user directory."""
+        """Forget recorded calls, messages, pending faults and holds; keep the user directory."""
         with self._lock:
             self._calls.clear()
             self._messages.clear()
             self._faults.clear()
+            for hold in self._holds.values():
+                hold.release()
+            self._holds.clear()
 
     def fail_next(self, method: str, error: str) -> None:
         """Answer the next call of `method` with `{"ok": false, "error": error}`."""
         with self._lock:
             self._faults.setdefault(method, deque()).append(_Fault(error))
+
+    def hold_next(self, method: str) -> Hold:
+        """Hold the next call of `method` before it is answered, until `Hold.release()`: a
+        Slack call under way, for as long as a test needs one."""
+        hold = Hold()
+        with self._lock:
+            self._holds[method] = hold
+        return hold
 
     def rate_limit_next(self, method: str, retry_after: int = 1) -> None:
         """Answer the next call of `method` with HTTP 429, `Retry-After` and `ratelimited`."""
@@ -285,6 +308,11 @@ class SlackEmulator:
             args = _parse_args(url.query, content_type, body)
         except ValueError:
             return _Reply({"ok": False, "error": "invalid_json"})
+        with self._lock:
+            hold = self._holds.pop(method, None)
+        if hold is not None:
+            hold.reached.set()
+            hold.released.wait(timeout=120)
         with self._lock:
             self._calls.append(Call(method, copy.deepcopy(args)))
             faults = self._faults.get(method)

@@ -3,6 +3,7 @@ over HTTP, a Slack Web API emulator and signed interactivity requests to the API
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -19,11 +20,11 @@ import pytest_asyncio
 from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowHandle, WorkflowUpdateStage
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
-from models.contracts import LifecycleView, Phase
+from models.contracts import LifecycleAction, LifecycleView, Phase
 from models.orm import AuditEvent, Nhi
 from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
@@ -337,6 +338,44 @@ async def test_a_whole_life_in_seconds(rig: Rig) -> None:
     assert events.count("nhi.rotated") == 2
     assert events.count("nhi.reminder") == 6 and events.count("nhi.escalation") == 2
     assert events[-3:] == ["nhi.escalation", "nhi.quarantined", "nhi.decommissioned"]
+
+
+async def test_a_restore_sent_as_the_inventory_shows_the_quarantine_is_applied(rig: Rig) -> None:
+    """The inventory says `quarantined` as soon as the quarantine step records it; the step
+    then closes the owner's open prompts (a Slack call). A restore sent in that window is
+    accepted and applied once the step ends, not refused as 'active, not quarantined'."""
+    _, nhi_id, _ = request_nhi(
+        rig.sessions, rig.settings, "iam_role", ttl="30d", now=await rig.env.get_current_time()
+    )
+    handle = await _provision(rig, nhi_id)
+    expiry = _nhi(rig, nhi_id).expires_at
+    await _until(rig, handle, expiry - 14 * DAY + timedelta(minutes=1))
+    assert len(_prompt_messages(rig, OWNER)) == 1, "an open reminder the quarantine will close"
+    lifecycle = rig.env.client.get_workflow_handle_for(
+        NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
+    )
+    held = rig.slack.hold_next("chat.update")
+    try:
+        with rig.env.auto_time_skipping_disabled():
+            await lifecycle.execute_update(
+                NhiLifecycleWorkflow.decommission,
+                LifecycleAction(actor=OWNER, channel="api", reason="the task ended"),
+            )
+            assert await asyncio.to_thread(held.reached.wait, 30), "prompts never closed"
+            assert _nhi(rig, nhi_id).status == "quarantined"
+            restore = await lifecycle.start_update(
+                NhiLifecycleWorkflow.restore,
+                LifecycleAction(actor=OWNER, channel="api", reason="still needed"),
+                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+            )
+            held.release()
+            view = await restore.result()
+    finally:
+        held.release()
+    assert view.phase is Phase.ACTIVE
+    assert _nhi(rig, nhi_id).status == "active"
+    events = [e for e, _ in _events(rig, nhi_id)]
+    assert events[-2:] == ["nhi.quarantined", "nhi.restored"]
 
 
 async def _api(

@@ -187,6 +187,9 @@ class NhiLifecycleWorkflow:
         self._lock = asyncio.Lock()
         self._wake = False
         self._step_failures = 0
+        # Set while the quarantine step runs: the inventory may already say `quarantined` while
+        # the run's own state changes only when the step ends (read only by validators).
+        self._quarantining = False
         # A fresh run started to contain the NHI, or actions the previous run had accepted.
         self._decommission: LifecycleAction | None = None
         if inp.pending_decommission is not None:
@@ -298,7 +301,10 @@ class NhiLifecycleWorkflow:
         if not self._loaded():
             return
         self._check_actor(req)
-        self._require(Phase.QUARANTINED)
+        if not self._quarantining:
+            # A restore sent the moment the inventory shows the quarantine is accepted and
+            # waits for the step to end; the handler checks the phase again under the lock.
+            self._require(Phase.QUARANTINED)
         try:
             core.check_restorable(self._config(), workflow.now())
         except core.ExpiryRefused as err:
@@ -787,6 +793,15 @@ class NhiLifecycleWorkflow:
         cfg = self._config()
         plan = self._plan(self._st().expires_at)
         reason = action.reason or "decommission requested"
+        self._quarantining = True
+        try:
+            await self._quarantine_steps(action, cfg, plan, reason)
+        finally:
+            self._quarantining = False
+
+    async def _quarantine_steps(
+        self, action: LifecycleAction, cfg: LifecycleConfig, plan: ProvisionPlan, reason: str
+    ) -> None:
         try:
             done = await self._disable()
             if workflow.patched(IDENTITY_REFS):
