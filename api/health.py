@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import timedelta
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -78,7 +79,9 @@ class ApiOps:
             log.debug("inventory metrics refreshed in %.3f s", snap.seconds)
         try:
             client = await asyncio.wait_for(state.temporal(), health.CHECK_TIMEOUT)
-            found = await health.recent_pollers(client, self.settings.temporal_task_queue)
+            found = await health.recent_pollers(
+                client, self.settings.temporal_task_queue, _fresh(self.settings)
+            )
         except Exception as err:
             log.warning("task queue pollers unknown: %s", type(err).__name__)
             up.labels("temporal").set(0)
@@ -87,6 +90,10 @@ class ApiOps:
         else:
             up.labels("temporal").set(1)
             self.inventory.set_pollers({kind: len(ids) for kind, ids in found.items()})
+
+
+def _fresh(settings: Settings) -> timedelta:
+    return timedelta(seconds=settings.worker_poll_fresh_seconds)
 
 
 def install(app: FastAPI, settings: Settings) -> ApiOps:
@@ -159,8 +166,9 @@ async def readyz(state: State) -> JSONResponse:
 
         async def worker() -> str:
             client = await state.temporal()
-            found = await health.recent_pollers(client, settings.temporal_task_queue)
-            return health.require_pollers(found)
+            fresh = _fresh(settings)
+            found = await health.recent_pollers(client, settings.temporal_task_queue, fresh)
+            return health.require_pollers(found, fresh=fresh)
 
         worker_check = await health.timed("worker", worker)
     else:

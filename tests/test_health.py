@@ -24,6 +24,9 @@ from tests.conftest import binary
 from tests.helpers import ApiServer, eventually, free_port
 from tests.ops_procs import worker_process
 
+LONG_POLL_S = 5
+POLL_FRESH_S = 3 * LONG_POLL_S
+
 
 class OwnTemporal:
     """A dev server on a fixed port that the test can stop and start again (its state kept in
@@ -41,6 +44,12 @@ class OwnTemporal:
             data_converter=pydantic_data_converter,
             dev_server_existing_path=binary("temporal"),
             dev_server_database_filename=self._db,
+            # Idle polls end after 5 s instead of a minute, so a live worker's last poll is at
+            # most 5 s old and a killed one is told apart in seconds (NHI_WORKER_POLL_FRESH_SECONDS).
+            dev_server_extra_args=[
+                "--dynamic-config-value",
+                f'matching.longPollExpirationInterval="{LONG_POLL_S}s"',
+            ],
         )
 
     async def stop(self) -> None:
@@ -92,7 +101,11 @@ async def test_readyz_follows_temporal_and_the_worker(
 ) -> None:
     queue = f"nhi-ready-{uuid.uuid4().hex[:8]}"
     api_settings = settings.model_copy(
-        update={"temporal_address": temporal.address, "temporal_task_queue": queue}
+        update={
+            "temporal_address": temporal.address,
+            "temporal_task_queue": queue,
+            "worker_poll_fresh_seconds": POLL_FRESH_S,
+        }
     )
     with ApiServer(create_app(api_settings)) as api:
         # Temporal answers, but nothing polls the queue: not ready, and the worker is named.
@@ -108,6 +121,7 @@ async def test_readyz_follows_temporal_and_the_worker(
             NHI_TEMPORAL_ADDRESS=temporal.address,
             NHI_TEMPORAL_TASK_QUEUE=queue,
             NHI_AWS_ENDPOINT_URL=moto_url,
+            NHI_WORKER_POLL_FRESH_SECONDS=str(POLL_FRESH_S),
         ) as worker:
             # A worker polls: both are ready.
             await _expect(api.url, 200, database="up", temporal="up", worker="up")
@@ -140,6 +154,7 @@ async def test_readyz_follows_temporal_and_the_worker(
             NHI_TEMPORAL_ADDRESS=temporal.address,
             NHI_TEMPORAL_TASK_QUEUE=queue,
             NHI_AWS_ENDPOINT_URL=moto_url,
+            NHI_WORKER_POLL_FRESH_SECONDS=str(POLL_FRESH_S),
         ):
             await _expect(api.url, 200, worker="up")
 

@@ -286,6 +286,14 @@ class Settings(BaseSettings):
         description="How long an API call waits for a lifecycle to accept an action; past it "
         "the call answers 503 and the action is never applied later.",
     )
+    worker_poll_fresh_seconds: float = Field(
+        default=90.0,
+        ge=5,
+        le=3600,
+        description="Readiness (`/readyz` of the API and the worker): a worker whose last poll of "
+        "the task queue is older than this has stopped. Above the server's long-poll interval "
+        "(Temporal's `matching.longPollExpirationInterval`, 1 minute by default).",
+    )
     # --- settings: sweeps ---
     sweep_preactive_seconds: int = Field(
         default=3600,

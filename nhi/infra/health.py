@@ -28,7 +28,7 @@ log = logging.getLogger("nhi.infra.health")
 CHECK_TIMEOUT = 2.0
 # A poller's last access is when its current long poll started: the server holds an idle poll
 # for about a minute (measured 55-60 s on the dev server), so a live idle worker can look up to
-# a minute old. A poller older than this has stopped.
+# a minute old. A poller older than this (`NHI_WORKER_POLL_FRESH_SECONDS`) has stopped.
 POLLER_FRESH = timedelta(seconds=90)
 
 UP, DOWN, UNKNOWN = "up", "down", "unknown"
@@ -94,8 +94,10 @@ async def temporal_answers(client: Client) -> None:
     )
 
 
-async def recent_pollers(client: Client, task_queue: str) -> dict[str, list[str]]:
-    """Identities that polled `task_queue` recently, per task type (workflow, activity)."""
+async def recent_pollers(
+    client: Client, task_queue: str, fresh: timedelta = POLLER_FRESH
+) -> dict[str, list[str]]:
+    """Identities that polled `task_queue` within `fresh`, per task type (workflow, activity)."""
     found: dict[str, list[str]] = {}
     now = datetime.now(UTC)
     for name, task_type in TASK_TYPES.items():
@@ -110,20 +112,21 @@ async def recent_pollers(client: Client, task_queue: str) -> dict[str, list[str]
         found[name] = [
             p.identity
             for p in response.pollers
-            if p.HasField("last_access_time")
-            and now - p.last_access_time.ToDatetime(UTC) <= POLLER_FRESH
+            if p.HasField("last_access_time") and now - p.last_access_time.ToDatetime(UTC) <= fresh
         ]
     return found
 
 
-def require_pollers(found: dict[str, list[str]], identity: str | None = None) -> str:
+def require_pollers(
+    found: dict[str, list[str]], identity: str | None = None, fresh: timedelta = POLLER_FRESH
+) -> str:
     """Every task type has a poller (this `identity`'s own, when given); else NotReady."""
     missing = [
         kind
         for kind, identities in found.items()
         if not identities or (identity is not None and identity not in identities)
     ]
-    window = int(POLLER_FRESH.total_seconds())
+    window = int(fresh.total_seconds())
     if missing:
         who = "this worker" if identity else "no worker"
         raise NotReady(f"{who} polled {' or '.join(missing)} tasks in the last {window} s")
