@@ -494,13 +494,17 @@ async def test_unsupervised_nhis_are_found_through_visibility(
 async def test_an_unreachable_postgres_target_never_marks_its_nhis_missing(
     ts_env: WorkflowEnvironment,
     settings: Settings,
-    sessions: sessionmaker[Session],
+    own_sessions: sessionmaker[Session],
     aws: AwsClients,
     cluster: PgCluster,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Roles dropped by hand while the target cannot be listed (its admin password is not
-    found): reported unreachable, its NHI stays active; once listed again, it is missing."""
+    found): reported unreachable, its NHI stays active; once listed again, it is missing.
+
+    On an inventory of its own: the suite's shared one names other tests' targets, long gone,
+    and a sweep would wait for each of them to refuse."""
+    sessions = own_sessions
     target, password_env = f"gone{uuid.uuid4().hex[:6]}", f"NHI_TEST_PW_{uuid.uuid4().hex[:6]}"
     monkeypatch.setenv(password_env, cluster.admin_password)  # the deployment's environment
     queue = f"pg-missing-{target}"
@@ -547,8 +551,7 @@ async def test_an_unreachable_postgres_target_never_marks_its_nhis_missing(
                 conn.execute(f'DROP ROLE "{role}"')
         monkeypatch.delenv(password_env)  # and the target cannot be listed
         blind = await sweep()
-        # Other tests' targets on the shared inventory may be unreachable too: ours must be.
-        assert target in [f.identity for f in blind.findings if f.kind.value == "unreachable"]
+        assert [f.identity for f in blind.findings if f.kind.value == "unreachable"] == [target]
         assert [f for f in blind.findings if f.kind.value == "missing" and f.nhi_id == nhi_id] == []
         with transaction(sessions) as s:
             assert s.get_one(Nhi, nhi_id).status == "active"
