@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import timedelta
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -80,7 +79,7 @@ class ApiOps:
         try:
             client = await asyncio.wait_for(state.temporal(), health.CHECK_TIMEOUT)
             found = await health.recent_pollers(
-                client, self.settings.temporal_task_queue, _fresh(self.settings)
+                client, self.settings.temporal_task_queue, health.poller_window(self.settings)
             )
         except Exception as err:
             log.warning("task queue pollers unknown: %s", type(err).__name__)
@@ -90,10 +89,6 @@ class ApiOps:
         else:
             up.labels("temporal").set(1)
             self.inventory.set_pollers({kind: len(ids) for kind, ids in found.items()})
-
-
-def _fresh(settings: Settings) -> timedelta:
-    return timedelta(seconds=settings.worker_poll_fresh_seconds)
 
 
 def install(app: FastAPI, settings: Settings) -> ApiOps:
@@ -166,9 +161,9 @@ async def readyz(state: State) -> JSONResponse:
 
         async def worker() -> str:
             client = await state.temporal()
-            fresh = _fresh(settings)
+            fresh = health.poller_window(settings)
             found = await health.recent_pollers(client, settings.temporal_task_queue, fresh)
-            return health.require_pollers(found, fresh=fresh)
+            return health.require_pollers(found, fresh)
 
         worker_check = await health.timed("worker", worker)
     else:

@@ -19,7 +19,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from nhi.infra.config import Settings
-from nhi.infra.health import POLLER_FRESH
 from tests.conftest import binary
 from tests.helpers import ApiServer, eventually, free_port
 from tests.ops_procs import worker_process
@@ -86,7 +85,7 @@ async def _expect(url: str, status: int, **states: str) -> dict[str, Any]:
             assert _state(body, name) == state, (name, body)
         return body
 
-    return await eventually(check, timeout=POLLER_FRESH.total_seconds() + 60, interval=1.0)
+    return await eventually(check, timeout=POLL_FRESH_S + 60, interval=1.0)
 
 
 async def _alive(url: str) -> None:

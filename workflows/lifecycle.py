@@ -790,18 +790,16 @@ class NhiLifecycleWorkflow:
         self._apply(core.after_retire(self._snapshot(), key_id, deactivate=deactivate))
 
     async def _quarantine(self, action: LifecycleAction) -> None:
-        cfg = self._config()
-        plan = self._plan(self._st().expires_at)
-        reason = action.reason or "decommission requested"
         self._quarantining = True
         try:
-            await self._quarantine_steps(action, cfg, plan, reason)
+            await self._quarantine_steps(action)
         finally:
             self._quarantining = False
 
-    async def _quarantine_steps(
-        self, action: LifecycleAction, cfg: LifecycleConfig, plan: ProvisionPlan, reason: str
-    ) -> None:
+    async def _quarantine_steps(self, action: LifecycleAction) -> None:
+        cfg = self._config()
+        plan = self._plan(self._st().expires_at)
+        reason = action.reason or "decommission requested"
         try:
             done = await self._disable()
             if workflow.patched(IDENTITY_REFS):

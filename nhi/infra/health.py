@@ -21,16 +21,13 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, GetSystemInfoRequest
 from temporalio.client import Client
 
+from nhi.infra.config import Settings
+
 log = logging.getLogger("nhi.infra.health")
 
 # Each check gets this long: a readiness probe must answer before the orchestrator's own
 # timeout (the manifests use 5 s) even with two checks in a row.
 CHECK_TIMEOUT = 2.0
-# A poller's last access is when its current long poll started: the server holds an idle poll
-# for about a minute (measured 55-60 s on the dev server), so a live idle worker can look up to
-# a minute old. A poller older than this (`NHI_WORKER_POLL_FRESH_SECONDS`) has stopped.
-POLLER_FRESH = timedelta(seconds=90)
-
 UP, DOWN, UNKNOWN = "up", "down", "unknown"
 TASK_TYPES = {
     "workflow": TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
@@ -94,9 +91,15 @@ async def temporal_answers(client: Client) -> None:
     )
 
 
-async def recent_pollers(
-    client: Client, task_queue: str, fresh: timedelta = POLLER_FRESH
-) -> dict[str, list[str]]:
+def poller_window(settings: Settings) -> timedelta:
+    """How recent a poll must be for its worker to count as live. A poller's last access is
+    when its current long poll started: the server holds an idle poll for about a minute
+    (measured 55-60 s on the dev server), so a live idle worker can look up to a minute old;
+    one older than `NHI_WORKER_POLL_FRESH_SECONDS` (default 90 s) has stopped."""
+    return timedelta(seconds=settings.worker_poll_fresh_seconds)
+
+
+async def recent_pollers(client: Client, task_queue: str, fresh: timedelta) -> dict[str, list[str]]:
     """Identities that polled `task_queue` within `fresh`, per task type (workflow, activity)."""
     found: dict[str, list[str]] = {}
     now = datetime.now(UTC)
@@ -118,7 +121,7 @@ async def recent_pollers(
 
 
 def require_pollers(
-    found: dict[str, list[str]], identity: str | None = None, fresh: timedelta = POLLER_FRESH
+    found: dict[str, list[str]], fresh: timedelta, identity: str | None = None
 ) -> str:
     """Every task type has a poller (this `identity`'s own, when given); else NotReady."""
     missing = [

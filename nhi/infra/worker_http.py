@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from http import HTTPStatus
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -140,10 +139,11 @@ class WorkerHttp:
         async def polling() -> str:
             if not self._worker.is_running:
                 raise health.NotReady("the Temporal worker is not running")
-            fresh = timedelta(seconds=self._settings.worker_poll_fresh_seconds)
-            queue = self._settings.temporal_task_queue
-            found = await health.recent_pollers(self._client, queue, fresh)
-            return health.require_pollers(found, identity=self._client.identity, fresh=fresh)
+            fresh = health.poller_window(self._settings)
+            found = await health.recent_pollers(
+                self._client, self._settings.temporal_task_queue, fresh
+            )
+            return health.require_pollers(found, fresh, identity=self._client.identity)
 
         db_check, temporal_check = await asyncio.gather(
             health.timed("database", database), health.timed("temporal", temporal)
