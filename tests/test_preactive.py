@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from sqlalchemy.orm import Session, sessionmaker
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import CancelledError
 from temporalio.testing import WorkflowEnvironment
@@ -87,6 +88,17 @@ class Rig(SweepRig):
     def lift(self) -> None:
         self._lift()
 
+    async def await_event(
+        self, handle: WorkflowHandle[Any, Any], kind: EventType.ValueType
+    ) -> None:
+        """Wait until the run's history holds an event of this kind."""
+
+        async def recorded() -> None:
+            kinds = [e.event_type async for e in handle.fetch_history_events()]
+            assert kind in kinds, f"no {EventType.Name(kind)} yet"
+
+        await eventually(recorded)
+
     def assert_nothing_left(self, name: str, secret: str) -> None:
         with pytest.raises(self.aws.iam.exceptions.NoSuchEntityException):
             self.aws.iam.get_user(UserName=name)
@@ -140,10 +152,15 @@ async def test_a_cancelled_run_compensates(rig: Rig) -> None:
     nhi_id = await rig.request()
     handle, name, secret = await rig.held_after_the_secret(nhi_id)
     await handle.cancel()
-    rig.lift()  # (the removal proves absence with GetUser too)
-    # In real time: compensation needs no timer, and the suite's shared test server holds other
-    # tests' workflows whose far timers a time skip would jump to (past this run's default
-    # execution timeout on that server).
+    # Lift the fault (the removal proves absence with GetUser too) only once the run's request
+    # to cancel the delivery is in history. Lifted earlier, the delivery's next attempt can
+    # succeed while the workflow task carrying that request is still being completed, and the
+    # time-skipping test server refuses such a request (ACTIVITY_UNKNOWN) and wedges the run
+    # (temporalio/sdk-java#2391; a real server ignores it): the CI hang of this test.
+    await rig.await_event(handle, EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED)
+    rig.lift()
+    # In real time: compensation needs no timer, and a time skip would only jump this run's
+    # retry backoffs.
     with pytest.raises(WorkflowFailureError) as ended, rig.env.auto_time_skipping_disabled():
         await handle.result()
     assert isinstance(ended.value.cause, CancelledError), ended.value.cause
