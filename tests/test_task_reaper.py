@@ -840,12 +840,24 @@ async def test_a_fired_schedule_reaps(
 # ---- AWS: the quarantine's session deny covers task sessions ------------------------------------
 
 
+def _revoked_before(aws: AwsClients, role: str) -> datetime:
+    """The role's session revocation: sessions issued before this are refused."""
+    document = aws.iam.get_role_policy(RoleName=role, PolicyName=REVOKE_SESSIONS)
+    statement = document["PolicyDocument"]["Statement"][0]
+    assert (statement["Effect"], statement["Action"], statement["Resource"]) == ("Deny", "*", "*")
+    before = statement["Condition"]["DateLessThan"]["aws:TokenIssueTime"]
+    return datetime.fromisoformat(before.replace("Z", "+00:00"))
+
+
 def test_the_aws_quarantine_denies_task_sessions_issued_before_it(
     settings: Settings, aws: AwsClients
 ) -> None:
     """moto does not evaluate IAM policies, so the proof is the policy AWS evaluates: the
     quarantine's `aws:TokenIssueTime` deny covers a task session issued just before it, and
-    stays after the quarantine is lifted (deny-all goes, the session revocation does not)."""
+    stays after the quarantine is lifted (deny-all goes, the session revocation does not).
+    A session issued WHILE quarantined (AssumeRole still answers; only the deny-all refuses
+    it) is revoked by the restore, before the deny-all goes; a repeated restore moves
+    nothing."""
     provider = AwsProvider(aws, settings.iam_path)
     nhi_id = uuid.uuid4()
     plan = ProvisionPlan(
@@ -864,19 +876,42 @@ def test_the_aws_quarantine_denies_task_sessions_issued_before_it(
         expires_at=datetime.now(UTC) + timedelta(days=1),
     )
     arn = provider.create(plan).external_id
-    credential_id = uuid.uuid4()
-    session = aws.sts.assume_role(
-        RoleArn=arn, RoleSessionName=task_session_name(credential_id), DurationSeconds=900
-    )["Credentials"]
-    issued_at = session["Expiration"] - timedelta(seconds=900)
-    ref = IdentityRef(platform=Platform.AWS, kind=NhiKind.IAM_ROLE, name=plan.identity_name)
+    role = plan.identity_name
+
+    def session_issued_at() -> datetime:
+        session = aws.sts.assume_role(
+            RoleArn=arn, RoleSessionName=task_session_name(uuid.uuid4()), DurationSeconds=900
+        )["Credentials"]
+        return session["Expiration"] - timedelta(seconds=900)
+
+    issued_at = session_issued_at()
+    ref = IdentityRef(platform=Platform.AWS, kind=NhiKind.IAM_ROLE, name=role)
     provider.disable(ref)
     provider.verify_disabled(ref)
-    provider.enable(ref)  # lifted: the deny-all goes, the session revocation stays
+    quarantined_at = _revoked_before(aws, role)
+    assert quarantined_at > issued_at
+    # A session issued while quarantined, in a later second than the quarantine's revocation.
+    time.sleep(max(0.0, (quarantined_at - datetime.now(UTC)).total_seconds()) + 0.05)
+    during = session_issued_at()
+    assert during >= quarantined_at, "issued after the quarantine's revocation time"
 
-    document = aws.iam.get_role_policy(RoleName=plan.identity_name, PolicyName=REVOKE_SESSIONS)
-    statement = document["PolicyDocument"]["Statement"][0]
-    assert (statement["Effect"], statement["Action"], statement["Resource"]) == ("Deny", "*", "*")
-    before = statement["Condition"]["DateLessThan"]["aws:TokenIssueTime"]
-    assert datetime.fromisoformat(before.replace("Z", "+00:00")) > issued_at
+    calls: list[str] = []
+
+    def record(model: Any, params: dict[str, Any], **_: Any) -> None:
+        calls.append(f"{model.name}:{params.get('PolicyName', '')}")
+
+    aws.iam.meta.events.register("before-parameter-build.iam", record)
+    try:
+        provider.enable(ref)  # lifted: the deny-all goes, the session revocation moves to now
+        restored = _revoked_before(aws, role)
+        provider.enable(ref)  # a retry after the restore went through
+    finally:
+        aws.iam.meta.events.unregister("before-parameter-build.iam", record)
+    assert restored > during, "a session issued while quarantined must stay refused"
+    assert _revoked_before(aws, role) == restored, "a repeated restore revokes nothing more"
+    revoke = f"PutRolePolicy:{REVOKE_SESSIONS}"
+    lift = "DeleteRolePolicy:nhi-quarantine"
+    assert calls.index(revoke) < calls.index(lift), calls
+    assert calls.count(revoke) == 1 and calls.count(lift) == 1, calls
+    assert "nhi-quarantine" not in aws.iam.list_role_policies(RoleName=role)["PolicyNames"]
     provider.delete(ref)

@@ -214,10 +214,23 @@ class AwsRemoval:
             raise ApplicationError("deny-all policy not in place", type="NotQuarantined")
 
     def enable(self, ref: IdentityRef) -> None:
-        """Restore: remove the deny-all and reactivate the delivered key (older sessions stay
-        revoked)."""
+        """Restore: remove the deny-all and reactivate the delivered key. A role's sessions
+        issued before the restore stay revoked, those issued while it was quarantined too."""
         try:
             if ref.kind is NhiKind.IAM_ROLE:
+                # AssumeRole still answers while the deny-all holds: a session issued during
+                # the quarantine (a task credential racing it, or whoever it was contained
+                # from) is refused only by that deny, and would work for the rest of its
+                # lifetime once it goes. So the revocation moves to now first, then the
+                # deny-all goes: containment never has a gap. Only while the deny-all is there
+                # (NoSuchEntity below): a retry after it went must not revoke the sessions
+                # issued since the restore.
+                self._iam.get_role_policy(RoleName=ref.name, PolicyName=QUARANTINE_POLICY_NAME)
+                self._iam.put_role_policy(
+                    RoleName=ref.name,
+                    PolicyName=REVOKE_SESSIONS_POLICY_NAME,
+                    PolicyDocument=deny_sessions_issued_before(datetime.now(UTC)),
+                )
                 self._iam.delete_role_policy(RoleName=ref.name, PolicyName=QUARANTINE_POLICY_NAME)
                 return
             current = (
