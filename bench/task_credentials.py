@@ -79,6 +79,10 @@ class Phase:
     lower: list[float] = field(default_factory=list)  # lateness only: last accepted
     wall_s: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
+    # HTTP phases: the time the API itself counted for these requests (its request-duration
+    # histogram, outermost middleware to the last byte handed to the server), and how many.
+    server_s: float = 0.0
+    server_n: int = 0
 
     @property
     def rate(self) -> float:
@@ -92,6 +96,11 @@ class Phase:
             "p50_ms": round(percentile(self.latencies, 50) * 1000, 2),
             "p99_ms": round(percentile(self.latencies, 99) * 1000, 2),
             "cpu_s": self.cpu,
+            **(
+                {"server_mean_ms": round(self.server_s / self.server_n * 1000, 3)}
+                if self.server_n
+                else {}
+            ),
         }
 
 
@@ -132,16 +141,37 @@ async def _timed(
         await one(i)
         phase.latencies.append(time.perf_counter() - started)
 
+    inside = "over HTTP" in label
+    server_before = await _server_time(stack) if inside else (0.0, 0)
     before = stack.cpu_seconds()
     started = time.perf_counter()
     await load.bounded([None] * n, call, concurrency)
     phase.wall_s += time.perf_counter() - started
+    if inside:
+        server_after = await _server_time(stack)
+        phase.server_s += server_after[0] - server_before[0]
+        phase.server_n += server_after[1] - server_before[1]
     for name, spent in cpu_delta(before, stack.cpu_seconds()).items():
         phase.cpu[name] = round(phase.cpu.get(name, 0.0) + spent, 3)
     return phase
 
 
 One = Callable[[int], Awaitable[None]]
+ISSUE_ROUTE = 'method="POST",route="/v1/nhis/{nhi_id}/credentials"'
+
+
+async def _server_time(stack: Stack) -> tuple[float, int]:
+    """The API's own request-duration sum and count for the issue route, from `/metrics`."""
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        text = (await http.get("/metrics")).text
+    found = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for part in found:
+            if line.startswith(f"nhi_http_request_duration_seconds_{part}{{{ISSUE_ROUTE}}}"):
+                found[part] = float(line.rsplit(" ", 1)[1])
+    return found["sum"], int(found["count"])
+
+
 # Each side's loop, per concurrency (1 and CONCURRENCY).
 Side = tuple[str, dict[int, One]]
 
@@ -393,6 +423,34 @@ async def _ours_http(
                 sample.append(answer)
 
         yield {1: one, CONCURRENCY: one}
+
+
+async def _transport_floor(w: World, n: int) -> None:
+    """Each server's cheapest answer with the same client: `GET /healthz` (no database) on
+    our API, `GET /v1/sys/health` on OpenBao, sequential and interleaved. What an issue over
+    HTTP costs beyond its work: the client, the sockets and the HTTP server."""
+    async with (
+        load.http_client(w.stack.api_url, {}, 1) as ours,
+        httpx.AsyncClient(base_url=w.bao_url, timeout=60) as bao,
+    ):
+
+        async def ours_one(_: int) -> None:
+            _check(await ours.get("/healthz"))
+
+        async def bao_one(_: int) -> None:
+            _check(await bao.get("/v1/sys/health"))
+
+        sides: list[Side] = [
+            ("ours, GET /healthz", {1: ours_one}),
+            ("OpenBao, GET /v1/sys/health", {1: bao_one}),
+        ]
+        for r in range(ROUNDS):
+            for k in range(len(sides)):
+                label, loops = sides[(r + k) % len(sides)]
+                phase = w.phases.setdefault(label, Phase(label))
+                await _timed(
+                    label, w.stack, n // ROUNDS, 1, loops[1], WARMUP if r == 0 else 0, phase
+                )
 
 
 @dataclass
@@ -700,6 +758,7 @@ async def run(stack: Stack, n: int, out: Path) -> Result:
                     ("OpenBao", bao.loops),
                 ],
             )
+            await _transport_floor(w, n)
             w.logins["ours"] = [
                 await asyncio.to_thread(
                     _login, p["host"], p["port"], p["dbname"], p["username"], p["password"]
@@ -741,6 +800,15 @@ def _report(result: Result, w: World, n: int, reaped: int) -> None:
             f"{fmt(phase.rate, '/s', 1)}, p50 {fmt(p50, 'ms', 1)}, p99 {fmt(p99, 'ms', 1)} "
             f"(n={len(phase.latencies)})",
         )
+    for phase in w.phases.values():
+        if phase.server_n and phase.latencies:
+            inside = phase.server_s / phase.server_n * 1000
+            mean = sum(phase.latencies) / len(phase.latencies) * 1000
+            result.row(
+                f"{phase.label}: mean time inside the API / as the client saw it",
+                f"{fmt(inside, 'ms', 2)} / {fmt(mean, 'ms', 2)} "
+                f"(the rest: HTTP parsing, sockets, the client; n={phase.server_n})",
+            )
     c = CONCURRENCY
     for ours in ("ours over HTTP", "ours in-process"):
         _ratio_row(
@@ -842,6 +910,16 @@ def _report(result: Result, w: World, n: int, reaped: int) -> None:
         "in memory, and the throwaway target cluster both sides create roles on runs with "
         "fsync=off. Ours also re-reads the parent NHI before it commits a Postgres role (so "
         "a parent contained meanwhile gets no role at all)."
+    )
+    result.note(
+        "Where an issue over HTTP spends its time: 'mean time inside the API' is the API's own "
+        "request-duration histogram for the issue route (`/metrics`, scraped before and after "
+        "each round; from its outermost middleware to the last byte handed to the server), "
+        "next to the mean the client saw; the difference is HTTP parsing, the sockets and the "
+        "client. 'GET /healthz' and 'GET /v1/sys/health' are each server's cheapest answer "
+        "with the same client (interleaved, sequential): what any request to it costs beyond "
+        "its work. Ours in-process against ours inside the API is what the route adds (its "
+        "thread hop, FastAPI's parsing and dependencies)."
     )
     result.note(
         "CPU seconds per phase and process are in the JSON (`phases.*.cpu_s`); 'machine' "
