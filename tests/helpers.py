@@ -11,7 +11,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -208,6 +209,33 @@ def inject_aws_error(
     event = f"before-send.{service}.{operation}"
     client.meta.events.register(event, answer)
     return lambda: client.meta.events.unregister(event, answer)
+
+
+def revoked_before(client: Any, what: str, name: str) -> datetime:
+    """The session revocation of a role or user (`what`): sessions it issued before this
+    time are refused (the `nhi-revoke-older-sessions` deny, read back from IAM)."""
+    get = getattr(client, f"get_{what}_policy")
+    param = "RoleName" if what == "role" else "UserName"
+    document = get(**{param: name}, PolicyName="nhi-revoke-older-sessions")["PolicyDocument"]
+    statement = document["Statement"][0]
+    assert (statement["Effect"], statement["Action"], statement["Resource"]) == ("Deny", "*", "*")
+    before = statement["Condition"]["DateLessThan"]["aws:TokenIssueTime"]
+    return datetime.fromisoformat(before.replace("Z", "+00:00"))
+
+
+@contextmanager
+def policy_calls(client: Any) -> Iterator[list[str]]:
+    """Every call this IAM client makes meanwhile, as `Operation:PolicyName`, in order."""
+    calls: list[str] = []
+
+    def record(model: Any, params: dict[str, Any], **_: Any) -> None:
+        calls.append(f"{model.name}:{params.get('PolicyName', '')}")
+
+    client.meta.events.register("before-parameter-build.iam", record)
+    try:
+        yield calls
+    finally:
+        client.meta.events.unregister("before-parameter-build.iam", record)
 
 
 _MINTED: dict[tuple[int, str], str] = {}

@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import boto3
 import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.providers.aws import AwsProvider
+from activities.providers.aws import (
+    QUARANTINE_POLICY_NAME,
+    REVOKE_SESSIONS_POLICY_NAME,
+    AwsProvider,
+)
 from activities.providers.base import Known
 from models.contracts import IdentityRef, KeyRef, OrphanInput, ProvisionPlan, ScopeStatement
 from models.enums import NhiKind, Platform
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
 from nhi.rules.policy import identity_name, secret_name
+from tests.helpers import policy_calls, revoked_before
 
 
 def _plan(settings: Settings, kind: NhiKind) -> ProvisionPlan:
@@ -241,3 +248,66 @@ def test_identity_refs_carry_only_what_the_platform_knows() -> None:
     )
     aws_key = KeyRef(user_name="nhi-x-1", key_id="AKIA")
     assert IdentityRef.of_key(aws_key).kind is NhiKind.IAM_USER_KEY
+
+
+def test_a_user_quarantine_revokes_session_tokens_of_its_key_and_a_restore_keeps_them_revoked(
+    settings: Settings, aws: AwsClients
+) -> None:
+    """A session token made with the user's key (GetSessionToken; up to 36 h) outlives the
+    key's deactivation and is refused only by the user's policies. moto evaluates no policy,
+    so the proof is the policy AWS evaluates: quarantine adds the `aws:TokenIssueTime` deny
+    (as a role's), and a restore moves it to its own time before the deny-all goes (a token
+    made while quarantined stays refused), once: a repeated restore moves nothing."""
+    env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
+    plan = _plan(settings, NhiKind.IAM_USER_KEY)
+    env.run(acts.create, plan)
+    delivered = env.run(acts.deliver, plan)
+    value = json.loads(aws.secrets.get_secret_value(SecretId=plan.secret_name)["SecretString"])
+    signed_as_user = boto3.client(
+        "sts",
+        region_name="us-east-1",
+        endpoint_url=settings.aws_endpoint_url,
+        aws_access_key_id=value["AccessKeyId"],
+        aws_secret_access_key=value["SecretAccessKey"],
+    )
+
+    def token_issued_at() -> datetime:
+        token = signed_as_user.get_session_token(DurationSeconds=129600)["Credentials"]
+        return token["Expiration"] - timedelta(seconds=129600)
+
+    before_quarantine = token_issued_at()
+    ref = IdentityRef(
+        platform=Platform.AWS,
+        kind=NhiKind.IAM_USER_KEY,
+        name=plan.identity_name,
+        secret_name=plan.secret_name,
+    )
+    steps = env.run(acts.disable, ref)
+    assert "sessions issued before now revoked" in steps, steps
+    env.run(acts.verify_disabled, ref)
+    quarantined_at = revoked_before(aws.iam, "user", plan.identity_name)
+    assert quarantined_at > before_quarantine
+    # A token made while quarantined (moto does not refuse the inactive key; AWS would, but a
+    # GetFederationToken made just before the deactivation lands here too), in a later second.
+    time.sleep(max(0.0, (quarantined_at - datetime.now(UTC)).total_seconds()) + 0.05)
+    during = token_issued_at()
+
+    with policy_calls(aws.iam) as calls:
+        env.run(acts.enable, ref)
+        restored = revoked_before(aws.iam, "user", plan.identity_name)
+        env.run(acts.enable, ref)  # a retry after the restore went through
+    assert restored > during, "a token made while quarantined must stay refused"
+    assert revoked_before(aws.iam, "user", plan.identity_name) == restored, (
+        "a retry revokes nothing more"
+    )
+    revoke = f"PutUserPolicy:{REVOKE_SESSIONS_POLICY_NAME}"
+    lift = f"DeleteUserPolicy:{QUARANTINE_POLICY_NAME}"
+    assert calls.index(revoke) < calls.index(lift), calls
+    assert calls.count(revoke) == 1 and calls.count(lift) == 1, calls
+    policies = aws.iam.list_user_policies(UserName=plan.identity_name)["PolicyNames"]
+    assert QUARANTINE_POLICY_NAME not in policies and REVOKE_SESSIONS_POLICY_NAME in policies
+    keys = aws.iam.list_access_keys(UserName=plan.identity_name)["AccessKeyMetadata"]
+    assert [(k["AccessKeyId"], k["Status"]) for k in keys] == [(delivered.access_key_id, "Active")]
+    env.run(acts.delete, ref)
+    with pytest.raises(aws.iam.exceptions.NoSuchEntityException):
+        aws.iam.get_user(UserName=plan.identity_name)

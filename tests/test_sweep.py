@@ -82,7 +82,10 @@ async def test_orphans_are_found_tagged_removed_untagged_untouched(rig: SweepRig
     orphan = rig.env.client.get_workflow_handle(orphan_workflow_id("iam_user_key", ghost))
 
     async def quarantined() -> None:
-        assert _status(rig, ghost) == {"keys": ["Inactive"], "policies": ["nhi-quarantine"]}
+        assert _status(rig, ghost) == {
+            "keys": ["Inactive"],
+            "policies": ["nhi-quarantine", "nhi-revoke-older-sessions"],
+        }
 
     from tests.helpers import eventually
 

@@ -64,7 +64,17 @@ from nhi.rules.task_credentials import task_role_name, task_session_name
 from nhi.schedules import schedule_id_of, schedule_ids, task_reaper_schedule
 from nhi.services.target_registry import TargetRegistry
 from tests.conftest import Databases, dev_address
-from tests.helpers import TRUST, eventually, keep_history, provision, request_nhi, run_sweep, unique
+from tests.helpers import (
+    TRUST,
+    eventually,
+    keep_history,
+    policy_calls,
+    provision,
+    request_nhi,
+    revoked_before,
+    run_sweep,
+    unique,
+)
 from tests.pg_cluster import ADMIN, DATABASE, PgCluster, login, refused
 from tests.slack_emulator import SlackEmulator
 from worker import WORKFLOWS, build_worker
@@ -840,15 +850,6 @@ async def test_a_fired_schedule_reaps(
 # ---- AWS: the quarantine's session deny covers task sessions ------------------------------------
 
 
-def _revoked_before(aws: AwsClients, role: str) -> datetime:
-    """The role's session revocation: sessions issued before this are refused."""
-    document = aws.iam.get_role_policy(RoleName=role, PolicyName=REVOKE_SESSIONS)
-    statement = document["PolicyDocument"]["Statement"][0]
-    assert (statement["Effect"], statement["Action"], statement["Resource"]) == ("Deny", "*", "*")
-    before = statement["Condition"]["DateLessThan"]["aws:TokenIssueTime"]
-    return datetime.fromisoformat(before.replace("Z", "+00:00"))
-
-
 def test_the_aws_quarantine_denies_task_sessions_issued_before_it(
     settings: Settings, aws: AwsClients
 ) -> None:
@@ -888,27 +889,21 @@ def test_the_aws_quarantine_denies_task_sessions_issued_before_it(
     ref = IdentityRef(platform=Platform.AWS, kind=NhiKind.IAM_ROLE, name=role)
     provider.disable(ref)
     provider.verify_disabled(ref)
-    quarantined_at = _revoked_before(aws, role)
+    quarantined_at = revoked_before(aws.iam, "role", role)
     assert quarantined_at > issued_at
     # A session issued while quarantined, in a later second than the quarantine's revocation.
     time.sleep(max(0.0, (quarantined_at - datetime.now(UTC)).total_seconds()) + 0.05)
     during = session_issued_at()
     assert during >= quarantined_at, "issued after the quarantine's revocation time"
 
-    calls: list[str] = []
-
-    def record(model: Any, params: dict[str, Any], **_: Any) -> None:
-        calls.append(f"{model.name}:{params.get('PolicyName', '')}")
-
-    aws.iam.meta.events.register("before-parameter-build.iam", record)
-    try:
+    with policy_calls(aws.iam) as calls:
         provider.enable(ref)  # lifted: the deny-all goes, the session revocation moves to now
-        restored = _revoked_before(aws, role)
+        restored = revoked_before(aws.iam, "role", role)
         provider.enable(ref)  # a retry after the restore went through
-    finally:
-        aws.iam.meta.events.unregister("before-parameter-build.iam", record)
     assert restored > during, "a session issued while quarantined must stay refused"
-    assert _revoked_before(aws, role) == restored, "a repeated restore revokes nothing more"
+    assert revoked_before(aws.iam, "role", role) == restored, (
+        "a repeated restore revokes nothing more"
+    )
     revoke = f"PutRolePolicy:{REVOKE_SESSIONS}"
     lift = "DeleteRolePolicy:nhi-quarantine"
     assert calls.index(revoke) < calls.index(lift), calls

@@ -26,6 +26,7 @@ from activities.providers.aws_iam import (
     QUARANTINE_POLICY_NAME,
     REVOKE_SESSIONS_POLICY_NAME,
     SHAPES,
+    Shape,
     deny_all,
     deny_last,
     deny_sessions_issued_before,
@@ -144,6 +145,15 @@ class AwsRemoval:
             UserName=name, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=deny_all()
         )
         done.append("deny-all policy")
+        # Session tokens made with the user's key (GetSessionToken, GetFederationToken: up to
+        # 36 h) outlive the key's deactivation and are refused only by the user's policies;
+        # AWS offers no "revoke sessions" for users, so this is the same deny a role gets.
+        self._iam.put_user_policy(
+            UserName=name,
+            PolicyName=REVOKE_SESSIONS_POLICY_NAME,
+            PolicyDocument=deny_sessions_issued_before(now),
+        )
+        done.append("sessions issued before now revoked")
         return done
 
     @contextmanager
@@ -214,37 +224,52 @@ class AwsRemoval:
             raise ApplicationError("deny-all policy not in place", type="NotQuarantined")
 
     def enable(self, ref: IdentityRef) -> None:
-        """Restore: remove the deny-all and reactivate the delivered key. A role's sessions
-        issued before the restore stay revoked, those issued while it was quarantined too."""
+        """Restore: remove the deny-all and reactivate the delivered key. Sessions issued
+        before the restore stay revoked, those issued while it was quarantined too.
+
+        A session issued during the quarantine (AssumeRole still answers on a quarantined
+        role; a leaked user key's GetSessionToken before it) is refused only by the deny-all,
+        and would work for the rest of its lifetime once that goes. So the revocation moves to
+        now first, then the deny-all goes: containment never has a gap. Only while the
+        deny-all is there (NoSuchEntity below): a retry after it went must not revoke the
+        sessions issued since the restore."""
+        shape = SHAPES[ref.kind]
+        who = {shape.param: ref.name}
         try:
-            if ref.kind is NhiKind.IAM_ROLE:
-                # AssumeRole still answers while the deny-all holds: a session issued during
-                # the quarantine (a task credential racing it, or whoever it was contained
-                # from) is refused only by that deny, and would work for the rest of its
-                # lifetime once it goes. So the revocation moves to now first, then the
-                # deny-all goes: containment never has a gap. Only while the deny-all is there
-                # (NoSuchEntity below): a retry after it went must not revoke the sessions
-                # issued since the restore.
-                self._iam.get_role_policy(RoleName=ref.name, PolicyName=QUARANTINE_POLICY_NAME)
-                self._iam.put_role_policy(
-                    RoleName=ref.name,
+            denied = self._has_policy(shape, ref.name, QUARANTINE_POLICY_NAME)
+            if denied:
+                getattr(self._iam, shape.op("put_{}_policy"))(
+                    **who,
                     PolicyName=REVOKE_SESSIONS_POLICY_NAME,
                     PolicyDocument=deny_sessions_issued_before(datetime.now(UTC)),
                 )
-                self._iam.delete_role_policy(RoleName=ref.name, PolicyName=QUARANTINE_POLICY_NAME)
-                return
-            current = (
-                stage_key_ids(self._store, ref.secret_name).get(CURRENT)
-                if ref.secret_name
-                else None
-            )
-            if current:
-                self._iam.update_access_key(UserName=ref.name, AccessKeyId=current, Status="Active")
-            self._iam.delete_user_policy(UserName=ref.name, PolicyName=QUARANTINE_POLICY_NAME)
+            if ref.kind is not NhiKind.IAM_ROLE and ref.secret_name:
+                current = stage_key_ids(self._store, ref.secret_name).get(CURRENT)
+                if current:
+                    self._iam.update_access_key(
+                        UserName=ref.name, AccessKeyId=current, Status="Active"
+                    )
+            if denied:
+                getattr(self._iam, shape.op("delete_{}_policy"))(
+                    **who, PolicyName=QUARANTINE_POLICY_NAME
+                )
         except ClientError as err:
             if aws_code(err) in NOT_FOUND:
                 return
             raise classify_aws(err, f"restoring {ref.name}") from err
+
+    def _has_policy(self, shape: Shape, name: str, policy: str) -> bool:
+        """Whether the identity has this inline policy. Raises ClientError (NoSuchEntity when
+        the identity itself is gone: the policy's absence reads as False)."""
+        try:
+            getattr(self._iam, shape.op("get_{}_policy"))(**{shape.param: name}, PolicyName=policy)
+        except ClientError as err:
+            if aws_code(err) not in NOT_FOUND:
+                raise
+            # NoSuchEntity names the policy or the identity; a gone identity fails the next
+            # call with NoSuchEntity too, which `enable` takes as done.
+            return False
+        return True
 
     def delete(self, ref: IdentityRef, *, force_delete_secret: bool = False) -> RemovalResult:
         """Strip the identity, delete it, prove it is gone, then delete its secret.
