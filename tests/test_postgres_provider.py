@@ -8,6 +8,7 @@ open sessions are ended, and that a bad scope never reaches SQL.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -799,3 +800,89 @@ def test_discover_reports_drift_from_the_granted_scope_and_renew_reverts_it(
         conn.execute(f"REVOKE SELECT ON hr.salaries FROM {plan.identity_name}")
         conn.execute(f"REVOKE USAGE ON SCHEMA hr FROM {plan.identity_name}")
     assert drift() is None
+
+
+class Silent:
+    """A TCP listener that accepts connections and never answers: a target whose host takes
+    the connection and then hangs (a wedged server, a half-open firewall), so a client waits
+    for its connect timeout. It remembers which accepted connections the client still holds."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            conn.setblocking(False)
+            self.accepted.append(conn)
+
+    def held(self) -> int:
+        """Accepted connections the client has not given up on (no EOF from its side)."""
+        open_ = 0
+        for conn in list(self.accepted):
+            try:
+                while conn.recv(4096):  # its startup or SSL request, unanswered
+                    pass
+            except BlockingIOError:
+                open_ += 1  # nothing more to read and no EOF: still waiting on us
+            except OSError:
+                pass
+        return open_
+
+    def close(self) -> None:
+        self._server.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_sweep_lists_targets_at_once_so_hanging_ones_do_not_add_up(
+    cluster: PgCluster, targets: Targets, aws: AwsClients
+) -> None:
+    """Two targets that take the connection and never answer, beside a healthy one: both are
+    held open at the same moment (listed at once, not one connect timeout after the other),
+    both are reported unreachable once they drop the connections, and the healthy target is
+    listed all the same."""
+    provider_for_test = PostgresProvider(targets, aws.secrets)
+    plan = make_plan(READ_DOCS)
+    provisioned(provider_for_test, plan)
+    silent = Silent()
+    hanging = {
+        f"hang{i}": TargetConnection(
+            name=f"hang{i}",
+            host="127.0.0.1",
+            port=silent.port,
+            dbname=DATABASE,
+            admin_user=ADMIN,
+            password="unused",
+            connection_limit=10,
+        )
+        for i in (1, 2)
+    }
+    every = Targets({TARGET: targets.get(TARGET), **hanging})
+    provider = PostgresProvider(every, aws.secrets)
+    result: dict[str, Any] = {}
+    sweep = threading.Thread(
+        target=lambda: result.update(found=provider.discover({}, lambda: None)), daemon=True
+    )
+    try:
+        sweep.start()
+        deadline = time.monotonic() + 8  # under the 10 s connect timeout: one at a time fails
+        while silent.held() < 2:
+            assert time.monotonic() < deadline, (
+                f"the hanging targets were not listed at once ({len(silent.accepted)} accepted)"
+            )
+            time.sleep(0.05)
+    finally:
+        silent.close()  # both listings fail now, at once
+        sweep.join(timeout=30)
+    found = result["found"]
+    assert set(found.unreachable) == set(hanging), found.unreachable
+    listed = {p.name: p for p in found.identities}
+    assert listed[plan.identity_name].target == TARGET

@@ -7,7 +7,9 @@ use now, and the creation time is read from the marker comment (`nhi.rules.pg_gr
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -49,6 +51,8 @@ CATALOG_SQL = (
     "FROM pg_roles r WHERE r.rolname LIKE ANY(%s) ORDER BY r.rolname"
 )
 Held = tuple[set[tuple[str, str, str]], set[str]]
+# Targets listed at once by a sweep (one admin connection each).
+LISTING_CONCURRENCY = 8
 
 
 def _held(tables: list[str] | None, schemas: list[str] | None) -> Held:
@@ -126,35 +130,57 @@ class PostgresDiscovery:
         NHI's group while that group exists (its sessions count as the NHI's use), and is
         reported on its own, as a task role, once the group is gone: the sweep's rules then
         judge it by its parent NHI. A target that cannot be reached (or whose admin password
-        cannot be resolved) is reported, and the others are still listed."""
+        cannot be resolved) is reported, and the others are still listed.
+
+        Targets are listed LISTING_CONCURRENCY at a time: an unreachable one holds its
+        listing for up to the connect timeout, and one after the other those waits added up
+        (ten dead targets, minutes per sweep)."""
         out: list[PlatformIdentity] = []
         unreachable: dict[str, str] = {}
+        names = self._targets.names()
+        workers = max(1, min(LISTING_CONCURRENCY, len(names)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="nhi-pg-listing") as pool:
+            # Each in a copy of this context: `pace` may heartbeat the sweep's activity.
+            listings = [
+                pool.submit(contextvars.copy_context().run, self._listing, name, known, pace)
+                for name in names
+            ]
+            for target_name, listing in zip(names, listings, strict=True):
+                found = listing.result()
+                if isinstance(found, str):
+                    unreachable[target_name] = found
+                    continue
+                rows, active, drifts = found
+                out += self._identities(target_name, rows, active, known, pace, drifts)
+        return Discovery(identities=out, unreachable=unreachable)
+
+    def _listing(
+        self, target_name: str, known: Mapping[str, Known], pace: Pace
+    ) -> tuple[list[tuple[Any, ...]], set[str], dict[str, str]] | str:
+        """One target's catalog: its rows, the roles with a session and the drift of the
+        active ones; or why it could not be listed."""
         pattern = self._prefix.replace("_", r"\_") + r"\_%"
         patterns = [pattern, ddl.TASK_ROLE_PATTERN]
-        for target_name in self._targets.names():
+        pace()
+        try:
+            target = ddl.resolve(self._targets, target_name)
             pace()
-            try:
-                target = ddl.resolve(self._targets, target_name)
-                pace()
-                with ddl.admin(target, "listing roles") as conn:
-                    # With the roles each is a member of: a task role in another deployment's
-                    # group (another name prefix, same target) is not ours to judge.
-                    catalog = conn.execute(CATALOG_SQL, (patterns,)).fetchall()
-                    rows = [(name, comment, member_of) for name, comment, member_of, *_ in catalog]
-                    active = {str(r[0]) for r in catalog if r[3]}
-                    drifts: dict[str, str] = {}
-                    for name, _, _, _, tables, schemas in catalog:
-                        seen = known.get(str(name))
-                        if seen is not None and seen.status == "active":
-                            held = _held(tables, schemas)
-                            drift = _drift(conn, held, list(seen.scope))
-                            if drift:
-                                drifts[str(name)] = drift
-            except ApplicationError as err:  # what _target and _admin raise, classified
-                unreachable[target_name] = err.message
-                continue
-            out += self._identities(target_name, rows, active, known, pace, drifts)
-        return Discovery(identities=out, unreachable=unreachable)
+            with ddl.admin(target, "listing roles") as conn:
+                # With the roles each is a member of: a task role in another deployment's
+                # group (another name prefix, same target) is not ours to judge.
+                catalog = conn.execute(CATALOG_SQL, (patterns,)).fetchall()
+                rows = [(name, comment, member_of) for name, comment, member_of, *_ in catalog]
+                active = {str(r[0]) for r in catalog if r[3]}
+                drifts: dict[str, str] = {}
+                for name, _, _, _, tables, schemas in catalog:
+                    seen = known.get(str(name))
+                    if seen is not None and seen.status == "active":
+                        drift = _drift(conn, _held(tables, schemas), list(seen.scope))
+                        if drift:
+                            drifts[str(name)] = drift
+        except ApplicationError as err:  # what _target and _admin raise, classified
+            return err.message
+        return rows, active, drifts
 
     def _identities(
         self,
