@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert
@@ -100,3 +102,43 @@ def record_once(
         .returning(AuditEvent.id)
     ).scalar_one_or_none()
     return written is not None
+
+
+@dataclass(frozen=True)
+class Once:
+    """One event for `record_once_many`: written unless its subject has one with `key`."""
+
+    subject_type: str
+    subject_id: object
+    event: str
+    actor: str
+    reason: str
+    key: str
+    details: dict[str, Any] | None = None
+
+
+def record_once_many(session: Session, entries: Sequence[Once]) -> set[str]:
+    """`record_once` for many events in ONE statement (a batch ending hundreds of rows wrote
+    one event per round trip); the subject ids, as stored, whose event was written now.
+
+    Entries whose key already has an event are skipped, as `record_once` skips them: their
+    subjects are not in the answer, so the caller leaves those rows untouched."""
+    if not entries:
+        return set()
+    values = [
+        {
+            **_fields(e.subject_type, e.subject_id, e.event, e.actor, e.reason, e.details),
+            "idempotency_key": stored_key(e.subject_type, e.subject_id, e.key),
+        }
+        for e in entries
+    ]
+    written = session.execute(
+        insert(AuditEvent)
+        .values(values)
+        .on_conflict_do_nothing(
+            index_elements=[AuditEvent.idempotency_key],
+            index_where=AuditEvent.idempotency_key.is_not(None),
+        )
+        .returning(AuditEvent.subject_id)
+    ).scalars()
+    return {str(subject) for subject in written}
