@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -11,9 +12,17 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.contracts import ScopeStatement
+from models.enums import NhiKind
 from models.orm import AuditEvent, Nhi
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.db import transaction
+from nhi.rules.policy import (
+    INLINE_POLICY_LIMIT,
+    identity_policy_document,
+    policy_size,
+    scope_policy_limit,
+)
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually
 
@@ -216,6 +225,42 @@ async def test_bad_provisioning_request_creates_nothing(
     assert words in error["detail"]
     assert _counts(sessions) == before
     assert len(aws.iam.list_users(PathPrefix=service.settings.iam_path)["Users"]) == users_before
+
+
+async def test_a_scope_that_leaves_no_room_for_the_quarantine_is_refused(
+    http: httpx.AsyncClient, sessions: sessionmaker[Session]
+) -> None:
+    """IAM's 2,048 characters hold for all of a user's inline policies together: a scope
+    within them but not within them less the quarantine's reserve would make IAM refuse the
+    quarantine's deny policies when they are needed. Refused naming `scope`, nothing made;
+    the same scope one resource shorter is accepted."""
+    agent = await _agent(http)
+
+    def body(resources: int) -> dict[str, Any]:
+        arns = [f"arn:aws:s3:::kb-docs-{i:02d}/articles/*" for i in range(resources)]
+        scope = [{"actions": ["s3:GetObject"], "resources": arns}]
+        return {"platform": "aws", "kind": "iam_user_key", "scope": scope, "ttl": "1d"}
+
+    def size(resources: int) -> int:
+        # The policy the service writes for it (expiry condition included, no CIDRs).
+        document = identity_policy_document(
+            [ScopeStatement(**body(resources)["scope"][0])], [], datetime.now(UTC)
+        )
+        return policy_size(document)
+
+    kind = NhiKind.IAM_USER_KEY
+    n = 1
+    while size(n + 1) <= scope_policy_limit(kind):
+        n += 1
+    assert size(n + 1) <= INLINE_POLICY_LIMIT[kind], "fits IAM's limit, not the reserve"
+    before = _counts(sessions)
+    refused = await http.post(f"/v1/agents/{agent['id']}/nhis", json=body(n + 1))
+    assert refused.status_code == 422, refused.text
+    error = refused.json()
+    assert error["field"] == "scope" and "kept for its quarantine" in error["detail"], error
+    assert _counts(sessions) == before
+    accepted = await http.post(f"/v1/agents/{agent['id']}/nhis", json=body(n))
+    assert accepted.status_code == 202, accepted.text
 
 
 async def test_agent_expected_end_caps_every_nhi(http: httpx.AsyncClient) -> None:

@@ -14,6 +14,7 @@ from models.enums import NhiKind
 from nhi.rules.policy import (
     INLINE_POLICY_LIMIT,
     MAX_STATEMENTS,
+    QUARANTINE_POLICY_RESERVE,
     PolicyRules,
     RuleViolation,
     actions_overlap,
@@ -23,6 +24,7 @@ from nhi.rules.policy import (
     parse_ttl,
     policy_size,
     principal_account,
+    scope_policy_limit,
     trust_policy_document,
     validate_cidrs,
     validate_rule_pattern,
@@ -592,6 +594,19 @@ def test_policy_size_counts_compact_json() -> None:
 
 def test_inline_policy_limits() -> None:
     assert INLINE_POLICY_LIMIT == {NhiKind.IAM_ROLE: 10240, NhiKind.IAM_USER_KEY: 2048}
+
+
+def test_the_quarantine_policies_fit_in_the_reserve_the_scope_leaves_them() -> None:
+    """IAM's limit holds for all of an identity's inline policies together: a scope that took
+    all of it would make IAM refuse the quarantine's deny-all and session revocation."""
+    from activities.providers.aws_iam import deny_all, deny_sessions_issued_before
+
+    quarantine = policy_size(json.loads(deny_all())) + policy_size(
+        json.loads(deny_sessions_issued_before(EXPIRES))
+    )
+    assert quarantine <= QUARANTINE_POLICY_RESERVE
+    for kind, limit in INLINE_POLICY_LIMIT.items():
+        assert scope_policy_limit(kind) + quarantine <= limit
 
 
 # --- check_trust_account: whom a role may trust, by account ------------------------------

@@ -34,8 +34,21 @@ FULL_WILDCARDS = frozenset({"*", "*:*"})
 # What a `vault_kv`-delivered credential's secret name starts with.
 VAULT_KV_PREFIX = "vault-kv:"
 
-# IAM's own limits on inline policy size (characters, whitespace excluded).
+# IAM's own limits on inline policy size (characters, whitespace excluded), for ALL of an
+# identity's inline policies together.
 INLINE_POLICY_LIMIT = {NhiKind.IAM_ROLE: 10240, NhiKind.IAM_USER_KEY: 2048}
+# Kept free of the scope for the quarantine's own inline policies (its deny-all and its
+# session revocation, 290 characters): a scope that took the whole limit would make
+# IAM refuse the quarantine (LimitExceeded) exactly when it is needed.
+QUARANTINE_POLICY_RESERVE = 320
+
+
+def scope_policy_limit(kind: NhiKind) -> int:
+    """The largest scope policy an identity of `kind` may get: IAM's limit less the
+    quarantine's reserve."""
+    return INLINE_POLICY_LIMIT[kind] - QUARANTINE_POLICY_RESERVE
+
+
 MAX_STATEMENTS = 20
 
 

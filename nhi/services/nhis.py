@@ -29,6 +29,7 @@ from nhi.rules.github_scope import reissue_period
 from nhi.rules.pg_grants import group_name
 from nhi.rules.policy import (
     INLINE_POLICY_LIMIT,
+    QUARANTINE_POLICY_RESERVE,
     RuleViolation,
     check_trust_account,
     identity_name,
@@ -36,6 +37,7 @@ from nhi.rules.policy import (
     parse_ttl,
     policy_size,
     principal_account,
+    scope_policy_limit,
     validate_cidrs,
     validate_trust_principal,
 )
@@ -120,11 +122,13 @@ def request_nhi(
         expires_at = min(expires_at, agent.expected_end_at)
     if body.kind in INLINE_POLICY_LIMIT:
         document = identity_policy_document(body.scope, cidrs, expires_at)
-        if policy_size(document) > INLINE_POLICY_LIMIT[body.kind]:
+        if policy_size(document) > scope_policy_limit(body.kind):
             raise RuleViolation(
                 "scope",
                 f"the policy would be {policy_size(document)} characters; IAM allows "
-                f"{INLINE_POLICY_LIMIT[body.kind]} for {body.kind.value}",
+                f"{INLINE_POLICY_LIMIT[body.kind]} for all of an {body.kind.value}'s inline "
+                f"policies, {QUARANTINE_POLICY_RESERVE} of them kept for its quarantine, so at "
+                f"most {scope_policy_limit(body.kind)}",
             )
     nhi_id = uuid.uuid4()
     name = (
