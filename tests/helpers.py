@@ -186,10 +186,10 @@ class _Raw:
 
 
 def inject_aws_error(
-    client: Any, operation: str, code: str, status: int = 403
+    client: Any, operation: str, code: str, status: int = 403, *, only: bytes | None = None
 ) -> Callable[[], None]:
-    """Make every `operation` call on this boto3 client fail with an AWS error `code`; returns
-    a function that lifts the fault.
+    """Make every `operation` call on this boto3 client fail with an AWS error `code` (with
+    `only`: those whose request body holds it); returns a function that lifts the fault.
 
     botocore's before-send hook answers instead of the server, as AWS would (e.g. an SCP
     denying PutRolePolicy); the rest of the client keeps talking to moto.
@@ -202,7 +202,11 @@ def inject_aws_error(
         "<RequestId>test</RequestId></ErrorResponse>"
     ).encode()
 
-    def answer(request: Any, **_: Any) -> AWSResponse:
+    def answer(request: Any, **_: Any) -> AWSResponse | None:
+        sent = request.body or b""
+        sent = sent.encode() if isinstance(sent, str) else bytes(sent)
+        if only is not None and only not in sent:
+            return None  # sent to moto
         return AWSResponse(request.url, status, {}, _Raw(body))
 
     service = client.meta.service_model.service_name

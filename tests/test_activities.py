@@ -26,7 +26,7 @@ from models.enums import NhiKind, Platform
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
 from nhi.rules.policy import identity_name, secret_name
-from tests.helpers import policy_calls, revoked_before
+from tests.helpers import inject_aws_error, policy_calls, revoked_before
 
 
 def _plan(settings: Settings, kind: NhiKind) -> ProvisionPlan:
@@ -311,3 +311,37 @@ def test_a_user_quarantine_revokes_session_tokens_of_its_key_and_a_restore_keeps
     env.run(acts.delete, ref)
     with pytest.raises(aws.iam.exceptions.NoSuchEntityException):
         aws.iam.get_user(UserName=plan.identity_name)
+
+
+def test_a_user_too_full_for_the_session_revocation_is_still_quarantined_and_restored(
+    settings: Settings, aws: AwsClients
+) -> None:
+    """A user whose scope was accepted before scopes kept room for the quarantine: IAM
+    refuses the revocation policy (LimitExceeded). Its quarantine and restore go on as before
+    users had one: keys inactive and deny-all, proven; then lifted, its key active again."""
+    env, acts = ActivityEnvironment(), AwsProvider(aws, settings.iam_path)
+    plan = _plan(settings, NhiKind.IAM_USER_KEY)
+    env.run(acts.create, plan)
+    delivered = env.run(acts.deliver, plan)
+    ref = IdentityRef(
+        platform=Platform.AWS,
+        kind=NhiKind.IAM_USER_KEY,
+        name=plan.identity_name,
+        secret_name=plan.secret_name,
+    )
+    full = f"PolicyName={REVOKE_SESSIONS_POLICY_NAME}".encode()
+    lift = inject_aws_error(aws.iam, "PutUserPolicy", "LimitExceeded", 409, only=full)
+    try:
+        steps = env.run(acts.disable, ref)
+        assert "deny-all policy" in steps and any("sessions not revoked" in s for s in steps)
+        env.run(acts.verify_disabled, ref)
+        with policy_calls(aws.iam) as calls:
+            env.run(acts.enable, ref)
+    finally:
+        lift()
+    assert f"PutUserPolicy:{REVOKE_SESSIONS_POLICY_NAME}" in calls  # tried, refused
+    policies = aws.iam.list_user_policies(UserName=plan.identity_name)["PolicyNames"]
+    assert QUARANTINE_POLICY_NAME not in policies
+    keys = aws.iam.list_access_keys(UserName=plan.identity_name)["AccessKeyMetadata"]
+    assert [(k["AccessKeyId"], k["Status"]) for k in keys] == [(delivered.access_key_id, "Active")]
+    env.run(acts.delete, ref)

@@ -148,13 +148,35 @@ class AwsRemoval:
         # Session tokens made with the user's key (GetSessionToken, GetFederationToken: up to
         # 36 h) outlive the key's deactivation and are refused only by the user's policies;
         # AWS offers no "revoke sessions" for users, so this is the same deny a role gets.
-        self._iam.put_user_policy(
-            UserName=name,
-            PolicyName=REVOKE_SESSIONS_POLICY_NAME,
-            PolicyDocument=deny_sessions_issued_before(now),
-        )
-        done.append("sessions issued before now revoked")
+        if self._revoke_sessions(SHAPES[kind], name, now):
+            done.append("sessions issued before now revoked")
+        else:
+            done.append(
+                "sessions not revoked: no room under IAM's inline policy size limit (a scope "
+                "made before the quarantine's reserve); the deny-all refuses them meanwhile"
+            )
         return done
+
+    def _revoke_sessions(self, shape: Shape, name: str, at: datetime) -> bool:
+        """Put the session revocation at `at`; False when IAM's limit on the size of an
+        identity's inline policies leaves no room for it. Only a user whose scope was accepted
+        before scopes kept room for the quarantine (`QUARANTINE_POLICY_RESERVE`) can be that
+        full: its quarantine and restore go on as they did before users had a revocation."""
+        try:
+            getattr(self._iam, shape.op("put_{}_policy"))(
+                **{shape.param: name},
+                PolicyName=REVOKE_SESSIONS_POLICY_NAME,
+                PolicyDocument=deny_sessions_issued_before(at),
+            )
+        except ClientError as err:
+            if shape.what != "user" or aws_code(err) not in (
+                "LimitExceeded",
+                "LimitExceededException",
+            ):
+                raise
+            log.warning("no room to revoke the sessions of user %s: %s", name, aws_code(err))
+            return False
+        return True
 
     @contextmanager
     def paced(self, budget: TokenBucket) -> Iterator[None]:
@@ -238,11 +260,7 @@ class AwsRemoval:
         try:
             denied = self._has_policy(shape, ref.name, QUARANTINE_POLICY_NAME)
             if denied:
-                getattr(self._iam, shape.op("put_{}_policy"))(
-                    **who,
-                    PolicyName=REVOKE_SESSIONS_POLICY_NAME,
-                    PolicyDocument=deny_sessions_issued_before(datetime.now(UTC)),
-                )
+                self._revoke_sessions(shape, ref.name, datetime.now(UTC))
             if ref.kind is not NhiKind.IAM_ROLE and ref.secret_name:
                 current = stage_key_ids(self._store, ref.secret_name).get(CURRENT)
                 if current:
