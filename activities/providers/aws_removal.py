@@ -122,18 +122,15 @@ class AwsRemoval:
     _store: SecretStore
 
     def _quarantine(self, kind: NhiKind, name: str, now: datetime) -> list[str]:
-        """Quarantine `name`: deny-all policies (roles: and older sessions revoked); users'
-        keys inactive. Raises ClientError (NoSuchEntity when the identity is gone)."""
+        """Quarantine `name`: deny-all policy and older sessions revoked; users' keys
+        inactive. Raises ClientError (NoSuchEntity when the identity is gone)."""
         done: list[str] = []
         if kind is NhiKind.IAM_ROLE:
             self._iam.put_role_policy(
                 RoleName=name, PolicyName=QUARANTINE_POLICY_NAME, PolicyDocument=deny_all()
             )
-            self._iam.put_role_policy(
-                RoleName=name,
-                PolicyName=REVOKE_SESSIONS_POLICY_NAME,
-                PolicyDocument=deny_sessions_issued_before(now),
-            )
+            # Scopes leave a role room for it; a LimitExceeded here still fails the quarantine.
+            self._revoke_sessions(SHAPES[kind], name, now)
             return ["deny-all policy", "sessions issued before now revoked"]
         for key in self._iam.list_access_keys(UserName=name)["AccessKeyMetadata"]:
             if key["Status"] != "Inactive":
