@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import errors, health
-from api.deps import AppState
+from api.deps import AppState, close_task_issuers
 from api.idempotency import IdempotencyMiddleware
 from api.routes import (
     activity,
@@ -69,6 +70,8 @@ def create_app(
         await app.state.ops.start(app.state.nhi, sdk_metrics=sdk_metrics)
         yield
         await app.state.ops.stop()
+        # Task issuers drop what they keep on the platforms (Postgres stock roles).
+        await run_in_threadpool(close_task_issuers, app.state.nhi)
         flush_tracing()
         if engine is not None:
             engine.dispose()

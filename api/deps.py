@@ -74,6 +74,15 @@ class AppState:
         return await run_in_threadpool(call)
 
 
+def close_task_issuers(state: AppState) -> None:
+    """Close the task-credential issuers built for this app, if any (on shutdown)."""
+    issuers, state.task_issuers = state.task_issuers, None
+    for issuer in (issuers or {}).values():
+        close = getattr(issuer, "close", None)
+        if close is not None:
+            close()
+
+
 def _state(request: Request) -> AppState:
     state: AppState = request.app.state.nhi
     return state

@@ -31,10 +31,17 @@ import psycopg
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
+from psycopg import sql
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from activities.providers.postgres_task import IDLE_IN_TRANSACTION_MS
+from activities.providers import postgres_ddl as ddl
+from activities.providers.postgres_task import (
+    IDLE_IN_TRANSACTION_MS,
+    PasswordStock,
+    PostgresTaskProvider,
+    RoleStock,
+)
 from activities.providers.registry import build_task_providers
 from api.app import create_app
 from models.enums import IncidentStatus, Platform, Role
@@ -44,6 +51,7 @@ from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.pg_grants import parse_comment
 from nhi.rules.task_credentials import (
+    STOCK_NHI_ID,
     IssuedCredential,
     PreparedCredential,
     TaskGrant,
@@ -487,6 +495,14 @@ async def test_a_parent_contained_during_issuance_never_hands_the_credential_out
 
         def prepare(self, grant: TaskGrant) -> PreparedCredential:
             prepared = provider.prepare(grant)
+            # Once the row is written beside this prepare (the quarantine comes after it: a
+            # quarantine before it is the row's guard's case, not this one).
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with transaction(world.sessions) as s:
+                    if s.get(TaskCredential, grant.credential_id) is not None:
+                        break
+                time.sleep(0.005)
             with transaction(world.sessions) as s:
                 s.execute(
                     text("UPDATE nhis SET status = 'quarantined' WHERE id = :id"),
@@ -930,3 +946,127 @@ def test_provisioning_trusts_the_issuing_principal_where_the_policy_allows(
     assert runtime["Principal"] == {"AWS": TRUST}
     assert task["Principal"] == {"AWS": api}
     assert set(task["Action"]) == {"sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"}
+
+
+# ---- roles made ahead (the stock) --------------------------------------------------------------
+
+
+def _stock_roles(world: World) -> dict[str, bool]:
+    """The stock roles on the target (marked as task roles of the nil NHI): name -> can log in."""
+    with world.cluster.connect() as conn:
+        rows = conn.execute(
+            "SELECT rolname, rolcanlogin FROM pg_roles "
+            "WHERE shobj_description(oid, 'pg_authid') LIKE %s",
+            (f"%;nhi-id={STOCK_NHI_ID};%",),
+        ).fetchall()
+    return {str(n): bool(can) for n, can in rows}
+
+
+def _stocked_provider(world: World, size: int, **kw: Any) -> tuple[PostgresTaskProvider, str]:
+    """A new issuer with a stock of `size`, the only stock on the target (the API's own issuer
+    is closed first: it drops its stock, and starts a new one when next used)."""
+    world.app.state.nhi.task_issuers[Platform.POSTGRES].close()
+    aws = make_aws_clients(world.app.state.nhi.settings)
+    targets = TargetRegistry(world.sessions, world.app.state.nhi.settings, aws.secrets)
+    return PostgresTaskProvider(targets, role_stock=size, **kw), str(world.pg_nhi["target"])
+
+
+def _issue_with(world: World, provider: PostgresTaskProvider, task_id: str) -> IssuedCredential:
+    principal = Principal(
+        name="tc-stock", kind="token", roles=frozenset({Role.AGENT}), agent_id=world.agent_id
+    )
+    grant, issued = task_credentials.issue(
+        world.sessions,
+        principal,
+        uuid.UUID(world.pg_nhi["id"]),
+        task_credentials.TaskRequest(ttl="10m", task_id=task_id),
+        lambda platform: provider,
+    )
+    assert issued.public["username"] == grant.name == task_role_name(grant.credential_id)
+    return issued
+
+
+async def test_a_stock_role_becomes_the_credential_and_closing_drops_the_rest(
+    world: World,
+) -> None:
+    """The first issue makes its role (the stock is empty) and starts the stock; the next takes
+    a stock role, which becomes exactly the credential a made one is: its own name and marker,
+    LOGIN until the expiry, the group's member, a SCRAM login that reads. Closing the issuer
+    drops the stock roles not handed out, and only them."""
+    provider, target = _stocked_provider(world, 2)
+    try:
+        made_here = await asyncio.to_thread(_issue_with, world, provider, "stock-1")
+        stock = provider.pools()[target].stock
+        assert stock is not None
+        await eventually(lambda: _assert(stock.made == 2), timeout=20)
+        ahead = _stock_roles(world)
+        assert len(ahead) == 2 and not any(ahead.values()), "made ahead NOLOGIN"
+        taken = await asyncio.to_thread(_issue_with, world, provider, "stock-2")
+        left = _stock_roles(world)
+        assert len(set(ahead) - set(left)) == 1, "one stock role became the credential"
+        for issued in (made_here, taken):
+            pg = issued.public | issued.secret
+            with _login(pg) as conn:
+                assert conn.execute("SELECT count(*) FROM docs.articles").fetchone()
+            with world.cluster.connect() as conn:
+                row = conn.execute(
+                    "SELECT r.rolcanlogin, r.rolvaliduntil, shobj_description(r.oid, "
+                    "'pg_authid'), pg_has_role(r.oid, %s, 'MEMBER') "
+                    "FROM pg_roles r WHERE rolname = %s",
+                    (pg["member_of"], pg["username"]),
+                ).fetchone()
+            assert row is not None
+            can_login, until, comment, member = row
+            assert can_login and member and until == issued.expires_at
+            fields = parse_comment(comment)
+            assert fields is not None and fields["nhi-id"] == world.pg_nhi["id"]
+            assert fields["part"] == "task"
+    finally:
+        await asyncio.to_thread(provider.close)
+    assert _stock_roles(world) == {}, "closing dropped the stock"
+    with _login(taken.public | taken.secret) as conn:
+        assert conn.execute("SELECT 1").fetchone(), "and never a credential"
+
+
+async def test_a_stock_role_dropped_by_hand_still_issues(world: World) -> None:
+    """The batch fails on a stock role that is gone (dropped by hand, or by a sweep): the issue
+    is made again with its own role, and succeeds."""
+    provider, target = _stocked_provider(world, 1)
+    try:
+        await asyncio.to_thread(_issue_with, world, provider, "stock-gone-1")
+        stock = provider.pools()[target].stock
+        assert stock is not None
+        await eventually(lambda: _assert(stock.made == 1), timeout=20)
+        [name] = _stock_roles(world)
+        with world.cluster.connect() as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+        issued = await asyncio.to_thread(_issue_with, world, provider, "stock-gone-2")
+        with _login(issued.public | issued.secret) as conn:
+            assert conn.execute("SELECT count(*) FROM docs.articles").fetchone()
+    finally:
+        await asyncio.to_thread(provider.close)
+    assert _stock_roles(world) == {}
+
+
+async def test_an_idle_stock_leaves_nothing_on_the_target(world: World) -> None:
+    """A stock role lives at most its maximum age, and an idle stock is not refilled: with no
+    issue for that long, the target holds no stock role and none is made again."""
+    provider, target = _stocked_provider(world, 0)
+    settings = world.app.state.nhi.settings
+    registry = TargetRegistry(world.sessions, settings, make_aws_clients(settings).secrets)
+    conn_target = ddl.resolve(registry, target)
+    stock = RoleStock(conn_target, PasswordStock(), size=2, max_age_s=1.0)
+    try:
+        assert stock.take() is None  # nothing ready yet: this starts it
+        await eventually(lambda: _assert(stock.made == 2), timeout=20)
+        assert len(_stock_roles(world)) == 2
+        await eventually(lambda: _assert(_stock_roles(world) == {}), timeout=20)
+        await asyncio.sleep(1.5)
+        assert stock.made == 2 and _stock_roles(world) == {}, "not refilled while idle"
+    finally:
+        await asyncio.to_thread(stock.close)
+        provider.close()
+
+
+async def _assert(condition: bool) -> None:
+    assert condition

@@ -31,9 +31,11 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from activities.providers import postgres_ddl as ddl
 from activities.providers.aws import REVOKE_SESSIONS_POLICY_NAME as REVOKE_SESSIONS
 from activities.providers.aws import AwsProvider
 from activities.providers.postgres import PostgresProvider
+from activities.providers.postgres_task import PasswordStock, RoleStock
 from activities.reaper import (
     ReapBatch,
     ReaperActivities,
@@ -60,7 +62,7 @@ from nhi.infra.metrics import ActivityMetrics, new_registry
 from nhi.infra.slack_client import make_slack_client
 from nhi.rules import ids
 from nhi.rules.pg_grants import group_name, managed_comment, role_names
-from nhi.rules.task_credentials import task_role_name, task_session_name
+from nhi.rules.task_credentials import STOCK_NHI_ID, task_role_name, task_session_name
 from nhi.schedules import schedule_id_of, schedule_ids, task_reaper_schedule
 from nhi.services.target_registry import TargetRegistry
 from tests.conftest import Databases, dev_address
@@ -707,6 +709,7 @@ async def test_a_sweep_leaves_a_live_parents_task_roles_and_removes_an_orphaned_
 ) -> None:
     cluster = PgCluster()  # its own: a sweep lists every role on the cluster
     cluster.start()
+    stock: RoleStock | None = None
     try:
         rig = _rig(
             settings,
@@ -737,6 +740,12 @@ async def test_a_sweep_leaves_a_live_parents_task_roles_and_removes_an_orphaned_
         other = _rig(settings, inventory, aws, cluster, monkeypatch, name_prefix="zother")
         foreign = make_parent(other, status="decommissioned")
         foreign_task = issue(other, foreign, ttl=3600)
+        # A role made ahead by an API process that then died (never dropped): a task role of
+        # no NHI, removed like a task role whose parent is gone.
+        stock = RoleStock(ddl.resolve(rig.targets, TARGET), PasswordStock(), size=1)
+        assert stock.take() is None
+        await eventually(lambda: _assert(stock.made == 1), timeout=20)
+        [leftover] = stock_roles(cluster)
         queue = rig.settings.temporal_task_queue
         async with build_worker(ts_env.client, rig.settings, inventory, aws, task_queue=queue):
             outcome = await run_sweep(ts_env, queue, provider="postgres")
@@ -745,6 +754,8 @@ async def test_a_sweep_leaves_a_live_parents_task_roles_and_removes_an_orphaned_
             orphan = next(f for f in outcome.findings if f.identity == gone_task.name)
             assert orphan.nhi_id == gone.nhi_id and orphan.target == TARGET
             assert "removal started" in orphan.action
+            made_ahead = next(f for f in outcome.findings if f.identity == leftover)
+            assert made_ahead.kind == FindingKind.ORPHAN and "made ahead" in made_ahead.detail
             for task in (alive_task, lost_task, stale_task, foreign_task):
                 assert not [f for f in outcome.findings if f.identity == task.name]
             assert (FindingKind.MISSING, lost.name) in by_identity
@@ -755,7 +766,7 @@ async def test_a_sweep_leaves_a_live_parents_task_roles_and_removes_an_orphaned_
                 ts_env.client.get_workflow_handle(
                     ids.orphan_workflow_id("postgres_role", name, TARGET)
                 )
-                for name in (gone_task.name, stale.name)
+                for name in (gone_task.name, stale.name, leftover)
             ]
             for task in (gone_task, stale_task):  # quarantined at once
                 await eventually(lambda task=task: _assert(refused(task.secret(cluster))))
@@ -768,8 +779,21 @@ async def test_a_sweep_leaves_a_live_parents_task_roles_and_removes_an_orphaned_
         present = rig.roles([*names, stale_task.name])
         assert present == {alive.name: False, alive_task.name: True, lost_task.name: True}
         assert rig.roles([foreign_task.name]) == {foreign_task.name: True}
+        assert stock_roles(cluster) == [], "the leftover stock role was removed"
     finally:
+        if stock is not None:
+            stock.close()
         cluster.stop()
+
+
+def stock_roles(cluster: PgCluster) -> list[str]:
+    """The roles made ahead (marked as task roles of the nil NHI) on `cluster`."""
+    with cluster.connect() as conn:
+        rows = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE shobj_description(oid, 'pg_authid') LIKE %s",
+            (f"%;nhi-id={STOCK_NHI_ID};%",),
+        ).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 async def _replay(history: WorkflowHistory) -> None:

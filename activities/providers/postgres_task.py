@@ -29,14 +29,32 @@ CREATE ROLE, COMMENT, the read-only default) that leaves its transaction open; `
 bare COMMIT. A narrowed scope takes one more round trip (its grants) before the commit. A
 pooled connection found dead on the batch (its backend was gone before the batch arrived) is
 replaced and the batch sent again on a fresh one.
+
+Most of what an issue costs is the target's, and most of that is its PASSWORD clause: Postgres
+refuses an empty password even given as a verifier, so CREATE (or ALTER) ROLE ... PASSWORD
+runs the verifier's PBKDF2 (4096 iterations) once more on the server, about 8 ms of its CPU,
+where the rest of the batch takes well under 1 ms. So each target also has a `RoleStock`:
+a background thread keeps a few roles made ahead, NOLOGIN, in no group, with their password
+set and a task role's marker of no NHI (`STOCK_NHI_ID`). An issue takes one and, in its same
+one round trip, renames it to the credential's name and gives it LOGIN, VALID UNTIL, the
+connection limit, the group and its own marker (a SCRAM verifier does not depend on the role's
+name, so renaming keeps it). The target's work is the same; it is done before the request.
+A stock role lives at most `ROLE_STOCK_MAX_AGE_S` (then it is dropped, and the stock is only
+refilled while issues come); a taken one whose issue did not commit is dropped; closing the
+issuer drops the rest; a leftover of a process that died is a task role of no live NHI to
+sweeps, removed as one. The stock is `NHI_TASK_ROLE_STOCK` roles per target (0: none, every
+issue makes its role with its password).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
+import uuid
 from collections import deque
+from datetime import UTC, datetime
 from typing import ClassVar
 
 import psycopg
@@ -48,6 +66,7 @@ from activities.providers import postgres_ddl as ddl
 from models.enums import Platform
 from nhi import MANAGED_BY
 from nhi.rules.pg_grants import (
+    Grant,
     is_read_only,
     managed_comment,
     parse_comment,
@@ -57,10 +76,12 @@ from nhi.rules.pg_grants import (
 from nhi.rules.policy import RuleViolation
 from nhi.rules.task_credentials import (
     QUARANTINED_ON_PLATFORM,
+    STOCK_NHI_ID,
     IssuedCredential,
     TaskGrant,
     new_password,
     scram_verifier,
+    task_role_name,
 )
 from nhi.services.target_registry import TargetConnection, TargetResolver
 
@@ -76,7 +97,13 @@ POOL_WAIT_S = 30.0
 # Password/verifier pairs kept ready (PasswordStock) and how long one may wait to be used.
 PASSWORD_STOCK = 4
 PASSWORD_MAX_AGE_S = 60.0
+# Task roles made ahead per target (`RoleStock`), and how long one may wait to be used.
+ROLE_STOCK = 4
+ROLE_STOCK_MAX_AGE_S = 60.0
+# After a failed refill, the stock waits this long before it tries again.
+STOCK_RETRY_S = 5.0
 Cursor = psycopg.Cursor[TupleRow]
+log = logging.getLogger(__name__)
 # As postgres_ddl.admin: no statement or lock wait holds an issuing request forever. And a
 # prepared role's transaction (open while the service writes its row) that the service stalls
 # on is ended by the target itself: nothing is committed, and the group's shared lock no
@@ -112,8 +139,11 @@ class AdminPool:
     is the caller's classified error, not a pool timeout.
     """
 
-    def __init__(self, target: TargetConnection, size: int = POOL_SIZE) -> None:
+    def __init__(
+        self, target: TargetConnection, size: int = POOL_SIZE, stock: RoleStock | None = None
+    ) -> None:
         self.target = target
+        self.stock = stock  # the target's roles made ahead (closed with the pool)
         self._idle: deque[tuple[float, ddl.Conn]] = deque()
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
@@ -162,6 +192,11 @@ class AdminPool:
         finally:
             self._slots.release()
 
+    def stock_give_back(self, name: str) -> None:
+        """A stock role taken for an issue that did not commit: the stock drops it."""
+        if self.stock is not None:
+            self.stock.give_back(name)
+
     def discard(self, conn: ddl.Conn) -> None:
         """Close a connection a failure left in an unknown state (the server rolls back)."""
         try:
@@ -170,6 +205,8 @@ class AdminPool:
             self._slots.release()
 
     def close(self) -> None:
+        if self.stock is not None:
+            self.stock.close()
         with self._lock:
             while self._idle:
                 self._idle.pop()[1].close()
@@ -234,6 +271,174 @@ class PasswordStock:
             self._cond.notify_all()
 
 
+class RoleStock:
+    """Task roles made ahead on one target (see the module doc), by one background thread on
+    its own admin connection. Thread-safe; each role is handed out once, at most
+    `max_age_s` after it was made, and its password lives only in this process's memory.
+
+    The thread starts with the first `take` and refills only while takes come (one in the
+    last `max_age_s`): an idle issuer ends with no stock at all on the target."""
+
+    def __init__(
+        self,
+        target: TargetConnection,
+        secrets: PasswordStock,
+        size: int = ROLE_STOCK,
+        max_age_s: float = ROLE_STOCK_MAX_AGE_S,
+    ) -> None:
+        self.target = target
+        self._secrets = secrets
+        self._size = size
+        self._max_age_s = max_age_s
+        self._ready: deque[tuple[float, str, str]] = deque()  # (made, name, password)
+        self._spent: list[str] = []  # made by this stock and not handed out: to drop
+        self._wanted_until = 0.0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.made = 0  # roles made so far (tests and the benchmark read it)
+
+    def take(self) -> tuple[str, str] | None:
+        """(name, password) of a stock role, or None when none is ready."""
+        if self._size <= 0:
+            return None
+        now = time.monotonic()
+        found: tuple[str, str] | None = None
+        with self._cond:
+            if self._closed:
+                return None
+            while self._ready:
+                made, name, password = self._ready.popleft()
+                if now - made < self._max_age_s:
+                    found = (name, password)
+                    break
+                self._spent.append(name)
+            self._wanted_until = now + self._max_age_s
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._fill, name="nhi-task-role-stock", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return found
+
+    def give_back(self, name: str) -> None:
+        """A taken role that did not become a credential (its issue rolled back, or its
+        outcome is unknown): dropped, if it still exists under its stock name."""
+        with self._cond:
+            self._spent.append(name)
+            self._cond.notify()
+
+    def _next(self) -> tuple[list[str], bool] | None:
+        """Wait for work: (names to drop, make one?); None once closed."""
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                while self._ready and now - self._ready[0][0] >= self._max_age_s:
+                    self._spent.append(self._ready.popleft()[1])
+                make = now < self._wanted_until and len(self._ready) < self._size
+                if self._spent or make:
+                    spent, self._spent = self._spent, []
+                    return spent, make
+                ends = [self._ready[0][0] + self._max_age_s] if self._ready else []
+                if now < self._wanted_until:
+                    ends.append(self._wanted_until)
+                self._cond.wait(max(0.0, min(ends) - now) if ends else None)
+            return None
+
+    def _fill(self) -> None:
+        conn: ddl.Conn | None = None
+        try:
+            while (work := self._next()) is not None:
+                spent, make = work
+                try:
+                    if conn is None or conn.closed:
+                        conn = _connect(self.target)
+                    _drop_stock(conn, spent)
+                    if make:
+                        made = self._make(conn)
+                        with self._cond:
+                            self._ready.append(made)
+                except Exception as err:
+                    # Never the password: only what failed. Tried again after a pause.
+                    log.warning(
+                        "task role stock on target %r: %s", self.target.name, type(err).__name__
+                    )
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                    with self._cond:
+                        self._spent.extend(spent)
+                        if not self._closed:
+                            self._cond.wait(STOCK_RETRY_S)
+            with self._cond:
+                left = self._spent + [name for _, name, _ in self._ready]
+                self._spent, self._ready = [], deque()
+            if left:
+                if conn is None or conn.closed:
+                    conn = _connect(self.target)
+                _drop_stock(conn, left)
+        except Exception as err:
+            log.warning(
+                "task role stock on target %r not dropped: %s (sweeps remove it)",
+                self.target.name,
+                type(err).__name__,
+            )
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _make(self, conn: ddl.Conn) -> tuple[float, str, str]:
+        password, verifier = self._secrets.take()
+        stock_id = uuid.uuid4()
+        name = task_role_name(stock_id)
+        comment = managed_comment(
+            nhi_id=STOCK_NHI_ID,
+            agent_id=STOCK_NHI_ID,
+            part="task",
+            created_at=datetime.now(UTC),
+            task_credential_id=stock_id,
+        )
+        # One implicit transaction (autocommit, one simple query): both or neither.
+        statement = sql.SQL(
+            "CREATE ROLE {} NOLOGIN NOINHERIT PASSWORD {}; COMMENT ON ROLE {} IS {}"
+        )
+        conn.execute(
+            statement.format(
+                ddl.ident(name), sql.Literal(verifier), ddl.ident(name), sql.Literal(comment)
+            )
+        )
+        self.made += 1
+        return time.monotonic(), name, password
+
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop refilling and drop every stock role not handed out (waits up to `wait_s`)."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(wait_s)
+
+
+def _drop_stock(conn: ddl.Conn, names: list[str]) -> None:
+    """Drop those of `names` that still exist as stock roles (a taken one that became a
+    credential has another name by now, and is never touched here)."""
+    if not names:
+        return
+    rows = conn.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) "
+        "AND shobj_description(oid, 'pg_authid') LIKE %s",
+        (names, f"%;nhi-id={STOCK_NHI_ID};%"),
+    ).fetchall()
+    if rows:
+        conn.execute(
+            sql.SQL("DROP ROLE IF EXISTS {}").format(
+                sql.SQL(", ").join(ddl.ident(str(r[0])) for r in rows)
+            )
+        )
+
+
 def _pool_key(target: TargetConnection) -> tuple[str, int, str, str, str, str]:
     # A changed password (or address) gets a new pool; the digest keeps the password itself
     # out of the key.
@@ -246,8 +451,15 @@ class PostgresTaskProvider:
 
     platform: ClassVar[Platform] = Platform.POSTGRES
 
-    def __init__(self, targets: TargetResolver, *, target_cache_s: float = TARGET_CACHE_S) -> None:
+    def __init__(
+        self,
+        targets: TargetResolver,
+        *,
+        target_cache_s: float = TARGET_CACHE_S,
+        role_stock: int = ROLE_STOCK,
+    ) -> None:
         self._targets = targets
+        self._role_stock = role_stock
         self._cache_s = target_cache_s
         self._resolved: dict[str, tuple[float, TargetConnection]] = {}
         self._pools: dict[str, tuple[tuple[str, int, str, str, str, str], AdminPool]] = {}
@@ -270,7 +482,8 @@ class PostgresTaskProvider:
             found = self._pools.get(target.name)
             if found is not None and found[0] == key:
                 return found[1]
-            pool = AdminPool(target)
+            stock = RoleStock(target, self._secrets, self._role_stock) if self._role_stock else None
+            pool = AdminPool(target, stock=stock)
             self._pools[target.name] = (key, pool)
         if found is not None:
             found[1].close()
@@ -282,13 +495,14 @@ class PostgresTaskProvider:
             return {name: pool for name, (_, pool) in self._pools.items()}
 
     def close(self) -> None:
-        """Close every pooled admin connection (and drop the passwords kept ready)."""
-        self._secrets.close()
+        """Close every pooled admin connection, drop the stock roles and the passwords kept
+        ready."""
         with self._lock:
             pools = [pool for _, pool in self._pools.values()]
             self._pools.clear()
         for pool in pools:
             pool.close()
+        self._secrets.close()
 
     def issue(self, grant: TaskGrant) -> IssuedCredential:
         """One LOGIN role for the task (see the module doc); its password, once."""
@@ -298,21 +512,54 @@ class PostgresTaskProvider:
         """The role for the task, created in a transaction left open (one round trip, under
         the group's lock): nothing exists for anyone else until `commit`, and `rollback` (or
         a lost connection) leaves nothing at all. The service writes the credential's row
-        meanwhile, and commits only once that row is committed."""
+        meanwhile, and commits only once that row is committed. A stock role is used when one
+        is ready; a batch that fails on one is sent again making the role here (the stock
+        role may have been dropped by hand, or by a sweep), whose outcome is the answer."""
         target = self._target(grant.target)
-        login, group = grant.name, grant.identity_name
         try:
             narrowed = parse_grants(list(grant.scope)) if grant.scope is not None else None
         except RuleViolation as err:
             raise ddl.fail(f"scope refused: {err}", "InvalidScope") from None
-        password, verifier = self._secrets.take()
-        attributes = sql.SQL("LOGIN INHERIT VALID UNTIL {} CONNECTION LIMIT {} PASSWORD {}").format(
-            ddl.until(grant.expires_at),
-            sql.Literal(int(target.connection_limit)),
-            sql.Literal(verifier),
+        pool = self.pool(target)
+        stocked = pool.stock.take() if pool.stock is not None else None
+        if stocked is not None:
+            try:
+                return self._prepare(grant, target, pool, narrowed, stocked)
+            except _StockFailed:
+                pass
+        return self._prepare(grant, target, pool, narrowed, None)
+
+    def _prepare(
+        self,
+        grant: TaskGrant,
+        target: TargetConnection,
+        pool: AdminPool,
+        narrowed: list[Grant] | None,
+        stocked: tuple[str, str] | None,
+    ) -> PreparedRole:
+        login, group = grant.name, grant.identity_name
+        options = sql.SQL("LOGIN INHERIT VALID UNTIL {} CONNECTION LIMIT {}").format(
+            ddl.until(grant.expires_at), sql.Literal(int(target.connection_limit))
         )
-        if narrowed is None:
-            attributes = sql.SQL("{} IN ROLE {}").format(attributes, ddl.ident(group))
+        creating: list[sql.Composable]
+        if stocked is not None:
+            stock_name, password = stocked
+            creating = [
+                sql.SQL("ALTER ROLE {} RENAME TO {}").format(
+                    ddl.ident(stock_name), ddl.ident(login)
+                ),
+                sql.SQL("ALTER ROLE {} {}").format(ddl.ident(login), options),
+            ]
+            if narrowed is None:
+                creating.append(
+                    sql.SQL("GRANT {} TO {}").format(ddl.ident(group), ddl.ident(login))
+                )
+        else:
+            password, verifier = self._secrets.take()
+            attributes = sql.SQL("{} PASSWORD {}").format(options, sql.Literal(verifier))
+            if narrowed is None:
+                attributes = sql.SQL("{} IN ROLE {}").format(attributes, ddl.ident(group))
+            creating = [sql.SQL("CREATE ROLE {} {}").format(ddl.ident(login), attributes)]
         comment = managed_comment(
             nhi_id=grant.nhi_id,
             agent_id=grant.agent_id,
@@ -346,10 +593,10 @@ class PostgresTaskProvider:
         # in a second round trip.
         one_trip = narrowed is None
         statements.append(_guard(group, grant) if one_trip else _read_group(group))
-        statements += [
-            sql.SQL("CREATE ROLE {} {}").format(ddl.ident(login), attributes),
-            sql.SQL("COMMENT ON ROLE {} IS {}").format(ddl.ident(login), sql.Literal(comment)),
-        ]
+        statements += creating
+        statements.append(
+            sql.SQL("COMMENT ON ROLE {} IS {}").format(ddl.ident(login), sql.Literal(comment))
+        )
         if is_read_only(list(scope)):
             statements.append(
                 sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
@@ -357,12 +604,17 @@ class PostgresTaskProvider:
                 )
             )
         batch = sql.SQL("; ").join(statements)
-        pool = self.pool(target)
         doing = f"issuing task credential {login} on target {target.name!r}"
         try:
             conn, reused = pool.checkout()
         except psycopg.Error as err:
+            if stocked is not None:
+                pool.stock_give_back(stocked[0])
             raise ddl.classify_postgres(err, doing) from None
+        except BaseException:
+            if stocked is not None:
+                pool.stock_give_back(stocked[0])
+            raise
         try:
             try:
                 cursor = _execute(conn, batch, group, one_trip, grant.nhi_id)
@@ -381,6 +633,10 @@ class PostgresTaskProvider:
                     ddl.apply_grants(conn, login, narrowed)
         except BaseException as err:
             pool.discard(conn)
+            if stocked is not None:
+                pool.stock_give_back(stocked[0])
+                if isinstance(err, psycopg.Error | ApplicationError):
+                    raise _StockFailed from None
             if isinstance(err, psycopg.Error):
                 raise ddl.classify_postgres(err, doing) from None
             raise
@@ -397,7 +653,12 @@ class PostgresTaskProvider:
                 "member_of": None if narrowed is not None else group,
             },
         )
-        return PreparedRole(pool, conn, issued, doing)
+        given_back = stocked[0] if stocked is not None else None
+        return PreparedRole(pool, conn, issued, doing, given_back)
+
+
+class _StockFailed(Exception):
+    """The batch failed on a stock role: sent again, making the role in the batch."""
 
 
 class PreparedRole:
@@ -405,11 +666,19 @@ class PreparedRole:
     makes it exist (and returns the credential), `rollback` leaves nothing. Exactly one of
     them, once; the connection goes back to its pool either way."""
 
-    def __init__(self, pool: AdminPool, conn: ddl.Conn, issued: IssuedCredential, doing: str):
+    def __init__(
+        self,
+        pool: AdminPool,
+        conn: ddl.Conn,
+        issued: IssuedCredential,
+        doing: str,
+        stock_name: str | None = None,
+    ):
         self._pool = pool
         self._conn: ddl.Conn | None = conn
         self._issued = issued
         self._doing = doing
+        self._stock_name = stock_name  # the stock role this one was renamed from, if any
 
     def _end(self, statement: str) -> None:
         conn, self._conn = self._conn, None
@@ -422,10 +691,19 @@ class PreparedRole:
             # the error is the caller's (its row is ended; the reaper and sweeps know the
             # marker); a ROLLBACK that fails leaves nothing committed.
             self._pool.discard(conn)
+            self._give_back()
             if isinstance(err, psycopg.Error):
                 raise ddl.classify_postgres(err, self._doing) from None
             raise
         self._pool.checkin(conn)
+        if statement != "COMMIT":
+            self._give_back()
+
+    def _give_back(self) -> None:
+        # Back under its stock name (rolled back), or renamed (committed after all): the
+        # stock drops it only in the first case.
+        if self._stock_name is not None:
+            self._pool.stock_give_back(self._stock_name)
 
     def commit(self) -> IssuedCredential:
         self._end("COMMIT")

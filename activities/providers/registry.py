@@ -10,7 +10,7 @@ from activities.providers.base import Provider, TaskCredentialProvider
 from activities.providers.github import GithubProvider
 from activities.providers.github_task import GithubTaskProvider
 from activities.providers.postgres import PostgresProvider
-from activities.providers.postgres_task import PostgresTaskProvider
+from activities.providers.postgres_task import ROLE_STOCK, PostgresTaskProvider
 from activities.providers.secret_store import SecretStore, use_delivery_store
 from activities.providers.vault import VaultProvider
 from activities.providers.vault_client import VaultClient
@@ -59,7 +59,10 @@ def build_task_providers(
     there, off the workflow path). GitHub's needs the settings (its app and installation)."""
     issuers: dict[Platform, TaskCredentialProvider] = {
         Platform.AWS: AwsTaskProvider(aws),
-        Platform.POSTGRES: PostgresTaskProvider(targets),
+        Platform.POSTGRES: PostgresTaskProvider(
+            targets,
+            role_stock=settings.task_role_stock if settings is not None else ROLE_STOCK,
+        ),
     }
     if settings is not None:
         issuers[Platform.GITHUB] = GithubTaskProvider(settings, aws.secrets)

@@ -157,6 +157,14 @@ class Settings(BaseSettings):
         description="IAM role or user ARN the API process issues AWS task credentials as; "
         "provisioning adds it to an iam_role's trust where the policy allows task credentials.",
     )
+    task_role_stock: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="Postgres task roles the API keeps made ahead per target (NOLOGIN, "
+        "password set, at most 60 s old): an issue renames one instead of paying the "
+        "target's password hashing while it waits. 0: every issue makes its role.",
+    )
     name_prefix: str = Field(
         default="nhi",
         pattern=r"^[a-z][a-z0-9]{1,7}$",

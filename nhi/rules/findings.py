@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from models.contracts import Finding, FindingKind, ScopeStatement
+from nhi.rules.task_credentials import STOCK_NHI_ID
 
 ALIVE = frozenset({"active", "rotating", "quarantined", "revoke_failed", "expiring"})
 GONE = frozenset({"decommissioned", "failed"})
@@ -175,12 +176,15 @@ def _task_orphan(identity: PlatformIdentity, parent: InventoryItem | None) -> Fi
     """A task credential's login role outliving its parent NHI: removed as any orphan is.
     (While the parent lives, its lifecycle, containment and the reaper answer for it.)"""
     state = f"is {parent.status}" if parent is not None else "is not alive in the inventory"
+    detail = f"task credential role of NHI {identity.nhi_id}, which {state}"
+    if identity.nhi_id == str(STOCK_NHI_ID):
+        detail = "task role made ahead (stock) and never handed out: its API process stopped"
     return Finding(
         kind=FindingKind.ORPHAN,
         identity=identity.name,
         identity_kind=identity.kind,
         nhi_id=uuid.UUID(identity.nhi_id) if identity.nhi_id else None,
-        detail=f"task credential role of NHI {identity.nhi_id}, which {state}",
+        detail=detail,
         action="quarantine now, delete after the grace period",
         target=identity.target,
     )

@@ -35,6 +35,11 @@ AWS_MIN_TTL_SECONDS = 900
 TASK_TTL_MIN_SECONDS = 60
 
 
+# The parent named by a Postgres task role made ahead (a stock role, NOLOGIN, not yet any
+# credential's): no NHI has it, so sweeps judge a leftover one as a task role of no live NHI.
+STOCK_NHI_ID = uuid.UUID(int=0)
+
+
 def task_role_name(credential_id: uuid.UUID) -> str:
     """The Postgres login role of one task credential: `nhit_` + the id's hex (37 chars,
     within Postgres' 63). Derived from the id alone so the reaper needs nothing else."""
