@@ -204,9 +204,11 @@ class AdminPool:
         finally:
             self._slots.release()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 10.0) -> None:
+        """Close the idle connections and the stock (waiting up to `wait_s` for its roles to
+        be dropped)."""
         if self.stock is not None:
-            self.stock.close()
+            self.stock.close(wait_s)
         with self._lock:
             while self._idle:
                 self._idle.pop()[1].close()
@@ -486,7 +488,7 @@ class PostgresTaskProvider:
             pool = AdminPool(target, stock=stock)
             self._pools[target.name] = (key, pool)
         if found is not None:
-            found[1].close()
+            found[1].close(wait_s=0)  # its stock is dropped in the background: no request waits
         return pool
 
     def pools(self) -> dict[str, AdminPool]:
