@@ -637,9 +637,9 @@ def _live_task_roles(w: World) -> int:
     marked as a task role of the nil NHI until an issue takes it)."""
     with w.cluster.connect() as conn:
         row = conn.execute(
-            r"SELECT count(*) FROM pg_roles WHERE rolname LIKE 'nhit\_%' "
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE %s "
             "AND coalesce(shobj_description(oid, 'pg_authid'), '') NOT LIKE %s",
-            (f"%;nhi-id={STOCK_NHI_ID};%",),
+            (r"nhit\_%", f"%;nhi-id={STOCK_NHI_ID};%"),
         ).fetchone()
     return int(str(row[0])) if row else 0
 

@@ -962,6 +962,15 @@ def _stock_roles(world: World) -> dict[str, bool]:
     return {str(n): bool(can) for n, can in rows}
 
 
+def _admin_sessions(world: World) -> int:
+    """Sessions the task issuers hold on the target (their application name)."""
+    with world.cluster.connect() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'nhi-lifecycle-tasks'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _stocked_provider(world: World, size: int, **kw: Any) -> tuple[PostgresTaskProvider, str]:
     """A new issuer with a stock of `size`, the only stock on the target (the API's own issuer
     is closed first: it drops its stock, and starts a new one when next used)."""
@@ -1063,6 +1072,7 @@ async def test_an_idle_stock_leaves_nothing_on_the_target(world: World) -> None:
         await eventually(lambda: _assert(_stock_roles(world) == {}), timeout=20)
         await asyncio.sleep(1.5)
         assert stock.made == 2 and _stock_roles(world) == {}, "not refilled while idle"
+        assert _admin_sessions(world) == 0, "nor is its admin connection held open"
     finally:
         await asyncio.to_thread(stock.close)
         provider.close()

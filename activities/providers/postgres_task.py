@@ -361,6 +361,10 @@ class RoleStock:
                         made = self._make(conn)
                         with self._cond:
                             self._ready.append(made)
+                    else:
+                        # No issue for a while: no admin connection is held open for nothing.
+                        conn.close()
+                        conn = None
                 except Exception as err:
                     # Never the password: only what failed. Tried again after a pause.
                     log.warning(
