@@ -20,7 +20,7 @@ from models.orm import Agent, AuditEvent, Nhi
 from models.schemas import AgentCreate
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
-from nhi.services import agents
+from nhi.services import agents, audit
 from nhi.services.transitions import note, transition
 from tests.helpers import agent_body, request_nhi
 
@@ -267,3 +267,29 @@ def test_a_retried_lifecycle_activity_applies_its_step_once(
         assert session.get_one(Nhi, nhi_id).status == "decommissioned"
     assert _events(sessions, nhi_id, "nhi.quarantined") == 1
     assert _events(sessions, nhi_id, "nhi.decommissioned") == 1
+
+
+def test_many_events_at_once_write_each_key_once(sessions: sessionmaker[Session]) -> None:
+    """`audit.record_once_many` (the reaper's batch): one statement for many events, each
+    written once per key; an entry whose key already has its event is skipped and its
+    subject left out of the answer, so the caller leaves that row alone."""
+    entries = [
+        audit.Once(
+            subject_type="task_credential",
+            subject_id=uuid.uuid4(),
+            event="task_credential.ended",
+            actor="test:reaper",
+            reason="expired",
+            key="reaper/ended",
+            details={"n": n},
+        )
+        for n in range(3)
+    ]
+    with transaction(sessions) as session:
+        first = audit.record_once_many(session, entries[:2])
+    with transaction(sessions) as session:
+        again = audit.record_once_many(session, entries)
+    assert first == {str(e.subject_id) for e in entries[:2]}
+    assert again == {str(entries[2].subject_id)}
+    for entry in entries:
+        assert _events(sessions, entry.subject_id, "task_credential.ended") == 1
