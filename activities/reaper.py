@@ -3,7 +3,9 @@ usable, a batch at a time.
 
 A task credential (issue 15) is issued off the workflow path and never renewed; what is
 durable about it is this: every `NHI_TASK_REAPER_INTERVAL_SECONDS` the `TaskReaperWorkflow`
-(a Temporal Schedule) calls `reap_task_credentials` until no batch is left. One call:
+(a Temporal Schedule) calls `reap_task_credentials` until no batch is left. A call takes
+batches one after the other while they are full and none fails, for up to CALL_BUDGET_S (one
+round trip through the workflow per call, not per batch). One batch:
 
 * claims up to `batch_size` live rows (`active` or `reap_failed`) past their expiry, or whose
   NHI is quarantined or gone, `FOR UPDATE SKIP LOCKED`, so two reapers never take the same
@@ -57,6 +59,8 @@ USABLE = frozenset({NhiStatus.ACTIVE, NhiStatus.ROTATING, NhiStatus.EXPIRING})
 # Contained but still there (restorable, or its removal under way): its credentials were
 # locked out by the quarantine.
 CONTAINED = frozenset({NhiStatus.QUARANTINED, NhiStatus.REVOKE_FAILED})
+# How long one call goes on taking full batches (see `reap_task_credentials`).
+CALL_BUDGET_S = 5.0
 MAX_REPORTED_FAILURES = 20  # first failures returned per batch (for the alert); the rest counted
 
 
@@ -161,8 +165,35 @@ class ReaperActivities:
 
     @activity.defn
     def reap_task_credentials(self, inp: ReapInput) -> ReapBatch:
-        """End one batch of expired (or orphaned-by-containment) task credentials."""
-        with heartbeating(), transaction(self._sessions) as session:
+        """End expired (or orphaned-by-containment) task credentials, a batch (one
+        transaction) at a time: the next full batch follows in the same call while none
+        failed, for up to CALL_BUDGET_S. Under a mass expiry that spares the run an activity
+        round trip per batch (a workflow task and a poll each, most of a batch's time once
+        the batch itself was fast), and a failure still returns at once for the alert."""
+        started = time.monotonic()
+        total = ReapBatch()
+        after = inp.after
+        with heartbeating():
+            while True:
+                batch = self._batch(inp.model_copy(update={"after": after}))
+                total = ReapBatch(
+                    ended=merge(total.ended, batch.ended.items()),
+                    reap_failed=merge(total.reap_failed, batch.reap_failed.items()),
+                    reasons=merge(total.reasons, batch.reasons.items()),
+                    failures=batch.failures,
+                    next=batch.next,
+                )
+                if (
+                    batch.next is None
+                    or batch.failures
+                    or time.monotonic() - started >= CALL_BUDGET_S
+                ):
+                    return total
+                after = batch.next
+
+    def _batch(self, inp: ReapInput) -> ReapBatch:
+        """One batch: claim, drop, record, in one inventory transaction."""
+        with transaction(self._sessions) as session:
             claimed = [
                 _Claimed(row, str(status), target)
                 for row, status, target in session.execute(_claim(inp)).all()

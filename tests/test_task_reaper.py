@@ -444,6 +444,17 @@ def test_batches_take_every_due_row_once_and_leave_live_ones(rig: Rig) -> None:
     assert read_articles(login(live.secret(rig.pg))) == 3
 
 
+def test_one_call_takes_full_batches_until_none_is_left(rig: Rig) -> None:
+    """Full batches follow one another in the same activity call (no round trip through the
+    workflow per batch under a mass expiry): five due rows, batches of two, one call."""
+    parent = make_parent(rig)
+    due = [issue(rig, parent, ttl=-60) for _ in range(5)]
+    batch = rig.reap(batch_size=2)
+    assert batch.next is None and batch.ended.get("postgres", 0) >= 5
+    assert {rig.row(t.credential_id).status for t in due} == {"ended"}
+    assert rig.roles([t.name for t in due]) == {}
+
+
 def test_the_end_reason_follows_the_parent() -> None:
     assert end_reason("active") == end_reason("rotating") == end_reason("expiring") == "expired"
     assert end_reason("quarantined") == end_reason("revoke_failed") == "parent_quarantined"
