@@ -161,8 +161,8 @@ class Settings(BaseSettings):
         default=4,
         ge=0,
         le=64,
-        description="Postgres task roles the API keeps made ahead per target (NOLOGIN, "
-        "password set, at most 60 s old): an issue renames one instead of paying the "
+        description="Postgres task roles each API process keeps made ahead per target "
+        "(NOLOGIN, password set, at most 60 s old): an issue renames one instead of paying the "
         "target's password hashing while it waits. 0: every issue makes its role.",
     )
     name_prefix: str = Field(
