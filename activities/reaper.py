@@ -25,7 +25,6 @@ Only ids, names, targets and error texts leave: a task credential's secret never
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -41,14 +40,13 @@ from temporalio.exceptions import ApplicationError
 from activities._support import heartbeating
 from activities.providers import postgres_ddl as ddl
 from activities.providers.postgres_reap import Reaped, reap_task_roles, reason
-from activities.providers.postgres_task import TARGET_CACHE_S
 from models.contracts import Contract
 from models.enums import NhiStatus, Platform
 from models.orm import Nhi, TaskCredential
 from nhi.infra.db import transaction
 from nhi.rules.task_credentials import is_task_role_name
 from nhi.services import audit
-from nhi.services.target_registry import TargetConnection, TargetResolver
+from nhi.services.target_registry import TargetResolver
 from nhi.services.transitions import subject_type_of, transition
 
 log = logging.getLogger(__name__)
@@ -145,23 +143,9 @@ class ReaperActivities:
 
     def __init__(self, sessions: sessionmaker[Session], targets: TargetResolver) -> None:
         self._sessions = sessions
-        self._targets = targets
-        # Each target's resolved settings, reused for TARGET_CACHE_S as the task issuer does
-        # (a run's batches, one after the other, read the registry and the admin secret
-        # once, not once per batch); forgotten when a batch on it fails.
-        self._resolved: dict[str, tuple[float, TargetConnection]] = {}
-        self._resolved_lock = threading.Lock()
-
-    def _target(self, name: str) -> TargetConnection:
-        now = time.monotonic()
-        with self._resolved_lock:
-            found = self._resolved.get(name)
-        if found is not None and now - found[0] < TARGET_CACHE_S:
-            return found[1]
-        target = ddl.resolve(self._targets, name)
-        with self._resolved_lock:
-            self._resolved[name] = (now, target)
-        return target
+        # Reused for a few seconds, as the task issuer does: a run's batches, one after the
+        # other, read the registry and the admin secret once, not once per batch.
+        self._targets = ddl.ResolvedTargets(targets)
 
     @activity.defn
     def reap_task_credentials(self, inp: ReapInput) -> ReapBatch:
@@ -232,10 +216,9 @@ class ReaperActivities:
 
     def _drop_on(self, target: str, rows: list[TaskCredential]) -> dict[uuid.UUID, _Result]:
         try:
-            reaped = reap_task_roles(self._target(target), {r.name: r.id for r in rows})
+            reaped = reap_task_roles(self._targets.get(target), {r.name: r.id for r in rows})
         except ApplicationError as err:  # the target cannot be reached: every row waits
-            with self._resolved_lock:
-                self._resolved.pop(target, None)  # resolved afresh next time
+            self._targets.forget(target)  # resolved afresh next time
             log.warning("task roles on target %s not reaped: %s", target, err.message)
             reaped = Reaped(failed={r.name: reason(err) for r in rows})
         gone = set(reaped.gone)

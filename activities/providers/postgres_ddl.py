@@ -15,6 +15,8 @@ The provider (activities/providers/postgres.py) decides what to run; its discove
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -210,6 +212,38 @@ def resolve(targets: TargetResolver, name: str | None) -> TargetConnection:
     except UnknownTarget as err:
         # The registry's messages name the target and the missing piece, never a password.
         raise fail(str(err), "UnknownTarget") from None
+
+
+# How long a target's resolved settings (and admin password) are reused by the hot callers
+# (the task issuer, the reaper's batches): a rotated admin password or an edited target is
+# picked up within this, without a `targets` read and a secret fetch per call.
+TARGET_CACHE_S = 10.0
+
+
+class ResolvedTargets:
+    """`resolve`, each target's answer reused for `ttl_s`. Thread-safe; `forget` drops one
+    (after a failure on it, so the next call resolves it afresh)."""
+
+    def __init__(self, targets: TargetResolver, ttl_s: float = TARGET_CACHE_S) -> None:
+        self._targets = targets
+        self._ttl_s = ttl_s
+        self._found: dict[str, tuple[float, TargetConnection]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str | None) -> TargetConnection:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._found.get(name or "")
+        if cached is not None and now - cached[0] < self._ttl_s:
+            return cached[1]
+        target = resolve(self._targets, name)
+        with self._lock:
+            self._found[target.name] = (now, target)
+        return target
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._found.pop(name, None)
 
 
 @contextmanager

@@ -18,9 +18,9 @@ with everything it needs or nothing at all:
 The reaper (worker) drops expired roles; this module only issues (API process).
 
 Speed (issue 15: at least OpenBao's rate). The issuer keeps, per target, a few admin
-connections open (`AdminPool`: no SCRAM handshake per issue) and the target's resolved
-connection settings for `TARGET_CACHE_S` (no `targets` read or secret fetch per issue), and
-a few passwords with their SCRAM verifiers computed ahead (`PasswordStock`). The role is
+connections open (`AdminPool`: no SCRAM handshake per issue), the target's resolved
+connection settings (`postgres_ddl.ResolvedTargets`: no `targets` read or secret fetch per
+issue), and a few passwords with their SCRAM verifiers computed ahead (`PasswordStock`). The role is
 made in two phases (`prepare`, then `PreparedRole.commit`), so the service writes the
 credential's row while the target works and the role commits only after its row: `prepare`
 is ONE round trip, one batch (BEGIN, the advisory lock, a guard that fails the batch unless
@@ -85,9 +85,6 @@ from nhi.rules.task_credentials import (
 )
 from nhi.services.target_registry import TargetConnection, TargetResolver
 
-# How long a target's resolved settings (and admin password) are reused: a rotated admin
-# password or an edited target is picked up within this, without a `targets` read per issue.
-TARGET_CACHE_S = 10.0
 # Admin connections kept open per target (at most this many issue at once on one target;
 # more callers wait for one). Each is one backend on the target, counted against its
 # max_connections, and an idle one is closed after POOL_IDLE_S.
@@ -461,25 +458,14 @@ class PostgresTaskProvider:
         self,
         targets: TargetResolver,
         *,
-        target_cache_s: float = TARGET_CACHE_S,
+        target_cache_s: float = ddl.TARGET_CACHE_S,
         role_stock: int = ROLE_STOCK,
     ) -> None:
-        self._targets = targets
+        self._targets = ddl.ResolvedTargets(targets, target_cache_s)
         self._role_stock = role_stock
-        self._cache_s = target_cache_s
-        self._resolved: dict[str, tuple[float, TargetConnection]] = {}
         self._pools: dict[str, tuple[tuple[str, int, str, str, str, str], AdminPool]] = {}
         self._lock = threading.Lock()
         self._secrets = PasswordStock()
-
-    def _target(self, name: str | None) -> TargetConnection:
-        now = time.monotonic()
-        cached = self._resolved.get(name or "")
-        if cached is not None and now - cached[0] < self._cache_s:
-            return cached[1]
-        target = ddl.resolve(self._targets, name)
-        self._resolved[target.name] = (now, target)
-        return target
 
     def pool(self, target: TargetConnection) -> AdminPool:
         """The target's admin pool (a new one, the old closed, when its settings changed)."""
@@ -521,7 +507,7 @@ class PostgresTaskProvider:
         meanwhile, and commits only once that row is committed. A stock role is used when one
         is ready; a batch that fails on one is sent again making the role here (the stock
         role may have been dropped by hand, or by a sweep), whose outcome is the answer."""
-        target = self._target(grant.target)
+        target = self._targets.get(grant.target)
         try:
             narrowed = parse_grants(list(grant.scope)) if grant.scope is not None else None
         except RuleViolation as err:
@@ -613,13 +599,11 @@ class PostgresTaskProvider:
         doing = f"issuing task credential {login} on target {target.name!r}"
         try:
             conn, reused = pool.checkout()
-        except psycopg.Error as err:
+        except BaseException as err:
             if stocked is not None:
                 pool.stock_give_back(stocked[0])
-            raise ddl.classify_postgres(err, doing) from None
-        except BaseException:
-            if stocked is not None:
-                pool.stock_give_back(stocked[0])
+            if isinstance(err, psycopg.Error):
+                raise ddl.classify_postgres(err, doing) from None
             raise
         try:
             try:
