@@ -74,9 +74,11 @@ def moved_reasons(before: RiskOut, after: RiskOut) -> list[str]:
     ]
 
 
-def _risk(session: Session, agent_id: uuid.UUID, now: datetime) -> RiskOut:
+def _risk(
+    session: Session, agent_id: uuid.UUID, now: datetime, excluding: Sequence[uuid.UUID] = ()
+) -> RiskOut:
     session.flush()
-    return footprint(session, agent_id, now).risk
+    return footprint(session, agent_id, now, excluding=excluding).risk
 
 
 def request_one(
@@ -91,10 +93,9 @@ def request_one(
     """`nhis.request_checked`, then whether it needs approval (sensitive entries, or the
     footprint past the policy's threshold); a needed approval is recorded with the request."""
     now = datetime.now(UTC)
-    before = _risk(session, agent_id, now)
     nhi, sensitive = nhis.request_checked(session, settings, agent_id, body, p.actor, own_account)
     item = _Item(nhi, sensitive, find_policy(session, nhi.platform, nhi.kind, environment(nhi)))
-    gate = _gate(session, [item], before, p, workflow_id(nhi.id), bundle=False, now=now)
+    gate = _gate(session, [item], p, workflow_id(nhi.id), bundle=False, now=now)
     return nhi, sensitive, gate
 
 
@@ -110,7 +111,6 @@ def request_bundle(
     """Every request of a bundle checked and recorded, or none: the first one refused raises
     with its field under `nhis[<index>]` (the caller's transaction is rolled back)."""
     now = datetime.now(UTC)
-    before = _risk(session, agent_id, now)
     items: list[_Item] = []
     for index, body in enumerate(bodies):
         where = f"nhis[{index}]"
@@ -127,7 +127,7 @@ def request_bundle(
         items.append(
             _Item(nhi, sensitive, find_policy(session, nhi.platform, nhi.kind, environment(nhi)))
         )
-    gate = _gate(session, items, before, p, workflow_id, bundle=True, now=now)
+    gate = _gate(session, items, p, workflow_id, bundle=True, now=now)
     return [i.nhi for i in items], gate
 
 
@@ -138,7 +138,6 @@ def environment(nhi: Nhi) -> str:
 def _gate(
     session: Session,
     items: list[_Item],
-    before: RiskOut,
     p: Principal,
     workflow_id: str,
     *,
@@ -154,9 +153,12 @@ def _gate(
     if agent.backup_owner_email:
         owners.append(person_key(agent.backup_owner_email, ""))
     if not sensitive and threshold is None:
-        # Nothing to decide: the footprint after the request is not needed (it is the
-        # costliest read of a request).
+        # Nothing to decide (the default): the footprint, the costliest read of a request, is
+        # not needed, neither before nor after it.
         return Gate(owner_persons=owners)
+    # The footprint before the request is the agent's without the NHIs it adds (all a request
+    # writes besides its audit events, which the footprint does not read).
+    before = _risk(session, agent.id, now, excluding=[i.nhi.id for i in items])
     after = _risk(session, agent.id, now)
     moved = moved_reasons(before, after)
     over = threshold is not None and after.score > threshold and after.score > before.score

@@ -265,17 +265,16 @@ def footprint(
     now: datetime | None = None,
     *,
     max_depth: int = MAX_CHAIN_DEPTH,
+    excluding: Sequence[uuid.UUID] = (),
 ) -> FootprintOut:
-    """The agent's footprint as the inventory knows it now; NotFound for no such agent."""
+    """The agent's footprint as the inventory knows it now, without the NHIs in `excluding`
+    (a request's own, for the footprint before it); NotFound for no such agent."""
     now = now or datetime.now(UTC)
     agent = get_agent(session, agent_id)
-    nhis = list(
-        session.scalars(
-            select(Nhi)
-            .where(Nhi.agent_id == agent.id, Nhi.status.not_in(sorted(FINAL_STATUSES)))
-            .order_by(Nhi.created_at, Nhi.id)
-        )
-    )
+    alive = select(Nhi).where(Nhi.agent_id == agent.id, Nhi.status.not_in(sorted(FINAL_STATUSES)))
+    if excluding:
+        alive = alive.where(Nhi.id.not_in(excluding))
+    nhis = list(session.scalars(alive.order_by(Nhi.created_at, Nhi.id)))
     credentials = list(
         session.scalars(
             select(TaskCredential)
