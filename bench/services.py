@@ -397,11 +397,22 @@ class Stack:
         self.procs["worker"] = proc
         return proc
 
-    def stop_worker(self) -> None:
-        """Stop the worker (it finishes in-flight activities first)."""
-        proc = self.procs.pop("worker", None)
+    def start_process(self, name: str, cmd: list[str]) -> Proc:
+        """Start one more process of the benchmark's own (counted in `cpu_seconds` under
+        `name` until `stop_process`)."""
+        self.stop_process(name)
+        proc = spawn(name, cmd, self.env(), self.dir)
+        self.procs[name] = proc
+        return proc
+
+    def stop_process(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
         if proc is not None:
             proc.stop()
+
+    def stop_worker(self) -> None:
+        """Stop the worker (it finishes in-flight activities first)."""
+        self.stop_process("worker")
 
     def _start_api(self) -> None:
         self.api_port = free_port()
@@ -414,28 +425,35 @@ class Stack:
         wait_port(proc, self.api_port)
         httpx.get(f"{self.api_url}/healthz", timeout=10).raise_for_status()
 
-    async def wait_worker_polling(self, timeout: float = START_TIMEOUT) -> None:
-        """Block until the current worker process polls this stack's workflow task queue (so no
-        timing includes worker start-up)."""
+    async def wait_worker_polling(
+        self,
+        timeout: float = START_TIMEOUT,
+        *,
+        proc_name: str = "worker",
+        task_queue: str | None = None,
+    ) -> None:
+        """Block until the current worker process (`proc_name`) polls its workflow task queue
+        (this stack's, unless given), so no timing includes worker start-up."""
         client = await self.client()
+        queue = task_queue or self.task_queue
         request = DescribeTaskQueueRequest(
             namespace="default",
-            task_queue=TaskQueue(name=self.task_queue),
+            task_queue=TaskQueue(name=queue),
             task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
         )
         deadline = time.monotonic() + timeout
         while True:
-            worker = self.procs.get("worker")
+            worker = self.procs.get(proc_name)
             if worker is None or not worker.alive():
                 tail = worker.tail() if worker else ""
-                raise ServiceError(f"the worker is not running:\n{tail}")
+                raise ServiceError(f"{proc_name} is not running:\n{tail}")
             described = await client.workflow_service.describe_task_queue(request)
             # Pollers stay listed for a while after they stop: only this process counts (the
             # SDK's default identity is "<pid>@<host>").
             if any(p.identity.startswith(f"{worker.pid}@") for p in described.pollers):
                 return
             if time.monotonic() > deadline:
-                raise ServiceError(f"no worker polled {self.task_queue} in {timeout:.0f}s")
+                raise ServiceError(f"no {proc_name} polled {queue} in {timeout:.0f}s")
             await asyncio.sleep(0.2)
 
     def check_alive(self) -> None:
