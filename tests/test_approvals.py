@@ -171,20 +171,22 @@ async def _request(
             headers=_token(rig, REQUESTER, "platform"),
         )
         assert created.status_code == 201, created.text
-        agent_id = created.json()["id"]
-        answer = await http.post(
-            f"/v1/agents/{agent_id}/nhis",
-            json={
-                "platform": "aws",
-                "kind": "iam_role",
-                "scope": scope,
-                "trust_principal": TRUST,
-            },
-            headers=_token(rig, REQUESTER, "platform"),
-        )
-        assert answer.status_code == 202, answer.text
-        body = answer.json()
+        body = await _ask(http, created.json()["id"], scope, _token(rig, REQUESTER, "platform"))
         return uuid.UUID(body["id"]), body
+
+
+async def _ask(
+    http: httpx.AsyncClient, agent_id: Any, scope: list[dict[str, Any]], headers: dict[str, str]
+) -> dict[str, Any]:
+    """One `iam_role` request for the agent; its 202 answer."""
+    answer = await http.post(
+        f"/v1/agents/{agent_id}/nhis",
+        json={"platform": "aws", "kind": "iam_role", "scope": scope, "trust_principal": TRUST},
+        headers=headers,
+    )
+    assert answer.status_code == 202, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
 
 
 def _nhi(rig: Rig, nhi_id: uuid.UUID) -> Nhi:
@@ -486,6 +488,28 @@ async def test_a_request_past_the_risk_threshold_waits_for_approval(rig: Rig, po
     _, plain = await _request(rig, PLAIN, environment="prod")
     assert plain["status"] == "requested"
     assert plain["approval"] is None
+
+
+async def test_risk_before_counts_the_agents_other_nhis_and_not_the_requested_one(
+    rig: Rig, policy: Any
+) -> None:
+    """A request with nothing sensitive and no threshold reads no footprint; one that needs an
+    approval reports `risk_before` as the agent's footprint before it: the NHI the agent
+    already has counts, the one requested does not."""
+    policy("prod", approvers=[DAVE])
+    first_id, first = await _request(rig, PLAIN, environment="prod")
+    assert first["status"] == "requested" and first["approval"] is None
+    agent_id = _nhi(rig, first_id).agent_id
+    platform = _token(rig, REQUESTER, "platform")
+    async with httpx.AsyncClient(base_url=rig.api, timeout=30) as http:
+        seen = await http.get(f"/v1/agents/{agent_id}/footprint", headers=platform)
+        assert seen.status_code == 200, seen.text
+        score = seen.json()["risk"]["score"]
+        assert score > 0  # a prod agent reaching a data store
+        second = await _ask(http, agent_id, SENSITIVE, platform)
+    approval = second["approval"]
+    assert approval["risk_before"] == score
+    assert approval["risk_after"] > score
 
 
 def _returning(fetch: Any, count: int) -> Any:
