@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
 from activities.providers.base import TaskCredentialProvider
+from activities.providers.registry import close_task_providers
 from models.enums import Platform
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
@@ -77,10 +78,7 @@ class AppState:
 def close_task_issuers(state: AppState) -> None:
     """Close the task-credential issuers built for this app, if any (on shutdown)."""
     issuers, state.task_issuers = state.task_issuers, None
-    for issuer in (issuers or {}).values():
-        close = getattr(issuer, "close", None)
-        if close is not None:
-            close()
+    close_task_providers(issuers or {})
 
 
 def _state(request: Request) -> AppState:

@@ -464,7 +464,7 @@ class InProcess:
 
 @asynccontextmanager
 async def _ours_in_process(w: World, nhi: str) -> AsyncIterator[InProcess]:
-    from activities.providers.registry import build_task_providers
+    from activities.providers.registry import build_task_providers, close_task_providers
     from nhi.infra.aws_clients import make_aws_clients
     from nhi.services.target_registry import TargetRegistry
 
@@ -500,10 +500,7 @@ async def _ours_in_process(w: World, nhi: str) -> AsyncIterator[InProcess]:
             one = _threaded(pool, issue)
             yield InProcess({1: one, CONCURRENCY: one}, short)
     finally:
-        for provider in issuers.values():
-            close = getattr(provider, "close", None)
-            if close is not None:
-                close()
+        close_task_providers(issuers)
         engine.dispose()
 
 

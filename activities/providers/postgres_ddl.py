@@ -238,7 +238,8 @@ class ResolvedTargets:
             return cached[1]
         target = resolve(self._targets, name)
         with self._lock:
-            self._found[target.name] = (now, target)
+            # Under the name asked for: no name (the default target) is cached as well.
+            self._found[name or ""] = (now, target)
         return target
 
     def forget(self, name: str) -> None:

@@ -4,6 +4,8 @@ line to `build_providers`, and add the platform and its kinds to models/enums.py
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from activities.providers.aws import AwsProvider
 from activities.providers.aws_task import AwsTaskProvider
 from activities.providers.base import Provider, TaskCredentialProvider
@@ -67,6 +69,15 @@ def build_task_providers(
     if settings is not None:
         issuers[Platform.GITHUB] = GithubTaskProvider(settings, aws.secrets)
     return issuers
+
+
+def close_task_providers(issuers: Mapping[Platform, TaskCredentialProvider]) -> None:
+    """Close the issuers that keep something open (Postgres: admin connections and the stock
+    roles made ahead, which closing drops)."""
+    for issuer in issuers.values():
+        close = getattr(issuer, "close", None)
+        if close is not None:
+            close()
 
 
 def name_prefix(platform: Platform, prefix: str) -> str:
