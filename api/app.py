@@ -58,7 +58,11 @@ def create_app(
         engine = None
         own_sessions = sessions
         if own_sessions is None:
-            engine = make_engine(settings.require_database_url(), ping_idle_s=PING_IDLE_S)
+            engine = make_engine(
+                settings.require_database_url(),
+                pool_size=settings.api_database_pool_size,
+                ping_idle_s=PING_IDLE_S,
+            )
             own_sessions = make_sessionmaker(engine)
         app.state.nhi = AppState(
             settings=settings,

@@ -21,7 +21,7 @@ from nhi.infra.config import Settings
 from nhi.infra.metrics import (
     HttpMetrics,
     InventoryMetrics,
-    exposition,
+    MetricsPage,
     install_sdk_runtime,
     new_registry,
 )
@@ -42,21 +42,22 @@ class ApiOps:
         self.registry = new_registry()
         self.http = HttpMetrics(self.registry)
         self.inventory = InventoryMetrics(self.registry, settings.sweep_interval_seconds)
-        self.sdk_url: str | None = None
+        self.page = MetricsPage(self.registry, None)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, state: AppState, *, sdk_metrics: bool) -> None:
         """Export the SDK's metrics (before any Temporal client exists) and start refreshing."""
         if sdk_metrics:
-            self.sdk_url = install_sdk_runtime()
+            self.page.sdk_url = install_sdk_runtime()
         self._task = asyncio.create_task(self._loop(state), name="nhi-metrics-refresh")
 
     async def stop(self) -> None:
-        """Stop the refresher."""
+        """Stop the refresher and close the page's SDK client."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.page.aclose()
 
     async def _loop(self, state: AppState) -> None:
         while True:
@@ -176,4 +177,4 @@ async def readyz(state: State) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     """Prometheus text format: our metrics, then the Temporal SDK's."""
     ops = _ops(request)
-    return Response(await exposition(ops.registry, ops.sdk_url), media_type=CONTENT_TYPE_LATEST)
+    return Response(await ops.page.render(), media_type=CONTENT_TYPE_LATEST)

@@ -147,11 +147,13 @@ async def _timed(
     started = time.perf_counter()
     await load.bounded([None] * n, call, concurrency)
     phase.wall_s += time.perf_counter() - started
+    # Read before the scrape below: a scrape's CPU (API and this process) is not the issues'.
+    after = stack.cpu_seconds()
     if inside:
         server_after = await _server_time(stack)
         phase.server_s += server_after[0] - server_before[0]
         phase.server_n += server_after[1] - server_before[1]
-    for name, spent in cpu_delta(before, stack.cpu_seconds()).items():
+    for name, spent in cpu_delta(before, after).items():
         phase.cpu[name] = round(phase.cpu.get(name, 0.0) + spent, 3)
     return phase
 

@@ -32,7 +32,7 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 from psycopg import sql
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from activities.providers import postgres_ddl as ddl
@@ -746,6 +746,36 @@ async def test_an_idempotent_retry_never_gets_the_credential_again(world: World)
     with transaction(world.sessions) as s:
         kept = s.scalars(select(IdempotencyKey).where(IdempotencyKey.key == key)).one()
         assert kept.response == {"secret": True}
+
+
+async def test_concurrent_issues_reuse_the_apis_pooled_connections(world: World) -> None:
+    """Eight issues at once, three bursts after a first: the API's inventory connections are
+    opened once and kept. (An issue holds its connection through its round trips to the
+    target; a pool smaller than the concurrency opens a connection per checkout beyond it and
+    closes it on return: a new Postgres backend for about every third issue.)"""
+    engine = world.app.state.nhi.sessions.kw["bind"]
+    opened: list[object] = []
+
+    def connected(dbapi_connection: object, _record: object) -> None:
+        opened.append(dbapi_connection)
+
+    async def burst(r: int) -> None:
+        answers = await asyncio.gather(
+            *(
+                _issue(world, world.agent_token, world.pg_nhi, ttl="5m", task_id=f"b{r}-{i}")
+                for i in range(8)
+            )
+        )
+        assert [a.status_code for a in answers] == [201] * 8, [a.text for a in answers]
+
+    await burst(0)
+    event.listen(engine, "connect", connected)
+    try:
+        for r in (1, 2, 3):
+            await burst(r)
+    finally:
+        event.remove(engine, "connect", connected)
+    assert opened == [], f"{len(opened)} connections opened after the pool was warm"
 
 
 async def test_an_agent_token_is_bound_to_exactly_one_agent(world: World, service: Service) -> None:

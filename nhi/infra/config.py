@@ -473,6 +473,17 @@ class Settings(BaseSettings):
     api_url: str = Field(
         default="http://127.0.0.1:8000", description="Base URL the `nhi` CLI talks to."
     )
+    # A request holds its connection for the whole call (an issue: for its round trips to the
+    # target too), and a connection beyond the pool is opened for one checkout and closed on
+    # return: each costs a new Postgres backend (fork and authentication). With 5, 8
+    # concurrent issues opened one for about every third issue (bench/README.md).
+    api_database_pool_size: int = Field(
+        default=16,
+        ge=1,
+        le=500,
+        description="Database connections each API process keeps open (as many more are "
+        "opened for a burst and closed after it).",
+    )
     worker_max_concurrent_activities: int = Field(
         default=32, ge=1, le=1000, description="Activity slots (and threads) per worker process."
     )

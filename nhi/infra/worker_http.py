@@ -22,7 +22,7 @@ from temporalio.worker import Worker
 from nhi.infra import health
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
-from nhi.infra.metrics import exposition
+from nhi.infra.metrics import MetricsPage
 
 log = logging.getLogger("nhi.worker.http")
 
@@ -49,8 +49,7 @@ class WorkerHttp:
         self._worker = worker
         self._client = client
         self._sessions = sessions
-        self._registry = registry
-        self._sdk_url = sdk_url
+        self._page = MetricsPage(registry, sdk_url)
         self._server: asyncio.Server | None = None
         self._routes: dict[str, Callable[[], Awaitable[Answer]]] = {
             "/healthz": self._healthz,
@@ -83,11 +82,12 @@ class WorkerHttp:
         return True
 
     async def close(self) -> None:
-        """Stop listening."""
+        """Stop listening and close the page's SDK client."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        await self._page.aclose()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -156,7 +156,7 @@ class WorkerHttp:
         return _json(status, body)
 
     async def _metrics(self) -> Answer:
-        return 200, CONTENT_TYPE_LATEST, await exposition(self._registry, self._sdk_url)
+        return 200, CONTENT_TYPE_LATEST, await self._page.render()
 
 
 def _json(status: int, body: object) -> Answer:
