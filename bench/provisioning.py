@@ -375,7 +375,8 @@ def _lat(phase: Phase, key: str | None = None) -> str:
 
 
 def _cpu_per_item(phase: Phase) -> str:
-    """CPU per completed NHI by process, then the rest of the machine (Postgres, others)."""
+    """CPU per completed NHI by process, then the rest of the machine (what no process named
+    used: the kernel's own work, anything else running)."""
     if not phase.done:
         return "n/a"
     ours = {k: v for k, v in phase.cpu_s.items() if k != MACHINE}
@@ -537,6 +538,8 @@ async def run(stack: Stack, sizes: list[int], out: Path, target_size: int) -> Re
     """The whole benchmark on one stack."""
     result = Result(name=NAME, title="Provisioning and decommissioning throughput")
     creds = await asyncio.to_thread(load.credentials, stack.database_url)
+    # The inventory's server in the CPU by process (exited backends included).
+    stack.watch_postgres("Postgres (inventory)")
     result.note(f"API callers: {creds.mode}.")
     async with load.http_client(stack.api_url, creds.admin) as http:
         await load.set_grace_period(http, "iam_role", 0, creds.admin)

@@ -258,6 +258,43 @@ class StackSpec:
     bytecode_cache: bool = True
 
 
+def postmaster_pid(data_dir: str | Path) -> int | None:
+    """The pid of the Postgres server running on `data_dir` (its postmaster.pid), or None."""
+    try:
+        first = (Path(data_dir) / "postmaster.pid").read_text().split("\n", 1)[0]
+        return int(first)
+    except (OSError, ValueError):
+        return None
+
+
+def server_data_dir(dsn: str) -> str | None:
+    """The data directory of the server behind `dsn`, or None when the role may not read it."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT current_setting('data_directory')").fetchone()
+    except psycopg.Error:
+        return None
+    return None if row is None else str(row[0])
+
+
+def postgres_cpu_seconds(pid: int) -> float:
+    """CPU used so far by one Postgres server: its postmaster, its live backends, and every
+    backend that has exited. The postmaster reaps its children, so the kernel adds their CPU
+    to its children's times: a connection opened per request (a backend forked, authenticated
+    and gone) counts here, where a sum over the processes alive at each reading misses it."""
+    try:
+        root = psutil.Process(pid)
+        own = root.cpu_times()
+        total = own.user + own.system + own.children_user + own.children_system
+        for child in root.children():
+            with contextlib.suppress(psutil.Error):
+                times = child.cpu_times()
+                total += times.user + times.system
+    except psutil.Error:
+        return 0.0
+    return float(total)
+
+
 class Stack:
     """One benchmark's services; a context manager that always stops what it started."""
 
@@ -274,6 +311,8 @@ class Stack:
         self.api_port = 0
         self.task_queue = f"nhi-bench-{uuid.uuid4().hex[:8]}"
         self._client: Client | None = None
+        # Postgres servers whose CPU `cpu_seconds` also reports: name -> postmaster pid.
+        self.postgres: dict[str, int] = {}
 
     # ---- addresses ---------------------------------------------------------------------------
 
@@ -494,11 +533,24 @@ class Stack:
         out = {name: proc.cpu_seconds() for name, proc in self.procs.items()}
         me = psutil.Process().cpu_times()
         out["bench (load generator)"] = float(me.user + me.system)
-        # Everything the machine did: the difference to the processes above is Postgres and
-        # whatever else shares the machine (other users' tests), i.e. noise to be aware of.
+        for name, pid in self.postgres.items():
+            out[name] = postgres_cpu_seconds(pid)
+        # Everything the machine did: the difference to the processes above is what no entry
+        # covers (a Postgres server not watched, the kernel's own work, anything else running
+        # on this machine), i.e. noise to be aware of.
         total = psutil.cpu_times()
         out[MACHINE] = float(sum(total) - total.idle - getattr(total, "iowait", 0.0))
         return out
+
+    def watch_postgres(self, name: str, data_dir: str | Path | None = None) -> bool:
+        """Report the CPU of a Postgres server under `name` in `cpu_seconds`: the one on
+        `data_dir`, or this stack's database server. False when it cannot be found."""
+        where = data_dir if data_dir is not None else server_data_dir(self.dsn)
+        pid = postmaster_pid(where) if where is not None else None
+        if pid is None:
+            return False
+        self.postgres[name] = pid
+        return True
 
     def stop(self) -> None:
         """Stop every process in reverse start order, then drop the stack's database."""

@@ -44,7 +44,15 @@ import psycopg
 from bench import load
 from bench.expiry_postgres import stop_cluster
 from bench.report import Result, fmt, percentile, verdict_at_least, verdict_at_most
-from bench.services import Stack, cleanup_on_kill, cpu_delta, free_port, spawn, wait_port
+from bench.services import (
+    MACHINE,
+    Stack,
+    cleanup_on_kill,
+    cpu_delta,
+    free_port,
+    spawn,
+    wait_port,
+)
 from models.enums import Role
 from nhi.infra.db import PING_IDLE_S, make_engine, make_sessionmaker, transaction
 from nhi.rules.ids import task_reaper_schedule_id
@@ -742,6 +750,10 @@ async def run(stack: Stack, n: int, out: Path) -> Result:
     with cleanup_on_kill(lambda: stop_cluster(cluster)):
         print(f"  [{NAME}] starting a scram-sha-256 cluster", flush=True)
         await asyncio.to_thread(cluster.start)
+        # Both servers' CPU per phase, exited backends included (a connection opened per call
+        # shows there): the target both sides make roles on, and the inventory's.
+        stack.watch_postgres("Postgres (target)", cluster.data)
+        stack.watch_postgres("Postgres (inventory)")
         w = await _setup(stack, cluster)
         print(
             f"  [{NAME}] issuing {n} per loop in {ROUNDS} interleaved rounds "
@@ -782,6 +794,17 @@ async def run(stack: Stack, n: int, out: Path) -> Result:
     return result
 
 
+def _cpu_text(phase: Phase) -> str:
+    """The machine's CPU per call, then each process's that used at least 0.05 ms of it, and
+    what no process named accounts for (the kernel's own work, anything else running)."""
+    n = len(phase.latencies)
+    per = {name: spent * 1000 / n for name, spent in phase.cpu.items()}
+    machine = per.pop(MACHINE, 0.0)
+    named = sorted(((v, k) for k, v in per.items() if v >= 0.05), reverse=True)
+    parts = ", ".join(f"{k} {v:.2f}" for v, k in named)
+    return f"{machine:.2f} ms ({parts}; unaccounted {machine - sum(per.values()):.2f})"
+
+
 def _ratio_row(result: Result, w: World, ours: str, theirs: str, target: float, what: str) -> None:
     a, b = w.phases.get(ours), w.phases.get(theirs)
     if a is None or b is None:
@@ -814,6 +837,9 @@ def _report(result: Result, w: World, n: int, reaped: int) -> None:
                 f"{fmt(inside, 'ms', 2)} / {fmt(mean, 'ms', 2)} "
                 f"(the rest: HTTP parsing, sockets, the client; n={phase.server_n})",
             )
+    for phase in w.phases.values():
+        if phase.latencies and phase.cpu and "lateness" not in phase.label:
+            result.row(f"{phase.label}: CPU per call by process", _cpu_text(phase))
     c = CONCURRENCY
     for ours in ("ours over HTTP", "ours in-process"):
         _ratio_row(
@@ -939,6 +965,14 @@ def _report(result: Result, w: World, n: int, reaped: int) -> None:
         "thread hop, FastAPI's parsing and dependencies)."
     )
     result.note(
-        "CPU seconds per phase and process are in the JSON (`phases.*.cpu_s`); 'machine' "
-        "includes Postgres and everything else on this shared 2-core machine."
+        "CPU per call by process: the machine's (all CPUs, from /proc/stat) and each "
+        "process's, in ms per issue (per call for the transport floor and the AssumeRole "
+        "loops). 'Postgres (target)' is the throwaway cluster both sides make roles on, "
+        "'Postgres (inventory)' the server of the stack's database (shared with the other "
+        "databases on it, idle during this benchmark); each counts its postmaster, its live "
+        "backends and those that have exited, so a connection opened per call shows. 'bench "
+        "(load generator)' is the client for the HTTP sides and the client and the service "
+        "for the in-process ones. 'unaccounted' is what no process named used: the kernel's "
+        "own work (loopback networking, scheduling) and anything else on this 2-core machine. "
+        "The seconds are in the JSON (`phases.*.cpu_s`)."
     )
