@@ -29,7 +29,13 @@ from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings, get_settings
 from nhi.infra.db import make_engine, make_sessionmaker
 from nhi.infra.logging import configure
-from nhi.infra.metrics import ActivityMetrics, MetricsInterceptor, install_sdk_runtime, new_registry
+from nhi.infra.metrics import (
+    ActivityMetrics,
+    DatabasePoolMetrics,
+    MetricsInterceptor,
+    install_sdk_runtime,
+    new_registry,
+)
 from nhi.infra.slack_client import make_slack_client
 from nhi.infra.task_alerts import install_task_failure_alerts
 from nhi.infra.temporal_client import connect
@@ -209,6 +215,7 @@ async def run(settings: Settings) -> None:
     client = await connect(settings)
     sessions = make_sessionmaker(engine)
     registry = new_registry()
+    DatabasePoolMetrics(registry, engine)
     slack = make_slack_client(settings)
     worker = build_worker(
         client,

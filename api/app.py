@@ -64,6 +64,7 @@ def create_app(
                 ping_idle_s=PING_IDLE_S,
             )
             own_sessions = make_sessionmaker(engine)
+            app.state.ops.watch_pool(engine)
         app.state.nhi = AppState(
             settings=settings,
             sessions=own_sessions,

@@ -11,7 +11,7 @@ import time
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +19,7 @@ from api.deps import AppState, State
 from nhi.infra import health
 from nhi.infra.config import Settings
 from nhi.infra.metrics import (
+    DatabasePoolMetrics,
     HttpMetrics,
     InventoryMetrics,
     MetricsPage,
@@ -43,6 +44,7 @@ class ApiOps:
         self.http = HttpMetrics(self.registry)
         self.inventory = InventoryMetrics(self.registry, settings.sweep_interval_seconds)
         self.page = MetricsPage(self.registry, None)
+        self.pool: DatabasePoolMetrics | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, state: AppState, *, sdk_metrics: bool) -> None:
@@ -50,6 +52,11 @@ class ApiOps:
         if sdk_metrics:
             self.page.sdk_url = install_sdk_runtime()
         self._task = asyncio.create_task(self._loop(state), name="nhi-metrics-refresh")
+
+    def watch_pool(self, engine: Engine) -> None:
+        """Export the pool of the engine this app made itself (tests that hand the app their
+        own sessions keep their engine's pool out of it)."""
+        self.pool = DatabasePoolMetrics(self.registry, engine)
 
     async def stop(self) -> None:
         """Stop the refresher and close the page's SDK client."""

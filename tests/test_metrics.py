@@ -22,6 +22,7 @@ import yaml
 from sqlalchemy import text
 from temporalio.testing import WorkflowEnvironment
 
+from nhi.infra.config import Settings
 from nhi.infra.db import make_engine, make_sessionmaker, transaction, upgrade_head
 from tests.conftest import Databases, dev_address
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually, mint
@@ -232,6 +233,22 @@ async def test_requests_are_counted_by_route_template(exercised: Exercised) -> N
     assert value(page, "nhi_http_request_duration_seconds_count", method="POST", route=route) == 4
     # The Temporal SDK's own metrics, merged into the same page by the served app.
     assert value(page, "temporal_request", operation="DescribeTaskQueue") >= 1
+
+
+@pytest.mark.slow
+async def test_each_process_exports_its_database_pool(exercised: Exercised) -> None:
+    api, worker = exercised.api, exercised.worker
+    size = Settings.model_fields["api_database_pool_size"].default
+    assert value(api, "nhi_db_pool_size") == size
+    # One request at a time (and the refresh): connections opened once, then reused.
+    assert 1 <= value(api, "nhi_db_connections_opened_total") <= size
+    assert value(api, "nhi_db_pool_connections", state="idle") >= 1
+    assert (
+        value(worker, "nhi_db_pool_size")
+        == Settings.model_fields["worker_max_concurrent_activities"].default
+    )
+    assert value(worker, "nhi_db_connections_opened_total") >= 1
+    assert "nhi_db_pool_connections" in names(worker)
 
 
 @pytest.mark.slow

@@ -37,7 +37,8 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
-from sqlalchemy import bindparam, text
+from sqlalchemy import Engine, QueuePool, bindparam, text
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
@@ -163,6 +164,46 @@ class HttpMetrics:
         """Count one answered request."""
         self.requests.labels(method, route, str(status)).inc()
         self.duration.labels(method, route).observe(seconds)
+
+
+# ---- API and worker: the inventory's connection pool ------------------------------------------
+class DatabasePoolMetrics:
+    """One process's pool of inventory connections.
+
+    `nhi_db_connections_opened_total` counts connections opened: after start-up it should
+    stay flat. A steady rate means the process serves more at once than its pool keeps
+    (`NHI_API_DATABASE_POOL_SIZE`, a worker's activity slots): each connection beyond the pool
+    is opened for one checkout and closed on return, a Postgres backend forked and
+    authenticated every time. The gauges say how many are in use and idle, against the
+    pool's size."""
+
+    def __init__(self, registry: CollectorRegistry, engine: Engine) -> None:
+        self.opened = Counter(
+            "nhi_db_connections_opened",
+            "Inventory database connections this process opened (flat once warm; a steady "
+            "rate means its pool is smaller than the concurrency it serves).",
+            registry=registry,
+        )
+        sa_event.listen(engine, "connect", self._opened)
+        pool = engine.pool
+        connections = Gauge(
+            "nhi_db_pool_connections",
+            "Inventory database connections of this process, by state (in_use, idle).",
+            ["state"],
+            registry=registry,
+        )
+        size = Gauge(
+            "nhi_db_pool_size",
+            "Inventory database connections this process's pool keeps open.",
+            registry=registry,
+        )
+        if isinstance(pool, QueuePool):
+            connections.labels("in_use").set_function(pool.checkedout)
+            connections.labels("idle").set_function(pool.checkedin)
+            size.set_function(pool.size)
+
+    def _opened(self, _dbapi_connection: Any, _record: Any) -> None:
+        self.opened.inc()
 
 
 # ---- API: the inventory -----------------------------------------------------------------------
