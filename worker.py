@@ -215,7 +215,7 @@ async def run(settings: Settings) -> None:
     client = await connect(settings)
     sessions = make_sessionmaker(engine)
     registry = new_registry()
-    DatabasePoolMetrics(registry, engine)
+    DatabasePoolMetrics(registry).watch(engine)
     slack = make_slack_client(settings)
     worker = build_worker(
         client,

@@ -44,7 +44,7 @@ class ApiOps:
         self.http = HttpMetrics(self.registry)
         self.inventory = InventoryMetrics(self.registry, settings.sweep_interval_seconds)
         self.page = MetricsPage(self.registry, None)
-        self.pool: DatabasePoolMetrics | None = None
+        self.pool = DatabasePoolMetrics(self.registry)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, state: AppState, *, sdk_metrics: bool) -> None:
@@ -56,7 +56,7 @@ class ApiOps:
     def watch_pool(self, engine: Engine) -> None:
         """Export the pool of the engine this app made itself (tests that hand the app their
         own sessions keep their engine's pool out of it)."""
-        self.pool = DatabasePoolMetrics(self.registry, engine)
+        self.pool.watch(engine)
 
     async def stop(self) -> None:
         """Stop the refresher and close the page's SDK client."""

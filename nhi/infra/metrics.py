@@ -177,30 +177,35 @@ class DatabasePoolMetrics:
     authenticated every time. The gauges say how many are in use and idle, against the
     pool's size."""
 
-    def __init__(self, registry: CollectorRegistry, engine: Engine) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.opened = Counter(
             "nhi_db_connections_opened",
             "Inventory database connections this process opened (flat once warm; a steady "
             "rate means its pool is smaller than the concurrency it serves).",
             registry=registry,
         )
-        sa_event.listen(engine, "connect", self._opened)
-        pool = engine.pool
-        connections = Gauge(
+        self.connections = Gauge(
             "nhi_db_pool_connections",
             "Inventory database connections of this process, by state (in_use, idle).",
             ["state"],
             registry=registry,
         )
-        size = Gauge(
+        self.size = Gauge(
             "nhi_db_pool_size",
             "Inventory database connections this process's pool keeps open.",
             registry=registry,
         )
+
+    def watch(self, engine: Engine) -> DatabasePoolMetrics:
+        """Count `engine`'s openings and read its pool at each scrape (a later call moves the
+        gauges to another engine, as an app started again makes a new one)."""
+        sa_event.listen(engine, "connect", self._opened)
+        pool = engine.pool
         if isinstance(pool, QueuePool):
-            connections.labels("in_use").set_function(pool.checkedout)
-            connections.labels("idle").set_function(pool.checkedin)
-            size.set_function(pool.size)
+            self.connections.labels("in_use").set_function(pool.checkedout)
+            self.connections.labels("idle").set_function(pool.checkedin)
+            self.size.set_function(pool.size)
+        return self
 
     def _opened(self, _dbapi_connection: Any, _record: Any) -> None:
         self.opened.inc()
