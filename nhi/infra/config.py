@@ -473,10 +473,13 @@ class Settings(BaseSettings):
     api_url: str = Field(
         default="http://127.0.0.1:8000", description="Base URL the `nhi` CLI talks to."
     )
-    # A request holds its connection for the whole call (an issue: for its round trips to the
-    # target too), and a connection beyond the pool is opened for one checkout and closed on
-    # return: each costs a new Postgres backend (fork and authentication). With 5, 8
-    # concurrent issues opened one for about every third issue (bench/README.md).
+    # A request holds its connection for the whole call (an issue: through its round trips to
+    # the target; a provisioning request: through its Temporal start), and a connection beyond
+    # the pool is opened for one checkout and closed on return: each costs a new Postgres
+    # backend (fork and authentication). With 5, 8 concurrent issues opened one for about every
+    # third issue; with 16, 32 provisioning requests in flight opened 53 extra for 300 NHIs.
+    # Larger by default would crowd `max_connections` (README, Kubernetes): raise it where the
+    # API's usual concurrency is higher (`nhi_db_connections_opened_total` keeps growing).
     api_database_pool_size: int = Field(
         default=16,
         ge=1,
