@@ -3,7 +3,8 @@ cleaned up by the sweep after the pre-active window, and a request whose run nev
 re-driven. On a fresh time-skipping server, against moto over HTTP and the real inventory.
 
 The run is held after the IAM user, its key and its secret exist by failing `GetUser` (the last
-call of key delivery) with a retryable AWS error through a botocore hook on the worker's client.
+call of key delivery) with a retryable AWS error through a botocore hook on the worker's client;
+"held" means that failure is recorded by the server: the activity is between retries.
 """
 
 from __future__ import annotations
@@ -81,7 +82,16 @@ class Rig(SweepRig):
                 raise AssertionError("no secret yet") from err
             assert len(keys) == 1
 
+        async def failed_once() -> None:
+            # Everything exists just before GetUser is called: wait for its failure to be
+            # recorded, so whatever the test does next finds no attempt running.
+            pending = (await handle.describe()).raw_description.pending_activities
+            assert pending, "no pending activity yet"
+            assert pending[0].activity_type.name == "deliver_credential", pending[0]
+            assert pending[0].HasField("last_failure"), "no attempt failed yet"
+
         await eventually(everything_made)
+        await eventually(failed_once)
         self._lift = lift
         return handle, name, secret
 
@@ -152,11 +162,18 @@ async def test_a_cancelled_run_compensates(rig: Rig) -> None:
     nhi_id = await rig.request()
     handle, name, secret = await rig.held_after_the_secret(nhi_id)
     await handle.cancel()
+    # The cancellation reaches the delivery between its retries (`held_after_the_secret` waits
+    # for a failed attempt): the time-skipping test server cancels such an activity at once,
+    # but one whose attempt is running and then fails with the cancellation pending it never
+    # resolves, and the run waits forever (the history ends at ACTIVITY_TASK_CANCEL_REQUESTED;
+    # reproduced in both of two runs by holding GetUser until after the request). Before that
+    # wait, about one run in ten hit it on a loaded machine (everything exists just before the
+    # first GetUser, so the cancellation could find that attempt running).
     # Lift the fault (the removal proves absence with GetUser too) only once the run's request
     # to cancel the delivery is in history. Lifted earlier, the delivery's next attempt can
     # succeed while the workflow task carrying that request is still being completed, and the
     # time-skipping test server refuses such a request (ACTIVITY_UNKNOWN) and wedges the run
-    # (temporalio/sdk-java#2391; a real server ignores it): the CI hang of this test.
+    # (temporalio/sdk-java#2391; a real server ignores it).
     await rig.await_event(handle, EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED)
     rig.lift()
     # In real time: compensation needs no timer, and a time skip would only jump this run's
