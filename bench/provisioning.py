@@ -32,6 +32,7 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
 
 from activities.providers.aws import (
     QUARANTINE_POLICY_NAME,
@@ -208,10 +209,10 @@ def warm_up(aws: AwsClients, path: str) -> None:
 
 
 async def history_profile(
-    stack: Stack, workflow_ids: tuple[str, str], timeout: float = 60.0
+    stack: Stack, workflow_ids: tuple[str, ...], timeout: float = 60.0
 ) -> dict[str, int]:
-    """What one NHI's workflows (its provisioning run, then its lifecycle) wrote to Temporal
-    until the lifecycle waits on its timer: runs, history events, activities, local
+    """What one NHI's workflows (its provisioning run, then its lifecycle; or its one run) wrote
+    to Temporal until the last waits on its timer: runs, history events, activities, local
     activities, workflow tasks (read back from the server, so the explanation quotes measured
     numbers)."""
     client = await stack.client()
@@ -283,9 +284,10 @@ async def ours_provision(
     return phase, requested
 
 
-async def shape_provision(stack: Stack, n: int) -> Phase:
+async def shape_provision(stack: Stack, n: int) -> tuple[Phase, Phase]:
     """The Temporal shape of N provisionings alone, on its own worker (bench/temporal_shape.py);
-    timed start -> lifecycle running, CPU until that worker is idle."""
+    timed start -> lifecycle running, CPU until that worker is idle. Then, on the same worker,
+    N of the one-run shape, timed start -> `active`."""
     queue = f"{stack.task_queue}-shape"
     stack.start_process(
         SHAPE_WORKER,
@@ -309,9 +311,26 @@ async def shape_provision(stack: Stack, n: int) -> Phase:
             phase.extra["per_nhi_history"] = await history_profile(
                 stack, (temporal_shape.provision_id(nhi_id), temporal_shape.lifecycle_id(nhi_id))
             )
-        return phase
+        return phase, await _shape_one_run(stack, client, queue, n)
     finally:
         stack.stop_process(SHAPE_WORKER)
+
+
+async def _shape_one_run(stack: Stack, client: Client, queue: str, n: int) -> Phase:
+    """N one-run shapes (the provisioning steps, then the lifecycle's wait, in one run)."""
+    cpu0 = stack.cpu_seconds()
+    phase = Phase(label="Temporal shape, one run per NHI", n=n, started_at=time.time())
+    sent = await temporal_shape.start_all(client, queue, n, load.CONCURRENCY, one_run=True)
+    seen = await temporal_shape.wait_active(client, n, _timeout(n))
+    phase.timed_out = len(seen) < n
+    await wait_idle(stack.procs[SHAPE_WORKER], _timeout(n))
+    phase.cpu_s = cpu_delta(cpu0, stack.cpu_seconds())
+    # Visibility says how many are active, not which: completion times only (no latencies).
+    phase.finished_at = {f"seen-{i}": t for i, t in enumerate(seen)}
+    first = next(iter(sent), None)
+    if first is not None:
+        phase.extra["per_nhi_history"] = await history_profile(stack, (first,))
+    return phase
 
 
 async def ours_decommission(
@@ -351,7 +370,7 @@ async def run_size(stack: Stack, creds: load.Credentials, n: int, tag: str) -> d
     ours_up, requested = await ours_provision(stack, creds, n)
     stack.check_alive()
     print(f"  [{NAME}] n={n}: Temporal shape alone", flush=True)
-    shape = await shape_provision(stack, n)
+    shape, one_run = await shape_provision(stack, n)
     print(f"  [{NAME}] n={n}: floor decommission", flush=True)
     floor_down = await asyncio.to_thread(floor_decommission, aws, names, stack.cpu_seconds)
     print(f"  [{NAME}] n={n}: ours decommission", flush=True)
@@ -363,6 +382,7 @@ async def run_size(stack: Stack, creds: load.Credentials, n: int, tag: str) -> d
         "floor_decommission": floor_down,
         "ours_decommission": ours_down,
         "shape_provision": shape,
+        "shape_one_run": one_run,
     }
 
 
@@ -426,6 +446,8 @@ def _rows(result: Result, n: int, phases: dict[str, Phase], target_size: int) ->
         result.row(f"{label} {n}: floor CPU per NHI", _cpu_per_item(floor))
         if what == "provision":
             _shape_rows(result, n, ours, phases["shape_provision"])
+            if "shape_one_run" in phases:
+                _one_run_rows(result, n, phases["shape_one_run"])
         for who, phase in (("ours", ours), ("floor", floor)):
             if phase.failed or phase.timed_out:
                 errors = "; ".join(phase.extra.get("errors", []))
@@ -446,11 +468,7 @@ def _shape_rows(result: Result, n: int, ours: Phase, shape: Phase) -> None:
     """What the workflow shape alone costs, next to ours, and the rate it allows at most."""
     history = shape.extra.get("per_nhi_history", {})
     result.row(
-        f"provisioning {n}: Temporal shape alone ({history.get('workflows', '?')} runs, "
-        f"{history.get('workflow_tasks', '?')} workflow tasks, "
-        f"{history.get('activities', '?')} activity, "
-        f"{history.get('local_activities', '?')} local activities, "
-        f"{history.get('events', '?')} events; no work)",
+        f"provisioning {n}: Temporal shape alone ({_shape_label(history)})",
         f"{fmt(shape.throughput, 'NHI/s')} ({shape.done}/{n} in {fmt(shape.wall_s, 's', 1)})",
     )
     if shape.timed_out:
@@ -470,6 +488,36 @@ def _shape_rows(result: Result, n: int, ours: Phase, shape: Phase) -> None:
     result.row(
         f"provisioning {n}: most the shape alone allows ({cores} CPUs / its machine CPU per NHI)",
         fmt(ceiling, "NHI/s"),
+    )
+
+
+def _shape_label(history: dict[str, int]) -> str:
+    """The shape as read back from the server: runs, tasks, activities, events."""
+    return (
+        f"{history.get('workflows', '?')} runs, "
+        f"{history.get('workflow_tasks', '?')} workflow tasks, "
+        f"{history.get('activities', '?')} activity, "
+        f"{history.get('local_activities', '?')} local activities, "
+        f"{history.get('events', '?')} events; no work"
+    )
+
+
+def _one_run_rows(result: Result, n: int, shape: Phase) -> None:
+    """The one-run shape (a single-run redesign at best) and the rate it allows at most."""
+    label = f"provisioning {n}: Temporal shape, one run per NHI"
+    history = shape.extra.get("per_nhi_history", {})
+    result.row(
+        f"{label} ({_shape_label(history)})",
+        f"{fmt(shape.throughput, 'NHI/s')} ({shape.done}/{n} in {fmt(shape.wall_s, 's', 1)})",
+    )
+    if shape.timed_out:
+        result.row(f"{label}: incomplete", f"{shape.done}/{n} active when it timed out")
+    result.row(f"{label}: CPU per NHI", _cpu_per_item(shape))
+    cores = os.cpu_count() or 1
+    floor = _machine_per_item(shape)
+    result.row(
+        f"{label}: most it allows ({cores} CPUs / its machine CPU per NHI)",
+        fmt(cores / floor if floor else float("nan"), "NHI/s"),
     )
 
 
@@ -508,11 +556,29 @@ def _explain_shape(result: Result, phases: dict[str, Phase], n: int) -> None:
         f"own work at zero it would reach at most {fmt(ceiling, 'NHI/s')}, {verdict}. Ours "
         "spends the rest on the API request, the inventory transitions with their audit rows, "
         "the IAM calls and a larger sandbox (our workflow modules are bigger than the "
-        "shape's). A faster durable path takes a different shape: one run per NHI from "
-        "request to deletion (the provisioning steps as the lifecycle's first phase). A "
-        "one-off probe with this benchmark bounds what that saves: with the provisioning run "
-        "ending without starting any lifecycle, ours used about 30 % less machine CPU per NHI "
-        "(121 ms instead of 175 ms at N=300 on 2026-12-01)."
+        "shape's)." + _one_run_text(phases.get("shape_one_run"), cores)
+    )
+
+
+def _one_run_text(one_run: Phase | None, cores: int) -> str:
+    """What one run per NHI (the provisioning steps as the lifecycle's first phase) would
+    leave room for, measured by its shape in the same run."""
+    if one_run is None or not one_run.done:
+        return ""
+    floor = _machine_per_item(one_run)
+    ceiling = cores / floor
+    reach = (
+        "so not even a redesign to one run per NHI could meet the target at this machine's "
+        "speed during this run"
+        if ceiling < DURABLE_TARGET
+        else "so one run per NHI would leave room for the target here, if our own work "
+        "shrank to fit what is left"
+    )
+    return (
+        " A different shape, one run per NHI from request to deletion (the provisioning steps "
+        "as the lifecycle's first phase, no child run, no second first task), was measured "
+        f"too, in its best case (no work): {fmt(floor * 1000, 'ms', 0)} of machine CPU per "
+        f"NHI, at most {fmt(ceiling, 'NHI/s')}, {reach}."
     )
 
 

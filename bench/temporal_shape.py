@@ -4,7 +4,10 @@ Two workflows that do nothing but what ours asks of Temporal and of the Python S
 `iam_role`: a provisioning run (patch markers, two search-attribute upserts, a local activity,
 an activity, a local activity, a child workflow started and abandoned) and the lifecycle it
 starts (a patch marker, an upsert, a local activity, a timer it then waits on). No database, no
-AWS, no API: each activity returns its argument. They run on their own worker process
+AWS, no API: each activity returns its argument. A third, one run per NHI, is the shape a
+redesign with the provisioning steps as the lifecycle's first phase would have at best: the
+provisioning run's steps, then the lifecycle's timer, with no child run and no second first
+task. They run on their own worker process
 (`python -m bench.temporal_shape ADDRESS TASK_QUEUE`, built as `worker.py` builds ours: same
 data converter, sandbox, slots and cache) against the same dev server, in the same run, and are
 started the way the API starts ours (32 in flight, with the NHI's search attributes).
@@ -37,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
 
 SHAPE_PROVISION = "BenchShapeProvision"
 SHAPE_LIFECYCLE = "BenchShapeLifecycle"
+SHAPE_ONE_RUN = "BenchShapeOneRun"
 STEP = timedelta(seconds=30)
 # Ours records this many patch markers in a provisioning run of today's code, and one in its
 # lifecycle's first task (read from the benchmark's own histories; see `compare`).
@@ -83,6 +87,15 @@ async def first_steps(name: str, patches: int, status: NhiStatus, ref: NhiRef) -
     await workflow.execute_local_activity(step, ref, start_to_close_timeout=STEP)
 
 
+async def provisioning_steps(name: str, ref: NhiRef) -> None:
+    """A provisioning run's steps up to `active`: first steps, the platform call, the inventory
+    step that records it, the status upsert."""
+    await first_steps(name, PROVISION_PATCHES, NhiStatus.PROVISIONING, ref)
+    await workflow.execute_activity(platform_call, ref, start_to_close_timeout=STEP)
+    await workflow.execute_local_activity(step, ref, start_to_close_timeout=STEP)
+    workflow.upsert_search_attributes(sa.status_updates(NhiStatus.ACTIVE))
+
+
 @workflow.defn(name=SHAPE_LIFECYCLE)
 class ShapeLifecycle:
     @workflow.run
@@ -96,10 +109,7 @@ class ShapeLifecycle:
 class ShapeProvision:
     @workflow.run
     async def run(self, ref: NhiRef) -> None:
-        await first_steps(SHAPE_PROVISION, PROVISION_PATCHES, NhiStatus.PROVISIONING, ref)
-        await workflow.execute_activity(platform_call, ref, start_to_close_timeout=STEP)
-        await workflow.execute_local_activity(step, ref, start_to_close_timeout=STEP)
-        workflow.upsert_search_attributes(sa.status_updates(NhiStatus.ACTIVE))
+        await provisioning_steps(SHAPE_PROVISION, ref)
         await workflow.start_child_workflow(
             ShapeLifecycle.run,
             LifecycleInput(nhi_id=ref.nhi_id),
@@ -107,6 +117,21 @@ class ShapeProvision:
             parent_close_policy=ParentClosePolicy.ABANDON,
             search_attributes=workflow.info().typed_search_attributes,
         )
+
+
+@workflow.defn(name=SHAPE_ONE_RUN)
+class ShapeOneRun:
+    """One run from request to deletion: the provisioning run's steps, then the lifecycle's
+    wait (its own first task, patch marker, upsert and inventory step folded away)."""
+
+    @workflow.run
+    async def run(self, ref: NhiRef) -> None:
+        await provisioning_steps(SHAPE_ONE_RUN, ref)
+        await workflow.sleep(timedelta(days=30))
+
+
+def one_run_id(nhi_id: uuid.UUID) -> str:
+    return f"bench-shape-one-run-{nhi_id}"
 
 
 def attributes(nhi_id: uuid.UUID, agent_id: uuid.UUID) -> TypedSearchAttributes:
@@ -136,7 +161,7 @@ async def serve(address: str, task_queue: str) -> None:
         worker = Worker(
             client,
             task_queue=task_queue,
-            workflows=[ShapeProvision, ShapeLifecycle],
+            workflows=[ShapeProvision, ShapeLifecycle, ShapeOneRun],
             activities=[step, platform_call],
             activity_executor=executor,
             max_concurrent_activities=ACTIVITY_SLOTS,
@@ -146,9 +171,11 @@ async def serve(address: str, task_queue: str) -> None:
         await worker.run()
 
 
-async def start_all(client: Any, task_queue: str, n: int, in_flight: int) -> dict[str, float]:
-    """Start `n` shape provisionings, `in_flight` at a time; when each was sent, by the id of
-    the lifecycle it starts."""
+async def start_all(
+    client: Any, task_queue: str, n: int, in_flight: int, *, one_run: bool = False
+) -> dict[str, float]:
+    """Start `n` shape provisionings (or one-run shapes), `in_flight` at a time; when each was
+    sent, by the id of the lifecycle it starts (of the one run)."""
     agent_id = uuid.uuid4()
     pending = [uuid.uuid4() for _ in range(n)]
     sent: dict[str, float] = {}
@@ -156,11 +183,11 @@ async def start_all(client: Any, task_queue: str, n: int, in_flight: int) -> dic
     async def sender() -> None:
         while pending:
             nhi_id = pending.pop()
-            sent[lifecycle_id(nhi_id)] = time.time()
+            sent[one_run_id(nhi_id) if one_run else lifecycle_id(nhi_id)] = time.time()
             await client.start_workflow(
-                SHAPE_PROVISION,
+                SHAPE_ONE_RUN if one_run else SHAPE_PROVISION,
                 NhiRef(nhi_id=nhi_id),
-                id=provision_id(nhi_id),
+                id=one_run_id(nhi_id) if one_run else provision_id(nhi_id),
                 task_queue=task_queue,
                 search_attributes=attributes(nhi_id, agent_id),
             )
@@ -180,6 +207,23 @@ async def wait_started(client: Any, n: int, timeout: float) -> bool:
             return True
         await asyncio.sleep(0.2)
     return False
+
+
+ONE_RUNS_ACTIVE = f"WorkflowType = '{SHAPE_ONE_RUN}' AND {sa.NHI_STATUS.name} = 'active'"
+
+
+async def wait_active(client: Any, n: int, timeout: float) -> list[float]:
+    """Until `n` one-run shapes are `active` (visibility, polled every 0.2 s): when each was
+    first seen so (one run's time to active has no event of its own to read, as a
+    lifecycle's start is); the times found so far on timeout."""
+    deadline = time.monotonic() + timeout
+    seen: list[float] = []
+    while len(seen) < n and time.monotonic() < deadline:
+        count = (await client.count_workflows(ONE_RUNS_ACTIVE)).count
+        seen += [time.time()] * (min(count, n) - len(seen))
+        if len(seen) < n:
+            await asyncio.sleep(0.2)
+    return seen
 
 
 async def start_times(client: Any) -> dict[str, float]:
