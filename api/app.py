@@ -64,7 +64,9 @@ def create_app(
                 ping_idle_s=PING_IDLE_S,
             )
             own_sessions = make_sessionmaker(engine)
-            app.state.ops.watch_pool(engine)
+            # Only the engine this app made itself: tests that hand the app their own
+            # sessions keep their engine's pool off its page.
+            app.state.ops.pool.watch(engine)
         app.state.nhi = AppState(
             settings=settings,
             sessions=own_sessions,

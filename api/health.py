@@ -11,7 +11,7 @@ import time
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from sqlalchemy import Engine, text
+from sqlalchemy import text
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,11 +52,6 @@ class ApiOps:
         if sdk_metrics:
             self.page.sdk_url = install_sdk_runtime()
         self._task = asyncio.create_task(self._loop(state), name="nhi-metrics-refresh")
-
-    def watch_pool(self, engine: Engine) -> None:
-        """Export the pool of the engine this app made itself (tests that hand the app their
-        own sessions keep their engine's pool out of it)."""
-        self.pool.watch(engine)
 
     async def stop(self) -> None:
         """Stop the refresher and close the page's SDK client."""

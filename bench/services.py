@@ -542,15 +542,16 @@ class Stack:
         out[MACHINE] = float(sum(total) - total.idle - getattr(total, "iowait", 0.0))
         return out
 
-    def watch_postgres(self, name: str, data_dir: str | Path | None = None) -> bool:
+    def watch_postgres(self, name: str, data_dir: str | Path | None = None) -> None:
         """Report the CPU of a Postgres server under `name` in `cpu_seconds`: the one on
-        `data_dir`, or this stack's database server. False when it cannot be found."""
+        `data_dir`, or this stack's database server. One not found is said in the run's
+        output; its CPU then counts with the rest of the machine."""
         where = data_dir if data_dir is not None else server_data_dir(self.dsn)
         pid = postmaster_pid(where) if where is not None else None
         if pid is None:
-            return False
+            print(f"  [{self.name}] {name}: server not found, CPU not reported apart", flush=True)
+            return
         self.postgres[name] = pid
-        return True
 
     def stop(self) -> None:
         """Stop every process in reverse start order, then drop the stack's database."""

@@ -196,7 +196,7 @@ class DatabasePoolMetrics:
             registry=registry,
         )
 
-    def watch(self, engine: Engine) -> DatabasePoolMetrics:
+    def watch(self, engine: Engine) -> None:
         """Count `engine`'s openings and read its pool at each scrape (a later call moves the
         gauges to another engine, as an app started again makes a new one)."""
         sa_event.listen(engine, "connect", self._opened)
@@ -205,7 +205,6 @@ class DatabasePoolMetrics:
             self.connections.labels("in_use").set_function(pool.checkedout)
             self.connections.labels("idle").set_function(pool.checkedin)
             self.size.set_function(pool.size)
-        return self
 
     def _opened(self, _dbapi_connection: Any, _record: Any) -> None:
         self.opened.inc()
