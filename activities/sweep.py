@@ -77,7 +77,6 @@ from nhi.rules import search_attributes
 from nhi.rules.findings import ALIVE, InventoryItem, PlatformIdentity, Rules, classify
 from nhi.rules.ids import (
     LIFECYCLE_WORKFLOW,
-    PROVISION_WORKFLOW,
     lifecycle_workflow_id,
     orphan_workflow_id,
     provision_workflow_id,
@@ -1017,11 +1016,13 @@ class SupervisionActivities:
                 break  # the next sweep picks up the rest
         return out[:MAX_FINDINGS]
 
-    def _preactive_rows(self, platform: str) -> list[tuple[uuid.UUID, str, str, str, datetime]]:
+    def _preactive_rows(
+        self, platform: str
+    ) -> list[tuple[uuid.UUID, str, str, str, datetime, str | None]]:
         cutoff = datetime.now(UTC) - timedelta(seconds=self._settings.sweep_preactive_seconds)
         with transaction(self._sessions) as session:
             rows = session.execute(
-                select(Nhi.id, Nhi.name, Nhi.kind, Nhi.status, Nhi.created_at)
+                select(Nhi.id, Nhi.name, Nhi.kind, Nhi.status, Nhi.created_at, Nhi.workflow_id)
                 .where(
                     Nhi.status.in_([s.value for s in PREACTIVE]),
                     Nhi.platform == platform,
@@ -1041,7 +1042,7 @@ class SupervisionActivities:
                 .order_by(Nhi.created_at)
                 .limit(MAX_FINDINGS)
             ).all()
-        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     @activity.defn
     async def find_preactive(self, inp: SweepInput) -> list[Finding]:
@@ -1057,8 +1058,13 @@ class SupervisionActivities:
         client = activity.client()
         rows = await asyncio.to_thread(self._preactive_rows, inp.provider)
         out: list[Finding] = []
-        async for described in _described(client, rows, lambda r: provision_workflow_id(r[0])):
-            for (nhi_id, name, kind, status, created_at), run in described:
+        # The run the row names (the NHI's one run, or its provisioning run when requested
+        # before one-run provisioning or in a bundle); rows from before it was recorded: the
+        # provisioning run's id.
+        async for described in _described(
+            client, rows, lambda r: r[5] or provision_workflow_id(r[0])
+        ):
+            for (nhi_id, name, kind, status, created_at, _), run in described:
                 if run is WorkflowExecutionStatus.RUNNING:
                     continue  # e.g. waiting for an approver: its own timeout decides
                 since = f"{status} since {created_at:%Y-%m-%d %H:%M} UTC"
@@ -1087,8 +1093,8 @@ class SupervisionActivities:
 
     @activity.defn
     async def redrive_provisioning(self, stuck: PreactiveNhi) -> str:
-        """Start the provisioning run of an NHI whose run never started. A run that exists
-        (or existed: the id is never reused) is left alone."""
+        """Start the one run of an NHI whose run never started: its lifecycle, provisioning it
+        first. A run that exists (or existed: the id is never reused) is left alone."""
 
         def load() -> Nhi | None:
             with transaction(self._sessions) as session:
@@ -1099,10 +1105,13 @@ class SupervisionActivities:
             return f"nothing to do: it is {nhi.status if nhi else 'gone'} now"
         try:
             await activity.client().start_workflow(
-                PROVISION_WORKFLOW,
-                # `requested`: approved already, or never needed an approver.
-                ProvisionInput(nhi_id=nhi.id, requested_by=nhi.requested_by),
-                id=provision_workflow_id(nhi.id),
+                LIFECYCLE_WORKFLOW,
+                LifecycleInput(
+                    nhi_id=nhi.id,
+                    # `requested`: approved already, or never needed an approver.
+                    provision=ProvisionInput(nhi_id=nhi.id, requested_by=nhi.requested_by),
+                ),
+                id=lifecycle_workflow_id(nhi.id),
                 task_queue=self._settings.temporal_task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             )
@@ -1113,6 +1122,10 @@ class SupervisionActivities:
 
         def record() -> None:
             with transaction(self._sessions) as session:
+                # The next sweep describes the run the row names.
+                row = session.get(Nhi, stuck.nhi_id)
+                if row is not None and row.status == NhiStatus.REQUESTED:
+                    row.workflow_id = lifecycle_workflow_id(stuck.nhi_id)
                 note(
                     session,
                     subject_type="nhi",

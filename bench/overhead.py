@@ -35,7 +35,7 @@ from bench.phase import Phase
 from bench.report import Result, fmt, verdict_at_most
 from bench.services import MACHINE, REPO, Stack, spawn, wait_idle, wait_port
 from nhi.infra.config import Settings
-from nhi.rules.ids import provision_workflow_id
+from nhi.rules.ids import lifecycle_workflow_id
 
 NAME = "overhead"
 TARGET_SLOWDOWN = 0.10
@@ -136,10 +136,10 @@ def restart_services(stack: Stack, env: dict[str, str]) -> None:
 
 
 async def input_encoding(stack: Stack, nhi_id: str) -> str:
-    """The encoding of a provisioning run's input as the server stores it (read without the
-    codec): proof that a variant really encrypted."""
+    """The encoding of an NHI's run input as the server stores it (read without the codec):
+    proof that a variant really encrypted."""
     client = await stack.client()
-    history = await client.get_workflow_handle(provision_workflow_id(nhi_id)).fetch_history()
+    history = await client.get_workflow_handle(lifecycle_workflow_id(nhi_id)).fetch_history()
     started = history.events[0].workflow_execution_started_event_attributes
     return started.input.payloads[0].metadata.get("encoding", b"").decode()
 

@@ -339,6 +339,9 @@ class LifecycleInput(Contract):
     # A fresh run started to contain an NHI whose previous run failed or is gone: the
     # decommission is carried out as if the update had been accepted.
     pending_decommission: LifecycleAction | None = None
+    # One run per NHI (issue 15): the run provisions the NHI first, then keeps it. Only the
+    # first run of an NHI carries it; continue-as-new never does.
+    provision: ProvisionInput | None = None
 
 
 class LifecycleAction(Contract):

@@ -11,8 +11,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import WorkflowQueryFailedError
 
-from models.contracts import ScopeStatement
+from models.contracts import Phase, ScopeStatement
 from models.enums import NhiKind
 from models.orm import AuditEvent, Nhi
 from nhi.infra.aws_clients import AwsClients
@@ -25,6 +26,7 @@ from nhi.rules.policy import (
 )
 from tests.conftest import Service
 from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually
+from workflows.lifecycle import NhiLifecycleWorkflow
 
 
 @pytest.fixture
@@ -145,7 +147,8 @@ async def test_provision_role_end_to_end(
     )
     assert response.status_code == 202, response.text
     accepted = response.json()
-    assert accepted["workflow_id"] == f"nhi-provision-{accepted['id']}"
+    # One run per NHI: its lifecycle provisions it, then keeps it.
+    assert accepted["workflow_id"] == f"nhi-{accepted['id']}"
 
     async def active() -> dict[str, Any]:
         nhi = await api_json(http, "GET", f"/v1/nhis/{accepted['id']}")
@@ -161,14 +164,21 @@ async def test_provision_role_end_to_end(
         - __import__("datetime").datetime.fromisoformat(nhi["created_at"])
     ).total_seconds()
     assert abs(seconds - 12 * 3600) < 5
-    # The workflow is visible in Temporal, where the Web UI shows it.
-    handle = service.env.client.get_workflow_handle(accepted["workflow_id"])
+    # The workflow is visible in Temporal, where the Web UI shows it, keeping the NHI.
+    handle = service.env.client.get_workflow_handle_for(
+        NhiLifecycleWorkflow.run, accepted["workflow_id"]
+    )
 
-    async def completed() -> None:
+    async def keeping() -> None:
         status = (await handle.describe()).status
-        assert status is not None and status.name == "COMPLETED"
+        assert status is not None and status.name == "RUNNING"
+        try:
+            view = await handle.query(NhiLifecycleWorkflow.view)
+        except WorkflowQueryFailedError as err:  # still loading what it provisioned
+            raise AssertionError(str(err)) from err
+        assert view.phase is Phase.ACTIVE
 
-    await eventually(completed)
+    await eventually(keeping)
 
     footprint = await api_json(http, "GET", f"/v1/agents/{agent['id']}")
     assert [n["id"] for n in footprint["nhis"]] == [accepted["id"]]
@@ -184,6 +194,46 @@ async def test_provision_role_end_to_end(
     events = await api_json(http, "GET", f"/v1/nhis/{accepted['id']}/events")
     assert [e["event"] for e in events] == ["nhi.requested", "nhi.provisioning", "nhi.activated"]
     assert events[0]["actor"] == "token:platform-bot"
+
+
+async def test_lifecycle_calls_on_an_nhi_still_being_provisioned_are_409(
+    http: httpx.AsyncClient, service: Service
+) -> None:
+    """The NHI's one run exists from the request on, waiting here for an approver: its view
+    and its updates answer 409 naming why, never a 500 or an action applied early."""
+    agent = await _agent(http)
+    sensitive = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
+    accepted = await api_json(
+        http,
+        "POST",
+        f"/v1/agents/{agent['id']}/nhis",
+        json={"platform": "aws", "kind": "iam_role", "scope": sensitive, "trust_principal": TRUST},
+    )
+    assert accepted["status"] == "pending_approval"
+    handle = service.env.client.get_workflow_handle(accepted["workflow_id"])
+
+    async def waiting() -> None:  # on its approval window's timer
+        events = (await handle.fetch_history()).events
+        assert any(e.HasField("timer_started_event_attributes") for e in events)
+
+    await eventually(waiting)
+    view = await http.get(f"/v1/nhis/{accepted['id']}/lifecycle")
+    assert view.status_code == 409, view.text
+    assert "still being provisioned" in view.json()["detail"]
+    owner = bearer(
+        service.token("api-owner", "platform", teams=["search"], email="ana@example.com")
+    )
+    renew = await http.post(
+        f"/v1/nhis/{accepted['id']}/renew", json={"extend_by": "1d"}, headers=owner
+    )
+    assert renew.status_code == 409, renew.text
+    assert "still being provisioned" in renew.json()["detail"]
+    history = await handle.fetch_history()
+    assert not [
+        e
+        for e in history.events
+        if e.HasField("workflow_execution_update_accepted_event_attributes")
+    ], "a refused update leaves no trace"
 
 
 @pytest.mark.parametrize(

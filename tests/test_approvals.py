@@ -30,7 +30,7 @@ from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.infra.slack_client import make_slack_client
-from nhi.rules.ids import provision_workflow_id
+from nhi.rules.ids import lifecycle_workflow_id
 from nhi.rules.slack_messages import (
     DENY_REASON_BLOCK,
     DENY_REASON_INPUT,
@@ -321,8 +321,9 @@ async def test_a_sensitive_request_exists_only_once_a_listed_approver_clicks_app
         )
     assert events == ["approval.requested", "approval.approved"]
 
-    # The run replays; it is the golden history of the Slack approval path.
-    handle = rig.env.client.get_workflow_handle(provision_workflow_id(nhi_id))
+    # The run replays; it is the golden history of the Slack approval path (one run per NHI;
+    # `slack_approval_provision` keeps the provisioning run of before).
+    handle = rig.env.client.get_workflow_handle(lifecycle_workflow_id(nhi_id))
     history = await handle.fetch_history()
     activities = str(history.to_json())
     assert "post_approval" in activities and "update_messages" in activities
@@ -330,7 +331,7 @@ async def test_a_sensitive_request_exists_only_once_a_listed_approver_clicks_app
         workflows=WORKFLOWS, data_converter=pydantic_data_converter
     ).replay_workflow(history, raise_on_replay_failure=True)
     assert replayed.replay_failure is None
-    keep_history(history, "slack_approval_provision")
+    keep_history(history, "slack_approval_one_run")
 
 
 async def test_deny_asks_for_a_reason_in_a_modal(rig: Rig, policy: Any) -> None:
@@ -392,7 +393,7 @@ async def test_no_decision_within_the_window_denies(rig: Rig, policy: Any) -> No
     messages = await eventually(_returning(lambda: _approval_messages(rig, approval_id), 1))
     # The test server skips the hour.
     await rig.env.sleep(timedelta(hours=2))
-    handle = rig.env.client.get_workflow_handle(provision_workflow_id(nhi_id))
+    handle = rig.env.client.get_workflow_handle(lifecycle_workflow_id(nhi_id))
 
     async def ended() -> str:
         described = await handle.describe()

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import CancelledError
 from temporalio.testing import WorkflowEnvironment
 
@@ -28,10 +28,11 @@ from models.orm import Agent, Nhi
 from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
-from nhi.rules.ids import provision_workflow_id
+from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
 from nhi.rules.policy import secret_name
 from tests.helpers import SweepRig, eventually, inject_aws_error, request_nhi, sweep_settings
 from worker import build_worker
+from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
 
 SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
@@ -209,12 +210,17 @@ async def test_a_request_whose_run_never_started_is_redriven(rig: Rig) -> None:
     (stuck,) = [f for f in outcome.findings if f.kind.value == "preactive"]
     assert stuck.preactive is not None and stuck.preactive.value == "redrive", stuck
     assert stuck.action.endswith("provisioning restarted"), stuck
+    # Re-driven as one run per NHI: the lifecycle provisions it, then keeps it.
+    assert rig.nhi(nhi_id).workflow_id == lifecycle_workflow_id(nhi_id)
     run = rig.env.client.get_workflow_handle_for(
-        ProvisionNhiWorkflow.run, provision_workflow_id(nhi_id)
+        NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
     )
+
+    async def kept() -> None:
+        assert rig.nhi(nhi_id).status == "active"
+        assert (await run.describe()).status is WorkflowExecutionStatus.RUNNING
+
     with rig.env.auto_time_skipping_disabled():
-        result = await run.result()
-    assert result.status.value == "active"
-    assert rig.nhi(nhi_id).status == "active"
+        await eventually(kept)
     assert ("nhi.provisioning_restarted", "system:sweep") in rig.events(nhi_id)
     assert rig.aws.iam.get_role(RoleName=rig.nhi(nhi_id).name)

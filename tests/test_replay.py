@@ -11,12 +11,16 @@ The histories in tests/histories/ and the tests that record them:
 | `containment`, `containment_partial` | `test_contain.py` | the containment playbook on an `IdentityRef`; `*_plan_activities`: the same recorded before that patch |
 | `lifecycle_revoke_failed` | `test_lifecycle_faults.py::test_a_removal_that_keeps_failing_surfaces_within_the_alert_window_once` | a removal failing past the alert window, alerted once per recipient, retried and finished |
 | `aws_provision`, `aws_lifecycle_start` | `test_aws_provisioning_of_today_replays` (here) | AWS provisioning through the provider interface, with an approval, its inventory steps as local activities (patch `local-inventory-steps`); the lifecycle it starts, loading as a local activity (patch `local-lifecycle-load`), renewed |
+| `aws_one_run` | `test_aws_one_run_of_today_replays` (here) | one run per NHI (issue 15): the lifecycle provisions its NHI first (approval, creation, delivery, the inventory steps as local activities), then loads and keeps it; renewed |
 | `aws_provision_activities` | the same test, before `local-inventory-steps` | the inventory steps as activities |
 | `sweep_aws`, `orphan_removal_aws`, `sweep_aws_missing` | `test_aws_sweeps_of_today_replay` (here) | sweeps acting on every kind of finding, and the orphan removal one starts |
 | `sweep_aws_batched` | `test_sweep_batches.py::test_a_batched_sweep_removes_orphans_completely_and_hands_failures_on` | a sweep (patch `sweep-orphan-batches`) removing grace-0 orphans in a `remove_orphans` batch and handing a failed one to its removal workflow |
 | `sweep_postgres` | `test_a_postgres_sweep_of_today_replays` (here) | a Postgres sweep: drift reverted, a role gone (missing), a target unreachable |
 | `lifecycle_rotation_overlap` | `test_rotation_overlap.py::test_rotations_during_an_overlap_retire_every_old_key` | two rotations within one overlap (AWS): every old key retired and deleted, with the `keep-every-retiring-key` patch |
-| `tagged_provision`, `tagged_lifecycle` | `test_search_attributes.py::test_readme_queries_return_the_right_workflows` (dev server) | runs started with search attributes: the `search-attributes` patch, status and expiry upserts, a tagged child start, a renewal |
+| `tagged_provision`, `tagged_lifecycle` | `test_search_attributes.py::test_readme_queries_return_the_right_workflows` (dev server), before one-run provisioning | runs started with search attributes: the `search-attributes` patch, status and expiry upserts, a tagged child start, a renewal |
+| `tagged_one_run` | the same test, today | one run per NHI started with search attributes: provisioning's status upserts, the lifecycle's load tagging every attribute, a renewal |
+| `slack_approval_provision` | `test_approvals.py::test_a_sensitive_request_exists_only_once_a_listed_approver_clicks_approve`, before one-run provisioning | a provisioning run approved in Slack (patch `approvals-in-slack`): the request posted to each approver, the messages rewritten once decided |
+| `slack_approval_one_run` | the same test, today | the same, as the first phase of the NHI's one run |
 | `task_reaper` | `test_task_reaper.py::test_a_role_that_cannot_be_dropped_is_reap_failed_with_its_cause_alerted_once` | a reaper run with a blocked role and its alert |
 
 After a deliberate, patched change, refresh them with
@@ -59,6 +63,7 @@ from temporalio.worker import Replayer
 from models.contracts import (
     ApprovalDecision,
     FindingKind,
+    LifecycleInput,
     ProvisionInput,
     RenewRequest,
     SweepOutcome,
@@ -116,7 +121,11 @@ def test_golden_histories_are_committed() -> None:
         "lifecycle_rotation_overlap",
         "tagged_provision",
         "tagged_lifecycle",
+        "tagged_one_run",
+        "slack_approval_provision",
+        "slack_approval_one_run",
         "task_reaper",
+        "aws_one_run",
     }
 
 
@@ -263,6 +272,14 @@ def test_the_golden_histories_record_the_paths_they_are_named_for() -> None:
     assert not _local_activities(as_activities)
     assert "load_lifecycle" in _local_activities(_committed("aws_lifecycle_start"))
     assert "load_lifecycle" not in _activities(_committed("aws_lifecycle_start"))
+    # One run per NHI: the provisioning steps, then the lifecycle's load, in one history.
+    one_run = _committed("aws_one_run")
+    assert _activities(one_run)[:2] == ["create_identity", "deliver_credential"]
+    assert inventory | {"load_lifecycle"} <= set(_local_activities(one_run))
+    assert not any(
+        e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+        for e in one_run.events
+    )
     # A lifecycle recorded before (kept, never re-recorded) loads with an activity.
     assert "load_lifecycle" in _activities(_committed("postgres_lifecycle_plan_activities"))
 
@@ -318,6 +335,24 @@ async def test_the_worker_registers_every_activity_and_fails_runs_on_nondetermin
 # --- today's paths, recorded -------------------------------------------------------------------
 
 
+async def _sensitive_request(
+    env: WorkflowEnvironment, settings: Settings, sessions: sessionmaker[Session]
+) -> tuple[Settings, uuid.UUID]:
+    """The golden tests' own settings, and an `iam_user_key` request by alice that needs an
+    approver (its scope is sensitive)."""
+    golden = sweep_settings(settings, "golden")
+    _, nhi_id, sensitive = request_nhi(
+        sessions,
+        golden,
+        "iam_user_key",
+        scope=SENSITIVE_SCOPE,
+        actor="alice",
+        now=await env.get_current_time(),
+    )
+    assert sensitive == ["s3:DeleteObject"]
+    return golden, nhi_id
+
+
 async def test_aws_provisioning_of_today_replays(
     ts_env: WorkflowEnvironment,
     settings: Settings,
@@ -326,17 +361,8 @@ async def test_aws_provisioning_of_today_replays(
 ) -> None:
     """An `iam_user_key` with a sensitive scope: approved by someone else, created, delivered,
     handed to its lifecycle."""
-    golden = sweep_settings(settings, "golden")
+    golden, nhi_id = await _sensitive_request(ts_env, settings, sessions)
     queue = golden.temporal_task_queue
-    _, nhi_id, sensitive = request_nhi(
-        sessions,
-        golden,
-        "iam_user_key",
-        scope=SENSITIVE_SCOPE,
-        actor="alice",
-        now=await ts_env.get_current_time(),
-    )
-    assert sensitive == ["s3:DeleteObject"]
     async with build_worker(ts_env.client, golden, sessions, aws, task_queue=queue):
         handle = await ts_env.client.start_workflow(
             ProvisionNhiWorkflow.run,
@@ -374,6 +400,56 @@ async def test_aws_provisioning_of_today_replays(
     for name, recorded in (("aws_provision", history), ("aws_lifecycle_start", life)):
         await _replay(recorded)
         keep_history(recorded, name)
+
+
+async def test_aws_one_run_of_today_replays(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    """One run per NHI (issue 15): an `iam_user_key` with a sensitive scope, approved by
+    someone else, created, delivered and kept by the same run, then renewed."""
+    golden, nhi_id = await _sensitive_request(ts_env, settings, sessions)
+    queue = golden.temporal_task_queue
+    provision = ProvisionInput(nhi_id=nhi_id, requested_by="alice", needs_approval=True)
+    async with build_worker(ts_env.client, golden, sessions, aws, task_queue=queue):
+        handle = await ts_env.client.start_workflow(
+            NhiLifecycleWorkflow.run,
+            LifecycleInput(nhi_id=nhi_id, provision=provision),
+            id=lifecycle_workflow_id(nhi_id),
+            task_queue=queue,
+        )
+        decision = await handle.execute_update(
+            NhiLifecycleWorkflow.decide,
+            ApprovalDecision(approve=True, approver="bob", reason="needed by the docs agent"),
+        )
+        assert decision.approved
+
+        async def keeping() -> None:  # past its approval timer, on the lifecycle's
+            events = (await handle.fetch_history()).events
+            started = [e for e in events if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED]
+            assert len(started) == 2
+
+        await eventually(keeping)
+        renewed = await handle.execute_update(
+            NhiLifecycleWorkflow.renew, RenewRequest(actor="ana@example.com", reason="golden")
+        )
+        assert renewed.message == "renewed"
+        history = await handle.fetch_history()
+    assert nhi_row(sessions, nhi_id).status == "active"
+    # Provisioning's two platform calls, then the renewal's.
+    assert _activities(history) == [
+        "create_identity",
+        "deliver_credential",
+        "update_expiry",
+        "change_status",
+    ]
+    assert {"begin_provisioning", "record_approval", "record_active", "load_lifecycle"} <= set(
+        _local_activities(history)
+    )
+    await _replay(history)
+    keep_history(history, "aws_one_run")
 
 
 async def test_aws_sweeps_of_today_replay(
@@ -439,9 +515,12 @@ async def test_aws_sweeps_of_today_replay(
         removal = env.client.get_workflow_handle(orphan_workflow_id("iam_user_key", orphan))
         async with env.time_skipping_unlocked():  # type: ignore[attr-defined]
             removed = await removal.result()
-            redriven = await env.client.get_workflow_handle(provision_workflow_id(stuck)).result()
         assert any(orphan in r for r in removed), removed
-        assert redriven["status"] == "active", redriven
+
+        async def redriven() -> None:  # as one run per NHI, which then keeps it
+            assert nhi_row(sessions, stuck).status == "active"
+
+        await eventually(redriven)
 
         delete_role(aws, nhi_row(sessions, gone).name)  # someone in the console
         second_id = f"golden-sweep-{uuid.uuid4().hex[:8]}"

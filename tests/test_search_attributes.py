@@ -26,14 +26,20 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from api.routes.nhis import _search_attributes, _start
-from models.contracts import LifecycleAction, ProvisionInput, RenewRequest, SweepInput
+from models.contracts import (
+    LifecycleAction,
+    LifecycleInput,
+    ProvisionInput,
+    RenewRequest,
+    SweepInput,
+)
 from models.enums import NhiStatus, Platform
 from models.orm import Nhi
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules import search_attributes as sa
-from nhi.rules.ids import LIFECYCLE_WORKFLOW, lifecycle_workflow_id, provision_workflow_id
+from nhi.rules.ids import LIFECYCLE_WORKFLOW, lifecycle_workflow_id
 from tests.conftest import Service, binary, dev_address
 from tests.helpers import (
     ROLE_SCOPE,
@@ -48,7 +54,6 @@ from tests.helpers import (
 )
 from worker import WORKFLOWS, build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow
-from workflows.provision import ProvisionNhiWorkflow
 from workflows.sweep import SweepWorkflow
 from workflows.tagging import PATCH
 
@@ -78,7 +83,8 @@ def test_the_queries_read_as_the_readme_shows_them() -> None:
 
 
 def _workflows(nhi_id: str) -> set[str]:
-    return {provision_workflow_id(uuid.UUID(nhi_id)), lifecycle_workflow_id(uuid.UUID(nhi_id))}
+    """An NHI's workflows: one run per NHI, which provisions it and keeps it."""
+    return {lifecycle_workflow_id(uuid.UUID(nhi_id))}
 
 
 async def _listed(client: Client, query: str) -> set[str]:
@@ -144,7 +150,7 @@ async def test_readme_queries_return_the_right_workflows(service: Service) -> No
             _active(http, agent_b, "2d"),
         )
 
-        # "Every workflow of agent X": its NHIs' provisioning runs and lifecycles, nothing else.
+        # "Every workflow of agent X": its NHIs' runs, nothing else.
         of_a = sa.by_agent(uuid.UUID(agent_a))
         expected = _workflows(a_soon["id"]) | _workflows(a_later["id"])
 
@@ -159,7 +165,7 @@ async def test_readme_queries_return_the_right_workflows(service: Service) -> No
         now = datetime.now(UTC)
         this_week = sa.expiring_between(now, now + timedelta(days=7))
         soon = {lifecycle_workflow_id(uuid.UUID(n["id"])) for n in (a_soon, b_soon)}
-        later = _workflows(a_later["id"]) | {provision_workflow_id(uuid.UUID(a_soon["id"]))}
+        later = _workflows(a_later["id"])
 
         async def expiring_found() -> set[str]:
             found = await _listed(client, this_week)
@@ -184,8 +190,6 @@ async def test_readme_queries_return_the_right_workflows(service: Service) -> No
         assert lifecycle not in await _listed(
             client, sa.running(LIFECYCLE_WORKFLOW, Platform.POSTGRES)
         )
-        done = await _tags(client, provision_workflow_id(uuid.UUID(a_soon["id"])))
-        assert done.get(sa.NHI_STATUS) == "active" and done.get(sa.TEAM) == "search"
 
         # A renewal moves the expiry out of the week; a decommission moves the status.
         await api_json(http, "POST", f"/v1/nhis/{a_soon['id']}/renew", json={"extend_by": "30d"})
@@ -203,15 +207,12 @@ async def test_readme_queries_return_the_right_workflows(service: Service) -> No
 
         await eventually(moved)
 
-    # Today's tagged paths, as golden histories: they replay from scratch.
-    for name, workflow_id in (
-        ("tagged_provision", provision_workflow_id(uuid.UUID(a_soon["id"]))),
-        ("tagged_lifecycle", lifecycle),
-    ):
-        history = await client.get_workflow_handle(workflow_id).fetch_history()
-        assert _upserted_statuses(history), name
-        await _replay(history)
-        keep_history(history, name)
+    # Today's tagged path, as a golden history: it replays from scratch. (`tagged_provision`
+    # and `tagged_lifecycle` keep the two runs of before, which running NHIs may still be on.)
+    history = await client.get_workflow_handle(lifecycle).fetch_history()
+    assert _upserted_statuses(history)[:2] == ["provisioning", "active"]
+    await _replay(history)
+    keep_history(history, "tagged_one_run")
 
 
 # ---- tags follow the status; untagged runs issue nothing (time-skipping server) ---------------
@@ -257,9 +258,19 @@ async def _start_provisioning(
     with transaction(sessions) as s:
         tags = _search_attributes(s.get_one(Nhi, nhi_id))
     await _start(
-        env.client, ProvisionInput(nhi_id=nhi_id), provision_workflow_id(nhi_id), queue,
+        env.client, ProvisionInput(nhi_id=nhi_id), lifecycle_workflow_id(nhi_id), queue,
         timedelta(seconds=10), tags,
     )  # fmt: skip
+
+
+async def _kept(sessions: sessionmaker[Session], nhi_ids: list[uuid.UUID]) -> None:
+    """Until each NHI is active (its one run then keeps it)."""
+
+    async def active() -> None:
+        for nhi_id in nhi_ids:
+            assert nhi_row(sessions, nhi_id).status == "active"
+
+    await eventually(active)
 
 
 async def test_tags_follow_the_status_to_the_end_and_untagged_runs_issue_nothing(
@@ -275,13 +286,13 @@ async def test_tags_follow_the_status_to_the_end_and_untagged_runs_issue_nothing
     async with build_worker(client, settings, sessions, aws, task_queue=queue):
         with ts_env.auto_time_skipping_disabled():
             await _start_provisioning(ts_env, sessions, tagged, queue)
-            await client.execute_workflow(
-                ProvisionNhiWorkflow.run,
-                ProvisionInput(nhi_id=untagged),
-                id=provision_workflow_id(untagged),
+            await client.start_workflow(
+                NhiLifecycleWorkflow.run,
+                LifecycleInput(nhi_id=untagged, provision=ProvisionInput(nhi_id=untagged)),
+                id=lifecycle_workflow_id(untagged),
                 task_queue=queue,
             )
-            await client.get_workflow_handle(provision_workflow_id(tagged)).result()
+            await _kept(sessions, [tagged, untagged])
         handles = [
             client.get_workflow_handle_for(NhiLifecycleWorkflow.run, lifecycle_workflow_id(n))
             for n in (tagged, untagged)
@@ -297,20 +308,23 @@ async def test_tags_follow_the_status_to_the_end_and_untagged_runs_issue_nothing
             await asyncio.gather(*(h.result() for h in handles))
     assert nhi_row(sessions, tagged).status == "decommissioned"
 
-    provision = await client.get_workflow_handle(provision_workflow_id(tagged)).fetch_history()
     lifecycle = await client.get_workflow_handle(lifecycle_workflow_id(tagged)).fetch_history()
-    assert _upserted_statuses(provision) == ["provisioning", "active"]
-    assert _upserted_statuses(lifecycle) == ["active", "quarantined", "decommissioned"]
+    # Provisioning, then the lifecycle's load (every attribute), then its own changes.
+    assert _upserted_statuses(lifecycle) == [
+        "provisioning",
+        "active",
+        "quarantined",
+        "decommissioned",
+    ]
     assert _patch_markers(lifecycle).count(PATCH) == 1
     tags = await _tags(client, lifecycle_workflow_id(tagged))
     assert tags.get(sa.NHI_STATUS) == "decommissioned" and tags.get(sa.NHI_ID) == str(tagged)
 
-    for workflow_id in (provision_workflow_id(untagged), lifecycle_workflow_id(untagged)):
-        history = await client.get_workflow_handle(workflow_id).fetch_history()
-        assert _upserts(history) == [] and PATCH not in _patch_markers(history)
-        assert _ours(await _tags(client, workflow_id)) == set()
-    for history in (provision, lifecycle):
-        await _replay(history)
+    untagged_run = lifecycle_workflow_id(untagged)
+    history = await client.get_workflow_handle(untagged_run).fetch_history()
+    assert _upserts(history) == [] and PATCH not in _patch_markers(history)
+    assert _ours(await _tags(client, untagged_run)) == set()
+    await _replay(lifecycle)
 
 
 async def test_unsupervised_tagged_lifecycles_are_found_by_their_platform(
@@ -335,7 +349,7 @@ async def test_unsupervised_tagged_lifecycles_are_found_by_their_platform(
         ids = [request_nhi(sessions, own, "iam_role")[1] for _ in range(2)]
         for nhi_id in ids:
             await _start_provisioning(dev_env, sessions, nhi_id, queue)
-            await client.get_workflow_handle(provision_workflow_id(nhi_id)).result()
+        await _kept(sessions, ids)
         lost, kept = ids
         assert sa.PLATFORM.name in _ours(await _tags(client, lifecycle_workflow_id(kept)))
         await client.get_workflow_handle(lifecycle_workflow_id(lost)).terminate(reason="lost")
@@ -370,7 +384,7 @@ async def test_a_continued_lifecycle_keeps_its_tags(
         _, nhi_id, _ = request_nhi(sessions, settings, "iam_role", ttl="10d")
         async with build_worker(env.client, settings, sessions, aws, task_queue=queue):
             await _start_provisioning(env, sessions, nhi_id, queue)
-            await env.client.get_workflow_handle(provision_workflow_id(nhi_id)).result()
+            await _kept(sessions, [nhi_id])
             handle = env.client.get_workflow_handle_for(
                 NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
             )
@@ -410,7 +424,7 @@ async def test_temporal_setup_registers_them_once_and_untagged_starts_work_witho
         # Before setup the namespace lacks them: provisioning still starts, untagged.
         _, nhi_id, _ = request_nhi(sessions, settings, "iam_role")
         await _start_provisioning(env, sessions, nhi_id, f"nobody-{uuid.uuid4().hex[:6]}")
-        assert _ours(await _tags(env.client, provision_workflow_id(nhi_id))) == set()
+        assert _ours(await _tags(env.client, lifecycle_workflow_id(nhi_id))) == set()
 
         cmd_env = dict(os.environ, NHI_TEMPORAL_ADDRESS=dev_address(env))
 

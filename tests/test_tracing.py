@@ -189,14 +189,15 @@ async def test_provisioning_is_one_trace_across_api_and_worker(
     engine.dispose()
 
     assert receiver.paths == {"/v1/traces"}
-    [start] = [s for s in spans if s.name == "StartWorkflow:ProvisionNhiWorkflow"]
+    # One run per NHI: the API starts the NHI's lifecycle, which provisions it first.
+    [start] = [s for s in spans if s.name == "StartWorkflow:NhiLifecycleWorkflow"]
     assert start.service == "nhi-api"
-    assert start.attributes["temporalWorkflowID"] == f"nhi-provision-{nhi['id']}"
+    assert start.attributes["temporalWorkflowID"] == f"nhi-{nhi['id']}"
     trace = [s for s in spans if s.trace_id == start.trace_id]
     by_service = {(s.service, s.name) for s in trace}
     # The request's server span is the root: the workflow start is inside it.
     assert ("nhi-api", "POST /v1/agents/{agent_id}/nhis") in by_service, by_service
-    assert ("nhi-worker", "RunWorkflow:ProvisionNhiWorkflow") in by_service, by_service
+    assert ("nhi-worker", "RunWorkflow:NhiLifecycleWorkflow") in by_service, by_service
     for activity in ("create_identity", "deliver_credential", "record_active"):
         assert ("nhi-worker", f"RunActivity:{activity}") in by_service, activity
     # Probes and scrapes are not traced, nor the ASGI body chunks (one span per request).

@@ -32,12 +32,8 @@ with workflow.unsafe.imports_passed_through():
     from models.enums import NhiStatus
     from nhi.rules.ids import BUNDLE_WORKFLOW, lifecycle_workflow_id, provision_workflow_id
     from workflows.lifecycle import NhiLifecycleWorkflow
-    from workflows.provision import (
-        EXPIRED,
-        ApprovalGate,
-        ProvisionNhiWorkflow,
-        remove_undelivered,
-    )
+    from workflows.provision import ProvisionNhiWorkflow
+    from workflows.provisioning import EXPIRED, ApprovalGate, remove_undelivered
     from workflows.retry_policies import (
         DB_RETRY,
         DB_TIMEOUT,
@@ -52,13 +48,7 @@ class BundleWorkflow:
     @workflow.init
     def __init__(self, inp: BundleInput) -> None:
         self._inp = inp
-        self._gate = ApprovalGate(
-            needs_approval=inp.needs_approval,
-            requested_by=inp.requested_by,
-            requested_by_person=inp.requested_by_person,
-            owner_persons=inp.owner_persons,
-            approvals_required=inp.approvals_required,
-        )
+        self._gate = ApprovalGate.of(inp)
 
     @workflow.update
     async def decide(self, decision: ApprovalDecision) -> ApprovalOutcome:

@@ -49,7 +49,7 @@ with workflow.unsafe.imports_passed_through():
     from models.contracts import AlertPost, ContainAgentInput, IdentityRef
     from models.enums import IncidentStatus
     from nhi.rules.ids import CONTAIN_WORKFLOW
-    from workflows.lifecycle import IDENTITY_REFS
+    from workflows.provisioning import IDENTITY_REFS
     from workflows.retry_policies import (
         CONTAIN_PLATFORM_RETRY,
         CONTAIN_RETRY_DELAY,

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.db import DbActivities
@@ -30,6 +30,8 @@ with workflow.unsafe.imports_passed_through():
     from models.contracts import (
         Alert,
         AlertPost,
+        ApprovalDecision,
+        ApprovalOutcome,
         AuditNote,
         DeleteIdentity,
         DeliveryResult,
@@ -63,10 +65,9 @@ with workflow.unsafe.imports_passed_through():
     from nhi.rules.owners import is_owner
     from nhi.rules.slack_messages import decided_text
     from workflows import tagging
+    from workflows.provisioning import IDENTITY_REFS, Provisioning, local_db_step
     from workflows.retry_policies import (
         DB_BEST_EFFORT_RETRY,
-        DB_LOCAL_RETRY,
-        DB_LOCAL_TIMEOUT,
         DB_RETRY,
         DB_TIMEOUT,
         PLATFORM_HEARTBEAT,
@@ -101,42 +102,12 @@ CONTAINED = "contained-failures"
 RENEWAL_CAPS = "renewal-caps"
 # A rotation during an overlap keeps the keys already retiring (runs before it forgot them).
 KEEP_RETIRING = "keep-every-retiring-key"
-# Quarantine, its proof, its lifting and removal take an IdentityRef, not the whole plan
-# (also used by the provisioning, bundle and containment workflows).
-IDENTITY_REFS = "identity-ref-activities"
 # The configuration is loaded by a local activity, within the run's first workflow task: a
 # lifecycle's start is one workflow task and no activity task (issue 15).
 LOCAL_LOAD = "local-lifecycle-load"
 # A failed rotation is retried after a ninth of its period (at most 6 h), not always 6 h: a
 # short-lived token (GitHub's hour) is re-issued again before the one in use lapses.
 ROTATION_RETRY_BY_PERIOD = "rotation-retry-by-period"
-
-
-async def local_db_step(method: Callable[..., Any], arg: Any) -> Any:
-    """One inventory step (a DbActivities method) as a local activity.
-
-    A local activity's failure can reach the workflow as its bare cause (an ApplicationError, a
-    timeout, a cancellation) where an activity's arrives as an ActivityError around it: it is
-    wrapped the same way, so `except ActivityError`, `failure_reason` and
-    `is_cancelled_exception` treat both alike.
-    """
-    try:
-        return await workflow.execute_local_activity_method(
-            method, arg, start_to_close_timeout=DB_LOCAL_TIMEOUT, retry_policy=DB_LOCAL_RETRY
-        )
-    except ActivityError:
-        raise
-    except FailureError as err:
-        name = getattr(method, "__name__", "inventory step")
-        raise ActivityError(
-            f"local activity {name} failed",
-            scheduled_event_id=0,
-            started_event_id=0,
-            identity="",
-            activity_type=name,
-            activity_id="",
-            retry_state=None,
-        ) from err
 
 
 def _wall_clock() -> datetime:
@@ -201,13 +172,36 @@ class NhiLifecycleWorkflow:
             self._state = inp.state.model_copy(
                 update={"pending_decommission": None, "pending_rotate": None}
             )
+        # A run that provisions its NHI first (one run per NHI, issue 15): built here, since a
+        # `decide` update can arrive in the very first activation. Updates that act on an
+        # active NHI are refused until it is active; `decide` only until then.
+        self._provisioning: Provisioning | None = None
+        if inp.provision is not None:
+            self._provisioning = Provisioning(inp.provision)
 
     # ---- queries and updates -----------------------------------------------------------------
 
     @workflow.query
     def view(self) -> LifecycleView:
         """Current phase, deadlines and reminders."""
+        self._refuse_while_provisioning()
         return self._view()
+
+    @workflow.update
+    async def decide(self, decision: ApprovalDecision) -> ApprovalOutcome:
+        """Approve or deny the pending provisioning of this run's NHI (the same gate and rules
+        as `ProvisionNhiWorkflow.decide`)."""
+        steps = self._provisioning
+        if steps is None:  # unreachable: the validator refused
+            raise ApplicationError("this request needs no approval", type="InvalidState")
+        return steps.gate.apply(decision, self._nhi_id)
+
+    @decide.validator
+    def _check_decision(self, decision: ApprovalDecision) -> None:
+        steps = self._provisioning
+        if steps is None or steps.handed_over:
+            raise ApplicationError("this request needs no approval", type="InvalidState")
+        steps.gate.check(decision)
 
     @workflow.update
     async def renew(self, req: RenewRequest) -> LifecycleView:
@@ -386,7 +380,15 @@ class NhiLifecycleWorkflow:
     @workflow.run
     async def run(self, inp: LifecycleInput) -> LifecycleView:
         """Loop until the NHI is decommissioned (or missing), continuing as new when history
-        grows long."""
+        grows long. A run started with a provisioning request provisions the NHI first; if that
+        fails, is denied or is cancelled, it compensates and ends as provisioning would."""
+        if self._provisioning is not None:
+            if self._provisioning.inp.bundled:
+                # A bundle's NHIs are handed over by the bundle, in runs of their own.
+                raise ApplicationError(
+                    "a bundled NHI is provisioned by its bundle", non_retryable=True
+                )
+            await self._provisioning.run()
         cfg = await self._load(inp.nhi_id)
         self._cfg = cfg
         if self._state is None:
@@ -952,7 +954,15 @@ class NhiLifecycleWorkflow:
             check(request)
 
     def _loaded(self) -> bool:
+        """Whether the run has its configuration (validators accept a run still starting).
+        Raises while the run is still provisioning its NHI: nothing can act on an NHI that
+        is not active yet, and the request would otherwise wait for as long as an approval."""
+        self._refuse_while_provisioning()
         return self._cfg is not None and self._state is not None
+
+    def _refuse_while_provisioning(self) -> None:
+        if self._provisioning is not None and not self._provisioning.handed_over:
+            raise ApplicationError("the NHI is still being provisioned", type="InvalidState")
 
     @staticmethod
     def _check_deadline(action: LifecycleAction) -> None:

@@ -32,7 +32,7 @@ from models.schemas import (
 )
 from nhi.infra.aws_clients import make_aws_clients
 from nhi.infra.config import Settings
-from nhi.rules.ids import provision_workflow_id
+from nhi.rules.ids import lifecycle_workflow_id
 from nhi.rules.policy import principal_account
 from nhi.services import agents, approvals
 from nhi.services.auth import require_read, require_team
@@ -145,7 +145,7 @@ async def request_nhi(
         # The policy's checks, then whether approvers must decide (sensitive entries, or the
         # agent's risk score pushed past the policy's threshold), recorded with the lease.
         nhi, sensitive, gate = approvals.request_one(
-            s, state.settings, agent_id, body, p, own, provision_workflow_id
+            s, state.settings, agent_id, body, p, own, lifecycle_workflow_id
         )
         gates.append(gate)
         return nhi, sensitive

@@ -49,7 +49,7 @@ from nhi.services import approvals
 from nhi.services.auth import Principal, person_key
 from nhi.services.errors import Conflict, Forbidden, NotFound, PolicyViolation
 from workflows.bundle import BundleWorkflow
-from workflows.provision import ProvisionNhiWorkflow
+from workflows.lifecycle import NhiLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/approvals", tags=["approvals"], dependencies=[authenticated])
@@ -118,7 +118,9 @@ async def deny(
 async def _send(state: AppState, row: Approval, decision: Any, update_id: str) -> Any:
     """The decision to the run that waits for it (provisioning, or the bundle)."""
     client = await temporal_client(state)
-    update: Any = BundleWorkflow.decide if row.bundle else ProvisionNhiWorkflow.decide
+    # A single NHI's decision goes to its one run (or, requested before one-run provisioning,
+    # its provisioning run): both name the update `decide`, as the bundle does.
+    update: Any = BundleWorkflow.decide if row.bundle else NhiLifecycleWorkflow.decide
     handle = client.get_workflow_handle(row.workflow_id)
     try:
         return await send_update(state, handle, update, decision, update_id=update_id)

@@ -26,6 +26,7 @@ from temporalio.client import (
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
+    WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
     WorkflowUpdateStage,
@@ -231,8 +232,9 @@ async def call_lifecycle(
         raise NotFound(f"{addressed or f'nhi {nhi_id}'} not found") from None
     client = await temporal_client(state)
     handle = client.get_workflow_handle_for(NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id))
-    # Provisioning records `active` just before it starts the lifecycle: a caller who acts on
-    # an NHI the moment it turns active waits for its lifecycle briefly instead of a 409.
+    # Provisioning records `active` just before the lifecycle loads (in the same run, or in the
+    # run it starts for NHIs provisioned before one-run provisioning): a caller who acts on an
+    # NHI the moment it turns active waits for its lifecycle briefly instead of a 409.
     deadline = asyncio.get_running_loop().time() + LIFECYCLE_START_WAIT
     while True:
         try:
@@ -244,9 +246,13 @@ async def call_lifecycle(
                 raise Conflict(
                     f"status: nhi {nhi_id} is {nhi.status} and has no running lifecycle"
                 ) from None
-            await asyncio.sleep(0.2)
+        except WorkflowQueryFailedError as err:
+            # The run is still provisioning the NHI, or loading it right after.
+            if not _just_activated(nhi) or asyncio.get_running_loop().time() >= deadline:
+                raise Conflict(f"status: nhi {nhi_id} is {nhi.status}: {err.message}") from None
         except WorkflowUpdateFailedError as err:
             raise refusal(err) from None
+        await asyncio.sleep(0.2)
 
 
 def _with_agent(session: Session, nhi_id: uuid.UUID) -> tuple[Nhi, Agent]:

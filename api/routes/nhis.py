@@ -35,7 +35,7 @@ from api.routes.lifecycle import (
     temporal_client,
     temporal_deadline,
 )
-from models.contracts import ApprovalDecision, ProvisionInput
+from models.contracts import ApprovalDecision, LifecycleInput, ProvisionInput
 from models.enums import NhiKind, NhiStatus, Platform
 from models.orm import Nhi
 from models.schemas import (
@@ -49,11 +49,11 @@ from models.schemas import (
     RequiredReason,
 )
 from nhi.rules import search_attributes as sa
-from nhi.rules.ids import decide_update_id, provision_workflow_id
+from nhi.rules.ids import decide_update_id, lifecycle_workflow_id
 from nhi.services import approvals, nhis
 from nhi.services.auth import Principal, authorize_decision, require_visible_nhi
 from nhi.services.errors import Conflict
-from workflows.provision import ProvisionNhiWorkflow
+from workflows.lifecycle import NhiLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 # Connecting plus starting the provisioning workflow: a request answers within ~2 s either way.
@@ -128,7 +128,8 @@ async def start_provisioning(
     try:
         # `record` checks the request against policy and adds the row and its audit event.
         nhi, sensitive = await run_in_threadpool(record, session)
-        workflow_id = provision_workflow_id(nhi.id)
+        # One run per NHI (issue 15): its lifecycle provisions it first, then keeps it.
+        workflow_id = lifecycle_workflow_id(nhi.id)
         nhi.workflow_id = workflow_id
         await run_in_threadpool(session.flush)
         accepted = NhiAccepted(
@@ -194,13 +195,14 @@ async def _start(
     rpc_timeout: timedelta,
     tags: TypedSearchAttributes,
 ) -> None:
-    """Start provisioning tagged with the NHI's search attributes; on a namespace that lacks
-    them (`nhi temporal setup` not run) untagged, so provisioning never depends on them."""
+    """Start the NHI's one run (its lifecycle, provisioning it first) tagged with the NHI's
+    search attributes; on a namespace that lacks them (`nhi temporal setup` not run)
+    untagged, so provisioning never depends on them."""
     for attributes in (tags, None):
         try:
             await client.start_workflow(
-                ProvisionNhiWorkflow.run,
-                inp,
+                NhiLifecycleWorkflow.run,
+                LifecycleInput(nhi_id=inp.nhi_id, provision=inp),
                 id=workflow_id,
                 task_queue=task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
@@ -238,12 +240,14 @@ async def _decide(
             return result
         return NhiOut.model_validate(await state.db(lambda s: nhis.get_nhi(s, nhi_id)))
     client = await temporal_client(state)
-    handle = client.get_workflow_handle_for(ProvisionNhiWorkflow.run, nhi.workflow_id)
+    # The run the row names: the NHI's one run, or (requested before one-run provisioning) its
+    # provisioning run; both take the decision as the same `decide` update.
+    handle = client.get_workflow_handle(nhi.workflow_id)
     try:
         result = await send_update(
             state,
             handle,
-            ProvisionNhiWorkflow.decide,
+            NhiLifecycleWorkflow.decide,
             lambda not_after: ApprovalDecision(
                 approve=approve,
                 approver=actor,

@@ -1,0 +1,257 @@
+"""One run per NHI (issue 15): the lifecycle provisions its NHI as its first phase, on
+Temporal's time-skipping test server with real activities against Postgres and a moto server
+over HTTP.
+
+The same steps as `ProvisionNhiWorkflow` (workflows/provisioning.py), so the same outcomes:
+approval by someone other than the requester, compensation on failure, denial and
+cancellation; what differs is the shape (one run, no child start) and that nothing acts on the
+NHI before it is active.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import (
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.exceptions import CancelledError
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+
+from models.contracts import (
+    ApprovalDecision,
+    LifecycleAction,
+    LifecycleInput,
+    LifecycleView,
+    Phase,
+    ProvisionInput,
+    RenewRequest,
+)
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.config import Settings
+from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
+from tests.helpers import eventually, inject_aws_error, nhi_row, request_nhi
+from worker import build_worker
+from workflows.lifecycle import NhiLifecycleWorkflow
+
+SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
+OWNER = "ana@example.com"
+
+Handle = WorkflowHandle[Any, LifecycleView]
+
+
+async def _life(
+    env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    inp: ProvisionInput,
+    during: Callable[[Handle], Awaitable[None]],
+) -> None:
+    """Start the NHI's one run with its provisioning request and call `during` with it while
+    a worker runs it (the clock stands still unless `during` waits on a result)."""
+    queue = f"q-{uuid.uuid4().hex}"
+    async with build_worker(env.client, settings, sessions, aws, task_queue=queue):
+        handle = await env.client.start_workflow(
+            NhiLifecycleWorkflow.run,
+            LifecycleInput(nhi_id=inp.nhi_id, provision=inp),
+            id=lifecycle_workflow_id(inp.nhi_id),
+            task_queue=queue,
+        )
+        await during(handle)
+
+
+async def _active(sessions: sessionmaker[Session], nhi_id: uuid.UUID) -> None:
+    async def check() -> None:
+        assert nhi_row(sessions, nhi_id).status == "active"
+
+    await eventually(check)
+
+
+async def _view(handle: Handle) -> LifecycleView:
+    """The run's view once it has loaded the NHI it provisioned (the query fails before)."""
+
+    async def loaded() -> LifecycleView:
+        try:
+            return await handle.query(NhiLifecycleWorkflow.view)
+        except WorkflowQueryFailedError as err:
+            raise AssertionError(str(err)) from err
+
+    return await eventually(loaded)
+
+
+def _event_types(events: Any) -> list[int]:
+    return [e.event_type for e in events]
+
+
+async def test_one_run_provisions_the_nhi_keeps_it_and_removes_it(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    _, nhi_id, _ = request_nhi(sessions, settings, "iam_user_key")
+    name = nhi_row(sessions, nhi_id).name
+
+    async def during(handle: Handle) -> None:
+        with ts_env.auto_time_skipping_disabled():
+            await _active(sessions, nhi_id)
+            view = await _view(handle)
+        assert view.phase is Phase.ACTIVE
+        nhi = nhi_row(sessions, nhi_id)
+        assert nhi.workflow_id == lifecycle_workflow_id(nhi_id), "the run that keeps it"
+        secret = json.loads(
+            aws.secrets.get_secret_value(SecretId=nhi.credential_ref)["SecretString"]
+        )
+        (key,) = aws.iam.list_access_keys(UserName=name)["AccessKeyMetadata"]
+        assert secret["AccessKeyId"] == key["AccessKeyId"]
+        history = await handle.fetch_history()
+        types = _event_types(history.events)
+        assert EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED not in types
+        assert types.count(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED) <= 3
+        with pytest.raises(RPCError):  # no second run: nothing under the provisioning id
+            await ts_env.client.get_workflow_handle(provision_workflow_id(nhi_id)).describe()
+        # Provisioning is over: the gate refuses, the lifecycle's updates are accepted.
+        with pytest.raises(WorkflowUpdateFailedError) as late:
+            await handle.execute_update(
+                NhiLifecycleWorkflow.decide,
+                ApprovalDecision(approve=True, approver="bob", reason="late"),
+            )
+        assert "needs no approval" in str(late.value.cause)
+        await handle.execute_update(
+            NhiLifecycleWorkflow.decommission,
+            LifecycleAction(actor=OWNER, reason="the task ended"),
+        )
+        ended = await handle.result()  # the grace period passes in skipped time
+        assert ended.phase is Phase.DECOMMISSIONED
+
+    await _life(ts_env, settings, sessions, aws, ProvisionInput(nhi_id=nhi_id), during)
+    assert nhi_row(sessions, nhi_id).status == "decommissioned"
+    users = aws.iam.list_users(PathPrefix=settings.iam_path)["Users"]
+    assert name not in {u["UserName"] for u in users}
+
+
+async def test_one_run_waits_for_an_approver_and_refuses_other_updates_until_active(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    _, nhi_id, sensitive = request_nhi(
+        sessions, settings, "iam_role", scope=SENSITIVE_SCOPE, actor="alice"
+    )
+    assert sensitive == ["s3:DeleteObject"]
+
+    async def during(handle: Handle) -> None:
+        with ts_env.auto_time_skipping_disabled():
+            with pytest.raises(WorkflowUpdateFailedError) as early:
+                await handle.execute_update(
+                    NhiLifecycleWorkflow.renew, RenewRequest(actor=OWNER, reason="too soon")
+                )
+            assert "still being provisioned" in str(early.value.cause)
+            with pytest.raises(WorkflowQueryFailedError):
+                await handle.query(NhiLifecycleWorkflow.view)
+            with pytest.raises(WorkflowUpdateFailedError) as own:
+                await handle.execute_update(
+                    NhiLifecycleWorkflow.decide,
+                    ApprovalDecision(approve=True, approver="alice", reason="mine"),
+                )
+            assert "cannot approve their own" in str(own.value.cause)
+            assert nhi_row(sessions, nhi_id).status == "pending_approval"
+            outcome = await handle.execute_update(
+                NhiLifecycleWorkflow.decide,
+                ApprovalDecision(approve=True, approver="bob", reason="cleanup job"),
+            )
+            assert outcome.approved and outcome.complete
+            await _view(handle)
+            renewed = await handle.execute_update(
+                NhiLifecycleWorkflow.renew, RenewRequest(actor=OWNER, reason="still needed")
+            )
+        assert renewed.message == "renewed"
+        history = await handle.fetch_history()
+        accepted = [
+            e
+            for e in history.events
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+        ]
+        assert len(accepted) == 2, "refused updates leave no trace: one decision, one renewal"
+
+    inp = ProvisionInput(nhi_id=nhi_id, requested_by="alice", needs_approval=True)
+    await _life(ts_env, settings, sessions, aws, inp, during)
+    assert nhi_row(sessions, nhi_id).status == "active"
+
+
+async def test_a_denied_one_run_creates_nothing_and_ends(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    _, nhi_id, _ = request_nhi(sessions, settings, "iam_role", scope=SENSITIVE_SCOPE, actor="alice")
+    name = nhi_row(sessions, nhi_id).name
+
+    async def during(handle: Handle) -> None:
+        await handle.execute_update(
+            NhiLifecycleWorkflow.decide,
+            ApprovalDecision(approve=False, approver="bob", reason="not for this agent"),
+        )
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        assert "denied by bob" in str(failure.value.cause)
+
+    inp = ProvisionInput(nhi_id=nhi_id, requested_by="alice", needs_approval=True)
+    await _life(ts_env, settings, sessions, aws, inp, during)
+    assert nhi_row(sessions, nhi_id).status == "failed"
+    roles = aws.iam.list_roles(PathPrefix=settings.iam_path)["Roles"]
+    assert name not in {r["RoleName"] for r in roles}
+
+
+async def test_a_failing_one_run_removes_what_it_created(
+    ts_env: WorkflowEnvironment, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    aws = make_aws_clients(settings)
+    inject_aws_error(aws.iam, "PutRolePolicy", "AccessDenied")
+    _, nhi_id, _ = request_nhi(sessions, settings, "iam_role")
+    name = nhi_row(sessions, nhi_id).name
+
+    async def during(handle: Handle) -> None:
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        assert "AccessDenied" in str(failure.value.cause)
+
+    await _life(ts_env, settings, sessions, aws, ProvisionInput(nhi_id=nhi_id), during)
+    nhi = nhi_row(sessions, nhi_id)
+    assert nhi.status == "failed" and "AccessDenied" in (nhi.status_reason or "")
+    roles = aws.iam.list_roles(PathPrefix=settings.iam_path)["Roles"]
+    assert name not in {r["RoleName"] for r in roles}, "the half-made role was left behind"
+
+
+async def test_a_one_run_cancelled_while_awaiting_approval_is_failed(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    _, nhi_id, _ = request_nhi(sessions, settings, "iam_role", scope=SENSITIVE_SCOPE, actor="alice")
+
+    async def during(handle: Handle) -> None:
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        assert isinstance(failure.value.cause, CancelledError)
+
+    inp = ProvisionInput(nhi_id=nhi_id, requested_by="alice", needs_approval=True)
+    await _life(ts_env, settings, sessions, aws, inp, during)
+    nhi = nhi_row(sessions, nhi_id)
+    assert nhi.status == "failed"
+    assert "cancelled before anything was created" in (nhi.status_reason or "")
