@@ -1,13 +1,13 @@
 """Temporal alone, in the shape of one provisioning: the floor under the durable path.
 
-Two workflows that do nothing but what ours asks of Temporal and of the Python SDK for one
-`iam_role`: a provisioning run (patch markers, two search-attribute upserts, a local activity,
-an activity, a local activity, a child workflow started and abandoned) and the lifecycle it
-starts (a patch marker, an upsert, a local activity, a timer it then waits on). No database, no
-AWS, no API: each activity returns its argument. A third, one run per NHI, is the shape a
-redesign with the provisioning steps as the lifecycle's first phase would have at best: the
-provisioning run's steps, then the lifecycle's timer, with no child run and no second first
-task. They run on their own worker process
+Ours, one run per NHI: what ours asks of Temporal and of the Python SDK for one `iam_role`,
+and nothing more: the provisioning steps (patch markers, a local activity, an activity, a
+local activity, two search-attribute upserts), then the lifecycle's timer, in one run (ours also
+loads the lifecycle's configuration, one more local activity in the same workflow task). No
+database, no AWS, no API: each activity returns its argument. The two workflows ours had before
+one-run provisioning are kept for comparison: a provisioning run (two upserts, a child workflow
+started and abandoned) and the lifecycle it starts (a patch marker, an upsert, a local
+activity, a timer it then waits on). They run on their own worker process
 (`python -m bench.temporal_shape ADDRESS TASK_QUEUE`, built as `worker.py` builds ours: same
 data converter, sandbox, slots and cache) against the same dev server, in the same run, and are
 started the way the API starts ours (32 in flight, with the NHI's search attributes).

@@ -1,12 +1,16 @@
 """The life of one active NHI: rotation, expiry reminders, renewal, staged decommission.
 
-One run per NHI, id `nhi-<nhi id>`, started by provisioning. Deadlines are durable timers that
-updates can move; every change is an update whose validator refuses wrong state, the wrong
-person or an extension past the maximum lifetime before anything reaches history.
+One run per NHI, id `nhi-<nhi id>`, started by the API with the provisioning request: the run
+provisions the NHI first (workflows/provisioning.py), then keeps it. (NHIs requested before
+that, and bundles' NHIs, were provisioned by a run of their own that started this one as a
+child.) Deadlines are durable timers that updates can move; every change is an update whose
+validator refuses wrong state, the wrong person or an extension past the maximum lifetime
+before anything reaches history.
 
 Nothing a caller sends can end a run: an update whose activity fails fails that update only, a
 loop step that fails is recorded and tried again later, so a lifecycle never ends FAILED while
-its NHI exists (it ends only decommissioned or missing).
+its NHI exists (it ends only decommissioned or missing). Only its provisioning phase can fail
+the run: the NHI is then `failed`, or `revoke_failed` when removing what was created failed too.
 
 What is due next, and how each step changes the state, is decided by the pure lifecycle core
 (nhi/rules/lifecycle.py); this class asks it, runs the activities, and applies the result.

@@ -32,12 +32,14 @@ BUNDLE_WORKFLOW = "BundleWorkflow"
 
 
 def lifecycle_workflow_id(nhi_id: NhiId) -> str:
-    """One lifecycle per NHI, started by provisioning and restarted by the sweep."""
+    """One run per NHI: started by the API with the provisioning request (it provisions the NHI
+    first, then keeps it), restarted by the sweep or containment when none runs."""
     return f"nhi-{nhi_id}"
 
 
 def provision_workflow_id(nhi_id: NhiId) -> str:
-    """One provisioning run per NHI, addressable from API, CLI and UI."""
+    """A provisioning run of its own: each NHI of a bundle, and every NHI requested before
+    one-run provisioning (the rows and runs of those still name it)."""
     return f"nhi-provision-{nhi_id}"
 
 
