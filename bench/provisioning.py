@@ -447,8 +447,12 @@ def _rows(result: Result, n: int, phases: dict[str, Phase], target_size: int) ->
         result.row(f"{label} {n}: floor CPU per NHI", _cpu_per_item(floor))
         if what == "provision":
             if "shape_one_run" in phases:
-                _one_run_rows(result, n, ours, phases["shape_one_run"])
-            _shape_rows(result, n, phases["shape_provision"])
+                label = f"provisioning {n}: Temporal shape, one run per NHI (ours)"
+                _shape_rows(result, label, n, phases["shape_one_run"], ours)
+            label = (
+                f"provisioning {n}: Temporal shape, two runs per NHI (before one-run provisioning)"
+            )
+            _shape_rows(result, label, n, phases["shape_provision"])
         for who, phase in (("ours", ours), ("floor", floor)):
             if phase.failed or phase.timed_out:
                 errors = "; ".join(phase.extra.get("errors", []))
@@ -465,19 +469,28 @@ def _machine_per_item(phase: Phase) -> float:
     return phase.cpu_s.get(MACHINE, float("nan")) / phase.done if phase.done else float("nan")
 
 
-def _shape_rows(result: Result, n: int, shape: Phase) -> None:
-    """The two-run shape (ours before one-run provisioning) and the rate it allows at most."""
-    label = f"provisioning {n}: Temporal shape, two runs per NHI (before one-run provisioning)"
+def _shape_rows(
+    result: Result, label: str, n: int, shape: Phase, ours: Phase | None = None
+) -> None:
+    """A Temporal shape alone: its rate, its CPU per NHI (next to ours' when given) and the
+    most it allows on this machine."""
     history = shape.extra.get("per_nhi_history", {})
     result.row(
         f"{label} ({_shape_label(history)})",
         f"{fmt(shape.throughput, 'NHI/s')} ({shape.done}/{n} in {fmt(shape.wall_s, 's', 1)})",
     )
     if shape.timed_out:
-        result.row(f"{label}: incomplete", f"{shape.done}/{n} lifecycles running when it timed out")
+        result.row(f"{label}: incomplete", f"{shape.done}/{n} done when it timed out")
     result.row(f"{label}: CPU per NHI", _cpu_per_item(shape))
-    cores = os.cpu_count() or 1
     floor = _machine_per_item(shape)
+    if ours is not None:
+        mine = _machine_per_item(ours)
+        result.row(
+            f"provisioning {n}: machine CPU per NHI, ours / its shape alone",
+            f"{fmt(mine * 1000, 'ms', 0)} / {fmt(floor * 1000, 'ms', 0)} "
+            f"(the shape is {fmt(floor / mine * 100, '%', 0)} of ours)",
+        )
+    cores = os.cpu_count() or 1
     result.row(
         f"{label}: most it allows ({cores} CPUs / its machine CPU per NHI)",
         fmt(cores / floor if floor else float("nan"), "NHI/s"),
@@ -492,30 +505,6 @@ def _shape_label(history: dict[str, int]) -> str:
         f"{history.get('activities', '?')} activity, "
         f"{history.get('local_activities', '?')} local activities, "
         f"{history.get('events', '?')} events; no work"
-    )
-
-
-def _one_run_rows(result: Result, n: int, ours: Phase, shape: Phase) -> None:
-    """Ours' shape, one run per NHI, alone; next to ours, and the rate it allows at most."""
-    label = f"provisioning {n}: Temporal shape, one run per NHI (ours)"
-    history = shape.extra.get("per_nhi_history", {})
-    result.row(
-        f"{label} ({_shape_label(history)})",
-        f"{fmt(shape.throughput, 'NHI/s')} ({shape.done}/{n} in {fmt(shape.wall_s, 's', 1)})",
-    )
-    if shape.timed_out:
-        result.row(f"{label}: incomplete", f"{shape.done}/{n} active when it timed out")
-    result.row(f"{label}: CPU per NHI", _cpu_per_item(shape))
-    mine, floor = _machine_per_item(ours), _machine_per_item(shape)
-    result.row(
-        f"provisioning {n}: machine CPU per NHI, ours / its shape alone",
-        f"{fmt(mine * 1000, 'ms', 0)} / {fmt(floor * 1000, 'ms', 0)} "
-        f"(the shape is {fmt(floor / mine * 100, '%', 0)} of ours)",
-    )
-    cores = os.cpu_count() or 1
-    result.row(
-        f"{label}: most it allows ({cores} CPUs / its machine CPU per NHI)",
-        fmt(cores / floor if floor else float("nan"), "NHI/s"),
     )
 
 

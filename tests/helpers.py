@@ -126,6 +126,8 @@ def agent_body(**overrides: Any) -> dict[str, Any]:
 
 
 ROLE_SCOPE = [{"actions": ["s3:GetObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
+# A scope with a sensitive action: the request waits for an approver.
+SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
 TRUST = "arn:aws:iam::123456789012:role/agent-runtime"
 
 

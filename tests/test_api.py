@@ -25,7 +25,15 @@ from nhi.rules.policy import (
     scope_policy_limit,
 )
 from tests.conftest import Service
-from tests.helpers import ROLE_SCOPE, TRUST, agent_body, api_json, bearer, eventually
+from tests.helpers import (
+    ROLE_SCOPE,
+    SENSITIVE_SCOPE,
+    TRUST,
+    agent_body,
+    api_json,
+    bearer,
+    eventually,
+)
 from workflows.lifecycle import NhiLifecycleWorkflow
 
 
@@ -202,12 +210,16 @@ async def test_lifecycle_calls_on_an_nhi_still_being_provisioned_are_409(
     """The NHI's one run exists from the request on, waiting here for an approver: its view
     and its updates answer 409 naming why, never a 500 or an action applied early."""
     agent = await _agent(http)
-    sensitive = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
     accepted = await api_json(
         http,
         "POST",
         f"/v1/agents/{agent['id']}/nhis",
-        json={"platform": "aws", "kind": "iam_role", "scope": sensitive, "trust_principal": TRUST},
+        json={
+            "platform": "aws",
+            "kind": "iam_role",
+            "scope": SENSITIVE_SCOPE,
+            "trust_principal": TRUST,
+        },
     )
     assert accepted["status"] == "pending_approval"
     handle = service.env.client.get_workflow_handle(accepted["workflow_id"])

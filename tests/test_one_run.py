@@ -40,11 +40,10 @@ from models.contracts import (
 from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
 from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
-from tests.helpers import eventually, inject_aws_error, nhi_row, request_nhi
+from tests.helpers import SENSITIVE_SCOPE, eventually, inject_aws_error, nhi_row, request_nhi
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow
 
-SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
 OWNER = "ana@example.com"
 
 Handle = WorkflowHandle[Any, LifecycleView]

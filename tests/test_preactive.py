@@ -30,12 +30,17 @@ from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
 from nhi.rules.policy import secret_name
-from tests.helpers import SweepRig, eventually, inject_aws_error, request_nhi, sweep_settings
+from tests.helpers import (
+    SENSITIVE_SCOPE,
+    SweepRig,
+    eventually,
+    inject_aws_error,
+    request_nhi,
+    sweep_settings,
+)
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
-
-SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
 
 
 @dataclass

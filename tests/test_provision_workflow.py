@@ -21,7 +21,7 @@ from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import provision_workflow_id
-from tests.helpers import TRUST, inject_aws_error, request_nhi
+from tests.helpers import SENSITIVE_SCOPE, TRUST, inject_aws_error, request_nhi
 from worker import build_worker
 from workflows.provision import ProvisionNhiWorkflow
 
@@ -185,9 +185,6 @@ async def test_policy_tightened_after_request_refuses_before_creating(
     assert nhi.status == "failed"
     users = aws.iam.list_users(PathPrefix=settings.iam_path)["Users"]
     assert nhi.name not in {u["UserName"] for u in users}
-
-
-SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
 
 
 async def test_sensitive_scope_waits_for_an_approver_who_is_not_the_requester(

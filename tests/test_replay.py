@@ -78,6 +78,7 @@ from nhi.infra.temporal_client import data_converter, payload_codec
 from nhi.rules.ids import lifecycle_workflow_id, orphan_workflow_id, provision_workflow_id
 from tests.helpers import (
     HISTORIES,
+    SENSITIVE_SCOPE,
     delete_role,
     eventually,
     keep_history,
@@ -95,7 +96,6 @@ from workflows.provision import ProvisionNhiWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = sorted(HISTORIES.glob("*.json"))
-SENSITIVE_SCOPE = [{"actions": ["s3:DeleteObject"], "resources": ["arn:aws:s3:::kb-docs/*"]}]
 
 
 def test_golden_histories_are_committed() -> None:
