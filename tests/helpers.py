@@ -24,10 +24,10 @@ from fastapi import FastAPI
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
-    from temporalio.client import WorkflowHandle, WorkflowHistory
+    from temporalio.client import Client, WorkflowHandle, WorkflowHistory
     from temporalio.testing import WorkflowEnvironment
 
-    from models.contracts import LifecycleView, SweepOutcome
+    from models.contracts import LifecycleView, ProvisionInput, SweepOutcome
     from models.orm import Nhi
     from nhi.infra.aws_clients import AwsClients
     from nhi.infra.config import Settings
@@ -282,28 +282,69 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def provision(
-    env: WorkflowEnvironment, queue: str, nhi_id: uuid.UUID
+async def start_one_run(
+    client: Client, inp: ProvisionInput, queue: str
 ) -> WorkflowHandle[Any, LifecycleView]:
-    """Run provisioning for a recorded request; the handle of the lifecycle it starts.
+    """Start the NHI's one run as the API does: its lifecycle (`nhi-<id>`), with the
+    provisioning request as its first phase."""
+    from models.contracts import LifecycleInput
+    from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 
-    The clock stands still while provisioning, so the new lifecycle's timers start at the
-    moment the test reads as "born"."""
+    return await client.start_workflow(
+        NhiLifecycleWorkflow.run,
+        LifecycleInput(nhi_id=inp.nhi_id, provision=inp),
+        id=lifecycle_workflow_id(inp.nhi_id),
+        task_queue=queue,
+    )
+
+
+async def provision(
+    env: WorkflowEnvironment, queue: str, nhi_id: uuid.UUID, *, one_run: bool = True
+) -> WorkflowHandle[Any, LifecycleView]:
+    """Provision a recorded request as the API does: the NHI's one run (its lifecycle, which
+    provisions it first, then keeps it); with `one_run=False`, a provisioning run that starts
+    the lifecycle (bundles, and runs started before one-run provisioning). The lifecycle's
+    handle, once it is past provisioning (its view answers).
+
+    The clock stands still while provisioning, so the lifecycle's timers start at the moment
+    the test reads as "born"."""
+    from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
+
     from models.contracts import ProvisionInput
     from nhi.rules.ids import provision_workflow_id
     from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
     from workflows.provision import ProvisionNhiWorkflow
 
+    request = ProvisionInput(nhi_id=nhi_id)
     with env.auto_time_skipping_disabled():
-        await env.client.execute_workflow(
-            ProvisionNhiWorkflow.run,
-            ProvisionInput(nhi_id=nhi_id),
-            id=provision_workflow_id(nhi_id),
-            task_queue=queue,
+        if not one_run:
+            await env.client.execute_workflow(
+                ProvisionNhiWorkflow.run,
+                request,
+                id=provision_workflow_id(nhi_id),
+                task_queue=queue,
+            )
+            return env.client.get_workflow_handle_for(
+                NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
+            )
+        await start_one_run(env.client, request, queue)
+        # A plain handle, as for a run started elsewhere: the handle start_workflow returns
+        # on the time-skipping server skips time by itself while awaiting a result.
+        handle = env.client.get_workflow_handle_for(
+            NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
         )
-    return env.client.get_workflow_handle_for(
-        NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
-    )
+
+        async def provisioned() -> None:
+            # The view is refused until the run has provisioned the NHI and loaded it.
+            try:
+                await handle.query(NhiLifecycleWorkflow.view)
+            except WorkflowQueryFailedError as err:
+                if (await handle.describe()).status is not WorkflowExecutionStatus.RUNNING:
+                    await handle.result()  # the run ended while provisioning: its failure
+                raise AssertionError(str(err)) from err
+
+        await eventually(provisioned, timeout=60, interval=0.05)
+    return handle
 
 
 async def skip_until(

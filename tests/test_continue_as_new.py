@@ -18,14 +18,20 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from models.contracts import LifecycleAction, LifecycleView, Phase, ProvisionInput, RenewRequest
+from models.contracts import (
+    LifecycleAction,
+    LifecycleView,
+    Phase,
+    ProvisionInput,
+    RenewRequest,
+)
 from models.orm import AuditEvent, Nhi
 from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import provision_workflow_id
 from tests.conftest import binary
-from tests.helpers import eventually, request_nhi
+from tests.helpers import eventually, request_nhi, start_one_run
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 from workflows.provision import ProvisionNhiWorkflow
@@ -55,15 +61,9 @@ async def test_lifecycle_continues_as_new_with_its_state(
     queue = f"can-{uuid.uuid4().hex[:8]}"
     _, nhi_id, _ = request_nhi(sessions, settings, "iam_role", ttl="10d")
     async with build_worker(env.client, settings, sessions, aws, task_queue=queue):
-        await env.client.execute_workflow(
-            ProvisionNhiWorkflow.run,
-            ProvisionInput(nhi_id=nhi_id),
-            id=provision_workflow_id(nhi_id),
-            task_queue=queue,
-        )
-        handle = env.client.get_workflow_handle_for(
-            NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
-        )
+        # As the API starts it: the NHI's one run, provisioning first (its events count
+        # toward the threshold; the next run must keep the NHI, never provision it again).
+        handle = await start_one_run(env.client, ProvisionInput(nhi_id=nhi_id), queue)
 
         async def started() -> str:
             description = await handle.describe()
@@ -90,6 +90,19 @@ async def test_lifecycle_continues_as_new_with_its_state(
         assert view.expires_at == views[-1].expires_at, "the renewed expiry survived"
         history = await handle.fetch_history()
         assert len(history.events) < 40
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")
+        ]
+        assert "create_identity" not in scheduled, "the continued run provisioned again"
+        with transaction(sessions) as session:
+            activated = session.scalars(
+                select(AuditEvent.event).where(
+                    AuditEvent.subject_id == str(nhi_id), AuditEvent.event == "nhi.activated"
+                )
+            ).all()
+        assert len(activated) == 1
         # The new run still answers updates.
         again = await handle.execute_update(
             NhiLifecycleWorkflow.renew,

@@ -1,5 +1,7 @@
 """Kill the worker process in the middle of provisioning an access key, start a new one, and
-show that exactly one user, one key and one secret exist and the NHI is active."""
+show that exactly one user, one key and one secret exist and the NHI is active: in the one run
+the API starts (the NHI's lifecycle, provisioning first) and in a provisioning run (bundles,
+and runs started before one-run provisioning)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from models.contracts import ProvisionInput
@@ -20,10 +24,11 @@ from models.orm import Nhi
 from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
-from nhi.rules.ids import provision_workflow_id
+from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
 from tests.conftest import dev_address
 from tests.gate_proxy import GateProxy
-from tests.helpers import request_nhi
+from tests.helpers import eventually, nhi_row, request_nhi, start_one_run
+from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,14 +50,50 @@ def _worker(
     return subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env, cwd=ROOT)
 
 
+async def _start(
+    env: WorkflowEnvironment, sessions: sessionmaker[Session], shape: str, nhi_id: Any, queue: str
+) -> WorkflowHandle[Any, Any]:
+    """Provisioning as the API starts it (`one_run`: the NHI's lifecycle, which the row then
+    names), or as a provisioning run (`two_runs`)."""
+    if shape == "two_runs":
+        return await env.client.start_workflow(
+            ProvisionNhiWorkflow.run,
+            ProvisionInput(nhi_id=nhi_id),
+            id=provision_workflow_id(nhi_id),
+            task_queue=queue,
+        )
+    with transaction(sessions) as s:
+        s.get_one(Nhi, nhi_id).workflow_id = lifecycle_workflow_id(nhi_id)
+    return await start_one_run(env.client, ProvisionInput(nhi_id=nhi_id), queue)
+
+
+async def _provisioned(
+    sessions: sessionmaker[Session], shape: str, nhi_id: Any, handle: WorkflowHandle[Any, Any]
+) -> None:
+    """Until provisioning is over: the provisioning run ends `active`; the one run keeps the
+    NHI, so its row says `active` while the run goes on."""
+    if shape == "two_runs":
+        result = await asyncio.wait_for(handle.result(), timeout=120)
+        assert result.status == "active"
+        return
+
+    async def active() -> None:
+        assert nhi_row(sessions, nhi_id).status == "active"
+
+    await eventually(active, timeout=120)
+    assert (await handle.describe()).status is WorkflowExecutionStatus.RUNNING
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("shape", ["one_run", "two_runs"])
 async def test_worker_killed_between_key_creation_and_delivery(
     dev_env: WorkflowEnvironment,
     settings: Settings,
     sessions: sessionmaker[Session],
     aws: AwsClients,
+    shape: str,
 ) -> None:
-    queue = f"crash-{os.getpid()}-{id(settings)}"
+    queue = f"crash-{os.getpid()}-{id(settings)}-{shape}"
     _, nhi_id, _ = request_nhi(sessions, settings, "iam_user_key")
     with transaction(sessions) as s:
         name = s.get_one(Nhi, nhi_id).name
@@ -60,12 +101,7 @@ async def test_worker_killed_between_key_creation_and_delivery(
     with GateProxy(settings.aws_endpoint_url or "", hold_on=b"Action=CreateAccessKey") as gate:
         first = _worker(settings, dev_address(dev_env), gate.url, queue)
         try:
-            handle = await dev_env.client.start_workflow(
-                ProvisionNhiWorkflow.run,
-                ProvisionInput(nhi_id=nhi_id),
-                id=provision_workflow_id(nhi_id),
-                task_queue=queue,
-            )
+            handle = await _start(dev_env, sessions, shape, nhi_id, queue)
             assert await asyncio.to_thread(gate.reached.wait, 60), "never reached CreateAccessKey"
             # The user exists, the key request is on the wire: kill the worker right there.
             assert aws.iam.get_user(UserName=name)["User"]["UserName"] == name
@@ -84,12 +120,11 @@ async def test_worker_killed_between_key_creation_and_delivery(
 
         second = _worker(settings, dev_address(dev_env), settings.aws_endpoint_url or "", queue)
         try:
-            result = await asyncio.wait_for(handle.result(), timeout=120)
+            await _provisioned(sessions, shape, nhi_id, handle)
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(timeout=30)
 
-    assert result.status == "active"
     users = [
         u["UserName"]
         for page in aws.iam.get_paginator("list_users").paginate(PathPrefix=settings.iam_path)
@@ -139,8 +174,6 @@ async def test_worker_killed_during_rotation_leaves_one_working_key(
     aws: AwsClients,
 ) -> None:
     from models.contracts import LifecycleAction
-    from tests.helpers import eventually
-    from workflows.lifecycle import NhiLifecycleWorkflow, lifecycle_workflow_id
 
     queue = f"crash-rot-{os.getpid()}-{id(sessions)}"
     fast = {"NHI_ROTATION_OVERLAP_SECONDS": "2"}
@@ -151,12 +184,9 @@ async def test_worker_killed_during_rotation_leaves_one_working_key(
     ) as gate:
         first = _worker(settings, temporal, gate.url, queue, **fast)
         try:
-            await dev_env.client.execute_workflow(
-                ProvisionNhiWorkflow.run,
-                ProvisionInput(nhi_id=nhi_id),
-                id=provision_workflow_id(nhi_id),
-                task_queue=queue,
-            )
+            # As the API provisions: the NHI's one run, which then rotates it.
+            lifecycle = await _start(dev_env, sessions, "one_run", nhi_id, queue)
+            await _provisioned(sessions, "one_run", nhi_id, lifecycle)
             with transaction(sessions) as s:
                 nhi = s.get_one(Nhi, nhi_id)
             original = json.loads(
@@ -164,9 +194,6 @@ async def test_worker_killed_during_rotation_leaves_one_working_key(
                     SecretId=nhi.credential_ref or "", VersionStage="AWSCURRENT"
                 )["SecretString"]
             )["AccessKeyId"]
-            lifecycle = dev_env.client.get_workflow_handle_for(
-                NhiLifecycleWorkflow.run, lifecycle_workflow_id(nhi_id)
-            )
 
             async def ready() -> None:
                 try:

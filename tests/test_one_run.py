@@ -5,7 +5,8 @@ over HTTP.
 The same steps as `ProvisionNhiWorkflow` (workflows/provisioning.py), so the same outcomes:
 approval by someone other than the requester, compensation on failure, denial and
 cancellation; what differs is the shape (one run, no child start) and that nothing acts on the
-NHI before it is active.
+NHI before it is active. Failures during provisioning run in both shapes in
+test_provision_workflow.py, test_preactive.py and test_crash.py.
 """
 
 from __future__ import annotations
@@ -31,16 +32,15 @@ from temporalio.testing import WorkflowEnvironment
 from models.contracts import (
     ApprovalDecision,
     LifecycleAction,
-    LifecycleInput,
     LifecycleView,
     Phase,
     ProvisionInput,
     RenewRequest,
 )
-from nhi.infra.aws_clients import AwsClients, make_aws_clients
+from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
 from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
-from tests.helpers import SENSITIVE_SCOPE, eventually, inject_aws_error, nhi_row, request_nhi
+from tests.helpers import SENSITIVE_SCOPE, eventually, nhi_row, request_nhi, start_one_run
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow
 
@@ -61,12 +61,7 @@ async def _life(
     a worker runs it (the clock stands still unless `during` waits on a result)."""
     queue = f"q-{uuid.uuid4().hex}"
     async with build_worker(env.client, settings, sessions, aws, task_queue=queue):
-        handle = await env.client.start_workflow(
-            NhiLifecycleWorkflow.run,
-            LifecycleInput(nhi_id=inp.nhi_id, provision=inp),
-            id=lifecycle_workflow_id(inp.nhi_id),
-            task_queue=queue,
-        )
+        handle = await start_one_run(env.client, inp, queue)
         await during(handle)
 
 
@@ -221,26 +216,6 @@ async def test_a_denied_one_run_creates_nothing_and_ends(
     assert nhi_row(sessions, nhi_id).status == "failed"
     roles = aws.iam.list_roles(PathPrefix=settings.iam_path)["Roles"]
     assert name not in {r["RoleName"] for r in roles}
-
-
-async def test_a_failing_one_run_removes_what_it_created(
-    ts_env: WorkflowEnvironment, settings: Settings, sessions: sessionmaker[Session]
-) -> None:
-    aws = make_aws_clients(settings)
-    inject_aws_error(aws.iam, "PutRolePolicy", "AccessDenied")
-    _, nhi_id, _ = request_nhi(sessions, settings, "iam_role")
-    name = nhi_row(sessions, nhi_id).name
-
-    async def during(handle: Handle) -> None:
-        with pytest.raises(WorkflowFailureError) as failure:
-            await handle.result()
-        assert "AccessDenied" in str(failure.value.cause)
-
-    await _life(ts_env, settings, sessions, aws, ProvisionInput(nhi_id=nhi_id), during)
-    nhi = nhi_row(sessions, nhi_id)
-    assert nhi.status == "failed" and "AccessDenied" in (nhi.status_reason or "")
-    roles = aws.iam.list_roles(PathPrefix=settings.iam_path)["Roles"]
-    assert name not in {r["RoleName"] for r in roles}, "the half-made role was left behind"
 
 
 async def test_a_one_run_cancelled_while_awaiting_approval_is_failed(

@@ -1,6 +1,9 @@
 """NHIs stuck before `active`: a cancelled provisioning run compensates, a terminated one is
 cleaned up by the sweep after the pre-active window, and a request whose run never started is
 re-driven. On a fresh time-skipping server, against moto over HTTP and the real inventory.
+Each run-level case runs in both shapes: the NHI's one run as the API starts it (its
+lifecycle, provisioning first, named by the row) and a provisioning run (bundles, and runs
+started before one-run provisioning).
 
 The run is held after the IAM user, its key and its secret exist by failing `GetUser` (the last
 call of key delivery) with a retryable AWS error through a botocore hook on the worker's client;
@@ -36,15 +39,20 @@ from tests.helpers import (
     eventually,
     inject_aws_error,
     request_nhi,
+    start_one_run,
     sweep_settings,
 )
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow
 from workflows.provision import ProvisionNhiWorkflow
 
+SHAPES = ["one_run", "two_runs"]
+
 
 @dataclass
 class Rig(SweepRig):
+    shape: str = "one_run"
+
     async def request(self, kind: str = "iam_user_key", **kw: Any) -> uuid.UUID:
         _, nhi_id, _ = request_nhi(
             self.sessions, self.settings, kind, now=await self.env.get_current_time(), **kw
@@ -52,12 +60,18 @@ class Rig(SweepRig):
         return nhi_id
 
     async def start(self, inp: ProvisionInput) -> WorkflowHandle[Any, Any]:
-        return await self.env.client.start_workflow(
-            ProvisionNhiWorkflow.run,
-            inp,
-            id=provision_workflow_id(inp.nhi_id),
-            task_queue=self.queue,
-        )
+        """Provisioning in this rig's shape (`one_run` as the API starts it: the row names
+        the NHI's lifecycle, which provisions it first)."""
+        if self.shape == "two_runs":
+            return await self.env.client.start_workflow(
+                ProvisionNhiWorkflow.run,
+                inp,
+                id=provision_workflow_id(inp.nhi_id),
+                task_queue=self.queue,
+            )
+        with transaction(self.sessions) as s:
+            s.get_one(Nhi, inp.nhi_id).workflow_id = lifecycle_workflow_id(inp.nhi_id)
+        return await start_one_run(self.env.client, inp, self.queue)
 
     def secret(self, nhi_id: uuid.UUID) -> str:
         with transaction(self.sessions) as s:
@@ -125,6 +139,7 @@ class Rig(SweepRig):
 
 @pytest_asyncio.fixture
 async def rig(
+    request: pytest.FixtureRequest,
     ts_env: WorkflowEnvironment,
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -136,9 +151,11 @@ async def rig(
     queue = rig_settings.temporal_task_queue
     worker_aws = make_aws_clients(rig_settings)
     async with build_worker(ts_env.client, rig_settings, sessions, worker_aws, task_queue=queue):
-        yield Rig(ts_env, rig_settings, sessions, aws, worker_aws, queue)
+        shape = getattr(request, "param", "one_run")
+        yield Rig(ts_env, rig_settings, sessions, aws, worker_aws, queue, shape)
 
 
+@pytest.mark.parametrize("rig", SHAPES, indirect=True)
 async def test_a_terminated_run_is_cleaned_up_by_the_sweep_after_the_window(rig: Rig) -> None:
     nhi_id = await rig.request()
     handle, name, secret = await rig.held_after_the_secret(nhi_id)
@@ -164,6 +181,7 @@ async def test_a_terminated_run_is_cleaned_up_by_the_sweep_after_the_window(rig:
     assert [f for f in again.findings if f.nhi_id == nhi_id] == [], "nothing left to do"
 
 
+@pytest.mark.parametrize("rig", SHAPES, indirect=True)
 async def test_a_cancelled_run_compensates(rig: Rig) -> None:
     nhi_id = await rig.request()
     handle, name, secret = await rig.held_after_the_secret(nhi_id)
@@ -193,6 +211,7 @@ async def test_a_cancelled_run_compensates(rig: Rig) -> None:
     assert rig.events(nhi_id)[-1][0] == "nhi.failed"
 
 
+@pytest.mark.parametrize("rig", SHAPES, indirect=True)
 async def test_a_run_cancelled_while_waiting_for_an_approver_fails_the_request(rig: Rig) -> None:
     nhi_id = await rig.request("iam_role", scope=SENSITIVE_SCOPE, actor="alice")
     assert rig.nhi(nhi_id).status == "pending_approval"

@@ -21,7 +21,7 @@ from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import provision_workflow_id
-from tests.helpers import SENSITIVE_SCOPE, TRUST, inject_aws_error, request_nhi
+from tests.helpers import SENSITIVE_SCOPE, TRUST, inject_aws_error, request_nhi, start_one_run
 from worker import build_worker
 from workflows.provision import ProvisionNhiWorkflow
 
@@ -61,6 +61,28 @@ async def _provision(
         if during is not None:
             await during(handle)
         return await handle.result()
+
+
+async def _fail_provisioning(
+    env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    nhi_id: uuid.UUID,
+    one_run: bool,
+) -> WorkflowFailureError:
+    """Provisioning that must fail: as the API starts it (the NHI's one run, whose first phase
+    it is) or as a provisioning run (bundles); the run's failure."""
+    if not one_run:
+        with pytest.raises(WorkflowFailureError) as failure:
+            await _provision(env, settings, sessions, aws, ProvisionInput(nhi_id=nhi_id))
+        return failure.value
+    queue = f"q-{uuid.uuid4().hex}"
+    async with build_worker(env.client, settings, sessions, aws, task_queue=queue):
+        handle = await start_one_run(env.client, ProvisionInput(nhi_id=nhi_id), queue)
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        return failure.value
 
 
 async def test_iam_role_is_created_with_scope_trust_tags_and_expiry(
@@ -121,18 +143,24 @@ async def test_iam_user_key_is_delivered_by_reference_only(
     assert aws.iam.get_user_policy(UserName=nhi.name, PolicyName="nhi-scope")["PolicyName"]
 
 
+SHAPES = pytest.mark.parametrize("one_run", [True, False], ids=["one_run", "two_runs"])
+
+
+@SHAPES
 async def test_permanent_failure_removes_what_was_created(
-    ts_env: WorkflowEnvironment, settings: Settings, sessions: sessionmaker[Session]
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    one_run: bool,
 ) -> None:
     aws = make_aws_clients(settings)
     inject_aws_error(aws.iam, "PutRolePolicy", "AccessDenied")
     _, nhi_id, _ = request_nhi(sessions, settings, "iam_role")
     name = _nhi(sessions, nhi_id).name
 
-    with pytest.raises(WorkflowFailureError) as failure:
-        await _provision(ts_env, settings, sessions, aws, ProvisionInput(nhi_id=nhi_id))
+    failure = await _fail_provisioning(ts_env, settings, sessions, aws, nhi_id, one_run)
 
-    assert "AccessDenied" in str(failure.value.cause)
+    assert "AccessDenied" in str(failure.cause)
     nhi = _nhi(sessions, nhi_id)
     assert nhi.status == "failed"
     assert "AccessDenied" in (nhi.status_reason or "")
@@ -141,21 +169,28 @@ async def test_permanent_failure_removes_what_was_created(
     assert _events(sessions, nhi_id)[-1] == "nhi.failed"
 
 
+@SHAPES
 async def test_failed_cleanup_is_revoke_failed_not_silent(
-    ts_env: WorkflowEnvironment, settings: Settings, sessions: sessionmaker[Session]
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    one_run: bool,
 ) -> None:
     aws = make_aws_clients(settings)
     inject_aws_error(aws.iam, "PutRolePolicy", "AccessDenied")
     inject_aws_error(aws.iam, "DeleteRole", "AccessDenied")
     _, nhi_id, _ = request_nhi(sessions, settings, "iam_role")
+    name = _nhi(sessions, nhi_id).name
 
-    with pytest.raises(WorkflowFailureError):
-        await _provision(ts_env, settings, sessions, aws, ProvisionInput(nhi_id=nhi_id))
+    await _fail_provisioning(ts_env, settings, sessions, aws, nhi_id, one_run)
 
     nhi = _nhi(sessions, nhi_id)
     assert nhi.status == "revoke_failed"
+    assert "AccessDenied" in (nhi.status_reason or "")
     assert "removing what was created also failed" in (nhi.status_reason or "")
     assert _events(sessions, nhi_id)[-1] == "nhi.revoke_failed"
+    # Still there, and the row says so, for the sweep to retry.
+    assert aws.iam.get_role(RoleName=name)["Role"]["RoleName"] == name
 
 
 async def test_policy_tightened_after_request_refuses_before_creating(

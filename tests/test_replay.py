@@ -5,11 +5,11 @@ The histories in tests/histories/ and the tests that record them:
 
 | history | recorded by | what it covers |
 |---|---|---|
-| `provision`, `lifecycle` | `test_lifecycle.py::test_a_whole_life_in_seconds` | AWS provisioning before the provider interface (legacy activity names), a 75-day lifecycle with rotations, reminders, a Slack renewal and decommission |
-| `postgres_provision`, `postgres_lifecycle` | `test_postgres_lifecycle.py::test_a_postgres_role_lives_rotates_renews_and_is_removed_completely` | a `postgres_role` through the provider interface; quarantine, its proof and removal on an `IdentityRef` (patch `identity-ref-activities`) |
+| `provision`, `lifecycle` | `test_lifecycle.py::test_a_whole_life_in_seconds[two_runs]` (a provisioning run, as bundles start) | AWS provisioning before the provider interface (legacy activity names), a 75-day lifecycle with rotations, reminders, a Slack renewal and decommission |
+| `postgres_provision`, `postgres_lifecycle` | `test_postgres_lifecycle.py::test_a_postgres_role_lives_rotates_renews_and_is_removed_completely[two_runs]` | a `postgres_role` through the provider interface; quarantine, its proof and removal on an `IdentityRef` (patch `identity-ref-activities`) |
 | `postgres_lifecycle_plan_activities` | the same test, before `identity-ref-activities` | quarantine and removal taking the whole plan (`quarantine`, `verify_quarantine`, `remove_identity`) |
 | `containment`, `containment_partial` | `test_contain.py` | the containment playbook on an `IdentityRef`; `*_plan_activities`: the same recorded before that patch |
-| `lifecycle_revoke_failed` | `test_lifecycle_faults.py::test_a_removal_that_keeps_failing_surfaces_within_the_alert_window_once` | a removal failing past the alert window, alerted once per recipient, retried and finished |
+| `lifecycle_revoke_failed` | `test_lifecycle_faults.py::test_a_removal_that_keeps_failing_surfaces_within_the_alert_window_once` (recorded as a lifecycle started by a provisioning run; the test now runs the NHI's one run) | a removal failing past the alert window, alerted once per recipient, retried and finished |
 | `aws_provision`, `aws_lifecycle_start` | `test_aws_provisioning_of_today_replays` (here) | AWS provisioning through the provider interface, with an approval, its inventory steps as local activities (patch `local-inventory-steps`); the lifecycle it starts, loading as a local activity (patch `local-lifecycle-load`), renewed |
 | `aws_one_run` | `test_aws_one_run_of_today_replays` (here) | one run per NHI (issue 15): the lifecycle provisions its NHI first (approval, creation, delivery, the inventory steps as local activities), then loads and keeps it; renewed |
 | `aws_provision_activities` | the same test, before `local-inventory-steps` | the inventory steps as activities |
