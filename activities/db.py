@@ -44,6 +44,7 @@ from nhi.infra.db import transaction
 from nhi.rules.github_scope import REISSUE_MIN_SECONDS
 from nhi.rules.policy import RuleViolation
 from nhi.rules.slack_messages import scope_summary
+from nhi.services.incidents import containment_of, hold_agent
 from nhi.services.policies import check_scope, find_policy, rules_of
 from nhi.services.transitions import note, transition
 
@@ -114,6 +115,19 @@ def bounded(seconds: int | None, low: int, default: int) -> int:
     return int(min(max(seconds, low), MAX_PERIOD_SECONDS))
 
 
+def _refuse_if_contained(session: Session, nhi: Nhi) -> None:
+    """No new identity for a contained agent: a request recorded before its incident opened
+    is refused before anything is created, or, once created, before it becomes active.
+
+    Raises:
+        ApplicationError: `Contained`, not retryable (provisioning fails and removes what it
+            created; the request can be made again once the incident is released).
+    """
+    contained = containment_of(session, nhi.agent_id)
+    if contained is not None:
+        raise ApplicationError(f"nhi {nhi.id}: {contained}", type="Contained", non_retryable=True)
+
+
 class DbActivities:
     """Inventory reads and state transitions; one session and transaction per call."""
 
@@ -175,6 +189,8 @@ class DbActivities:
                 raise ApplicationError(
                     str(err), type="PolicyViolation", non_retryable=True
                 ) from None
+            if nhi.status != NhiStatus.ACTIVE:
+                _refuse_if_contained(session, nhi)
             if nhi.status == NhiStatus.REQUESTED:
                 workflow_id = activity.info().workflow_id
                 transition(
@@ -230,6 +246,10 @@ class DbActivities:
                     type="InvalidState",
                     non_retryable=True,
                 )
+            # Serialized with opening an incident: active before it (and contained by it),
+            # or refused here, and the provisioning removes what it created.
+            hold_agent(session, nhi.agent_id, opening=False)
+            _refuse_if_contained(session, nhi)
             transition(
                 session,
                 nhi,

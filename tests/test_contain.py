@@ -157,6 +157,11 @@ def secret(rig: Rig, nhi: Nhi) -> dict[str, Any]:
     return dict(json.loads(value["SecretString"]))
 
 
+def nhi_count(rig: Rig, agent_id: uuid.UUID) -> int:
+    with transaction(rig.sessions) as session:
+        return len(session.scalars(select(Nhi.id).where(Nhi.agent_id == agent_id)).all())
+
+
 def nhi_status(rig: Rig, nhi_id: uuid.UUID) -> str:
     with transaction(rig.sessions) as session:
         return session.get_one(Nhi, nhi_id).status
@@ -303,6 +308,24 @@ async def test_containment_kills_every_credential_and_release_needs_a_second_per
             headers=bearer(mint(rig.sessions, "ct-elsewhere", "platform", teams=["billing"])),
         )
         assert hidden.status_code == 404
+
+        # No new identity for a contained agent: refused before anything is recorded (a
+        # request recorded before the incident is refused by provisioning: test_one_run.py).
+        before = nhi_count(rig, agent_id)
+        request = {
+            "platform": "aws",
+            "kind": "iam_role",
+            "scope": ROLE_SCOPE,
+            "trust_principal": TRUST,
+        }
+        single = await http.post(f"/v1/agents/{agent_id}/nhis", headers=owner, json=request)
+        assert single.status_code == 409 and "is contained" in single.text, single.text
+        assert incident["id"] in single.json()["detail"]
+        bundle = await http.post(
+            f"/v1/agents/{agent_id}/nhis:batch", headers=owner, json={"nhis": [request]}
+        )
+        assert bundle.status_code == 409 and "is contained" in bundle.text, bundle.text
+        assert nhi_count(rig, agent_id) == before
 
         # The owner cannot lift it NHI by NHI either: only a release does.
         blocked = await http.post(f"/v1/nhis/{pg.id}/restore", headers=owner, json={"reason": "x"})

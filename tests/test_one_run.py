@@ -37,9 +37,11 @@ from models.contracts import (
     ProvisionInput,
     RenewRequest,
 )
-from nhi.infra.aws_clients import AwsClients
+from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
+from nhi.infra.db import transaction
 from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
+from nhi.services import incidents
 from tests.helpers import SENSITIVE_SCOPE, eventually, nhi_row, request_nhi, start_one_run
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow
@@ -237,3 +239,67 @@ async def test_a_one_run_cancelled_while_awaiting_approval_is_failed(
     nhi = nhi_row(sessions, nhi_id)
     assert nhi.status == "failed"
     assert "cancelled before anything was created" in (nhi.status_reason or "")
+
+
+def _contain(sessions: sessionmaker[Session], agent_id: uuid.UUID) -> None:
+    """Security contains the agent: its incident is open (the containment workflow itself is
+    not needed here: the open incident is what provisioning checks)."""
+    with transaction(sessions) as session:
+        incidents.open_incident(
+            session, agent_id, reason="exfiltration suspected", actor="api:sam", person="sam"
+        )
+
+
+async def _refused_as_contained(
+    env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    worker_aws: AwsClients,
+    aws: AwsClients,
+    nhi_id: uuid.UUID,
+) -> None:
+    """The NHI's one run fails for the containment, the NHI is `failed` saying so, and its
+    role is not on the platform (never created, or removed)."""
+    name = nhi_row(sessions, nhi_id).name
+    causes: list[str] = []
+
+    async def during(handle: Handle) -> None:
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        causes.append(str(failure.value.cause))
+
+    await _life(env, settings, sessions, worker_aws, ProvisionInput(nhi_id=nhi_id), during)
+    assert "contained" in causes[0], causes
+    nhi = nhi_row(sessions, nhi_id)
+    assert nhi.status == "failed" and "contained" in (nhi.status_reason or ""), nhi.status_reason
+    assert nhi.activated_at is None
+    roles = {r["RoleName"] for r in aws.iam.list_roles(PathPrefix=settings.iam_path)["Roles"]}
+    assert name not in roles, "a role left for a contained agent"
+
+
+@pytest.mark.parametrize("contained", ["before_the_run", "while_creating"])
+async def test_a_contained_agent_gets_no_new_nhi(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+    contained: str,
+) -> None:
+    """A request recorded before the incident opened (the API refuses them once it is open) is
+    refused before anything is created; an incident opened while the role is being created
+    (a botocore hook right after CreateRole) refuses its activation and the role is removed."""
+    agent_id, nhi_id, _ = request_nhi(sessions, settings, "iam_role")
+    worker_aws = make_aws_clients(settings)
+    opened: list[str] = []
+
+    def contain_now(**_: Any) -> None:
+        if not opened:
+            opened.append("after CreateRole")
+            _contain(sessions, agent_id)
+
+    if contained == "before_the_run":
+        _contain(sessions, agent_id)
+    else:
+        worker_aws.iam.meta.events.register("after-call.iam.CreateRole", contain_now)
+    await _refused_as_contained(ts_env, settings, sessions, worker_aws, aws, nhi_id)
+    assert opened == ([] if contained == "before_the_run" else ["after CreateRole"])

@@ -113,6 +113,28 @@ def open_incident_of(
     return session.scalar(query)
 
 
+def hold_agent(session: Session, agent_id: uuid.UUID, *, opening: bool) -> None:
+    """Lock the agent's row until commit: exclusively to open an incident, shared to activate
+    one of its NHIs. The two then never interleave, so an NHI is either active before the
+    incident opens (and so in its containment plan, read after) or sees the incident and is
+    refused: containment is never outrun by a provisioning finishing meanwhile."""
+    query = select(Agent.id).where(Agent.id == agent_id)
+    session.execute(
+        query.with_for_update(key_share=True) if opening else query.with_for_update(read=True)
+    )
+
+
+def containment_of(session: Session, agent_id: uuid.UUID) -> str | None:
+    """Why the agent may get no new credential (its open incident), or None."""
+    incident = open_incident_of(session, agent_id)
+    if incident is None:
+        return None
+    return (
+        f"its agent is contained (incident {incident.id}, {incident.status}): no new "
+        "identities until the incident is released"
+    )
+
+
 def list_incidents(
     session: Session,
     visible_to: Principal,
@@ -174,6 +196,7 @@ def open_incident(
     """The agent's open incident, joined, or a new one (`containing`, audited); whether it is
     new. Two concurrent opens meet at the partial unique index: the loser joins the winner."""
     get_agent(session, agent_id)
+    hold_agent(session, agent_id, opening=True)
     existing = open_incident_of(session, agent_id, lock=True)
     if existing is not None:
         return existing, False

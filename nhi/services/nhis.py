@@ -44,6 +44,7 @@ from nhi.rules.policy import (
 from nhi.services.agents import FINAL_STATUSES, get_agent
 from nhi.services.auth import Principal
 from nhi.services.errors import Conflict, NotFound
+from nhi.services.incidents import containment_of
 from nhi.services.policies import check_scope, find_policy, rules_of
 from nhi.services.target_registry import find_target
 from nhi.services.transitions import note, transition
@@ -66,6 +67,10 @@ def request_nhi(
     agent = get_agent(session, agent_id)
     if agent.status != AgentStatus.ACTIVE.value:
         raise Conflict(f"agent {agent.name} is {agent.status}: no new identities")
+    contained = containment_of(session, agent.id)
+    if contained is not None:
+        # Provisioning checks again before creating and before activating (activities/db.py).
+        raise Conflict(f"agent {agent.name}: {contained}")
     if body.kind not in KINDS_BY_PLATFORM[body.platform]:
         raise RuleViolation("kind", f"{body.kind.value} is not a kind of {body.platform.value}")
     postgres = body.kind is NhiKind.POSTGRES_ROLE
