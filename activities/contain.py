@@ -52,6 +52,7 @@ from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import LIFECYCLE_WORKFLOW, containment_update_id, lifecycle_workflow_id
+from nhi.rules.lifecycle import STILL_PROVISIONING
 from nhi.rules.task_credentials import is_task_role_name
 from nhi.services import incidents
 from nhi.services.target_registry import TargetResolver
@@ -295,10 +296,18 @@ class ContainActivities:
                     result_type=None,
                 )
         except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.type == STILL_PROVISIONING:
+                # Active in the inventory, but its run has not taken the NHI over yet (its
+                # worker restarting right after recording it active): ask again, retried.
+                raise ApplicationError(
+                    f"the lifecycle of nhi {hold.nhi_id} is still provisioning it",
+                    type="LifecycleNotReady",
+                ) from None
             # Already quarantined or decommissioning: the lifecycle holds it already.
-            return f"not needed: {err.cause}"
+            return f"not needed: {cause}"
         except TimeoutError:
-            return f"the lifecycle did not answer within {HOLD_WAIT_SECONDS:g}s"
+            return f"{incidents.NOT_ANSWERED} within {HOLD_WAIT_SECONDS:g}s"
         return "update"
 
     def _status_of(self, nhi_id: uuid.UUID) -> NhiStatus:

@@ -27,6 +27,7 @@ from temporalio.exceptions import ApplicationError
 
 from api.deps import TemporalUnavailable
 from models.schemas import MAX_BODY_BYTES, Error, FieldError
+from nhi.rules.lifecycle import STILL_PROVISIONING
 from nhi.rules.policy import RuleViolation
 from nhi.services.auth import Unauthenticated
 from nhi.services.errors import Conflict, Forbidden, NotFound, PolicyViolation
@@ -108,6 +109,7 @@ _REFUSALS: dict[str, Callable[[str], Exception]] = {
     "NotOwner": Forbidden,
     "SelfApproval": Forbidden,
     "InvalidState": Conflict,
+    STILL_PROVISIONING: Conflict,
     "AlreadyDecided": Conflict,
     "MaxLifetime": lambda message: PolicyViolation(message, "extend_by"),
     "ShortensExpiry": lambda message: PolicyViolation(message, "extend_by"),

@@ -36,7 +36,7 @@ from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import PostgresTargetSetting, Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import containment_workflow_id, lifecycle_workflow_id, provision_workflow_id
-from nhi.services import agents, nhis
+from nhi.services import agents, incidents, nhis
 from tests.conftest import dev_address
 from tests.helpers import (
     ROLE_SCOPE,
@@ -487,3 +487,47 @@ async def test_the_cli_contains_shows_and_releases(rig: Rig) -> None:
     assert released.returncode == 0, released.stderr
     assert "released" not in released.stderr and incident in released.stdout
     assert not refused(secret(rig, pg))
+
+
+def test_a_pass_that_could_not_hold_a_lifecycle_is_partial_and_repeated(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Every credential proven dead, but a lifecycle not held (its hold failed or was not
+    answered): the lifecycle could still rotate or restore behind the incident, so the pass is
+    partial, says why, and the playbook passes again; once held, contained."""
+    with transaction(sessions) as session:
+        agent = agents.create_agent(
+            session, AgentCreate(**agent_body(owner_email=OWNER)), "test:platform"
+        )
+        incident, _ = incidents.open_incident(
+            session, agent.id, reason="suspicious", actor="api:sam", person="sam"
+        )
+        incident_id = incident.id
+    nhi_a, nhi_b = str(uuid.uuid4()), str(uuid.uuid4())
+    dead = [{"credential": "role r", "proof": "deny-all", "proven": True}]
+
+    def record(attempt: int, lifecycles: dict[str, str]) -> tuple[IncidentStatus, Any]:
+        with transaction(sessions) as session:
+            status = incidents.record_pass(
+                session,
+                incident_id,
+                credentials=dead,
+                lifecycles=lifecycles,
+                timeline=[],
+                attempt=attempt,
+                key=f"test/{incident_id}/{attempt}",
+            )
+            return status, session.get_one(Incident, incident_id).report["cause"]
+
+    status, cause = record(
+        1,
+        {
+            nhi_a: "hold failed: the lifecycle of nhi x is still provisioning it",
+            nhi_b: "the lifecycle did not answer within 20s",
+        },
+    )
+    assert status is IncidentStatus.PARTIALLY_CONTAINED
+    assert f"lifecycle of nhi {nhi_a} not held: hold failed" in cause
+    assert f"lifecycle of nhi {nhi_b} not held: the lifecycle did not answer" in cause
+    status, cause = record(2, {nhi_a: "update", nhi_b: "not needed: already quarantined"})
+    assert (status, cause) == (IncidentStatus.CONTAINED, None)

@@ -25,10 +25,11 @@ from temporalio.client import (
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
-from temporalio.exceptions import CancelledError
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
+from activities.contain import ContainActivities, HoldLifecycle
 from models.contracts import (
     ApprovalDecision,
     LifecycleAction,
@@ -42,6 +43,7 @@ from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
 from nhi.services import incidents
+from nhi.services.target_registry import TargetRegistry
 from tests.helpers import SENSITIVE_SCOPE, eventually, nhi_row, request_nhi, start_one_run
 from worker import build_worker
 from workflows.lifecycle import NhiLifecycleWorkflow
@@ -303,3 +305,36 @@ async def test_a_contained_agent_gets_no_new_nhi(
         worker_aws.iam.meta.events.register("after-call.iam.CreateRole", contain_now)
     await _refused_as_contained(ts_env, settings, sessions, worker_aws, aws, nhi_id)
     assert opened == ([] if contained == "before_the_run" else ["after CreateRole"])
+
+
+async def test_containment_asks_a_run_still_provisioning_again_never_calls_it_held(
+    ts_env: WorkflowEnvironment,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    aws: AwsClients,
+) -> None:
+    """The lifecycle refuses a decommission while its run provisions the NHI (here: waiting
+    for an approver): containment's hold is then "not yet", an error its retries ask again
+    with, never "not needed" (which would leave the run free to rotate or restore later)."""
+    _, nhi_id, _ = request_nhi(sessions, settings, "iam_role", scope=SENSITIVE_SCOPE, actor="alice")
+    contain = ContainActivities(
+        sessions, settings, aws, TargetRegistry(sessions, settings, aws.secrets)
+    )
+    hold = HoldLifecycle(incident_id=uuid.uuid4(), nhi_id=nhi_id, reason="x", principal="sam")
+
+    async def during(handle: Handle) -> None:
+        async def provisioning() -> None:
+            with pytest.raises(WorkflowQueryFailedError, match="still being provisioned"):
+                await handle.query(NhiLifecycleWorkflow.view)
+
+        await eventually(provisioning)
+        with pytest.raises(ApplicationError) as refused:
+            await ActivityEnvironment(client=ts_env.client).run(contain.hold_lifecycle, hold)
+        assert refused.value.type == "LifecycleNotReady" and not refused.value.non_retryable
+        assert "still provisioning" in refused.value.message
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+
+    inp = ProvisionInput(nhi_id=nhi_id, requested_by="alice", needs_approval=True)
+    await _life(ts_env, settings, sessions, aws, inp, during)

@@ -966,7 +966,10 @@ class NhiLifecycleWorkflow:
 
     def _refuse_while_provisioning(self) -> None:
         if self._provisioning is not None and not self._provisioning.handed_over:
-            raise ApplicationError("the NHI is still being provisioned", type="InvalidState")
+            # Validators and queries do not run on replay: the type can change freely.
+            raise ApplicationError(
+                "the NHI is still being provisioned", type=core.STILL_PROVISIONING
+            )
 
     @staticmethod
     def _check_deadline(action: LifecycleAction) -> None:

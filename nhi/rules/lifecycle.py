@@ -21,6 +21,9 @@ from models.enums import ROTATABLE_KINDS, NhiStatus
 
 ISO = "%Y-%m-%dT%H:%M:%SZ"
 ENDED = (Phase.DECOMMISSIONED, Phase.MISSING)
+# The type of a lifecycle update's refusal while its run is still provisioning the NHI: "not
+# yet", not "not allowed" (containment asks again until the run takes the NHI over).
+STILL_PROVISIONING = "StillProvisioning"
 # No extension is ever longer than a policy's maximum lifetime can be.
 MAX_EXTENSION_SECONDS = 366 * 86400
 # A rotation that failed is tried again this much later; the current key stays in use.

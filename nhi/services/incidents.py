@@ -44,6 +44,11 @@ CONTAINABLE = frozenset(
 # How `hold_lifecycle` reports a lifecycle this incident made decommission: release restores
 # only these (an NHI quarantined before the incident stays quarantined).
 HELD = frozenset({"update", "fresh_lifecycle"})
+# How a pass reports a lifecycle it could not hold yet (workflows/contain.py prefixes an
+# activity failure with HOLD_FAILED; `hold_lifecycle` says NOT_ANSWERED): the pass is then
+# partial and repeated, since a lifecycle left running could rotate or restore behind it.
+HOLD_FAILED = "hold failed"
+NOT_ANSWERED = "the lifecycle did not answer"
 # Timeline entries kept per incident: a containment retried for days must not grow its row
 # without bound (the audit trail keeps every state change anyway).
 MAX_TIMELINE = 500
@@ -255,10 +260,15 @@ def record_pass(
         raise NotFound(f"incident {incident_id} not found")
     if incident.status is IncidentStatus.RELEASED:
         return IncidentStatus.RELEASED
-    failed = [c for c in credentials if not c.get("proven")]
+    failed = [f"{c['credential']}: {c['proof']}" for c in credentials if not c.get("proven")]
+    failed += [
+        f"lifecycle of nhi {nhi_id} not held: {how}"
+        for nhi_id, how in lifecycles.items()
+        if how.startswith((HOLD_FAILED, NOT_ANSWERED))
+    ]
     # No credential at all is contained too: the agent holds nothing live.
     status = IncidentStatus.PARTIALLY_CONTAINED if failed else IncidentStatus.CONTAINED
-    cause = "; ".join(f"{c['credential']}: {c['proof']}" for c in failed)[:2000] if failed else None
+    cause = "; ".join(failed)[:2000] if failed else None
     report = dict(incident.report or {})
     # A lifecycle this incident holds stays recorded as held (a later pass finds it already
     # decommissioning): release restores exactly those.
