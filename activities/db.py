@@ -115,14 +115,21 @@ def bounded(seconds: int | None, low: int, default: int) -> int:
     return int(min(max(seconds, low), MAX_PERIOD_SECONDS))
 
 
-def _refuse_if_contained(session: Session, nhi: Nhi) -> None:
-    """No new identity for a contained agent: a request recorded before its incident opened
-    is refused before anything is created, or, once created, before it becomes active.
+def _refuse_for_agent(session: Session, nhi: Nhi, agent: Agent) -> None:
+    """No new identity for an agent whose task has ended or that is contained: a request
+    recorded before is refused before anything is created, or, once created, before it
+    becomes active (provisioning then removes what it created).
 
     Raises:
-        ApplicationError: `Contained`, not retryable (provisioning fails and removes what it
-            created; the request can be made again once the incident is released).
+        ApplicationError: `AgentNotActive` or `Contained`, not retryable (for a contained
+            agent the request can be made again once the incident is released).
     """
+    if agent.status != AgentStatus.ACTIVE:
+        raise ApplicationError(
+            f"nhi {nhi.id}: its agent {agent.name} is {agent.status}: no new identities",
+            type="AgentNotActive",
+            non_retryable=True,
+        )
     contained = containment_of(session, nhi.agent_id)
     if contained is not None:
         raise ApplicationError(f"nhi {nhi.id}: {contained}", type="Contained", non_retryable=True)
@@ -190,7 +197,7 @@ class DbActivities:
                     str(err), type="PolicyViolation", non_retryable=True
                 ) from None
             if nhi.status != NhiStatus.ACTIVE:
-                _refuse_if_contained(session, nhi)
+                _refuse_for_agent(session, nhi, agent)
             if nhi.status == NhiStatus.REQUESTED:
                 workflow_id = activity.info().workflow_id
                 transition(
@@ -246,10 +253,12 @@ class DbActivities:
                     type="InvalidState",
                     non_retryable=True,
                 )
-            # Serialized with opening an incident: active before it (and contained by it),
-            # or refused here, and the provisioning removes what it created.
+            # Serialized with opening an incident and with completing the agent (both lock
+            # its row exclusively): active before either (and then contained or
+            # decommissioned by it), or refused here, and provisioning removes what it made.
             hold_agent(session, nhi.agent_id, opening=False)
-            _refuse_if_contained(session, nhi)
+            agent = session.get_one(Agent, nhi.agent_id, populate_existing=True)
+            _refuse_for_agent(session, nhi, agent)
             transition(
                 session,
                 nhi,

@@ -42,7 +42,7 @@ from nhi.infra.aws_clients import AwsClients, make_aws_clients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import lifecycle_workflow_id, provision_workflow_id
-from nhi.services import incidents
+from nhi.services import agents, incidents
 from nhi.services.target_registry import TargetRegistry
 from tests.helpers import SENSITIVE_SCOPE, eventually, nhi_row, request_nhi, start_one_run
 from worker import build_worker
@@ -252,16 +252,23 @@ def _contain(sessions: sessionmaker[Session], agent_id: uuid.UUID) -> None:
         )
 
 
-async def _refused_as_contained(
+def _complete(sessions: sessionmaker[Session], agent_id: uuid.UUID) -> None:
+    """The agent's task ends (`POST /v1/agents/{id}/complete` records this first)."""
+    with transaction(sessions) as session:
+        agents.complete_agent(session, agent_id, "api:ana", "the task ended")
+
+
+async def _refused(
     env: WorkflowEnvironment,
     settings: Settings,
     sessions: sessionmaker[Session],
     worker_aws: AwsClients,
     aws: AwsClients,
     nhi_id: uuid.UUID,
+    why: str,
 ) -> None:
-    """The NHI's one run fails for the containment, the NHI is `failed` saying so, and its
-    role is not on the platform (never created, or removed)."""
+    """The NHI's one run fails saying `why`, the NHI is `failed` saying so and was never
+    active, and its role is not on the platform (never created, or removed)."""
     name = nhi_row(sessions, nhi_id).name
     causes: list[str] = []
 
@@ -271,40 +278,51 @@ async def _refused_as_contained(
         causes.append(str(failure.value.cause))
 
     await _life(env, settings, sessions, worker_aws, ProvisionInput(nhi_id=nhi_id), during)
-    assert "contained" in causes[0], causes
+    assert why in causes[0], causes
     nhi = nhi_row(sessions, nhi_id)
-    assert nhi.status == "failed" and "contained" in (nhi.status_reason or ""), nhi.status_reason
+    assert nhi.status == "failed" and why in (nhi.status_reason or ""), nhi.status_reason
     assert nhi.activated_at is None
     roles = {r["RoleName"] for r in aws.iam.list_roles(PathPrefix=settings.iam_path)["Roles"]}
-    assert name not in roles, "a role left for a contained agent"
+    assert name not in roles, f"a role left for an agent that is {why}"
 
 
-@pytest.mark.parametrize("contained", ["before_the_run", "while_creating"])
-async def test_a_contained_agent_gets_no_new_nhi(
+@pytest.mark.parametrize(
+    ("event", "when"),
+    [
+        ("contained", "before_the_run"),
+        ("contained", "while_creating"),
+        ("completed", "before_the_run"),
+        ("completed", "while_creating"),
+    ],
+)
+async def test_an_agent_contained_or_completed_gets_no_new_nhi(
     ts_env: WorkflowEnvironment,
     settings: Settings,
     sessions: sessionmaker[Session],
     aws: AwsClients,
-    contained: str,
+    event: str,
+    when: str,
 ) -> None:
-    """A request recorded before the incident opened (the API refuses them once it is open) is
-    refused before anything is created; an incident opened while the role is being created
-    (a botocore hook right after CreateRole) refuses its activation and the role is removed."""
+    """A request recorded before the agent was contained or completed (the API refuses new
+    ones then) is refused before anything is created; one whose agent is contained or
+    completed while its role is being created (a botocore hook right after CreateRole) is
+    refused before it becomes active, and the role is removed."""
     agent_id, nhi_id, _ = request_nhi(sessions, settings, "iam_role")
     worker_aws = make_aws_clients(settings)
-    opened: list[str] = []
+    act = _contain if event == "contained" else _complete
+    done: list[str] = []
 
-    def contain_now(**_: Any) -> None:
-        if not opened:
-            opened.append("after CreateRole")
-            _contain(sessions, agent_id)
+    def now(**_: Any) -> None:
+        if not done:
+            done.append("after CreateRole")
+            act(sessions, agent_id)
 
-    if contained == "before_the_run":
-        _contain(sessions, agent_id)
+    if when == "before_the_run":
+        act(sessions, agent_id)
     else:
-        worker_aws.iam.meta.events.register("after-call.iam.CreateRole", contain_now)
-    await _refused_as_contained(ts_env, settings, sessions, worker_aws, aws, nhi_id)
-    assert opened == ([] if contained == "before_the_run" else ["after CreateRole"])
+        worker_aws.iam.meta.events.register("after-call.iam.CreateRole", now)
+    await _refused(ts_env, settings, sessions, worker_aws, aws, nhi_id, event)
+    assert done == ([] if when == "before_the_run" else ["after CreateRole"])
 
 
 async def test_containment_asks_a_run_still_provisioning_again_never_calls_it_held(

@@ -122,7 +122,8 @@ def hold_agent(session: Session, agent_id: uuid.UUID, *, opening: bool) -> None:
     """Lock the agent's row until commit: exclusively to open an incident, shared to activate
     one of its NHIs. The two then never interleave, so an NHI is either active before the
     incident opens (and so in its containment plan, read after) or sees the incident and is
-    refused: containment is never outrun by a provisioning finishing meanwhile."""
+    refused: containment is never outrun by a provisioning finishing meanwhile. (Completing
+    the agent locks the row FOR UPDATE, which the shared lock waits for too.)"""
     query = select(Agent.id).where(Agent.id == agent_id)
     session.execute(
         query.with_for_update(key_share=True) if opening else query.with_for_update(read=True)
