@@ -480,12 +480,30 @@ async def test_a_killed_pooled_admin_connection_is_replaced(world: World) -> Non
     assert [r.status for r in rows] == ["active"], "issued once, not twice"
 
 
+# What changes while a Postgres role is being made, and how it is undone afterwards.
+MEANWHILE = {
+    "quarantined": (
+        "UPDATE nhis SET status = 'quarantined' WHERE id = :nhi",
+        "UPDATE nhis SET status = 'active' WHERE id = :nhi",
+    ),
+    "agent_completed": (
+        "UPDATE agents SET status = 'completed' WHERE id = :agent",
+        "UPDATE agents SET status = 'active' WHERE id = :agent",
+    ),
+}
+
+
+@pytest.mark.parametrize("meanwhile", sorted(MEANWHILE))
 async def test_a_parent_contained_during_issuance_never_hands_the_credential_out(
-    world: World,
+    world: World, meanwhile: str
 ) -> None:
-    """The parent is quarantined while the role is being made (the fault is injected at that
-    boundary, after the platform's prepare): the caller gets 409 and never the credential,
-    the role is never committed (nothing on the target), and the row is ended at once."""
+    """The parent is quarantined, or its agent completed, while the role is being made (the
+    fault is injected at that boundary, after the platform's prepare): the caller gets 409
+    and never the credential, the role is never committed (nothing on the target), and the
+    row is ended at once."""
+    change, undo = MEANWHILE[meanwhile]
+    keys = {"nhi": uuid.UUID(world.pg_nhi["id"]), "agent": world.agent_id}
+    task_id = f"raced-{meanwhile}"
     provider = world.app.state.nhi.task_issuers[Platform.POSTGRES]
     assert isinstance(provider, TwoPhaseIssuer)
 
@@ -504,10 +522,7 @@ async def test_a_parent_contained_during_issuance_never_hands_the_credential_out
                         break
                 time.sleep(0.005)
             with transaction(world.sessions) as s:
-                s.execute(
-                    text("UPDATE nhis SET status = 'quarantined' WHERE id = :id"),
-                    {"id": uuid.UUID(world.pg_nhi["id"])},
-                )
+                s.execute(text(change), keys)
             return prepared
 
     principal = Principal(
@@ -520,16 +535,13 @@ async def test_a_parent_contained_during_issuance_never_hands_the_credential_out
                 world.sessions,
                 principal,
                 uuid.UUID(world.pg_nhi["id"]),
-                task_credentials.TaskRequest(ttl="5m", task_id="raced"),
+                task_credentials.TaskRequest(ttl="5m", task_id=task_id),
                 lambda platform: ContainedMeanwhile(),
             )
     finally:
         with transaction(world.sessions) as s:
-            s.execute(
-                text("UPDATE nhis SET status = 'active' WHERE id = :id"),
-                {"id": uuid.UUID(world.pg_nhi["id"])},
-            )
-    row = _ended_unissued(world, "raced")
+            s.execute(text(undo), keys)
+    row = _ended_unissued(world, task_id)
     assert row.last_error and "withheld" in row.last_error
 
 
@@ -677,35 +689,44 @@ async def test_a_parent_that_is_not_active_is_refused(world: World, service: Ser
 
 
 @pytest.mark.parametrize("parent", ["pg_nhi", "aws_nhi"])
-async def test_a_contained_agent_gets_no_task_credential(world: World, parent: str) -> None:
+@pytest.mark.parametrize("ended", ["contained", "completed"])
+async def test_a_contained_or_completed_agent_gets_no_task_credential(
+    world: World, parent: str, ended: str
+) -> None:
     """From the moment its agent has an open incident (containment opens it before it
-    quarantines the NHIs), no task credential is issued from any of its NHIs, even right
-    after one was (a recent read of the parent is never trusted over the incident): 409,
-    nothing recorded. Released, issuance works again."""
+    quarantines the NHIs) or is completed (before its lifecycles quarantine them), no task
+    credential is issued from any of its NHIs, even right after one was (a recent read of the
+    parent is never trusted over the agent's state): 409, nothing recorded. Released, or the
+    agent active again, issuance works again."""
     nhi = getattr(world, parent)
     warm = await _issue(world, world.agent_token, nhi, ttl="15m")
     assert warm.status_code == 201, warm.text
+    keys = {"agent": world.agent_id, "id": uuid.uuid4()}
     with transaction(world.sessions) as s:
-        incident = Incident(
-            agent_id=world.agent_id,
-            status=IncidentStatus.CONTAINING,
-            reason="test: contained while issuing",
-            opened_by="test:security",
-            opened_by_person="test:security",
-        )
-        s.add(incident)
+        if ended == "contained":
+            s.add(
+                Incident(
+                    id=keys["id"],
+                    agent_id=world.agent_id,
+                    status=IncidentStatus.CONTAINING,
+                    reason="test: contained while issuing",
+                    opened_by="test:security",
+                    opened_by_person="test:security",
+                )
+            )
+        else:
+            s.execute(text("UPDATE agents SET status = 'completed' WHERE id = :agent"), keys)
     before = _count(world)
     try:
         answer = await _issue(world, world.agent_token, nhi, ttl="15m")
         assert answer.status_code == 409, answer.text
-        assert "contained" in answer.json()["detail"]
+        said = "contained" if ended == "contained" else "task has ended"
+        assert said in answer.json()["detail"]
         assert _count(world) == before, "nothing recorded"
     finally:
         with transaction(world.sessions) as s:
-            s.execute(
-                text("UPDATE incidents SET status = 'released' WHERE id = :id"),
-                {"id": incident.id},
-            )
+            s.execute(text("UPDATE incidents SET status = 'released' WHERE id = :id"), keys)
+            s.execute(text("UPDATE agents SET status = 'active' WHERE id = :agent"), keys)
     again = await _issue(world, world.agent_token, nhi, ttl="15m")
     assert again.status_code == 201, again.text
 

@@ -57,7 +57,15 @@ from sqlalchemy.sql.dml import ReturningInsert
 from temporalio.exceptions import ApplicationError
 
 from models.contracts import ScopeStatement
-from models.enums import PLATFORM_OF, IncidentStatus, NhiKind, NhiStatus, Platform, Role
+from models.enums import (
+    PLATFORM_OF,
+    AgentStatus,
+    IncidentStatus,
+    NhiKind,
+    NhiStatus,
+    Platform,
+    Role,
+)
 from models.orm import Agent, AuditEvent, Incident, Nhi, Policy, TaskCredential
 from nhi.infra.db import transaction
 from nhi.rules.github_scope import check_github_task_scope, github_task_ttl
@@ -288,6 +296,10 @@ def _grant(p: Principal, snapshot: _Snapshot, request: TaskRequest, now: datetim
     authorize(p, nhi)
     if nhi.status != NhiStatus.ACTIVE.value:
         raise Conflict(f"nhi {nhi.id} is {nhi.status}: task credentials come from active NHIs")
+    if nhi.agent.status != AgentStatus.ACTIVE:
+        raise Conflict(
+            f"agent {nhi.agent.name} is {nhi.agent.status}: its task has ended, no task credentials"
+        )
     if snapshot.contained:
         # Containment quarantines the agent's NHIs, but not in the same instant it opens the
         # incident: nothing new is issued from the moment it is open until it is released.
@@ -484,8 +496,9 @@ def _failed(sessions: sessionmaker[Session], grant: TaskGrant, actor: str, error
 
 # The parent's and the credential's status, after the platform call (compiled once).
 _STILL_USABLE = (
-    select(Nhi.status, TaskCredential.status, _open_incident())
+    select(Nhi.status, TaskCredential.status, _open_incident(), Agent.status)
     .join(TaskCredential, TaskCredential.nhi_id == Nhi.id)
+    .join(Agent, Agent.id == Nhi.agent_id)
     .where(TaskCredential.id == bindparam("id"))
 )
 
@@ -499,11 +512,16 @@ def _still_usable(conn: Connection, grant: TaskGrant) -> None:
     """
     # One read in autocommit (as the whole issue): one round trip, no BEGIN/COMMIT.
     found = conn.execute(_STILL_USABLE, {"id": grant.credential_id}).one_or_none()
-    status, row, contained = found if found is not None else (None, None, False)
+    status, row, contained, agent = found if found is not None else (None, None, False, None)
     if status != NhiStatus.ACTIVE.value or row != "active":
         raise Conflict(
             f"nhi {grant.nhi_id} is {status} now: task credential {grant.name} was withheld "
             "and will be removed"
+        )
+    if agent != AgentStatus.ACTIVE.value:
+        raise Conflict(
+            f"the agent of nhi {grant.nhi_id} is {agent} now (its task ended): task "
+            f"credential {grant.name} was withheld and will be removed"
         )
     if contained:
         raise Conflict(
