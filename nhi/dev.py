@@ -82,6 +82,18 @@ def _require_free(host: str, port: int, what: str) -> None:
         )
 
 
+def _require_distinct(ports: dict[str, int]) -> None:
+    """Two services given one port would start, one of them would fail to bind, and the
+    other would answer in its place (a 404 from moto for the API's /healthz): say so first."""
+    seen: dict[int, str] = {}
+    for what, port in ports.items():
+        if port in seen:
+            raise DevError(
+                f"{seen[port]} and {what} are both set to port {port}: give each its own"
+            )
+        seen[port] = what
+
+
 def _wait_port(
     host: str, port: int, what: str, proc: subprocess.Popen[bytes], deadline: float
 ) -> None:
@@ -92,6 +104,27 @@ def _wait_port(
             )
         if time.monotonic() > deadline:
             raise DevError(f"{what} did not open {host}:{port} in time")
+        time.sleep(0.1)
+
+
+def _wait_api(url: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
+    """Until the API answers its own /healthz. Something else on its port (a port one of the
+    services picked for itself after the free-port check: the Temporal dev server takes
+    random free ports for its HTTP API and metrics) answers too, while the API exits unable
+    to bind: say that, not a 404."""
+    while True:
+        if proc.poll() is not None:
+            raise DevError(
+                f"API exited with code {proc.returncode} during start-up: is {url} taken by "
+                "another process? (see its log)"
+            )
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise DevError(f"API did not answer {url}/healthz in time")
         time.sleep(0.1)
 
 
@@ -289,6 +322,18 @@ def run_dev(settings: Settings) -> int:
     deadline = started + READY_TIMEOUT
     try:
         t_host, t_port = _split(settings.temporal_address)
+        _require_distinct(
+            {
+                "NHI_TEMPORAL_ADDRESS": t_port,
+                "NHI_DEV_TEMPORAL_UI_PORT": settings.dev_temporal_ui_port,
+                "NHI_API_PORT": settings.api_port,
+                **(
+                    {}
+                    if settings.aws_endpoint_url
+                    else {"NHI_DEV_MOTO_PORT": settings.dev_moto_port}
+                ),
+            }
+        )
         _require_free(t_host, t_port, "Temporal")
         _require_free(t_host, settings.dev_temporal_ui_port, "Temporal Web UI")
         _require_free(settings.api_host, settings.api_port, "API")
@@ -372,9 +417,8 @@ def run_dev(settings: Settings) -> int:
             env,
             to_file=False,
         )  # fmt: skip
-        _wait_port(settings.api_host, settings.api_port, "API", api, deadline)
         api_url = f"http://{settings.api_host}:{settings.api_port}"
-        httpx.get(f"{api_url}/healthz", timeout=10).raise_for_status()
+        _wait_api(api_url, api, deadline)
         ui_url = f"http://{t_host}:{settings.dev_temporal_ui_port}"
         admin_token = _admin_token(db_url, data_dir)
         print(_banner(settings, api_url, ui_url, aws_endpoint, db_label, admin_token), flush=True)

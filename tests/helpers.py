@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -39,6 +40,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports below the kernel's ephemeral range, for services started
+    later by a child process: a child that itself binds port 0 (the Temporal dev server does,
+    for its HTTP API and metrics) can then never be handed one of them meanwhile."""
+    low = 20000
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+    chosen: list[int] = []
+    for port in random.sample(range(low, max(ephemeral, low + 1000)), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == n:
+            return chosen
+    raise RuntimeError(f"no {n} free ports between {low} and {ephemeral}")
 
 
 def wait_port(

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,8 @@ def _port_open(port: int) -> bool:
 
 @pytest.mark.slow
 async def test_nhi_dev_runs_the_readme_examples(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("api", "temporal", "ui", "moto")}
+    names = ("api", "temporal", "ui", "moto")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     env = {k: v for k, v in os.environ.items() if not k.startswith("NHI_")}
     env.update(
         NHI_DATA_DIR=str(tmp_path / "data"),
@@ -107,3 +108,20 @@ async def test_nhi_dev_runs_the_readme_examples(tmp_path: Path) -> None:
     assert code == 0, (tmp_path / "dev.log").read_text()[-3000:]
     for port in ports.values():
         assert not _port_open(port), f"port {port} still open after Ctrl-C"
+
+
+def test_nhi_dev_refuses_two_services_on_one_port(tmp_path: Path) -> None:
+    """The same port for the API and moto would start both, one failing to bind and the other
+    answering in its place: refused before anything starts, in one line naming both settings."""
+    (port,) = free_ports(1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NHI_")}
+    env.update(
+        NHI_DATA_DIR=str(tmp_path / "data"), NHI_API_PORT=str(port), NHI_DEV_MOTO_PORT=str(port)
+    )
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "nhi"), "dev"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"NHI_API_PORT and NHI_DEV_MOTO_PORT are both set to port {port}" in result.stderr
+    assert not (tmp_path / "data" / "pgdata").exists(), "nothing started"
