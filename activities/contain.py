@@ -52,7 +52,7 @@ from nhi.infra.aws_clients import AwsClients
 from nhi.infra.config import Settings
 from nhi.infra.db import transaction
 from nhi.rules.ids import LIFECYCLE_WORKFLOW, containment_update_id, lifecycle_workflow_id
-from nhi.rules.lifecycle import STILL_PROVISIONING
+from nhi.rules.lifecycle import HOLD_NOT_ANSWERED, STILL_PROVISIONING
 from nhi.rules.task_credentials import is_task_role_name
 from nhi.services import incidents
 from nhi.services.target_registry import TargetResolver
@@ -307,7 +307,7 @@ class ContainActivities:
             # Already quarantined or decommissioning: the lifecycle holds it already.
             return f"not needed: {cause}"
         except TimeoutError:
-            return f"{incidents.NOT_ANSWERED} within {HOLD_WAIT_SECONDS:g}s"
+            return f"{HOLD_NOT_ANSWERED} within {HOLD_WAIT_SECONDS:g}s"
         return "update"
 
     def _status_of(self, nhi_id: uuid.UUID) -> NhiStatus:

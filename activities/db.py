@@ -256,9 +256,7 @@ class DbActivities:
             # Serialized with opening an incident and with completing the agent (both lock
             # its row exclusively): active before either (and then contained or
             # decommissioned by it), or refused here, and provisioning removes what it made.
-            hold_agent(session, nhi.agent_id, opening=False)
-            agent = session.get_one(Agent, nhi.agent_id, populate_existing=True)
-            _refuse_for_agent(session, nhi, agent)
+            _refuse_for_agent(session, nhi, hold_agent(session, nhi.agent_id, opening=False))
             transition(
                 session,
                 nhi,

@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
     from models.contracts import AlertPost, ContainAgentInput, IdentityRef
     from models.enums import IncidentStatus
     from nhi.rules.ids import CONTAIN_WORKFLOW
+    from nhi.rules.lifecycle import HOLD_FAILED
     from workflows.provisioning import IDENTITY_REFS
     from workflows.retry_policies import (
         CONTAIN_PLATFORM_RETRY,
@@ -189,7 +190,7 @@ class ContainAgentWorkflow:
             ),
             self._kill(plan, target),
         )
-        lifecycle = f"hold failed: {held}" if isinstance(held, _Failed) else str(held)
+        lifecycle = f"{HOLD_FAILED}: {held}" if isinstance(held, _Failed) else str(held)
         name = target.plan.identity_name
         line = f"{name} ({target.plan.platform.value}): {'; '.join(actions)}; lifecycle {lifecycle}"
         return _NhiOutcome(proofs, lifecycle, line[:1000])

@@ -24,6 +24,12 @@ ENDED = (Phase.DECOMMISSIONED, Phase.MISSING)
 # The type of a lifecycle update's refusal while its run is still provisioning the NHI: "not
 # yet", not "not allowed" (containment asks again until the run takes the NHI over).
 STILL_PROVISIONING = "StillProvisioning"
+# How a containment pass reports a lifecycle it could not hold yet (workflows/contain.py for a
+# hold that failed, `hold_lifecycle` for one not answered): the pass is then partial and
+# repeated (nhi/services/incidents.record_pass), since a lifecycle left running could rotate
+# or restore behind the incident.
+HOLD_FAILED = "hold failed"
+HOLD_NOT_ANSWERED = "the lifecycle did not answer"
 # No extension is ever longer than a policy's maximum lifetime can be.
 MAX_EXTENSION_SECONDS = 366 * 86400
 # A rotation that failed is tried again this much later; the current key stays in use.

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from models.enums import IncidentStatus, NhiStatus, Role
 from models.orm import Agent, Incident, Nhi, TaskCredential
+from nhi.rules.lifecycle import HOLD_FAILED, HOLD_NOT_ANSWERED
 from nhi.services.auth import Principal, person_of_actor, require, require_read, require_role
 from nhi.services.errors import Conflict, NotFound
 from nhi.services.transitions import transition
@@ -44,11 +45,6 @@ CONTAINABLE = frozenset(
 # How `hold_lifecycle` reports a lifecycle this incident made decommission: release restores
 # only these (an NHI quarantined before the incident stays quarantined).
 HELD = frozenset({"update", "fresh_lifecycle"})
-# How a pass reports a lifecycle it could not hold yet (workflows/contain.py prefixes an
-# activity failure with HOLD_FAILED; `hold_lifecycle` says NOT_ANSWERED): the pass is then
-# partial and repeated, since a lifecycle left running could rotate or restore behind it.
-HOLD_FAILED = "hold failed"
-NOT_ANSWERED = "the lifecycle did not answer"
 # Timeline entries kept per incident: a containment retried for days must not grow its row
 # without bound (the audit trail keeps every state change anyway).
 MAX_TIMELINE = 500
@@ -118,16 +114,24 @@ def open_incident_of(
     return session.scalar(query)
 
 
-def hold_agent(session: Session, agent_id: uuid.UUID, *, opening: bool) -> None:
-    """Lock the agent's row until commit: exclusively to open an incident, shared to activate
-    one of its NHIs. The two then never interleave, so an NHI is either active before the
-    incident opens (and so in its containment plan, read after) or sees the incident and is
-    refused: containment is never outrun by a provisioning finishing meanwhile. (Completing
-    the agent locks the row FOR UPDATE, which the shared lock waits for too.)"""
-    query = select(Agent.id).where(Agent.id == agent_id)
-    session.execute(
+def hold_agent(session: Session, agent_id: uuid.UUID, *, opening: bool) -> Agent:
+    """The agent, read under a lock on its row held until commit: exclusive to open an
+    incident, shared to activate one of its NHIs. The two then never interleave, so an NHI is
+    either active before the incident opens (and so in its containment plan, read after) or
+    sees the incident and is refused: containment is never outrun by a provisioning finishing
+    meanwhile. (Completing the agent locks the row FOR UPDATE, which the shared lock waits for
+    too.) Read as the lock found it, not as this session may have loaded it before.
+
+    Raises:
+        NotFound: no such agent.
+    """
+    query = select(Agent).where(Agent.id == agent_id).execution_options(populate_existing=True)
+    agent = session.scalar(
         query.with_for_update(key_share=True) if opening else query.with_for_update(read=True)
     )
+    if agent is None:
+        raise NotFound(f"agent {agent_id} not found")
+    return agent
 
 
 def containment_of(session: Session, agent_id: uuid.UUID) -> str | None:
@@ -201,7 +205,6 @@ def open_incident(
 ) -> tuple[Incident, bool]:
     """The agent's open incident, joined, or a new one (`containing`, audited); whether it is
     new. Two concurrent opens meet at the partial unique index: the loser joins the winner."""
-    get_agent(session, agent_id)
     hold_agent(session, agent_id, opening=True)
     existing = open_incident_of(session, agent_id, lock=True)
     if existing is not None:
@@ -265,7 +268,7 @@ def record_pass(
     failed += [
         f"lifecycle of nhi {nhi_id} not held: {how}"
         for nhi_id, how in lifecycles.items()
-        if how.startswith((HOLD_FAILED, NOT_ANSWERED))
+        if how.startswith((HOLD_FAILED, HOLD_NOT_ANSWERED))
     ]
     # No credential at all is contained too: the agent holds nothing live.
     status = IncidentStatus.PARTIALLY_CONTAINED if failed else IncidentStatus.CONTAINED
